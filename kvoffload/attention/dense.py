@@ -1,0 +1,77 @@
+"""In-memory dense attention backend: each sequence owns contiguous K/V buffers.
+
+The reference every other placement and policy is compared against. Buffers are
+sized at :meth:`DenseBackend.allocate` (prompt + max new tokens), so decode never
+reallocates; the engine says where each forward writes (``ForwardBatch.starts``),
+so no layer keeps a running length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvoffload.config import ModelConfig
+from kvoffload.errors import InputError
+from kvoffload.attention.ops import decode_attention, prefill_attention
+from kvoffload.model.interface import ForwardBatch
+
+
+@dataclass
+class SeqKV:
+    k: torch.Tensor   # [layers, H_kv, capacity, D]
+    v: torch.Tensor   # [layers, H_kv, capacity, D]
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+
+class DenseBackend:
+    """All KV in one memory (the compute device's), attention computed there."""
+
+    def __init__(self, cfg: ModelConfig, device: torch.device, kv_dtype: torch.dtype) -> None:
+        self.cfg, self.device, self.kv_dtype = cfg, device, kv_dtype
+        self.seqs: dict[int, SeqKV] = {}
+
+    # ---- sequence lifecycle (called by the engine) ----
+    def allocate(self, seq_id: int, capacity: int) -> None:
+        shape = (self.cfg.num_layers, self.cfg.num_kv_heads, capacity, self.cfg.head_dim)
+        self.seqs[seq_id] = SeqKV(torch.empty(shape, dtype=self.kv_dtype, device=self.device),
+                                  torch.empty(shape, dtype=self.kv_dtype, device=self.device))
+
+    def free(self, seq_id: int) -> None:
+        self.seqs.pop(seq_id, None)
+
+    def kv_bytes(self) -> int:
+        return sum(s.k.nbytes + s.v.nbytes for s in self.seqs.values())
+
+    def _check(self, kv: SeqKV, end: int) -> None:
+        if end > kv.capacity:
+            raise InputError(f"sequence needs {end} KV slots but {kv.capacity} were allocated")
+
+    # ---- the AttentionBackend protocol ----
+    def prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                batch: ForwardBatch) -> torch.Tensor:
+        L = batch.num_tokens
+        outs = []
+        for b, (sid, start) in enumerate(zip(batch.seq_ids, batch.starts)):
+            kv = self.seqs[sid]
+            self._check(kv, start + L)
+            kc, vc = kv.k[layer], kv.v[layer]                          # [H_kv, cap, D]
+            kc[:, start:start + L] = k[b]
+            vc[:, start:start + L] = v[b]
+            outs.append(prefill_attention(q[b], kc[:, :start + L], vc[:, :start + L], start))
+        return torch.stack(outs)                                       # [B, L, H, D]
+
+    def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               batch: ForwardBatch) -> torch.Tensor:
+        outs = []
+        for b, (sid, pos) in enumerate(zip(batch.seq_ids, batch.starts)):
+            kv = self.seqs[sid]
+            kc, vc = kv.k[layer], kv.v[layer]                          # [H_kv, cap, D]
+            kc[:, pos] = k[b, :, 0]
+            vc[:, pos] = v[b, :, 0]
+            outs.append(decode_attention(q[b, :, 0], kc[:, :pos + 1], vc[:, :pos + 1]))
+        return torch.stack(outs).unsqueeze(1)                          # [B, 1, H, D]

@@ -1,0 +1,44 @@
+"""Attention math on one sequence's contiguous K/V (shared by every backend).
+
+The decode form is written out (GQA by reshaping q, fp32 softmax) rather than
+through SDPA: for a single query row it avoids SDPA's per-call setup and lets a
+caller get the log-sum-exp needed to merge partial results.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """One query token over T keys.
+
+    q ``[H, D]``, k and v ``[H_kv, T, D]`` -> ``[H, D]`` in q's dtype.
+    """
+    H, D = q.shape
+    H_kv = k.shape[0]
+    qg = q.reshape(H_kv, H // H_kv, D).to(k.dtype)                    # [H_kv, G, D]
+    scores = torch.matmul(qg, k.transpose(1, 2)).float()               # [H_kv, G, T]
+    probs = torch.softmax(scores.mul_(1.0 / math.sqrt(D)), dim=-1)
+    out = torch.matmul(probs.to(v.dtype), v)                           # [H_kv, G, D]
+    return out.reshape(H, D).to(q.dtype)
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+    """L query tokens at positions ``start .. start+L-1`` over keys ``0 .. start+L-1``, causal.
+
+    q ``[H, L, D]``, k and v ``[H_kv, start+L, D]`` -> ``[L, H, D]``.
+    """
+    L, S = q.shape[1], k.shape[1]
+    if k.dtype != q.dtype:
+        k, v = k.to(q.dtype), v.to(q.dtype)
+    if start == 0:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    else:
+        # query i (absolute start+i) sees keys j <= start+i
+        mask = torch.ones(L, S, dtype=torch.bool, device=q.device).tril_(diagonal=start)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    return out.transpose(0, 1)                                         # [L, H, D]

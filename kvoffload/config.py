@@ -1,0 +1,197 @@
+"""Frozen dataclasses, one per concern.
+
+* :class:`RopeScaling`, :class:`ModelConfig` — what a checkpoint *is* (read from its files).
+* :class:`EngineConfig` — how we run it (device, dtypes, weight format, chunking, batching).
+* :class:`SamplingParams` — how one request picks its tokens.
+
+CLI flags are derived from the fields that carry ``metadata["flag"]`` (see
+:func:`kvoffload.cli.args.add_dataclass_args`); names follow vLLM / llama.cpp
+where the meaning matches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvoffload.errors import ConfigError
+
+
+def cli_field(default: Any, help: str, flag: str | None = None, choices: tuple | None = None,
+              short: str | None = None) -> Any:
+    """A dataclass field that is also a CLI flag (``--field-name`` unless ``flag`` is given)."""
+    meta = {"help": help, "cli": True, "flag": flag, "choices": choices, "short": short}
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------- model
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling.
+
+    kind: ``"linear"`` (positions divided by ``factor``) or ``"llama3"``
+        (Llama 3.1 piecewise scaling of the inverse frequencies).
+    factor: the scaling factor.
+    low_freq_factor, high_freq_factor, original_max_position: llama3 parameters.
+    freq_factors: explicit per-frequency divisors (GGUF ``rope_freqs.weight``);
+        when set they replace the llama3 formula (llama.cpp stores them precomputed).
+    """
+
+    kind: str
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+    freq_factors: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("linear", "llama3"):
+            raise ConfigError(f"unsupported rope scaling type {self.kind!r} (supported: linear, llama3)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture hyper-parameters of a Llama-family decoder.
+
+    arch: family name as the checkpoint says it (``llama``, ``mistral``, ``qwen2``).
+    vocab_size, hidden_size, intermediate_size, num_layers: the usual.
+    num_heads / num_kv_heads: query heads / key-value heads (GQA when fewer).
+    head_dim: per-head width (``hidden_size // num_heads`` unless the checkpoint says otherwise).
+    rms_eps: RMSNorm epsilon.
+    rope_theta: RoPE base; rope_scaling: optional :class:`RopeScaling`.
+    max_position: the context length the model was trained for.
+    tie_embeddings: the output projection reuses the token embedding.
+    qkv_bias: q/k/v projections carry a bias (Qwen2).
+    """
+
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position: int = 4096
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim {self.head_dim} must be even for RoPE")
+
+    @property
+    def num_params(self) -> int:
+        d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        qkv = d * (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        attn = qkv + self.num_heads * self.head_dim * d
+        if self.qkv_bias:
+            attn += (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        layer = attn + 3 * d * f + 2 * d
+        return self.num_layers * layer + v * d * (1 if self.tie_embeddings else 2) + d
+
+    def kv_bytes_per_token(self, bytes_per_elem: int = 2) -> int:
+        """K and V of one token over all layers."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * bytes_per_elem
+
+
+# --------------------------------------------------------------------------- engine
+
+DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "int8")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How a model is run.
+
+    model: GGUF file, Hugging Face directory or alias; ``None`` = embedded default.
+    device: ``auto`` (CUDA when present, else CPU), ``cpu`` or ``cuda[:N]``.
+    dtype: activation / compute dtype.
+    quantization: weight-only quantisation of the linear layers: ``none`` (weights in
+        ``dtype``) or ``int8`` (per-output-channel int8, CPU packed kernel).
+    kv_dtype: KV cache dtype (``None`` = ``dtype``).
+    threads: intra-op CPU threads (``None`` = PyTorch default = physical cores).
+    prefill_chunk: prompt tokens per prefill forward (bounds activation memory).
+    max_num_seqs: sequences decoded together in one batch.
+    cache_dir: where assembled models (e.g. the split Qwen GGUF) are kept.
+    """
+
+    model: str | None = cli_field(None, "GGUF file, Hugging Face directory or alias (default: embedded SmolLM2-135M-Instruct)", short="-m")
+    device: str = cli_field("auto", "auto, cpu, cuda or cuda:N")
+    dtype: str = cli_field("float32", "compute dtype", choices=DTYPES)
+    quantization: str = cli_field("none", "weight-only quantisation of linear layers (int8: CPU only)", choices=QUANTIZATIONS, short="-q")
+    kv_dtype: str | None = cli_field(None, "KV cache dtype (default: --dtype)", choices=DTYPES)
+    threads: int | None = cli_field(None, "CPU threads (default: physical cores)", short="-t")
+    prefill_chunk: int = cli_field(512, "prompt tokens per prefill step (bounds activation memory)")
+    max_num_seqs: int = cli_field(16, "sequences decoded together in one batch")
+    cache_dir: str | None = cli_field(None, "cache for assembled models (default: $KVOFFLOAD_CACHE or ~/.cache/kvoffload)")
+
+    def __post_init__(self) -> None:
+        if self.prefill_chunk < 1:
+            raise ConfigError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
+        if self.max_num_seqs < 1:
+            raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.kv_dtype is not None and self.kv_dtype not in DTYPES:
+            raise ConfigError(f"kv_dtype must be one of {', '.join(DTYPES)}, got {self.kv_dtype!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
+
+    def replace(self, **changes: Any) -> "EngineConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# --------------------------------------------------------------------------- sampling
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How tokens are drawn for one request.
+
+    temperature: 0 = greedy; otherwise logits are divided by it.
+    top_k: keep the k most likely tokens (0 = all).
+    top_p: keep the smallest set whose probability reaches p (1 = all).
+    seed: per-request RNG seed (``None`` = nondeterministic).
+    max_tokens: tokens to generate at most.
+    stop: strings that end generation (not included in the output).
+    ignore_eos: keep going past end-of-sequence tokens (benchmarks).
+    """
+
+    temperature: float = cli_field(0.0, "0 = greedy", flag="--temperature", short="--temp")
+    top_k: int = cli_field(0, "top-k sampling (0 = off)")
+    top_p: float = cli_field(1.0, "nucleus sampling (1 = off)")
+    seed: int | None = cli_field(None, "RNG seed for sampling")
+    max_tokens: int = cli_field(128, "tokens to generate at most", short="-n")
+    stop: tuple[str, ...] = cli_field((), "stop string (repeatable)")
+    ignore_eos: bool = cli_field(False, "do not stop at end-of-sequence tokens")
+
+    def __post_init__(self) -> None:
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ConfigError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
+        if not (0 < self.top_p <= 1):
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_tokens < 1:
+            raise ConfigError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        if any(not s for s in self.stop):
+            raise ConfigError("stop strings must be non-empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0

@@ -1,0 +1,169 @@
+"""The engine loop: ``step() = update(execute(schedule()))``."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from kvoffload.config import EngineConfig, SamplingParams
+from kvoffload.engine.scheduler import Scheduler, StepPlan
+from kvoffload.engine.sequence import Sequence, SeqStatus
+from kvoffload.errors import InputError
+from kvoffload.model.interface import AttentionBackend, ForwardBatch, Logits, Phase
+from kvoffload.model.llama import Transformer
+from kvoffload.sampling import make_generator, sample
+
+
+class KVManager(AttentionBackend, Protocol):
+    """An attention backend that also owns per-sequence KV storage."""
+
+    def allocate(self, seq_id: int, capacity: int) -> None: ...
+    def free(self, seq_id: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    seq_id: int
+    token: int
+    text_delta: str
+    finished: bool
+
+
+@dataclass
+class StepTimes:
+    """Cumulative wall time by phase of the step (for the per-token breakdown)."""
+
+    schedule: float = 0.0
+    prefill_forward: float = 0.0
+    decode_forward: float = 0.0
+    update: float = 0.0
+    decode_steps: int = 0
+
+
+class Engine:
+    def __init__(self, model: Transformer, kv: KVManager, tokenizer: Any, config: EngineConfig,
+                 device: torch.device) -> None:
+        self.model, self.kv, self.tokenizer, self.config, self.device = model, kv, tokenizer, config, device
+        self.scheduler = Scheduler(config.max_num_seqs, config.prefill_chunk)
+        self.seqs: dict[int, Sequence] = {}
+        self.times = StepTimes()
+        self._next_id = 0
+        self._context = model.cfg.max_position
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        if not prompt_ids:
+            raise InputError("empty prompt")
+        if len(prompt_ids) >= self._context:
+            raise InputError(f"prompt is {len(prompt_ids)} tokens; the model's context is {self._context} "
+                             f"(at least one token must be left to generate)")
+        bad = [t for t in prompt_ids if not 0 <= t < self.model.cfg.vocab_size]
+        if bad:
+            raise InputError(f"token id {bad[0]} is outside the vocabulary (size {self.model.cfg.vocab_size})")
+        seq = Sequence(
+            seq_id=self._next_id, prompt_ids=list(prompt_ids), params=params,
+            capacity=min(len(prompt_ids) + params.max_tokens, self._context),
+            stop_ids=self.tokenizer.eos_ids, detok=self.tokenizer.stream_decoder(),
+            generator=make_generator(params, self.device))
+        self._next_id += 1
+        self.seqs[seq.seq_id] = seq
+        self.scheduler.add(seq)
+        return seq.seq_id
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def pop_finished(self, seq_id: int) -> Sequence:
+        return self.seqs.pop(seq_id)
+
+    @torch.inference_mode()
+    def prompt_logits(self, token_ids: list[int], chunk: int | None = None) -> torch.Tensor:
+        """Teacher-forced ``[T, V]`` logits of a token sequence (perplexity, agreement checks).
+
+        Runs the same chunked prefill as generation, with the LM head on every position.
+        """
+        chunk = chunk or self.config.prefill_chunk
+        sid = -1 - self._next_id           # private id, never handed out by add_request
+        self.kv.allocate(sid, len(token_ids))
+        try:
+            out = []
+            for start in range(0, len(token_ids), chunk):
+                end = min(len(token_ids), start + chunk)
+                tokens = torch.tensor([token_ids[start:end]], device=self.device)              # [1, L]
+                batch = ForwardBatch(Phase.PREFILL, (sid,), torch.arange(start, end, device=self.device)[None],
+                                     (start,), Logits.ALL)
+                out.append(self.model(tokens, batch, self.kv)[0])                               # [L, V]
+            return torch.cat(out)
+        finally:
+            self.kv.free(sid)
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> list[StepOutput]:
+        t0 = time.perf_counter()
+        plan, admitted = self.scheduler.schedule()
+        for seq in admitted:
+            self.kv.allocate(seq.seq_id, seq.capacity)
+        t1 = time.perf_counter()
+        logits = self.execute(plan)
+        t2 = time.perf_counter()
+        out = self.update(plan, logits)
+        self.times.schedule += t1 - t0
+        self.times.update += time.perf_counter() - t2
+        return out
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> dict[int, torch.Tensor]:
+        """Forward passes of the plan -> ``[V]`` logits per sequence that samples this step."""
+        logits: dict[int, torch.Tensor] = {}
+        if plan.prefill is not None:
+            t0 = time.perf_counter()
+            c = plan.prefill
+            seq = self.seqs[c.seq_id]
+            tokens = torch.tensor([seq.prompt_ids[c.start:c.end]], device=self.device)      # [1, L]
+            batch = ForwardBatch(Phase.PREFILL, (c.seq_id,),
+                                 torch.arange(c.start, c.end, device=self.device)[None],   # [1, L]
+                                 (c.start,), Logits.LAST if c.last else Logits.NONE)
+            out = self.model(tokens, batch, self.kv)
+            if c.last:
+                logits[c.seq_id] = out[0]
+            dt = time.perf_counter() - t0
+            seq.times.prefill_s += dt
+            self.times.prefill_forward += dt
+        if plan.decode:
+            t0 = time.perf_counter()
+            seqs = [self.seqs[i] for i in plan.decode]
+            starts = tuple(s.num_cached for s in seqs)
+            tokens = torch.tensor([[s.last_token] for s in seqs], device=self.device)        # [B, 1]
+            positions = torch.tensor(starts, device=self.device)[:, None]                   # [B, 1]
+            out = self.model(tokens, ForwardBatch(Phase.DECODE, plan.decode, positions, starts), self.kv)
+            for i, sid in enumerate(plan.decode):
+                logits[sid] = out[i]
+            self.times.decode_forward += time.perf_counter() - t0
+            self.times.decode_steps += 1
+        return logits
+
+    def update(self, plan: StepPlan, logits: dict[int, torch.Tensor]) -> list[StepOutput]:
+        if plan.prefill is not None:
+            self.seqs[plan.prefill.seq_id].num_cached = plan.prefill.end
+        for sid in plan.decode:
+            self.seqs[sid].num_cached += 1
+        if not logits:
+            return []
+        seqs = [self.seqs[i] for i in logits]
+        tokens = sample(torch.stack(list(logits.values())), [s.params for s in seqs], [s.generator for s in seqs])
+        now = time.perf_counter()
+        outputs = []
+        for seq, tok in zip(seqs, tokens):
+            if seq.status is SeqStatus.PREFILLING:
+                seq.status = SeqStatus.DECODING
+                seq.times.first_token = now
+            seq.append(tok)
+            if seq.finish_reason is not None:
+                seq.finish()
+                self.scheduler.remove(seq)
+                self.kv.free(seq.seq_id)
+            outputs.append(StepOutput(seq.seq_id, tok, seq.take_delta(), seq.finish_reason is not None))
+        return outputs

@@ -1,0 +1,65 @@
+"""Decides what each engine step computes. Plans hold ids and ranges, never tensors."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from kvoffload.engine.sequence import Sequence, SeqStatus
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    seq_id: int
+    start: int        # first prompt position of the chunk
+    end: int          # one past the last
+    last: bool        # the chunk that ends the prompt: its last position is sampled
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    prefill: PrefillChunk | None
+    decode: tuple[int, ...]          # sequences that generate one token each
+
+    @property
+    def empty(self) -> bool:
+        return self.prefill is None and not self.decode
+
+
+class Scheduler:
+    """FCFS; each step runs at most one prompt chunk plus one decode batch.
+
+    Decoding sequences keep generating while a new prompt is prefilled chunk by
+    chunk, so a long prompt does not stall the batch (vLLM-style chunked prefill).
+    """
+
+    def __init__(self, max_num_seqs: int, prefill_chunk: int) -> None:
+        self.max_num_seqs, self.prefill_chunk = max_num_seqs, prefill_chunk
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []      # admitted: PREFILLING or DECODING
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> tuple[StepPlan, list[Sequence]]:
+        """The plan, and the sequences admitted by it (their KV must be allocated)."""
+        admitted = []
+        prefilling = next((s for s in self.running if s.status is SeqStatus.PREFILLING), None)
+        if prefilling is None and self.waiting and len(self.running) < self.max_num_seqs:
+            prefilling = self.waiting.popleft()
+            prefilling.status = SeqStatus.PREFILLING
+            self.running.append(prefilling)
+            admitted.append(prefilling)
+        chunk = None
+        if prefilling is not None:
+            start = prefilling.num_cached
+            end = min(prefilling.prompt_len, start + self.prefill_chunk)
+            chunk = PrefillChunk(prefilling.seq_id, start, end, end == prefilling.prompt_len)
+        decode = tuple(s.seq_id for s in self.running if s.status is SeqStatus.DECODING)
+        return StepPlan(chunk, decode), admitted
+
+    def remove(self, seq: Sequence) -> None:
+        self.running.remove(seq)

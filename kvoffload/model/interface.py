@@ -1,0 +1,66 @@
+"""The seam between the model and whoever owns the KV cache.
+
+The model computes q, k, v (after RoPE) and hands them, with a
+:class:`ForwardBatch`, to an :class:`AttentionBackend`; it never sees the cache.
+This module sits below both ``model`` and ``attention`` so neither imports the other.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+class Phase(enum.Enum):
+    """Which kind of forward pass: set by the engine, never guessed from shapes."""
+
+    PREFILL = "prefill"  # one sequence, a chunk of prompt tokens, causal within the chunk
+    DECODE = "decode"    # B sequences, one new token each, ragged KV lengths
+
+
+class Logits(enum.Enum):
+    """Which positions need logits (the LM head is ~20% of a small model's FLOPs)."""
+
+    NONE = "none"   # a non-final prefill chunk
+    LAST = "last"   # the last position of each sequence (sampling)
+    ALL = "all"     # every position (perplexity, teacher forcing, verification)
+
+
+@dataclass(frozen=True)
+class ForwardBatch:
+    """What one forward pass computes.
+
+    phase: :class:`Phase`.
+    seq_ids: the sequences, one per batch row (``B`` of them).
+    positions: ``[B, L]`` absolute positions of the input tokens (on the compute device).
+    starts: per sequence, tokens already in its KV cache before this pass (host ints,
+        so backends need no device sync); this pass writes positions ``starts[b] .. starts[b]+L-1``.
+    logits: which positions the LM head runs on.
+    """
+
+    phase: Phase
+    seq_ids: tuple[int, ...]
+    positions: torch.Tensor
+    starts: tuple[int, ...]
+    logits: Logits = Logits.LAST
+
+    @property
+    def num_tokens(self) -> int:
+        """L: tokens per sequence in this pass."""
+        return self.positions.shape[1]
+
+
+class AttentionBackend(Protocol):
+    """Stores k/v of the new tokens for ``layer`` and returns the attention output.
+
+    Shapes: q ``[B, H, L, D]``, k and v ``[B, H_kv, L, D]``; returns ``[B, L, H, D]``.
+    """
+
+    def prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                batch: ForwardBatch) -> torch.Tensor: ...
+
+    def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               batch: ForwardBatch) -> torch.Tensor: ...
