@@ -108,7 +108,7 @@ class ModelConfig:
 # --------------------------------------------------------------------------- engine
 
 DTYPES = ("float32", "bfloat16", "float16")
-QUANTIZATIONS = ("none", "int8")
+QUANTIZATIONS = ("none", "int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -118,8 +118,11 @@ class EngineConfig:
     model: GGUF file, Hugging Face directory or alias; ``None`` = embedded default.
     device: ``auto`` (CUDA when present, else CPU), ``cpu`` or ``cuda[:N]``.
     dtype: activation / compute dtype.
-    quantization: weight-only quantisation of the linear layers: ``none`` (weights in
-        ``dtype``) or ``int8`` (per-output-channel int8, CPU packed kernel).
+    quantization: weight-only quantisation of the linear layers for decode: ``none``,
+        ``int8`` (per output channel) or ``int4`` (groups of 32; lossless for GGUF Q4_1 in
+        fp32). CPU packed kernels; the dense weights are kept for prefill.
+    quant_max_rows: the packed kernels serve calls of at most this many rows (tokens in the
+        forward); larger calls (prefill, big decode batches) use the dense GEMM.
     kv_dtype: KV cache dtype (``None`` = ``dtype``).
     threads: intra-op CPU threads (``None`` = PyTorch default = physical cores).
     prefill_chunk: prompt tokens per prefill forward (bounds activation memory).
@@ -130,7 +133,8 @@ class EngineConfig:
     model: str | None = cli_field(None, "GGUF file, Hugging Face directory or alias (default: embedded SmolLM2-135M-Instruct)", short="-m")
     device: str = cli_field("auto", "auto, cpu, cuda or cuda:N")
     dtype: str = cli_field("float32", "compute dtype", choices=DTYPES)
-    quantization: str = cli_field("none", "weight-only quantisation of linear layers (int8: CPU only)", choices=QUANTIZATIONS, short="-q")
+    quantization: str = cli_field("none", "weight-only quantisation of linear layers for decode (CPU only)", choices=QUANTIZATIONS, short="-q")
+    quant_max_rows: int = cli_field(8, "rows up to which the quantised kernels are used (more: dense GEMM)")
     kv_dtype: str | None = cli_field(None, "KV cache dtype (default: --dtype)", choices=DTYPES)
     threads: int | None = cli_field(None, "CPU threads (default: physical cores)", short="-t")
     prefill_chunk: int = cli_field(512, "prompt tokens per prefill step (bounds activation memory)")

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from kvoffload.attention.native import NativeDecode
 from kvoffload.config import ModelConfig
 from kvoffload.errors import InputError
 from kvoffload.attention.ops import decode_attention, prefill_attention
@@ -29,11 +31,20 @@ class SeqKV:
 
 
 class DenseBackend:
-    """All KV in one memory (the compute device's), attention computed there."""
+    """All KV in one memory (the compute device's), attention computed there.
 
-    def __init__(self, cfg: ModelConfig, device: torch.device, kv_dtype: torch.dtype) -> None:
+    Decode uses the native CPU kernel when it is available (``native=True``, fp32/bf16 KV
+    on the CPU), else the PyTorch path in :mod:`kvoffload.attention.ops`; both are tested
+    against each other.
+    """
+
+    def __init__(self, cfg: ModelConfig, device: torch.device, kv_dtype: torch.dtype, native: bool = True) -> None:
         self.cfg, self.device, self.kv_dtype = cfg, device, kv_dtype
         self.seqs: dict[int, SeqKV] = {}
+        G = cfg.num_heads // cfg.num_kv_heads
+        self.native = NativeDecode.create(kv_dtype, device, cfg.num_kv_heads, G, cfg.head_dim) if native else None
+        self.decode = self._decode_torch if self.native is None else self._decode_native
+        self._memo: tuple[ForwardBatch, tuple[np.ndarray, ...]] | None = None
 
     # ---- sequence lifecycle (called by the engine) ----
     def allocate(self, seq_id: int, capacity: int) -> None:
@@ -65,8 +76,22 @@ class DenseBackend:
             outs.append(prefill_attention(q[b], kc[:, :start + L], vc[:, :start + L], start))
         return torch.stack(outs)                                       # [B, L, H, D]
 
-    def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               batch: ForwardBatch) -> torch.Tensor:
+    def _decode_native(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       batch: ForwardBatch) -> torch.Tensor:
+        if self._memo is None or self._memo[0] is not batch:      # once per forward, not per layer
+            seqs = [self.seqs[sid] for sid in batch.seq_ids]
+            for kv, pos in zip(seqs, batch.starts):
+                self._check(kv, pos + 1)
+            arrays = (np.array([s.k.data_ptr() for s in seqs], dtype=np.int64),
+                      np.array([s.v.data_ptr() for s in seqs], dtype=np.int64),
+                      np.array([s.capacity for s in seqs], dtype=np.int64),
+                      np.array(batch.starts, dtype=np.int64) + 1)
+            self._memo = (batch, arrays)
+        out, _ = self.native(layer, q[:, :, 0], k[:, :, 0], v[:, :, 0], *self._memo[1])   # [B, H, D]
+        return out.to(q.dtype).unsqueeze(1)                                                 # [B, 1, H, D]
+
+    def _decode_torch(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      batch: ForwardBatch) -> torch.Tensor:
         outs = []
         for b, (sid, pos) in enumerate(zip(batch.seq_ids, batch.starts)):
             kv = self.seqs[sid]

@@ -45,12 +45,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("the prompt is empty")
 
     from kvoffload.api import LLM
+    from kvoffload.model.loading import peak_rss_bytes
 
     llm = LLM(config=engine_cfg)
-    ls = llm.load_stats
-    print(f"loaded {ls.source} in {ls.seconds:.2f} s, peak RSS {ls.peak_rss_bytes / 2**20:.0f} MiB, "
-          f"weights {ls.weight_bytes / 2**20:.0f} MiB ({engine_cfg.dtype}, quantization {engine_cfg.quantization}, "
-          f"{llm.device})", file=sys.stderr)
     if args.json:
         out = llm.generate(prompt, params, chat=args.chat)[0]
     else:
@@ -64,7 +61,10 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"text": out.text, "token_ids": out.token_ids, "prompt_tokens": m.prompt_tokens,
                           "finish_reason": out.finish_reason, "prefill_s": m.prefill_s, "decode_s": m.decode_s,
                           "prefill_tok_s": m.prefill_tok_s, "decode_tok_s": m.decode_tok_s}))
-    print(f"prompt {m.prompt_tokens} tok, prefill {m.prefill_s:.3f} s ({m.prefill_tok_s:.1f} tok/s); "
+    ls = llm.load_stats
+    print(f"load {ls.seconds:.2f} s (weights {ls.weight_bytes / 2**20:.0f} MiB, {engine_cfg.dtype}, "
+          f"quantization {engine_cfg.quantization}, {llm.device}); "
+          f"prompt {m.prompt_tokens} tok, prefill {m.prefill_s:.3f} s ({m.prefill_tok_s:.1f} tok/s); "
           f"generated {m.generated_tokens} tok, decode {m.decode_s:.3f} s ({m.decode_tok_s:.1f} tok/s); "
-          f"finish: {out.finish_reason}", file=sys.stderr)
+          f"finish: {out.finish_reason}; peak RSS {peak_rss_bytes() / 2**20:.0f} MiB", file=sys.stderr)
     return 0

@@ -13,7 +13,9 @@ from torch import nn
 
 from kvoffload.config import ModelConfig
 from kvoffload.model.interface import AttentionBackend, ForwardBatch, Logits, Phase
-from kvoffload.model.rope import Rope
+from kvoffload.model.rope import Rope, apply_rope
+
+Rot = tuple[torch.Tensor, torch.Tensor]   # (cos, signed sin), each [B, L, 1, D]
 
 
 class RMSNorm(nn.Module):
@@ -35,11 +37,11 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, qkv_out, bias=cfg.qkv_bias)   # q, k, v fused
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, rope: Rope,
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, rot: Rot,
                 backend: AttentionBackend) -> torch.Tensor:
         B, L, _ = x.shape
         qkv = self.qkv_proj(x).view(B, L, -1, self.head_dim)           # [B, L, H + 2*H_kv, D]
-        qk = rope(qkv[:, :, : self.heads + self.kv_heads], batch.positions)
+        qk = apply_rope(qkv[:, :, : self.heads + self.kv_heads], rot)
         q = qk[:, :, : self.heads].transpose(1, 2)                       # [B, H, L, D]
         k = qk[:, :, self.heads:].transpose(1, 2)                        # [B, H_kv, L, D]
         v = qkv[:, :, self.heads + self.kv_heads:].transpose(1, 2)       # [B, H_kv, L, D]
@@ -68,9 +70,9 @@ class Block(nn.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, rope: Rope,
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, rot: Rot,
                 backend: AttentionBackend) -> torch.Tensor:
-        x = x + self.attn(self.input_norm(x), batch, rope, backend)
+        x = x + self.attn(self.input_norm(x), batch, rot, backend)
         return x + self.mlp(self.post_attn_norm(x))
 
 
@@ -92,8 +94,9 @@ class Transformer(nn.Module):
                 backend: AttentionBackend) -> torch.Tensor | None:
         """Returns ``[B, V]`` (Logits.LAST), ``[B, L, V]`` (Logits.ALL) or None (Logits.NONE)."""
         x = self.embed(tokens)                                           # [B, L, d]
+        rot = self.rope(batch.positions, x.dtype)
         for block in self.layers:
-            x = block(x, batch, self.rope, backend)
+            x = block(x, batch, rot, backend)
         if batch.logits is Logits.NONE:
             return None
         if batch.logits is Logits.LAST:

@@ -15,7 +15,7 @@ from kvoffload.model.llama import Transformer
 from kvoffload.model.loader.common import LoadedCheckpoint
 from kvoffload.model.loader.gguf_loader import load_gguf, read_gguf_config
 from kvoffload.model.loader.hf_loader import load_hf_dir, read_hf_config
-from kvoffload.model.quant import quantize_int8
+from kvoffload.model.quant import quantize
 from kvoffload.model.rope import Rope
 from kvoffload.model.registry import resolve_model
 from kvoffload.model.tokenizer import Tokenizer
@@ -72,8 +72,8 @@ def load_model(cfg: EngineConfig, device: torch.device) -> tuple[Transformer, To
     model = build_model(ckpt, device)
     file_format = ckpt.file_format
     del ckpt
-    if cfg.quantization == "int8":
-        quantize_int8(model, DTYPE[cfg.dtype], device)
+    if cfg.quantization != "none":
+        quantize(model, cfg.quantization, DTYPE[cfg.dtype], device, cfg.quant_max_rows)
     tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
     weight_bytes = sum(t.nbytes for t in tensors.values()) - model.rope.cos.nbytes - model.rope.sin_signed.nbytes
     stats = LoadStats(path, file_format, time.perf_counter() - t0, peak_rss_bytes(), weight_bytes)

@@ -35,7 +35,7 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None
 
 
 class Rope(nn.Module):
-    """Precomputed cos/sin tables; ``forward`` rotates q and k heads in one pass."""
+    """Precomputed fp32 cos/sin tables, gathered once per forward for all layers."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -46,11 +46,16 @@ class Rope(nn.Module):
         self.register_buffer("cos", torch.cat([cos, cos], -1), persistent=False)   # [T, D]
         # sign of rotate_half folded in: rotate_half(x) * sin == swap_halves(x) * sin_signed
         self.register_buffer("sin_signed", torch.cat([-sin, sin], -1), persistent=False)
-        self.half = cfg.head_dim // 2
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x ``[B, L, H, D]``, positions ``[B, L]`` -> rotated ``[B, L, H, D]``."""
-        cos = self.cos[positions].unsqueeze(2).to(x.dtype)          # [B, L, 1, D]
-        sin = self.sin_signed[positions].unsqueeze(2).to(x.dtype)   # [B, L, 1, D]
-        swapped = torch.cat((x[..., self.half:], x[..., :self.half]), dim=-1)
-        return torch.addcmul(x * cos, swapped, sin)
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions ``[B, L]`` -> (cos, signed sin), each ``[B, L, 1, D]``; once per forward."""
+        return (self.cos[positions].unsqueeze(2).to(dtype),
+                self.sin_signed[positions].unsqueeze(2).to(dtype))
+
+
+def apply_rope(x: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x ``[B, L, H, D]`` rotated by the tables of :meth:`Rope.forward`."""
+    cos, sin = rot
+    half = x.shape[-1] // 2
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    return torch.addcmul(x * cos, swapped, sin)

@@ -1,0 +1,135 @@
+/* Decode attention on the CPU: append the new token's k/v, then attend one query token per
+ * sequence over its whole cache, flash-decoding style (split over heads x token chunks, merged
+ * through log-sum-exp). Returns the output and the lse, so partial results from several
+ * places (tiers, workers) can be merged exactly.
+ *
+ * Layout of one sequence's cache (what DenseBackend allocates): [layers, H_kv, cap, D],
+ * contiguous; K and V separate. q, k_new, v_new, out are fp32; the cache is fp32 or bf16.
+ * Compiled at first use by kvoffload/kernels/build.py (gcc -O3 -march=native -fopenmp).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define CHUNK 256
+#define G_MAX 32
+#define D_MAX 256
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = ((uint32_t)h) << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {   /* round to nearest even, as torch does */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);   /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float f32_id(float x) { return x; }
+
+/* one work item: kv head h of sequence b, tokens [t0, t1) -> per query head (m, l, o[D]) */
+#define DEFINE_KERNEL(NAME, KV_T, LOAD, STORE)                                                     \
+static void NAME##_item(const float *q, const KV_T *K, const KV_T *V, int t0, int t1, int G, int D, \
+                        float scale, float *m_out, float *l_out, float *o_out) {                   \
+    float s[G_MAX][CHUNK];                                                                         \
+    float row[D_MAX];                                                                              \
+    int n = t1 - t0;                                                                               \
+    for (int t = 0; t < n; t++) {                                                                  \
+        const KV_T *kr = K + (size_t)(t0 + t) * D;                                                 \
+        _Pragma("omp simd")                                                                        \
+        for (int d = 0; d < D; d++) row[d] = LOAD(kr[d]);                                          \
+        for (int g = 0; g < G; g++) {                                                              \
+            const float *qg = q + (size_t)g * D;                                                   \
+            float acc = 0.f;                                                                       \
+            _Pragma("omp simd reduction(+:acc)")                                                   \
+            for (int d = 0; d < D; d++) acc += qg[d] * row[d];                                     \
+            s[g][t] = acc * scale;                                                                 \
+        }                                                                                          \
+    }                                                                                              \
+    for (int g = 0; g < G; g++) {                                                                  \
+        float m = -INFINITY, l = 0.f;                                                              \
+        for (int t = 0; t < n; t++) m = s[g][t] > m ? s[g][t] : m;                                 \
+        for (int t = 0; t < n; t++) { s[g][t] = expf(s[g][t] - m); l += s[g][t]; }                 \
+        m_out[g] = m;                                                                              \
+        l_out[g] = l;                                                                              \
+        memset(o_out + (size_t)g * D, 0, sizeof(float) * D);                                       \
+    }                                                                                              \
+    for (int t = 0; t < n; t++) {                                                                  \
+        const KV_T *vr = V + (size_t)(t0 + t) * D;                                                 \
+        _Pragma("omp simd")                                                                        \
+        for (int d = 0; d < D; d++) row[d] = LOAD(vr[d]);                                          \
+        for (int g = 0; g < G; g++) {                                                              \
+            float p = s[g][t];                                                                     \
+            float *og = o_out + (size_t)g * D;                                                     \
+            _Pragma("omp simd")                                                                    \
+            for (int d = 0; d < D; d++) og[d] += p * row[d];                                       \
+        }                                                                                          \
+    }                                                                                              \
+}                                                                                                  \
+                                                                                                   \
+int NAME(int B, int H_kv, int G, int D, int layer, const float *q, const float *k_new,            \
+         const float *v_new, const int64_t *k_base, const int64_t *v_base, const int64_t *caps,   \
+         const int64_t *lens, float scale, float *out, float *lse, int threads) {                  \
+    if (G > G_MAX || D > D_MAX) return -1;                                                         \
+    int H = H_kv * G;                                                                              \
+    /* 1. append the new token (position lens[b] - 1) */                                           \
+    for (int b = 0; b < B; b++) {                                                                  \
+        for (int h = 0; h < H_kv; h++) {                                                           \
+            size_t off = (((size_t)layer * H_kv + h) * caps[b] + (lens[b] - 1)) * D;               \
+            KV_T *kd = (KV_T *)k_base[b] + off, *vd = (KV_T *)v_base[b] + off;                     \
+            const float *ks = k_new + ((size_t)b * H_kv + h) * D, *vs = v_new + ((size_t)b * H_kv + h) * D; \
+            for (int d = 0; d < D; d++) { kd[d] = STORE(ks[d]); vd[d] = STORE(vs[d]); }            \
+        }                                                                                          \
+    }                                                                                              \
+    /* 2. work items: (b, h, chunk) */                                                             \
+    int64_t *first = malloc(sizeof(int64_t) * (B + 1));                                            \
+    first[0] = 0;                                                                                  \
+    for (int b = 0; b < B; b++) first[b + 1] = first[b] + H_kv * ((lens[b] + CHUNK - 1) / CHUNK);  \
+    int64_t N = first[B];                                                                          \
+    float *pm = malloc(sizeof(float) * N * G), *pl = malloc(sizeof(float) * N * G);               \
+    float *po = malloc(sizeof(float) * N * G * D);                                                 \
+    _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads)")                          \
+    for (int64_t i = 0; i < N; i++) {                                                              \
+        int b = 0;                                                                                 \
+        while (first[b + 1] <= i) b++;                                                             \
+        int64_t nch = (lens[b] + CHUNK - 1) / CHUNK, j = i - first[b];                             \
+        int h = (int)(j / nch), c = (int)(j % nch);                                                \
+        size_t head = ((size_t)layer * H_kv + h) * caps[b] * D;                                    \
+        int t0 = c * CHUNK, t1 = t0 + CHUNK < lens[b] ? t0 + CHUNK : (int)lens[b];                 \
+        NAME##_item(q + ((size_t)b * H + (size_t)h * G) * D, (const KV_T *)k_base[b] + head,       \
+                    (const KV_T *)v_base[b] + head, t0, t1, G, D, scale,                           \
+                    pm + i * G, pl + i * G, po + i * G * D);                                       \
+    }                                                                                              \
+    /* 3. merge the chunks of each (b, h) through their log-sum-exp */                             \
+    for (int b = 0; b < B; b++) {                                                                  \
+        int64_t nch = (lens[b] + CHUNK - 1) / CHUNK;                                               \
+        for (int h = 0; h < H_kv; h++) {                                                           \
+            int64_t i0 = first[b] + (int64_t)h * nch;                                              \
+            for (int g = 0; g < G; g++) {                                                          \
+                float M = -INFINITY, L = 0.f;                                                      \
+                for (int64_t c = 0; c < nch; c++) M = pm[(i0 + c) * G + g] > M ? pm[(i0 + c) * G + g] : M; \
+                float *o = out + ((size_t)b * H + (size_t)h * G + g) * D;                          \
+                memset(o, 0, sizeof(float) * D);                                                   \
+                for (int64_t c = 0; c < nch; c++) {                                                \
+                    float w = expf(pm[(i0 + c) * G + g] - M);                                      \
+                    L += w * pl[(i0 + c) * G + g];                                                 \
+                    const float *oc = po + ((i0 + c) * G + g) * D;                                 \
+                    for (int d = 0; d < D; d++) o[d] += w * oc[d];                                 \
+                }                                                                                  \
+                for (int d = 0; d < D; d++) o[d] /= L;                                             \
+                lse[(size_t)b * H + (size_t)h * G + g] = M + logf(L);                              \
+            }                                                                                      \
+        }                                                                                          \
+    }                                                                                              \
+    free(first); free(pm); free(pl); free(po);                                                     \
+    return 0;                                                                                      \
+}
+
+DEFINE_KERNEL(kvo_decode_attn_f32, float, f32_id, f32_id)
+DEFINE_KERNEL(kvo_decode_attn_bf16, uint16_t, bf16_to_f32, f32_to_bf16)

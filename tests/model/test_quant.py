@@ -1,0 +1,65 @@
+"""Weight-only quantised linears: packed kernels vs their dequantised reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from kvoffload.model.quant import INT4_GROUP, Int4Linear, Int8Linear
+
+
+def q4_1_like_linear(N: int = 48, K: int = 128, seed: int = 0) -> nn.Linear:
+    """Weights exactly representable as GGUF Q4_1: w = d*q + m per group of 32, q spanning 0..15."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (N, K // INT4_GROUP, INT4_GROUP), generator=g)
+    q[..., 0], q[..., 1] = 0, 15
+    d = torch.rand(N, K // INT4_GROUP, 1, generator=g).half().float() * 0.1 + 0.01
+    m = -torch.rand(N, K // INT4_GROUP, 1, generator=g).half().float()
+    lin = nn.Linear(K, N, bias=False)
+    lin.weight.data = (d * q + m).view(N, K)
+    return lin
+
+
+def test_int4_repacks_q4_1_losslessly_in_fp32():
+    lin = q4_1_like_linear()
+    ql = Int4Linear(lin, torch.float32, max_rows=8)
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(1))
+    ref = x.double() @ lin.weight.double().T
+    diff = (ql(x).double() - ref).abs()
+    print(f"int4 fp32 vs Q4_1 weights: max {diff.max():.2e} mean {diff.mean():.2e}")
+    assert diff.max() < 1e-4
+
+
+@pytest.mark.parametrize("cls,dtype,rel", [(Int8Linear, torch.float32, 1e-5), (Int8Linear, torch.bfloat16, 2e-2),
+                                           (Int4Linear, torch.float32, 1e-5), (Int4Linear, torch.bfloat16, 2e-2)])
+def test_packed_kernel_matches_dequantised_reference(cls, dtype, rel):
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 64, bias=True)
+    ql = cls(lin, dtype, max_rows=8)
+    x = torch.randn(5, 128).to(dtype)
+    if cls is Int8Linear:
+        w = ql.dequantized()
+    else:   # dequantise from the stored scale/zero the same way the kernel does
+        lo_scale, zero = ql.scale_zero[..., 0].float().T, ql.scale_zero[..., 1].float().T   # [N, K/g]
+        wg = lin.weight.detach().float().view(64, -1, INT4_GROUP)
+        mn = wg.amin(-1)
+        s32 = ((wg.amax(-1) - mn) / 15).clamp(min=1e-12)
+        q = torch.round((wg - mn[..., None]) / s32[..., None]).clamp(0, 15)
+        w = ((q - 8) * lo_scale[..., None] + zero[..., None]).view(64, 128)
+    ref = x.float() @ w.T + ql.bias.float()
+    got = ql(x).float()
+    err = (got - ref).abs().max().item()
+    assert err <= rel * ref.abs().max().item(), err
+
+
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
+def test_many_rows_use_the_dense_weight(cls):
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    ql = cls(lin, torch.float32, max_rows=4)
+    x = torch.randn(2, 3, 64)                      # 6 rows > 4: dense GEMM, exact
+    assert torch.allclose(ql(x), lin(x), atol=1e-6)
+    small = ql(x[:1, :2])                          # 2 rows: packed kernel, close
+    assert small.shape == (1, 2, 32)
+    assert (small - lin(x[:1, :2])).abs().max() < 0.1
