@@ -20,10 +20,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     """
     H, D = q.shape
     H_kv = k.shape[0]
-    qg = q.reshape(H_kv, H // H_kv, D).to(k.dtype)                    # [H_kv, G, D]
-    scores = torch.matmul(qg, k.transpose(1, 2)).float()               # [H_kv, G, T]
+    dt = torch.promote_types(q.dtype, k.dtype)         # fp32 q over bf16 KV: fp32 math
+    qg = q.reshape(H_kv, H // H_kv, D).to(dt)                          # [H_kv, G, D]
+    scores = torch.matmul(qg, k.to(dt).transpose(1, 2)).float()        # [H_kv, G, T]
     probs = torch.softmax(scores.mul_(1.0 / math.sqrt(D)), dim=-1)
-    out = torch.matmul(probs.to(v.dtype), v)                           # [H_kv, G, D]
+    out = torch.matmul(probs.to(dt), v.to(dt))                         # [H_kv, G, D]
     return out.reshape(H, D).to(q.dtype)
 
 

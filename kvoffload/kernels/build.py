@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 
 SOURCES = {"decode_attn": Path(__file__).with_name("decode_attn.c")}
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only", "-shared", "-fPIC", "-std=gnu11"]
 
 
 def _cpu_flags() -> str:

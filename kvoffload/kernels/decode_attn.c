@@ -33,6 +33,25 @@ static inline uint16_t f32_to_bf16(float f) {   /* round to nearest even, as tor
 
 static inline float f32_id(float x) { return x; }
 
+/* exp(x) for x <= 0 (scores minus their max), Cephes' expf polynomial: ~1 ulp, and unlike
+ * libm's expf it vectorises (16 lanes per instruction with AVX-512). */
+static inline float exp_nonpos(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    float n = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+
 /* one work item: kv head h of sequence b, tokens [t0, t1) -> per query head (m, l, o[D]) */
 #define DEFINE_KERNEL(NAME, KV_T, LOAD, STORE)                                                     \
 static void NAME##_item(const float *q, const KV_T *K, const KV_T *V, int t0, int t1, int G, int D, \
@@ -54,8 +73,10 @@ static void NAME##_item(const float *q, const KV_T *K, const KV_T *V, int t0, in
     }                                                                                              \
     for (int g = 0; g < G; g++) {                                                                  \
         float m = -INFINITY, l = 0.f;                                                              \
+        _Pragma("omp simd reduction(max:m)")                                                       \
         for (int t = 0; t < n; t++) m = s[g][t] > m ? s[g][t] : m;                                 \
-        for (int t = 0; t < n; t++) { s[g][t] = expf(s[g][t] - m); l += s[g][t]; }                 \
+        _Pragma("omp simd reduction(+:l)")                                                         \
+        for (int t = 0; t < n; t++) { s[g][t] = exp_nonpos(s[g][t] - m); l += s[g][t]; }           \
         m_out[g] = m;                                                                              \
         l_out[g] = l;                                                                              \
         memset(o_out + (size_t)g * D, 0, sizeof(float) * D);                                       \
