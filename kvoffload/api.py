@@ -59,7 +59,8 @@ class LLM:
         self.device = resolve_device(config.device)
         self.model, self.tokenizer, self.load_stats = load_model(config, self.device)
         self.model_config = self.model.cfg
-        kv_dtype = DTYPE[config.kv_dtype or config.dtype]
+        self.dtype, self.quantization = self.load_stats.dtype, self.load_stats.quantization
+        kv_dtype = DTYPE[config.kv_dtype or self.dtype]
         self.engine = Engine(self.model, DenseBackend(self.model_config, self.device, kv_dtype),
                              self.tokenizer, config, self.device)
 

@@ -109,6 +109,7 @@ class ModelConfig:
 
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "int8", "int4")
+AUTO = "auto"
 
 
 @dataclass(frozen=True)
@@ -117,10 +118,13 @@ class EngineConfig:
 
     model: GGUF file, Hugging Face directory or alias; ``None`` = embedded default.
     device: ``auto`` (CUDA when present, else CPU), ``cpu`` or ``cuda[:N]``.
-    dtype: activation / compute dtype.
+    dtype: activation / compute dtype. ``auto``: bfloat16 where the hardware computes it
+        natively (CPUs with AVX512-BF16/AMX, CUDA GPUs that support it), else float32.
     quantization: weight-only quantisation of the linear layers for decode: ``none``,
-        ``int8`` (per output channel) or ``int4`` (groups of 32; lossless for GGUF Q4_1 in
-        fp32). CPU packed kernels; the dense weights are kept for prefill.
+        ``int8`` (per output channel) or ``int4`` (groups of 32). CPU packed kernels, fast
+        only with bfloat16 activations; the dense weights are kept for prefill. ``auto``:
+        ``int4`` on the CPU in bfloat16 when the checkpoint's weights are already 4-bit
+        (e.g. GGUF Q4_1, re-packed nearly losslessly), else ``none``.
     quant_max_rows: the packed kernels serve calls of at most this many rows (tokens in the
         forward); larger calls (prefill, big decode batches) use the dense GEMM.
     kv_dtype: KV cache dtype (``None`` = ``dtype``).
@@ -132,8 +136,8 @@ class EngineConfig:
 
     model: str | None = cli_field(None, "GGUF file, Hugging Face directory or alias (default: embedded SmolLM2-135M-Instruct)", short="-m")
     device: str = cli_field("auto", "auto, cpu, cuda or cuda:N")
-    dtype: str = cli_field("float32", "compute dtype", choices=DTYPES)
-    quantization: str = cli_field("none", "weight-only quantisation of linear layers for decode (CPU only)", choices=QUANTIZATIONS, short="-q")
+    dtype: str = cli_field(AUTO, "compute dtype", choices=(AUTO, *DTYPES))
+    quantization: str = cli_field(AUTO, "weight-only quantisation of linear layers for decode (CPU only)", choices=(AUTO, *QUANTIZATIONS), short="-q")
     quant_max_rows: int = cli_field(8, "rows up to which the quantised kernels are used (more: dense GEMM)")
     kv_dtype: str | None = cli_field(None, "KV cache dtype (default: --dtype)", choices=DTYPES)
     threads: int | None = cli_field(None, "CPU threads (default: physical cores)", short="-t")
@@ -148,12 +152,12 @@ class EngineConfig:
             raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in (AUTO, *DTYPES):
+            raise ConfigError(f"dtype must be one of auto, {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.kv_dtype is not None and self.kv_dtype not in DTYPES:
             raise ConfigError(f"kv_dtype must be one of {', '.join(DTYPES)}, got {self.kv_dtype!r}")
-        if self.quantization not in QUANTIZATIONS:
-            raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
+        if self.quantization not in (AUTO, *QUANTIZATIONS):
+            raise ConfigError(f"quantization must be one of auto, {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
 
     def replace(self, **changes: Any) -> "EngineConfig":
         return dataclasses.replace(self, **changes)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from kvoffload.config import EngineConfig, ModelConfig
+from kvoffload.device import resolve_dtype
 from kvoffload.errors import ModelLoadError
 from kvoffload.model.llama import Transformer
 from kvoffload.model.loader.common import LoadedCheckpoint
@@ -27,6 +28,9 @@ DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.
 class LoadStats:
     source: str
     file_format: str
+    weight_type: str          # how the file stores the layer weights
+    dtype: str                # compute dtype in use (``auto`` resolved)
+    quantization: str         # decode weight format in use (``auto`` resolved)
     seconds: float
     peak_rss_bytes: int
     weight_bytes: int
@@ -63,20 +67,29 @@ def build_model(ckpt: LoadedCheckpoint, device: torch.device) -> Transformer:
     return model.to(device).eval().requires_grad_(False)
 
 
+def resolve_quantization(name: str, device: torch.device, dtype: str, ckpt: LoadedCheckpoint) -> str:
+    if name != "auto":
+        return name
+    return "int4" if device.type == "cpu" and dtype == "bfloat16" and ckpt.four_bit else "none"
+
+
 def load_model(cfg: EngineConfig, device: torch.device) -> tuple[Transformer, Tokenizer, LoadStats]:
     t0 = time.perf_counter()
     path = resolve_model(cfg.model, cfg.cache_dir)
-    ckpt = read_checkpoint(path, DTYPE[cfg.dtype])
+    dtype = resolve_dtype(cfg.dtype, device)
+    ckpt = read_checkpoint(path, DTYPE[dtype])
+    quant = resolve_quantization(cfg.quantization, device, dtype, ckpt)
     tokenizer = (Tokenizer.from_hf_dir(ckpt.tokenizer_source) if isinstance(ckpt.tokenizer_source, str)
                  else Tokenizer.from_gguf_metadata(ckpt.tokenizer_source))
     model = build_model(ckpt, device)
-    file_format = ckpt.file_format
+    file_format, weight_type = ckpt.file_format, ckpt.weight_type
     del ckpt
-    if cfg.quantization != "none":
-        quantize(model, cfg.quantization, DTYPE[cfg.dtype], device, cfg.quant_max_rows)
+    if quant != "none":
+        quantize(model, quant, DTYPE[dtype], device, cfg.quant_max_rows)
     tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
     weight_bytes = sum(t.nbytes for t in tensors.values()) - model.rope.cos.nbytes - model.rope.sin_signed.nbytes
-    stats = LoadStats(path, file_format, time.perf_counter() - t0, peak_rss_bytes(), weight_bytes)
+    stats = LoadStats(path, file_format, weight_type, dtype, quant, time.perf_counter() - t0,
+                      peak_rss_bytes(), weight_bytes)
     return model, tokenizer, stats
 
 

@@ -16,7 +16,7 @@ PROMPTS = ["hello there", "a much longer prompt that spans several prefill chunk
 @pytest.fixture(scope="module")
 def llm(tiny_hf):
     _, path = tiny_hf("qwen2")
-    return LLM(path, prefill_chunk=8, max_num_seqs=4)
+    return LLM(path, dtype="float32", prefill_chunk=8, max_num_seqs=4)
 
 
 def test_batched_ragged_decode_equals_one_at_a_time(llm):
@@ -104,3 +104,20 @@ def test_generation_stops_at_context_end(llm):
 def test_invalid_sampling_values(kwargs):
     with pytest.raises(ConfigError):
         SamplingParams(**kwargs)
+
+
+def test_auto_dtype_and_quantization_resolution(tiny_gguf):
+    from dataclasses import replace
+
+    from kvoffload.model.loading import read_checkpoint, resolve_quantization
+
+    _, path = tiny_gguf("qwen2")
+    ckpt = read_checkpoint(path, torch.float32)
+    assert ckpt.weight_type == "F32" and not ckpt.four_bit
+    cpu = torch.device("cpu")
+    assert resolve_quantization("auto", cpu, "bfloat16", ckpt) == "none"
+    q4 = replace(ckpt, weight_type="Q4_1")
+    assert resolve_quantization("auto", cpu, "bfloat16", q4) == "int4"
+    assert resolve_quantization("auto", cpu, "float32", q4) == "none"       # int kernels want bf16 activations
+    assert resolve_quantization("auto", torch.device("cuda"), "bfloat16", q4) == "none"
+    assert resolve_quantization("int8", cpu, "float32", ckpt) == "int8"

@@ -11,6 +11,7 @@ from kvoffload.config import ModelConfig
 from kvoffload.errors import ModelLoadError
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
+FOUR_BIT_PREFIXES = ("Q4_", "IQ4", "Q3_", "IQ3", "Q2_", "IQ2", "IQ1")
 
 TensorGetter = Callable[[str], torch.Tensor | None]
 """Returns the fp32 tensor stored under a Hugging Face name, or None when absent."""
@@ -25,6 +26,12 @@ class LoadedCheckpoint:
     tokenizer_source: Mapping[str, object] | str   # GGUF metadata dict or HF directory path
     source: str                           # file or directory it came from
     file_format: str                      # "gguf" or "safetensors"
+    weight_type: str                      # storage type of most layer weights: "Q4_1", "Q5_0", "F32", "BF16", ...
+
+    @property
+    def four_bit(self) -> bool:
+        """Weights already at <= 4 bits (so int4 re-packing loses next to nothing)."""
+        return self.weight_type.startswith(FOUR_BIT_PREFIXES)
 
 
 def check_arch(arch: str, path: str) -> None:

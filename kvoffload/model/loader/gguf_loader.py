@@ -125,4 +125,14 @@ def load_gguf(path: str, dtype: torch.dtype) -> LoadedCheckpoint:
         return w
 
     sd = build_state_dict(cfg, get, dtype, path)
-    return LoadedCheckpoint(cfg, sd, f.metadata, path, "gguf")
+    return LoadedCheckpoint(cfg, sd, f.metadata, path, "gguf", _layer_weight_type(f))
+
+
+def _layer_weight_type(f: GGUFFile) -> str:
+    from collections import Counter
+
+    from gguf.constants import GGMLQuantizationType
+
+    types = Counter(t.qtype for name, t in f.tensors.items() if name.startswith("blk.") and name.endswith(".weight")
+                    and len(t.shape) == 2)
+    return GGMLQuantizationType(types.most_common(1)[0][0]).name if types else "F32"

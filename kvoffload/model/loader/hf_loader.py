@@ -92,4 +92,6 @@ def load_hf_dir(path: str, dtype: torch.dtype) -> LoadedCheckpoint:
         return None if h is None else h.get_tensor(name).float()
 
     sd = build_state_dict(cfg, get, dtype, path)
-    return LoadedCheckpoint(cfg, sd, path, path, "safetensors")
+    stored = where["model.layers.0.mlp.down_proj.weight"].get_slice("model.layers.0.mlp.down_proj.weight").get_dtype() \
+        if "model.layers.0.mlp.down_proj.weight" in where else "F32"
+    return LoadedCheckpoint(cfg, sd, path, path, "safetensors", stored)
