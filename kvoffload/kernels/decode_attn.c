@@ -12,9 +12,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+#ifndef CHUNK
 #define CHUNK 256
+#endif
 #define G_MAX 32
 #define D_MAX 256
+#ifndef PREFETCH_ROWS
+#define PREFETCH_ROWS 16     /* software prefetch distance (rows); hardware streams stop at 4 KiB pages */
+#endif
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = ((uint32_t)h) << 16;
@@ -53,7 +58,7 @@ static inline float exp_nonpos(float x) {
 }
 
 /* one work item: kv head h of sequence b, tokens [t0, t1) -> per query head (m, l, o[D]) */
-#define DEFINE_KERNEL(NAME, KV_T, LOAD, STORE)                                                     \
+#define DEFINE_ITEM(NAME, KV_T, LOAD)                                                     \
 static void NAME##_item(const float *q, const KV_T *K, const KV_T *V, int t0, int t1, int G, int D, \
                         float scale, float *m_out, float *l_out, float *o_out) {                   \
     float s[G_MAX][CHUNK];                                                                         \
@@ -93,7 +98,105 @@ static void NAME##_item(const float *q, const KV_T *K, const KV_T *V, int t0, in
         }                                                                                          \
     }                                                                                              \
 }                                                                                                  \
-                                                                                                   \
+
+DEFINE_ITEM(kvo_decode_attn_f32, float, f32_id)
+DEFINE_ITEM(kvo_decode_attn_bf16, uint16_t, bf16_to_f32)
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+
+static inline __m512 load16_f32(const float *p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16_bf16(const uint16_t *p) {
+    __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+
+static inline __m512 exp512_nonpos(__m512 x) {   /* same polynomial as exp_nonpos, 16 lanes */
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* D a multiple of 16 (<= D_MAX): rows are NV = D/16 vectors. One pass over the chunk in
+ * blocks of 16 tokens (online softmax per block): K and V rows of a block are read back to
+ * back, so both streams are in flight together, and software prefetch runs ahead of both. */
+#define DEFINE_AVX512_ITEM(NAME, KV_T, LOADV)                                                      \
+static void NAME##_avx512(const float *q, const KV_T *K, const KV_T *V, int t0, int t1, int G,     \
+                          int D, float scale, float *m_out, float *l_out, float *o_out) {          \
+    enum { NV_MAX = D_MAX / 16 };                                                                  \
+    int nv = D / 16;                                                                               \
+    float sc[G_MAX][16] __attribute__((aligned(64)));                                              \
+    float m[G_MAX], l[G_MAX];                                                                      \
+    __m512 acc[G_MAX][NV_MAX];                                                                     \
+    for (int g = 0; g < G; g++) {                                                                  \
+        m[g] = -INFINITY;                                                                          \
+        l[g] = 0.f;                                                                                \
+        for (int j = 0; j < nv; j++) acc[g][j] = _mm512_setzero_ps();                              \
+    }                                                                                              \
+    for (int tb = t0; tb < t1; tb += 16) {                                                         \
+        int nb = t1 - tb < 16 ? t1 - tb : 16;                                                      \
+        __mmask16 live = (__mmask16)((1u << nb) - 1u);                                             \
+        for (int i = 0; i < nb; i++) {                                                             \
+            const KV_T *kr = K + (size_t)(tb + i) * D;                                             \
+            for (int b = 0; b < (int)(D * sizeof(KV_T)); b += 64) {                                \
+                _mm_prefetch((const char *)(kr + PREFETCH_ROWS * D) + b, _MM_HINT_T0);             \
+                _mm_prefetch((const char *)(V + (size_t)(tb + i + PREFETCH_ROWS) * D) + b, _MM_HINT_T0); \
+            }                                                                                      \
+            __m512 k[NV_MAX];                                                                      \
+            for (int j = 0; j < nv; j++) k[j] = LOADV(kr + 16 * j);                                \
+            for (int g = 0; g < G; g++) {                                                          \
+                const float *qg = q + (size_t)g * D;                                               \
+                __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qg), k[0]);                               \
+                for (int j = 1; j < nv; j++) a = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * j), k[j], a); \
+                sc[g][i] = _mm512_reduce_add_ps(a) * scale;                                        \
+            }                                                                                      \
+        }                                                                                          \
+        for (int g = 0; g < G; g++) {                                                              \
+            __m512 sv = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), live, sc[g]);              \
+            float bm = _mm512_reduce_max_ps(sv);                                                   \
+            float mn = bm > m[g] ? bm : m[g];                                                      \
+            float alpha = exp_nonpos(m[g] - mn);          /* m = -inf at start: alpha = 0 */       \
+            __m512 e = _mm512_maskz_mov_ps(live, exp512_nonpos(_mm512_sub_ps(sv, _mm512_set1_ps(mn)))); \
+            l[g] = l[g] * alpha + _mm512_reduce_add_ps(e);                                         \
+            m[g] = mn;                                                                             \
+            _mm512_store_ps(sc[g], e);                                                             \
+            __m512 av = _mm512_set1_ps(alpha);                                                     \
+            for (int j = 0; j < nv; j++) acc[g][j] = _mm512_mul_ps(acc[g][j], av);                \
+        }                                                                                          \
+        for (int i = 0; i < nb; i++) {                                                             \
+            const KV_T *vr = V + (size_t)(tb + i) * D;                                             \
+            __m512 v[NV_MAX];                                                                      \
+            for (int j = 0; j < nv; j++) v[j] = LOADV(vr + 16 * j);                                \
+            for (int g = 0; g < G; g++) {                                                          \
+                __m512 p = _mm512_set1_ps(sc[g][i]);                                               \
+                for (int j = 0; j < nv; j++) acc[g][j] = _mm512_fmadd_ps(p, v[j], acc[g][j]);      \
+            }                                                                                      \
+        }                                                                                          \
+    }                                                                                              \
+    for (int g = 0; g < G; g++) {                                                                  \
+        m_out[g] = m[g];                                                                           \
+        l_out[g] = l[g];                                                                           \
+        for (int j = 0; j < nv; j++) _mm512_storeu_ps(o_out + (size_t)g * D + 16 * j, acc[g][j]);  \
+    }                                                                                              \
+}
+DEFINE_AVX512_ITEM(kvo_decode_attn_f32_item, float, load16_f32)
+DEFINE_AVX512_ITEM(kvo_decode_attn_bf16_item, uint16_t, load16_bf16)
+#define ITEM_FAST(NAME) (D % 16 == 0 ? NAME##_item_avx512 : NAME##_item)
+#else
+#define ITEM_FAST(NAME) NAME##_item
+#endif
+
+#define DEFINE_DRIVER(NAME, KV_T, STORE)                                                         \
 int NAME(int B, int H_kv, int G, int D, int layer, const float *q, const float *k_new,            \
          const float *v_new, const int64_t *k_base, const int64_t *v_base, const int64_t *caps,   \
          const int64_t *lens, float scale, float *out, float *lse, int threads) {                  \
@@ -123,7 +226,7 @@ int NAME(int B, int H_kv, int G, int D, int layer, const float *q, const float *
         int h = (int)(j / nch), c = (int)(j % nch);                                                \
         size_t head = ((size_t)layer * H_kv + h) * caps[b] * D;                                    \
         int t0 = c * CHUNK, t1 = t0 + CHUNK < lens[b] ? t0 + CHUNK : (int)lens[b];                 \
-        NAME##_item(q + ((size_t)b * H + (size_t)h * G) * D, (const KV_T *)k_base[b] + head,       \
+        ITEM_FAST(NAME)(q + ((size_t)b * H + (size_t)h * G) * D, (const KV_T *)k_base[b] + head,       \
                     (const KV_T *)v_base[b] + head, t0, t1, G, D, scale,                           \
                     pm + i * G, pl + i * G, po + i * G * D);                                       \
     }                                                                                              \
@@ -152,5 +255,5 @@ int NAME(int B, int H_kv, int G, int D, int layer, const float *q, const float *
     return 0;                                                                                      \
 }
 
-DEFINE_KERNEL(kvo_decode_attn_f32, float, f32_id, f32_id)
-DEFINE_KERNEL(kvo_decode_attn_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
+DEFINE_DRIVER(kvo_decode_attn_f32, float, f32_id)
+DEFINE_DRIVER(kvo_decode_attn_bf16, uint16_t, f32_to_bf16)
