@@ -61,7 +61,7 @@ class LLM:
         self.model_config = self.model.cfg
         self.dtype, self.quantization = self.load_stats.dtype, self.load_stats.quantization
         kv_dtype = DTYPE[config.kv_dtype or self.dtype]
-        self.engine = Engine(self.model, DenseBackend(self.model_config, self.device, kv_dtype),
+        self.engine = Engine(self.model, DenseBackend(self.model_config, self.device, kv_dtype, DTYPE[self.dtype]),
                              self.tokenizer, config, self.device)
 
     # ---------------------------------------------------------------- prompts

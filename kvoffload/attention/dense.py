@@ -38,11 +38,13 @@ class DenseBackend:
     against each other.
     """
 
-    def __init__(self, cfg: ModelConfig, device: torch.device, kv_dtype: torch.dtype, native: bool = True) -> None:
+    def __init__(self, cfg: ModelConfig, device: torch.device, kv_dtype: torch.dtype,
+                 act_dtype: torch.dtype | None = None, native: bool = True) -> None:
         self.cfg, self.device, self.kv_dtype = cfg, device, kv_dtype
         self.seqs: dict[int, SeqKV] = {}
         G = cfg.num_heads // cfg.num_kv_heads
-        self.native = NativeDecode.create(kv_dtype, device, cfg.num_kv_heads, G, cfg.head_dim) if native else None
+        self.native = NativeDecode.create(kv_dtype, device, cfg.num_kv_heads, G, cfg.head_dim,
+                                          act_dtype or kv_dtype) if native else None
         self.decode = self._decode_torch if self.native is None else self._decode_native
         self._memo: tuple[ForwardBatch, tuple[np.ndarray, ...]] | None = None
 
@@ -88,7 +90,7 @@ class DenseBackend:
                       np.array(batch.starts, dtype=np.int64) + 1)
             self._memo = (batch, arrays)
         out, _ = self.native(layer, q[:, :, 0], k[:, :, 0], v[:, :, 0], *self._memo[1])   # [B, H, D]
-        return out.to(q.dtype).unsqueeze(1)                                                 # [B, 1, H, D]
+        return out.unsqueeze(1)                                                             # [B, 1, H, D]
 
     def _decode_torch(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       batch: ForwardBatch) -> torch.Tensor:

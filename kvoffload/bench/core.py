@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     ctxs = [int(c) for c in args.ctx.split(",")]
 
+    from kvoffload.model.loading import read_config
     from kvoffload.model.registry import resolve_model
 
     path = resolve_model(None)
@@ -145,11 +146,13 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError as e:
             print(f"skipping {name}: {e}", file=sys.stderr)
 
+    # "context C" = a prompt of C tokens, capped so that C + gen fits the model's context
+    limit = read_config(path).max_position - args.gen - 1
     results = {(e.name, c): Result(e.name, c) for e in engines for c in ctxs}
     for c in ctxs:
         for rep in range(args.reps + 1):                     # rep 0 = warm-up
             for e in engines:                                # interleaved
-                p, d = e.run(prompt_ids(e.encode, c), args.gen)
+                p, d = e.run(prompt_ids(e.encode, min(c, limit)), args.gen)
                 if rep:
                     results[e.name, c].prefill.append(p)
                     results[e.name, c].decode.append(d)

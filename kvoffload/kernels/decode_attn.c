@@ -4,7 +4,8 @@
  * places (tiers, workers) can be merged exactly.
  *
  * Layout of one sequence's cache (what DenseBackend allocates): [layers, H_kv, cap, D],
- * contiguous; K and V separate. q, k_new, v_new, out are fp32; the cache is fp32 or bf16.
+ * contiguous; K and V separate. q, k_new, v_new and out have the cache's dtype (fp32 or bf16;
+ * math in fp32); q/k_new/v_new may be strided over the batch (heads contiguous, stride D).
  * Compiled at first use by kvoffload/kernels/build.py (gcc -O3 -march=native -fopenmp).
  */
 #include <math.h>
@@ -196,10 +197,10 @@ DEFINE_AVX512_ITEM(kvo_decode_attn_bf16_item, uint16_t, load16_bf16)
 #define ITEM_FAST(NAME) NAME##_item
 #endif
 
-#define DEFINE_DRIVER(NAME, KV_T, STORE)                                                         \
-int NAME(int B, int H_kv, int G, int D, int layer, const float *q, const float *k_new,            \
-         const float *v_new, const int64_t *k_base, const int64_t *v_base, const int64_t *caps,   \
-         const int64_t *lens, float scale, float *out, float *lse, int threads) {                  \
+#define DEFINE_DRIVER(NAME, KV_T, LOAD, STORE)                                                         \
+int NAME(int B, int H_kv, int G, int D, int layer, const KV_T *q, int64_t q_bs, const KV_T *k_new,  \
+         int64_t k_bs, const KV_T *v_new, int64_t v_bs, const int64_t *k_base, const int64_t *v_base,  \
+         const int64_t *caps, const int64_t *lens, float scale, KV_T *out, float *lse, int threads) {  \
     if (G > G_MAX || D > D_MAX) return -1;                                                         \
     int H = H_kv * G;                                                                              \
     /* 1. append the new token (position lens[b] - 1) */                                           \
@@ -207,8 +208,9 @@ int NAME(int B, int H_kv, int G, int D, int layer, const float *q, const float *
         for (int h = 0; h < H_kv; h++) {                                                           \
             size_t off = (((size_t)layer * H_kv + h) * caps[b] + (lens[b] - 1)) * D;               \
             KV_T *kd = (KV_T *)k_base[b] + off, *vd = (KV_T *)v_base[b] + off;                     \
-            const float *ks = k_new + ((size_t)b * H_kv + h) * D, *vs = v_new + ((size_t)b * H_kv + h) * D; \
-            for (int d = 0; d < D; d++) { kd[d] = STORE(ks[d]); vd[d] = STORE(vs[d]); }            \
+            const KV_T *ks = k_new + b * k_bs + (size_t)h * D, *vs = v_new + b * v_bs + (size_t)h * D; \
+            memcpy(kd, ks, sizeof(KV_T) * D);                                                      \
+            memcpy(vd, vs, sizeof(KV_T) * D);                                                      \
         }                                                                                          \
     }                                                                                              \
     /* 2. work items: (b, h, chunk) */                                                             \
@@ -226,7 +228,10 @@ int NAME(int B, int H_kv, int G, int D, int layer, const float *q, const float *
         int h = (int)(j / nch), c = (int)(j % nch);                                                \
         size_t head = ((size_t)layer * H_kv + h) * caps[b] * D;                                    \
         int t0 = c * CHUNK, t1 = t0 + CHUNK < lens[b] ? t0 + CHUNK : (int)lens[b];                 \
-        ITEM_FAST(NAME)(q + ((size_t)b * H + (size_t)h * G) * D, (const KV_T *)k_base[b] + head,       \
+        float qf[G_MAX * D_MAX];                                                                   \
+        const KV_T *qs = q + b * q_bs + (size_t)h * G * D;                                         \
+        for (int e = 0; e < G * D; e++) qf[e] = LOAD(qs[e]);                                       \
+        ITEM_FAST(NAME)(qf, (const KV_T *)k_base[b] + head,                                        \
                     (const KV_T *)v_base[b] + head, t0, t1, G, D, scale,                           \
                     pm + i * G, pl + i * G, po + i * G * D);                                       \
     }                                                                                              \
@@ -238,15 +243,15 @@ int NAME(int B, int H_kv, int G, int D, int layer, const float *q, const float *
             for (int g = 0; g < G; g++) {                                                          \
                 float M = -INFINITY, L = 0.f;                                                      \
                 for (int64_t c = 0; c < nch; c++) M = pm[(i0 + c) * G + g] > M ? pm[(i0 + c) * G + g] : M; \
-                float *o = out + ((size_t)b * H + (size_t)h * G + g) * D;                          \
-                memset(o, 0, sizeof(float) * D);                                                   \
+                float o[D_MAX] = {0};                                                              \
                 for (int64_t c = 0; c < nch; c++) {                                                \
                     float w = expf(pm[(i0 + c) * G + g] - M);                                      \
                     L += w * pl[(i0 + c) * G + g];                                                 \
                     const float *oc = po + ((i0 + c) * G + g) * D;                                 \
                     for (int d = 0; d < D; d++) o[d] += w * oc[d];                                 \
                 }                                                                                  \
-                for (int d = 0; d < D; d++) o[d] /= L;                                             \
+                KV_T *od = out + ((size_t)b * H + (size_t)h * G + g) * D;                          \
+                for (int d = 0; d < D; d++) od[d] = STORE(o[d] / L);                               \
                 lse[(size_t)b * H + (size_t)h * G + g] = M + logf(L);                              \
             }                                                                                      \
         }                                                                                          \
@@ -255,5 +260,5 @@ int NAME(int B, int H_kv, int G, int D, int layer, const float *q, const float *
     return 0;                                                                                      \
 }
 
-DEFINE_DRIVER(kvo_decode_attn_f32, float, f32_id)
-DEFINE_DRIVER(kvo_decode_attn_bf16, uint16_t, f32_to_bf16)
+DEFINE_DRIVER(kvo_decode_attn_f32, float, f32_id, f32_id)
+DEFINE_DRIVER(kvo_decode_attn_bf16, uint16_t, bf16_to_f32, f32_to_bf16)

@@ -22,7 +22,7 @@ def reference_lse(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(s, -1).reshape(H)
 
 
-@pytest.mark.parametrize("kv_dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-5)])
+@pytest.mark.parametrize("kv_dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 8e-3)])   # bf16: output rounding
 @pytest.mark.parametrize("H_kv,G,D", [(3, 3, 64), (2, 7, 64), (1, 4, 128)])
 def test_native_matches_reference(kv_dtype, tol, H_kv, G, D):
     gen = torch.Generator().manual_seed(0)
@@ -32,8 +32,9 @@ def test_native_matches_reference(kv_dtype, tol, H_kv, G, D):
     ks = [torch.randn(L, H_kv, c, D, generator=gen).to(kv_dtype) for c in caps]
     vs = [torch.randn(L, H_kv, c, D, generator=gen).to(kv_dtype) for c in caps]
     B, H = len(lens), H_kv * G
-    q = torch.randn(B, H, D, generator=gen) * 2
-    k_new, v_new = torch.randn(B, H_kv, D, generator=gen), torch.randn(B, H_kv, D, generator=gen)
+    q = (torch.randn(B, H, D, generator=gen) * 2).to(kv_dtype)
+    k_new = torch.randn(B, H_kv, D, generator=gen).to(kv_dtype)
+    v_new = torch.randn(B, H_kv, D, generator=gen).to(kv_dtype)
     ref_k = [k[layer].clone() for k in ks]
     ref_v = [v[layer].clone() for v in vs]
     kernel = NativeDecode.create(kv_dtype, torch.device("cpu"), H_kv, G, D)
@@ -44,11 +45,11 @@ def test_native_matches_reference(kv_dtype, tol, H_kv, G, D):
         ref_k[b][:, n - 1], ref_v[b][:, n - 1] = k_new[b], v_new[b]      # same rounding as the kernel's write
         assert torch.equal(ks[b][layer, :, n - 1], ref_k[b][:, n - 1]), "appended k differs"
         assert torch.equal(vs[b][layer, :, n - 1], ref_v[b][:, n - 1]), "appended v differs"
-        ref = decode_attention(q[b], ref_k[b][:, :n].float(), ref_v[b][:, :n].float())
-        diff = (out[b] - ref).abs()
+        ref = decode_attention(q[b].float(), ref_k[b][:, :n].float(), ref_v[b][:, :n].float())
+        diff = (out[b].float() - ref).abs()
         worst = max(worst, diff.max().item())
         assert diff.max().item() <= tol * max(1.0, ref.abs().max().item()), (b, diff.max().item())
-        assert torch.allclose(lse[b].double(), reference_lse(q[b], ref_k[b][:, :n].float()), atol=1e-4)
+        assert torch.allclose(lse[b].double(), reference_lse(q[b].float(), ref_k[b][:, :n].float()), atol=1e-4)
     print(f"{kv_dtype} H_kv={H_kv} G={G} D={D}: max |native - reference| = {worst:.2e}")
 
 
@@ -62,15 +63,15 @@ def test_other_layers_untouched():
     assert k[1, :, 4].eq(1).all() and k.sum() == H_kv * D and v.sum() == H_kv * D
 
 
-@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
-def test_model_decode_native_equals_torch_path(tiny_hf, kv_dtype):
+@pytest.mark.parametrize("kv_dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 0.1)])
+def test_model_decode_native_equals_torch_path(tiny_hf, kv_dtype, tol):
     """Whole-model decode steps: native kernel backend vs PyTorch backend, same logits."""
     from kvoffload.attention.dense import DenseBackend
     from kvoffload.model.interface import ForwardBatch, Logits, Phase
     from kvoffload.model.loading import build_model, read_checkpoint
 
     _, path = tiny_hf("qwen2")
-    model = build_model(read_checkpoint(path, torch.float32), torch.device("cpu"))
+    model = build_model(read_checkpoint(path, kv_dtype), torch.device("cpu"))     # activations = KV dtype
     lens = [5, 40, 300]
     logits = {}
     for native in (True, False):
@@ -90,4 +91,4 @@ def test_model_decode_native_equals_torch_path(tiny_hf, kv_dtype):
         logits[native] = torch.stack(outs)
     diff = (logits[True] - logits[False]).abs()
     print(f"{kv_dtype}: native vs torch decode logits max {diff.max():.2e} mean {diff.mean():.2e}")
-    assert diff.max() < 1e-4
+    assert diff.max() < tol    # bf16: the PyTorch path does its matmuls in bf16, the kernel in fp32
