@@ -5,14 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Iterator, Sequence as Seq
 
-import torch
 
 from kvoffload.attention.dense import DenseBackend
 from kvoffload.config import EngineConfig, SamplingParams
 from kvoffload.device import resolve_device, set_threads
 from kvoffload.engine.engine import Engine
 from kvoffload.engine.sequence import Sequence
-from kvoffload.model.loading import DTYPE, LoadStats, load_model
+from kvoffload.model.loading import DTYPE, load_model
 
 Prompt = str | list[int]
 

@@ -16,7 +16,7 @@ import torch
 from kvoffload.attention.native import NativeDecode
 from kvoffload.config import ModelConfig
 from kvoffload.errors import InputError
-from kvoffload.attention.ops import decode_attention, prefill_attention
+from kvoffload.attention.ops import causal_mask, decode_attention, prefill_attention
 from kvoffload.model.interface import ForwardBatch
 
 
@@ -47,6 +47,7 @@ class DenseBackend:
                                           act_dtype or kv_dtype) if native else None
         self.decode = self._decode_torch if self.native is None else self._decode_native
         self._memo: tuple[ForwardBatch, tuple[np.ndarray, ...]] | None = None
+        self._mask_memo: tuple[ForwardBatch, int, torch.Tensor] | None = None
 
     # ---- sequence lifecycle (called by the engine) ----
     def allocate(self, seq_id: int, capacity: int) -> None:
@@ -75,8 +76,16 @@ class DenseBackend:
             kc, vc = kv.k[layer], kv.v[layer]                          # [H_kv, cap, D]
             kc[:, start:start + L] = k[b]
             vc[:, start:start + L] = v[b]
-            outs.append(prefill_attention(q[b], kc[:, :start + L], vc[:, :start + L], start))
+            mask = self._mask(batch, b, q.dtype) if start else None
+            outs.append(prefill_attention(q[b], kc[:, :start + L], vc[:, :start + L], start, mask))
         return torch.stack(outs)                                       # [B, L, H, D]
+
+    def _mask(self, batch: ForwardBatch, b: int, dtype: torch.dtype) -> torch.Tensor:
+        """The chunk's causal mask, built by the first layer and reused by the others."""
+        memo = self._mask_memo
+        if memo is None or memo[0] is not batch or memo[1] != b:
+            self._mask_memo = memo = (batch, b, causal_mask(batch.num_tokens, batch.starts[b], dtype, self.device))
+        return memo[2]
 
     def _decode_native(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        batch: ForwardBatch) -> torch.Tensor:

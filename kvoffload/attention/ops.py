@@ -28,21 +28,32 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return out.reshape(H, D).to(q.dtype)
 
 
-def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+def causal_mask(L: int, start: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Additive ``[L, start+L]`` mask: query i (absolute start+i) sees keys j <= start+i.
+
+    Built once per forward and shared by all layers (SDPA would otherwise turn a boolean
+    mask into this on every call).
+    """
+    allowed = torch.ones(L, start + L, dtype=torch.bool, device=device).tril_(diagonal=start)
+    return torch.zeros(L, start + L, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
     """L query tokens at positions ``start .. start+L-1`` over keys ``0 .. start+L-1``, causal.
 
     q ``[H, L, D]``, k and v ``[H_kv, start+L, D]`` -> ``[L, H, D]``.
     (SDPA gets 4-D tensors: with 3-D ones PyTorch's CPU flash kernel is skipped for the
     math fallback, ~10x slower.)
     """
-    L, S = q.shape[1], k.shape[1]
+    L = q.shape[1]
     if k.dtype != q.dtype:
         k, v = k.to(q.dtype), v.to(q.dtype)
     q, k, v = q[None], k[None], v[None]                                # [1, H(_kv), *, D]
     if start == 0:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     else:
-        # query i (absolute start+i) sees keys j <= start+i
-        mask = torch.ones(L, S, dtype=torch.bool, device=q.device).tril_(diagonal=start)
+        if mask is None:
+            mask = causal_mask(L, start, q.dtype, q.device)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     return out[0].transpose(0, 1)                                      # [L, H, D]

@@ -93,21 +93,39 @@ class LlamaCpp:
 
         self.name = name
         self.llm = Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                         n_batch=512, verbose=False)
+                         n_batch=512, flash_attn=False, verbose=False)     # the binding's default
         self.encode = lambda s: self.llm.tokenize(s.encode(), add_bos=False)
+
+    def _clear(self) -> None:
+        """Empty the KV cache so every run starts cold (the binding's API moved between versions)."""
+        import llama_cpp
+
+        self.llm.reset()                                    # n_tokens = 0
+        ctx = self.llm._ctx.ctx
+        if hasattr(llama_cpp, "llama_get_memory") and hasattr(llama_cpp, "llama_memory_clear"):
+            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        elif hasattr(llama_cpp, "llama_kv_self_clear"):
+            llama_cpp.llama_kv_self_clear(ctx)
+        else:
+            llama_cpp.llama_kv_cache_clear(ctx)
 
     def run(self, ids: list[int], gen: int) -> tuple[float, float]:
         import numpy as np
 
-        self.llm.reset()
-        self.llm._ctx.kv_cache_clear() if hasattr(self.llm._ctx, "kv_cache_clear") else None
+        self._clear()
+        import llama_cpp
+
+        def last_logits() -> np.ndarray:
+            ptr = llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1)
+            return np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),))
+
         t0 = time.perf_counter()
         self.llm.eval(ids)
         t1 = time.perf_counter()
-        tok = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        tok = int(np.argmax(last_logits()))
         for _ in range(gen - 1):
             self.llm.eval([tok])
-            tok = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            tok = int(np.argmax(last_logits()))
         t2 = time.perf_counter()
         return len(ids) / (t1 - t0), (gen - 1) / (t2 - t1)
 
@@ -118,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gen", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--engines", default="ours-bf16-int4,ours-fp32,hf-bf16,llama.cpp",
+    ap.add_argument("--engines", default="ours-bf16-int4,ours-bf16,ours-fp32,hf-bf16,llama.cpp",
                     help="ours-{fp32,bf16}[-int4|-int8], hf-{fp32,bf16}, llama.cpp")
     ap.add_argument("--out", default=None, help="write the markdown table (and .json) here")
     args = ap.parse_args(argv)
@@ -136,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                 parts = name.split("-")[1:]
                 engines.append(Ours(name, dtype={"fp32": "float32", "bf16": "bfloat16"}[parts[0]],
                                     quantization=parts[1] if len(parts) > 1 else "none",
-                                    threads=args.threads, prefill_chunk=512))
+                                    threads=args.threads))
             elif name.startswith("hf-"):
                 engines.append(HF(name, path, {"fp32": torch.float32, "bf16": torch.bfloat16}[name[3:]]))
             elif name == "llama.cpp":
@@ -149,14 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     # "context C" = a prompt of C tokens, capped so that C + gen fits the model's context
     limit = read_config(path).max_position - args.gen - 1
     results = {(e.name, c): Result(e.name, c) for e in engines for c in ctxs}
+    for e in engines:                                        # warm-up (kernel builds, allocator)
+        e.run(prompt_ids(e.encode, 128), 4)
     for c in ctxs:
-        for rep in range(args.reps + 1):                     # rep 0 = warm-up
+        for rep in range(1, args.reps + 1):
             for e in engines:                                # interleaved
                 p, d = e.run(prompt_ids(e.encode, min(c, limit)), args.gen)
-                if rep:
-                    results[e.name, c].prefill.append(p)
-                    results[e.name, c].decode.append(d)
-                    print(f"ctx {c} rep {rep} {e.name}: prefill {p:.1f} tok/s, decode {d:.2f} tok/s", file=sys.stderr)
+                results[e.name, c].prefill.append(p)
+                results[e.name, c].decode.append(d)
+                print(f"ctx {c} rep {rep} {e.name}: prefill {p:.1f} tok/s, decode {d:.2f} tok/s", file=sys.stderr)
 
     lines = [f"SmolLM2-135M-Instruct (Q4_1 GGUF), {args.threads} threads, {args.gen} generated tokens, "
              f"median (min–max) of {args.reps} interleaved runs, tokens/s.", "",

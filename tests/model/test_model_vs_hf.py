@@ -108,3 +108,18 @@ def test_smollm2_greedy_32_tokens_match_transformers(smollm2_pair):
     while eng.has_unfinished():
         eng.step()
     assert eng.pop_finished(sid).output_ids == ref
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_ARCHS))
+def test_tiny_greedy_32_tokens_match_transformers(tiny_hf, arch):
+    from kvoffload.api import LLM
+    from kvoffload.config import SamplingParams
+
+    hf, path = tiny_hf(arch)
+    prompt = list(range(40, 60))
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=32, eos_token_id=None, do_sample=False,
+                          pad_token_id=0)[0, len(prompt):].tolist()
+    llm = LLM(path, dtype="float32", prefill_chunk=7)
+    out = llm.generate(prompt, SamplingParams(max_tokens=32, ignore_eos=True))[0]
+    assert out.token_ids == ref
