@@ -63,3 +63,15 @@ def test_many_rows_use_the_dense_weight(cls):
     small = ql(x[:1, :2])                          # 2 rows: packed kernel, close
     assert small.shape == (1, 2, 32)
     assert (small - lin(x[:1, :2])).abs().max() < 0.1
+
+
+def test_lm_head_stays_8_bit_under_int4(tiny_hf):
+    from kvoffload.model.loading import build_model, read_checkpoint
+    from kvoffload.model.quant import quantize
+
+    _, path = tiny_hf("llama-linear-rope")          # tied embeddings
+    model = build_model(read_checkpoint(path, torch.bfloat16), torch.device("cpu"))
+    quantize(model, "int4", torch.bfloat16, torch.device("cpu"), max_rows=8)
+    assert isinstance(model.lm_head, Int8Linear)
+    assert isinstance(model.layers[0].attn.qkv_proj, Int4Linear)
+    assert model.lm_head.dense.data_ptr() == model.embed.weight.data_ptr()    # tied: no dense copy
