@@ -11,9 +11,8 @@ import pytest
 
 
 def kvo(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "KVOFFLOAD_CACHE": os.environ.get("KVOFFLOAD_CACHE", "")}
     return subprocess.run([sys.executable, "-m", "kvoffload.cli.main", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+                          timeout=timeout)
 
 
 def assert_one_line_error(r: subprocess.CompletedProcess, *words: str) -> None:
