@@ -8,15 +8,15 @@ import sys
 
 from kvoffload.errors import KvoffloadError
 
-SUBCOMMANDS = ("generate", "info")
+SUBCOMMANDS = ("generate", "info", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kvoffload.cli import generate, info
+    from kvoffload.cli import bench, generate, info
 
     parser = argparse.ArgumentParser(prog="kvoffload", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for mod in (generate, info):
+    for mod in (generate, info, bench):
         mod.register(sub)
     return parser
 

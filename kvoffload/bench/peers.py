@@ -1,0 +1,140 @@
+"""The engines a benchmark can run: kvoffload itself, HF transformers and llama.cpp.
+
+Each runner takes token-id prompts (the same ids for every engine: all of them read the
+same GGUF and its vocabulary) and returns tokens/s for one :class:`BenchTest`. A peer that
+cannot be loaded raises :class:`PeerUnavailable` with the reason, reported as "skipped".
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Protocol
+
+import torch
+
+from kvoffload.bench.spec import BenchTest
+
+
+class PeerUnavailable(Exception):
+    """The peer is not installed or cannot load the model; the message says why."""
+
+
+class Runner(Protocol):
+    name: str
+    label: str          # how it runs batches, e.g. "sequential" for llama.cpp
+
+    def run(self, test: BenchTest, prompts: list[list[int]]) -> float: ...
+
+
+class Ours:
+    label = "batched"
+
+    def __init__(self, name: str, model: str | None, threads: int, **engine_kw) -> None:
+        from kvoffload.api import LLM
+
+        self.name = name
+        self.llm = LLM(model, threads=threads, **engine_kw)
+
+    def run(self, test: BenchTest, prompts: list[list[int]]) -> float:
+        from kvoffload.config import SamplingParams
+        from kvoffload.engine.sequence import SeqStatus
+
+        eng = self.llm.engine
+        gen = 1 if test.kind == "pp" else test.n + 1
+        sids = [eng.add_request(p, SamplingParams(max_tokens=gen, ignore_eos=True)) for p in prompts]
+        if test.kind == "pp":
+            while eng.has_unfinished():
+                eng.step()
+            seqs = [eng.pop_finished(s) for s in sids]
+            return sum(s.prompt_len for s in seqs) / sum(s.times.prefill_s for s in seqs)
+        # tg: run until every prompt is in the cache (untimed), then time the decode steps
+        while any(eng.seqs[s].status in (SeqStatus.WAITING, SeqStatus.PREFILLING) for s in sids):
+            eng.step()
+        before = sum(len(eng.seqs[s].output_ids) for s in sids)
+        t0 = time.perf_counter()
+        while eng.has_unfinished():
+            eng.step()
+        dt = time.perf_counter() - t0
+        seqs = [eng.pop_finished(s) for s in sids]
+        return (sum(len(s.output_ids) for s in seqs) - before) / dt
+
+
+class Transformers:
+    label = "batched"
+
+    def __init__(self, name: str, gguf_path: str, dtype: torch.dtype) -> None:
+        try:
+            from transformers import AutoModelForCausalLM
+        except ImportError as e:
+            raise PeerUnavailable(f"transformers is not installed ({e.name})") from None
+        self.name = name
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path), dtype=dtype).eval()
+        except Exception as e:       # missing gguf/accelerate, unsupported file, ...
+            raise PeerUnavailable(f"transformers cannot load the GGUF ({type(e).__name__}: {str(e)[:120]})") from None
+
+    @torch.inference_mode()
+    def run(self, test: BenchTest, prompts: list[list[int]]) -> float:
+        from transformers import DynamicCache
+
+        ids = torch.tensor(prompts)                       # equal lengths: no padding needed
+        t0 = time.perf_counter()
+        out = self.model(ids, past_key_values=DynamicCache(), use_cache=True)
+        t1 = time.perf_counter()
+        if test.kind == "pp":
+            return ids.numel() / (t1 - t0)
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        t1 = time.perf_counter()
+        for _ in range(test.n):
+            out = self.model(tok, past_key_values=out.past_key_values, use_cache=True)
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        return len(prompts) * test.n / (time.perf_counter() - t1)
+
+
+class LlamaCpp:
+    label = "sequential"      # the Python binding decodes one sequence at a time
+
+    def __init__(self, name: str, gguf_path: str, n_ctx: int, threads: int) -> None:
+        try:
+            import llama_cpp
+        except ImportError:
+            raise PeerUnavailable("llama-cpp-python is not installed (see benchmarks/README.md)") from None
+        self.name, self._lib = name, llama_cpp
+        self.llm = llama_cpp.Llama(model_path=gguf_path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                                   n_batch=512, flash_attn=False, verbose=False)
+
+    def _clear(self) -> None:
+        lib, ctx = self._lib, self.llm._ctx.ctx
+        self.llm.reset()
+        if hasattr(lib, "llama_get_memory") and hasattr(lib, "llama_memory_clear"):
+            lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
+        elif hasattr(lib, "llama_kv_self_clear"):
+            lib.llama_kv_self_clear(ctx)
+        else:
+            lib.llama_kv_cache_clear(ctx)
+
+    def _argmax(self) -> int:
+        import numpy as np
+
+        ptr = self._lib.llama_get_logits_ith(self.llm._ctx.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),))))
+
+    def run(self, test: BenchTest, prompts: list[list[int]]) -> float:
+        timed, tokens = 0.0, 0
+        for p in prompts:
+            self._clear()
+            t0 = time.perf_counter()
+            self.llm.eval(p)
+            t1 = time.perf_counter()
+            if test.kind == "pp":
+                timed, tokens = timed + t1 - t0, tokens + len(p)
+                continue
+            tok = self._argmax()
+            t1 = time.perf_counter()
+            for _ in range(test.n):
+                self.llm.eval([tok])
+                tok = self._argmax()
+            timed, tokens = timed + time.perf_counter() - t1, tokens + test.n
+        return tokens / timed

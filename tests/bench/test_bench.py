@@ -1,0 +1,101 @@
+"""The benchmark harness itself: test specs, ratio arithmetic, report formats, skipped peers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvoffload.bench.peers import LlamaCpp, PeerUnavailable
+from kvoffload.bench.report import Report
+from kvoffload.bench.runner import BenchConfig, build_engines
+from kvoffload.bench.spec import BenchTest, make_tests, parse_ints
+from kvoffload.errors import ConfigError
+
+
+def make_report() -> Report:
+    r = Report(model="m.gguf", threads=2, reps=3, engines=["kvoffload", "peer"],
+               labels={"kvoffload": "batched", "peer": "sequential"}, skipped={"other": "not installed"},
+               rss_mib={"kvoffload": 300.0, "peer": 100.0}, peak_rss_mib=512.0)
+    pp, tg = BenchTest("pp", 512), BenchTest("tg", 32, 4096, 16)
+    for a, b in [(100.0, 50.0), (90.0, 30.0), (120.0, 40.0)]:
+        r.add(pp, "kvoffload", a)
+        r.add(pp, "peer", b)
+    for a, b in [(10.0, 5.0), (12.0, 4.0), (8.0, 8.0)]:
+        r.add(tg, "kvoffload", a)
+        r.add(tg, "peer", b)
+    return r
+
+
+def test_names_and_contexts():
+    assert BenchTest("pp", 512).name == "pp512" and BenchTest("pp", 512).context == 512
+    t = BenchTest("tg", 32, 8192, 16)
+    assert t.name == "tg32 @ d8192 ×16" and t.context == 8224
+
+
+def test_make_tests_and_parsing():
+    tests = make_tests([512, 2048], [32], [0, 4096], [1, 4])
+    assert [t.name for t in tests][:2] == ["pp512", "pp2048"]
+    assert len(tests) == 2 * 2 + 2 * 2
+    with pytest.raises(ConfigError, match="integers"):
+        parse_ints("12,x", "--depth")
+    with pytest.raises(ConfigError, match="nothing to measure"):
+        make_tests([0], [1], [0], [1])
+
+
+def test_ratios_are_pairwise_not_ratio_of_medians():
+    r = make_report()
+    tg = BenchTest("tg", 32, 4096, 16)
+    assert r.ratios(tg, "kvoffload", "peer") == [2.0, 3.0, 1.0]
+    # median of pairwise ratios (2.0) differs from the ratio of medians (10 / 5 = 2.0 here, but
+    # for pp: pairwise [2, 3, 3] -> 3.0 while medians give 100 / 40 = 2.5)
+    pp = BenchTest("pp", 512)
+    assert r.ratios(pp, "kvoffload", "peer") == [2.0, 3.0, 3.0]
+    assert "3.00 (2.00–3.00)" in r.markdown()
+
+
+def test_markdown_and_json_formats():
+    r = make_report()
+    md = r.markdown()
+    assert "| test | kvoffload (batched) | peer (sequential) |" in md
+    assert "| pp512 | 100.0 (90.0–120.0) | 40.0 (30.0–50.0) |" in md
+    assert "skipped other: not installed" in md
+    data = json.loads(r.to_json())
+    assert data["skipped"] == {"other": "not installed"}
+    row = next(x for x in data["results"] if x["name"] == "tg32 @ d4096 ×16" and x["engine"] == "peer")
+    assert row["tok_s"] == [5.0, 4.0, 8.0] and row["median"] == 5.0 and row["test"]["batch"] == 16
+
+
+def test_plot_writes_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "b.png"
+    assert make_report().plot(str(path)) is None
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_missing_peer_is_skipped_with_reason(monkeypatch, tiny_gguf):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_llama_cpp(name, *a, **kw):
+        if name == "llama_cpp":
+            raise ImportError("No module named 'llama_cpp'", name="llama_cpp")
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_llama_cpp)
+    with pytest.raises(PeerUnavailable, match="not installed"):
+        LlamaCpp("llama.cpp", "x.gguf", 128, 1)
+    _, path = tiny_gguf("qwen2")
+    report = Report(model=path, threads=1, reps=1, engines=[], labels={}, skipped={}, rss_mib={})
+    engines = build_engines(BenchConfig(path, (BenchTest("pp", 8),), vs=("llama.cpp",), dtype="float32"),
+                            path, 64, report)
+    assert [e.name for e in engines] == ["kvoffload"]
+    assert "llama-cpp-python is not installed" in report.skipped["llama.cpp"]
+    assert "skipped llama.cpp" in report.markdown()
+
+
+def test_cli_rejects_unknown_peer():
+    from kvoffload.cli.main import main
+
+    assert main(["bench", "--vs", "vllm", "-p", "8"]) == 2
