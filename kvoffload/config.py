@@ -109,6 +109,7 @@ class ModelConfig:
 
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "int8", "int4")
+SCHEDULING = ("prefill-first", "interleave")
 AUTO = "auto"
 
 
@@ -131,6 +132,10 @@ class EngineConfig:
     threads: intra-op CPU threads (``None`` = PyTorch default = physical cores).
     prefill_chunk: prompt tokens per prefill forward (bounds activation memory).
     max_num_seqs: sequences decoded together in one batch.
+    scheduling: ``prefill-first`` (prompts waiting for admission are prefilled before the
+        running sequences decode again: largest decode batches, best throughput) or
+        ``interleave`` (each step decodes the running batch and prefills one chunk beside it:
+        steadier per-token latency while long prompts arrive).
     cache_dir: where assembled models (e.g. the split Qwen GGUF) are kept.
     """
 
@@ -143,6 +148,7 @@ class EngineConfig:
     threads: int | None = cli_field(None, "CPU threads (default: physical cores)", short="-t")
     prefill_chunk: int = cli_field(1024, "prompt tokens per prefill step (bounds activation memory)")
     max_num_seqs: int = cli_field(16, "sequences decoded together in one batch")
+    scheduling: str = cli_field("prefill-first", "step policy", choices=SCHEDULING)
     cache_dir: str | None = cli_field(None, "cache for assembled models (default: $KVOFFLOAD_CACHE or ~/.cache/kvoffload)")
 
     def __post_init__(self) -> None:
@@ -150,6 +156,8 @@ class EngineConfig:
             raise ConfigError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
         if self.max_num_seqs < 1:
             raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.scheduling not in SCHEDULING:
+            raise ConfigError(f"scheduling must be one of {', '.join(SCHEDULING)}, got {self.scheduling!r}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         if self.dtype not in (AUTO, *DTYPES):

@@ -47,7 +47,7 @@ class Engine:
     def __init__(self, model: Transformer, kv: KVManager, tokenizer: Any, config: EngineConfig,
                  device: torch.device) -> None:
         self.model, self.kv, self.tokenizer, self.config, self.device = model, kv, tokenizer, config, device
-        self.scheduler = Scheduler(config.max_num_seqs, config.prefill_chunk)
+        self.scheduler = Scheduler(config.max_num_seqs, config.prefill_chunk, config.scheduling == "prefill-first")
         self.seqs: dict[int, Sequence] = {}
         self.times = StepTimes()
         self._next_id = 0

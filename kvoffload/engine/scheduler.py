@@ -29,12 +29,13 @@ class StepPlan:
 class Scheduler:
     """FCFS; each step runs at most one prompt chunk plus one decode batch.
 
-    Decoding sequences keep generating while a new prompt is prefilled chunk by
-    chunk, so a long prompt does not stall the batch (vLLM-style chunked prefill).
+    ``interleave``: decoding sequences keep generating while a new prompt is prefilled
+    chunk by chunk (vLLM-style chunked prefill). ``prefill_first``: while a prompt is being
+    prefilled the decode batch waits, so admitted sequences decode together (throughput).
     """
 
-    def __init__(self, max_num_seqs: int, prefill_chunk: int) -> None:
-        self.max_num_seqs, self.prefill_chunk = max_num_seqs, prefill_chunk
+    def __init__(self, max_num_seqs: int, prefill_chunk: int, prefill_first: bool = True) -> None:
+        self.max_num_seqs, self.prefill_chunk, self.prefill_first = max_num_seqs, prefill_chunk, prefill_first
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []      # admitted: PREFILLING or DECODING
 
@@ -58,6 +59,8 @@ class Scheduler:
             start = prefilling.num_cached
             end = min(prefilling.prompt_len, start + self.prefill_chunk)
             chunk = PrefillChunk(prefilling.seq_id, start, end, end == prefilling.prompt_len)
+        if chunk is not None and self.prefill_first:
+            return StepPlan(chunk, ()), admitted
         decode = tuple(s.seq_id for s in self.running if s.status is SeqStatus.DECODING)
         return StepPlan(chunk, decode), admitted
 

@@ -121,3 +121,27 @@ def test_auto_dtype_and_quantization_resolution(tiny_gguf):
     assert resolve_quantization("auto", cpu, "float32", q4) == "none"       # int kernels want bf16 activations
     assert resolve_quantization("auto", torch.device("cuda"), "bfloat16", q4) == "none"
     assert resolve_quantization("int8", cpu, "float32", ckpt) == "int8"
+
+
+@pytest.mark.parametrize("policy", ["prefill-first", "interleave"])
+def test_scheduling_policies_give_the_same_tokens(tiny_hf, policy):
+    from kvoffload.engine.scheduler import Scheduler
+    from kvoffload.engine.sequence import Sequence
+
+    _, path = tiny_hf("qwen2")
+    llm = LLM(path, dtype="float32", prefill_chunk=8, max_num_seqs=4, scheduling=policy)
+    ref = LLM(path, dtype="float32", prefill_chunk=8, max_num_seqs=1)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    assert [o.token_ids for o in llm.generate(PROMPTS, params)] == \
+        [ref.generate(p, params)[0].token_ids for p in PROMPTS]
+    # the plans: with prefill-first no decode runs while a prompt chunk is scheduled
+    sch = Scheduler(4, 8, prefill_first=(policy == "prefill-first"))
+    seqs = [Sequence(i, [1] * 20, params, 26, frozenset(), None, None) for i in range(2)]
+    sch.add(seqs[0])
+    plan, _ = sch.schedule()
+    seqs[0].num_cached = 20
+    from kvoffload.engine.sequence import SeqStatus
+    seqs[0].status = SeqStatus.DECODING
+    sch.add(seqs[1])
+    plan, _ = sch.schedule()
+    assert plan.prefill is not None and plan.decode == (() if policy == "prefill-first" else (0,))
