@@ -58,9 +58,6 @@ class DenseBackend:
     def free(self, seq_id: int) -> None:
         self.seqs.pop(seq_id, None)
 
-    def kv_bytes(self) -> int:
-        return sum(s.k.nbytes + s.v.nbytes for s in self.seqs.values())
-
     def _check(self, kv: SeqKV, end: int) -> None:
         if end > kv.capacity:
             raise InputError(f"sequence needs {end} KV slots but {kv.capacity} were allocated")

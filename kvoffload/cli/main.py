@@ -8,8 +8,6 @@ import sys
 
 from kvoffload.errors import KvoffloadError
 
-SUBCOMMANDS = ("generate", "info", "bench")
-
 
 def build_parser() -> argparse.ArgumentParser:
     from kvoffload.cli import bench, generate, info

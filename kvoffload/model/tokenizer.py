@@ -38,6 +38,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
+from kvoffload.errors import KvoffloadError
+
 __all__ = [
     "FALLBACK_CHAT_TEMPLATE",
     "GGUF_PRE_TOKENIZERS",
@@ -48,7 +50,7 @@ __all__ = [
 ]
 
 
-class TokenizerError(ValueError):
+class TokenizerError(KvoffloadError, ValueError):
     """A tokenizer could not be built or used; the message names the problem."""
 
 
