@@ -146,7 +146,7 @@ class EngineConfig:
     quant_max_rows: int = cli_field(8, "rows up to which the quantised kernels are used (more: dense GEMM)")
     kv_dtype: str | None = cli_field(None, "KV cache dtype (default: --dtype)", choices=DTYPES)
     threads: int | None = cli_field(None, "CPU threads (default: physical cores)", short="-t")
-    prefill_chunk: int = cli_field(1024, "prompt tokens per prefill step (bounds activation memory)")
+    prefill_chunk: int = cli_field(2048, "prompt tokens per prefill step (bounds activation memory)")
     max_num_seqs: int = cli_field(16, "sequences decoded together in one batch")
     scheduling: str = cli_field("prefill-first", "step policy", choices=SCHEDULING)
     cache_dir: str | None = cli_field(None, "cache for assembled models (default: $KVOFFLOAD_CACHE or ~/.cache/kvoffload)")

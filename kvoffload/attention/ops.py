@@ -49,6 +49,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: 
     L = q.shape[1]
     if k.dtype != q.dtype:
         k, v = k.to(q.dtype), v.to(q.dtype)
+    if start > 0 and q.device.type == "cpu":
+        return split_prefill_attention(q, k, v, start).transpose(0, 1)
     q, k, v = q[None], k[None], v[None]                                # [1, H(_kv), *, D]
     if start == 0:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -57,3 +59,26 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: 
             mask = causal_mask(L, start, q.dtype, q.device)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     return out[0].transpose(0, 1)                                      # [L, H, D]
+
+
+def split_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+    """A later prefill chunk as two flash calls merged by log-sum-exp: the whole prefix
+    (no mask; the G query heads of a KV head folded into its query rows) and the chunk
+    itself (``is_causal``, which lets the kernel skip masked blocks). 1.2-1.7x faster on the
+    CPU than one masked call, which cannot skip anything.
+
+    q ``[H, L, D]``, k and v ``[H_kv, start+L, D]`` -> ``[H, L, D]``.
+    """
+    H, L, D = q.shape
+    H_kv = k.shape[0]
+    G = H // H_kv
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu     # returns (out, lse)
+    o_pre, lse_pre = flash(q.reshape(H_kv, G * L, D)[None], k[None, :, :start], v[None, :, :start])[:2]
+    o_pre, lse_pre = o_pre[0].reshape(H, L, D), lse_pre[0].reshape(H, L)   # [H, L, D], [H, L]
+    k_c = k[:, start:].repeat_interleave(G, 0)[None]                       # [1, H, L, D] (small)
+    v_c = v[:, start:].repeat_interleave(G, 0)[None]
+    o_c, lse_c = flash(q[None], k_c, v_c, is_causal=True)[:2]
+    o_c, lse_c = o_c[0], lse_c[0]
+    m = torch.maximum(lse_pre, lse_c)
+    w_pre, w_c = torch.exp(lse_pre - m)[..., None], torch.exp(lse_c - m)[..., None]
+    return ((o_pre.float() * w_pre + o_c.float() * w_c) / (w_pre + w_c)).to(q.dtype)
