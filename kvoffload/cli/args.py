@@ -38,7 +38,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, exclude: tupl
             kw["type"] = _base_type(tp)
             if f.metadata.get("choices"):
                 kw["choices"] = f.metadata["choices"]
-            kw["help"] += f" (default: {f.default})"
+            if "default" not in kw["help"]:
+                kw["help"] += f" (default: {f.default})"
         group.add_argument(*names, **kw)
 
 
