@@ -16,7 +16,7 @@ import torch
 from kvoffload.attention.native import NativeDecode
 from kvoffload.config import ModelConfig
 from kvoffload.errors import InputError
-from kvoffload.attention.ops import causal_mask, decode_attention, prefill_attention
+from kvoffload.attention.ops import causal_mask, decode_attention, needs_mask, prefill_attention
 from kvoffload.model.interface import ForwardBatch
 
 
@@ -73,7 +73,7 @@ class DenseBackend:
             kc, vc = kv.k[layer], kv.v[layer]                          # [H_kv, cap, D]
             kc[:, start:start + L] = k[b]
             vc[:, start:start + L] = v[b]
-            mask = self._mask(batch, b, q.dtype) if start else None
+            mask = self._mask(batch, b, q.dtype) if needs_mask(start, self.device) else None
             outs.append(prefill_attention(q[b], kc[:, :start + L], vc[:, :start + L], start, mask))
         return torch.stack(outs)                                       # [B, L, H, D]
 

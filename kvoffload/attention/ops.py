@@ -38,6 +38,12 @@ def causal_mask(L: int, start: int, dtype: torch.dtype, device: torch.device) ->
     return torch.zeros(L, start + L, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
 
 
+def needs_mask(start: int, device: torch.device) -> bool:
+    """Whether :func:`prefill_attention` uses an explicit mask for a chunk starting at ``start``
+    (on the CPU later chunks take the mask-free split path instead)."""
+    return start > 0 and device.type != "cpu"
+
+
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
                       mask: torch.Tensor | None = None) -> torch.Tensor:
     """L query tokens at positions ``start .. start+L-1`` over keys ``0 .. start+L-1``, causal.
@@ -49,7 +55,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: 
     L = q.shape[1]
     if k.dtype != q.dtype:
         k, v = k.to(q.dtype), v.to(q.dtype)
-    if start > 0 and q.device.type == "cpu":
+    if start > 0 and not needs_mask(start, q.device):
         return split_prefill_attention(q, k, v, start).transpose(0, 1)
     q, k, v = q[None], k[None], v[None]                                # [1, H(_kv), *, D]
     if start == 0:

@@ -89,14 +89,8 @@ class Engine:
         sid = -1 - self._next_id           # private id, never handed out by add_request
         self.kv.allocate(sid, len(token_ids))
         try:
-            out = []
-            for start in range(0, len(token_ids), chunk):
-                end = min(len(token_ids), start + chunk)
-                tokens = torch.tensor([token_ids[start:end]], device=self.device)              # [1, L]
-                batch = ForwardBatch(Phase.PREFILL, (sid,), torch.arange(start, end, device=self.device)[None],
-                                     (start,), Logits.ALL)
-                out.append(self.model(tokens, batch, self.kv)[0])                               # [L, V]
-            return torch.cat(out)
+            return torch.cat([self._prefill(sid, token_ids[s:s + chunk], s, Logits.ALL)[0]      # [L, V]
+                              for s in range(0, len(token_ids), chunk)])
         finally:
             self.kv.free(sid)
 
@@ -122,11 +116,8 @@ class Engine:
             t0 = time.perf_counter()
             c = plan.prefill
             seq = self.seqs[c.seq_id]
-            tokens = torch.tensor([seq.prompt_ids[c.start:c.end]], device=self.device)      # [1, L]
-            batch = ForwardBatch(Phase.PREFILL, (c.seq_id,),
-                                 torch.arange(c.start, c.end, device=self.device)[None],   # [1, L]
-                                 (c.start,), Logits.LAST if c.last else Logits.NONE)
-            out = self.model(tokens, batch, self.kv)
+            out = self._prefill(c.seq_id, seq.prompt_ids[c.start:c.end], c.start,
+                                Logits.LAST if c.last else Logits.NONE)
             if c.last:
                 logits[c.seq_id] = out[0]
             dt = time.perf_counter() - t0
@@ -144,6 +135,13 @@ class Engine:
             self.times.decode_forward += time.perf_counter() - t0
             self.times.decode_steps += 1
         return logits
+
+    def _prefill(self, seq_id: int, token_ids: list[int], start: int, logits: Logits) -> torch.Tensor | None:
+        """One prompt chunk of one sequence, written to its KV at ``start``."""
+        end = start + len(token_ids)
+        tokens = torch.tensor([token_ids], device=self.device)                               # [1, L]
+        positions = torch.arange(start, end, device=self.device)[None]                        # [1, L]
+        return self.model(tokens, ForwardBatch(Phase.PREFILL, (seq_id,), positions, (start,), logits), self.kv)
 
     def update(self, plan: StepPlan, logits: dict[int, torch.Tensor]) -> list[StepOutput]:
         if plan.prefill is not None:
