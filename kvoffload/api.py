@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields
 from typing import Iterator, Sequence as Seq
 
 
-from kvoffload.attention.dense import DenseBackend
+from kvoffload.attention import make_backend
 from kvoffload.config import EngineConfig, SamplingParams
 from kvoffload.device import resolve_device, set_threads
 from kvoffload.engine.engine import Engine
@@ -59,8 +59,7 @@ class LLM:
         self.model, self.tokenizer, self.load_stats = load_model(config, self.device)
         self.model_config = self.model.cfg
         self.dtype, self.quantization = self.load_stats.dtype, self.load_stats.quantization
-        kv_dtype = DTYPE[config.kv_dtype or self.dtype]
-        self.engine = Engine(self.model, DenseBackend(self.model_config, self.device, kv_dtype, DTYPE[self.dtype]),
+        self.engine = Engine(self.model, make_backend(self.model_config, config, self.device, self.dtype),
                              self.tokenizer, config, self.device)
 
     # ---------------------------------------------------------------- prompts

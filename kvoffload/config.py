@@ -1,6 +1,7 @@
 """Frozen dataclasses, one per concern.
 
 * :class:`RopeScaling`, :class:`ModelConfig` — what a checkpoint *is* (read from its files).
+* :class:`KVConfig` — where the KV cache lives (block size, tier budgets, disk workers).
 * :class:`EngineConfig` — how we run it (device, dtypes, weight format, chunking, batching).
 * :class:`SamplingParams` — how one request picks its tokens.
 
@@ -20,9 +21,10 @@ from kvoffload.errors import ConfigError
 
 
 def cli_field(default: Any, help: str, flag: str | None = None, choices: tuple | None = None,
-              short: str | None = None) -> Any:
-    """A dataclass field that is also a CLI flag (``--field-name`` unless ``flag`` is given)."""
-    meta = {"help": help, "cli": True, "flag": flag, "choices": choices, "short": short}
+              short: str | None = None, parse: Any = None) -> Any:
+    """A dataclass field that is also a CLI flag (``--field-name`` unless ``flag`` is given);
+    ``parse`` turns the flag's text into the value (default: the field's type)."""
+    meta = {"help": help, "cli": True, "flag": flag, "choices": choices, "short": short, "parse": parse}
     if isinstance(default, (list, dict, set)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -105,6 +107,82 @@ class ModelConfig:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * bytes_per_elem
 
 
+
+# --------------------------------------------------------------------------- KV tiers
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """``"256MiB"``, ``"2GiB"``, ``"1.5G"``, ``"4096"`` -> bytes; ``None``/``"none"``/``"inf"`` -> None (unlimited)."""
+    if text is None or isinstance(text, int):
+        return text
+    t = str(text).strip().lower().replace(" ", "")
+    if t in ("none", "inf", "unlimited"):
+        return None
+    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = t[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        value = -1.0
+    if unit not in _UNITS or value < 0 or not math.isfinite(value):
+        raise ConfigError(f"bad size {text!r} (examples: 0, 64MiB, 2GiB, 1.5G, none)")
+    return int(value * _UNITS[unit])
+
+
+@dataclass(frozen=True)
+class KVConfig:
+    """Where the KV cache lives. Setting any budget or ``offload_dir`` turns on the tiered store
+    (otherwise each sequence's KV is one contiguous in-memory buffer, the fastest layout when
+    everything fits).
+
+    block_size: tokens per block (InstInfer's 16: 16 x 128 dims x fp16 = one 4 KiB flash page).
+    kv_device_budget: bytes of KV blocks in the compute device's memory. ``None``: unlimited on
+        CUDA; on the CPU the device *is* host memory, so ``None`` means 0 there and the host tier
+        holds the in-memory KV. 0 = tier unused. Otherwise at least one block.
+    kv_host_budget: bytes of KV blocks in host RAM (``None`` = unlimited; pinned on CUDA).
+    kv_disk_budget: bytes of KV blocks in files under ``offload_dir`` (``None`` = the free space).
+    offload_dir: where the disk tier's files go; a fresh ``kvoffload-*`` directory is made inside
+        it and removed at exit (default: the system temporary directory).
+    disk_workers: processes that own the disk files (one shard each) and compute attention over
+        their blocks — the emulated computational-storage engines.
+    kv_sink_tokens, kv_recent_tokens: the first / last tokens of each sequence whose blocks are
+        never demoted to a slower tier while others can be (attention sinks, recent window).
+    disk_read_batch: bytes a disk worker reads per batch (two such buffers per worker: one is
+        read while the other is attended).
+    arena_segment_slots: memory tiers grow in segments of this many blocks.
+    """
+
+    block_size: int = cli_field(16, "tokens per KV block")
+    kv_device_budget: int | None = cli_field(None, "KV bytes in device memory, e.g. 2GiB (default: unlimited on CUDA, 0 on CPU)", parse=parse_size)
+    kv_host_budget: int | None = cli_field(None, "KV bytes in host RAM, e.g. 256MiB (default: unlimited)", parse=parse_size)
+    kv_disk_budget: int | None = cli_field(None, "KV bytes on disk (default: the free space)", parse=parse_size)
+    offload_dir: str | None = cli_field(None, "directory for the disk tier (default: system temp dir)")
+    disk_workers: int = cli_field(2, "disk worker processes (one file shard each)")
+    kv_sink_tokens: int = cli_field(4, "first tokens of a sequence kept in the fastest tier")
+    kv_recent_tokens: int = cli_field(256, "last tokens of a sequence kept in the fastest tier")
+    disk_read_batch: int = cli_field(8 << 20, "bytes per disk worker read batch", parse=parse_size)
+    arena_segment_slots: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("kv_device_budget", "kv_host_budget", "kv_disk_budget", "disk_read_batch"):
+            object.__setattr__(self, name, parse_size(getattr(self, name)))
+        if not 1 <= self.block_size <= 256:
+            raise ConfigError(f"block_size must be in 1..256, got {self.block_size}")
+        if self.disk_workers < 1:
+            raise ConfigError(f"disk_workers must be >= 1, got {self.disk_workers}")
+        if self.kv_sink_tokens < 0 or self.kv_recent_tokens < 0:
+            raise ConfigError("kv_sink_tokens and kv_recent_tokens must be >= 0")
+        if self.disk_read_batch is None or self.disk_read_batch < 1:
+            raise ConfigError("disk_read_batch must be a positive size")
+
+    @property
+    def tiered(self) -> bool:
+        return (self.offload_dir is not None or self.kv_device_budget is not None
+                or self.kv_host_budget is not None or self.kv_disk_budget is not None)
+
 # --------------------------------------------------------------------------- engine
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -137,6 +215,7 @@ class EngineConfig:
         ``interleave`` (each step decodes the running batch and prefills one chunk beside it:
         steadier per-token latency while long prompts arrive).
     cache_dir: where assembled models (e.g. the split Qwen GGUF) are kept.
+    kv: :class:`KVConfig` (its fields are flags of their own: ``--kv-host-budget`` ...).
     """
 
     model: str | None = cli_field(None, "GGUF file, Hugging Face directory or alias (default: embedded SmolLM2-135M-Instruct)", short="-m")
@@ -150,6 +229,7 @@ class EngineConfig:
     max_num_seqs: int = cli_field(16, "sequences decoded together in one batch")
     scheduling: str = cli_field("prefill-first", "step policy", choices=SCHEDULING)
     cache_dir: str | None = cli_field(None, "cache for assembled models (default: $KVOFFLOAD_CACHE or ~/.cache/kvoffload)")
+    kv: KVConfig = field(default_factory=KVConfig, metadata={"nested": True})
 
     def __post_init__(self) -> None:
         if self.prefill_chunk < 1:
@@ -168,6 +248,11 @@ class EngineConfig:
             raise ConfigError(f"quantization must be one of auto, {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
 
     def replace(self, **changes: Any) -> "EngineConfig":
+        """Fields of this class or of :class:`KVConfig` (routed into ``kv``)."""
+        kv_names = {f.name for f in dataclasses.fields(KVConfig)}
+        kv_changes = {k: changes.pop(k) for k in list(changes) if k in kv_names}
+        if kv_changes:
+            changes["kv"] = dataclasses.replace(changes.get("kv", self.kv), **kv_changes)
         return dataclasses.replace(self, **changes)
 
 

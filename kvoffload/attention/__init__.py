@@ -1,0 +1,22 @@
+"""Attention backends: where the KV cache lives and where attention over it is computed."""
+
+from __future__ import annotations
+
+import torch
+
+from kvoffload.config import EngineConfig, ModelConfig
+
+
+def make_backend(cfg: ModelConfig, config: EngineConfig, device: torch.device, dtype: str):
+    """Contiguous in-memory KV (:class:`DenseBackend`) unless a KV budget or offload directory
+    is configured, then the tiered store (:class:`TieredBackend`)."""
+    from kvoffload.model.loading import DTYPE
+
+    kv_dtype, act_dtype = DTYPE[config.kv_dtype or dtype], DTYPE[dtype]
+    if config.kv.tiered:
+        from kvoffload.attention.tiered import TieredBackend
+
+        return TieredBackend(cfg, config.kv, device, kv_dtype, act_dtype, torch.get_num_threads())
+    from kvoffload.attention.dense import DenseBackend
+
+    return DenseBackend(cfg, device, kv_dtype, act_dtype)

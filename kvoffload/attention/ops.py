@@ -88,3 +88,36 @@ def split_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     m = torch.maximum(lse_pre, lse_c)
     w_pre, w_c = torch.exp(lse_pre - m)[..., None], torch.exp(lse_c - m)[..., None]
     return ((o_pre.float() * w_pre + o_c.float() * w_c) / (w_pre + w_c)).to(q.dtype)
+
+
+def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """L queries over T keys, returning what partial results merge with.
+
+    q ``[H, L, D]``, k and v ``[H_kv, T, D]`` -> o ``[H, L, D]`` fp32 and lse ``[H, L]`` fp32.
+    ``causal``: T == L and query i sees keys 0..i (a prefill chunk over its own keys);
+    otherwise every query sees every key (keys that precede the queries).
+    """
+    H, L, D = q.shape
+    H_kv, T = k.shape[0], k.shape[1]
+    G = H // H_kv
+    if k.dtype != q.dtype:
+        k, v = k.to(q.dtype), v.to(q.dtype)
+    if q.device.type == "cpu":
+        # the CPU flash kernel silently misreads inputs whose last dim is strided
+        k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        if causal:     # per query head (the causal diagonal is per row), GQA by repeating K/V
+            o, lse = flash(q[None], k.repeat_interleave(G, 0)[None], v.repeat_interleave(G, 0)[None],
+                           is_causal=True)[:2]
+            return o[0].float(), lse[0]
+        o, lse = flash(q.reshape(H_kv, G * L, D)[None], k[None], v[None])[:2]   # G heads fold into rows
+        return o[0].reshape(H, L, D).float(), lse[0].reshape(H, L)
+    qg = q.reshape(H_kv, G * L, D).float()
+    s = torch.matmul(qg, k.float().transpose(1, 2)) * (1.0 / math.sqrt(D))      # [H_kv, G*L, T]
+    if causal:
+        allowed = torch.ones(L, T, dtype=torch.bool, device=q.device).tril_()
+        s = s.view(H_kv, G, L, T).masked_fill(~allowed, float("-inf")).view(H_kv, G * L, T)
+    lse = torch.logsumexp(s, dim=-1)                                               # [H_kv, G*L]
+    o = torch.matmul(torch.exp(s - lse[..., None]), v.float())                     # [H_kv, G*L, D]
+    return o.reshape(H, L, D), lse.reshape(H, L)

@@ -21,10 +21,26 @@ def _base_type(tp: Any) -> type:
     return args[0] if args else tp
 
 
+def _checked(parse: Any) -> Any:
+    """A ``parse`` function whose ConfigError becomes argparse's one-line usage error."""
+    from kvoffload.errors import KvoffloadError
+
+    def run(text: str) -> Any:
+        try:
+            return parse(text)
+        except KvoffloadError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    run.__name__ = getattr(parse, "__name__", "value")
+    return run
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, exclude: tuple[str, ...] = ()) -> None:
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(cls.__name__)
     for f in dataclasses.fields(cls):
+        if f.metadata.get("nested"):
+            add_dataclass_args(parser, hints[f.name], exclude)
+            continue
         if not f.metadata.get("cli") or f.name in exclude:
             continue
         tp = hints[f.name]
@@ -35,7 +51,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, exclude: tupl
         elif typing.get_origin(tp) is tuple:
             kw.update(action="append", type=_base_type(tp))
         else:
-            kw["type"] = _base_type(tp)
+            kw["type"] = _checked(f.metadata["parse"]) if f.metadata.get("parse") else _base_type(tp)
             if f.metadata.get("choices"):
                 kw["choices"] = f.metadata["choices"]
             if "default" not in kw["help"]:
@@ -44,7 +60,11 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, exclude: tupl
 
 
 def dataclass_from_args(cls: type[T], ns: argparse.Namespace, **extra: Any) -> T:
+    hints = typing.get_type_hints(cls)
     values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)}
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("nested"):
+            values[f.name] = dataclass_from_args(hints[f.name], ns)
     for f in dataclasses.fields(cls):
         if f.name in values and isinstance(values[f.name], list):
             values[f.name] = tuple(values[f.name])

@@ -18,7 +18,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
-SOURCES = {"decode_attn": Path(__file__).with_name("decode_attn.c")}
+SOURCES = {"decode_attn": Path(__file__).with_name("decode_attn.c"),
+           "paged_attn": Path(__file__).with_name("paged_attn.c")}
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only", "-shared", "-fPIC", "-std=gnu11"]
 
 

@@ -1,0 +1,320 @@
+"""Tiered KV backend: blocks spread over device / host / disk, attention computed where they live.
+
+Per layer of a decode step: the new token's k/v go into the sequence's write-combining tail
+(device memory); each tier's worker gets the queries and the list of its blocks, and returns a
+partial output with its log-sum-exp; the partials merge exactly (attention/merge.py). Only q
+(and k/v of the new token, to the tail's holder) goes in, only (o, lse) comes out: the KV itself
+never crosses a tier boundary during attention. A tail that fills up becomes a block, placed
+by kv/placement.py (fastest tier with room; old non-sink blocks demote one tier down).
+
+A prefill chunk is attended the same way: the chunk over its own keys (causal) locally, over
+the earlier blocks by their workers; then its k/v are packed into blocks and handed to their
+tiers (disk writes are sent to the disk processes, which write while the next layer computes).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import weakref
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from kvoffload.attention.merge import merge_torch
+from kvoffload.attention.ops import attend_lse
+from kvoffload.attention.workers.local import MemoryWorker, dtype_name, pack_slots
+from kvoffload.attention.workers.process import ProcessWorker
+from kvoffload.attention.workers.protocol import AttendRequest, AttendResult, WriteBlocks
+from kvoffload.config import KVConfig, ModelConfig
+from kvoffload.errors import ConfigError
+from kvoffload.kv.layout import BlockLayout
+from kvoffload.kv.placement import Level, Loc, Move, Placement, SlotPool
+from kvoffload.kv.tiers.memory import MemoryTier
+from kvoffload.model.interface import ForwardBatch
+
+DEVICE, HOST, DISK = 0, 1, 2
+TIER_NAMES = ("device", "host", "disk")
+_EMPTY = np.zeros(0, dtype=np.int64)
+
+
+@dataclass
+class TierCounters:
+    """Bytes, cumulative. read: KV read by the tier's worker(s) to attend. written: blocks stored
+    into the tier (new or demoted). to_worker / from_worker: request and reply payloads that
+    crossed into / out of the tier's worker(s)."""
+
+    read: int = 0
+    written: int = 0
+    to_worker: int = 0
+    from_worker: int = 0
+
+
+@dataclass
+class KVStats:
+    tiers: dict[str, TierCounters] = field(default_factory=lambda: {n: TierCounters() for n in TIER_NAMES})
+    decode_tokens: int = 0                 # tokens generated (one per sequence per decode step)
+    worker_restarts: int = 0
+
+    def per_token(self) -> dict[str, dict[str, float]]:
+        n = max(1, self.decode_tokens)
+        return {t: {k: v / n for k, v in vars(c).items()} for t, c in self.tiers.items()}
+
+
+def _slots_for(budget: int | None, unit: int, name: str) -> int | None:
+    if budget is None:
+        return None
+    if budget == 0:
+        return 0
+    if budget < unit:
+        raise ConfigError(f"--{name.replace('_', '-')} {budget} bytes is smaller than one KV block ({unit} bytes)")
+    return budget // unit
+
+
+def _as_numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def _cleanup(workers: list, directory: str | None) -> None:
+    for w in workers:
+        try:
+            w.close()
+        except Exception:           # noqa: BLE001 - best effort at exit
+            pass
+    if directory:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+class TieredBackend:
+    def __init__(self, cfg: ModelConfig, kv: KVConfig, device: torch.device, kv_dtype: torch.dtype,
+                 act_dtype: torch.dtype, threads: int, native: bool = True) -> None:
+        self.cfg, self.kvcfg, self.device, self.kv_dtype, self.act_dtype = cfg, kv, device, kv_dtype, act_dtype
+        self.bs = kv.block_size
+        self.layout = lay = BlockLayout(kv.block_size, cfg.num_kv_heads, cfg.head_dim, dtype_name(kv_dtype))
+        dev_budget = kv.kv_device_budget if kv.kv_device_budget is not None else (None if device.type == "cuda" else 0)
+        caps = [_slots_for(dev_budget, lay.slot_bytes, "kv_device_budget"),
+                _slots_for(kv.kv_host_budget, lay.slot_bytes, "kv_host_budget"),
+                _slots_for(kv.kv_disk_budget, lay.disk_stride, "kv_disk_budget")]
+        seg = kv.arena_segment_slots
+        cpu = torch.device("cpu")
+        self.tails = MemoryTier("tails", lay, kv_dtype, device, None, seg)
+        self.tiers = [MemoryTier("device", lay, kv_dtype, device, caps[DEVICE], seg),
+                      MemoryTier("host", lay, kv_dtype, cpu, caps[HOST], seg, pin=device.type == "cuda")]
+        levels = [Level("device", [self.tiers[DEVICE]], caps[DEVICE]), Level("host", [self.tiers[HOST]], caps[HOST])]
+        self.workers: list = [MemoryWorker(self.tiers[DEVICE], threads, tails=self.tails, native=native),
+                              MemoryWorker(self.tiers[HOST], threads, background=True, native=native)]
+        self.disk: list[ProcessWorker] = []
+        self.directory: str | None = None
+        self._finalizer = weakref.finalize(self, _cleanup, self.workers, None)
+        if caps[DISK] != 0:
+            self.directory = self._make_dir(kv)
+            self._finalizer.detach()
+            self._finalizer = weakref.finalize(self, _cleanup, self.workers, self.directory)
+            for i in range(kv.disk_workers):
+                self.disk.append(ProcessWorker(os.path.join(self.directory, f"shard-{i}.kv"), lay, threads,
+                                               kv.disk_read_batch))
+                self.workers.append(self.disk[-1])
+            levels.append(Level("disk", [SlotPool(None) for _ in self.disk], caps[DISK]))
+        self.placement = Placement(levels, -(-kv.kv_sink_tokens // self.bs), -(-kv.kv_recent_tokens // self.bs))
+        self.tail_slot: dict[int, np.ndarray] = {}                 # seq -> [layers] tail slots
+        self._split_cache: dict[tuple[int, int], tuple[int, dict[tuple[int, int], np.ndarray]]] = {}
+        self._writes: dict[int, list[tuple[int, bytes]]] = {}      # disk shard -> pending (slot, data)
+        self.stats = KVStats()
+
+    @staticmethod
+    def _make_dir(kv: KVConfig) -> str:
+        base = kv.offload_dir or tempfile.gettempdir()
+        if not os.path.isdir(base):
+            raise ConfigError(f"offload directory {base} does not exist")
+        if not os.access(base, os.W_OK | os.X_OK):
+            raise ConfigError(f"offload directory {base} is not writable")
+        free = shutil.disk_usage(base).free
+        if kv.kv_disk_budget is not None and kv.kv_disk_budget > free:
+            raise ConfigError(f"--kv-disk-budget {kv.kv_disk_budget} bytes exceeds the {free} bytes free in {base}")
+        try:
+            return tempfile.mkdtemp(prefix="kvoffload-", dir=base)
+        except OSError as e:
+            raise ConfigError(f"cannot create a directory in {base}: {e.strerror}") from None
+
+    def close(self) -> None:
+        """Stop the workers and remove the offload directory (also done at exit)."""
+        self._finalizer()
+
+    # ---- sequence lifecycle ----
+    def allocate(self, seq_id: int, capacity: int) -> None:
+        self.tail_slot[seq_id] = np.array([self.tails.alloc() for _ in range(self.cfg.num_layers)], dtype=np.int64)
+        self.placement.add_seq(seq_id, self.cfg.num_layers)
+
+    def free(self, seq_id: int) -> None:
+        if seq_id not in self.tail_slot:
+            return
+        for s in self.tail_slot.pop(seq_id):
+            self.tails.free(int(s))
+        self.placement.remove_seq(seq_id)
+        for layer in range(self.cfg.num_layers):
+            self._split_cache.pop((seq_id, layer), None)
+
+    # ---- where blocks are ----
+    def _split(self, seq_id: int, layer: int) -> dict[tuple[int, int], np.ndarray]:
+        """(level, shard) -> slots of this (sequence, layer)'s blocks there (cached until they move)."""
+        stamp = self.placement.stamp.get((seq_id, layer), 0)
+        hit = self._split_cache.get((seq_id, layer))
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        locs = self.placement.tables[seq_id][layer]
+        groups: dict[tuple[int, int], np.ndarray] = {}
+        if locs:
+            a = np.array([(loc.level, loc.shard, loc.slot) for loc in locs], dtype=np.int64)   # [n, 3]
+            key = a[:, 0] * 1_000_000 + a[:, 1]
+            for k in np.unique(key):
+                groups[(int(k // 1_000_000), int(k % 1_000_000))] = a[key == k, 2]
+        self._split_cache[(seq_id, layer)] = (stamp, groups)
+        return groups
+
+    # ---- attention ----
+    def _dispatch(self, layer: int, batch: ForwardBatch, q: torch.Tensor, tail_lens: np.ndarray,
+                  k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None) -> list[AttendResult]:
+        """Send q (``[B, L, H, D]``, KV dtype) to every worker holding blocks; disk and host start
+        first, the device worker computes in this thread meanwhile; returns their results."""
+        splits = [self._split(sid, layer) for sid in batch.seq_ids]
+        ids = batch.seq_ids
+        active: list[tuple[int, object, AttendRequest]] = []
+        q_np = None
+        for shard, w in enumerate(self.disk):
+            blocks = [sp.get((DISK, shard), _EMPTY) for sp in splits]
+            if any(len(b) for b in blocks):
+                q_np = _as_numpy(q) if q_np is None else q_np
+                active.append((DISK, w, AttendRequest(layer, ids, blocks, q_np)))
+        blocks = [sp.get((HOST, 0), _EMPTY) for sp in splits]
+        if any(len(b) for b in blocks):
+            active.append((HOST, self.workers[HOST], AttendRequest(layer, ids, blocks, q.to("cpu"))))
+        tails = np.array([self.tail_slot[sid][layer] for sid in ids], dtype=np.int64)
+        blocks = [sp.get((DEVICE, 0), _EMPTY) for sp in splits]
+        if k_new is not None or any(len(b) for b in blocks) or tail_lens.any():
+            active.append((DEVICE, self.workers[DEVICE],
+                           AttendRequest(layer, ids, blocks, q, tails, tail_lens, k_new, v_new)))
+        for _, w, req in active:
+            w.submit(req)
+        results = []
+        for level, w, req in reversed(active):          # the device's own first: it runs right here
+            r = w.collect()
+            c = self.stats.tiers[TIER_NAMES[level]]
+            c.read += r.bytes_read
+            if level != DEVICE:
+                c.to_worker += req.q.nbytes if isinstance(req.q, np.ndarray) else req.q.numel() * req.q.element_size()
+                c.from_worker += r.o.nbytes + r.lse.nbytes if isinstance(r.o, np.ndarray) else \
+                    r.o.numel() * 4 + r.lse.numel() * 4
+            results.append(r)
+        return results
+
+    def _merged(self, results: list[AttendResult], extra=None) -> torch.Tensor:
+        """Merge the workers' ``[B, L, H, D]`` partials (and ``extra``) -> o fp32 on the device."""
+        parts = [(torch.as_tensor(r.o).to(self.device), torch.as_tensor(r.lse).to(self.device)) for r in results]
+        if extra is not None:
+            parts.append(extra)
+        return merge_torch(parts)[0]
+
+    def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               batch: ForwardBatch) -> torch.Tensor:
+        """q ``[B, H, 1, D]``, k/v ``[B, H_kv, 1, D]`` -> ``[B, 1, H, D]``."""
+        kvd = self.kv_dtype
+        qk = q.transpose(1, 2).to(kvd)                                         # [B, 1, H, D]
+        tail_lens = np.array([s % self.bs for s in batch.starts], dtype=np.int64)
+        results = self._dispatch(layer, batch, qk, tail_lens, k[:, :, 0].to(kvd), v[:, :, 0].to(kvd))
+        o = self._merged(results)                                              # [B, 1, H, D]
+        for sid, s in zip(batch.seq_ids, batch.starts):
+            if (s + 1) % self.bs == 0:                                          # the tail is full
+                self._flush(sid, layer)
+        self._send_writes()
+        if layer == self.cfg.num_layers - 1:
+            self.stats.decode_tokens += len(batch.seq_ids)
+        return o.to(q.dtype)
+
+    def prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                batch: ForwardBatch) -> torch.Tensor:
+        """q ``[B, H, L, D]``, k/v ``[B, H_kv, L, D]`` -> ``[B, L, H, D]``."""
+        outs = []
+        for b, (sid, start) in enumerate(zip(batch.seq_ids, batch.starts)):
+            o_c, lse_c = attend_lse(q[b], k[b], v[b], causal=True)             # [H, L, D], [H, L]
+            own = (o_c.transpose(0, 1)[None], lse_c.transpose(0, 1)[None])     # [1, L, H, D], [1, L, H]
+            if start > 0:
+                one = ForwardBatch(batch.phase, (sid,), batch.positions[b:b + 1], (start,), batch.logits)
+                qk = q[b:b + 1].transpose(1, 2).to(self.kv_dtype)               # [1, L, H, D]
+                results = self._dispatch(layer, one, qk, np.array([start % self.bs], dtype=np.int64))
+                o = self._merged(results, own)
+            else:
+                o = own[0]
+            outs.append(o[0].to(q.dtype))                                      # [L, H, D]
+            self._write_chunk(sid, layer, start, k[b], v[b])
+        self._send_writes()
+        return torch.stack(outs)
+
+    # ---- writing blocks ----
+    def _tail_views(self, sid: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tail's K ``[H_kv, D, bs]`` and V ``[H_kv, bs, D]`` views."""
+        view = self.tails.view(int(self.tail_slot[sid][layer]))
+        half = self.layout.num_kv_heads * self.layout.head_elems
+        H_kv, D = self.layout.num_kv_heads, self.layout.head_dim
+        return view[:half].view(H_kv, D, self.bs), view[half:].view(H_kv, self.bs, D)
+
+    def _write_chunk(self, sid: int, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v ``[H_kv, L, D]`` at positions ``start..``: fill the tail, whole blocks to their tiers."""
+        k, v = k.to(self.kv_dtype), v.to(self.kv_dtype)
+        L, pos, t = k.shape[1], 0, start % self.bs
+        if t:
+            n = min(self.bs - t, L)
+            tk, tv = self._tail_views(sid, layer)
+            tk[:, :, t:t + n] = k[:, :n].transpose(1, 2)
+            tv[:, t:t + n] = v[:, :n]
+            pos = n
+            if t + n == self.bs:
+                self._flush(sid, layer)
+        full = (L - pos) // self.bs
+        if full:
+            packed = pack_slots(k[:, pos:pos + full * self.bs], v[:, pos:pos + full * self.bs], self.bs)
+            for i in range(full):
+                self._place(sid, layer, packed[i])
+            pos += full * self.bs
+        if pos < L:
+            tk, tv = self._tail_views(sid, layer)
+            tk[:, :, :L - pos] = k[:, pos:].transpose(1, 2)
+            tv[:, :L - pos] = v[:, pos:]
+
+    def _flush(self, sid: int, layer: int) -> None:
+        self._place(sid, layer, self.tails.view(int(self.tail_slot[sid][layer])))
+
+    def _place(self, sid: int, layer: int, data: torch.Tensor) -> None:
+        """Prepare (placement decides, maybe demoting others) then complete every move in order."""
+        for m in self.placement.place_new(sid, layer):
+            self._complete(m, data if m.src is None else self.tiers[m.src.level].view(m.src.slot))
+
+    def _complete(self, m: Move, data: torch.Tensor) -> None:
+        dst: Loc = m.dst
+        self.stats.tiers[TIER_NAMES[dst.level]].written += self.layout.slot_bytes
+        if dst.level == DISK:
+            raw = data.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+            self._writes.setdefault(dst.shard, []).append((dst.slot, raw))
+        else:
+            self.tiers[dst.level].view(dst.slot).copy_(data)
+
+    def _send_writes(self) -> None:
+        """Hand the batched whole blocks to their disk workers (they write while we compute)."""
+        for shard, items in self._writes.items():
+            slots = np.array([s for s, _ in items], dtype=np.int64)
+            self.disk[shard].write(WriteBlocks(slots, b"".join(d for _, d in items)))
+        self._writes.clear()
+
+    # ---- reporting ----
+    def memory_held(self) -> dict[str, int]:
+        """Bytes each memory tier holds now (never more than its budget), plus the tails."""
+        return {"device": self.tiers[DEVICE].bytes_held, "host": self.tiers[HOST].bytes_held,
+                "tails": self.tails.bytes_held,
+                "disk": sum(lv.used for lv in self.placement.levels[DISK:]) * self.layout.disk_stride}
+
+    def blocks_per_tier(self) -> dict[str, int]:
+        return {TIER_NAMES[i]: lv.used for i, lv in enumerate(self.placement.levels)}

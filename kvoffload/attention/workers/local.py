@@ -1,0 +1,166 @@
+"""In-process workers over a memory tier: the device's own blocks (plus the write-combining
+tails, where decode appends the new token) and the host RAM tier.
+
+Decode (one query per sequence) runs the native paged kernel on the CPU; a prefill chunk or a
+block of draft tokens (several queries) gathers the blocks and runs flash attention. The host
+worker computes in a thread of its own (the kernel releases the GIL), so it overlaps the device
+worker and the disk processes. Without the native kernel (CUDA, or KVOFFLOAD_NO_KERNELS=1) the
+gather path serves decode too; tests compare the two.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from kvoffload.attention.ops import attend_lse
+from kvoffload.attention.workers.protocol import AttendRequest, AttendResult, WriteBlocks
+from kvoffload.kernels.paged import BlockLists, PagedAttention
+from kvoffload.kv.tiers.memory import MemoryTier
+
+_DTYPE_NAME = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def unpack_slots(slots: torch.Tensor, H_kv: int, D: int, bs: int, n_last: int | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[n, slot_elems]`` -> K, V ``[H_kv, T, D]`` (T = n*bs, or fewer when the last block
+    holds ``n_last`` tokens)."""
+    n = slots.shape[0]
+    half = H_kv * D * bs
+    k = slots[:, :half].reshape(n, H_kv, D, bs).permute(1, 0, 3, 2).reshape(H_kv, n * bs, D)
+    v = slots[:, half:].reshape(n, H_kv, bs, D).permute(1, 0, 2, 3).reshape(H_kv, n * bs, D)
+    if n_last is not None and n_last < bs:
+        T = (n - 1) * bs + n_last
+        k, v = k[:, :T], v[:, :T]
+    return k, v
+
+
+def pack_slots(k: torch.Tensor, v: torch.Tensor, bs: int) -> torch.Tensor:
+    """K, V ``[H_kv, n*bs, D]`` -> ``[n, slot_elems]`` in the slot layout (kv/layout.py)."""
+    H_kv, T, D = k.shape
+    n = T // bs
+    kp = k.reshape(H_kv, n, bs, D).permute(1, 0, 3, 2).reshape(n, -1)     # [n, H_kv*D*bs] channel-major
+    vp = v.reshape(H_kv, n, bs, D).permute(1, 0, 2, 3).reshape(n, -1)     # [n, H_kv*bs*D] token-major
+    return torch.cat([kp, vp], dim=1)
+
+
+class MemoryWorker:
+    """Attends over the blocks of one memory tier; ``tails``: the tier of write-combining
+    buffers, for the worker that holds them (the device)."""
+
+    def __init__(self, tier: MemoryTier, threads: int, tails: MemoryTier | None = None,
+                 background: bool = False, native: bool = True) -> None:
+        self.tier, self.tails, self.threads = tier, tails, threads
+        lay = tier.layout
+        self.H_kv, self.D, self.bs = lay.num_kv_heads, lay.head_dim, lay.block_size
+        self.kernel = native and tier.device.type == "cpu"     # turned off if unavailable
+        self._kernels: dict[int, PagedAttention] = {}
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"kv-{tier.name}") if background else None
+        self._job: Future | AttendRequest | None = None
+
+    def _paged(self, G: int) -> PagedAttention | None:
+        if not self.kernel:
+            return None
+        if G not in self._kernels:
+            lay = self.tier.layout
+            if not PagedAttention.available(lay.dtype, G, lay.head_dim, lay.block_size):
+                self.kernel = None
+                return None
+            self._kernels[G] = PagedAttention(lay.dtype, lay.num_kv_heads, G, lay.head_dim, lay.block_size)
+        return self._kernels[G]
+
+    # ---- the Worker protocol ----
+    def submit(self, req: AttendRequest) -> None:
+        self._job = self.pool.submit(self.attend, req) if self.pool else req
+
+    def collect(self) -> AttendResult:
+        job, self._job = self._job, None
+        return job.result() if isinstance(job, Future) else self.attend(job)
+
+    def write(self, w: WriteBlocks) -> None:
+        raise NotImplementedError("memory tiers are written in place by the backend")
+
+    def close(self) -> None:
+        if self.pool:
+            self.pool.shutdown(wait=True)
+
+    # ---- compute ----
+    def attend(self, req: AttendRequest) -> AttendResult:
+        q = req.q                                                      # [B, L, H, D]
+        B, L, H, D = q.shape
+        kernel = self._paged(H // self.H_kv) if L == 1 else None
+        if kernel is not None:
+            return self._decode_native(kernel, req)
+        if req.k_new is not None:
+            self._append_torch(req)
+        o = torch.zeros(B, L, H, D, dtype=torch.float32, device=q.device)
+        lse = torch.full((B, L, H), float("-inf"), device=q.device)
+        read = 0
+        for b in range(B):
+            k, v, n = self._keys(req, b)
+            if n == 0:
+                continue
+            ob, lb = attend_lse(q[b].transpose(0, 1), k, v)           # [H, L, D], [H, L]
+            o[b], lse[b] = ob.transpose(0, 1), lb.transpose(0, 1)
+            read += self.tier.layout.token_bytes(n)
+        return AttendResult(o, lse, read)
+
+    def _tail(self, req: AttendRequest, b: int) -> tuple[int, int]:
+        """(tail slot, tokens in it) of sequence b; (-1, 0) when this worker holds no tail."""
+        if req.tail_slots is None:
+            return -1, 0
+        n = int(req.tail_lens[b]) + (1 if req.k_new is not None else 0)
+        return int(req.tail_slots[b]), n
+
+    def _keys(self, req: AttendRequest, b: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        blocks = np.asarray(req.blocks[b], dtype=np.int64)
+        slot, n_tail = self._tail(req, b)
+        parts = [self.tier.gather(blocks)] if len(blocks) else []
+        if n_tail:
+            parts.append(self.tails.view(slot)[None])
+        if not parts:
+            return None, None, 0
+        slots = torch.cat(parts) if len(parts) > 1 else parts[0]
+        k, v = unpack_slots(slots, self.H_kv, self.D, self.bs, n_tail if n_tail else None)
+        return k, v, k.shape[1]
+
+    def _append_torch(self, req: AttendRequest) -> None:
+        half = self.H_kv * self.D * self.bs
+        for b in range(len(req.seq_ids)):
+            view = self.tails.view(int(req.tail_slots[b]))
+            t = int(req.tail_lens[b])
+            view[:half].view(self.H_kv, self.D, self.bs)[:, :, t] = req.k_new[b]
+            view[half:].view(self.H_kv, self.bs, self.D)[:, t] = req.v_new[b]
+
+    def _decode_native(self, kernel: PagedAttention, req: AttendRequest) -> AttendResult:
+        q = req.q[:, 0]                                                # [B, H, D]
+        B, H, D = q.shape
+        addrs = self.tier.addrs
+        per_seq, last, read = [], [], 0
+        for b in range(B):
+            a = addrs[np.asarray(req.blocks[b], dtype=np.int64)]
+            slot, n_tail = self._tail(req, b)
+            if n_tail:
+                a = np.append(a, self.tails.addrs[slot])
+            per_seq.append(a)
+            last.append(n_tail if n_tail else self.bs)
+            read += self.tier.layout.token_bytes(len(a) * self.bs - (self.bs - last[-1]) if len(a) else 0)
+        out = torch.empty(B, 1, H, D)
+        lse = torch.empty(B, 1, H)
+        append = None
+        if req.k_new is not None:
+            k, v = req.k_new, req.v_new                                # [B, H_kv, D]
+            append = (k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
+                      self.tails.addrs[np.asarray(req.tail_slots, dtype=np.int64)],
+                      np.asarray(req.tail_lens, dtype=np.int64))
+        if q.stride(-1) != 1 or q.stride(-2) != D:
+            q = q.contiguous()
+        kernel(B, q.data_ptr(), q.stride(0), BlockLists.build(per_seq, last), out.data_ptr(), lse.data_ptr(),
+               self.threads, append)
+        return AttendResult(out, lse, read)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPE_NAME[dtype]

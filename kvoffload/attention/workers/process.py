@@ -1,0 +1,285 @@
+"""Disk workers: separate processes, each owning one shard file of the disk tier — the emulated
+computational-storage engine of InstInfer. A request brings the queries; the worker reads its
+blocks (aligned, O_DIRECT) in batches, attends over each batch while the next is being read,
+and sends back only the partial output and its log-sum-exp.
+
+The process imports numpy and the native kernel, never torch. Its state is its file: the
+main process keeps the block tables and every write that the worker has not acknowledged, so
+a worker that dies is restarted from its file and the lost request replayed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from dataclasses import asdict
+from multiprocessing.connection import Connection
+
+import numpy as np
+
+from kvoffload.errors import KvoffloadError
+
+from kvoffload.attention.merge import merge_np
+from kvoffload.attention.workers.protocol import AttendRequest, AttendResult, WriteBlocks
+from kvoffload.kernels.paged import BlockLists, PagedAttention
+from kvoffload.kv.layout import BlockLayout
+from kvoffload.kv.tiers.disk import DiskIOError, DiskShard, aligned_buffer
+
+_NP = {"float32": np.float32, "bfloat16": np.uint16, "float16": np.float16}
+MAX_RESTARTS = 3
+
+
+class WorkerError(KvoffloadError):
+    """A disk worker failed for a reason a restart cannot fix (message says which)."""
+
+
+def to_f32(a: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    return a.astype(np.float32)
+
+
+def attend_multi_np(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """q ``[L, H, D]`` fp32 over k, v ``[H_kv, T, D]`` fp32 (no mask) -> o ``[L, H, D]``, lse ``[L, H]``."""
+    L, H, D = q.shape
+    H_kv = k.shape[0]
+    G = H // H_kv
+    qg = q.reshape(L, H_kv, G, D).transpose(1, 2, 0, 3).reshape(H_kv, G * L, D)
+    s = np.matmul(qg, k.transpose(0, 2, 1)) * np.float32(1.0 / np.sqrt(D))      # [H_kv, G*L, T]
+    m = s.max(-1, keepdims=True)
+    p = np.exp(s - m)
+    lsum = p.sum(-1, keepdims=True)
+    o = np.matmul(p, v) / lsum                                                  # [H_kv, G*L, D]
+    lse = (m + np.log(lsum))[..., 0]                                            # [H_kv, G*L]
+    o = o.reshape(H_kv, G, L, D).transpose(2, 0, 1, 3).reshape(L, H, D)
+    return o.astype(np.float32), lse.reshape(H_kv, G, L).transpose(2, 0, 1).reshape(L, H).astype(np.float32)
+
+
+class DiskWorkerServer:
+    """What runs inside the worker process (also callable in-process, for tests)."""
+
+    def __init__(self, path: str, layout: BlockLayout, threads: int, batch_bytes: int) -> None:
+        self.shard, self.layout, self.threads = DiskShard(path, layout), layout, threads
+        self.batch_slots = max(1, batch_bytes // layout.disk_stride)
+        self.bufs = [aligned_buffer(self.batch_slots * layout.disk_stride) for _ in range(2)]
+        self.wbuf = aligned_buffer(self.batch_slots * layout.disk_stride)
+        self.kernels: dict[int, PagedAttention] = {}
+
+    def write(self, w: WriteBlocks) -> None:
+        slots = np.asarray(w.slots, dtype=np.int64)
+        data = memoryview(w.data)
+        for i in range(0, len(slots), self.batch_slots):       # bounded staging buffer
+            j = min(i + self.batch_slots, len(slots))
+            self.shard.write(slots[i:j], data[i * self.layout.slot_bytes:j * self.layout.slot_bytes], self.wbuf)
+
+    def attend(self, req: AttendRequest) -> AttendResult:
+        lay = self.layout
+        q = req.q                                                 # [B, L, H, D] (KV dtype)
+        B, L, H, D = q.shape
+        o = np.zeros((B, L, H, D), np.float32)
+        lse = np.full((B, L, H), -np.inf, np.float32)
+        owner = np.concatenate([np.full(len(b), i, np.int64) for i, b in enumerate(req.blocks)] or [np.zeros(0, np.int64)])
+        slots = np.concatenate([np.asarray(b, np.int64) for b in req.blocks] or [np.zeros(0, np.int64)])
+        order = np.argsort(slots, kind="stable")
+        slots, owner = slots[order], owner[order]
+        batches = [(i, min(i + self.batch_slots, len(slots))) for i in range(0, len(slots), self.batch_slots)]
+        read = 0
+        pending: threading.Thread | None = None
+        box: dict[int, object] = {}
+
+        def load(n: int) -> None:                               # runs in the reader thread
+            try:
+                i, j = batches[n]
+                box[n] = self.shard.read(slots[i:j], self.bufs[n % 2])
+            except DiskIOError as e:
+                box[n] = e
+
+        if batches:
+            pending = threading.Thread(target=load, args=(0,))
+            pending.start()
+        for n, (i, j) in enumerate(batches):
+            pending.join()
+            if isinstance(box.get(n), DiskIOError):
+                raise box[n]
+            read += box.pop(n)
+            if n + 1 < len(batches):                           # read the next batch meanwhile
+                pending = threading.Thread(target=load, args=(n + 1,))
+                pending.start()
+            ob, lb = self._attend_batch(q, self.bufs[n % 2], owner[i:j])
+            o, lse = merge_np(o, lse, ob, lb)
+        return AttendResult(o, lse, read)
+
+    def _attend_batch(self, q: np.ndarray, buf, owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Attention over the slots now in ``buf`` (position i belongs to sequence owner[i])."""
+        lay, st = self.layout, self.layout.disk_stride
+        B, L, H, D = q.shape
+        G = H // lay.num_kv_heads
+        if L == 1 and PagedAttention.available(lay.dtype, G, D, lay.block_size):
+            if G not in self.kernels:
+                self.kernels[G] = PagedAttention(lay.dtype, lay.num_kv_heads, G, D, lay.block_size)
+            base = np.frombuffer(buf, dtype=np.uint8).ctypes.data
+            per_seq = [base + st * np.nonzero(owner == b)[0] for b in range(B)]
+            lists = BlockLists.build(per_seq, [lay.block_size] * B)
+            qc = np.ascontiguousarray(q[:, 0])
+            out = np.empty((B, 1, H, D), np.float32)
+            lse = np.empty((B, 1, H), np.float32)
+            self.kernels[G](B, qc.ctypes.data, H * D, lists, out.ctypes.data, lse.ctypes.data, self.threads)
+            return out, lse
+        out = np.zeros((B, L, H, D), np.float32)
+        lse = np.full((B, L, H), -np.inf, np.float32)
+        nslots = len(owner)
+        arr = np.frombuffer(buf, dtype=_NP[lay.dtype], count=nslots * st // lay.itemsize).reshape(nslots, -1)
+        half, Hk, bs = lay.num_kv_heads * D * lay.block_size, lay.num_kv_heads, lay.block_size
+        for b in np.unique(owner):
+            s = arr[owner == b, :lay.slot_elems]
+            n = len(s)
+            k = to_f32(s[:, :half], lay.dtype).reshape(n, Hk, D, bs).transpose(1, 0, 3, 2).reshape(Hk, n * bs, D)
+            v = to_f32(s[:, half:], lay.dtype).reshape(n, Hk, bs, D).transpose(1, 0, 2, 3).reshape(Hk, n * bs, D)
+            out[b], lse[b] = attend_multi_np(to_f32(q[b], lay.dtype), k, v)
+        return out, lse
+
+
+def _serve(conn, path: str, layout: dict, threads: int, batch_bytes: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)               # Ctrl-C is the main process's to handle
+    try:
+        server = DiskWorkerServer(path, BlockLayout(**layout), threads, batch_bytes)
+    except DiskIOError as e:
+        conn.send(("err", str(e)))
+        return
+    conn.send(("ok", os.getpid()))
+    while True:
+        try:
+            op, payload = conn.recv()
+        except (EOFError, OSError):
+            return
+        if op == "close":
+            server.shard.close()
+            conn.send(("ok", None))
+            return
+        try:
+            result = server.write(payload) if op == "write" else server.attend(payload)
+            conn.send(("ok", result))
+        except DiskIOError as e:
+            conn.send(("err", str(e)))
+
+
+class ProcessWorker:
+    """The main process's handle on one disk worker (the Worker protocol over a pipe)."""
+
+    def __init__(self, path: str, layout: BlockLayout, threads: int, batch_bytes: int) -> None:
+        self.path, self.layout, self.threads, self.batch_bytes = path, layout, threads, batch_bytes
+        self.unacked: list[WriteBlocks] = []        # sent, not yet acknowledged: replayed after a restart
+        self.request: AttendRequest | None = None
+        self.restarts = 0
+        self._start()
+
+    def _start(self) -> None:
+        # A fresh interpreter (not fork: the parent runs OpenMP threads; not multiprocessing's
+        # spawn: that re-imports the user's __main__), talking over a socket pair.
+        mine, theirs = socket.socketpair()
+        cmd = [sys.executable, "-m", "kvoffload.attention.workers.process", "--fd", str(theirs.fileno()),
+               "--path", self.path, "--layout", json.dumps(asdict(self.layout)),
+               "--threads", str(self.threads), "--batch-bytes", str(self.batch_bytes)]
+        self.proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+        theirs.close()
+        self.conn = Connection(mine.detach())
+        status, info = self._recv()
+        if status != "ok":
+            raise WorkerError(info)
+        self.pid = info
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def _recv(self):
+        try:
+            return self.conn.recv()
+        except (EOFError, OSError) as e:
+            raise ConnectionError("disk worker died") from e
+
+    def _send(self, msg) -> None:
+        try:
+            self.conn.send(msg)
+        except (BrokenPipeError, OSError):
+            pass                                    # noticed at collect(), which restarts the worker
+
+    # ---- the Worker protocol ----
+    def write(self, w: WriteBlocks) -> None:
+        self.unacked.append(w)
+        self._send(("write", w))
+
+    def submit(self, req: AttendRequest) -> None:
+        self.request = req
+        self._send(("attend", req))
+
+    def collect(self) -> AttendResult:
+        while True:
+            try:
+                while self.unacked:
+                    self._check(self._recv())
+                    self.unacked.pop(0)
+                result = self._check(self._recv()) if self.request is not None else None
+                self.request = None
+                return result
+            except ConnectionError:
+                self._restart()
+
+    def sync(self) -> None:
+        """Wait until every write sent so far is on the shard (no request may be in flight)."""
+        if self.request is not None:
+            raise RuntimeError("sync() while an attend request is in flight")
+        self.collect()
+
+    def _check(self, msg):
+        status, payload = msg
+        if status != "ok":
+            raise WorkerError(payload)
+        return payload
+
+    def _restart(self) -> None:
+        self.restarts += 1
+        if self.restarts > MAX_RESTARTS:
+            raise WorkerError(f"disk worker for {self.path} died {self.restarts} times")
+        if self.alive:
+            self.proc.kill()
+        self.proc.wait()
+        self.conn.close()
+        self._start()
+        for w in self.unacked:                      # replay, then the request in flight
+            self._send(("write", w))
+        if self.request is not None:
+            self._send(("attend", self.request))
+
+    def close(self) -> None:
+        if self.alive:
+            self._send(("close", None))
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        if self.alive:
+            self.proc.kill()
+            self.proc.wait()
+        self.conn.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="kvoffload disk worker (started by the engine)")
+    ap.add_argument("--fd", type=int, required=True)
+    ap.add_argument("--path", required=True)
+    ap.add_argument("--layout", required=True)
+    ap.add_argument("--threads", type=int, required=True)
+    ap.add_argument("--batch-bytes", type=int, required=True)
+    a = ap.parse_args()
+    _serve(Connection(a.fd), a.path, json.loads(a.layout), a.threads, a.batch_bytes)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Tiers, fastest first: memory.py (device memory or host RAM) and disk.py (files)."""
