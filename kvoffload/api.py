@@ -7,7 +7,7 @@ from typing import Iterator, Sequence as Seq
 
 
 from kvoffload.attention import make_backend
-from kvoffload.config import EngineConfig, SamplingParams
+from kvoffload.config import EngineConfig, KVConfig, SamplingParams
 from kvoffload.device import resolve_device, set_threads
 from kvoffload.engine.engine import Engine
 from kvoffload.engine.sequence import Sequence
@@ -46,7 +46,7 @@ class LLM:
     """Load a model once; generate for many prompts (batched, ragged)."""
 
     def __init__(self, model: str | None = None, *, config: EngineConfig | None = None, **overrides) -> None:
-        names = {f.name for f in fields(EngineConfig)}
+        names = {f.name for f in fields(EngineConfig)} | {f.name for f in fields(KVConfig)}
         unknown = set(overrides) - names
         if unknown:
             raise TypeError(f"unknown LLM option(s): {', '.join(sorted(unknown))}")

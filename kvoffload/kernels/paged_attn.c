@@ -23,6 +23,10 @@
 #define G_MAX 32
 #define D_MAX 256
 #define BS_MAX 256
+#define H_MAX 128
+#ifndef PF_BLOCKS
+#define PF_BLOCKS 4          /* software prefetch distance, in blocks */
+#endif
 #ifndef CHUNK_BLOCKS
 #define CHUNK_BLOCKS 16      /* blocks per work item (split-K granularity) */
 #endif
@@ -119,6 +123,19 @@ DEFINE_GENERIC(f32, float, f32_id)
 DEFINE_GENERIC(bf16, uint16_t, bf16_to_f32)
 DEFINE_GENERIC(f16, uint16_t, f16_to_f32)
 
+/* all KV heads of a run of slots, one head after the other (portable path) */
+#define DEFINE_GENERIC_HEADS(NAME)                                                                  \
+static void NAME##_generic_heads(const float *q, const int64_t *blk, int nb, int n_last, int H_kv, \
+                                 int G, int D, int bs, float scale, float *m, float *l, float *o) { \
+    size_t kblock = (size_t)D * bs;                                                                \
+    for (int h = 0; h < H_kv; h++)                                                                 \
+        NAME##_generic(q + (size_t)h * G * D, blk, nb, n_last, h * kblock, (H_kv + h) * kblock, G, D, bs, \
+                       scale, m + h * G, l + h * G, o + (size_t)h * G * D);                         \
+}
+DEFINE_GENERIC_HEADS(f32)
+DEFINE_GENERIC_HEADS(bf16)
+DEFINE_GENERIC_HEADS(f16)
+
 #ifdef __AVX512F__
 #include <immintrin.h>
 
@@ -145,81 +162,120 @@ static inline __m512 exp512_nonpos(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-/* bs and D multiples of 16. Per 16-token group: scores of all G query heads by D broadcast
- * FMAs over the channel-major K rows, online softmax, then V rows accumulated. The next
- * block's K and V are prefetched while this one is computed. */
+/* bs and D multiples of 16. One work item walks a run of slots in address order, every KV
+ * head of a slot in turn (K then V of head 0, then head 1, ...), so a slot is read front to
+ * back and consecutive slots form one stream the hardware prefetcher follows. Per 16-token
+ * group: scores of the G query heads by D broadcast FMAs over the channel-major K rows (two
+ * FMA chains per head), online softmax, then the V rows accumulated; the running output of
+ * each query head lives in o_out (L1-resident) between groups. */
 #define DEFINE_AVX512(NAME, KV_T, LOADV)                                                              \
-static void NAME##_avx512(const float *q, const int64_t *blk, int nb, int n_last, size_t kofs,      \
-                          size_t vofs, int G, int D, int bs, float scale, float *m_out,             \
-                          float *l_out, float *o_out) {                                             \
+static inline __attribute__((always_inline)) void NAME##_avx512_body(                               \
+        const float *q, const int64_t *blk, int nb, int n_last, int H_kv, int G, int D, int bs,     \
+        float scale, float *m, float *l, float *o_out, const int G_C, const int NV_C) {             \
     enum { NV_MAX = D_MAX / 16 };                                                                   \
-    int nv = D / 16;                                                                                \
+    /* G_C / NV_C: compile-time G and D/16 in the specialised copies (0 = runtime), so the       \
+       accumulators live in registers instead of stack arrays */                                   \
+    if (G_C) G = G_C;                                                                               \
+    if (NV_C) D = 16 * NV_C;                                                                        \
+    int nv = D / 16, H = H_kv * G;                                                                  \
+    size_t kblock = (size_t)D * bs;                                                                 \
     float sc[G_MAX][16] __attribute__((aligned(64)));                                               \
-    float m[G_MAX], l[G_MAX];                                                                       \
-    __m512 acc[G_MAX][NV_MAX];                                                                      \
-    for (int g = 0; g < G; g++) {                                                                   \
-        m[g] = -INFINITY;                                                                           \
-        l[g] = 0.f;                                                                                 \
-        for (int j = 0; j < nv; j++) acc[g][j] = _mm512_setzero_ps();                               \
-    }                                                                                               \
-    size_t kbytes = (size_t)D * bs * sizeof(KV_T);                                                  \
+    for (int hg = 0; hg < H; hg++) { m[hg] = -INFINITY; l[hg] = 0.f; }                              \
+    memset(o_out, 0, sizeof(float) * H * D);                                                        \
     for (int j = 0; j < nb; j++) {                                                                  \
-        const KV_T *K = (const KV_T *)blk[j] + kofs, *V = (const KV_T *)blk[j] + vofs;              \
-        if (j + 1 < nb) {                                                                           \
-            const char *nk = (const char *)((const KV_T *)blk[j + 1] + kofs);                       \
-            const char *nvp = (const char *)((const KV_T *)blk[j + 1] + vofs);                      \
-            for (size_t b = 0; b < kbytes; b += 64) {                                               \
-                _mm_prefetch(nk + b, _MM_HINT_T0);                                                  \
-                _mm_prefetch(nvp + b, _MM_HINT_T0);                                                 \
-            }                                                                                       \
-        }                                                                                           \
+        const KV_T *slot = (const KV_T *)blk[j];                                                    \
         int n = j == nb - 1 ? n_last : bs;                                                          \
-        for (int t0 = 0; t0 < n; t0 += 16) {                                                        \
-            int cnt = n - t0 < 16 ? n - t0 : 16;                                                    \
-            __mmask16 live = (__mmask16)((1u << cnt) - 1u);                                         \
-            __m512 s[G_MAX];                                                                        \
-            for (int g = 0; g < G; g++) s[g] = _mm512_setzero_ps();                                 \
-            for (int d = 0; d < D; d++) {                                                           \
-                __m512 kv = LOADV(K + (size_t)d * bs + t0);                                         \
-                for (int g = 0; g < G; g++)                                                         \
-                    s[g] = _mm512_fmadd_ps(_mm512_set1_ps(q[(size_t)g * D + d]), kv, s[g]);         \
-            }                                                                                       \
-            for (int g = 0; g < G; g++) {                                                           \
-                __m512 sv = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), live,                     \
-                                               _mm512_mul_ps(s[g], _mm512_set1_ps(scale)));         \
-                float bm = _mm512_reduce_max_ps(sv);                                                \
-                float mn = bm > m[g] ? bm : m[g];                                                   \
-                float alpha = m[g] == -INFINITY ? 0.f : exp_nonpos(m[g] - mn);                      \
-                __m512 e = _mm512_maskz_mov_ps(live, exp512_nonpos(_mm512_sub_ps(sv, _mm512_set1_ps(mn)))); \
-                l[g] = l[g] * alpha + _mm512_reduce_add_ps(e);                                      \
-                m[g] = mn;                                                                          \
-                _mm512_store_ps(sc[g], e);                                                          \
-                __m512 av = _mm512_set1_ps(alpha);                                                  \
-                for (int v = 0; v < nv; v++) acc[g][v] = _mm512_mul_ps(acc[g][v], av);              \
-            }                                                                                       \
-            for (int i = 0; i < cnt; i++) {                                                         \
-                const KV_T *vr = V + (size_t)(t0 + i) * D;                                          \
-                __m512 vv[NV_MAX];                                                                  \
-                for (int v = 0; v < nv; v++) vv[v] = LOADV(vr + 16 * v);                            \
-                for (int g = 0; g < G; g++) {                                                       \
-                    __m512 p = _mm512_set1_ps(sc[g][i]);                                            \
-                    for (int v = 0; v < nv; v++) acc[g][v] = _mm512_fmadd_ps(p, vv[v], acc[g][v]);  \
+        for (int h = 0; h < H_kv; h++) {                                                            \
+            const KV_T *K = slot + h * kblock, *V = slot + (H_kv + h) * kblock;                     \
+            if (j + PF_BLOCKS < nb) {          /* this head's K and V, PF_BLOCKS slots ahead */     \
+                const char *nk = (const char *)((const KV_T *)blk[j + PF_BLOCKS] + h * kblock);     \
+                const char *nvp = (const char *)((const KV_T *)blk[j + PF_BLOCKS] + (H_kv + h) * kblock); \
+                for (size_t o = 0; o < kblock * sizeof(KV_T); o += 64) {                            \
+                    _mm_prefetch(nk + o, _MM_HINT_T0);                                              \
+                    _mm_prefetch(nvp + o, _MM_HINT_T0);                                             \
                 }                                                                                   \
             }                                                                                       \
+            const float *qh = q + (size_t)h * G * D;                                                \
+            float *mh = m + h * G, *lh = l + h * G, *oh = o_out + (size_t)h * G * D;                \
+            for (int t0 = 0; t0 < n; t0 += 16) {                                                    \
+                int cnt = n - t0 < 16 ? n - t0 : 16;                                                \
+                __mmask16 live = (__mmask16)((1u << cnt) - 1u);                                     \
+                __m512 s[G_MAX], s2[G_MAX];                                                         \
+                for (int g = 0; g < G; g++) s[g] = s2[g] = _mm512_setzero_ps();                     \
+                for (int d = 0; d < D; d += 2) {                                                    \
+                    __m512 k0 = LOADV(K + (size_t)d * bs + t0), k1 = LOADV(K + (size_t)(d + 1) * bs + t0); \
+                    for (int g = 0; g < G; g++) {                                                   \
+                        s[g] = _mm512_fmadd_ps(_mm512_set1_ps(qh[(size_t)g * D + d]), k0, s[g]);    \
+                        s2[g] = _mm512_fmadd_ps(_mm512_set1_ps(qh[(size_t)g * D + d + 1]), k1, s2[g]); \
+                    }                                                                               \
+                }                                                                                   \
+                __m512 acc[G_MAX][NV_MAX];                                                          \
+                for (int g = 0; g < G; g++) {                                                       \
+                    __m512 sv = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), live,                 \
+                                   _mm512_mul_ps(_mm512_add_ps(s[g], s2[g]), _mm512_set1_ps(scale))); \
+                    float bm = _mm512_reduce_max_ps(sv);                                            \
+                    float mn = bm > mh[g] ? bm : mh[g];                                             \
+                    float alpha = mh[g] == -INFINITY ? 0.f : exp_nonpos(mh[g] - mn);                \
+                    __m512 e = _mm512_maskz_mov_ps(live, exp512_nonpos(_mm512_sub_ps(sv, _mm512_set1_ps(mn)))); \
+                    lh[g] = lh[g] * alpha + _mm512_reduce_add_ps(e);                                \
+                    mh[g] = mn;                                                                     \
+                    _mm512_store_ps(sc[g], e);                                                      \
+                    __m512 av = _mm512_set1_ps(alpha);                                              \
+                    for (int v = 0; v < nv; v++)                                                    \
+                        acc[g][v] = _mm512_mul_ps(_mm512_loadu_ps(oh + (size_t)g * D + 16 * v), av); \
+                }                                                                                   \
+                for (int i = 0; i < cnt; i++) {                                                     \
+                    const KV_T *vr = V + (size_t)(t0 + i) * D;                                      \
+                    __m512 vv[NV_MAX];                                                              \
+                    for (int v = 0; v < nv; v++) vv[v] = LOADV(vr + 16 * v);                        \
+                    for (int g = 0; g < G; g++) {                                                   \
+                        __m512 p = _mm512_set1_ps(sc[g][i]);                                        \
+                        for (int v = 0; v < nv; v++) acc[g][v] = _mm512_fmadd_ps(p, vv[v], acc[g][v]); \
+                    }                                                                               \
+                }                                                                                   \
+                for (int g = 0; g < G; g++)                                                         \
+                    for (int v = 0; v < nv; v++) _mm512_storeu_ps(oh + (size_t)g * D + 16 * v, acc[g][v]); \
+            }                                                                                       \
         }                                                                                           \
-    }                                                                                               \
-    for (int g = 0; g < G; g++) {                                                                   \
-        m_out[g] = m[g];                                                                            \
-        l_out[g] = l[g];                                                                            \
-        for (int v = 0; v < nv; v++) _mm512_storeu_ps(o_out + (size_t)g * D + 16 * v, acc[g][v]);  \
     }                                                                                               \
 }
 DEFINE_AVX512(f32, float, ld_f32)
 DEFINE_AVX512(bf16, uint16_t, ld_bf16)
 DEFINE_AVX512(f16, uint16_t, ld_f16)
-#define ITEM(NAME) ((D % 16 == 0 && bs % 16 == 0) ? NAME##_avx512 : NAME##_generic)
+
+#define SPEC(NAME, GC, NVC)                                                                          \
+static void NAME##_avx512_g##GC##_nv##NVC(const float *q, const int64_t *blk, int nb, int n_last,   \
+        int H_kv, int G, int D, int bs, float scale, float *m, float *l, float *o) {                \
+    NAME##_avx512_body(q, blk, nb, n_last, H_kv, G, D, bs, scale, m, l, o, GC, NVC);                \
+}
+#define SPEC_NV(NAME, GC) SPEC(NAME, GC, 1) SPEC(NAME, GC, 4) SPEC(NAME, GC, 8)
+#define SPEC_ALL(NAME)                                                                               \
+    SPEC(NAME, 0, 0) SPEC_NV(NAME, 1) SPEC_NV(NAME, 2) SPEC_NV(NAME, 3) SPEC_NV(NAME, 4)             \
+    SPEC_NV(NAME, 6) SPEC_NV(NAME, 7) SPEC_NV(NAME, 8)                                               \
+typedef void (*item_fn)(const float *, const int64_t *, int, int, int, int, int, int, float, float *, float *, float *); \
+static item_fn NAME##_pick(int G, int D, int bs) {                                                   \
+    if (D % 16 || bs % 16) return NAME##_generic_heads;                                              \
+    int nv = D / 16;                                                                                 \
+    _Pragma("GCC diagnostic push")                                                                   \
+    switch (G * 100 + (nv == 1 || nv == 4 || nv == 8 ? nv : 0)) {                                    \
+    case 101: return NAME##_avx512_g1_nv1; case 104: return NAME##_avx512_g1_nv4; case 108: return NAME##_avx512_g1_nv8; \
+    case 201: return NAME##_avx512_g2_nv1; case 204: return NAME##_avx512_g2_nv4; case 208: return NAME##_avx512_g2_nv8; \
+    case 301: return NAME##_avx512_g3_nv1; case 304: return NAME##_avx512_g3_nv4; case 308: return NAME##_avx512_g3_nv8; \
+    case 401: return NAME##_avx512_g4_nv1; case 404: return NAME##_avx512_g4_nv4; case 408: return NAME##_avx512_g4_nv8; \
+    case 601: return NAME##_avx512_g6_nv1; case 604: return NAME##_avx512_g6_nv4; case 608: return NAME##_avx512_g6_nv8; \
+    case 701: return NAME##_avx512_g7_nv1; case 704: return NAME##_avx512_g7_nv4; case 708: return NAME##_avx512_g7_nv8; \
+    case 801: return NAME##_avx512_g8_nv1; case 804: return NAME##_avx512_g8_nv4; case 808: return NAME##_avx512_g8_nv8; \
+    default: return NAME##_avx512_g0_nv0;                                                            \
+    }                                                                                                \
+    _Pragma("GCC diagnostic pop")                                                                    \
+}
+SPEC_ALL(f32)
+SPEC_ALL(bf16)
+SPEC_ALL(f16)
+#define PICK(NAME) NAME##_pick(G, D, bs)
 #else
-#define ITEM(NAME) NAME##_generic
+typedef void (*item_fn)(const float *, const int64_t *, int, int, int, int, int, int, float, float *, float *, float *);
+#define PICK(NAME) NAME##_generic_heads
 #endif
 
 #define DEFINE_DRIVER(NAME, KV_T, LOAD)                                                                 \
@@ -228,7 +284,7 @@ int kvo_paged_attn_##NAME(int B, int H_kv, int G, int D, int bs, const KV_T *q, 
                           const KV_T *k_new, int64_t k_bs, const KV_T *v_new, int64_t v_bs,           \
                           const int64_t *app_ptr, const int64_t *app_pos, float scale, float *out,    \
                           float *lse, int threads) {                                                  \
-    if (G > G_MAX || D > D_MAX || bs > BS_MAX || bs < 1) return -1;                                  \
+    if (G > G_MAX || D > D_MAX || bs > BS_MAX || bs < 1 || H_kv * G > H_MAX) return -1;                                  \
     int H = H_kv * G;                                                                                 \
     size_t kblock = (size_t)D * bs;                         /* elements of one head's K (or V) */    \
     /* 1. append the new token into its tail slot */                                                  \
@@ -245,55 +301,50 @@ int kvo_paged_attn_##NAME(int B, int H_kv, int G, int D, int bs, const KV_T *q, 
             }                                                                                         \
         }                                                                                             \
     }                                                                                                 \
-    /* 2. work items: (b, h, run of CHUNK_BLOCKS blocks) */                                           \
+    /* 2. work items: (b, run of CHUNK_BLOCKS slots), every head */                                 \
     int64_t *first = malloc(sizeof(int64_t) * (B + 1));                                             \
     first[0] = 0;                                                                                     \
     for (int b = 0; b < B; b++) {                                                                     \
         int64_t nb = blk_first[b + 1] - blk_first[b];                                                 \
-        first[b + 1] = first[b] + H_kv * ((nb + CHUNK_BLOCKS - 1) / CHUNK_BLOCKS);                    \
+        first[b + 1] = first[b] + (nb + CHUNK_BLOCKS - 1) / CHUNK_BLOCKS;                             \
     }                                                                                                 \
     int64_t N = first[B];                                                                             \
-    float *pm = malloc(sizeof(float) * (N * G + 1)), *pl = malloc(sizeof(float) * (N * G + 1));       \
-    float *po = malloc(sizeof(float) * (N * G * D + 1));                                              \
+    item_fn item = PICK(NAME);                                  /* chosen once, not per item */      \
+    float *pm = malloc(sizeof(float) * (N * H + 1)), *pl = malloc(sizeof(float) * (N * H + 1));       \
+    float *po = malloc(sizeof(float) * (N * H * D + 1));                                              \
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads)")                            \
     for (int64_t i = 0; i < N; i++) {                                                                 \
         int b = 0;                                                                                    \
         while (first[b + 1] <= i) b++;                                                                \
         int64_t nb = blk_first[b + 1] - blk_first[b];                                                 \
-        int64_t nch = (nb + CHUNK_BLOCKS - 1) / CHUNK_BLOCKS, j = i - first[b];                       \
-        int h = (int)(j / nch), c = (int)(j % nch);                                                   \
-        int64_t j0 = c * CHUNK_BLOCKS, j1 = j0 + CHUNK_BLOCKS < nb ? j0 + CHUNK_BLOCKS : nb;          \
+        int64_t j0 = (i - first[b]) * CHUNK_BLOCKS, j1 = j0 + CHUNK_BLOCKS < nb ? j0 + CHUNK_BLOCKS : nb; \
         int n_last = j1 == nb ? (int)last_len[b] : bs;                                                \
-        float qf[G_MAX * D_MAX];                                                                      \
-        const KV_T *qs = q + b * q_bs + (size_t)h * G * D;                                            \
-        for (int e = 0; e < G * D; e++) qf[e] = LOAD(qs[e]);                                          \
-        ITEM(NAME)(qf, blk + blk_first[b] + j0, (int)(j1 - j0), n_last, h * kblock,                   \
-                   (H_kv + h) * kblock, G, D, bs, scale, pm + i * G, pl + i * G, po + i * G * D);     \
+        float qf[H_MAX * D_MAX];                                                                      \
+        const KV_T *qs = q + b * q_bs;                                                                \
+        for (int e = 0; e < H * D; e++) qf[e] = LOAD(qs[e]);                                          \
+        item(qf, blk + blk_first[b] + j0, (int)(j1 - j0), n_last, H_kv, G, D, bs, scale,        \
+                   pm + i * H, pl + i * H, po + i * H * D);                                           \
     }                                                                                                 \
-    /* 3. merge the runs of each (b, h) through their log-sum-exp */                                  \
+    /* 3. merge the runs of each sequence through their log-sum-exp */                                \
     for (int b = 0; b < B; b++) {                                                                     \
-        int64_t nb = blk_first[b + 1] - blk_first[b];                                                 \
-        int64_t nch = (nb + CHUNK_BLOCKS - 1) / CHUNK_BLOCKS;                                         \
-        for (int h = 0; h < H_kv; h++) {                                                              \
-            int64_t i0 = first[b] + (int64_t)h * nch;                                                 \
-            for (int g = 0; g < G; g++) {                                                             \
-                float M = -INFINITY, L = 0.f;                                                         \
-                for (int64_t c = 0; c < nch; c++) M = pm[(i0 + c) * G + g] > M ? pm[(i0 + c) * G + g] : M; \
-                float *od = out + ((size_t)b * H + (size_t)h * G + g) * D;                            \
-                memset(od, 0, sizeof(float) * D);                                                     \
-                if (M == -INFINITY) {                                                                 \
-                    lse[(size_t)b * H + (size_t)h * G + g] = -INFINITY;                               \
-                    continue;                                                                         \
-                }                                                                                     \
-                for (int64_t c = 0; c < nch; c++) {                                                   \
-                    float w = expf(pm[(i0 + c) * G + g] - M);                                         \
-                    L += w * pl[(i0 + c) * G + g];                                                    \
-                    const float *oc = po + ((i0 + c) * G + g) * D;                                    \
-                    for (int d = 0; d < D; d++) od[d] += w * oc[d];                                   \
-                }                                                                                     \
-                for (int d = 0; d < D; d++) od[d] /= L;                                               \
-                lse[(size_t)b * H + (size_t)h * G + g] = M + logf(L);                                 \
+        int64_t nch = first[b + 1] - first[b], i0 = first[b];                                         \
+        for (int hg = 0; hg < H; hg++) {                                                              \
+            float M = -INFINITY, L = 0.f;                                                             \
+            for (int64_t c = 0; c < nch; c++) M = pm[(i0 + c) * H + hg] > M ? pm[(i0 + c) * H + hg] : M; \
+            float *od = out + ((size_t)b * H + hg) * D;                                               \
+            memset(od, 0, sizeof(float) * D);                                                         \
+            if (M == -INFINITY) {                                                                     \
+                lse[(size_t)b * H + hg] = -INFINITY;                                                  \
+                continue;                                                                             \
             }                                                                                         \
+            for (int64_t c = 0; c < nch; c++) {                                                       \
+                float w = expf(pm[(i0 + c) * H + hg] - M);                                            \
+                L += w * pl[(i0 + c) * H + hg];                                                       \
+                const float *oc = po + ((i0 + c) * H + hg) * D;                                       \
+                for (int d = 0; d < D; d++) od[d] += w * oc[d];                                       \
+            }                                                                                         \
+            for (int d = 0; d < D; d++) od[d] /= L;                                                   \
+            lse[(size_t)b * H + hg] = M + logf(L);                                                    \
         }                                                                                             \
     }                                                                                                 \
     free(first); free(pm); free(pl); free(po);                                                        \

@@ -109,14 +109,17 @@ class Placement:
     def place_new(self, seq_id: int, layer: int) -> list[Move]:
         """The next full block of (seq, layer), from its tail: the moves to perform, in order."""
         locs = self.tables[seq_id][layer]
-        key = (seq_id, layer, len(locs))
+        n = len(locs)
+        key = (seq_id, layer, n)
+        old = n - self.recent_blocks                  # the block that leaves the recent window now
+        if self.sink_blocks <= old < n:
+            self.levels[locs[old].level].evictable[(seq_id, layer, old)] = None
         moves: list[Move] = []
         loc = self._room(0, moves, key)
         moves.append(Move(key, None, loc))
         locs.append(loc)
-        old = len(locs) - 1 - self.recent_blocks               # leaves the recent window now
-        if old >= self.sink_blocks:
-            self.levels[locs[old].level].evictable[(seq_id, layer, old)] = None
+        if old == n and n >= self.sink_blocks:        # no recent window: evictable at once
+            self.levels[loc.level].evictable[key] = None
         self._touch(seq_id, layer)
         return moves
 
