@@ -94,6 +94,37 @@ class Engine:
         finally:
             self.kv.free(sid)
 
+    @torch.inference_mode()
+    def teacher_forced_logits(self, token_ids: list[int], prefill_len: int) -> torch.Tensor:
+        """``[T - P, V]`` logits of ``token_ids`` (length T) through the decode path.
+
+        The first ``P = prefill_len`` tokens are prefilled (chunked, as for a prompt); the
+        others are then fed one at a time as decode steps, so attention policies that act at
+        decode are exercised. Row ``i`` predicts token ``P + i`` (it has seen ``token_ids[:P + i]``).
+        """
+        T = len(token_ids)
+        if not 1 <= prefill_len < T:
+            raise InputError(f"prefill_len must be in [1, {T - 1}], got {prefill_len}")
+        if T > self._context:
+            raise InputError(f"{T} tokens exceed the model's context of {self._context}")
+        chunk = self.config.prefill_chunk
+        sid = -1 - self._next_id           # private id, never handed out by add_request
+        self.kv.allocate(sid, T)
+        try:
+            rows = []
+            for s in range(0, prefill_len, chunk):
+                e = min(s + chunk, prefill_len)
+                out = self._prefill(sid, token_ids[s:e], s, Logits.LAST if e == prefill_len else Logits.NONE)
+            rows.append(out[0])                                                               # [V]
+            for pos in range(prefill_len, T - 1):
+                tokens = torch.tensor([[token_ids[pos]]], device=self.device)                # [1, 1]
+                positions = torch.tensor([[pos]], device=self.device)                        # [1, 1]
+                out = self.model(tokens, ForwardBatch(Phase.DECODE, (sid,), positions, (pos,)), self.kv)   # [1, V]
+                rows.append(out[0])
+            return torch.stack(rows)                                                          # [T - P, V]
+        finally:
+            self.kv.free(sid)
+
     # ------------------------------------------------------------------ the step
     def step(self) -> list[StepOutput]:
         t0 = time.perf_counter()
