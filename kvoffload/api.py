@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, fields
-from typing import Iterator, Sequence as Seq
-
 
 from kvoffload.attention import make_backend
 from kvoffload.config import EngineConfig, KVConfig, SamplingParams
 from kvoffload.device import resolve_device, set_threads
 from kvoffload.engine.engine import Engine
 from kvoffload.engine.sequence import Sequence
-from kvoffload.model.loading import DTYPE, load_model
+from kvoffload.model.loading import load_model
 
 Prompt = str | list[int]
 
@@ -61,6 +61,27 @@ class LLM:
         self.dtype, self.quantization = self.load_stats.dtype, self.load_stats.quantization
         self.engine = Engine(self.model, make_backend(self.model_config, config, self.device, self.dtype),
                              self.tokenizer, config, self.device)
+
+    def kv_report(self) -> str | None:
+        """One line on the tiered KV store (None when the KV is in one contiguous buffer)."""
+        stats = getattr(self.engine.kv, "stats", None)
+        if stats is None:
+            return None
+        per = stats.per_token()
+        held = self.engine.kv.memory_held()
+        mib = 2**20
+        reads = ", ".join(f"{t} {c['read'] / mib:.2f}" for t, c in per.items())
+        crossed = ", ".join(f"{t} {(c['to_worker'] + c['from_worker']) / 1024:.1f}" for t, c in per.items() if t != "device")
+        written = ", ".join(f"{t} {c['written'] / mib:.3f}" for t, c in per.items())
+        return (f"KV per generated token: read MiB {reads}; q/o KiB to/from workers {crossed}; "
+                f"blocks written MiB {written}; held now MiB device {held['device'] / mib:.1f}, host "
+                f"{held['host'] / mib:.1f}, disk {held['disk'] / mib:.1f}, tails {held['tails'] / mib:.1f}")
+
+    def close(self) -> None:
+        """Release the KV store's workers and files now (otherwise done at exit)."""
+        close = getattr(self.engine.kv, "close", None)
+        if close:
+            close()
 
     # ---------------------------------------------------------------- prompts
     def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:

@@ -247,7 +247,7 @@ class EngineConfig:
         if self.quantization not in (AUTO, *QUANTIZATIONS):
             raise ConfigError(f"quantization must be one of auto, {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
 
-    def replace(self, **changes: Any) -> "EngineConfig":
+    def replace(self, **changes: Any) -> EngineConfig:
         """Fields of this class or of :class:`KVConfig` (routed into ``kv``)."""
         kv_names = {f.name for f in dataclasses.fields(KVConfig)}
         kv_changes = {k: changes.pop(k) for k in list(changes) if k in kv_names}

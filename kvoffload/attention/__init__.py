@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from kvoffload.config import EngineConfig, ModelConfig
+if TYPE_CHECKING:      # this package's __init__ stays light: disk workers import its submodules
+    import torch
+
+    from kvoffload.config import EngineConfig, ModelConfig
 
 
 def make_backend(cfg: ModelConfig, config: EngineConfig, device: torch.device, dtype: str):
     """Contiguous in-memory KV (:class:`DenseBackend`) unless a KV budget or offload directory
     is configured, then the tiered store (:class:`TieredBackend`)."""
+    import torch
+
     from kvoffload.model.loading import DTYPE
 
     kv_dtype, act_dtype = DTYPE[config.kv_dtype or dtype], DTYPE[dtype]

@@ -14,9 +14,14 @@ import numpy as np
 import torch
 
 from kvoffload.attention.native import NativeDecode
+from kvoffload.attention.ops import (
+    causal_mask,
+    decode_attention,
+    needs_mask,
+    prefill_attention,
+)
 from kvoffload.config import ModelConfig
 from kvoffload.errors import InputError
-from kvoffload.attention.ops import causal_mask, decode_attention, needs_mask, prefill_attention
 from kvoffload.model.interface import ForwardBatch
 
 

@@ -31,7 +31,7 @@ class NativeDecode:
 
     @classmethod
     def create(cls, kv_dtype: torch.dtype, device: torch.device, H_kv: int, G: int, D: int,
-               act_dtype: torch.dtype | None = None) -> "NativeDecode | None":
+               act_dtype: torch.dtype | None = None) -> NativeDecode | None:
         """The kernel computes with activations in the KV dtype; other pairings use PyTorch."""
         if device.type != "cpu" or kv_dtype not in _FUNCS or G > 32 or D > 256:
             return None

@@ -27,7 +27,11 @@ from kvoffload.attention.merge import merge_torch
 from kvoffload.attention.ops import attend_lse
 from kvoffload.attention.workers.local import MemoryWorker, dtype_name, pack_slots
 from kvoffload.attention.workers.process import ProcessWorker
-from kvoffload.attention.workers.protocol import AttendRequest, AttendResult, WriteBlocks
+from kvoffload.attention.workers.protocol import (
+    AttendRequest,
+    AttendResult,
+    WriteBlocks,
+)
 from kvoffload.config import KVConfig, ModelConfig
 from kvoffload.errors import ConfigError
 from kvoffload.kv.layout import BlockLayout

@@ -21,19 +21,6 @@ def _base_type(tp: Any) -> type:
     return args[0] if args else tp
 
 
-def _checked(parse: Any) -> Any:
-    """A ``parse`` function whose ConfigError becomes argparse's one-line usage error."""
-    from kvoffload.errors import KvoffloadError
-
-    def run(text: str) -> Any:
-        try:
-            return parse(text)
-        except KvoffloadError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-    run.__name__ = getattr(parse, "__name__", "value")
-    return run
-
-
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, exclude: tuple[str, ...] = ()) -> None:
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(cls.__name__)
@@ -51,7 +38,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, exclude: tupl
         elif typing.get_origin(tp) is tuple:
             kw.update(action="append", type=_base_type(tp))
         else:
-            kw["type"] = _checked(f.metadata["parse"]) if f.metadata.get("parse") else _base_type(tp)
+            # a field with its own parser takes the text; the dataclass parses it (one-line errors)
+            kw["type"] = str if f.metadata.get("parse") else _base_type(tp)
             if f.metadata.get("choices"):
                 kw["choices"] = f.metadata["choices"]
             if "default" not in kw["help"]:

@@ -67,4 +67,7 @@ def run(args: argparse.Namespace) -> int:
           f"prompt {m.prompt_tokens} tok, prefill {m.prefill_s:.3f} s ({m.prefill_tok_s:.1f} tok/s); "
           f"generated {m.generated_tokens} tok, decode {m.decode_s:.3f} s ({m.decode_tok_s:.1f} tok/s); "
           f"finish: {out.finish_reason}; peak RSS {peak_rss_bytes() / 2**20:.0f} MiB", file=sys.stderr)
+    report = llm.kv_report()
+    if report:
+        print(report, file=sys.stderr)
     return 0

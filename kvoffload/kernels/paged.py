@@ -30,7 +30,7 @@ class BlockLists:
     last_len: np.ndarray   # [B]
 
     @classmethod
-    def build(cls, per_seq: list[np.ndarray], last_len: list[int]) -> "BlockLists":
+    def build(cls, per_seq: list[np.ndarray], last_len: list[int]) -> BlockLists:
         first = np.zeros(len(per_seq) + 1, dtype=np.int64)
         np.cumsum([len(p) for p in per_seq], out=first[1:])
         ptrs = np.concatenate(per_seq).astype(np.int64, copy=False) if per_seq else np.zeros(0, np.int64)

@@ -8,9 +8,9 @@ import pytest
 
 from kvoffload.config import KVConfig, parse_size
 from kvoffload.errors import ConfigError
+from kvoffload.kv.layout import BlockLayout
 from kvoffload.kv.placement import KVBudgetExceeded, Level, Placement, SlotPool
 from kvoffload.kv.tiers.disk import DiskShard, aligned_buffer
-from kvoffload.kv.layout import BlockLayout
 
 
 def make(caps, sink=1, recent=2):
@@ -28,7 +28,7 @@ def simulate(p, seqs, layers, blocks):
             for layer in range(layers):
                 for m in p.place_new(sid, layer):
                     src = ("new", m.key) if m.src is None else store[(m.src.level, m.src.shard, m.src.slot)]
-                    store[(m.dst.level, m.dst.shard, m.dst.slot)] = src if m.src is None else src
+                    store[(m.dst.level, m.dst.shard, m.dst.slot)] = src
                 for lv in p.levels:
                     assert lv.capacity is None or lv.used <= lv.capacity
     for sid in seqs:

@@ -16,7 +16,11 @@ import numpy as np
 import torch
 
 from kvoffload.attention.ops import attend_lse
-from kvoffload.attention.workers.protocol import AttendRequest, AttendResult, WriteBlocks
+from kvoffload.attention.workers.protocol import (
+    AttendRequest,
+    AttendResult,
+    WriteBlocks,
+)
 from kvoffload.kernels.paged import BlockLists, PagedAttention
 from kvoffload.kv.tiers.memory import MemoryTier
 

@@ -23,10 +23,13 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
-from kvoffload.errors import KvoffloadError
-
 from kvoffload.attention.merge import merge_np
-from kvoffload.attention.workers.protocol import AttendRequest, AttendResult, WriteBlocks
+from kvoffload.attention.workers.protocol import (
+    AttendRequest,
+    AttendResult,
+    WriteBlocks,
+)
+from kvoffload.errors import KvoffloadError
 from kvoffload.kernels.paged import BlockLists, PagedAttention
 from kvoffload.kv.layout import BlockLayout
 from kvoffload.kv.tiers.disk import DiskIOError, DiskShard, aligned_buffer
@@ -186,7 +189,8 @@ class ProcessWorker:
         cmd = [sys.executable, "-m", "kvoffload.attention.workers.process", "--fd", str(theirs.fileno()),
                "--path", self.path, "--layout", json.dumps(asdict(self.layout)),
                "--threads", str(self.threads), "--batch-bytes", str(self.batch_bytes)]
-        self.proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+        # own session: a terminal Ctrl-C reaches only the main process, which closes the workers
+        self.proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, start_new_session=True)
         theirs.close()
         self.conn = Connection(mine.detach())
         status, info = self._recv()

@@ -15,7 +15,6 @@ import os
 import numpy as np
 
 from kvoffload.errors import KvoffloadError
-
 from kvoffload.kv.layout import PAGE, BlockLayout
 
 

@@ -1,0 +1,99 @@
+"""Faults and bad input around the tiered store: a killed disk worker is restarted from its
+file with the output unchanged; bad budgets / directories are one-line errors; no offload
+files are left behind after exit, an error, or Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from test_cli import assert_one_line_error, kvo
+from test_tiered import (  # tests/attention and tests/ are on pytest's path
+    PROMPTS,
+    tiered_engine,
+)
+
+from kvoffload import SamplingParams
+from kvoffload.api import LLM
+from kvoffload.kv.layout import BlockLayout
+from kvoffload.kv.tiers.disk import DiskIOError, DiskShard, aligned_buffer
+
+
+@pytest.fixture(scope="module")
+def dense(tiny_hf):
+    _, path = tiny_hf("qwen2")
+    return LLM(path, dtype="float32", prefill_chunk=16, max_num_seqs=4)
+
+
+def test_killed_disk_worker_is_restarted_output_unchanged(dense):
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    ref = [o.token_ids for o in dense.generate(PROMPTS, params)]
+    eng = tiered_engine(dense, kv_host_budget=0, disk_workers=2)
+    try:
+        ids = [eng.add_request(dense.encode(p), params) for p in PROMPTS]
+        steps = 0
+        while eng.has_unfinished():
+            eng.step()
+            steps += 1
+            if steps in (8, 15):                      # mid-decode, each worker once
+                victim = eng.kv.disk[steps % 2]
+                os.kill(victim.proc.pid, signal.SIGKILL)
+                victim.proc.wait()
+        got = [eng.pop_finished(i).output_ids for i in ids]
+        assert got == ref
+        assert sum(w.restarts for w in eng.kv.disk) == 2
+    finally:
+        eng.kv.close()
+
+
+def test_disk_full_is_a_clear_error():
+    shard = DiskShard("/dev/full", BlockLayout(4, 1, 8, "float32"))
+    with pytest.raises(DiskIOError, match="disk full"):
+        shard.write(np.array([0]), memoryview(bytes(shard.layout.slot_bytes)), aligned_buffer(4096))
+
+
+def test_disk_budget_exhausted_is_one_line(tiny_hf, tmp_path):
+    _, path = tiny_hf("qwen2")
+    r = kvo("generate", "-m", path, "--prompt", "x" * 200, "-n", "4", "--kv-host-budget", "0",
+            "--kv-disk-budget", "16KiB", "--offload-dir", str(tmp_path), "--block-size", "4")
+    assert_one_line_error(r, "does not fit")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("flags,word", [
+    (["--kv-host-budget", "100"], "smaller than one KV block"),
+    (["--kv-host-budget", "12XB"], "bad size"),
+    (["--offload-dir", "/nonexistent/dir"], "does not exist"),
+    (["--offload-dir", "/proc"], "cannot create"),
+    (["--kv-disk-budget", "1000TiB", "--kv-host-budget", "0"], "exceeds"),
+    (["--disk-workers", "0", "--kv-host-budget", "0"], "disk_workers"),
+])
+def test_bad_kv_flags(tiny_hf, flags, word):
+    _, path = tiny_hf("qwen2")
+    assert_one_line_error(kvo("generate", "-m", path, "--prompt", "hi", "-n", "2", *flags), word)
+
+
+def test_no_files_left_after_exit_and_ctrl_c(tiny_hf, tmp_path):
+    _, path = tiny_hf("qwen2")
+    r = kvo("generate", "-m", path, "--prompt", "hello " * 20, "-n", "8", "--kv-host-budget", "0",
+            "--offload-dir", str(tmp_path), "--block-size", "4")
+    assert r.returncode == 0, r.stderr
+    assert "KV per generated token" in r.stderr and os.listdir(tmp_path) == []
+    p = subprocess.Popen([sys.executable, "-m", "kvoffload.cli.main", "generate", "-m", path, "--prompt", "hi " * 50,
+                          "-n", "100000", "--ignore-eos", "--kv-host-budget", "0", "--offload-dir", str(tmp_path),
+                          "--block-size", "4"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not any(f.endswith(".kv") for _, _, fs in os.walk(tmp_path) for f in fs):
+        assert time.time() < deadline and p.poll() is None, p.stderr.read() if p.poll() is not None else "timeout"
+        time.sleep(0.2)
+    time.sleep(1.0)                                    # decoding, with blocks on disk
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == 130, err
+    assert "Traceback" not in err, err
+    assert os.listdir(tmp_path) == []
