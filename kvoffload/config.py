@@ -152,6 +152,8 @@ class KVConfig:
         never demoted to a slower tier while others can be (attention sinks, recent window).
     disk_read_batch: bytes a disk worker reads per batch (two such buffers per worker: one is
         read while the other is attended).
+    kv_serial: submit to one worker and wait for it before the next (default: every worker
+        is started, then the device's own share is computed, then the others are collected).
     arena_segment_slots: memory tiers grow in segments of this many blocks.
     """
 
@@ -163,7 +165,8 @@ class KVConfig:
     disk_workers: int = cli_field(2, "disk worker processes (one file shard each)")
     kv_sink_tokens: int = cli_field(4, "first tokens of a sequence kept in the fastest tier")
     kv_recent_tokens: int = cli_field(256, "last tokens of a sequence kept in the fastest tier")
-    disk_read_batch: int = cli_field(8 << 20, "bytes per disk worker read batch", parse=parse_size)
+    disk_read_batch: int = cli_field(1 << 20, "bytes per disk worker read batch", parse=parse_size)
+    kv_serial: bool = cli_field(False, "run the tier workers one after another instead of together (measures what the overlap buys)")
     arena_segment_slots: int = 256
 
     def __post_init__(self) -> None:

@@ -111,7 +111,8 @@ class TieredBackend:
                       MemoryTier("host", lay, kv_dtype, cpu, caps[HOST], seg, pin=device.type == "cuda")]
         levels = [Level("device", [self.tiers[DEVICE]], caps[DEVICE]), Level("host", [self.tiers[HOST]], caps[HOST])]
         self.workers: list = [MemoryWorker(self.tiers[DEVICE], threads, tails=self.tails, native=native),
-                              MemoryWorker(self.tiers[HOST], threads, background=True, native=native)]
+                              MemoryWorker(self.tiers[HOST], threads, native=native,
+                                           tails=self.tails if device.type == "cpu" else None)]
         self.disk: list[ProcessWorker] = []
         self.directory: str | None = None
         self._finalizer = weakref.finalize(self, _cleanup, self.workers, None)
@@ -183,8 +184,10 @@ class TieredBackend:
     # ---- attention ----
     def _dispatch(self, layer: int, batch: ForwardBatch, q: torch.Tensor, tail_lens: np.ndarray,
                   k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None) -> list[AttendResult]:
-        """Send q (``[B, L, H, D]``, KV dtype) to every worker holding blocks; disk and host start
-        first, the device worker computes in this thread meanwhile; returns their results."""
+        """Send q (``[B, L, H, D]``, KV dtype) to every worker holding blocks: the disk workers
+        start first (separate processes), then the memory tiers are attended in this thread
+        while the disks read; returns their results. The tails' bytes count with the tier
+        whose worker attends them (the host's on the CPU, where the device has no blocks)."""
         splits = [self._split(sid, layer) for sid in batch.seq_ids]
         ids = batch.seq_ids
         active: list[tuple[int, object, AttendRequest]] = []
@@ -194,18 +197,26 @@ class TieredBackend:
             if any(len(b) for b in blocks):
                 q_np = _as_numpy(q) if q_np is None else q_np
                 active.append((DISK, w, AttendRequest(layer, ids, blocks, q_np)))
-        blocks = [sp.get((HOST, 0), _EMPTY) for sp in splits]
-        if any(len(b) for b in blocks):
-            active.append((HOST, self.workers[HOST], AttendRequest(layer, ids, blocks, q.to("cpu"))))
         tails = np.array([self.tail_slot[sid][layer] for sid in ids], dtype=np.int64)
-        blocks = [sp.get((DEVICE, 0), _EMPTY) for sp in splits]
-        if k_new is not None or any(len(b) for b in blocks) or tail_lens.any():
-            active.append((DEVICE, self.workers[DEVICE],
-                           AttendRequest(layer, ids, blocks, q, tails, tail_lens, k_new, v_new)))
-        for _, w, req in active:
-            w.submit(req)
+        tail = (tails, tail_lens, k_new, v_new)
+        need_tail = k_new is not None or bool(tail_lens.any())
+        dev_blocks = [sp.get((DEVICE, 0), _EMPTY) for sp in splits]
+        host_blocks = [sp.get((HOST, 0), _EMPTY) for sp in splits]
+        dev_has, host_has = any(len(b) for b in dev_blocks), any(len(b) for b in host_blocks)
+        # on the CPU the tails are in RAM too: with no device blocks, the host worker takes them (one call)
+        tails_on_host = need_tail and self.device.type == "cpu" and not dev_has
+        if host_has or tails_on_host:
+            active.append((HOST, self.workers[HOST],
+                           AttendRequest(layer, ids, host_blocks, q.to("cpu"), *(tail if tails_on_host else ()))))
+        if dev_has or (need_tail and not tails_on_host):
+            active.append((DEVICE, self.workers[DEVICE], AttendRequest(layer, ids, dev_blocks, q, *tail)))
+        if not self.kvcfg.kv_serial:
+            for _, w, req in active:
+                w.submit(req)
         results = []
         for level, w, req in reversed(active):          # the device's own first: it runs right here
+            if self.kvcfg.kv_serial:
+                w.submit(req)
             r = w.collect()
             c = self.stats.tiers[TIER_NAMES[level]]
             c.read += r.bytes_read

@@ -10,9 +10,15 @@ from kvoffload.errors import ConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="measure prefill (ppN) and decode (tgN @ dD) throughput, optionally vs peers",
-                       description="Each test is repeated --reps times after a warm-up, engines interleaved; "
-                                   "reports medians (min-max), pairwise ratios and RSS.")
+    p = sub.add_parser("bench", help="measure prefill (ppN) and decode (tgN @ dD) throughput, optionally vs peers; "
+                                     "'bench attention': decode attention bandwidth per KV tier; 'bench offload': "
+                                     "an end-to-end job with the KV spilled to disk",
+                       description="speed (default): each test is repeated --reps times after a warm-up, engines "
+                                   "interleaved; reports medians (min-max), pairwise ratios and RSS. attention: "
+                                   "decode attention per tier (host RAM, disk workers) as effective bandwidth beside "
+                                   "the measured peak. offload: a batch whose KV is many times --kv-host-budget, "
+                                   "against the same job in memory, with the disk-bound step time.")
+    p.add_argument("kind", nargs="?", default="speed", choices=("speed", "attention", "offload"))
     p.add_argument("-m", "--model", default=None, help="GGUF file or alias (default: embedded SmolLM2)")
     p.add_argument("-p", "--n-prompt", default="512", help="prefill tests: prompt lengths (comma-separated)")
     p.add_argument("-n", "--n-gen", default="32", help="decode tests: tokens generated (comma-separated)")
@@ -24,12 +30,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto", help="kvoffload compute dtype")
     p.add_argument("-q", "--quantization", default="auto", help="kvoffload decode weight format")
     p.add_argument("--hf-dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    g = p.add_argument_group("attention / offload")
+    g.add_argument("--context", type=int, default=None, help="tokens per sequence (attention: 8192, offload: 4096)")
+    g.add_argument("--kv-host-budget", default="32MiB", help="offload: host RAM budget of the offloaded run")
+    g.add_argument("--disk-workers", type=int, default=2, help="disk worker processes")
+    g.add_argument("--offload-dir", default=None, help="where disk files go (default: system temp dir)")
+    g.add_argument("--tiers", default="host,disk", help="attention: tiers to measure")
+    g.add_argument("--peak-size", default="1GiB", help="buffer / file size for measuring the peak bandwidths")
     p.add_argument("-o", "--output", default=None,
                    help="write PREFIX.md, PREFIX.json and PREFIX.png (default: print the table only)")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.kind != "speed":
+        return _run_kv(args)
     from kvoffload.bench.spec import make_tests, parse_ints
 
     tests = make_tests(parse_ints(args.n_prompt, "--n-prompt"), parse_ints(args.n_gen, "--n-gen"),
@@ -59,4 +74,66 @@ def run(args: argparse.Namespace) -> int:
         why = report.plot(args.output + ".png")
         if why:
             print(f"no plot: {why}", file=sys.stderr)
+    return 0
+
+
+def _write(output: str | None, md: str, data: str) -> None:
+    print(md)
+    if output:
+        parent = os.path.dirname(os.path.abspath(output))
+        if not os.path.isdir(parent):
+            raise ConfigError(f"--output: directory {parent} does not exist")
+        for ext, text in ((".md", md + "\n"), (".json", data)):
+            tmp = output + ext + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.replace(tmp, output + ext)
+
+
+def _size(text: str) -> int:
+    from kvoffload.config import parse_size
+
+    n = parse_size(text)
+    if not n or n < (1 << 20):
+        raise ConfigError(f"--peak-size must be at least 1MiB, got {text!r}")
+    return n
+
+
+def _run_kv(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    from kvoffload.bench.spec import parse_ints
+
+    batch = parse_ints(args.batch, "--batch")[0]
+    progress = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    if args.offload_dir and not os.path.isdir(args.offload_dir):
+        raise ConfigError(f"offload directory {args.offload_dir} does not exist")
+    if args.kind == "attention":
+        from kvoffload.bench import attention
+        from kvoffload.model.loading import read_config
+        from kvoffload.model.registry import resolve_model
+
+        mc = read_config(resolve_model(args.model))
+        bad = [t for t in args.tiers.split(",") if t not in ("host", "disk")]
+        if bad:
+            raise ConfigError(f"--tiers: unknown tier {bad[0]!r} (host, disk)")
+        cfg = attention.AttentionBenchConfig(
+            num_kv_heads=mc.num_kv_heads, group=mc.num_heads // mc.num_kv_heads, head_dim=mc.head_dim,
+            layers=mc.num_layers, context=args.context or 8192, batch=batch, threads=args.threads,
+            disk_workers=args.disk_workers, reps=args.reps, offload_dir=args.offload_dir,
+            tiers=tuple(args.tiers.split(",")), peak_bytes=_size(args.peak_size))
+        res = attention.run(cfg, progress)
+        _write(args.output, attention.markdown(cfg, res),
+               json.dumps({"config": asdict(cfg), "results": [dict(asdict(r), gbs=r.gbs, ratio=r.ratio) for r in res]},
+                          indent=1))
+        return 0
+    from kvoffload.bench import offload
+
+    cfg = offload.OffloadBenchConfig(model=args.model, batch=batch, context=args.context or 4096,
+                                     gen=parse_ints(args.n_gen, "--n-gen")[0], host_budget=args.kv_host_budget,
+                                     threads=args.threads, disk_workers=args.disk_workers,
+                                     offload_dir=args.offload_dir, peak_bytes=_size(args.peak_size))
+    res = offload.run(cfg, progress)
+    _write(args.output, offload.markdown(res), json.dumps(res, indent=1))
     return 0

@@ -97,3 +97,14 @@ def test_no_files_left_after_exit_and_ctrl_c(tiny_hf, tmp_path):
     assert p.returncode == 130, err
     assert "Traceback" not in err, err
     assert os.listdir(tmp_path) == []
+
+
+def test_bench_attention_runs_and_reports(tiny_hf, tmp_path):
+    """The command works end to end (a smoke test: its numbers are for benchmarks, not asserted)."""
+    _, path = tiny_hf("qwen2")
+    out = tmp_path / "att"
+    r = kvo("bench", "attention", "-m", path, "--context", "256", "-b", "2", "-r", "1", "-t", "1",
+            "--peak-size", "8MiB", "--offload-dir", str(tmp_path), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "| host (RAM) |" in r.stdout and "| disk (2 workers) |" in r.stdout
+    assert (tmp_path / "att.json").exists() and sorted(os.listdir(tmp_path)) == ["att.json", "att.md"]

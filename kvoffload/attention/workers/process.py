@@ -17,7 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from multiprocessing.connection import Connection
 
@@ -36,6 +36,8 @@ from kvoffload.kv.tiers.disk import DiskIOError, DiskShard, aligned_buffer
 
 _NP = {"float32": np.float32, "bfloat16": np.uint16, "float16": np.float16}
 MAX_RESTARTS = 3
+IO_DEPTH = 4             # concurrent reads per worker
+IO_BYTES = 256 << 10     # bytes per read
 
 
 class WorkerError(KvoffloadError):
@@ -67,12 +69,15 @@ def attend_multi_np(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> tuple[np.nda
 class DiskWorkerServer:
     """What runs inside the worker process (also callable in-process, for tests)."""
 
-    def __init__(self, path: str, layout: BlockLayout, threads: int, batch_bytes: int) -> None:
+    def __init__(self, path: str, layout: BlockLayout, threads: int, batch_bytes: int,
+                 io_depth: int = IO_DEPTH, io_bytes: int = IO_BYTES) -> None:
         self.shard, self.layout, self.threads = DiskShard(path, layout), layout, threads
         self.batch_slots = max(1, batch_bytes // layout.disk_stride)
         self.bufs = [aligned_buffer(self.batch_slots * layout.disk_stride) for _ in range(2)]
         self.wbuf = aligned_buffer(self.batch_slots * layout.disk_stride)
         self.kernels: dict[int, PagedAttention] = {}
+        self.io = ThreadPoolExecutor(io_depth, thread_name_prefix="kv-read")
+        self.io_bytes = io_bytes
 
     def write(self, w: WriteBlocks) -> None:
         slots = np.asarray(w.slots, dtype=np.int64)
@@ -81,8 +86,11 @@ class DiskWorkerServer:
             j = min(i + self.batch_slots, len(slots))
             self.shard.write(slots[i:j], data[i * self.layout.slot_bytes:j * self.layout.slot_bytes], self.wbuf)
 
+    def _read_async(self, slots: np.ndarray, buf) -> list[Future]:
+        """Issue the batch's reads, ``io_depth`` at a time (the device's queue stays full)."""
+        return [self.io.submit(self.shard.read_one, buf, *r) for r in self.shard.read_plan(slots, self.io_bytes)]
+
     def attend(self, req: AttendRequest) -> AttendResult:
-        lay = self.layout
         q = req.q                                                 # [B, L, H, D] (KV dtype)
         B, L, H, D = q.shape
         o = np.zeros((B, L, H, D), np.float32)
@@ -93,27 +101,12 @@ class DiskWorkerServer:
         slots, owner = slots[order], owner[order]
         batches = [(i, min(i + self.batch_slots, len(slots))) for i in range(0, len(slots), self.batch_slots)]
         read = 0
-        pending: threading.Thread | None = None
-        box: dict[int, object] = {}
-
-        def load(n: int) -> None:                               # runs in the reader thread
-            try:
-                i, j = batches[n]
-                box[n] = self.shard.read(slots[i:j], self.bufs[n % 2])
-            except DiskIOError as e:
-                box[n] = e
-
-        if batches:
-            pending = threading.Thread(target=load, args=(0,))
-            pending.start()
+        pending = self._read_async(slots[batches[0][0]:batches[0][1]], self.bufs[0]) if batches else []
         for n, (i, j) in enumerate(batches):
-            pending.join()
-            if isinstance(box.get(n), DiskIOError):
-                raise box[n]
-            read += box.pop(n)
-            if n + 1 < len(batches):                           # read the next batch meanwhile
-                pending = threading.Thread(target=load, args=(n + 1,))
-                pending.start()
+            read += sum(f.result() for f in pending)              # raises the reader's DiskIOError
+            if n + 1 < len(batches):                              # the next batch is read meanwhile
+                a, b = batches[n + 1]
+                pending = self._read_async(slots[a:b], self.bufs[(n + 1) % 2])
             ob, lb = self._attend_batch(q, self.bufs[n % 2], owner[i:j])
             o, lse = merge_np(o, lse, ob, lb)
         return AttendResult(o, lse, read)

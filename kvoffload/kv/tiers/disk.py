@@ -71,19 +71,30 @@ class DiskShard:
                 buf[i * st:i * st + sb] = data[src:src + sb]
             self._pwrite(memoryview(buf)[:count * st], first * st)
 
-    def read(self, slots: np.ndarray, buf: mmap.mmap) -> int:
-        """Read the slots (sorted, unique) into ``buf`` back to back at the stride; returns bytes read."""
-        st, done = self.stride, 0
+    def read_plan(self, slots: np.ndarray, max_bytes: int) -> list[tuple[int, int, int]]:
+        """Sorted, unique slots -> reads ``(buffer offset, bytes, file offset)`` of at most
+        ``max_bytes`` each, placing the slots back to back at the stride (independent reads:
+        they can be issued concurrently)."""
+        st, per = self.stride, max(1, max_bytes // self.stride)
+        plan = []
         for first, count, at in self.runs(slots):
-            view = memoryview(buf)[at * st:(at + count) * st]
-            try:
-                n = os.preadv(self.fd, [view], first * st)
-            except OSError as e:
-                raise DiskIOError(f"read from {self.path} failed: {e.strerror}") from e
-            if n != count * st:
-                raise DiskIOError(f"short read from {self.path} ({n} of {count * st} bytes)")
-            done += n
-        return done
+            for i in range(0, count, per):
+                n = min(per, count - i)
+                plan.append(((at + i) * st, n * st, (first + i) * st))
+        return plan
+
+    def read_one(self, buf: mmap.mmap, buf_off: int, nbytes: int, file_off: int) -> int:
+        try:
+            n = os.preadv(self.fd, [memoryview(buf)[buf_off:buf_off + nbytes]], file_off)
+        except OSError as e:
+            raise DiskIOError(f"read from {self.path} failed: {e.strerror}") from e
+        if n != nbytes:
+            raise DiskIOError(f"short read from {self.path} ({n} of {nbytes} bytes)")
+        return n
+
+    def read(self, slots: np.ndarray, buf: mmap.mmap, max_bytes: int = 1 << 30) -> int:
+        """Read the slots (sorted, unique) into ``buf`` back to back at the stride; returns bytes read."""
+        return sum(self.read_one(buf, *r) for r in self.read_plan(slots, max_bytes))
 
     def _pwrite(self, view: memoryview, offset: int) -> None:
         try:
