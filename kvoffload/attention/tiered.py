@@ -271,11 +271,17 @@ class TieredBackend:
 
     # ---- writing blocks ----
     def _tail_views(self, sid: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The tail's K ``[H_kv, D, bs]`` and V ``[H_kv, bs, D]`` views."""
+        """The tail's K ``[H_kv, D/2, bs, 2]`` and V ``[H_kv, bs, D]`` views."""
         view = self.tails.view(int(self.tail_slot[sid][layer]))
         half = self.layout.num_kv_heads * self.layout.head_elems
         H_kv, D = self.layout.num_kv_heads, self.layout.head_dim
-        return view[:half].view(H_kv, D, self.bs), view[half:].view(H_kv, self.bs, D)
+        return view[:half].view(H_kv, D // 2, self.bs, 2), view[half:].view(H_kv, self.bs, D)
+
+    @staticmethod
+    def _k_pairs(k: torch.Tensor) -> torch.Tensor:
+        """k ``[H_kv, n, D]`` -> ``[H_kv, D/2, n, 2]`` (the tail's K order)."""
+        H_kv, n, D = k.shape
+        return k.reshape(H_kv, n, D // 2, 2).transpose(1, 2)
 
     def _write_chunk(self, sid: int, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v ``[H_kv, L, D]`` at positions ``start..``: fill the tail, whole blocks to their tiers."""
@@ -284,7 +290,7 @@ class TieredBackend:
         if t:
             n = min(self.bs - t, L)
             tk, tv = self._tail_views(sid, layer)
-            tk[:, :, t:t + n] = k[:, :n].transpose(1, 2)
+            tk[:, :, t:t + n] = self._k_pairs(k[:, :n])
             tv[:, t:t + n] = v[:, :n]
             pos = n
             if t + n == self.bs:
@@ -297,7 +303,7 @@ class TieredBackend:
             pos += full * self.bs
         if pos < L:
             tk, tv = self._tail_views(sid, layer)
-            tk[:, :, :L - pos] = k[:, pos:].transpose(1, 2)
+            tk[:, :, :L - pos] = self._k_pairs(k[:, pos:])
             tv[:, :L - pos] = v[:, pos:]
 
     def _flush(self, sid: int, layer: int) -> None:

@@ -1,9 +1,10 @@
 /* Decode attention over paged KV: the near-data primitive every tier worker runs.
  *
  * A slot (kv/layout.py) holds one block of block_size (bs) tokens for every KV head of one
- * (sequence, layer): first K for heads 0..H_kv-1, each channel-major [D, bs] (so the scores of
- * 16 tokens are D vector FMAs, no horizontal sums), then V for heads 0..H_kv-1, each token-major
- * [bs, D]. A sequence hands the kernel a list of slot base addresses; every listed block is full
+ * (sequence, layer): first K for heads 0..H_kv-1, each channel-pair-major [D/2, bs, 2] (channels
+ * 2i and 2i+1 of a token side by side, tokens along a row: the scores of 16 tokens take D/2
+ * vector ops and no horizontal sums; with bf16 one VDPBF16PS per channel pair), then V for heads
+ * 0..H_kv-1, each token-major [bs, D]. A sequence hands the kernel a list of slot base addresses; every listed block is full
  * except the last, which holds last_len[b] tokens. The order of the blocks does not matter
  * (softmax is permutation invariant), so a worker lists just the blocks it owns.
  *
@@ -60,6 +61,13 @@ static inline float f16_to_f32(uint16_t h) {
 
 static inline float f32_id(float x) { return x; }
 
+static inline uint16_t f32_to_bf16_bits(float f) {   /* exact for values that came from bf16 */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
 static inline float exp_nonpos(float x) {   /* Cephes expf for x <= 0 (as in decode_attn.c) */
     x = x < -87.0f ? -87.0f : x;
     float n = floorf(x * 1.44269504088896341f + 0.5f);
@@ -94,8 +102,8 @@ static void NAME##_generic(const float *q, const int64_t *blk, int nb, int n_las
             const float *qg = q + (size_t)g * D;                                                    \
             for (int t = 0; t < n; t++) s[g][t] = 0.f;                                              \
             for (int d = 0; d < D; d++) {                                                           \
-                const KV_T *kr = K + (size_t)d * bs;                                                \
-                for (int t = 0; t < n; t++) s[g][t] += qg[d] * LOAD(kr[t]);                         \
+                const KV_T *kr = K + (size_t)(d >> 1) * bs * 2 + (d & 1);                           \
+                for (int t = 0; t < n; t++) s[g][t] += qg[d] * LOAD(kr[2 * t]);                     \
             }                                                                                       \
             float bm = -INFINITY;                                                                   \
             for (int t = 0; t < n; t++) { s[g][t] *= scale; bm = s[g][t] > bm ? s[g][t] : bm; }     \
@@ -125,9 +133,10 @@ DEFINE_GENERIC(f16, uint16_t, f16_to_f32)
 
 /* all KV heads of a run of slots, one head after the other (portable path) */
 #define DEFINE_GENERIC_HEADS(NAME)                                                                  \
-static void NAME##_generic_heads(const float *q, const int64_t *blk, int nb, int n_last, int H_kv, \
+static void NAME##_generic_heads(const float *q, const uint16_t *qb, const int64_t *blk, int nb, int n_last, int H_kv, \
                                  int G, int D, int bs, float scale, float *m, float *l, float *o) { \
     size_t kblock = (size_t)D * bs;                                                                \
+    (void)qb;                                                                                      \
     for (int h = 0; h < H_kv; h++)                                                                 \
         NAME##_generic(q + (size_t)h * G * D, blk, nb, n_last, h * kblock, (H_kv + h) * kblock, G, D, bs, \
                        scale, m + h * G, l + h * G, o + (size_t)h * G * D);                         \
@@ -162,15 +171,107 @@ static inline __m512 exp512_nonpos(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+
+/* Scores of 16 tokens (t0..t0+15 of a block) for G query heads, K channel-pair-major. */
+static inline __attribute__((always_inline)) void pair_scores_f32(const __m512 *lo, const __m512 *hi,
+                                                                  int G, __m512 *s) {
+    /* lanes hold (token, channel parity) products: add the two parities, keep the even lanes */
+    const __m512i idx = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    for (int g = 0; g < G; g++) {
+        __m512 a = _mm512_add_ps(lo[g], _mm512_permute_ps(lo[g], 0xB1));
+        __m512 b = _mm512_add_ps(hi[g], _mm512_permute_ps(hi[g], 0xB1));
+        s[g] = _mm512_permutex2var_ps(a, idx, b);
+    }
+}
+static inline __attribute__((always_inline)) void score16_f32(const float *K, int t0, int bs, int D,
+        const float *qh, const uint16_t *qbh, int G, __m512 *s) {
+    (void)qbh;
+    __m512 lo[G_MAX], hi[G_MAX];
+    for (int g = 0; g < G; g++) lo[g] = hi[g] = _mm512_setzero_ps();
+    for (int dp = 0; dp < D / 2; dp++) {
+        const float *r = K + (size_t)dp * bs * 2 + 2 * t0;
+        __m512 k0 = _mm512_loadu_ps(r), k1 = _mm512_loadu_ps(r + 16);
+        for (int g = 0; g < G; g++) {
+            double pair;
+            memcpy(&pair, qh + (size_t)g * D + 2 * dp, 8);
+            __m512 qp = _mm512_castpd_ps(_mm512_set1_pd(pair));
+            lo[g] = _mm512_fmadd_ps(qp, k0, lo[g]);
+            hi[g] = _mm512_fmadd_ps(qp, k1, hi[g]);
+        }
+    }
+    pair_scores_f32(lo, hi, G, s);
+}
+static inline __attribute__((always_inline)) void score16_f16(const uint16_t *K, int t0, int bs, int D,
+        const float *qh, const uint16_t *qbh, int G, __m512 *s) {
+    (void)qbh;
+    __m512 lo[G_MAX], hi[G_MAX];
+    for (int g = 0; g < G; g++) lo[g] = hi[g] = _mm512_setzero_ps();
+    for (int dp = 0; dp < D / 2; dp++) {
+        const uint16_t *r = K + (size_t)dp * bs * 2 + 2 * t0;
+        __m512 k0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)r));
+        __m512 k1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(r + 16)));
+        for (int g = 0; g < G; g++) {
+            double pair;
+            memcpy(&pair, qh + (size_t)g * D + 2 * dp, 8);
+            __m512 qp = _mm512_castpd_ps(_mm512_set1_pd(pair));
+            lo[g] = _mm512_fmadd_ps(qp, k0, lo[g]);
+            hi[g] = _mm512_fmadd_ps(qp, k1, hi[g]);
+        }
+    }
+    pair_scores_f32(lo, hi, G, s);
+}
+#ifdef __AVX512BF16__
+/* one VDPBF16PS per channel pair: 16 tokens x 2 channels, products exact, fp32 accumulation */
+static inline __attribute__((always_inline)) void score16_bf16(const uint16_t *K, int t0, int bs, int D,
+        const float *qh, const uint16_t *qbh, int G, __m512 *s) {
+    (void)qh;
+    __m512 s2[G_MAX];
+    for (int g = 0; g < G; g++) s[g] = s2[g] = _mm512_setzero_ps();
+    for (int dp = 0; dp < D / 2; dp += 2) {
+        const uint16_t *r = K + (size_t)dp * bs * 2 + 2 * t0;
+        __m512bh k0 = (__m512bh)_mm512_loadu_si512(r), k1 = (__m512bh)_mm512_loadu_si512(r + bs * 2);
+        for (int g = 0; g < G; g++) {
+            uint32_t p0, p1;
+            memcpy(&p0, qbh + (size_t)g * D + 2 * dp, 4);
+            memcpy(&p1, qbh + (size_t)g * D + 2 * dp + 2, 4);
+            s[g] = _mm512_dpbf16_ps(s[g], (__m512bh)_mm512_set1_epi32((int)p0), k0);
+            s2[g] = _mm512_dpbf16_ps(s2[g], (__m512bh)_mm512_set1_epi32((int)p1), k1);
+        }
+    }
+    for (int g = 0; g < G; g++) s[g] = _mm512_add_ps(s[g], s2[g]);
+}
+#else
+static inline __attribute__((always_inline)) void score16_bf16(const uint16_t *K, int t0, int bs, int D,
+        const float *qh, const uint16_t *qbh, int G, __m512 *s) {
+    (void)qbh;
+    __m512 lo[G_MAX], hi[G_MAX];
+    for (int g = 0; g < G; g++) lo[g] = hi[g] = _mm512_setzero_ps();
+    for (int dp = 0; dp < D / 2; dp++) {
+        const uint16_t *r = K + (size_t)dp * bs * 2 + 2 * t0;
+        __m512i w = _mm512_loadu_si512(r);
+        __m512 k0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(w)), 16));
+        __m512 k1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(w, 1)), 16));
+        for (int g = 0; g < G; g++) {
+            double pair;
+            memcpy(&pair, qh + (size_t)g * D + 2 * dp, 8);
+            __m512 qp = _mm512_castpd_ps(_mm512_set1_pd(pair));
+            lo[g] = _mm512_fmadd_ps(qp, k0, lo[g]);
+            hi[g] = _mm512_fmadd_ps(qp, k1, hi[g]);
+        }
+    }
+    pair_scores_f32(lo, hi, G, s);
+}
+#endif
+
 /* bs and D multiples of 16. One work item walks a run of slots in address order, every KV
  * head of a slot in turn (K then V of head 0, then head 1, ...), so a slot is read front to
  * back and consecutive slots form one stream the hardware prefetcher follows. Per 16-token
  * group: scores of the G query heads by D broadcast FMAs over the channel-major K rows (two
  * FMA chains per head), online softmax, then the V rows accumulated; the running output of
  * each query head lives in o_out (L1-resident) between groups. */
-#define DEFINE_AVX512(NAME, KV_T, LOADV)                                                              \
+#define DEFINE_AVX512(NAME, KV_T, LOADV, SCORE)                                                       \
 static inline __attribute__((always_inline)) void NAME##_avx512_body(                               \
-        const float *q, const int64_t *blk, int nb, int n_last, int H_kv, int G, int D, int bs,     \
+        const float *q, const uint16_t *qb, const int64_t *blk, int nb, int n_last, int H_kv, int G, int D, int bs,     \
         float scale, float *m, float *l, float *o_out, const int G_C, const int NV_C) {             \
     enum { NV_MAX = D_MAX / 16 };                                                                   \
     /* G_C / NV_C: compile-time G and D/16 in the specialised copies (0 = runtime), so the       \
@@ -196,23 +297,17 @@ static inline __attribute__((always_inline)) void NAME##_avx512_body(           
                 }                                                                                   \
             }                                                                                       \
             const float *qh = q + (size_t)h * G * D;                                                \
+            const uint16_t *qbh = qb + (size_t)h * G * D;                                           \
             float *mh = m + h * G, *lh = l + h * G, *oh = o_out + (size_t)h * G * D;                \
             for (int t0 = 0; t0 < n; t0 += 16) {                                                    \
                 int cnt = n - t0 < 16 ? n - t0 : 16;                                                \
                 __mmask16 live = (__mmask16)((1u << cnt) - 1u);                                     \
-                __m512 s[G_MAX], s2[G_MAX];                                                         \
-                for (int g = 0; g < G; g++) s[g] = s2[g] = _mm512_setzero_ps();                     \
-                for (int d = 0; d < D; d += 2) {                                                    \
-                    __m512 k0 = LOADV(K + (size_t)d * bs + t0), k1 = LOADV(K + (size_t)(d + 1) * bs + t0); \
-                    for (int g = 0; g < G; g++) {                                                   \
-                        s[g] = _mm512_fmadd_ps(_mm512_set1_ps(qh[(size_t)g * D + d]), k0, s[g]);    \
-                        s2[g] = _mm512_fmadd_ps(_mm512_set1_ps(qh[(size_t)g * D + d + 1]), k1, s2[g]); \
-                    }                                                                               \
-                }                                                                                   \
+                __m512 s[G_MAX];                                                                    \
+                SCORE(K, t0, bs, D, qh, qbh, G, s);                                                 \
                 __m512 acc[G_MAX][NV_MAX];                                                          \
                 for (int g = 0; g < G; g++) {                                                       \
                     __m512 sv = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), live,                 \
-                                   _mm512_mul_ps(_mm512_add_ps(s[g], s2[g]), _mm512_set1_ps(scale))); \
+                                   _mm512_mul_ps(s[g], _mm512_set1_ps(scale)));                     \
                     float bm = _mm512_reduce_max_ps(sv);                                            \
                     float mn = bm > mh[g] ? bm : mh[g];                                             \
                     float alpha = mh[g] == -INFINITY ? 0.f : exp_nonpos(mh[g] - mn);                \
@@ -239,20 +334,20 @@ static inline __attribute__((always_inline)) void NAME##_avx512_body(           
         }                                                                                           \
     }                                                                                               \
 }
-DEFINE_AVX512(f32, float, ld_f32)
-DEFINE_AVX512(bf16, uint16_t, ld_bf16)
-DEFINE_AVX512(f16, uint16_t, ld_f16)
+DEFINE_AVX512(f32, float, ld_f32, score16_f32)
+DEFINE_AVX512(bf16, uint16_t, ld_bf16, score16_bf16)
+DEFINE_AVX512(f16, uint16_t, ld_f16, score16_f16)
 
 #define SPEC(NAME, GC, NVC)                                                                          \
-static void NAME##_avx512_g##GC##_nv##NVC(const float *q, const int64_t *blk, int nb, int n_last,   \
-        int H_kv, int G, int D, int bs, float scale, float *m, float *l, float *o) {                \
-    NAME##_avx512_body(q, blk, nb, n_last, H_kv, G, D, bs, scale, m, l, o, GC, NVC);                \
+static void NAME##_avx512_g##GC##_nv##NVC(const float *q, const uint16_t *qb, const int64_t *blk,  \
+        int nb, int n_last, int H_kv, int G, int D, int bs, float scale, float *m, float *l, float *o) { \
+    NAME##_avx512_body(q, qb, blk, nb, n_last, H_kv, G, D, bs, scale, m, l, o, GC, NVC);                \
 }
 #define SPEC_NV(NAME, GC) SPEC(NAME, GC, 1) SPEC(NAME, GC, 4) SPEC(NAME, GC, 8)
 #define SPEC_ALL(NAME)                                                                               \
     SPEC(NAME, 0, 0) SPEC_NV(NAME, 1) SPEC_NV(NAME, 2) SPEC_NV(NAME, 3) SPEC_NV(NAME, 4)             \
     SPEC_NV(NAME, 6) SPEC_NV(NAME, 7) SPEC_NV(NAME, 8)                                               \
-typedef void (*item_fn)(const float *, const int64_t *, int, int, int, int, int, int, float, float *, float *, float *); \
+typedef void (*item_fn)(const float *, const uint16_t *, const int64_t *, int, int, int, int, int, int, float, float *, float *, float *); \
 static item_fn NAME##_pick(int G, int D, int bs) {                                                   \
     if (D % 16 || bs % 16) return NAME##_generic_heads;                                              \
     int nv = D / 16;                                                                                 \
@@ -274,7 +369,7 @@ SPEC_ALL(bf16)
 SPEC_ALL(f16)
 #define PICK(NAME) NAME##_pick(G, D, bs)
 #else
-typedef void (*item_fn)(const float *, const int64_t *, int, int, int, int, int, int, float, float *, float *, float *);
+typedef void (*item_fn)(const float *, const uint16_t *, const int64_t *, int, int, int, int, int, int, float, float *, float *, float *);
 #define PICK(NAME) NAME##_generic_heads
 #endif
 
@@ -296,7 +391,7 @@ int kvo_paged_attn_##NAME(int B, int H_kv, int G, int D, int bs, const KV_T *q, 
             for (int h = 0; h < H_kv; h++) {                                                          \
                 KV_T *kc = slot + h * kblock, *vr = slot + (H_kv + h) * kblock + t * D;               \
                 const KV_T *ks = k_new + b * k_bs + (size_t)h * D, *vs = v_new + b * v_bs + (size_t)h * D; \
-                for (int d = 0; d < D; d++) kc[(size_t)d * bs + t] = ks[d];                           \
+                for (int d = 0; d < D; d++) kc[(size_t)(d >> 1) * bs * 2 + 2 * t + (d & 1)] = ks[d];  \
                 memcpy(vr, vs, sizeof(KV_T) * D);                                                     \
             }                                                                                         \
         }                                                                                             \
@@ -320,9 +415,10 @@ int kvo_paged_attn_##NAME(int B, int H_kv, int G, int D, int bs, const KV_T *q, 
         int64_t j0 = (i - first[b]) * CHUNK_BLOCKS, j1 = j0 + CHUNK_BLOCKS < nb ? j0 + CHUNK_BLOCKS : nb; \
         int n_last = j1 == nb ? (int)last_len[b] : bs;                                                \
         float qf[H_MAX * D_MAX];                                                                      \
+        uint16_t qb[H_MAX * D_MAX];                         /* bf16 copy, for VDPBF16PS */            \
         const KV_T *qs = q + b * q_bs;                                                                \
-        for (int e = 0; e < H * D; e++) qf[e] = LOAD(qs[e]);                                          \
-        item(qf, blk + blk_first[b] + j0, (int)(j1 - j0), n_last, H_kv, G, D, bs, scale,        \
+        for (int e = 0; e < H * D; e++) { qf[e] = LOAD(qs[e]); qb[e] = f32_to_bf16_bits(qf[e]); }    \
+        item(qf, qb, blk + blk_first[b] + j0, (int)(j1 - j0), n_last, H_kv, G, D, bs, scale,        \
                    pm + i * H, pl + i * H, po + i * H * D);                                           \
     }                                                                                                 \
     /* 3. merge the runs of each sequence through their log-sum-exp */                                \

@@ -2,8 +2,10 @@
 
 A *slot* holds one block — ``block_size`` tokens — for every KV head of one (sequence, layer):
 
-    K of heads 0..H_kv-1, each channel-major [D, block_size]   (scores of 16 tokens = D FMAs)
-    V of heads 0..H_kv-1, each token-major   [block_size, D]
+    K of heads 0..H_kv-1, each channel-pair-major [D/2, block_size, 2]
+        (channels 2i, 2i+1 of a token side by side: the scores of 16 tokens are D/2 vector ops,
+        one VDPBF16PS each in bf16, and no horizontal sums)
+    V of heads 0..H_kv-1, each token-major [block_size, D]
 
 so each (layer, KV head) block is one contiguous run of ``block_size * D`` elements (16 x 128
 x fp16 = 4 KiB, InstInfer's flash page) and K and V are stored separately. Slots on disk are

@@ -33,7 +33,7 @@ def unpack_slots(slots: torch.Tensor, H_kv: int, D: int, bs: int, n_last: int | 
     holds ``n_last`` tokens)."""
     n = slots.shape[0]
     half = H_kv * D * bs
-    k = slots[:, :half].reshape(n, H_kv, D, bs).permute(1, 0, 3, 2).reshape(H_kv, n * bs, D)
+    k = slots[:, :half].reshape(n, H_kv, D // 2, bs, 2).permute(1, 0, 3, 2, 4).reshape(H_kv, n * bs, D)
     v = slots[:, half:].reshape(n, H_kv, bs, D).permute(1, 0, 2, 3).reshape(H_kv, n * bs, D)
     if n_last is not None and n_last < bs:
         T = (n - 1) * bs + n_last
@@ -45,7 +45,7 @@ def pack_slots(k: torch.Tensor, v: torch.Tensor, bs: int) -> torch.Tensor:
     """K, V ``[H_kv, n*bs, D]`` -> ``[n, slot_elems]`` in the slot layout (kv/layout.py)."""
     H_kv, T, D = k.shape
     n = T // bs
-    kp = k.reshape(H_kv, n, bs, D).permute(1, 0, 3, 2).reshape(n, -1)     # [n, H_kv*D*bs] channel-major
+    kp = k.reshape(H_kv, n, bs, D // 2, 2).permute(1, 0, 3, 2, 4).reshape(n, -1)   # [n, H_kv*(D/2)*bs*2]
     vp = v.reshape(H_kv, n, bs, D).permute(1, 0, 2, 3).reshape(n, -1)     # [n, H_kv*bs*D] token-major
     return torch.cat([kp, vp], dim=1)
 
@@ -135,7 +135,7 @@ class MemoryWorker:
         for b in range(len(req.seq_ids)):
             view = self.tails.view(int(req.tail_slots[b]))
             t = int(req.tail_lens[b])
-            view[:half].view(self.H_kv, self.D, self.bs)[:, :, t] = req.k_new[b]
+            view[:half].view(self.H_kv, self.D // 2, self.bs, 2)[:, :, t] = req.k_new[b].view(self.H_kv, self.D // 2, 2)
             view[half:].view(self.H_kv, self.bs, self.D)[:, t] = req.v_new[b]
 
     def _decode_native(self, kernel: PagedAttention, req: AttendRequest) -> AttendResult:

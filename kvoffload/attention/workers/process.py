@@ -135,7 +135,7 @@ class DiskWorkerServer:
         for b in np.unique(owner):
             s = arr[owner == b, :lay.slot_elems]
             n = len(s)
-            k = to_f32(s[:, :half], lay.dtype).reshape(n, Hk, D, bs).transpose(1, 0, 3, 2).reshape(Hk, n * bs, D)
+            k = to_f32(s[:, :half], lay.dtype).reshape(n, Hk, D // 2, bs, 2).transpose(1, 0, 3, 2, 4).reshape(Hk, n * bs, D)
             v = to_f32(s[:, half:], lay.dtype).reshape(n, Hk, bs, D).transpose(1, 0, 2, 3).reshape(Hk, n * bs, D)
             out[b], lse[b] = attend_multi_np(to_f32(q[b], lay.dtype), k, v)
         return out, lse
