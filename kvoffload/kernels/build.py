@@ -41,7 +41,8 @@ def _compile(name: str) -> Path:
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if cc is None:
         raise RuntimeError("no C compiler (gcc/cc) on PATH")
-    key = hashlib.sha256(src.read_bytes() + " ".join(CFLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
+    headers = b"".join(h.read_bytes() for h in sorted(src.parent.glob("*.h")))     # included by the sources
+    key = hashlib.sha256(src.read_bytes() + headers + " ".join(CFLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
     out = _cache_dir() / f"{name}-{key}.so"
     if out.exists():
         return out

@@ -32,12 +32,7 @@
 #define CHUNK_BLOCKS 16      /* blocks per work item (split-K granularity) */
 #endif
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = ((uint32_t)h) << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
+#include "kvo_math.h"
 
 static inline float f16_to_f32(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
@@ -57,32 +52,6 @@ static inline float f16_to_f32(uint16_t h) {
     float f;
     memcpy(&f, &u, 4);
     return f;
-}
-
-static inline float f32_id(float x) { return x; }
-
-static inline uint16_t f32_to_bf16_bits(float f) {   /* exact for values that came from bf16 */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-static inline float exp_nonpos(float x) {   /* Cephes expf for x <= 0 (as in decode_attn.c) */
-    x = x < -87.0f ? -87.0f : x;
-    float n = floorf(x * 1.44269504088896341f + 0.5f);
-    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, 4);
-    return p * scale;
 }
 
 /* One work item, portable: blocks blk[0..nb) of one KV head (K at kofs, V at vofs elements
@@ -148,28 +117,7 @@ DEFINE_GENERIC_HEADS(f16)
 #ifdef __AVX512F__
 #include <immintrin.h>
 
-static inline __m512 ld_f32(const float *p) { return _mm512_loadu_ps(p); }
-static inline __m512 ld_bf16(const uint16_t *p) {
-    __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-}
 static inline __m512 ld_f16(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
-
-static inline __m512 exp512_nonpos(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
 
 
 /* Scores of 16 tokens (t0..t0+15 of a block) for G query heads, K channel-pair-major. */
@@ -183,43 +131,34 @@ static inline __attribute__((always_inline)) void pair_scores_f32(const __m512 *
         s[g] = _mm512_permutex2var_ps(a, idx, b);
     }
 }
-static inline __attribute__((always_inline)) void score16_f32(const float *K, int t0, int bs, int D,
-        const float *qh, const uint16_t *qbh, int G, __m512 *s) {
-    (void)qbh;
-    __m512 lo[G_MAX], hi[G_MAX];
-    for (int g = 0; g < G; g++) lo[g] = hi[g] = _mm512_setzero_ps();
-    for (int dp = 0; dp < D / 2; dp++) {
-        const float *r = K + (size_t)dp * bs * 2 + 2 * t0;
-        __m512 k0 = _mm512_loadu_ps(r), k1 = _mm512_loadu_ps(r + 16);
-        for (int g = 0; g < G; g++) {
-            double pair;
-            memcpy(&pair, qh + (size_t)g * D + 2 * dp, 8);
-            __m512 qp = _mm512_castpd_ps(_mm512_set1_pd(pair));
-            lo[g] = _mm512_fmadd_ps(qp, k0, lo[g]);
-            hi[g] = _mm512_fmadd_ps(qp, k1, hi[g]);
-        }
-    }
-    pair_scores_f32(lo, hi, G, s);
+/* fp32 / fp16 (and bf16 without VDPBF16PS): a broadcast (q[2i], q[2i+1]) pair times 16 tokens x
+ * 2 channels, in two halves of 8 tokens; the parities are added at the end. */
+#define DEFINE_PAIR_SCORE(NAME, KV_T, LOAD2)                                                         \
+static inline __attribute__((always_inline)) void NAME(const KV_T *K, int t0, int bs, int D,       \
+        const float *qh, const uint16_t *qbh, int G, __m512 *s) {                                  \
+    (void)qbh;                                                                                     \
+    __m512 lo[G_MAX], hi[G_MAX];                                                                   \
+    for (int g = 0; g < G; g++) lo[g] = hi[g] = _mm512_setzero_ps();                               \
+    for (int dp = 0; dp < D / 2; dp++) {                                                           \
+        const KV_T *r = K + (size_t)dp * bs * 2 + 2 * t0;                                          \
+        __m512 k0, k1;                                                                             \
+        LOAD2(r, k0, k1);                                                                          \
+        for (int g = 0; g < G; g++) {                                                              \
+            double pair;                                                                           \
+            memcpy(&pair, qh + (size_t)g * D + 2 * dp, 8);                                         \
+            __m512 qp = _mm512_castpd_ps(_mm512_set1_pd(pair));                                    \
+            lo[g] = _mm512_fmadd_ps(qp, k0, lo[g]);                                                \
+            hi[g] = _mm512_fmadd_ps(qp, k1, hi[g]);                                                \
+        }                                                                                          \
+    }                                                                                              \
+    pair_scores_f32(lo, hi, G, s);                                                                 \
 }
-static inline __attribute__((always_inline)) void score16_f16(const uint16_t *K, int t0, int bs, int D,
-        const float *qh, const uint16_t *qbh, int G, __m512 *s) {
-    (void)qbh;
-    __m512 lo[G_MAX], hi[G_MAX];
-    for (int g = 0; g < G; g++) lo[g] = hi[g] = _mm512_setzero_ps();
-    for (int dp = 0; dp < D / 2; dp++) {
-        const uint16_t *r = K + (size_t)dp * bs * 2 + 2 * t0;
-        __m512 k0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)r));
-        __m512 k1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(r + 16)));
-        for (int g = 0; g < G; g++) {
-            double pair;
-            memcpy(&pair, qh + (size_t)g * D + 2 * dp, 8);
-            __m512 qp = _mm512_castpd_ps(_mm512_set1_pd(pair));
-            lo[g] = _mm512_fmadd_ps(qp, k0, lo[g]);
-            hi[g] = _mm512_fmadd_ps(qp, k1, hi[g]);
-        }
-    }
-    pair_scores_f32(lo, hi, G, s);
-}
+#define LOAD2_F32(r, k0, k1) (k0 = _mm512_loadu_ps(r), k1 = _mm512_loadu_ps((r) + 16))
+#define LOAD2_F16(r, k0, k1) (k0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(r))), \
+                              k1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((r) + 16))))
+#define LOAD2_BF16(r, k0, k1) (k0 = ld_bf16(r), k1 = ld_bf16((r) + 16))
+DEFINE_PAIR_SCORE(score16_f32, float, LOAD2_F32)
+DEFINE_PAIR_SCORE(score16_f16, uint16_t, LOAD2_F16)
 #ifdef __AVX512BF16__
 /* one VDPBF16PS per channel pair: 16 tokens x 2 channels, products exact, fp32 accumulation */
 static inline __attribute__((always_inline)) void score16_bf16(const uint16_t *K, int t0, int bs, int D,
@@ -241,26 +180,7 @@ static inline __attribute__((always_inline)) void score16_bf16(const uint16_t *K
     for (int g = 0; g < G; g++) s[g] = _mm512_add_ps(s[g], s2[g]);
 }
 #else
-static inline __attribute__((always_inline)) void score16_bf16(const uint16_t *K, int t0, int bs, int D,
-        const float *qh, const uint16_t *qbh, int G, __m512 *s) {
-    (void)qbh;
-    __m512 lo[G_MAX], hi[G_MAX];
-    for (int g = 0; g < G; g++) lo[g] = hi[g] = _mm512_setzero_ps();
-    for (int dp = 0; dp < D / 2; dp++) {
-        const uint16_t *r = K + (size_t)dp * bs * 2 + 2 * t0;
-        __m512i w = _mm512_loadu_si512(r);
-        __m512 k0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(w)), 16));
-        __m512 k1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(w, 1)), 16));
-        for (int g = 0; g < G; g++) {
-            double pair;
-            memcpy(&pair, qh + (size_t)g * D + 2 * dp, 8);
-            __m512 qp = _mm512_castpd_ps(_mm512_set1_pd(pair));
-            lo[g] = _mm512_fmadd_ps(qp, k0, lo[g]);
-            hi[g] = _mm512_fmadd_ps(qp, k1, hi[g]);
-        }
-    }
-    pair_scores_f32(lo, hi, G, s);
-}
+DEFINE_PAIR_SCORE(score16_bf16, uint16_t, LOAD2_BF16)
 #endif
 
 /* bs and D multiples of 16. One work item walks a run of slots in address order, every KV
@@ -417,7 +337,7 @@ int kvo_paged_attn_##NAME(int B, int H_kv, int G, int D, int bs, const KV_T *q, 
         float qf[H_MAX * D_MAX];                                                                      \
         uint16_t qb[H_MAX * D_MAX];                         /* bf16 copy, for VDPBF16PS */            \
         const KV_T *qs = q + b * q_bs;                                                                \
-        for (int e = 0; e < H * D; e++) { qf[e] = LOAD(qs[e]); qb[e] = f32_to_bf16_bits(qf[e]); }    \
+        for (int e = 0; e < H * D; e++) { qf[e] = LOAD(qs[e]); qb[e] = f32_to_bf16(qf[e]); }    \
         item(qf, qb, blk + blk_first[b] + j0, (int)(j1 - j0), n_last, H_kv, G, D, bs, scale,        \
                    pm + i * H, pl + i * H, po + i * H * D);                                           \
     }                                                                                                 \

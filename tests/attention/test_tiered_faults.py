@@ -15,19 +15,13 @@ import pytest
 from test_cli import assert_one_line_error, kvo
 from test_tiered import (  # tests/attention and tests/ are on pytest's path
     PROMPTS,
+    dense,  # noqa: F401  (a fixture)
     tiered_engine,
 )
 
 from kvoffload import SamplingParams
-from kvoffload.api import LLM
 from kvoffload.kv.layout import BlockLayout
 from kvoffload.kv.tiers.disk import DiskIOError, DiskShard, aligned_buffer
-
-
-@pytest.fixture(scope="module")
-def dense(tiny_hf):
-    _, path = tiny_hf("qwen2")
-    return LLM(path, dtype="float32", prefill_chunk=16, max_num_seqs=4)
 
 
 def test_killed_disk_worker_is_restarted_output_unchanged(dense):
