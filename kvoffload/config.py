@@ -218,6 +218,9 @@ class EngineConfig:
         ``interleave`` (each step decodes the running batch and prefills one chunk beside it:
         steadier per-token latency while long prompts arrive).
     cache_dir: where assembled models (e.g. the split Qwen GGUF) are kept.
+    decode_microbatches: the decode batch is split into this many groups whose forwards run in
+        threads at once, so that while one group's attention waits on the KV workers (disk reads)
+        another computes its projections and MLP (Lamina's rotation). 1 = one forward.
     kv: :class:`KVConfig` (its fields are flags of their own: ``--kv-host-budget`` ...).
     """
 
@@ -231,12 +234,15 @@ class EngineConfig:
     prefill_chunk: int = cli_field(2048, "prompt tokens per prefill step (bounds activation memory)")
     max_num_seqs: int = cli_field(16, "sequences decoded together in one batch")
     scheduling: str = cli_field("prefill-first", "step policy", choices=SCHEDULING)
+    decode_microbatches: int = cli_field(1, "decode batch split into this many forwards run together (overlaps KV worker waits with compute)")
     cache_dir: str | None = cli_field(None, "cache for assembled models (default: $KVOFFLOAD_CACHE or ~/.cache/kvoffload)")
     kv: KVConfig = field(default_factory=KVConfig, metadata={"nested": True})
 
     def __post_init__(self) -> None:
         if self.prefill_chunk < 1:
             raise ConfigError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
+        if self.decode_microbatches < 1:
+            raise ConfigError(f"decode_microbatches must be >= 1, got {self.decode_microbatches}")
         if self.max_num_seqs < 1:
             raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.scheduling not in SCHEDULING:

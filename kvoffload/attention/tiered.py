@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 import weakref
 from dataclasses import dataclass, field
 
@@ -130,6 +131,9 @@ class TieredBackend:
         self._split_cache: dict[tuple[int, int], tuple[int, dict[tuple[int, int], np.ndarray]]] = {}
         self._writes: dict[int, list[tuple[int, bytes]]] = {}      # disk shard -> pending (slot, data)
         self.stats = KVStats()
+        # decode micro-batches call in from several threads: one at a time in here (their model
+        # compute outside overlaps); workers, placement and counters are not shared otherwise
+        self._lock = threading.Lock()
 
     @staticmethod
     def _make_dir(kv: KVConfig) -> str:
@@ -237,6 +241,11 @@ class TieredBackend:
     def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                batch: ForwardBatch) -> torch.Tensor:
         """q ``[B, H, 1, D]``, k/v ``[B, H_kv, 1, D]`` -> ``[B, 1, H, D]``."""
+        with self._lock:
+            return self._decode(layer, q, k, v, batch)
+
+    def _decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                batch: ForwardBatch) -> torch.Tensor:
         kvd = self.kv_dtype
         qk = q.transpose(1, 2).to(kvd)                                         # [B, 1, H, D]
         tail_lens = np.array([s % self.bs for s in batch.starts], dtype=np.int64)

@@ -38,7 +38,7 @@ class OffloadBenchConfig:
     peak_bytes: int = 1 << 30
 
 
-def _one(cfg: OffloadBenchConfig, offloaded: bool, serial: bool = False) -> dict:
+def _one(cfg: OffloadBenchConfig, offloaded: bool, extra: dict) -> dict:
     """Runs inside the child process: generate, report timings, bytes and peak RSS."""
     import numpy as np
 
@@ -46,7 +46,7 @@ def _one(cfg: OffloadBenchConfig, offloaded: bool, serial: bool = False) -> dict
     from kvoffload.api import LLM
 
     kv = dict(kv_host_budget=cfg.host_budget, disk_workers=cfg.disk_workers, offload_dir=cfg.offload_dir,
-              kv_serial=serial) if offloaded else {}
+              **extra) if offloaded else {}
     llm = LLM(cfg.model, threads=cfg.threads, max_num_seqs=cfg.batch, **kv)
     rng = np.random.default_rng(0)
     vocab = llm.model_config.vocab_size
@@ -84,9 +84,9 @@ def _vm_hwm(pid: int) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if pid == os.getpid() else 0
 
 
-def _child(cfg: OffloadBenchConfig, offloaded: bool, serial: bool = False) -> dict:
+def _child(cfg: OffloadBenchConfig, offloaded: bool, **extra) -> dict:
     cmd = [sys.executable, "-m", "kvoffload.bench.offload", json.dumps(asdict(cfg)), "1" if offloaded else "0",
-           "1" if serial else "0"]
+           json.dumps(extra)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         from kvoffload.errors import KvoffloadError
@@ -109,7 +109,9 @@ def run(cfg: OffloadBenchConfig, progress=print) -> dict:
     progress(f"offloaded run: {cfg.batch} x {cfg.context} tokens, host budget {cfg.host_budget}")
     off = _child(cfg, True)
     progress("offloaded run, workers one after another (what the overlap buys)")
-    serial = _child(cfg, True, serial=True)
+    serial = _child(cfg, True, kv_serial=True)
+    progress("offloaded run, 2 decode micro-batches (one computes while the other waits on the disks)")
+    micro = _child(cfg, True, decode_microbatches=2)
     progress("in-memory run")
     mem = _child(cfg, False)
     kv_total = off["kv_bytes_per_token"] * cfg.batch * (cfg.context + cfg.gen)
@@ -118,7 +120,7 @@ def run(cfg: OffloadBenchConfig, progress=print) -> dict:
     r = off["read_per_step"]
     bound = r["disk"] / disk_bw + (r["host"] + r["device"]) / mem_bw + compute
     return {"config": asdict(cfg), "mem_bw": mem_bw, "disk_bw": disk_bw, "kv_total": kv_total,
-            "offloaded": off, "serial": serial, "in_memory": mem, "compute_s": compute, "bound_s": bound,
+            "offloaded": off, "serial": serial, "microbatches": micro, "in_memory": mem, "compute_s": compute, "bound_s": bound,
             "achieved_s": off["decode_step_s"], "ratio_to_bound": off["decode_step_s"] / bound}
 
 
@@ -139,6 +141,9 @@ def markdown(res: dict) -> str:
         f"{off['rss_peak'] / MiB:.0f} + {off['worker_rss_peak'] / MiB:.0f} MiB |",
         f"| offloaded, workers serial | {res['serial']['tok_s']:.2f} | {res['serial']['decode_step_s'] * 1e3:.1f} ms "
         f"| same | {res['serial']['rss_peak'] / MiB:.0f} + {res['serial']['worker_rss_peak'] / MiB:.0f} MiB |",
+        f"| offloaded, 2 micro-batches | {res['microbatches']['tok_s']:.2f} | "
+        f"{res['microbatches']['decode_step_s'] * 1e3:.1f} ms | same | {res['microbatches']['rss_peak'] / MiB:.0f} + "
+        f"{res['microbatches']['worker_rss_peak'] / MiB:.0f} MiB |",
         f"| in memory | {mem['tok_s']:.2f} | {mem['decode_step_s'] * 1e3:.1f} ms | all in RAM | "
         f"{mem['rss_peak'] / MiB:.0f} MiB |",
         "",
@@ -151,4 +156,4 @@ def markdown(res: dict) -> str:
 
 if __name__ == "__main__":
     conf = OffloadBenchConfig(**json.loads(sys.argv[1]))
-    print(json.dumps(_one(conf, sys.argv[2] == "1", sys.argv[3] == "1")))
+    print(json.dumps(_one(conf, sys.argv[2] == "1", json.loads(sys.argv[3]))))

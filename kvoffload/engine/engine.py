@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -52,6 +53,7 @@ class Engine:
         self.times = StepTimes()
         self._next_id = 0
         self._context = model.cfg.max_position
+        self._pool: ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
@@ -156,16 +158,29 @@ class Engine:
             self.times.prefill_forward += dt
         if plan.decode:
             t0 = time.perf_counter()
-            seqs = [self.seqs[i] for i in plan.decode]
-            starts = tuple(s.num_cached for s in seqs)
-            tokens = torch.tensor([[s.last_token] for s in seqs], device=self.device)        # [B, 1]
-            positions = torch.tensor(starts, device=self.device)[:, None]                   # [B, 1]
-            out = self.model(tokens, ForwardBatch(Phase.DECODE, plan.decode, positions, starts), self.kv)
-            for i, sid in enumerate(plan.decode):
-                logits[sid] = out[i]
+            n = min(self.config.decode_microbatches, len(plan.decode))
+            groups = [plan.decode[i::n] for i in range(n)]
+            if n == 1:
+                outs = [self._decode(groups[0])]
+            else:       # one forward per micro-batch, in threads: one's attention waits on the KV
+                if self._pool is None:        # workers while another computes (Lamina's rotation)
+                    self._pool = ThreadPoolExecutor(self.config.decode_microbatches, thread_name_prefix="microbatch")
+                outs = list(self._pool.map(self._decode, groups))
+            for group, out in zip(groups, outs):
+                for i, sid in enumerate(group):
+                    logits[sid] = out[i]
             self.times.decode_forward += time.perf_counter() - t0
             self.times.decode_steps += 1
         return logits
+
+    @torch.inference_mode()
+    def _decode(self, seq_ids: tuple[int, ...]) -> torch.Tensor:
+        """One decode forward over these sequences -> ``[B, V]`` logits."""
+        seqs = [self.seqs[i] for i in seq_ids]
+        starts = tuple(s.num_cached for s in seqs)
+        tokens = torch.tensor([[s.last_token] for s in seqs], device=self.device)        # [B, 1]
+        positions = torch.tensor(starts, device=self.device)[:, None]                   # [B, 1]
+        return self.model(tokens, ForwardBatch(Phase.DECODE, seq_ids, positions, starts), self.kv)
 
     def _prefill(self, seq_id: int, token_ids: list[int], start: int, logits: Logits) -> torch.Tensor | None:
         """One prompt chunk of one sequence, written to its KV at ``start``."""

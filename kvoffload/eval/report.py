@@ -152,7 +152,7 @@ class Report:
                 ax.plot(*zip(*pts), marker="o", label=f"{model} · {config}")
             ax.set_xscale("log", base=2)
             ax.set_xticks(self.lengths, [fmt_length(n) for n in self.lengths])
-            ax.set_title(task if metric == "score" else f"{task}: {metric}", fontsize=10)
+            ax.set_title(task if metric in ("score", task) else f"{task}: {metric}", fontsize=10)
             if metric in ("score", "top-1 %"):
                 ax.set_ylim(-3, 103)
             ax.grid(alpha=0.3)

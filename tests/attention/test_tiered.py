@@ -115,3 +115,19 @@ def test_offload_dir_removed_on_close(dense, tmp_path):
     assert len(os.listdir(tmp_path)) == 1
     eng.kv.close()
     assert os.listdir(tmp_path) == []
+
+
+def test_decode_microbatches_identical(dense):
+    """Two decode micro-batches in threads (overlapping worker waits) give the same tokens."""
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    ref = [o.token_ids for o in dense.generate(PROMPTS, params)]
+    eng = tiered_engine(dense, **PLACEMENTS["disk-3-workers"])
+    eng.config = eng.config.replace(decode_microbatches=2)
+    try:
+        ids = [eng.add_request(dense.encode(p), params) for p in PROMPTS]
+        while eng.has_unfinished():
+            eng.step()
+        assert [eng.pop_finished(i).output_ids for i in ids] == ref
+        assert eng._pool is not None
+    finally:
+        eng.kv.close()
