@@ -34,6 +34,9 @@
 
 #include "kvo_math.h"
 
+/* where channel d sits in an item's output when its V rows were split even / odd (VPERM) */
+static inline int out_index(int d) { return (d & ~31) | ((d & 1) << 4) | ((d & 31) >> 1); }
+
 static inline float f16_to_f32(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
     if (exp == 0) {
@@ -189,7 +192,10 @@ DEFINE_PAIR_SCORE(score16_bf16, uint16_t, LOAD2_BF16)
  * group: scores of the G query heads by D broadcast FMAs over the channel-major K rows (two
  * FMA chains per head), online softmax, then the V rows accumulated; the running output of
  * each query head lives in o_out (L1-resident) between groups. */
-#define DEFINE_AVX512(NAME, KV_T, LOADV, SCORE)                                                       \
+/* VPERM (bf16): V rows are read 32 channels at a time and split into even / odd lanes, so
+ * within each 32-channel group the output holds the even channels, then the odd ones; the
+ * driver undoes that order when it merges the items (see out_index). */
+#define DEFINE_AVX512(NAME, KV_T, LOADV, SCORE, VPERM)                                                \
 static inline __attribute__((always_inline)) void NAME##_avx512_body(                               \
         const float *q, const uint16_t *qb, const int64_t *blk, int nb, int n_last, int H_kv, int G, int D, int bs,     \
         float scale, float *m, float *l, float *o_out, const int G_C, const int NV_C) {             \
@@ -242,7 +248,15 @@ static inline __attribute__((always_inline)) void NAME##_avx512_body(           
                 for (int i = 0; i < cnt; i++) {                                                     \
                     const KV_T *vr = V + (size_t)(t0 + i) * D;                                      \
                     __m512 vv[NV_MAX];                                                              \
-                    for (int v = 0; v < nv; v++) vv[v] = LOADV(vr + 16 * v);                        \
+                    if (VPERM && nv % 2 == 0) {   /* bf16: 32 channels a load, split even / odd */  \
+                        for (int v = 0; v < nv; v += 2) {                                           \
+                            __m512i w = _mm512_loadu_si512(vr + 16 * v);                            \
+                            vv[v] = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));                  \
+                            vv[v + 1] = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32((int)0xffff0000u))); \
+                        }                                                                           \
+                    } else {                                                                        \
+                        for (int v = 0; v < nv; v++) vv[v] = LOADV(vr + 16 * v);                    \
+                    }                                                                               \
                     for (int g = 0; g < G; g++) {                                                   \
                         __m512 p = _mm512_set1_ps(sc[g][i]);                                        \
                         for (int v = 0; v < nv; v++) acc[g][v] = _mm512_fmadd_ps(p, vv[v], acc[g][v]); \
@@ -254,9 +268,9 @@ static inline __attribute__((always_inline)) void NAME##_avx512_body(           
         }                                                                                           \
     }                                                                                               \
 }
-DEFINE_AVX512(f32, float, ld_f32, score16_f32)
-DEFINE_AVX512(bf16, uint16_t, ld_bf16, score16_bf16)
-DEFINE_AVX512(f16, uint16_t, ld_f16, score16_f16)
+DEFINE_AVX512(f32, float, ld_f32, score16_f32, 0)
+DEFINE_AVX512(bf16, uint16_t, ld_bf16, score16_bf16, 1)
+DEFINE_AVX512(f16, uint16_t, ld_f16, score16_f16, 0)
 
 #define SPEC(NAME, GC, NVC)                                                                          \
 static void NAME##_avx512_g##GC##_nv##NVC(const float *q, const uint16_t *qb, const int64_t *blk,  \
@@ -288,7 +302,12 @@ SPEC_ALL(f32)
 SPEC_ALL(bf16)
 SPEC_ALL(f16)
 #define PICK(NAME) NAME##_pick(G, D, bs)
+#define VPERM_f32 0
+#define VPERM_f16 0
+#define VPERM_bf16 1
+#define VPERMUTED(NAME) (VPERM_##NAME && D % 32 == 0 && bs % 16 == 0)
 #else
+#define VPERMUTED(NAME) 0
 typedef void (*item_fn)(const float *, const uint16_t *, const int64_t *, int, int, int, int, int, int, float, float *, float *, float *);
 #define PICK(NAME) NAME##_generic_heads
 #endif
@@ -325,6 +344,7 @@ int kvo_paged_attn_##NAME(int B, int H_kv, int G, int D, int bs, const KV_T *q, 
     }                                                                                                 \
     int64_t N = first[B];                                                                             \
     item_fn item = PICK(NAME);                                  /* chosen once, not per item */      \
+    int vperm = VPERMUTED(NAME);                                                                      \
     float *pm = malloc(sizeof(float) * (N * H + 1)), *pl = malloc(sizeof(float) * (N * H + 1));       \
     float *po = malloc(sizeof(float) * (N * H * D + 1));                                              \
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads)")                            \
@@ -357,7 +377,7 @@ int kvo_paged_attn_##NAME(int B, int H_kv, int G, int D, int bs, const KV_T *q, 
                 float w = expf(pm[(i0 + c) * H + hg] - M);                                            \
                 L += w * pl[(i0 + c) * H + hg];                                                       \
                 const float *oc = po + ((i0 + c) * H + hg) * D;                                       \
-                for (int d = 0; d < D; d++) od[d] += w * oc[d];                                       \
+                for (int d = 0; d < D; d++) od[d] += w * oc[vperm ? out_index(d) : d];                \
             }                                                                                         \
             for (int d = 0; d < D; d++) od[d] /= L;                                                   \
             lse[(size_t)b * H + hg] = M + logf(L);                                                    \
