@@ -123,7 +123,7 @@ class TieredBackend:
             self._finalizer = weakref.finalize(self, _cleanup, self.workers, self.directory)
             for i in range(kv.disk_workers):
                 self.disk.append(ProcessWorker(os.path.join(self.directory, f"shard-{i}.kv"), lay, threads,
-                                               kv.disk_read_batch))
+                                               kv.disk_read_batch, kv.disk_read_ahead))
                 self.workers.append(self.disk[-1])
             levels.append(Level("disk", [SlotPool(None) for _ in self.disk], caps[DISK]))
         self.placement = Placement(levels, -(-kv.kv_sink_tokens // self.bs), -(-kv.kv_recent_tokens // self.bs))
@@ -217,6 +217,14 @@ class TieredBackend:
         if not self.kvcfg.kv_serial:
             for _, w, req in active:
                 w.submit(req)
+        if k_new is not None and layer + 1 < self.cfg.num_layers and self.kvcfg.disk_read_ahead \
+                and not self.kvcfg.kv_serial:
+            # decode: the next layer's blocks are known now, its query is not; let the disks read
+            nxt = [self._split(sid, layer + 1) for sid in ids]
+            for shard, w in enumerate(self.disk):
+                blocks = [sp.get((DISK, shard), _EMPTY) for sp in nxt]
+                if any(len(b) for b in blocks):
+                    w.prefetch(blocks)
         results = []
         for level, w, req in reversed(active):          # the device's own first: it runs right here
             if self.kvcfg.kv_serial:

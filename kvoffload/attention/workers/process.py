@@ -70,10 +70,13 @@ class DiskWorkerServer:
     """What runs inside the worker process (also callable in-process, for tests)."""
 
     def __init__(self, path: str, layout: BlockLayout, threads: int, batch_bytes: int,
-                 io_depth: int = IO_DEPTH, io_bytes: int = IO_BYTES) -> None:
+                 ahead_bytes: int = 0, io_depth: int = IO_DEPTH, io_bytes: int = IO_BYTES) -> None:
         self.shard, self.layout, self.threads = DiskShard(path, layout), layout, threads
         self.batch_slots = max(1, batch_bytes // layout.disk_stride)
         self.bufs = [aligned_buffer(self.batch_slots * layout.disk_stride) for _ in range(2)]
+        self.ahead_slots = ahead_bytes // layout.disk_stride
+        self.ahead_buf = aligned_buffer(self.ahead_slots * layout.disk_stride) if self.ahead_slots else None
+        self.ahead: tuple[np.ndarray, list[Future]] | None = None     # slots being read ahead
         self.wbuf = aligned_buffer(self.batch_slots * layout.disk_stride)
         self.kernels: dict[int, PagedAttention] = {}
         self.io = ThreadPoolExecutor(io_depth, thread_name_prefix="kv-read")
@@ -99,17 +102,42 @@ class DiskWorkerServer:
         slots = np.concatenate([np.asarray(b, np.int64) for b in req.blocks] or [np.zeros(0, np.int64)])
         order = np.argsort(slots, kind="stable")
         slots, owner = slots[order], owner[order]
-        batches = [(i, min(i + self.batch_slots, len(slots))) for i in range(0, len(slots), self.batch_slots)]
+        # batch 0 may already be in the read-ahead buffer (prefetch() of the previous layer)
+        ahead, self.ahead = self.ahead, None
+        first = 0
+        if ahead is not None and len(ahead[0]) <= len(slots) and np.array_equal(ahead[0], slots[:len(ahead[0])]):
+            first = len(ahead[0])
+        elif ahead is not None:
+            for f in ahead[1]:                                   # a stale guess: let it finish, unused
+                f.result()
+        batches = ([(0, first)] if first else []) + [
+            (i, min(i + self.batch_slots, len(slots))) for i in range(first, len(slots), self.batch_slots)]
+        bufs = [self.ahead_buf if (n == 0 and first) else self.bufs[n % 2] for n in range(len(batches))]
         read = 0
-        pending = self._read_async(slots[batches[0][0]:batches[0][1]], self.bufs[0]) if batches else []
+        if first:
+            pending = ahead[1]
+        else:
+            pending = self._read_async(slots[batches[0][0]:batches[0][1]], bufs[0]) if batches else []
         for n, (i, j) in enumerate(batches):
             read += sum(f.result() for f in pending)              # raises the reader's DiskIOError
             if n + 1 < len(batches):                              # the next batch is read meanwhile
                 a, b = batches[n + 1]
-                pending = self._read_async(slots[a:b], self.bufs[(n + 1) % 2])
-            ob, lb = self._attend_batch(q, self.bufs[n % 2], owner[i:j])
+                pending = self._read_async(slots[a:b], bufs[n + 1])
+            ob, lb = self._attend_batch(q, bufs[n], owner[i:j])
             o, lse = merge_np(o, lse, ob, lb)
         return AttendResult(o, lse, read)
+
+    def prefetch(self, blocks: list) -> None:
+        """Start reading the first ``ahead_bytes`` of the next request's blocks (the next layer's,
+        known before its query is): the read overlaps the model's compute of that layer."""
+        if not self.ahead_slots:
+            return
+        if self.ahead is not None:
+            for f in self.ahead[1]:
+                f.result()
+        slots = np.sort(np.concatenate([np.asarray(b, np.int64) for b in blocks] or [np.zeros(0, np.int64)]))
+        slots = slots[:self.ahead_slots]
+        self.ahead = (slots, self._read_async(slots, self.ahead_buf)) if len(slots) else None
 
     def _attend_batch(self, q: np.ndarray, buf, owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Attention over the slots now in ``buf`` (position i belongs to sequence owner[i])."""
@@ -141,10 +169,10 @@ class DiskWorkerServer:
         return out, lse
 
 
-def _serve(conn, path: str, layout: dict, threads: int, batch_bytes: int) -> None:
+def _serve(conn, path: str, layout: dict, threads: int, batch_bytes: int, ahead_bytes: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)               # Ctrl-C is the main process's to handle
     try:
-        server = DiskWorkerServer(path, BlockLayout(**layout), threads, batch_bytes)
+        server = DiskWorkerServer(path, BlockLayout(**layout), threads, batch_bytes, ahead_bytes)
     except DiskIOError as e:
         conn.send(("err", str(e)))
         return
@@ -159,6 +187,9 @@ def _serve(conn, path: str, layout: dict, threads: int, batch_bytes: int) -> Non
             conn.send(("ok", None))
             return
         try:
+            if op == "prefetch":                                  # a hint: no reply
+                server.prefetch(payload)
+                continue
             result = server.write(payload) if op == "write" else server.attend(payload)
             conn.send(("ok", result))
         except DiskIOError as e:
@@ -168,8 +199,9 @@ def _serve(conn, path: str, layout: dict, threads: int, batch_bytes: int) -> Non
 class ProcessWorker:
     """The main process's handle on one disk worker (the Worker protocol over a pipe)."""
 
-    def __init__(self, path: str, layout: BlockLayout, threads: int, batch_bytes: int) -> None:
+    def __init__(self, path: str, layout: BlockLayout, threads: int, batch_bytes: int, ahead_bytes: int = 0) -> None:
         self.path, self.layout, self.threads, self.batch_bytes = path, layout, threads, batch_bytes
+        self.ahead_bytes = ahead_bytes
         self.unacked: list[WriteBlocks] = []        # sent, not yet acknowledged: replayed after a restart
         self.request: AttendRequest | None = None
         self.restarts = 0
@@ -181,7 +213,8 @@ class ProcessWorker:
         mine, theirs = socket.socketpair()
         cmd = [sys.executable, "-m", "kvoffload.attention.workers.process", "--fd", str(theirs.fileno()),
                "--path", self.path, "--layout", json.dumps(asdict(self.layout)),
-               "--threads", str(self.threads), "--batch-bytes", str(self.batch_bytes)]
+               "--threads", str(self.threads), "--batch-bytes", str(self.batch_bytes),
+               "--ahead-bytes", str(self.ahead_bytes)]
         # own session: a terminal Ctrl-C reaches only the main process, which closes the workers
         self.proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, start_new_session=True)
         theirs.close()
@@ -215,6 +248,10 @@ class ProcessWorker:
     def submit(self, req: AttendRequest) -> None:
         self.request = req
         self._send(("attend", req))
+
+    def prefetch(self, blocks: list) -> None:
+        """Hint: the blocks of the next request (read ahead; lost harmlessly on a restart)."""
+        self._send(("prefetch", blocks))
 
     def collect(self) -> AttendResult:
         while True:
@@ -274,8 +311,9 @@ def main() -> None:
     ap.add_argument("--layout", required=True)
     ap.add_argument("--threads", type=int, required=True)
     ap.add_argument("--batch-bytes", type=int, required=True)
+    ap.add_argument("--ahead-bytes", type=int, default=0)
     a = ap.parse_args()
-    _serve(Connection(a.fd), a.path, json.loads(a.layout), a.threads, a.batch_bytes)
+    _serve(Connection(a.fd), a.path, json.loads(a.layout), a.threads, a.batch_bytes, a.ahead_bytes)
 
 
 if __name__ == "__main__":
