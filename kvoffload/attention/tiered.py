@@ -188,7 +188,7 @@ class TieredBackend:
     # ---- attention ----
     def _dispatch(self, layer: int, batch: ForwardBatch, q: torch.Tensor, tail_lens: np.ndarray,
                   k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None) -> list[AttendResult]:
-        """Send q (``[B, L, H, D]``, KV dtype) to every worker holding blocks: the disk workers
+        """Send q (``[B, L, H, D]``, fp32) to every worker holding blocks: the disk workers
         start first (separate processes), then the memory tiers are attended in this thread
         while the disks read; returns their results. The tails' bytes count with the tier
         whose worker attends them (the host's on the CPU, where the device has no blocks)."""
@@ -255,7 +255,7 @@ class TieredBackend:
     def _decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 batch: ForwardBatch) -> torch.Tensor:
         kvd = self.kv_dtype
-        qk = q.transpose(1, 2).to(kvd)                                         # [B, 1, H, D]
+        qk = q.transpose(1, 2).float()                                         # [B, 1, H, D] fp32
         tail_lens = np.array([s % self.bs for s in batch.starts], dtype=np.int64)
         results = self._dispatch(layer, batch, qk, tail_lens, k[:, :, 0].to(kvd), v[:, :, 0].to(kvd))
         o = self._merged(results)                                              # [B, 1, H, D]
@@ -272,17 +272,18 @@ class TieredBackend:
         """q ``[B, H, L, D]``, k/v ``[B, H_kv, L, D]`` -> ``[B, L, H, D]``."""
         outs = []
         for b, (sid, start) in enumerate(zip(batch.seq_ids, batch.starts)):
-            o_c, lse_c = attend_lse(q[b], k[b], v[b], causal=True)             # [H, L, D], [H, L]
+            kb, vb = k[b].to(self.kv_dtype), v[b].to(self.kv_dtype)            # as stored: [H_kv, L, D]
+            o_c, lse_c = attend_lse(q[b], kb, vb, causal=True)                 # [H, L, D], [H, L]
             own = (o_c.transpose(0, 1)[None], lse_c.transpose(0, 1)[None])     # [1, L, H, D], [1, L, H]
             if start > 0:
                 one = ForwardBatch(batch.phase, (sid,), batch.positions[b:b + 1], (start,), batch.logits)
-                qk = q[b:b + 1].transpose(1, 2).to(self.kv_dtype)               # [1, L, H, D]
+                qk = q[b:b + 1].transpose(1, 2).float()                         # [1, L, H, D] fp32
                 results = self._dispatch(layer, one, qk, np.array([start % self.bs], dtype=np.int64))
                 o = self._merged(results, own)
             else:
                 o = own[0]
             outs.append(o[0].to(q.dtype))                                      # [L, H, D]
-            self._write_chunk(sid, layer, start, k[b], v[b])
+            self._write_chunk(sid, layer, start, kb, vb)
         self._send_writes()
         return torch.stack(outs)
 

@@ -122,7 +122,7 @@ def run(cfg: AttentionBenchConfig, progress=print) -> list[TierResult]:
     n_slots = per_seq * cfg.batch * cfg.layers
     H = cfg.num_kv_heads * cfg.group
     dt = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[cfg.dtype]
-    q = torch.randn(cfg.batch, 1, H, cfg.head_dim).to(dt)
+    q = torch.randn(cfg.batch, 1, H, cfg.head_dim).to(dt).float()     # fp32 (the activations' values)
     rng = np.random.default_rng(0)
     results = []
     if "host" in cfg.tiers:
@@ -168,7 +168,7 @@ def run(cfg: AttentionBenchConfig, progress=print) -> list[TierResult]:
                     w.write(WriteBlocks(part, data.tobytes()))
                 w.sync()
             ids = np.arange(n_slots).reshape(cfg.layers, cfg.batch, per_seq)
-            q_np = q.view(torch.int16).numpy().view(np.uint16) if dt == torch.bfloat16 else q.numpy()
+            q_np = q.numpy()
             times, read = [], 0
             for _ in range(cfg.reps + 1):
                 read = 0

@@ -56,7 +56,8 @@ class PagedAttention:
 
     def __call__(self, B: int, q_ptr: int, q_bstride: int, lists: BlockLists, out_ptr: int, lse_ptr: int,
                  threads: int, append: tuple[int, int, int, int, np.ndarray, np.ndarray] | None = None) -> None:
-        """``q_ptr``: ``[B, H, D]`` queries in the KV dtype, batch stride ``q_bstride`` elements.
+        """``q_ptr``: ``[B, H, D]`` fp32 queries, batch stride ``q_bstride`` elements (bf16 KV:
+        scored by VDPBF16PS, in one pass when q is bf16-exact, else with its bf16 remainder too).
         ``append``: (k_ptr, k_bstride, v_ptr, v_bstride, slot_addrs [B], columns [B]) writes the
         new token's k/v (``[B, H_kv, D]``) into its tail slot before attending."""
         if append is None:

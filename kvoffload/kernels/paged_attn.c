@@ -13,7 +13,7 @@
  *
  * Output: out [B, H, D] fp32 (normalised within this worker's blocks) and lse [B, H] fp32, so
  * partial results merge exactly: o = sum_i exp(lse_i - lse) o_i. A sequence with no blocks
- * gets out = 0, lse = -inf. Queries in the KV dtype, strided over the batch (heads contiguous).
+ * gets out = 0, lse = -inf. Queries in fp32, strided over the batch (heads contiguous).
  * Math in fp32. Compiled at first use by kvoffload/kernels/build.py.
  */
 #include <math.h>
@@ -105,10 +105,10 @@ DEFINE_GENERIC(f16, uint16_t, f16_to_f32)
 
 /* all KV heads of a run of slots, one head after the other (portable path) */
 #define DEFINE_GENERIC_HEADS(NAME)                                                                  \
-static void NAME##_generic_heads(const float *q, const uint16_t *qb, const int64_t *blk, int nb, int n_last, int H_kv, \
+static void NAME##_generic_heads(const float *q, const uint16_t *qb, int qlo, const int64_t *blk, int nb, int n_last, int H_kv, \
                                  int G, int D, int bs, float scale, float *m, float *l, float *o) { \
     size_t kblock = (size_t)D * bs;                                                                \
-    (void)qb;                                                                                      \
+    (void)qb; (void)qlo;                                                                           \
     for (int h = 0; h < H_kv; h++)                                                                 \
         NAME##_generic(q + (size_t)h * G * D, blk, nb, n_last, h * kblock, (H_kv + h) * kblock, G, D, bs, \
                        scale, m + h * G, l + h * G, o + (size_t)h * G * D);                         \
@@ -138,8 +138,8 @@ static inline __attribute__((always_inline)) void pair_scores_f32(const __m512 *
  * 2 channels, in two halves of 8 tokens; the parities are added at the end. */
 #define DEFINE_PAIR_SCORE(NAME, KV_T, LOAD2)                                                         \
 static inline __attribute__((always_inline)) void NAME(const KV_T *K, int t0, int bs, int D,       \
-        const float *qh, const uint16_t *qbh, int G, __m512 *s) {                                  \
-    (void)qbh;                                                                                     \
+        const float *qh, const uint16_t *qbh, int qlo, int G, __m512 *s) {                         \
+    (void)qbh; (void)qlo;                                                                          \
     __m512 lo[G_MAX], hi[G_MAX];                                                                   \
     for (int g = 0; g < G; g++) lo[g] = hi[g] = _mm512_setzero_ps();                               \
     for (int dp = 0; dp < D / 2; dp++) {                                                           \
@@ -165,7 +165,7 @@ DEFINE_PAIR_SCORE(score16_f16, uint16_t, LOAD2_F16)
 #ifdef __AVX512BF16__
 /* one VDPBF16PS per channel pair: 16 tokens x 2 channels, products exact, fp32 accumulation */
 static inline __attribute__((always_inline)) void score16_bf16(const uint16_t *K, int t0, int bs, int D,
-        const float *qh, const uint16_t *qbh, int G, __m512 *s) {
+        const float *qh, const uint16_t *qbh, int qlo, int G, __m512 *s) {
     (void)qh;
     __m512 s2[G_MAX];
     for (int g = 0; g < G; g++) s[g] = s2[g] = _mm512_setzero_ps();
@@ -178,6 +178,12 @@ static inline __attribute__((always_inline)) void score16_bf16(const uint16_t *K
             memcpy(&p1, qbh + (size_t)g * D + 2 * dp + 2, 4);
             s[g] = _mm512_dpbf16_ps(s[g], (__m512bh)_mm512_set1_epi32((int)p0), k0);
             s2[g] = _mm512_dpbf16_ps(s2[g], (__m512bh)_mm512_set1_epi32((int)p1), k1);
+            if (qlo) {                        /* fp32 query: add its bf16 remainder (~16-bit q) */
+                memcpy(&p0, qbh + qlo + (size_t)g * D + 2 * dp, 4);
+                memcpy(&p1, qbh + qlo + (size_t)g * D + 2 * dp + 2, 4);
+                s[g] = _mm512_dpbf16_ps(s[g], (__m512bh)_mm512_set1_epi32((int)p0), k0);
+                s2[g] = _mm512_dpbf16_ps(s2[g], (__m512bh)_mm512_set1_epi32((int)p1), k1);
+            }
         }
     }
     for (int g = 0; g < G; g++) s[g] = _mm512_add_ps(s[g], s2[g]);
@@ -197,7 +203,7 @@ DEFINE_PAIR_SCORE(score16_bf16, uint16_t, LOAD2_BF16)
  * driver undoes that order when it merges the items (see out_index). */
 #define DEFINE_AVX512(NAME, KV_T, LOADV, SCORE, VPERM)                                                \
 static inline __attribute__((always_inline)) void NAME##_avx512_body(                               \
-        const float *q, const uint16_t *qb, const int64_t *blk, int nb, int n_last, int H_kv, int G, int D, int bs,     \
+        const float *q, const uint16_t *qb, int qlo, const int64_t *blk, int nb, int n_last, int H_kv, int G, int D, int bs, \
         float scale, float *m, float *l, float *o_out, const int G_C, const int NV_C) {             \
     enum { NV_MAX = D_MAX / 16 };                                                                   \
     /* G_C / NV_C: compile-time G and D/16 in the specialised copies (0 = runtime), so the       \
@@ -229,7 +235,7 @@ static inline __attribute__((always_inline)) void NAME##_avx512_body(           
                 int cnt = n - t0 < 16 ? n - t0 : 16;                                                \
                 __mmask16 live = (__mmask16)((1u << cnt) - 1u);                                     \
                 __m512 s[G_MAX];                                                                    \
-                SCORE(K, t0, bs, D, qh, qbh, G, s);                                                 \
+                SCORE(K, t0, bs, D, qh, qbh, qlo, G, s);                                            \
                 __m512 acc[G_MAX][NV_MAX];                                                          \
                 for (int g = 0; g < G; g++) {                                                       \
                     __m512 sv = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), live,                 \
@@ -273,15 +279,15 @@ DEFINE_AVX512(bf16, uint16_t, ld_bf16, score16_bf16, 1)
 DEFINE_AVX512(f16, uint16_t, ld_f16, score16_f16, 0)
 
 #define SPEC(NAME, GC, NVC)                                                                          \
-static void NAME##_avx512_g##GC##_nv##NVC(const float *q, const uint16_t *qb, const int64_t *blk,  \
+static void NAME##_avx512_g##GC##_nv##NVC(const float *q, const uint16_t *qb, int qlo, const int64_t *blk, \
         int nb, int n_last, int H_kv, int G, int D, int bs, float scale, float *m, float *l, float *o) { \
-    NAME##_avx512_body(q, qb, blk, nb, n_last, H_kv, G, D, bs, scale, m, l, o, GC, NVC);                \
+    NAME##_avx512_body(q, qb, qlo, blk, nb, n_last, H_kv, G, D, bs, scale, m, l, o, GC, NVC);                \
 }
 #define SPEC_NV(NAME, GC) SPEC(NAME, GC, 1) SPEC(NAME, GC, 4) SPEC(NAME, GC, 8)
 #define SPEC_ALL(NAME)                                                                               \
     SPEC(NAME, 0, 0) SPEC_NV(NAME, 1) SPEC_NV(NAME, 2) SPEC_NV(NAME, 3) SPEC_NV(NAME, 4)             \
     SPEC_NV(NAME, 6) SPEC_NV(NAME, 7) SPEC_NV(NAME, 8)                                               \
-typedef void (*item_fn)(const float *, const uint16_t *, const int64_t *, int, int, int, int, int, int, float, float *, float *, float *); \
+typedef void (*item_fn)(const float *, const uint16_t *, int, const int64_t *, int, int, int, int, int, int, float, float *, float *, float *); \
 static item_fn NAME##_pick(int G, int D, int bs) {                                                   \
     if (D % 16 || bs % 16) return NAME##_generic_heads;                                              \
     int nv = D / 16;                                                                                 \
@@ -308,12 +314,12 @@ SPEC_ALL(f16)
 #define VPERMUTED(NAME) (VPERM_##NAME && D % 32 == 0 && bs % 16 == 0)
 #else
 #define VPERMUTED(NAME) 0
-typedef void (*item_fn)(const float *, const uint16_t *, const int64_t *, int, int, int, int, int, int, float, float *, float *, float *);
+typedef void (*item_fn)(const float *, const uint16_t *, int, const int64_t *, int, int, int, int, int, int, float, float *, float *, float *);
 #define PICK(NAME) NAME##_generic_heads
 #endif
 
 #define DEFINE_DRIVER(NAME, KV_T, LOAD)                                                                 \
-int kvo_paged_attn_##NAME(int B, int H_kv, int G, int D, int bs, const KV_T *q, int64_t q_bs,         \
+int kvo_paged_attn_##NAME(int B, int H_kv, int G, int D, int bs, const float *q, int64_t q_bs,        \
                           const int64_t *blk_first, const int64_t *blk, const int64_t *last_len,      \
                           const KV_T *k_new, int64_t k_bs, const KV_T *v_new, int64_t v_bs,           \
                           const int64_t *app_ptr, const int64_t *app_pos, float scale, float *out,    \
@@ -355,10 +361,17 @@ int kvo_paged_attn_##NAME(int B, int H_kv, int G, int D, int bs, const KV_T *q, 
         int64_t j0 = (i - first[b]) * CHUNK_BLOCKS, j1 = j0 + CHUNK_BLOCKS < nb ? j0 + CHUNK_BLOCKS : nb; \
         int n_last = j1 == nb ? (int)last_len[b] : bs;                                                \
         float qf[H_MAX * D_MAX];                                                                      \
-        uint16_t qb[H_MAX * D_MAX];                         /* bf16 copy, for VDPBF16PS */            \
-        const KV_T *qs = q + b * q_bs;                                                                \
-        for (int e = 0; e < H * D; e++) { qf[e] = LOAD(qs[e]); qb[e] = f32_to_bf16(qf[e]); }    \
-        item(qf, qb, blk + blk_first[b] + j0, (int)(j1 - j0), n_last, H_kv, G, D, bs, scale,        \
+        /* bf16 hi + lo parts of q, for VDPBF16PS: the lo pass runs only if q is not bf16 already */ \
+        uint16_t qb[2 * H_MAX * D_MAX];                                                               \
+        const float *qs = q + b * q_bs;                                                               \
+        int qlo = 0;                                                                                  \
+        for (int e = 0; e < H * D; e++) {                                                             \
+            qf[e] = qs[e];                                                                            \
+            qb[e] = f32_to_bf16(qf[e]);                                                               \
+            qb[H * D + e] = f32_to_bf16(qf[e] - bf16_to_f32(qb[e]));                                  \
+            if (qb[H * D + e] & 0x7fff) qlo = H * D;                                                  \
+        }                                                                                             \
+        item(qf, qb, qlo, blk + blk_first[b] + j0, (int)(j1 - j0), n_last, H_kv, G, D, bs, scale,        \
                    pm + i * H, pl + i * H, po + i * H * D);                                           \
     }                                                                                                 \
     /* 3. merge the runs of each sequence through their log-sum-exp */                                \

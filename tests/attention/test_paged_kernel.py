@@ -39,7 +39,7 @@ def test_paged_kernel_matches_torch(dtype, H_kv, G, D, bs):
         per_seq.append(addrs[at:at + n])
         at += n
     B, H = len(nblocks), H_kv * G
-    q = torch.randn(B, H, D).to(td)
+    q = torch.randn(B, H, D).to(td).float()          # fp32 queries holding KV-dtype values
     out, lse = torch.empty(B, H, D), torch.empty(B, H)
     kern(B, q.data_ptr(), q.stride(0), BlockLists.build(per_seq, last), out.data_ptr(), lse.data_ptr(), 2)
     at = 0
@@ -70,3 +70,19 @@ def test_paged_kernel_appends_into_tail():
     assert torch.equal(k[:, 6], k_new[0]) and torch.equal(v[:, 6], v_new[0])
     o_ref, l_ref = reference(q[0], slots, 7, H_kv, D, bs)
     assert (out[0] - o_ref).abs().max().item() < 2e-5
+
+
+def test_bf16_kv_with_fp32_queries_keeps_query_precision():
+    """An fp32 query over bf16 KV is scored with its bf16 remainder too: close to fp32 math."""
+    H_kv, G, D, bs = 2, 3, 64, 16
+    kern = PagedAttention("bfloat16", H_kv, G, D, bs)
+    torch.manual_seed(2)
+    slots = torch.randn(8, 2 * H_kv * D * bs).to(torch.bfloat16)
+    addrs = slots.data_ptr() + np.arange(8, dtype=np.int64) * slots.stride(0) * 2
+    q = torch.randn(1, H_kv * G, D) * 3                       # not bf16-representable
+    out, lse = torch.empty(1, H_kv * G, D), torch.empty(1, H_kv * G)
+    kern(1, q.data_ptr(), q.stride(0), BlockLists.build([addrs], [bs]), out.data_ptr(), lse.data_ptr(), 1)
+    _, l_ref = reference(q[0], slots, bs, H_kv, D, bs)
+    _, l_bf = reference(q[0].to(torch.bfloat16).float(), slots, bs, H_kv, D, bs)
+    err, err_bf = (lse[0] - l_ref).abs().max().item(), (l_bf - l_ref).abs().max().item()
+    assert err < 2e-4 and err < err_bf / 10, (err, err_bf)

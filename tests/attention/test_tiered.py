@@ -131,3 +131,24 @@ def test_decode_microbatches_identical(dense):
         assert eng._pool is not None
     finally:
         eng.kv.close()
+
+
+@pytest.mark.parametrize("kv_dtype", ["bfloat16", "float16"])
+def test_half_precision_kv_matches_dense_same_dtype(tiny_hf, kv_dtype):
+    """16-bit KV over every tier (native kernels, disk workers) against the in-memory backend
+    storing the same 16-bit KV: only summation order differs."""
+    _, path = tiny_hf("qwen2")
+    llm = LLM(path, dtype="float32", kv_dtype=kv_dtype, prefill_chunk=16)
+    ids = llm.encode(PROMPTS[0])[:60]
+    ref = forced_logits(llm.engine, ids, 29)
+    kvcfg = KVConfig(block_size=4, **PLACEMENTS["mixed"])
+    dt = {"bfloat16": torch.bfloat16, "float16": torch.float16}[kv_dtype]
+    backend = TieredBackend(llm.model_config, kvcfg, llm.device, dt, torch.float32, 2)
+    eng = Engine(llm.model, backend, llm.tokenizer, llm.config.replace(kv=kvcfg), llm.device)
+    try:
+        got = forced_logits(eng, ids, 29)
+        diff = (got - ref).abs()
+        print(f"{kv_dtype}: max {diff.max().item():.2e} mean {diff.mean().item():.2e}")
+        assert diff.max().item() < 1e-4
+    finally:
+        backend.close()

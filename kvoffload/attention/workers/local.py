@@ -139,7 +139,7 @@ class MemoryWorker:
             view[half:].view(self.H_kv, self.bs, self.D)[:, t] = req.v_new[b]
 
     def _decode_native(self, kernel: PagedAttention, req: AttendRequest) -> AttendResult:
-        q = req.q[:, 0]                                                # [B, H, D]
+        q = req.q[:, 0].float()                                        # [B, H, D] fp32
         B, H, D = q.shape
         addrs = self.tier.addrs
         per_seq, last, read = [], [], 0

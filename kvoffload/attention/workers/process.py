@@ -94,7 +94,7 @@ class DiskWorkerServer:
         return [self.io.submit(self.shard.read_one, buf, *r) for r in self.shard.read_plan(slots, self.io_bytes)]
 
     def attend(self, req: AttendRequest) -> AttendResult:
-        q = req.q                                                 # [B, L, H, D] (KV dtype)
+        q = req.q                                                 # [B, L, H, D] fp32
         B, L, H, D = q.shape
         o = np.zeros((B, L, H, D), np.float32)
         lse = np.full((B, L, H), -np.inf, np.float32)
@@ -150,7 +150,7 @@ class DiskWorkerServer:
             base = np.frombuffer(buf, dtype=np.uint8).ctypes.data
             per_seq = [base + st * np.nonzero(owner == b)[0] for b in range(B)]
             lists = BlockLists.build(per_seq, [lay.block_size] * B)
-            qc = np.ascontiguousarray(q[:, 0])
+            qc = np.ascontiguousarray(q[:, 0], dtype=np.float32)
             out = np.empty((B, 1, H, D), np.float32)
             lse = np.empty((B, 1, H), np.float32)
             self.kernels[G](B, qc.ctypes.data, H * D, lists, out.ctypes.data, lse.ctypes.data, self.threads)
@@ -165,7 +165,7 @@ class DiskWorkerServer:
             n = len(s)
             k = to_f32(s[:, :half], lay.dtype).reshape(n, Hk, D // 2, bs, 2).transpose(1, 0, 3, 2, 4).reshape(Hk, n * bs, D)
             v = to_f32(s[:, half:], lay.dtype).reshape(n, Hk, bs, D).transpose(1, 0, 2, 3).reshape(Hk, n * bs, D)
-            out[b], lse[b] = attend_multi_np(to_f32(q[b], lay.dtype), k, v)
+            out[b], lse[b] = attend_multi_np(q[b].astype(np.float32), k, v)
         return out, lse
 
 

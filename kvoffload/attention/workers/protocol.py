@@ -17,7 +17,7 @@ from typing import Any, Protocol
 @dataclass
 class AttendRequest:
     """layer: model layer. seq_ids: the sequences (B). blocks: per sequence, the worker's slot
-    numbers to attend (full blocks, any order). q: ``[B, L, H, D]`` queries (KV dtype), L = 1 in
+    numbers to attend (full blocks, any order). q: ``[B, L, H, D]`` queries (fp32), L = 1 in
     decode, more for a prefill chunk or a block of draft tokens (keys here all precede them).
     tail_slots / tail_lens: per sequence, the write-combining tail block and its tokens (only
     for the worker that holds the tails); k_new / v_new ``[B, H_kv, D]``: decode's new token,
