@@ -232,10 +232,9 @@ class TieredBackend:
             r = w.collect()
             c = self.stats.tiers[TIER_NAMES[level]]
             c.read += r.bytes_read
-            if level != DEVICE:
-                c.to_worker += req.q.nbytes if isinstance(req.q, np.ndarray) else req.q.numel() * req.q.element_size()
-                c.from_worker += r.o.nbytes + r.lse.nbytes if isinstance(r.o, np.ndarray) else \
-                    r.o.numel() * 4 + r.lse.numel() * 4
+            if level != DEVICE:                          # what crossed to / from that tier
+                c.to_worker += r.bytes_in
+                c.from_worker += r.bytes_out
             results.append(r)
         return results
 

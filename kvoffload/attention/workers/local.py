@@ -109,7 +109,14 @@ class MemoryWorker:
             ob, lb = attend_lse(q[b].transpose(0, 1), k, v)           # [H, L, D], [H, L]
             o[b], lse[b] = ob.transpose(0, 1), lb.transpose(0, 1)
             read += self.tier.layout.token_bytes(n)
-        return AttendResult(o, lse, read)
+        return self._result(req, o, lse, read)
+
+    @staticmethod
+    def _result(req: AttendRequest, o: torch.Tensor, lse: torch.Tensor, read: int) -> AttendResult:
+        sent = req.q.numel() * req.q.element_size()
+        if req.k_new is not None:
+            sent += 2 * req.k_new.numel() * req.k_new.element_size()
+        return AttendResult(o, lse, read, sent, (o.numel() + lse.numel()) * 4)
 
     def _tail(self, req: AttendRequest, b: int) -> tuple[int, int]:
         """(tail slot, tokens in it) of sequence b; (-1, 0) when this worker holds no tail."""
@@ -163,7 +170,7 @@ class MemoryWorker:
             q = q.contiguous()
         kernel(B, q.data_ptr(), q.stride(0), BlockLists.build(per_seq, last), out.data_ptr(), lse.data_ptr(),
                self.threads, append)
-        return AttendResult(out, lse, read)
+        return self._result(req, out, lse, read)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

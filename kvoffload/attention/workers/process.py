@@ -260,6 +260,8 @@ class ProcessWorker:
                     self._check(self._recv())
                     self.unacked.pop(0)
                 result = self._check(self._recv()) if self.request is not None else None
+                if result is not None:                  # the payloads that crossed the socket
+                    result.bytes_in, result.bytes_out = self.request.q.nbytes, result.o.nbytes + result.lse.nbytes
                 self.request = None
                 return result
             except ConnectionError:
