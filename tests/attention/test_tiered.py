@@ -76,6 +76,9 @@ def test_placement_logits_equal_dense(dense, name):
             assert tiers["host"].read > 0 and tiers["disk"].read == 0
         if name == "mixed":
             assert all(c.read > 0 for c in tiers.values())
+        held, cfg = eng.kv.memory_held(), eng.kv.kvcfg          # budgets hold, measured
+        for tier, budget in (("device", cfg.kv_device_budget), ("host", cfg.kv_host_budget)):
+            assert budget is None or held[tier] <= budget, (tier, held[tier], budget)
     finally:
         eng.kv.close()
 
