@@ -121,8 +121,11 @@ class TieredBackend:
             self.directory = self._make_dir(kv)
             self._finalizer.detach()
             self._finalizer = weakref.finalize(self, _cleanup, self.workers, self.directory)
+            # the disks bound these workers: their kernels share the cores (OpenMP teams that
+            # outnumber the cores stall each other at every barrier)
+            per_worker = max(1, threads // kv.disk_workers)
             for i in range(kv.disk_workers):
-                self.disk.append(ProcessWorker(os.path.join(self.directory, f"shard-{i}.kv"), lay, threads,
+                self.disk.append(ProcessWorker(os.path.join(self.directory, f"shard-{i}.kv"), lay, per_worker,
                                                kv.disk_read_batch, kv.disk_read_ahead))
                 self.workers.append(self.disk[-1])
             levels.append(Level("disk", [SlotPool(None) for _ in self.disk], caps[DISK]))

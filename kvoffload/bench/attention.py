@@ -150,7 +150,8 @@ def run(cfg: AttentionBenchConfig, progress=print) -> list[TierResult]:
         try:
             progress(f"disk: measuring O_DIRECT read bandwidth in {base}")
             peak = disk_peak(directory, cfg.peak_bytes, max(2, cfg.reps // 2))
-            workers = [ProcessWorker(os.path.join(directory, f"shard-{i}.kv"), lay, cfg.threads, cfg.read_batch)
+            per_worker = max(1, cfg.threads // cfg.disk_workers)       # as TieredBackend does
+            workers = [ProcessWorker(os.path.join(directory, f"shard-{i}.kv"), lay, per_worker, cfg.read_batch)
                        for i in range(cfg.disk_workers)]
             progress(f"disk: writing {n_slots * lay.disk_stride / MiB:.0f} MiB of KV blocks "
                      f"over {cfg.disk_workers} workers")

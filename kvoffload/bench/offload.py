@@ -49,7 +49,9 @@ def _one(cfg: OffloadBenchConfig, offloaded: bool, extra: dict) -> dict:
 
     kv = dict(kv_host_budget=cfg.host_budget, disk_workers=cfg.disk_workers, offload_dir=cfg.offload_dir,
               **extra) if offloaded else {}
-    llm = LLM(cfg.model, threads=cfg.threads, max_num_seqs=cfg.batch, **kv)
+    # one prefill chunk per prompt (both runs): a later chunk would attend its prefix on the disk
+    # workers, whose numpy GEMM path is slow (measured separately, see benchmarks/offload/README.md)
+    llm = LLM(cfg.model, threads=cfg.threads, max_num_seqs=cfg.batch, prefill_chunk=cfg.context, **kv)
     rng = np.random.default_rng(0)
     vocab = llm.model_config.vocab_size
     prompts = [rng.integers(100, min(vocab, 30000), cfg.context).tolist() for _ in range(cfg.batch)]

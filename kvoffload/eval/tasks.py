@@ -384,8 +384,12 @@ def make_sample(task: Task, tokenizer, length: int, index: int, seed: int = 0, d
 
 
 def text_tokens(tokenizer, length: int, index: int, seed: int = 0) -> list[int]:
-    """Exactly ``length`` tokens of KJV text from a verse drawn by (seed, length, index) (ppl, agreement)."""
-    rng = random.Random(sample_seed(seed, "text", length, index))
+    """Exactly ``length`` tokens of KJV text from a verse drawn by (seed, index) (ppl, agreement).
+
+    The start does not depend on ``length``: sample ``index`` at 1K is the first 1K tokens of the
+    same sample at 8K, so scores at different lengths differ by context, not by text.
+    """
+    rng = random.Random(sample_seed(seed, "text", 0, index))
     verses = corpora.kjv_verses()
     start = rng.randrange(len(verses))
     chars = length * 8 + 256                          # plenty: no tokenizer averages 8 characters a token
