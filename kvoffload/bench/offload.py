@@ -27,7 +27,9 @@ MiB = 2**20
 class OffloadBenchConfig:
     """model: GGUF / alias (None = default). batch, context, gen: sequences, prompt tokens each,
     tokens generated each. host_budget: the offloaded run's ``--kv-host-budget``. threads,
-    disk_workers, offload_dir: as for generation. peak_bytes: size used to measure the peaks."""
+    disk_workers, offload_dir: as for generation. peak_bytes: size used to measure the peaks.
+    variants: also run the offloaded job without each overlap (serial workers, no read-ahead)
+    and with two decode micro-batches."""
 
     model: str | None = None
     batch: int = 4
@@ -38,6 +40,7 @@ class OffloadBenchConfig:
     disk_workers: int = 2
     offload_dir: str | None = None
     peak_bytes: int = 1 << 30
+    variants: bool = True
 
 
 def _one(cfg: OffloadBenchConfig, offloaded: bool, extra: dict) -> dict:
@@ -112,12 +115,14 @@ def run(cfg: OffloadBenchConfig, progress=print) -> dict:
         os.rmdir(d)
     progress(f"offloaded run: {cfg.batch} x {cfg.context} tokens, host budget {cfg.host_budget}")
     off = _child(cfg, True)
-    progress("offloaded run, workers one after another (what the overlap buys)")
-    serial = _child(cfg, True, kv_serial=True)
-    progress("offloaded run, no read-ahead")
-    no_ahead = _child(cfg, True, disk_read_ahead=0)
-    progress("offloaded run, 2 decode micro-batches (one computes while the other waits on the disks)")
-    micro = _child(cfg, True, decode_microbatches=2)
+    variants = {}
+    if cfg.variants:
+        progress("offloaded run, workers one after another (what the overlap buys)")
+        variants["serial"] = _child(cfg, True, kv_serial=True)
+        progress("offloaded run, no read-ahead")
+        variants["no_read_ahead"] = _child(cfg, True, disk_read_ahead=0)
+        progress("offloaded run, 2 decode micro-batches (one computes while the other waits on the disks)")
+        variants["microbatches"] = _child(cfg, True, decode_microbatches=2)
     progress("in-memory run")
     mem = _child(cfg, False)
     kv_total = off["kv_bytes_per_token"] * cfg.batch * (cfg.context + cfg.gen)
@@ -126,7 +131,7 @@ def run(cfg: OffloadBenchConfig, progress=print) -> dict:
     r = off["read_per_step"]
     bound = r["disk"] / disk_bw + (r["host"] + r["device"]) / mem_bw + compute
     return {"config": asdict(cfg), "mem_bw": mem_bw, "disk_bw": disk_bw, "kv_total": kv_total,
-            "offloaded": off, "serial": serial, "no_read_ahead": no_ahead, "microbatches": micro, "in_memory": mem, "compute_s": compute, "bound_s": bound,
+            "offloaded": off, **variants, "in_memory": mem, "compute_s": compute, "bound_s": bound,
             "achieved_s": off["decode_step_s"], "ratio_to_bound": off["decode_step_s"] / bound}
 
 
@@ -148,7 +153,7 @@ def markdown(res: dict) -> str:
         *[f"| offloaded, {name} | {res[key]['tok_s']:.2f} | {res[key]['decode_step_s'] * 1e3:.1f} ms | same | "
           f"{res[key]['rss_peak'] / MiB:.0f} + {res[key]['worker_rss_peak'] / MiB:.0f} MiB |"
           for key, name in (("serial", "workers one after another"), ("no_read_ahead", "no read-ahead"),
-                            ("microbatches", "2 decode micro-batches"))],
+                            ("microbatches", "2 decode micro-batches")) if key in res],
         f"| in memory | {mem['tok_s']:.2f} | {mem['decode_step_s'] * 1e3:.1f} ms | all in RAM | "
         f"{mem['rss_peak'] / MiB:.0f} MiB |",
         "",

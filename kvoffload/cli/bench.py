@@ -37,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--offload-dir", default=None, help="where disk files go (default: system temp dir)")
     g.add_argument("--tiers", default="host,disk", help="attention: tiers to measure")
     g.add_argument("--peak-size", default="1GiB", help="buffer / file size for measuring the peak bandwidths")
+    g.add_argument("--no-variants", action="store_true", help="offload: skip the runs without each overlap")
     p.add_argument("-o", "--output", default=None,
                    help="write PREFIX.md, PREFIX.json and PREFIX.png (default: print the table only)")
     p.set_defaults(run=run)
@@ -133,7 +134,8 @@ def _run_kv(args: argparse.Namespace) -> int:
     cfg = offload.OffloadBenchConfig(model=args.model, batch=batch, context=args.context or 4096,
                                      gen=parse_ints(args.n_gen, "--n-gen")[0], host_budget=args.kv_host_budget,
                                      threads=args.threads, disk_workers=args.disk_workers,
-                                     offload_dir=args.offload_dir, peak_bytes=_size(args.peak_size))
+                                     offload_dir=args.offload_dir, peak_bytes=_size(args.peak_size),
+                                     variants=not args.no_variants)
     res = offload.run(cfg, progress)
     _write(args.output, offload.markdown(res), json.dumps(res, indent=1))
     return 0
