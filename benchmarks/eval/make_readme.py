@@ -44,6 +44,17 @@ def verdicts(report: Report) -> list[str]:
     return lines
 
 
+def examples(report: Report) -> list[str]:
+    """Sample 0 of each generation task at the longest length: what the model answered."""
+    longest = max(report.lengths)
+    rows = ["| model | task | expected | output (first 100 characters) | score |", "|---|---|---|---|---:|"]
+    for r in report.records:
+        if r["kind"] == "generate" and r["index"] == 0 and r["length"] == longest:
+            out = " ".join(r["output"].split())[:100].replace("|", "\\|")
+            rows.append(f"| {r['model']} | {r['task']} | {' '.join(r['answers'])} | {out} | {r['score']:.0f} |")
+    return rows
+
+
 def main(out: str) -> int:
     report = Report(SampleLog(out).records)
     write_outputs(report, out)
@@ -57,8 +68,9 @@ int4 decode weights for SmolLM2's Q4_1 GGUF, unquantised for Qwen's), greedy dec
 each model's chat template with the answer prefix opening the assistant turn. A length is RULER's
 `max_seq_length` in the model's own tokens: prompt plus the task's output budget, so "8K" on
 SmolLM2 (context 8192) is a prompt of at most 8192 − 128 tokens for a needle task.
-Scores are RULER's string match ×100 (mean over samples); `ppl` is the perplexity of KJV passages
-of exactly that length (lower is better). {len(report.records)} samples in all.
+Scores are RULER's string match ×100 (mean over samples); `ppl` is the perplexity of the first
+L tokens of KJV passages (sample i starts at the same verse at every length; lower is better).
+{len(report.records)} samples in all.
 
 {report.markdown()}
 ![score against length](results.png)
@@ -68,7 +80,12 @@ of exactly that length (lower is better). {len(report.records)} samples in all.
 {chr(10).join(verdicts(report))}
 
 A task that dense attention fails cannot judge a sparse policy: compare policies on the tasks
-(and lengths) marked "can do", and on `kvoffload eval agreement`, which needs no task skill.
+(and lengths) marked "can do", and on `kvoffload eval agreement`, which needs no task skill (it is
+not in this table: dense against itself is 100% top-1 agreement and zero KL, as the tests check).
+
+## What the models answered (sample 0 at {fmt_length(max(report.lengths))})
+
+{chr(10).join(examples(report))}
 
 ## Tasks
 

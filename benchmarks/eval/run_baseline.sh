@@ -3,7 +3,8 @@
 # default engine settings, 1K/2K/4K/8K, every accuracy task plus perplexity. Writes
 # benchmarks/eval/{samples.jsonl,results.md,results.json,results.png,README.md}.
 # Resumable: rerunning skips the samples already in samples.jsonl (delete it to start over).
-# SMOL_SAMPLES / QWEN_SAMPLES change the samples per cell. THREADS (default 1): on a 2-core machine
+# About an hour on a 2-core CPU (SmolLM2 ~17 min, Qwen ~45 min). SMOL_SAMPLES / QWEN_SAMPLES change
+# the samples per cell (default 5). THREADS (default 1): on a 2-core machine
 # shared with other jobs one thread is faster than two (spinning OpenMP threads); use 2 on an idle one.
 set -euo pipefail
 cd "$(dirname "$0")/../.."

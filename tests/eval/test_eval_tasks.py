@@ -115,6 +115,7 @@ def test_cwe_answers_are_the_most_common_words(length, smol_tok):
 def test_text_tokens_exact_length_and_deterministic(tok):
     a = text_tokens(tok, 1500, 0)
     assert len(a) == 1500 and a == text_tokens(tok, 1500, 0) and a != text_tokens(tok, 1500, 1)
+    assert text_tokens(tok, 6000, 0)[:1500] == a                  # longer lengths extend the same passage
 
 
 def test_too_short_length_is_an_input_error(byte_tok):
