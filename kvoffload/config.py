@@ -152,6 +152,9 @@ class KVConfig:
         never demoted to a slower tier while others can be (attention sinks, recent window).
     disk_read_batch: bytes a disk worker reads per batch (two such buffers per worker: one is
         read while the other is attended).
+    disk_write_backlog: blocks sent to a disk worker are kept in RAM until it acknowledges the
+        write (so they can be replayed if it dies); past this many bytes the sender waits, which
+        bounds the RAM a long prefill can take.
     disk_read_ahead: during decode each disk worker is told the next layer's blocks as soon as
         this layer's query is sent, and reads up to this many bytes of them ahead, so the read
         overlaps the model's compute of that layer (0 = off; a buffer this size per worker).
@@ -170,11 +173,13 @@ class KVConfig:
     kv_recent_tokens: int = cli_field(256, "last tokens of a sequence kept in the fastest tier")
     disk_read_batch: int = cli_field(1 << 20, "bytes per disk worker read batch", parse=parse_size)
     disk_read_ahead: int = cli_field(4 << 20, "bytes of the next layer's blocks a disk worker reads ahead (0 = off)", parse=parse_size)
+    disk_write_backlog: int = cli_field(32 << 20, "bytes of unacknowledged block writes per disk worker before waiting", parse=parse_size)
     kv_serial: bool = cli_field(False, "run the tier workers one after another instead of together (measures what the overlap buys)")
     arena_segment_slots: int = 256
 
     def __post_init__(self) -> None:
-        for name in ("kv_device_budget", "kv_host_budget", "kv_disk_budget", "disk_read_batch", "disk_read_ahead"):
+        for name in ("kv_device_budget", "kv_host_budget", "kv_disk_budget", "disk_read_batch", "disk_read_ahead",
+                     "disk_write_backlog"):
             object.__setattr__(self, name, parse_size(getattr(self, name)))
         if not 1 <= self.block_size <= 256:
             raise ConfigError(f"block_size must be in 1..256, got {self.block_size}")
@@ -184,8 +189,8 @@ class KVConfig:
             raise ConfigError("kv_sink_tokens and kv_recent_tokens must be >= 0")
         if self.disk_read_batch is None or self.disk_read_batch < 1:
             raise ConfigError("disk_read_batch must be a positive size")
-        if self.disk_read_ahead is None:
-            raise ConfigError("disk_read_ahead must be a size (0 = off)")
+        if self.disk_read_ahead is None or self.disk_write_backlog is None:
+            raise ConfigError("disk_read_ahead and disk_write_backlog must be sizes")
 
     @property
     def tiered(self) -> bool:

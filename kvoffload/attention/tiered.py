@@ -126,7 +126,7 @@ class TieredBackend:
             per_worker = max(1, threads // kv.disk_workers)
             for i in range(kv.disk_workers):
                 self.disk.append(ProcessWorker(os.path.join(self.directory, f"shard-{i}.kv"), lay, per_worker,
-                                               kv.disk_read_batch, kv.disk_read_ahead))
+                                               kv.disk_read_batch, kv.disk_read_ahead, kv.disk_write_backlog))
                 self.workers.append(self.disk[-1])
             levels.append(Level("disk", [SlotPool(None) for _ in self.disk], caps[DISK]))
         self.placement = Placement(levels, -(-kv.kv_sink_tokens // self.bs), -(-kv.kv_recent_tokens // self.bs))

@@ -199,9 +199,11 @@ def _serve(conn, path: str, layout: dict, threads: int, batch_bytes: int, ahead_
 class ProcessWorker:
     """The main process's handle on one disk worker (the Worker protocol over a pipe)."""
 
-    def __init__(self, path: str, layout: BlockLayout, threads: int, batch_bytes: int, ahead_bytes: int = 0) -> None:
+    def __init__(self, path: str, layout: BlockLayout, threads: int, batch_bytes: int, ahead_bytes: int = 0,
+                 max_backlog: int = 32 << 20) -> None:
         self.path, self.layout, self.threads, self.batch_bytes = path, layout, threads, batch_bytes
-        self.ahead_bytes = ahead_bytes
+        self.ahead_bytes, self.max_backlog = ahead_bytes, max_backlog
+        self.backlog = 0                            # bytes in unacknowledged writes
         self.unacked: list[WriteBlocks] = []        # sent, not yet acknowledged: replayed after a restart
         self.request: AttendRequest | None = None
         self.restarts = 0
@@ -242,8 +244,21 @@ class ProcessWorker:
 
     # ---- the Worker protocol ----
     def write(self, w: WriteBlocks) -> None:
+        """Send whole blocks; their bytes stay here until the worker acknowledges them (for a
+        replay after a restart). Acks already in are taken now; past ``max_backlog`` bytes this
+        waits for them (back-pressure: the disk, not RAM, absorbs a long prefill)."""
         self.unacked.append(w)
+        self.backlog += len(w.data)
         self._send(("write", w))
+        if self.request is not None:                # replies are in order: an attend reply is due first
+            return
+        while self.unacked and (self.backlog > self.max_backlog or self.conn.poll(0)):
+            try:
+                self._check(self._recv())
+            except ConnectionError:
+                self._restart()
+                continue
+            self.backlog -= len(self.unacked.pop(0).data)
 
     def submit(self, req: AttendRequest) -> None:
         self.request = req
@@ -258,7 +273,7 @@ class ProcessWorker:
             try:
                 while self.unacked:
                     self._check(self._recv())
-                    self.unacked.pop(0)
+                    self.backlog -= len(self.unacked.pop(0).data)
                 result = self._check(self._recv()) if self.request is not None else None
                 if result is not None:                  # the payloads that crossed the socket
                     result.bytes_in, result.bytes_out = self.request.q.nbytes, result.o.nbytes + result.lse.nbytes
