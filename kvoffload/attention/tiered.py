@@ -61,7 +61,6 @@ class TierCounters:
 class KVStats:
     tiers: dict[str, TierCounters] = field(default_factory=lambda: {n: TierCounters() for n in TIER_NAMES})
     decode_tokens: int = 0                 # tokens generated (one per sequence per decode step)
-    worker_restarts: int = 0
 
     def per_token(self) -> dict[str, dict[str, float]]:
         n = max(1, self.decode_tokens)

@@ -7,6 +7,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 
 from kvoffload.bench.spec import BenchTest
+from kvoffload.plotting import pyplot
 
 
 @dataclass
@@ -85,13 +86,9 @@ class Report:
     def plot(self, path: str) -> str | None:
         """PNG of tokens/s against context length, one line per engine and test kind/batch.
         Returns a reason instead when matplotlib is missing."""
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            return "matplotlib is not installed (pip install matplotlib)"
+        plt, why = pyplot()
+        if plt is None:
+            return why
         kinds = sorted({(t.kind, t.batch) for t in self.tests})
         fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4), squeeze=False)
         for ax, (kind, batch) in zip(axes[0], kinds):

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 
 from kvoffload.eval import corpora, metrics
 from kvoffload.eval.tasks import TASKS
+from kvoffload.plotting import pyplot
 
 # (task kind) -> metrics shown, with their format
 METRICS = {"generate": (("score", "{:.1f}"),),
@@ -131,13 +132,9 @@ class Report:
     def plot(self, path: str) -> str | None:
         """PNG: one panel per (task, metric), value against length, one line per model and configuration.
         Returns a reason instead when matplotlib is missing."""
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            return "matplotlib is not installed (pip install matplotlib)"
+        plt, why = pyplot()
+        if plt is None:
+            return why
         panels = list(dict.fromkeys((c.task, c.metric) for c in self.cells))
         if not panels:
             return "no results"

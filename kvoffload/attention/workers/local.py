@@ -2,15 +2,14 @@
 tails, where decode appends the new token) and the host RAM tier.
 
 Decode (one query per sequence) runs the native paged kernel on the CPU; a prefill chunk or a
-block of draft tokens (several queries) gathers the blocks and runs flash attention. The host
-worker computes in a thread of its own (the kernel releases the GIL), so it overlaps the device
-worker and the disk processes. Without the native kernel (CUDA, or KVOFFLOAD_NO_KERNELS=1) the
-gather path serves decode too; tests compare the two.
+block of draft tokens (several queries) gathers the blocks and runs flash attention. The work
+is done at ``collect()``, in the backend's thread, after the disk processes were sent theirs, so
+it overlaps their reads (on CUDA the device's kernels run asynchronously too). Without the
+native kernel (CUDA, or KVOFFLOAD_NO_KERNELS=1) the gather path serves decode too; tests
+compare the two.
 """
 
 from __future__ import annotations
-
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -55,14 +54,13 @@ class MemoryWorker:
     buffers, for the worker that holds them (the device)."""
 
     def __init__(self, tier: MemoryTier, threads: int, tails: MemoryTier | None = None,
-                 background: bool = False, native: bool = True) -> None:
+                 native: bool = True) -> None:
         self.tier, self.tails, self.threads = tier, tails, threads
         lay = tier.layout
         self.H_kv, self.D, self.bs = lay.num_kv_heads, lay.head_dim, lay.block_size
         self.kernel = native and tier.device.type == "cpu"     # turned off if unavailable
         self._kernels: dict[int, PagedAttention] = {}
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"kv-{tier.name}") if background else None
-        self._job: Future | AttendRequest | None = None
+        self._job: AttendRequest | None = None
 
     def _paged(self, G: int) -> PagedAttention | None:
         if not self.kernel:
@@ -77,18 +75,17 @@ class MemoryWorker:
 
     # ---- the Worker protocol ----
     def submit(self, req: AttendRequest) -> None:
-        self._job = self.pool.submit(self.attend, req) if self.pool else req
+        self._job = req                      # computed at collect(), in the caller's thread
 
     def collect(self) -> AttendResult:
         job, self._job = self._job, None
-        return job.result() if isinstance(job, Future) else self.attend(job)
+        return self.attend(job)
 
     def write(self, w: WriteBlocks) -> None:
         raise NotImplementedError("memory tiers are written in place by the backend")
 
     def close(self) -> None:
-        if self.pool:
-            self.pool.shutdown(wait=True)
+        pass
 
     # ---- compute ----
     def attend(self, req: AttendRequest) -> AttendResult:
