@@ -36,8 +36,8 @@ from kvoffload.kv.tiers.disk import DiskIOError, DiskShard, aligned_buffer
 
 _NP = {"float32": np.float32, "bfloat16": np.uint16, "float16": np.float16}
 MAX_RESTARTS = 3
-IO_DEPTH = 4             # concurrent reads per worker
-IO_BYTES = 256 << 10     # bytes per read
+IO_DEPTH = 2             # concurrent reads per worker
+IO_BYTES = 1 << 20       # bytes per read
 
 
 class WorkerError(KvoffloadError):
