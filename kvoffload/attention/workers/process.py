@@ -51,19 +51,24 @@ def to_f32(a: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def attend_multi_np(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """q ``[L, H, D]`` fp32 over k, v ``[H_kv, T, D]`` fp32 (no mask) -> o ``[L, H, D]``, lse ``[L, H]``."""
+    """q ``[L, H, D]`` fp32 over k, v ``[H_kv, T, D]`` fp32 (no mask) -> o ``[L, H, D]``, lse ``[L, H]``.
+    One KV head at a time, softmax in place: the scores of one head are the only big array."""
     L, H, D = q.shape
-    H_kv = k.shape[0]
+    H_kv, T = k.shape[0], k.shape[1]
     G = H // H_kv
-    qg = q.reshape(L, H_kv, G, D).transpose(1, 2, 0, 3).reshape(H_kv, G * L, D)
-    s = np.matmul(qg, k.transpose(0, 2, 1)) * np.float32(1.0 / np.sqrt(D))      # [H_kv, G*L, T]
-    m = s.max(-1, keepdims=True)
-    p = np.exp(s - m)
-    lsum = p.sum(-1, keepdims=True)
-    o = np.matmul(p, v) / lsum                                                  # [H_kv, G*L, D]
-    lse = (m + np.log(lsum))[..., 0]                                            # [H_kv, G*L]
+    qg = q.reshape(L, H_kv, G, D).transpose(1, 2, 0, 3).reshape(H_kv, G * L, D) * np.float32(1.0 / np.sqrt(D))
+    o = np.empty((H_kv, G * L, D), np.float32)
+    lse = np.empty((H_kv, G * L), np.float32)
+    for h in range(H_kv):
+        s = qg[h] @ k[h].T                                                      # [G*L, T]
+        m = s.max(1, keepdims=True)
+        np.subtract(s, m, out=s)
+        np.exp(s, out=s)
+        lsum = s.sum(1, keepdims=True)
+        np.divide(s @ v[h], lsum, out=o[h])                                     # [G*L, D]
+        lse[h] = (m + np.log(lsum))[:, 0]
     o = o.reshape(H_kv, G, L, D).transpose(2, 0, 1, 3).reshape(L, H, D)
-    return o.astype(np.float32), lse.reshape(H_kv, G, L).transpose(2, 0, 1).reshape(L, H).astype(np.float32)
+    return o, lse.reshape(H_kv, G, L).transpose(2, 0, 1).reshape(L, H)
 
 
 class DiskWorkerServer:
