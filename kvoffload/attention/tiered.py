@@ -77,11 +77,9 @@ def _slots_for(budget: int | None, unit: int, name: str) -> int | None:
     return budget // unit
 
 
-def _as_numpy(t: torch.Tensor) -> np.ndarray:
-    t = t.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(np.uint16)
-    return t.numpy()
+def _as_numpy(q: torch.Tensor) -> np.ndarray:
+    """The fp32 queries, as the disk workers' numpy array."""
+    return q.detach().cpu().contiguous().numpy()
 
 
 def _cleanup(workers: list, directory: str | None) -> None:

@@ -23,7 +23,7 @@ def simulate(p, seqs, layers, blocks):
     store = {}
     for sid in seqs:
         p.add_seq(sid, layers)
-    for i in range(blocks):
+    for _ in range(blocks):
         for sid in seqs:
             for layer in range(layers):
                 for m in p.place_new(sid, layer):

@@ -54,7 +54,7 @@ def attend_multi_np(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> tuple[np.nda
     """q ``[L, H, D]`` fp32 over k, v ``[H_kv, T, D]`` fp32 (no mask) -> o ``[L, H, D]``, lse ``[L, H]``.
     One KV head at a time, softmax in place: the scores of one head are the only big array."""
     L, H, D = q.shape
-    H_kv, T = k.shape[0], k.shape[1]
+    H_kv = k.shape[0]
     G = H // H_kv
     qg = q.reshape(L, H_kv, G, D).transpose(1, 2, 0, 3).reshape(H_kv, G * L, D) * np.float32(1.0 / np.sqrt(D))
     o = np.empty((H_kv, G * L, D), np.float32)
