@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from kvoffload.attention import make_backend
-from kvoffload.config import EngineConfig, KVConfig, SamplingParams
+from kvoffload.config import EngineConfig, SamplingParams
 from kvoffload.device import resolve_device, set_threads
 from kvoffload.engine.engine import Engine
 from kvoffload.engine.sequence import Sequence
@@ -46,7 +46,7 @@ class LLM:
     """Load a model once; generate for many prompts (batched, ragged)."""
 
     def __init__(self, model: str | None = None, *, config: EngineConfig | None = None, **overrides) -> None:
-        names = {f.name for f in fields(EngineConfig)} | {f.name for f in fields(KVConfig)}
+        names = EngineConfig.field_names()
         unknown = set(overrides) - names
         if unknown:
             raise TypeError(f"unknown LLM option(s): {', '.join(sorted(unknown))}")
@@ -63,7 +63,21 @@ class LLM:
                              self.tokenizer, config, self.device)
 
     def kv_report(self) -> str | None:
-        """One line on the tiered KV store (None when the KV is in one contiguous buffer)."""
+        """A line on the sparse policy's reads (if one is set) and one on the tiered KV store
+        (if it is used); None when there is neither."""
+        lines = []
+        sp = getattr(self.engine.kv, "sparse_stats", None)
+        if sp is not None and sp.steps:
+            s = self.config.sparse
+            lines.append(f"sparse {s.sparse_policy} at {s.sparse_budget}: attended {100 * sp.attended / sp.context:.1f}% "
+                         f"of the KV of its layers, read {100 * sp.read_fraction:.1f}% (block-granular; "
+                         f"amplification {sp.amplification:.2f})")
+        tiered = self._tier_report()
+        if tiered:
+            lines.append(tiered)
+        return "\n".join(lines) or None
+
+    def _tier_report(self) -> str | None:
         stats = getattr(self.engine.kv, "stats", None)
         if stats is None:
             return None

@@ -13,6 +13,7 @@ where the meaning matches.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -197,6 +198,104 @@ class KVConfig:
         return (self.offload_dir is not None or self.kv_device_budget is not None
                 or self.kv_host_budget is not None or self.kv_disk_budget is not None)
 
+# --------------------------------------------------------------------------- sparse attention
+
+def parse_budget(text: str | float) -> tuple[str, float]:
+    """``"1/16"`` or ``"0.0625"`` -> ("fraction", 0.0625); ``"512"`` -> ("tokens", 512);
+    ``"all"`` -> ("fraction", 1.0). A fraction is of the sequence's current length."""
+    t = str(text).strip().lower()
+    if t in ("all", "full", "1", "1/1"):
+        return "fraction", 1.0
+    try:
+        if "/" in t:
+            num, den = t.split("/", 1)
+            value = float(num) / float(den)
+        else:
+            value = float(t)
+    except (ValueError, ZeroDivisionError):
+        value = -1.0
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"bad sparse budget {text!r} (examples: 1/16, 0.125, 512 tokens, all)")
+    if "/" in t or "." in t:
+        if value > 1:
+            raise ConfigError(f"sparse budget fraction {text!r} is more than 1")
+        return "fraction", value
+    if value != int(value):
+        raise ConfigError(f"sparse budget {text!r}: a token count must be a whole number")
+    return "tokens", float(value)
+
+
+def parse_layers(text: str | tuple | None) -> tuple[int, ...] | None:
+    """``"0,1"`` -> (0, 1); ``"none"`` -> (); ``None`` -> None (the policy's default)."""
+    if text is None or isinstance(text, tuple):
+        return text
+    t = str(text).strip().lower()
+    if t in ("none", ""):
+        return ()
+    try:
+        layers = tuple(int(x) for x in t.split(","))
+    except ValueError:
+        raise ConfigError(f"bad layer list {text!r} (example: 0,1)") from None
+    if any(x < 0 for x in layers):
+        raise ConfigError(f"layer numbers must be >= 0, got {text!r}")
+    return layers
+
+
+@dataclass(frozen=True)
+class SparseConfig:
+    """Sparse decode attention: which policy picks the KV each decode step reads (prefill is
+    always dense). The defaults of every ``None`` field are the policy's own (its paper's; see
+    ``kvoffload/sparse/``).
+
+    sparse_policy: ``dense`` (read everything) or a name in :data:`kvoffload.sparse.POLICIES`.
+    sparse_budget: KV tokens each (layer, KV head) attends per decode step: a fraction of the
+        sequence's length (``1/16``, ``0.0625``) or a token count (``512``). Sink, recent-window
+        and tail tokens count against it; a budget that covers the sequence reads everything.
+    sparse_dense_layers: layers that always attend everything (``0,1``; ``none``).
+    sparse_sink_tokens: first tokens always attended (rounded up to whole blocks).
+    sparse_recent_tokens: last tokens always attended (the partial tail block and whole blocks
+        before it).
+    sparse_channels: ``sparf`` / ``double_sparsity``: channels per head used for approximate
+        scores (``None``: the policy's default fraction of the head dim).
+    sparse_calibration: ``double_sparsity``: the channel file written by ``kvoffload calibrate``.
+    sparse_chunk: ``shadowkv``: tokens per landmark chunk.
+    """
+
+    sparse_policy: str = cli_field("dense", "sparse decode attention policy: dense, streaming, quest, sparf, double_sparsity, shadowkv")
+    sparse_budget: str = cli_field("1/16", "KV per decode step and KV head: fraction of the context (1/16, 0.125) or tokens (512)")
+    sparse_dense_layers: tuple[int, ...] | None = cli_field(None, "layers kept dense, e.g. 0,1 or none (default: the policy's)", parse=parse_layers)
+    sparse_sink_tokens: int | None = cli_field(None, "first tokens always attended (default: the policy's)")
+    sparse_recent_tokens: int | None = cli_field(None, "last tokens always attended (default: the policy's)")
+    sparse_channels: int | None = cli_field(None, "sparf/double_sparsity: channels per head for approximate scores")
+    sparse_calibration: str | None = cli_field(None, "double_sparsity: channel file from `kvoffload calibrate`")
+    sparse_chunk: int = cli_field(8, "shadowkv: tokens per landmark chunk")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sparse_dense_layers", parse_layers(self.sparse_dense_layers))
+        parse_budget(self.sparse_budget)
+        for name in ("sparse_sink_tokens", "sparse_recent_tokens"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise ConfigError(f"{name} must be >= 0, got {v}")
+        if self.sparse_channels is not None and self.sparse_channels < 1:
+            raise ConfigError(f"sparse_channels must be >= 1, got {self.sparse_channels}")
+        if self.sparse_chunk < 1:
+            raise ConfigError(f"sparse_chunk must be >= 1, got {self.sparse_chunk}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.sparse_policy != "dense"
+
+    @functools.cached_property
+    def _budget(self) -> tuple[str, float]:
+        return parse_budget(self.sparse_budget)
+
+    def budget_tokens(self, length: int) -> int:
+        """Tokens a (layer, KV head) may attend in a sequence of ``length`` tokens."""
+        kind, value = self._budget
+        return int(value) if kind == "tokens" else max(1, math.ceil(value * length))
+
+
 # --------------------------------------------------------------------------- engine
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -233,6 +332,7 @@ class EngineConfig:
         threads at once, so that while one group's attention waits on the KV workers (disk reads)
         another computes its projections and MLP (Lamina's rotation). 1 = one forward.
     kv: :class:`KVConfig` (its fields are flags of their own: ``--kv-host-budget`` ...).
+    sparse: :class:`SparseConfig` (``--sparse-policy``, ``--sparse-budget`` ...).
     """
 
     model: str | None = cli_field(None, "GGUF file, Hugging Face directory or alias (default: embedded SmolLM2-135M-Instruct)", short="-m")
@@ -248,6 +348,7 @@ class EngineConfig:
     decode_microbatches: int = cli_field(1, "decode batch split into this many forwards run together (overlaps KV worker waits with compute)")
     cache_dir: str | None = cli_field(None, "cache for assembled models (default: $KVOFFLOAD_CACHE or ~/.cache/kvoffload)")
     kv: KVConfig = field(default_factory=KVConfig, metadata={"nested": True})
+    sparse: SparseConfig = field(default_factory=SparseConfig, metadata={"nested": True})
 
     def __post_init__(self) -> None:
         if self.prefill_chunk < 1:
@@ -268,12 +369,27 @@ class EngineConfig:
             raise ConfigError(f"quantization must be one of auto, {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
 
     def replace(self, **changes: Any) -> EngineConfig:
-        """Fields of this class or of :class:`KVConfig` (routed into ``kv``)."""
-        kv_names = {f.name for f in dataclasses.fields(KVConfig)}
-        kv_changes = {k: changes.pop(k) for k in list(changes) if k in kv_names}
-        if kv_changes:
-            changes["kv"] = dataclasses.replace(changes.get("kv", self.kv), **kv_changes)
+        """Fields of this class or of a nested one (:class:`KVConfig`, :class:`SparseConfig`),
+        routed into it."""
+        for f in dataclasses.fields(self):
+            if not f.metadata.get("nested"):
+                continue
+            names = {g.name for g in dataclasses.fields(getattr(self, f.name))}
+            sub = {k: changes.pop(k) for k in list(changes) if k in names}
+            if sub:
+                changes[f.name] = dataclasses.replace(changes.get(f.name, getattr(self, f.name)), **sub)
         return dataclasses.replace(self, **changes)
+
+    @staticmethod
+    def field_names() -> set[str]:
+        """Every name :meth:`replace` and ``LLM(**kw)`` accept."""
+        names = set()
+        for f in dataclasses.fields(EngineConfig):
+            if f.metadata.get("nested"):
+                names |= {g.name for g in dataclasses.fields(f.default_factory)}
+            else:
+                names.add(f.name)
+        return names
 
 
 # --------------------------------------------------------------------------- sampling
@@ -316,3 +432,52 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+# --------------------------------------------------------------------------- FIELD=VALUE text
+
+def _engine_fields() -> dict[str, tuple[Any, dataclasses.Field]]:
+    """Field name -> (type, field) of :class:`EngineConfig`, nested dataclasses flattened."""
+    import typing
+
+    def walk(cls: type) -> dict[str, tuple[Any, dataclasses.Field]]:
+        hints, out = typing.get_type_hints(cls), {}
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            out.update(walk(tp) if dataclasses.is_dataclass(tp) else {f.name: (tp, f)})
+        return out
+
+    return walk(EngineConfig)
+
+
+def parse_overrides(items: tuple[str, ...] | list[str], what: str) -> dict[str, Any]:
+    """``("sparse_policy=quest", "kv_host_budget=64MiB")`` -> engine field values (``what``
+    names the flag in errors). Fields with their own parser take the text, as on the CLI."""
+    import typing
+
+    fields = _engine_fields()
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        name, value = name.strip().replace("-", "_"), value.strip()
+        if not sep or name not in fields:
+            raise ConfigError(f"{what} {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(fields)}")
+        tp, f = fields[name]
+        if f.metadata.get("parse"):
+            out[name] = value
+            continue
+        if value.lower() == "none" and type(None) in typing.get_args(tp):
+            out[name] = None
+            continue
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        base = args[0] if args else tp
+        try:
+            if base is bool:
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(value)
+                out[name] = value.lower() in ("true", "1")
+            else:
+                out[name] = base(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{what} {name}={value}: not a valid {getattr(base, '__name__', base)}") from None
+    return out

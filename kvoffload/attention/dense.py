@@ -17,12 +17,14 @@ from kvoffload.attention.native import NativeDecode
 from kvoffload.attention.ops import (
     causal_mask,
     decode_attention,
+    gathered_attention,
     needs_mask,
     prefill_attention,
 )
 from kvoffload.config import ModelConfig
 from kvoffload.errors import InputError
 from kvoffload.model.interface import ForwardBatch
+from kvoffload.sparse.base import SparseCounters, SparsePolicy
 
 
 @dataclass
@@ -44,13 +46,19 @@ class DenseBackend:
     """
 
     def __init__(self, cfg: ModelConfig, device: torch.device, kv_dtype: torch.dtype,
-                 act_dtype: torch.dtype | None = None, native: bool = True) -> None:
+                 act_dtype: torch.dtype | None = None, native: bool = True,
+                 policy: SparsePolicy | None = None, block_size: int = 16) -> None:
         self.cfg, self.device, self.kv_dtype = cfg, device, kv_dtype
         self.seqs: dict[int, SeqKV] = {}
         G = cfg.num_heads // cfg.num_kv_heads
         self.native = NativeDecode.create(kv_dtype, device, cfg.num_kv_heads, G, cfg.head_dim,
                                           act_dtype or kv_dtype) if native else None
-        self.decode = self._decode_torch if self.native is None else self._decode_native
+        self._dense_decode = self._decode_torch if self.native is None else self._decode_native
+        # sparse decode: the policy picks blocks of ``block_size`` tokens (the tiered store's
+        # blocks; here they are ranges of the contiguous buffers)
+        self.policy, self.bs = policy, block_size
+        self.sparse_stats = SparseCounters()
+        self.decode = self._dense_decode if policy is None else self._decode_policy
         self._memo: tuple[ForwardBatch, tuple[np.ndarray, ...]] | None = None
         self._mask_memo: tuple[ForwardBatch, int, torch.Tensor] | None = None
 
@@ -59,9 +67,13 @@ class DenseBackend:
         shape = (self.cfg.num_layers, self.cfg.num_kv_heads, capacity, self.cfg.head_dim)
         self.seqs[seq_id] = SeqKV(torch.empty(shape, dtype=self.kv_dtype, device=self.device),
                                   torch.empty(shape, dtype=self.kv_dtype, device=self.device))
+        if self.policy is not None:
+            self.policy.allocate(seq_id, capacity)
 
     def free(self, seq_id: int) -> None:
         self.seqs.pop(seq_id, None)
+        if self.policy is not None:
+            self.policy.free(seq_id)
 
     def _check(self, kv: SeqKV, end: int) -> None:
         if end > kv.capacity:
@@ -80,6 +92,8 @@ class DenseBackend:
             vc[:, start:start + L] = v[b]
             mask = self._mask(batch, b, q.dtype) if needs_mask(start, self.device) else None
             outs.append(prefill_attention(q[b], kc[:, :start + L], vc[:, :start + L], start, mask))
+            if self.policy is not None:
+                self.policy.append(layer, sid, start, k[b], v[b])
         return torch.stack(outs)                                       # [B, L, H, D]
 
     def _mask(self, batch: ForwardBatch, b: int, dtype: torch.dtype) -> torch.Tensor:
@@ -112,4 +126,27 @@ class DenseBackend:
             kc[:, pos] = k[b, :, 0]
             vc[:, pos] = v[b, :, 0]
             outs.append(decode_attention(q[b, :, 0], kc[:, :pos + 1], vc[:, :pos + 1]))
+        return torch.stack(outs).unsqueeze(1)                          # [B, 1, H, D]
+
+    def _decode_policy(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       batch: ForwardBatch) -> torch.Tensor:
+        if not self.policy.sparse(layer):
+            return self._dense_decode(layer, q, k, v, batch)
+        outs = []
+        for b, (sid, pos) in enumerate(zip(batch.seq_ids, batch.starts)):
+            kv = self.seqs[sid]
+            self._check(kv, pos + 1)
+            kc, vc = kv.k[layer], kv.v[layer]                          # [H_kv, cap, D]
+            kc[:, pos] = k[b, :, 0]
+            vc[:, pos] = v[b, :, 0]
+            self.policy.append(layer, sid, pos, k[b], v[b])
+            sel = self.policy.select(layer, sid, q[b, :, 0], pos + 1)
+            idx, valid = sel.token_index(pos + 1, self.bs)             # [H_kv, n]
+            o = gathered_attention(q[b, :, 0], kc, vc, idx.to(self.device), valid.to(self.device))   # [H, D]
+            if sel.alpha is not None:
+                G = self.cfg.num_heads // self.cfg.num_kv_heads
+                vbar = sel.vmean.repeat_interleave(G, 0)               # [H, D]
+                o = sel.alpha[:, None] * o + (1 - sel.alpha[:, None]) * vbar
+            self.sparse_stats.add(sel, pos + 1, self.bs, 2 * self.cfg.head_dim * kc.element_size())
+            outs.append(o.to(q.dtype))
         return torch.stack(outs).unsqueeze(1)                          # [B, 1, H, D]

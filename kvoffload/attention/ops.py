@@ -121,3 +121,35 @@ def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool =
     lse = torch.logsumexp(s, dim=-1)                                               # [H_kv, G*L]
     o = torch.matmul(torch.exp(s - lse[..., None]), v.float())                     # [H_kv, G*L, D]
     return o.reshape(H, L, D), lse.reshape(H, L)
+
+
+def gathered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
+                       valid: torch.Tensor) -> torch.Tensor:
+    """One query token over the chosen keys of each KV head (sparse decode, reference form).
+
+    q ``[H, D]``; k, v ``[H_kv, T, D]``; idx ``[H_kv, n]`` positions each head attends, padded
+    where ``valid`` ``[H_kv, n]`` is False -> ``[H, D]`` fp32.
+    """
+    H, D = q.shape
+    H_kv, cap = k.shape[0], k.shape[1]
+    rows = (idx + torch.arange(H_kv, device=idx.device)[:, None] * cap).reshape(-1)     # into [H_kv*cap]
+    ks = k.reshape(H_kv * cap, D).index_select(0, rows).view(H_kv, -1, D).float()  # [H_kv, n, D]
+    vs = v.reshape(H_kv * cap, D).index_select(0, rows).view(H_kv, -1, D).float()
+    s = torch.matmul(q.float().reshape(H_kv, H // H_kv, D), ks.transpose(1, 2)) * (1.0 / math.sqrt(D))
+    s.masked_fill_(~valid[:, None, :], float("-inf"))                              # [H_kv, G, n]
+    return torch.matmul(torch.softmax(s, dim=-1), vs).reshape(H, D)
+
+
+def attend_lse_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attend_lse` where KV head h sees only the keys with ``valid[h]`` (``[H_kv, T]``
+    bool): q ``[H, L, D]`` -> o ``[H, L, D]``, lse ``[H, L]`` fp32 (-inf, o = 0 with no key)."""
+    H, L, D = q.shape
+    H_kv = k.shape[0]
+    qg = q.reshape(H_kv, (H // H_kv) * L, D).float()
+    s = torch.matmul(qg, k.float().transpose(1, 2)) * (1.0 / math.sqrt(D))          # [H_kv, G*L, T]
+    s.masked_fill_(~valid[:, None, :], float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)                                                # [H_kv, G*L]
+    p = torch.exp(s - lse[..., None]).nan_to_num_(0.0)
+    o = torch.matmul(p, v.float())
+    return o.reshape(H, L, D), lse.reshape(H, L)

@@ -39,6 +39,7 @@ from kvoffload.kv.layout import BlockLayout
 from kvoffload.kv.placement import Level, Loc, Move, Placement, SlotPool
 from kvoffload.kv.tiers.memory import MemoryTier
 from kvoffload.model.interface import ForwardBatch
+from kvoffload.sparse.base import Selection, SparseCounters, SparsePolicy
 
 DEVICE, HOST, DISK = 0, 1, 2
 TIER_NAMES = ("device", "host", "disk")
@@ -94,7 +95,8 @@ def _cleanup(workers: list, directory: str | None) -> None:
 
 class TieredBackend:
     def __init__(self, cfg: ModelConfig, kv: KVConfig, device: torch.device, kv_dtype: torch.dtype,
-                 act_dtype: torch.dtype, threads: int, native: bool = True) -> None:
+                 act_dtype: torch.dtype, threads: int, native: bool = True,
+                 policy: SparsePolicy | None = None) -> None:
         self.cfg, self.kvcfg, self.device, self.kv_dtype, self.act_dtype = cfg, kv, device, kv_dtype, act_dtype
         self.bs = kv.block_size
         self.layout = lay = BlockLayout(kv.block_size, cfg.num_kv_heads, cfg.head_dim, dtype_name(kv_dtype))
@@ -131,6 +133,8 @@ class TieredBackend:
         self._split_cache: dict[tuple[int, int], tuple[int, dict[tuple[int, int], np.ndarray]]] = {}
         self._writes: dict[int, list[tuple[int, bytes]]] = {}      # disk shard -> pending (slot, data)
         self.stats = KVStats()
+        self.policy = policy                 # sparse decode: which blocks each step reads
+        self.sparse_stats = SparseCounters()
         # decode micro-batches call in from several threads: one at a time in here (their model
         # compute outside overlaps); workers, placement and counters are not shared otherwise
         self._lock = threading.Lock()
@@ -158,6 +162,8 @@ class TieredBackend:
     def allocate(self, seq_id: int, capacity: int) -> None:
         self.tail_slot[seq_id] = np.array([self.tails.alloc() for _ in range(self.cfg.num_layers)], dtype=np.int64)
         self.placement.add_seq(seq_id, self.cfg.num_layers)
+        if self.policy is not None:
+            self.policy.allocate(seq_id, capacity)
 
     def free(self, seq_id: int) -> None:
         if seq_id not in self.tail_slot:
@@ -167,40 +173,69 @@ class TieredBackend:
         self.placement.remove_seq(seq_id)
         for layer in range(self.cfg.num_layers):
             self._split_cache.pop((seq_id, layer), None)
+        if self.policy is not None:
+            self.policy.free(seq_id)
 
     # ---- where blocks are ----
     def _split(self, seq_id: int, layer: int) -> dict[tuple[int, int], np.ndarray]:
         """(level, shard) -> slots of this (sequence, layer)'s blocks there (cached until they move)."""
+        return self._table(seq_id, layer)[1]
+
+    def _table(self, seq_id: int, layer: int) -> tuple[np.ndarray, dict[tuple[int, int], np.ndarray]]:
+        """The block table as ``[n, 3]`` (level, shard, slot) rows and its :meth:`_split`."""
         stamp = self.placement.stamp.get((seq_id, layer), 0)
         hit = self._split_cache.get((seq_id, layer))
         if hit is not None and hit[0] == stamp:
-            return hit[1]
+            return hit[1], hit[2]
         locs = self.placement.tables[seq_id][layer]
         groups: dict[tuple[int, int], np.ndarray] = {}
+        a = np.array([(loc.level, loc.shard, loc.slot) for loc in locs], dtype=np.int64).reshape(-1, 3)
         if locs:
-            a = np.array([(loc.level, loc.shard, loc.slot) for loc in locs], dtype=np.int64)   # [n, 3]
             key = a[:, 0] * 1_000_000 + a[:, 1]
             for k in np.unique(key):
                 groups[(int(k // 1_000_000), int(k % 1_000_000))] = a[key == k, 2]
-        self._split_cache[(seq_id, layer)] = (stamp, groups)
-        return groups
+        self._split_cache[(seq_id, layer)] = (stamp, a, groups)
+        return a, groups
+
+    def _chosen_split(self, seq_id: int, layer: int, sel: Selection,
+                      ) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
+        """(level, shard) -> (slots, ``[n, H_kv]`` token masks) of the blocks a selection names."""
+        blocks, masks = sel.union(self.bs)
+        rows = self._table(seq_id, layer)[0][blocks]                        # [n, 3]
+        key = rows[:, 0] * 1_000_000 + rows[:, 1]
+        return {(int(k // 1_000_000), int(k % 1_000_000)): (rows[key == k, 2], masks[key == k])
+                for k in np.unique(key)}
 
     # ---- attention ----
     def _dispatch(self, layer: int, batch: ForwardBatch, q: torch.Tensor, tail_lens: np.ndarray,
-                  k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None) -> list[AttendResult]:
+                  k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None,
+                  chosen: list[Selection] | None = None) -> list[AttendResult]:
         """Send q (``[B, L, H, D]``, fp32) to every worker holding blocks: the disk workers
         start first (separate processes), then the memory tiers are attended in this thread
         while the disks read; returns their results. The tails' bytes count with the tier
-        whose worker attends them (the host's on the CPU, where the device has no blocks)."""
-        splits = [self._split(sid, layer) for sid in batch.seq_ids]
+        whose worker attends them (the host's on the CPU, where the device has no blocks).
+        ``chosen``: sparse decode, per sequence the blocks (and tokens) to attend; the workers
+        get only those, with their token masks."""
         ids = batch.seq_ids
+        if chosen is None:
+            splits = [self._split(sid, layer) for sid in ids]
+            masks = None
+        else:
+            picked = [self._chosen_split(sid, layer, sel) for sid, sel in zip(ids, chosen)]
+            splits = [{k: v[0] for k, v in p.items()} for p in picked]
+            masks = [{k: v[1] for k, v in p.items()} for p in picked]
+        empty_masks = np.zeros((0, self.cfg.num_kv_heads), np.uint64)
+
+        def masks_of(key):
+            return None if masks is None else [m.get(key, empty_masks) for m in masks]
+
         active: list[tuple[int, object, AttendRequest]] = []
         q_np = None
         for shard, w in enumerate(self.disk):
             blocks = [sp.get((DISK, shard), _EMPTY) for sp in splits]
             if any(len(b) for b in blocks):
                 q_np = _as_numpy(q) if q_np is None else q_np
-                active.append((DISK, w, AttendRequest(layer, ids, blocks, q_np)))
+                active.append((DISK, w, AttendRequest(layer, ids, blocks, q_np, masks=masks_of((DISK, shard)))))
         tails = np.array([self.tail_slot[sid][layer] for sid in ids], dtype=np.int64)
         tail = (tails, tail_lens, k_new, v_new)
         need_tail = k_new is not None or bool(tail_lens.any())
@@ -211,14 +246,16 @@ class TieredBackend:
         tails_on_host = need_tail and self.device.type == "cpu" and not dev_has
         if host_has or tails_on_host:
             active.append((HOST, self.workers[HOST],
-                           AttendRequest(layer, ids, host_blocks, q.to("cpu"), *(tail if tails_on_host else ()))))
+                           AttendRequest(layer, ids, host_blocks, q.to("cpu"), *(tail if tails_on_host else (None,) * 4),
+                                         masks=masks_of((HOST, 0)))))
         if dev_has or (need_tail and not tails_on_host):
-            active.append((DEVICE, self.workers[DEVICE], AttendRequest(layer, ids, dev_blocks, q, *tail)))
+            active.append((DEVICE, self.workers[DEVICE], AttendRequest(layer, ids, dev_blocks, q, *tail,
+                                                                       masks=masks_of((DEVICE, 0)))))
         if not self.kvcfg.kv_serial:
             for _, w, req in active:
                 w.submit(req)
         if k_new is not None and layer + 1 < self.cfg.num_layers and self.kvcfg.disk_read_ahead \
-                and not self.kvcfg.kv_serial:
+                and not self.kvcfg.kv_serial and (self.policy is None or not self.policy.sparse(layer + 1)):
             # decode: the next layer's blocks are known now, its query is not; let the disks read
             nxt = [self._split(sid, layer + 1) for sid in ids]
             for shard, w in enumerate(self.disk):
@@ -256,8 +293,16 @@ class TieredBackend:
         kvd = self.kv_dtype
         qk = q.transpose(1, 2).float()                                         # [B, 1, H, D] fp32
         tail_lens = np.array([s % self.bs for s in batch.starts], dtype=np.int64)
-        results = self._dispatch(layer, batch, qk, tail_lens, k[:, :, 0].to(kvd), v[:, :, 0].to(kvd))
+        chosen = None
+        if self.policy is not None and self.policy.sparse(layer):
+            chosen = []
+            for b, (sid, s) in enumerate(zip(batch.seq_ids, batch.starts)):
+                self.policy.append(layer, sid, s, k[b].to(kvd), v[b].to(kvd))
+                chosen.append(self.policy.select(layer, sid, q[b, :, 0], s + 1))
+        results = self._dispatch(layer, batch, qk, tail_lens, k[:, :, 0].to(kvd), v[:, :, 0].to(kvd), chosen)
         o = self._merged(results)                                              # [B, 1, H, D]
+        if chosen is not None:
+            o = self._corrected(o, chosen, batch)
         for sid, s in zip(batch.seq_ids, batch.starts):
             if (s + 1) % self.bs == 0:                                          # the tail is full
                 self._flush(sid, layer)
@@ -265,6 +310,17 @@ class TieredBackend:
         if layer == self.cfg.num_layers - 1:
             self.stats.decode_tokens += len(batch.seq_ids)
         return o.to(q.dtype)
+
+    def _corrected(self, o: torch.Tensor, chosen: list[Selection], batch: ForwardBatch) -> torch.Tensor:
+        """SparF's ``alpha * o + (1 - alpha) * mean(V)`` where a selection asks for it; counts
+        what the selections read. o ``[B, 1, H, D]``."""
+        G = self.cfg.num_heads // self.cfg.num_kv_heads
+        for b, (sel, s) in enumerate(zip(chosen, batch.starts)):
+            self.sparse_stats.add(sel, s + 1, self.bs, self.layout.token_bytes(1) // self.cfg.num_kv_heads)
+            if sel.alpha is not None:
+                a = sel.alpha.to(o.device)[:, None]                               # [H, 1]
+                o[b, 0] = a * o[b, 0] + (1 - a) * sel.vmean.to(o.device).repeat_interleave(G, 0)
+        return o
 
     def prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 batch: ForwardBatch) -> torch.Tensor:
@@ -283,6 +339,8 @@ class TieredBackend:
                 o = own[0]
             outs.append(o[0].to(q.dtype))                                      # [L, H, D]
             self._write_chunk(sid, layer, start, kb, vb)
+            if self.policy is not None:
+                self.policy.append(layer, sid, start, kb, vb)
         self._send_writes()
         return torch.stack(outs)
 

@@ -29,6 +29,7 @@ class BenchConfig:
     dtype: str = "auto"
     quantization: str = "auto"
     hf_dtype: str = "bfloat16"
+    configs: tuple[tuple[str, dict], ...] = ()     # more kvoffload engines: (name, engine settings)
 
 
 def _rss_mib() -> float:
@@ -39,6 +40,9 @@ def build_engines(cfg: BenchConfig, path: str, n_ctx: int, report: Report) -> li
     engines = []
     specs = [("kvoffload", lambda: Ours("kvoffload", path, cfg.threads, dtype=cfg.dtype,
                                          quantization=cfg.quantization))]
+    for name, settings in cfg.configs:
+        specs.append((name, lambda name=name, settings=settings: Ours(
+            name, path, cfg.threads, **{"dtype": cfg.dtype, "quantization": cfg.quantization, **settings})))
     for peer in cfg.vs:
         if peer == "llama.cpp":
             specs.append((peer, lambda: LlamaCpp("llama.cpp", path, n_ctx, cfg.threads)))

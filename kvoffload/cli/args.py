@@ -21,14 +21,17 @@ def _base_type(tp: Any) -> type:
     return args[0] if args else tp
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, exclude: tuple[str, ...] = ()) -> None:
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, exclude: tuple[str, ...] = (),
+                       include: tuple[str, ...] | None = None) -> None:
+    """A flag per CLI field of ``cls`` (nested dataclasses too), but those in ``exclude`` or,
+    with ``include``, those not in it."""
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(cls.__name__)
     for f in dataclasses.fields(cls):
         if f.metadata.get("nested"):
-            add_dataclass_args(parser, hints[f.name], exclude)
+            add_dataclass_args(parser, hints[f.name], exclude, include)
             continue
-        if not f.metadata.get("cli") or f.name in exclude:
+        if not f.metadata.get("cli") or f.name in exclude or (include is not None and f.name not in include):
             continue
         tp = hints[f.name]
         names = [_flag(f)] + ([f.metadata["short"]] if f.metadata.get("short") else [])

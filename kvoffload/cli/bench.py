@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from kvoffload.errors import ConfigError
@@ -29,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vs", default="", help="peers to run side by side: llama.cpp, transformers (comma-separated)")
     p.add_argument("--dtype", default="auto", help="kvoffload compute dtype")
     p.add_argument("-q", "--quantization", default="auto", help="kvoffload decode weight format")
+    p.add_argument("--config", action="append", default=[], metavar="NAME:FIELD=VALUE,...",
+                   help="speed: one more kvoffload engine, run side by side, with these engine settings, e.g. "
+                        "'quest-1/16:sparse_policy=quest,sparse_budget=1/16' (repeatable)")
     p.add_argument("--hf-dtype", default="bfloat16", choices=("bfloat16", "float32"))
     g = p.add_argument_group("attention / offload")
     g.add_argument("--context", type=int, default=None, help="tokens per sequence (attention: 8192, offload: 4096)")
@@ -41,6 +45,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", default=None,
                    help="write PREFIX.md, PREFIX.json and PREFIX.png (default: print the table only)")
     p.set_defaults(run=run)
+
+
+def parse_configs(items: list[str]) -> tuple[tuple[str, dict], ...]:
+    """``NAME:FIELD=VALUE,FIELD=VALUE`` -> ((NAME, {field: value}), ...)."""
+    from kvoffload.config import EngineConfig, parse_overrides
+
+    out = []
+    for item in items:
+        name, sep, rest = item.partition(":")
+        if not sep or not name.strip():
+            raise ConfigError(f"--config {item!r}: expected NAME:FIELD=VALUE,...")
+        # commas separate settings, except inside a value (sparse_dense_layers=0,1)
+        settings = parse_overrides([x for x in re.split(r",(?=\s*[A-Za-z_][\w-]*=)", rest) if x.strip()], "--config")
+        EngineConfig().replace(**settings)                      # bad values fail here, in one line
+        out.append((name.strip(), settings))
+    if len({n for n, _ in out} | {"kvoffload"}) != len(out) + 1:
+        raise ConfigError("--config names must be distinct (and not 'kvoffload')")
+    return tuple(out)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         if not os.path.isdir(parent):
             raise ConfigError(f"--output: directory {parent} does not exist")
     report = run_bench(BenchConfig(args.model, tuple(tests), args.reps, args.threads, vs, args.dtype,
-                                   args.quantization, args.hf_dtype))
+                                   args.quantization, args.hf_dtype, parse_configs(args.config)))
     md = report.markdown()
     print(md)
     if args.output:

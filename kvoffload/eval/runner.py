@@ -15,7 +15,7 @@ import sys
 import time
 import typing
 
-from kvoffload.config import EngineConfig, SamplingParams
+from kvoffload.config import EngineConfig, SamplingParams, parse_overrides
 from kvoffload.errors import ConfigError, InputError
 from kvoffload.eval import metrics
 from kvoffload.eval.config import EvalConfig
@@ -39,15 +39,6 @@ def _flat(obj: typing.Any) -> dict[str, typing.Any]:
     return out
 
 
-def _fields(cls: type) -> dict[str, tuple[typing.Any, dataclasses.Field]]:
-    """Field name -> (type, field) of a config dataclass, nested config dataclasses flattened."""
-    hints, out = typing.get_type_hints(cls), {}
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        out.update(_fields(tp) if dataclasses.is_dataclass(tp) else {f.name: (tp, f)})
-    return out
-
-
 def non_default(cfg: EngineConfig, skip: tuple[str, ...] = IDENTITY_FIELDS) -> dict[str, typing.Any]:
     """Engine settings (nested ones included) that differ from their defaults, identity fields left out."""
     default = _flat(EngineConfig())
@@ -67,35 +58,11 @@ def model_name(cfg: EngineConfig) -> str:
     return os.path.basename(m.rstrip("/")) if os.sep in m else m
 
 
-def _convert(value: str, tp: typing.Any, f: dataclasses.Field) -> typing.Any:
-    """``--reference`` text -> a field value (fields with their own parser take the text, as on the CLI)."""
-    if f.metadata.get("parse"):
-        return value
-    if value.lower() == "none" and type(None) in typing.get_args(tp):
-        return None
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    base = args[0] if args else tp
-    try:
-        if base is bool:
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(value)
-            return value.lower() in ("true", "1")
-        return base(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"--reference {f.name}={value}: not a valid {getattr(base, '__name__', base)}") from None
-
-
 def reference_config(cfg: EngineConfig, overrides: tuple[str, ...] = ()) -> EngineConfig:
     """The dense reference for ``cfg``: its model and numerics, every other setting at its default."""
-    fields = _fields(EngineConfig)
     flat = _flat(cfg)
     values = {k: flat[k] for k in REFERENCE_KEEPS}
-    for item in overrides:
-        name, sep, value = item.partition("=")
-        name = name.strip().replace("-", "_")
-        if not sep or name not in fields:
-            raise ConfigError(f"--reference {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(fields)}")
-        values[name] = _convert(value.strip(), *fields[name])
+    values.update(parse_overrides(overrides, "--reference"))
     return EngineConfig().replace(**values)
 
 

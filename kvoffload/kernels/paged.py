@@ -14,27 +14,46 @@ from kvoffload.kernels.build import load
 _P = ctypes.c_void_p
 _I = ctypes.c_int
 _L = ctypes.c_int64
-_ARGTYPES = [_I, _I, _I, _I, _I, _P, _L, _P, _P, _P, _P, _L, _P, _L, _P, _P, ctypes.c_float, _P, _P, _I]
+_ARGTYPES = [_I, _I, _I, _I, _I, _P, _L, _P, _P, _P, _P, _L, _P, _L, _P, _P, ctypes.c_float, _P, _P, _I, _P]
 KERNEL_DTYPES = ("float32", "bfloat16", "float16")
 _SUFFIX = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 G_MAX, D_MAX, BS_MAX = 32, 256, 256
+MASK_BS_MAX = 64           # token masks are one uint64 per (block, head)
 
 
 @dataclass(frozen=True)
 class BlockLists:
     """Which blocks each sequence attends: ``ptrs[first[b]:first[b+1]]`` are slot addresses,
-    all full except the last, which holds ``last_len[b]`` tokens (int64 arrays)."""
+    all full except the last, which holds ``last_len[b]`` tokens (int64 arrays). ``masks``
+    (sparse attention): ``[total blocks, H_kv]`` uint64, bit t = token t of that block is
+    attended by that KV head (0: the head's rows of the block are not read); ``None`` = all."""
 
     first: np.ndarray      # [B + 1]
     ptrs: np.ndarray       # [total blocks]
     last_len: np.ndarray   # [B]
+    masks: np.ndarray | None = None
 
     @classmethod
-    def build(cls, per_seq: list[np.ndarray], last_len: list[int]) -> BlockLists:
+    def build(cls, per_seq: list[np.ndarray], last_len: list[int],
+              masks: list[np.ndarray] | None = None) -> BlockLists:
         first = np.zeros(len(per_seq) + 1, dtype=np.int64)
         np.cumsum([len(p) for p in per_seq], out=first[1:])
         ptrs = np.concatenate(per_seq).astype(np.int64, copy=False) if per_seq else np.zeros(0, np.int64)
-        return cls(first, ptrs, np.asarray(last_len, dtype=np.int64))
+        m = None
+        if masks is not None:
+            m = np.ascontiguousarray(np.concatenate(masks), dtype=np.uint64) if masks else np.zeros((0, 1), np.uint64)
+        return cls(first, ptrs, np.asarray(last_len, dtype=np.int64), m)
+
+
+def full_mask_row(bs: int, H_kv: int) -> np.ndarray:
+    """``[1, H_kv]`` uint64: every token of a block, for every head."""
+    return np.full((1, H_kv), (1 << bs) - 1, np.uint64)
+
+
+def masks_to_valid(masks: np.ndarray, bs: int) -> np.ndarray:
+    """``[n, H_kv]`` uint64 token masks -> ``[H_kv, n*bs]`` bool (token t of block i at i*bs+t)."""
+    bits = (masks[:, :, None] >> np.arange(bs, dtype=np.uint64)) & np.uint64(1)     # [n, H_kv, bs]
+    return bits.astype(bool).transpose(1, 0, 2).reshape(masks.shape[1], -1)
 
 
 class PagedAttention:
@@ -69,7 +88,8 @@ class PagedAttention:
                      lists.ptrs.ctypes.data, lists.last_len.ctypes.data, k, kb, v, vb,
                      None if app_ptr is None else app_ptr.ctypes.data,
                      None if app_pos is None else app_pos.ctypes.data,
-                     self.scale, out_ptr, lse_ptr, threads)
+                     self.scale, out_ptr, lse_ptr, threads,
+                     None if lists.masks is None else lists.masks.ctypes.data)
         if rc != 0:
             raise RuntimeError("native paged attention rejected its arguments")
 

@@ -8,6 +8,11 @@
  * except the last, which holds last_len[b] tokens. The order of the blocks does not matter
  * (softmax is permutation invariant), so a worker lists just the blocks it owns.
  *
+ * Optional token masks (sparse attention): tmask[j * H_kv + h] (uint64, bit t = token t of the
+ * block, so bs <= 64) says which tokens of listed block j head h attends, in the order of the
+ * blocks of blk (all sequences back to back); 0 skips that head's K and V of the block
+ * entirely, so only chosen heads' rows are read. NULL = every token.
+ *
  * Optional append: app_ptr[b] != 0 names the slot whose column app_pos[b] receives the new
  * token's k/v before attention (the write-combining tail lives with the device worker).
  *
@@ -60,7 +65,8 @@ static inline float f16_to_f32(uint16_t h) {
 /* One work item, portable: blocks blk[0..nb) of one KV head (K at kofs, V at vofs elements
  * from each slot base); the last has n_last tokens. Online softmax per block. */
 #define DEFINE_GENERIC(NAME, KV_T, LOAD)                                                             \
-static void NAME##_generic(const float *q, const int64_t *blk, int nb, int n_last, size_t kofs,     \
+static void NAME##_generic(const float *q, const int64_t *blk, const uint64_t *tm, int tstride,   \
+                           int nb, int n_last, size_t kofs,                                         \
                            size_t vofs, int G, int D, int bs, float scale, float *m_out,            \
                            float *l_out, float *o_out) {                                            \
     float s[G_MAX][BS_MAX];                                                                         \
@@ -70,6 +76,9 @@ static void NAME##_generic(const float *q, const int64_t *blk, int nb, int n_las
     for (int j = 0; j < nb; j++) {                                                                  \
         const KV_T *K = (const KV_T *)blk[j] + kofs, *V = (const KV_T *)blk[j] + vofs;              \
         int n = j == nb - 1 ? n_last : bs;                                                          \
+        uint64_t mk = tm ? tm[(size_t)j * tstride] : ~(uint64_t)0;                                  \
+        if (n < 64) mk &= ((uint64_t)1 << n) - 1;                                                   \
+        if (!mk) continue;                                                                          \
         for (int g = 0; g < G; g++) {                                                               \
             const float *qg = q + (size_t)g * D;                                                    \
             for (int t = 0; t < n; t++) s[g][t] = 0.f;                                              \
@@ -78,10 +87,16 @@ static void NAME##_generic(const float *q, const int64_t *blk, int nb, int n_las
                 for (int t = 0; t < n; t++) s[g][t] += qg[d] * LOAD(kr[2 * t]);                     \
             }                                                                                       \
             float bm = -INFINITY;                                                                   \
-            for (int t = 0; t < n; t++) { s[g][t] *= scale; bm = s[g][t] > bm ? s[g][t] : bm; }     \
+            for (int t = 0; t < n; t++) {                                                           \
+                s[g][t] = (mk >> t) & 1 ? s[g][t] * scale : -INFINITY;                              \
+                bm = s[g][t] > bm ? s[g][t] : bm;                                                   \
+            }                                                                                       \
             float mn = bm > m[g] ? bm : m[g];                                                       \
             float alpha = m[g] == -INFINITY ? 0.f : exp_nonpos(m[g] - mn), sum = 0.f;               \
-            for (int t = 0; t < n; t++) { s[g][t] = exp_nonpos(s[g][t] - mn); sum += s[g][t]; }     \
+            for (int t = 0; t < n; t++) {                                                           \
+                s[g][t] = (mk >> t) & 1 ? exp_nonpos(s[g][t] - mn) : 0.f;                           \
+                sum += s[g][t];                                                                     \
+            }                                                                                       \
             l[g] = l[g] * alpha + sum;                                                              \
             m[g] = mn;                                                                              \
             float *og = o_out + (size_t)g * D;                                                      \
@@ -105,12 +120,12 @@ DEFINE_GENERIC(f16, uint16_t, f16_to_f32)
 
 /* all KV heads of a run of slots, one head after the other (portable path) */
 #define DEFINE_GENERIC_HEADS(NAME)                                                                  \
-static void NAME##_generic_heads(const float *q, const uint16_t *qb, int qlo, const int64_t *blk, int nb, int n_last, int H_kv, \
+static void NAME##_generic_heads(const float *q, const uint16_t *qb, int qlo, const int64_t *blk, const uint64_t *tm, int nb, int n_last, int H_kv, \
                                  int G, int D, int bs, float scale, float *m, float *l, float *o) { \
     size_t kblock = (size_t)D * bs;                                                                \
     (void)qb; (void)qlo;                                                                           \
     for (int h = 0; h < H_kv; h++)                                                                 \
-        NAME##_generic(q + (size_t)h * G * D, blk, nb, n_last, h * kblock, (H_kv + h) * kblock, G, D, bs, \
+        NAME##_generic(q + (size_t)h * G * D, blk, tm ? tm + h : NULL, H_kv, nb, n_last, h * kblock, (H_kv + h) * kblock, G, D, bs, \
                        scale, m + h * G, l + h * G, o + (size_t)h * G * D);                         \
 }
 DEFINE_GENERIC_HEADS(f32)
@@ -203,7 +218,7 @@ DEFINE_PAIR_SCORE(score16_bf16, uint16_t, LOAD2_BF16)
  * driver undoes that order when it merges the items (see out_index). */
 #define DEFINE_AVX512(NAME, KV_T, LOADV, SCORE, VPERM)                                                \
 static inline __attribute__((always_inline)) void NAME##_avx512_body(                               \
-        const float *q, const uint16_t *qb, int qlo, const int64_t *blk, int nb, int n_last, int H_kv, int G, int D, int bs, \
+        const float *q, const uint16_t *qb, int qlo, const int64_t *blk, const uint64_t *tm, int nb, int n_last, int H_kv, int G, int D, int bs, \
         float scale, float *m, float *l, float *o_out, const int G_C, const int NV_C) {             \
     enum { NV_MAX = D_MAX / 16 };                                                                   \
     /* G_C / NV_C: compile-time G and D/16 in the specialised copies (0 = runtime), so the       \
@@ -220,6 +235,8 @@ static inline __attribute__((always_inline)) void NAME##_avx512_body(           
         int n = j == nb - 1 ? n_last : bs;                                                          \
         for (int h = 0; h < H_kv; h++) {                                                            \
             const KV_T *K = slot + h * kblock, *V = slot + (H_kv + h) * kblock;                     \
+            uint64_t mk = tm ? tm[(size_t)j * H_kv + h] : ~(uint64_t)0;                             \
+            if (!mk) continue;                                  /* head not chosen: not read */     \
             if (j + PF_BLOCKS < nb) {          /* this head's K and V, PF_BLOCKS slots ahead */     \
                 const char *nk = (const char *)((const KV_T *)blk[j + PF_BLOCKS] + h * kblock);     \
                 const char *nvp = (const char *)((const KV_T *)blk[j + PF_BLOCKS] + (H_kv + h) * kblock); \
@@ -233,7 +250,8 @@ static inline __attribute__((always_inline)) void NAME##_avx512_body(           
             float *mh = m + h * G, *lh = l + h * G, *oh = o_out + (size_t)h * G * D;                \
             for (int t0 = 0; t0 < n; t0 += 16) {                                                    \
                 int cnt = n - t0 < 16 ? n - t0 : 16;                                                \
-                __mmask16 live = (__mmask16)((1u << cnt) - 1u);                                     \
+                __mmask16 live = (__mmask16)((1u << cnt) - 1u) & (__mmask16)(t0 < 64 ? mk >> t0 : 0); \
+                if (!live) continue;                                                                \
                 __m512 s[G_MAX];                                                                    \
                 SCORE(K, t0, bs, D, qh, qbh, qlo, G, s);                                            \
                 __m512 acc[G_MAX][NV_MAX];                                                          \
@@ -280,14 +298,14 @@ DEFINE_AVX512(f16, uint16_t, ld_f16, score16_f16, 0)
 
 #define SPEC(NAME, GC, NVC)                                                                          \
 static void NAME##_avx512_g##GC##_nv##NVC(const float *q, const uint16_t *qb, int qlo, const int64_t *blk, \
-        int nb, int n_last, int H_kv, int G, int D, int bs, float scale, float *m, float *l, float *o) { \
-    NAME##_avx512_body(q, qb, qlo, blk, nb, n_last, H_kv, G, D, bs, scale, m, l, o, GC, NVC);                \
+        const uint64_t *tm, int nb, int n_last, int H_kv, int G, int D, int bs, float scale, float *m, float *l, float *o) { \
+    NAME##_avx512_body(q, qb, qlo, blk, tm, nb, n_last, H_kv, G, D, bs, scale, m, l, o, GC, NVC);            \
 }
 #define SPEC_NV(NAME, GC) SPEC(NAME, GC, 1) SPEC(NAME, GC, 4) SPEC(NAME, GC, 8)
 #define SPEC_ALL(NAME)                                                                               \
     SPEC(NAME, 0, 0) SPEC_NV(NAME, 1) SPEC_NV(NAME, 2) SPEC_NV(NAME, 3) SPEC_NV(NAME, 4)             \
     SPEC_NV(NAME, 6) SPEC_NV(NAME, 7) SPEC_NV(NAME, 8)                                               \
-typedef void (*item_fn)(const float *, const uint16_t *, int, const int64_t *, int, int, int, int, int, int, float, float *, float *, float *); \
+typedef void (*item_fn)(const float *, const uint16_t *, int, const int64_t *, const uint64_t *, int, int, int, int, int, int, float, float *, float *, float *); \
 static item_fn NAME##_pick(int G, int D, int bs) {                                                   \
     if (D % 16 || bs % 16) return NAME##_generic_heads;                                              \
     int nv = D / 16;                                                                                 \
@@ -314,7 +332,7 @@ SPEC_ALL(f16)
 #define VPERMUTED(NAME) (VPERM_##NAME && D % 32 == 0 && bs % 16 == 0)
 #else
 #define VPERMUTED(NAME) 0
-typedef void (*item_fn)(const float *, const uint16_t *, int, const int64_t *, int, int, int, int, int, int, float, float *, float *, float *);
+typedef void (*item_fn)(const float *, const uint16_t *, int, const int64_t *, const uint64_t *, int, int, int, int, int, int, float, float *, float *, float *);
 #define PICK(NAME) NAME##_generic_heads
 #endif
 
@@ -323,8 +341,8 @@ int kvo_paged_attn_##NAME(int B, int H_kv, int G, int D, int bs, const float *q,
                           const int64_t *blk_first, const int64_t *blk, const int64_t *last_len,      \
                           const KV_T *k_new, int64_t k_bs, const KV_T *v_new, int64_t v_bs,           \
                           const int64_t *app_ptr, const int64_t *app_pos, float scale, float *out,    \
-                          float *lse, int threads) {                                                  \
-    if (G > G_MAX || D > D_MAX || bs > BS_MAX || bs < 1 || H_kv * G > H_MAX) return -1;                                  \
+                          float *lse, int threads, const uint64_t *tmask) {                           \
+    if (G > G_MAX || D > D_MAX || bs > BS_MAX || bs < 1 || H_kv * G > H_MAX || (tmask && bs > 64)) return -1;                                  \
     int H = H_kv * G;                                                                                 \
     size_t kblock = (size_t)D * bs;                         /* elements of one head's K (or V) */    \
     /* 1. append the new token into its tail slot */                                                  \
@@ -371,7 +389,8 @@ int kvo_paged_attn_##NAME(int B, int H_kv, int G, int D, int bs, const float *q,
             qb[H * D + e] = f32_to_bf16(qf[e] - bf16_to_f32(qb[e]));                                  \
             if (qb[H * D + e] & 0x7fff) qlo = H * D;                                                  \
         }                                                                                             \
-        item(qf, qb, qlo, blk + blk_first[b] + j0, (int)(j1 - j0), n_last, H_kv, G, D, bs, scale,        \
+        item(qf, qb, qlo, blk + blk_first[b] + j0, tmask ? tmask + (blk_first[b] + j0) * H_kv : NULL,   \
+             (int)(j1 - j0), n_last, H_kv, G, D, bs, scale,                                           \
                    pm + i * H, pl + i * H, po + i * H * D);                                           \
     }                                                                                                 \
     /* 3. merge the runs of each sequence through their log-sum-exp */                                \

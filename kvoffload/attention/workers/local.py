@@ -14,13 +14,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kvoffload.attention.ops import attend_lse
+from kvoffload.attention.ops import attend_lse, attend_lse_masked
 from kvoffload.attention.workers.protocol import (
     AttendRequest,
     AttendResult,
     WriteBlocks,
 )
-from kvoffload.kernels.paged import BlockLists, PagedAttention
+from kvoffload.kernels.paged import (
+    BlockLists,
+    PagedAttention,
+    full_mask_row,
+    masks_to_valid,
+)
 from kvoffload.kv.tiers.memory import MemoryTier
 
 _DTYPE_NAME = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -103,7 +108,10 @@ class MemoryWorker:
             k, v, n = self._keys(req, b)
             if n == 0:
                 continue
-            ob, lb = attend_lse(q[b].transpose(0, 1), k, v)           # [H, L, D], [H, L]
+            if req.masks is None:
+                ob, lb = attend_lse(q[b].transpose(0, 1), k, v)       # [H, L, D], [H, L]
+            else:
+                ob, lb = attend_lse_masked(q[b].transpose(0, 1), k, v, self._valid(req, b, n).to(k.device))
             o[b], lse[b] = ob.transpose(0, 1), lb.transpose(0, 1)
             read += self.tier.layout.token_bytes(n)
         return self._result(req, o, lse, read)
@@ -134,6 +142,13 @@ class MemoryWorker:
         k, v = unpack_slots(slots, self.H_kv, self.D, self.bs, n_tail if n_tail else None)
         return k, v, k.shape[1]
 
+    def _valid(self, req: AttendRequest, b: int, n: int) -> torch.Tensor:
+        """``[H_kv, n]`` bool: the tokens sequence b's heads attend (masked blocks, then the tail)."""
+        valid = np.ones((self.H_kv, n), bool)
+        m = np.asarray(req.masks[b], dtype=np.uint64).reshape(-1, self.H_kv)
+        valid[:, :len(m) * self.bs] = masks_to_valid(m, self.bs)
+        return torch.from_numpy(valid)
+
     def _append_torch(self, req: AttendRequest) -> None:
         half = self.H_kv * self.D * self.bs
         for b in range(len(req.seq_ids)):
@@ -147,14 +162,22 @@ class MemoryWorker:
         B, H, D = q.shape
         addrs = self.tier.addrs
         per_seq, last, read = [], [], 0
+        masks = [] if req.masks is not None else None
+        lay = self.tier.layout
         for b in range(B):
             a = addrs[np.asarray(req.blocks[b], dtype=np.int64)]
             slot, n_tail = self._tail(req, b)
+            if masks is None:
+                read += lay.token_bytes(len(a) * self.bs)
+            else:                                   # a head's rows of a block are read if it is chosen
+                m = np.asarray(req.masks[b], dtype=np.uint64).reshape(-1, self.H_kv)
+                read += int(np.count_nonzero(m)) * lay.token_bytes(self.bs) // self.H_kv
+                masks.append(np.concatenate([m, full_mask_row(self.bs, self.H_kv)]) if n_tail else m)
             if n_tail:
                 a = np.append(a, self.tails.addrs[slot])
+                read += lay.token_bytes(n_tail)
             per_seq.append(a)
             last.append(n_tail if n_tail else self.bs)
-            read += self.tier.layout.token_bytes(len(a) * self.bs - (self.bs - last[-1]) if len(a) else 0)
         out = torch.empty(B, 1, H, D)
         lse = torch.empty(B, 1, H)
         append = None
@@ -165,7 +188,7 @@ class MemoryWorker:
                       np.asarray(req.tail_lens, dtype=np.int64))
         if q.stride(-1) != 1 or q.stride(-2) != D:
             q = q.contiguous()
-        kernel(B, q.data_ptr(), q.stride(0), BlockLists.build(per_seq, last), out.data_ptr(), lse.data_ptr(),
+        kernel(B, q.data_ptr(), q.stride(0), BlockLists.build(per_seq, last, masks), out.data_ptr(), lse.data_ptr(),
                self.threads, append)
         return self._result(req, out, lse, read)
 

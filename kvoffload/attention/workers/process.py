@@ -30,7 +30,7 @@ from kvoffload.attention.workers.protocol import (
     WriteBlocks,
 )
 from kvoffload.errors import KvoffloadError
-from kvoffload.kernels.paged import BlockLists, PagedAttention
+from kvoffload.kernels.paged import BlockLists, PagedAttention, masks_to_valid
 from kvoffload.kv.layout import BlockLayout
 from kvoffload.kv.tiers.disk import DiskIOError, DiskShard, aligned_buffer
 
@@ -50,9 +50,11 @@ def to_f32(a: np.ndarray, dtype: str) -> np.ndarray:
     return a.astype(np.float32)
 
 
-def attend_multi_np(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """q ``[L, H, D]`` fp32 over k, v ``[H_kv, T, D]`` fp32 (no mask) -> o ``[L, H, D]``, lse ``[L, H]``.
-    One KV head at a time, softmax in place: the scores of one head are the only big array."""
+def attend_multi_np(q: np.ndarray, k: np.ndarray, v: np.ndarray, valid: np.ndarray | None = None,
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """q ``[L, H, D]`` fp32 over k, v ``[H_kv, T, D]`` fp32 -> o ``[L, H, D]``, lse ``[L, H]``;
+    ``valid`` ``[H_kv, T]`` bool: the keys each head sees (sparse decode; default all). One KV
+    head at a time, softmax in place: the scores of one head are the only big array."""
     L, H, D = q.shape
     H_kv = k.shape[0]
     G = H // H_kv
@@ -61,12 +63,15 @@ def attend_multi_np(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> tuple[np.nda
     lse = np.empty((H_kv, G * L), np.float32)
     for h in range(H_kv):
         s = qg[h] @ k[h].T                                                      # [G*L, T]
-        m = s.max(1, keepdims=True)
+        if valid is not None:
+            s[:, ~valid[h]] = -np.inf
+        m = np.maximum(s.max(1, keepdims=True), np.float32(-3e38))        # a head with no key: o = 0, lse = -inf
         np.subtract(s, m, out=s)
         np.exp(s, out=s)
         lsum = s.sum(1, keepdims=True)
-        np.divide(s @ v[h], lsum, out=o[h])                                     # [G*L, D]
-        lse[h] = (m + np.log(lsum))[:, 0]
+        np.divide(s @ v[h], np.maximum(lsum, np.float32(1e-38)), out=o[h])      # [G*L, D]
+        with np.errstate(divide="ignore"):
+            lse[h] = (m + np.log(lsum))[:, 0]
     o = o.reshape(H_kv, G, L, D).transpose(2, 0, 1, 3).reshape(L, H, D)
     return o, lse.reshape(H_kv, G, L).transpose(2, 0, 1).reshape(L, H)
 
@@ -107,6 +112,11 @@ class DiskWorkerServer:
         slots = np.concatenate([np.asarray(b, np.int64) for b in req.blocks] or [np.zeros(0, np.int64)])
         order = np.argsort(slots, kind="stable")
         slots, owner = slots[order], owner[order]
+        masks = None
+        if req.masks is not None:                                 # [n, H_kv] token masks, same order
+            H_kv = self.layout.num_kv_heads
+            masks = np.concatenate([np.asarray(m, np.uint64).reshape(-1, H_kv) for m in req.masks]
+                                   or [np.zeros((0, H_kv), np.uint64)])[order]
         # batch 0 may already be in the read-ahead buffer (prefetch() of the previous layer)
         ahead, self.ahead = self.ahead, None
         first = 0
@@ -128,7 +138,7 @@ class DiskWorkerServer:
             if n + 1 < len(batches):                              # the next batch is read meanwhile
                 a, b = batches[n + 1]
                 pending = self._read_async(slots[a:b], bufs[n + 1])
-            ob, lb = self._attend_batch(q, bufs[n], owner[i:j])
+            ob, lb = self._attend_batch(q, bufs[n], owner[i:j], None if masks is None else masks[i:j])
             o, lse = merge_np(o, lse, ob, lb)
         return AttendResult(o, lse, read)
 
@@ -144,8 +154,10 @@ class DiskWorkerServer:
         slots = slots[:self.ahead_slots]
         self.ahead = (slots, self._read_async(slots, self.ahead_buf)) if len(slots) else None
 
-    def _attend_batch(self, q: np.ndarray, buf, owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Attention over the slots now in ``buf`` (position i belongs to sequence owner[i])."""
+    def _attend_batch(self, q: np.ndarray, buf, owner: np.ndarray, masks: np.ndarray | None = None,
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """Attention over the slots now in ``buf`` (position i belongs to sequence owner[i]);
+        ``masks`` ``[n, H_kv]``: the tokens each head attends (sparse decode)."""
         lay, st = self.layout, self.layout.disk_stride
         B, L, H, D = q.shape
         G = H // lay.num_kv_heads
@@ -153,8 +165,9 @@ class DiskWorkerServer:
             if G not in self.kernels:
                 self.kernels[G] = PagedAttention(lay.dtype, lay.num_kv_heads, G, D, lay.block_size)
             base = np.frombuffer(buf, dtype=np.uint8).ctypes.data
-            per_seq = [base + st * np.nonzero(owner == b)[0] for b in range(B)]
-            lists = BlockLists.build(per_seq, [lay.block_size] * B)
+            rows = [np.nonzero(owner == b)[0] for b in range(B)]
+            lists = BlockLists.build([base + st * r for r in rows], [lay.block_size] * B,
+                                     None if masks is None else [masks[r] for r in rows])
             qc = np.ascontiguousarray(q[:, 0], dtype=np.float32)
             out = np.empty((B, 1, H, D), np.float32)
             lse = np.empty((B, 1, H), np.float32)
@@ -170,7 +183,8 @@ class DiskWorkerServer:
             n = len(s)
             k = to_f32(s[:, :half], lay.dtype).reshape(n, Hk, D // 2, bs, 2).transpose(1, 0, 3, 2, 4).reshape(Hk, n * bs, D)
             v = to_f32(s[:, half:], lay.dtype).reshape(n, Hk, bs, D).transpose(1, 0, 2, 3).reshape(Hk, n * bs, D)
-            out[b], lse[b] = attend_multi_np(q[b].astype(np.float32), k, v)
+            valid = None if masks is None else masks_to_valid(masks[owner == b], bs)
+            out[b], lse[b] = attend_multi_np(q[b].astype(np.float32), k, v, valid)
         return out, lse
 
 

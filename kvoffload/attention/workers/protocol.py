@@ -21,7 +21,9 @@ class AttendRequest:
     decode, more for a prefill chunk or a block of draft tokens (keys here all precede them).
     tail_slots / tail_lens: per sequence, the write-combining tail block and its tokens (only
     for the worker that holds the tails); k_new / v_new ``[B, H_kv, D]``: decode's new token,
-    appended to the tail before attending."""
+    appended to the tail before attending. masks: sparse decode only, per sequence a
+    ``[len(blocks[b]), H_kv]`` uint64 array: bit t = token t of that block is attended by that KV
+    head (0: the head skips the block); ``None`` = every token of every listed block."""
 
     layer: int
     seq_ids: tuple[int, ...]
@@ -31,6 +33,7 @@ class AttendRequest:
     tail_lens: Any = None
     k_new: Any = None
     v_new: Any = None
+    masks: Any = None
 
 
 @dataclass

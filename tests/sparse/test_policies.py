@@ -1,0 +1,292 @@
+"""Sparse policies, parametrised over the registry: full budget = dense; offloaded = in-memory;
+budgets hold; the chosen blocks/tokens are the true top-k on crafted inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kvoffload.api import LLM
+from kvoffload.config import SparseConfig
+from kvoffload.errors import ConfigError
+from kvoffload.sparse import make_policy
+from kvoffload.sparse.base import Selection
+from kvoffload.sparse.calibrate import ChannelRecorder, channel_file
+from kvoffload.sparse.registry import POLICIES
+
+TEXT = "the quick brown fox jumps over the lazy dog; " * 8
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tiny_hf):
+    return tiny_hf("qwen2")[1]
+
+
+@pytest.fixture(scope="module")
+def calibration(tiny_path, tmp_path_factory):
+    """A channel file for the tiny model (random token blocks)."""
+    llm = LLM(tiny_path, dtype="float32")
+    path = str(tmp_path_factory.mktemp("calib") / "channels.json")
+    calibrate_tiny(llm, path, seed=0)
+    return path
+
+
+def calibrate_tiny(llm: LLM, path: str, seed: int) -> None:
+    from kvoffload.model.interface import ForwardBatch, Logits, Phase
+
+    rec = ChannelRecorder(llm.model_config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.inference_mode():
+        for _ in range(3):
+            ids = torch.randint(0, 256, (1, 64), generator=g)
+            batch = ForwardBatch(Phase.PREFILL, (0,), torch.arange(64)[None], (0,), Logits.NONE)
+            llm.model(ids, batch, rec)
+    channel_file(rec, path, {"model": "tiny", "seed": seed})
+
+
+@pytest.fixture(scope="module")
+def dense(tiny_path):
+    return LLM(tiny_path, dtype="float32", prefill_chunk=32)
+
+
+def sparse_llm(path: str, policy: str, budget: str, calibration: str, **kw) -> LLM:
+    return LLM(path, dtype="float32", prefill_chunk=32, sparse_policy=policy, sparse_budget=budget,
+               sparse_calibration=calibration, **kw)
+
+
+def forced(llm: LLM, ids: list[int], prefill: int) -> torch.Tensor:
+    return llm.engine.teacher_forced_logits(ids, prefill)
+
+
+def diff(a: torch.Tensor, b: torch.Tensor, what: str) -> float:
+    d = (a - b).abs()
+    print(f"{what}: max {d.max().item():.2e} mean {d.mean().item():.2e}")
+    return d.max().item()
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+@pytest.mark.parametrize("where", ["memory", "disk"])
+def test_full_budget_equals_dense(dense, tiny_path, calibration, policy, where):
+    """Budget = the whole context: every policy reads everything and is dense attention."""
+    ids = dense.encode(TEXT)[:200]
+    ref = forced(dense, ids, 60)
+    tier = dict(kv_host_budget=0, disk_workers=1) if where == "disk" else {}
+    llm = sparse_llm(tiny_path, policy, "all", calibration, sparse_dense_layers="none", **tier)
+    try:
+        got = forced(llm, ids, 60)
+        assert diff(got, ref, f"{policy} at full budget ({where})") < 1e-4
+        st = llm.engine.kv.sparse_stats
+        assert st.steps > 0 and st.read_fraction == 1.0
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_offloaded_sparse_equals_in_memory_sparse(tiny_path, calibration, policy):
+    """The same policy at 1/4 over host + disk blocks (read through the workers, token masks in
+    the native kernel) gives the logits of the contiguous in-memory reference path."""
+    ids = LLM(tiny_path, dtype="float32").encode(TEXT)[:220]
+    mem = sparse_llm(tiny_path, policy, "1/4", calibration, sparse_dense_layers="none")
+    off = sparse_llm(tiny_path, policy, "1/4", calibration, sparse_dense_layers="none",
+                     kv_host_budget="8KiB", disk_workers=2, kv_recent_tokens=16, kv_sink_tokens=0)
+    try:
+        a, b = forced(mem, ids, 70), forced(off, ids, 70)
+        assert diff(b, a, f"{policy} 1/4 offloaded vs in memory") < 1e-4
+        sa, sb = mem.engine.kv.sparse_stats, off.engine.kv.sparse_stats
+        assert (sa.read, sa.attended) == (sb.read, sb.attended)
+        assert 0 < sb.attended / sb.context < 0.35 and sb.read <= sb.context
+        tiers = off.engine.kv.stats.tiers
+        assert tiers["disk"].read > 0
+    finally:
+        off.close()
+
+
+def test_native_masked_kernel_equals_torch_fallback(tiny_path, calibration):
+    """Token masks in the paged kernel vs the gather + masked-softmax path of the workers."""
+    ids = LLM(tiny_path, dtype="float32").encode(TEXT)[:160]
+    kw = dict(sparse_dense_layers="none", kv_host_budget="1GiB")
+    a = sparse_llm(tiny_path, "sparf", "1/4", calibration, **kw)
+    b = sparse_llm(tiny_path, "sparf", "1/4", calibration, **kw)
+    b.engine.kv.workers[1].kernel = False
+    try:
+        assert diff(forced(a, ids, 50), forced(b, ids, 50), "sparf masked: native vs torch") < 1e-4
+    finally:
+        a.close()
+        b.close()
+
+
+# --------------------------------------------------------------------------- selection itself
+
+class Geometry:
+    num_kv_heads, head_dim, num_heads, num_layers = 2, 16, 4, 1
+
+
+def policy_for(name: str, budget: str, calibration: str | None = None, **kw):
+    cfg = SparseConfig(sparse_policy=name, sparse_budget=budget, sparse_dense_layers="none",
+                       sparse_calibration=calibration, **kw)
+    return make_policy(cfg, Geometry, 16, torch.device("cpu"))
+
+
+def feed(pol, k: torch.Tensor, v: torch.Tensor, pieces=(100, 57, 1)) -> None:
+    """Append k/v ``[H_kv, T, D]`` in uneven chunks (prefill chunks, then decode steps)."""
+    T, at = k.shape[1], 0
+    pol.allocate(0, T)
+    for n in pieces:
+        pol.append(0, 0, at, k[:, at:at + n], v[:, at:at + n])
+        at += n
+    while at < T:
+        pol.append(0, 0, at, k[:, at:at + 1], v[:, at:at + 1])
+        at += 1
+
+
+def chosen_tokens(sel: Selection, length: int, bs: int = 16) -> list[set[int]]:
+    idx, valid = sel.token_index(length, bs)
+    return [set(idx[h][valid[h]].tolist()) for h in range(idx.shape[0])]
+
+
+@pytest.mark.parametrize("policy", [p for p in POLICIES if p != "streaming"])
+def test_planted_keys_are_chosen(policy, calibration, tmp_path):
+    """Keys planted along the query (a few tokens per head, mid-sequence) are all attended at a
+    budget of 1/4, whatever else the policy picks."""
+    torch.manual_seed(0)
+    T, H_kv, D = 400, 2, 16
+    k, v = torch.randn(H_kv, T, D) * 0.3, torch.randn(H_kv, T, D)
+    q = torch.randn(4, D)
+    hot = [[70, 71, 200], [130, 131, 290]]              # per KV head
+    for h, toks in enumerate(hot):
+        for t in toks:                                   # a chunk-mate too (ShadowKV scores 8-token means)
+            k[h, t - t % 8:t - t % 8 + 8] = 4.0 * q[2 * h] / q[2 * h].norm() + 0.01 * torch.randn(8, D)
+    cal = None
+    if policy == "double_sparsity":                      # every channel calibrated "important": exact labels
+        cal = str(tmp_path / "all.json")
+        import json
+        json.dump({"format": "kvoffload-channels/1", "channels": [[list(range(D))] * H_kv]}, open(cal, "w"))
+    pol = policy_for(policy, "1/4", cal, sparse_channels=D if policy in ("sparf", "double_sparsity") else None)
+    feed(pol, k, v)
+    sel = pol.select(0, 0, q, T)
+    got = chosen_tokens(sel, T)
+    for h in range(H_kv):
+        assert set(hot[h]) <= got[h], (policy, h, sorted(set(hot[h]) - got[h]))
+        assert len(got[h]) <= pol.cfg.budget_tokens(T)
+
+
+@pytest.mark.parametrize("policy", ["sparf", "double_sparsity"])
+def test_token_policies_pick_the_exact_top_k(policy, tmp_path):
+    """With every channel used, approximate scores are exact: the chosen middle tokens are the
+    top-k per KV head of the group's largest q.k (Double Sparsity) or largest softmax weight
+    (SparF, whose scores are SparQ's softmax over all tokens)."""
+    import json
+
+    torch.manual_seed(1)
+    T, H_kv, D = 300, 2, 16
+    k, v = torch.randn(H_kv, T, D), torch.randn(H_kv, T, D)
+    q = torch.randn(4, D)
+    cal = str(tmp_path / "all.json")
+    json.dump({"format": "kvoffload-channels/1", "channels": [[list(range(D))] * H_kv]}, open(cal, "w"))
+    pol = policy_for(policy, "64", cal, sparse_channels=D)
+    feed(pol, k, v)
+    sel = pol.select(0, 0, q, T)
+    n_full = (T - 1) // 16
+    tail = T - n_full * 16
+    s = torch.einsum("hgd,htd->hgt", q.view(H_kv, 2, D), k)                            # [H_kv, G, T]
+    if policy == "sparf":
+        s = torch.softmax(s / D ** 0.5, dim=-1)
+    s = s[:, :, :n_full * 16].amax(1)                                                  # [H_kv, n]
+    for h in range(H_kv):
+        want = set(s[h].topk(64 - tail).indices.tolist())
+        got = chosen_tokens(sel, T)[h] - set(range(n_full * 16, T))
+        assert got == want
+
+
+def test_quest_picks_blocks_by_the_upper_bound():
+    torch.manual_seed(2)
+    T, H_kv, D = 300, 2, 16
+    k, v = torch.randn(H_kv, T, D), torch.randn(H_kv, T, D)
+    q = torch.randn(4, D)
+    pol = policy_for("quest", "64")
+    feed(pol, k, v)
+    sel = pol.select(0, 0, q, T)
+    nb = (T - 1) // 16
+    kb = k[:, :nb * 16].view(H_kv, nb, 16, D)
+    qg = q.view(H_kv, 2, 1, D)
+    bound = torch.maximum(qg * kb.amax(2)[:, None], qg * kb.amin(2)[:, None]).sum(-1).amax(1)   # [H_kv, nb]
+    k_blocks = (64 - (T - nb * 16)) // 16
+    for h in range(H_kv):
+        assert sel.blocks[h].tolist() == sorted(bound[h].topk(k_blocks).indices.tolist())
+
+
+def test_streaming_keeps_sinks_and_the_newest_blocks():
+    pol = policy_for("streaming", "80")
+    k = torch.randn(2, 300, 16)
+    feed(pol, k, k)
+    sel = pol.select(0, 0, torch.randn(4, 16), 300)
+    # 4 sink tokens -> block 0; tail = 300 - 18*16 = 12 tokens; 80 - 12 - 16 = 52 -> 3 newest blocks
+    assert [b.tolist() for b in sel.blocks] == [[0, 15, 16, 17]] * 2
+
+
+def test_sparf_alpha_is_the_approximate_mass():
+    torch.manual_seed(3)
+    pol = policy_for("sparf", "all")
+    k, v = torch.randn(2, 100, 16), torch.randn(2, 100, 16)
+    feed(pol, k, v, pieces=(99,))
+    sel = pol.select(0, 0, torch.randn(4, 16), 100)
+    assert torch.allclose(sel.alpha, torch.ones(4), atol=1e-5)
+    assert torch.allclose(sel.vmean, v.mean(1), atol=1e-5)
+
+
+# --------------------------------------------------------------------------- calibration, config
+
+def test_calibration_is_deterministic(tiny_path, tmp_path):
+    import json
+
+    llm = LLM(tiny_path, dtype="float32")
+    a, b, c = (str(tmp_path / f"{n}.json") for n in "abc")
+    calibrate_tiny(llm, a, seed=5)
+    calibrate_tiny(llm, b, seed=5)
+    calibrate_tiny(llm, c, seed=6)
+    ja, jb, jc = (json.load(open(p)) for p in (a, b, c))
+    assert ja["channels"] == jb["channels"]
+    assert ja["scores"] != jc["scores"]
+    shape = np.array(ja["channels"]).shape
+    assert shape == (3, 2, 16)
+    assert all(sorted(h) == list(range(16)) for layer in ja["channels"] for h in layer)
+
+
+@pytest.mark.parametrize("kw,words", [
+    (dict(sparse_policy="nope"), "unknown sparse policy"),
+    (dict(sparse_policy="quest", sparse_budget="1/0"), "bad sparse budget"),
+    (dict(sparse_policy="quest", sparse_budget="1.5"), "more than 1"),
+    (dict(sparse_policy="double_sparsity"), "kvoffload calibrate"),
+    (dict(sparse_policy="double_sparsity", sparse_calibration="/nonexistent.json"), "does not exist"),
+    (dict(sparse_policy="quest", sparse_dense_layers="0,7"), "has 3 layers"),
+    (dict(sparse_policy="shadowkv", sparse_chunk=5), "multiple of 5"),
+])
+def test_bad_settings_are_config_errors(tiny_path, kw, words):
+    with pytest.raises(ConfigError, match=words):
+        LLM(tiny_path, dtype="float32", **kw)
+
+
+def test_calibration_for_another_model_is_refused(tiny_path, tmp_path):
+    import json
+
+    p = tmp_path / "other.json"
+    json.dump({"format": "kvoffload-channels/1", "channels": [[list(range(64))] * 3] * 30}, open(p, "w"))
+    with pytest.raises(ConfigError, match="this model has"):
+        LLM(tiny_path, dtype="float32", sparse_policy="double_sparsity", sparse_calibration=str(p))
+
+
+def test_generate_with_a_policy_batches(dense, tiny_path):
+    """A batch of ragged sequences decodes with a policy (full budget: the dense tokens)."""
+    from kvoffload import SamplingParams
+
+    prompts = [TEXT, "hello", TEXT[:77]]
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    ref = [o.token_ids for o in dense.generate(prompts, params)]
+    llm = sparse_llm(tiny_path, "quest", "all", None)
+    assert [o.token_ids for o in llm.generate(prompts, params)] == ref
+    tier = sparse_llm(tiny_path, "shadowkv", "all", None, kv_host_budget="4KiB")
+    try:
+        assert [o.token_ids for o in tier.generate(prompts, params)] == ref
+    finally:
+        tier.close()
