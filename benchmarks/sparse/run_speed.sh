@@ -14,8 +14,7 @@ kvoffload bench -m smollm2-135m -p 0 -n 32 -d 8159 -b 1 -r "${REPS:-3}" -t "${TH
   --config "streaming:sparse_policy=streaming,sparse_budget=1/16" \
   --config "shadowkv:sparse_policy=shadowkv,sparse_budget=1/16" \
   --config "sparf:sparse_policy=sparf,sparse_budget=1/16" \
-  --config "quest-host:sparse_policy=quest,sparse_budget=1/16,kv_host_budget=64GiB" \
+  --config "double_sparsity:sparse_policy=double_sparsity,sparse_budget=1/16,sparse_calibration=$CAL" \
   --config "quest-disk:sparse_policy=quest,sparse_budget=1/16,kv_host_budget=18MiB" \
-  --config "shadowkv-disk:sparse_policy=shadowkv,sparse_budget=1/16,kv_host_budget=18MiB" \
   --config "dense-disk:kv_host_budget=18MiB" \
   -o $OUT/speed

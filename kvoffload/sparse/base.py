@@ -73,6 +73,11 @@ class Selection:
         n_full = (length - 1) // bs
         tail = np.arange(n_full * bs, length, dtype=np.int64)
         offs = np.arange(bs, dtype=np.int64)
+        if all(m is None for m in self.masks) and len({len(b) for b in self.blocks}) == 1:
+            blocks = np.stack(self.blocks)                                  # [H_kv, n]: no padding
+            toks = (blocks[:, :, None] * bs + offs).reshape(len(blocks), -1)
+            idx = np.concatenate([toks, np.broadcast_to(tail, (len(blocks), len(tail)))], axis=1)
+            return torch.from_numpy(idx), torch.ones(idx.shape, dtype=torch.bool)
         per_head = []
         for b, m in zip(self.blocks, self.masks):
             toks = (b[:, None] * bs + offs).reshape(len(b), bs)

@@ -38,6 +38,11 @@ class Quest(SparsePolicy):
     def update(self, st: Bounds, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         bs, L = self.bs, k.shape[1]
         off, b0 = start % bs, start // bs
+        if L == 1 and b0 < st.kmin.shape[1]:                 # a decode step: fold one key in
+            kf = k[:, 0].float()                                          # [H_kv, D]
+            torch.minimum(st.kmin[:, b0], kf, out=st.kmin[:, b0])
+            torch.maximum(st.kmax[:, b0], kf, out=st.kmax[:, b0])
+            return
         nb = -(-(off + L) // bs)
         if b0 + nb > st.kmin.shape[1]:                       # past the capacity given: grow
             extra = b0 + nb - st.kmin.shape[1]
