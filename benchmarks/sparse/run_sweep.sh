@@ -4,7 +4,7 @@
 # benchmarks/sparse/{sweep.jsonl,sweep.md,sweep.json,sweep.png}; resumable (rerun to continue,
 # delete sweep.jsonl to start over). SmolLM2 can only do niah_single among the tasks, Qwen2.5-Coder
 # passkey and the needle tasks (benchmarks/eval): those are the tasks swept, plus agreement.
-# THREADS (default 1), SMOL_SAMPLES / QWEN_SAMPLES (default 2 / 1), LENGTHS (default 2k,4k,8k).
+# THREADS (default 1), SMOL_SAMPLES / QWEN_SAMPLES (default 2 / 2), LENGTHS (default 2k,4k,8k).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=benchmarks/sparse
@@ -14,4 +14,4 @@ T="${THREADS:-1}"
 kvoffload sweep niah_single,agreement -m smollm2-135m --dtype float32 -L "${LENGTHS:-2k,4k,8k}" \
   --samples "${SMOL_SAMPLES:-2}" --decode-tokens 32 --max-new-tokens 24 --sparse-calibration $OUT/channels-smollm2-135m.json -t "$T" -o $OUT > /dev/null
 kvoffload sweep passkey,niah_multikey,agreement -m qwen2.5-coder-0.5b --dtype float32 -L "${LENGTHS:-2k,4k,8k}" \
-  --samples "${QWEN_SAMPLES:-1}" --decode-tokens 32 --sparse-calibration $OUT/channels-qwen2.5-coder-0.5b.json -t "$T" -o $OUT > /dev/null
+  --samples "${QWEN_SAMPLES:-2}" --decode-tokens 32 --sparse-calibration $OUT/channels-qwen2.5-coder-0.5b.json -t "$T" -o $OUT > /dev/null

@@ -166,7 +166,7 @@ def run_sample(llm, cfg: SweepConfig, task_name: str, length: int, index: int, t
 def _read(backend) -> dict:
     st = backend.sparse_stats
     return {"read_fraction": round(st.read_fraction, 5), "amplification": round(st.amplification, 4),
-            "read_bytes_per_token": st.read * st.bytes_per_token // max(1, st.steps)}
+            "read_bytes_per_layer_step": st.read * st.bytes_per_token // max(1, st.steps)}
 
 
 def run(cfg: SweepConfig, engine_cfg: EngineConfig, progress: bool = True) -> list[dict]:
