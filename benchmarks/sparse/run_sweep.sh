@@ -15,3 +15,6 @@ kvoffload sweep niah_single,agreement -m smollm2-135m --dtype float32 -L "${LENG
   --samples "${SMOL_SAMPLES:-2}" --decode-tokens 32 --max-new-tokens 24 --sparse-calibration $OUT/channels-smollm2-135m.json -t "$T" -o $OUT > /dev/null
 kvoffload sweep passkey,niah_multikey,agreement -m qwen2.5-coder-0.5b --dtype float32 -L "${LENGTHS:-2k,4k,8k}" \
   --samples "${QWEN_SAMPLES:-2}" --decode-tokens 32 --sparse-calibration $OUT/channels-qwen2.5-coder-0.5b.json -t "$T" -o $OUT > /dev/null
+# Qwen past 8K: 16K, budget 1/16 only, one sample (passkey and agreement)
+kvoffload sweep passkey,agreement -m qwen2.5-coder-0.5b --dtype float32 -L 16k --samples 1 --decode-tokens 32 \
+  --budgets 1/16 --sparse-calibration $OUT/channels-qwen2.5-coder-0.5b.json -t "$T" -o $OUT > /dev/null
