@@ -130,7 +130,8 @@ class TieredBackend:
             levels.append(Level("disk", [SlotPool(None) for _ in self.disk], caps[DISK]))
         self.placement = Placement(levels, -(-kv.kv_sink_tokens // self.bs), -(-kv.kv_recent_tokens // self.bs))
         self.tail_slot: dict[int, np.ndarray] = {}                 # seq -> [layers] tail slots
-        self._split_cache: dict[tuple[int, int], tuple[int, dict[tuple[int, int], np.ndarray]]] = {}
+        # (seq, layer) -> (placement stamp, [n, 3] block table rows, their per-worker slots)
+        self._split_cache: dict[tuple[int, int], tuple[int, np.ndarray, dict[tuple[int, int], np.ndarray]]] = {}
         self._writes: dict[int, list[tuple[int, bytes]]] = {}      # disk shard -> pending (slot, data)
         self.stats = KVStats()
         self.policy = policy                 # sparse decode: which blocks each step reads
@@ -188,23 +189,23 @@ class TieredBackend:
         if hit is not None and hit[0] == stamp:
             return hit[1], hit[2]
         locs = self.placement.tables[seq_id][layer]
-        groups: dict[tuple[int, int], np.ndarray] = {}
         a = np.array([(loc.level, loc.shard, loc.slot) for loc in locs], dtype=np.int64).reshape(-1, 3)
-        if locs:
-            key = a[:, 0] * 1_000_000 + a[:, 1]
-            for k in np.unique(key):
-                groups[(int(k // 1_000_000), int(k % 1_000_000))] = a[key == k, 2]
+        groups = {where: a[rows, 2] for where, rows in self._by_worker(a).items()}
         self._split_cache[(seq_id, layer)] = (stamp, a, groups)
         return a, groups
+
+    @staticmethod
+    def _by_worker(rows: np.ndarray) -> dict[tuple[int, int], np.ndarray]:
+        """``[n, 3]`` (level, shard, slot) rows -> (level, shard) -> bool row selector."""
+        key = rows[:, 0] * 1_000_000 + rows[:, 1]
+        return {(int(k // 1_000_000), int(k % 1_000_000)): key == k for k in np.unique(key)}
 
     def _chosen_split(self, seq_id: int, layer: int, sel: Selection,
                       ) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
         """(level, shard) -> (slots, ``[n, H_kv]`` token masks) of the blocks a selection names."""
         blocks, masks = sel.union(self.bs)
         rows = self._table(seq_id, layer)[0][blocks]                        # [n, 3]
-        key = rows[:, 0] * 1_000_000 + rows[:, 1]
-        return {(int(k // 1_000_000), int(k % 1_000_000)): (rows[key == k, 2], masks[key == k])
-                for k in np.unique(key)}
+        return {where: (rows[pick, 2], masks[pick]) for where, pick in self._by_worker(rows).items()}
 
     # ---- attention ----
     def _dispatch(self, layer: int, batch: ForwardBatch, q: torch.Tensor, tail_lens: np.ndarray,
