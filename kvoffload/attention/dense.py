@@ -142,11 +142,7 @@ class DenseBackend:
             self.policy.append(layer, sid, pos, k[b], v[b])
             sel = self.policy.select(layer, sid, q[b, :, 0], pos + 1)
             idx, valid = sel.token_index(pos + 1, self.bs)             # [H_kv, n]
-            o = gathered_attention(q[b, :, 0], kc, vc, idx.to(self.device), valid.to(self.device))   # [H, D]
-            if sel.alpha is not None:
-                G = self.cfg.num_heads // self.cfg.num_kv_heads
-                vbar = sel.vmean.repeat_interleave(G, 0)               # [H, D]
-                o = sel.alpha[:, None] * o + (1 - sel.alpha[:, None]) * vbar
+            o = sel.corrected(gathered_attention(q[b, :, 0], kc, vc, idx.to(self.device), valid.to(self.device)))
             self.sparse_stats.add(sel, pos + 1, self.bs, 2 * self.cfg.head_dim * kc.element_size())
             outs.append(o.to(q.dtype))
         return torch.stack(outs).unsqueeze(1)                          # [B, 1, H, D]

@@ -315,12 +315,9 @@ class TieredBackend:
     def _corrected(self, o: torch.Tensor, chosen: list[Selection], batch: ForwardBatch) -> torch.Tensor:
         """SparF's ``alpha * o + (1 - alpha) * mean(V)`` where a selection asks for it; counts
         what the selections read. o ``[B, 1, H, D]``."""
-        G = self.cfg.num_heads // self.cfg.num_kv_heads
         for b, (sel, s) in enumerate(zip(chosen, batch.starts)):
             self.sparse_stats.add(sel, s + 1, self.bs, self.layout.token_bytes(1) // self.cfg.num_kv_heads)
-            if sel.alpha is not None:
-                a = sel.alpha.to(o.device)[:, None]                               # [H, 1]
-                o[b, 0] = a * o[b, 0] + (1 - a) * sel.vmean.to(o.device).repeat_interleave(G, 0)
+            o[b, 0] = sel.corrected(o[b, 0])                                       # [H, D]
         return o
 
     def prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -49,6 +49,14 @@ class Selection:
     alpha: torch.Tensor | None = None
     vmean: torch.Tensor | None = None
 
+    def corrected(self, o: torch.Tensor) -> torch.Tensor:
+        """o ``[H, D]`` over the attended tokens -> the policy's output (SparF's mix with mean(V))."""
+        if self.alpha is None:
+            return o
+        a = self.alpha.to(o.device, o.dtype)[:, None]                          # [H, 1]
+        vbar = self.vmean.to(o.device, o.dtype).repeat_interleave(o.shape[0] // self.vmean.shape[0], 0)
+        return a * o + (1 - a) * vbar
+
     def chosen_tokens(self, bs: int) -> int:
         """Tokens chosen among the full blocks, summed over the heads."""
         n = 0
