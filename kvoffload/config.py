@@ -272,7 +272,7 @@ class SparseConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sparse_dense_layers", parse_layers(self.sparse_dense_layers))
-        parse_budget(self.sparse_budget)
+        self._budget                         # noqa: B018 - parsed (and checked) once, here
         for name in ("sparse_sink_tokens", "sparse_recent_tokens"):
             v = getattr(self, name)
             if v is not None and v < 0:
@@ -383,13 +383,7 @@ class EngineConfig:
     @staticmethod
     def field_names() -> set[str]:
         """Every name :meth:`replace` and ``LLM(**kw)`` accept."""
-        names = set()
-        for f in dataclasses.fields(EngineConfig):
-            if f.metadata.get("nested"):
-                names |= {g.name for g in dataclasses.fields(f.default_factory)}
-            else:
-                names.add(f.name)
-        return names
+        return set(_engine_fields())
 
 
 # --------------------------------------------------------------------------- sampling

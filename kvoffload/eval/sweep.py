@@ -176,11 +176,10 @@ def run(cfg: SweepConfig, engine_cfg: EngineConfig, progress: bool = True) -> li
 
     if "double_sparsity" in cfg.policies and not cfg.calibration:
         raise ConfigError("double_sparsity needs --sparse-calibration FILE (write one with `kvoffload calibrate`)")
-    from kvoffload.sparse.registry import POLICIES
+    from kvoffload.sparse import policy_class
 
     for p, b in _configs(cfg):
-        if p not in POLICIES:
-            raise ConfigError(f"unknown sparse policy {p!r} (choose from {', '.join(POLICIES)})")
+        policy_class(p)
         SparseConfig(sparse_policy=p, sparse_budget=b)
     model = model_name(engine_cfg)
     records: list[dict] = []

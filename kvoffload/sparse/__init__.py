@@ -15,12 +15,17 @@ if TYPE_CHECKING:
     from kvoffload.sparse.base import SparsePolicy
 
 
-def make_policy(cfg: SparseConfig, model: ModelConfig, block_size: int, device: torch.device) -> SparsePolicy | None:
+def policy_class(name: str) -> type[SparsePolicy]:
+    """The registered policy called ``name`` (a one-line ConfigError otherwise)."""
     from kvoffload.errors import ConfigError
     from kvoffload.sparse.registry import POLICIES
 
+    if name not in POLICIES:
+        raise ConfigError(f"unknown sparse policy {name!r} (choose from dense, {', '.join(POLICIES)})")
+    return POLICIES[name]
+
+
+def make_policy(cfg: SparseConfig, model: ModelConfig, block_size: int, device: torch.device) -> SparsePolicy | None:
     if not cfg.enabled:
         return None
-    if cfg.sparse_policy not in POLICIES:
-        raise ConfigError(f"unknown sparse policy {cfg.sparse_policy!r} (choose from dense, {', '.join(POLICIES)})")
-    return POLICIES[cfg.sparse_policy](cfg, model, block_size, device)
+    return policy_class(cfg.sparse_policy)(cfg, model, block_size, device)

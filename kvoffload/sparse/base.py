@@ -24,6 +24,7 @@ import torch
 
 from kvoffload.config import ModelConfig, SparseConfig
 from kvoffload.errors import ConfigError
+from kvoffload.kernels.paged import masks_to_valid
 
 
 def full_mask(bs: int) -> np.uint64:
@@ -90,8 +91,7 @@ class Selection:
         for b, m in zip(self.blocks, self.masks):
             toks = (b[:, None] * bs + offs).reshape(len(b), bs)
             if m is not None:
-                keep = ((m[:, None] >> offs.astype(np.uint64)) & np.uint64(1)).astype(bool)
-                toks = toks[keep]
+                toks = toks[masks_to_valid(m[:, None], bs)[0].reshape(len(b), bs)]
             per_head.append(np.concatenate([toks.ravel(), tail]))
         T = max(len(t) for t in per_head)
         idx = np.zeros((len(per_head), T), np.int64)
