@@ -63,9 +63,12 @@ class LLM:
                              self.tokenizer, config, self.device)
 
     def kv_report(self) -> str | None:
-        """A line on the sparse policy's reads (if one is set) and one on the tiered KV store
-        (if it is used); None when there is neither."""
+        """A line on speculation (if on), one on the sparse policy's reads (if one is set) and
+        one on the tiered KV store (if it is used); None when there is none of them."""
         lines = []
+        spec = self.engine.spec
+        if spec is not None and spec.stats.rounds:
+            lines.append(f"{spec.stats.line()}; draft caches peaked at {spec.draft.peak_bytes / 2**20:.1f} MiB")
         sp = getattr(self.engine.kv, "sparse_stats", None)
         if sp is not None and sp.steps:
             s = self.config.sparse

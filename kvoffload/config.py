@@ -2,6 +2,8 @@
 
 * :class:`RopeScaling`, :class:`ModelConfig` — what a checkpoint *is* (read from its files).
 * :class:`KVConfig` — where the KV cache lives (block size, tier budgets, disk workers).
+* :class:`SparseConfig` — which KV a decode step reads (sparse attention policies).
+* :class:`SpecConfig` — self-speculative decoding (draft cache, gamma, rebuilds).
 * :class:`EngineConfig` — how we run it (device, dtypes, weight format, chunking, batching).
 * :class:`SamplingParams` — how one request picks its tokens.
 
@@ -258,17 +260,17 @@ class SparseConfig:
     sparse_channels: ``sparf`` / ``double_sparsity``: channels per head used for approximate
         scores (``None``: the policy's default fraction of the head dim).
     sparse_calibration: ``double_sparsity``: the channel file written by ``kvoffload calibrate``.
-    sparse_chunk: ``shadowkv``: tokens per landmark chunk.
+    sparse_chunk: ``shadowkv`` / ``retrieval``: tokens per landmark chunk.
     """
 
-    sparse_policy: str = cli_field("dense", "sparse decode attention policy: dense, streaming, quest, sparf, double_sparsity, shadowkv")
+    sparse_policy: str = cli_field("dense", "sparse decode attention policy: dense, streaming, quest, sparf, double_sparsity, shadowkv, retrieval")
     sparse_budget: str = cli_field("1/16", "KV per decode step and KV head: fraction of the context (1/16, 0.125) or tokens (512)")
     sparse_dense_layers: tuple[int, ...] | None = cli_field(None, "layers kept dense, e.g. 0,1 or none (default: the policy's)", parse=parse_layers)
     sparse_sink_tokens: int | None = cli_field(None, "first tokens always attended (default: the policy's)")
     sparse_recent_tokens: int | None = cli_field(None, "last tokens always attended (default: the policy's)")
     sparse_channels: int | None = cli_field(None, "sparf/double_sparsity: channels per head for approximate scores")
     sparse_calibration: str | None = cli_field(None, "double_sparsity: channel file from `kvoffload calibrate`")
-    sparse_chunk: int = cli_field(8, "shadowkv: tokens per landmark chunk")
+    sparse_chunk: int = cli_field(8, "shadowkv/retrieval: tokens per landmark chunk")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sparse_dense_layers", parse_layers(self.sparse_dense_layers))
@@ -294,6 +296,73 @@ class SparseConfig:
         """Tokens a (layer, KV head) may attend in a sequence of ``length`` tokens."""
         kind, value = self._budget
         return int(value) if kind == "tokens" else max(1, math.ceil(value * length))
+
+
+# --------------------------------------------------------------------------- speculation
+
+SPECULATE = ("none", "self")
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """Lossless self-speculative decoding (TriForce): the target model attending only a small
+    draft cache in fast memory proposes ``num_speculative_tokens`` tokens; one forward of the
+    full model over the whole (offloaded) KV verifies them; speculative sampling keeps the
+    output distribution the target's (greedy: the same tokens).
+
+    speculate: ``none`` or ``self`` (the draft is the target model with a draft cache).
+    num_speculative_tokens: gamma, draft tokens per verification (vLLM's name).
+    spec_draft_policy: how the draft cache is chosen from the full KV: ``retrieval``
+        (TriForce: 8-token chunks scored by their mean key against the query, the first chunk
+        always kept) or any other registered sparse policy.
+    spec_draft_budget: tokens of the full KV the draft cache takes at a rebuild, at most ...
+    spec_draft_share: ... this share of the context (``1/8``): the budget is scaled down for
+        contexts shorter than ``budget / share`` (TriForce's 4096 of 120K is 3%).
+    spec_draft_window: tokens appended to the draft cache after a rebuild (the verified ones)
+        before it must be rebuilt; it also bounds its memory: budget + window + gamma tokens.
+    spec_rebuild_interval: rebuild the draft cache every this many verifications (0 = only
+        when the window is full or acceptance drops).
+    spec_rebuild_acceptance: rebuild when the acceptance rate over the last
+        ``spec_rebuild_rounds`` verifications falls below this (0 = never on acceptance).
+    spec_rebuild_rounds: verifications the acceptance trigger averages over.
+    """
+
+    speculate: str = cli_field("none", "speculative decoding: none, or self (sparse-KV self-draft, TriForce)", choices=SPECULATE)
+    num_speculative_tokens: int = cli_field(4, "draft tokens per verification (gamma)")
+    spec_draft_policy: str = cli_field("retrieval", "policy that fills the draft cache: retrieval (TriForce) or any sparse policy")
+    spec_draft_budget: int = cli_field(4096, "tokens the draft cache takes from the full KV at a rebuild (at most)")
+    spec_draft_share: str = cli_field("1/8", "the draft budget is at most this share of the context")
+    spec_draft_window: int = cli_field(256, "verified tokens appended to the draft cache before it is rebuilt")
+    spec_rebuild_interval: int = cli_field(0, "rebuild the draft cache every N verifications (0 = off)")
+    spec_rebuild_acceptance: float = cli_field(0.0, "rebuild when recent acceptance falls below this (0 = off)")
+    spec_rebuild_rounds: int = cli_field(8, "verifications the acceptance trigger averages over")
+
+    def __post_init__(self) -> None:
+        if self.speculate not in SPECULATE:
+            raise ConfigError(f"speculate must be one of {', '.join(SPECULATE)}, got {self.speculate!r}")
+        if not 1 <= self.num_speculative_tokens <= 32:
+            raise ConfigError(f"num_speculative_tokens must be in 1..32, got {self.num_speculative_tokens}")
+        if self.spec_draft_budget < 1:
+            raise ConfigError(f"spec_draft_budget must be >= 1 token, got {self.spec_draft_budget}")
+        kind, _ = parse_budget(self.spec_draft_share)
+        if kind != "fraction":
+            raise ConfigError(f"spec_draft_share must be a fraction such as 1/8, got {self.spec_draft_share!r}")
+        if self.spec_draft_window < 1:
+            raise ConfigError(f"spec_draft_window must be >= 1, got {self.spec_draft_window}")
+        if self.spec_rebuild_interval < 0:
+            raise ConfigError(f"spec_rebuild_interval must be >= 0, got {self.spec_rebuild_interval}")
+        if not 0.0 <= self.spec_rebuild_acceptance <= 1.0:
+            raise ConfigError(f"spec_rebuild_acceptance must be in [0, 1], got {self.spec_rebuild_acceptance}")
+        if self.spec_rebuild_rounds < 1:
+            raise ConfigError(f"spec_rebuild_rounds must be >= 1, got {self.spec_rebuild_rounds}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.speculate != "none"
+
+    def draft_budget(self, length: int) -> int:
+        """Tokens of a ``length``-token context the draft cache takes at a rebuild."""
+        return max(1, min(self.spec_draft_budget, math.ceil(parse_budget(self.spec_draft_share)[1] * length)))
 
 
 # --------------------------------------------------------------------------- engine
@@ -333,6 +402,7 @@ class EngineConfig:
         another computes its projections and MLP (Lamina's rotation). 1 = one forward.
     kv: :class:`KVConfig` (its fields are flags of their own: ``--kv-host-budget`` ...).
     sparse: :class:`SparseConfig` (``--sparse-policy``, ``--sparse-budget`` ...).
+    spec: :class:`SpecConfig` (``--speculate``, ``--num-speculative-tokens`` ...).
     """
 
     model: str | None = cli_field(None, "GGUF file, Hugging Face directory or alias (default: embedded SmolLM2-135M-Instruct)", short="-m")
@@ -349,6 +419,7 @@ class EngineConfig:
     cache_dir: str | None = cli_field(None, "cache for assembled models (default: $KVOFFLOAD_CACHE or ~/.cache/kvoffload)")
     kv: KVConfig = field(default_factory=KVConfig, metadata={"nested": True})
     sparse: SparseConfig = field(default_factory=SparseConfig, metadata={"nested": True})
+    spec: SpecConfig = field(default_factory=SpecConfig, metadata={"nested": True})
 
     def __post_init__(self) -> None:
         if self.prefill_chunk < 1:
@@ -367,10 +438,13 @@ class EngineConfig:
             raise ConfigError(f"kv_dtype must be one of {', '.join(DTYPES)}, got {self.kv_dtype!r}")
         if self.quantization not in (AUTO, *QUANTIZATIONS):
             raise ConfigError(f"quantization must be one of auto, {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
+        if self.spec.enabled and self.sparse.enabled:
+            raise ConfigError("--speculate self verifies with full attention; choose the draft's sparse policy with "
+                              "--spec-draft-policy instead of --sparse-policy")
 
     def replace(self, **changes: Any) -> EngineConfig:
-        """Fields of this class or of a nested one (:class:`KVConfig`, :class:`SparseConfig`),
-        routed into it."""
+        """Fields of this class or of a nested one (:class:`KVConfig`, :class:`SparseConfig`,
+        :class:`SpecConfig`), routed into it."""
         for f in dataclasses.fields(self):
             if not f.metadata.get("nested"):
                 continue

@@ -45,3 +45,55 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
         else:
             out.append(int(torch.multinomial(processed_probs(row, p), 1, generator=gen)))
     return out
+
+
+def draft_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+                ) -> tuple[int, torch.Tensor | None]:
+    """A draft's ``[V]`` logits -> (its token, the ``[V]`` probabilities it was drawn from;
+    ``None`` when greedy)."""
+    if params.greedy:
+        return int(logits.argmax()), None
+    q = processed_probs(logits, params)
+    return int(torch.multinomial(q, 1, generator=generator)), q
+
+
+def speculative_accept(target_logits: torch.Tensor, draft: list[int], draft_probs: list[torch.Tensor | None],
+                       params: SamplingParams, generator: torch.Generator | None) -> list[int]:
+    """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023): the target's ``[g+1, V]``
+    logits at the g draft positions and one past them -> the accepted draft tokens followed by
+    one token of the target's own (the correction at the first rejection, else the bonus).
+
+    Draft token i is accepted with probability ``min(1, p_i(x) / q_i(x))``; at the first
+    rejection the token is drawn from ``max(0, p_i - q_i)`` renormalised; if all g are accepted
+    the bonus is drawn from ``p_g``. Each output token is then distributed exactly as the
+    target's (p after temperature / top-k / top-p). Greedy: accept while the draft equals the
+    target's argmax, then the argmax.
+    """
+    g = len(draft)
+    if params.greedy:
+        best = target_logits.argmax(dim=-1).tolist()                   # [g+1]
+        out = []
+        for i in range(g):
+            if draft[i] != best[i]:
+                break
+            out.append(draft[i])
+        out.append(best[len(out)])
+        return out
+    out = []
+    for i in range(g):
+        p = processed_probs(target_logits[i], params)
+        q = draft_probs[i]
+        x = draft[i]
+        ratio = float(p[x]) / max(float(q[x]), 1e-30)
+        r = float(torch.rand((), generator=generator, device=p.device))
+        if r < min(1.0, ratio):
+            out.append(x)
+            continue
+        residual = (p - q.to(p.device)).clamp_(min=0.0)
+        total = float(residual.sum())
+        dist = residual / total if total > 0 else p
+        out.append(int(torch.multinomial(dist, 1, generator=generator)))
+        return out
+    p = processed_probs(target_logits[g], params)
+    out.append(int(torch.multinomial(p, 1, generator=generator)))
+    return out

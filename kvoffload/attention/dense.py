@@ -22,7 +22,7 @@ from kvoffload.attention.ops import (
     prefill_attention,
 )
 from kvoffload.config import ModelConfig
-from kvoffload.errors import InputError
+from kvoffload.errors import ConfigError, InputError
 from kvoffload.model.interface import ForwardBatch
 from kvoffload.sparse.base import SparseCounters, SparsePolicy
 
@@ -61,6 +61,7 @@ class DenseBackend:
         self.decode = self._dense_decode if policy is None else self._decode_policy
         self._memo: tuple[ForwardBatch, tuple[np.ndarray, ...]] | None = None
         self._mask_memo: tuple[ForwardBatch, int, torch.Tensor] | None = None
+        self._staged: dict[int, tuple[int, int]] = {}          # seq -> (start, L) of its last verify pass
 
     # ---- sequence lifecycle (called by the engine) ----
     def allocate(self, seq_id: int, capacity: int) -> None:
@@ -72,6 +73,7 @@ class DenseBackend:
 
     def free(self, seq_id: int) -> None:
         self.seqs.pop(seq_id, None)
+        self._staged.pop(seq_id, None)
         if self.policy is not None:
             self.policy.free(seq_id)
 
@@ -82,6 +84,25 @@ class DenseBackend:
     # ---- the AttentionBackend protocol ----
     def prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 batch: ForwardBatch) -> torch.Tensor:
+        o = self._chunk(layer, q, k, v, batch)
+        if self.policy is not None:
+            for b, (sid, start) in enumerate(zip(batch.seq_ids, batch.starts)):
+                self.policy.append(layer, sid, start, k[b], v[b])
+        return o
+
+    def verify(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               batch: ForwardBatch) -> torch.Tensor:
+        """Like a prefill chunk per sequence; the k/v written past the committed tokens are
+        dead until :meth:`commit` says how many of them stay (the next pass overwrites the rest)."""
+        o = self._chunk(layer, q, k, v, batch)
+        if layer == 0:
+            for sid, start in zip(batch.seq_ids, batch.starts):
+                self._staged[sid] = (start, batch.num_tokens)
+        return o
+
+    def _chunk(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               batch: ForwardBatch) -> torch.Tensor:
+        """Write k/v at ``starts`` and attend each sequence's L tokens causally: ``[B, L, H, D]``."""
         L = batch.num_tokens
         outs = []
         for b, (sid, start) in enumerate(zip(batch.seq_ids, batch.starts)):
@@ -92,9 +113,42 @@ class DenseBackend:
             vc[:, start:start + L] = v[b]
             mask = self._mask(batch, b, q.dtype) if needs_mask(start, self.device) else None
             outs.append(prefill_attention(q[b], kc[:, :start + L], vc[:, :start + L], start, mask))
-            if self.policy is not None:
-                self.policy.append(layer, sid, start, k[b], v[b])
         return torch.stack(outs)                                       # [B, L, H, D]
+
+    # ---- speculation: commit / rollback, reading KV back ----
+    def commit(self, seq_id: int, n: int) -> None:
+        """Keep the first ``n`` tokens of the last verify pass; the others are rolled back (their
+        slots are past the sequence's length: the next pass writes over them)."""
+        start, L = self._staged.pop(seq_id)
+        if not 0 <= n <= L:
+            raise ValueError(f"commit of {n} tokens from a verify pass of {L}")
+        if self.policy is not None and n:
+            kv = self.seqs[seq_id]
+            for layer in range(self.cfg.num_layers):
+                self.policy.append(layer, seq_id, start, kv.k[layer, :, start:start + n], kv.v[layer, :, start:start + n])
+
+    def truncate(self, seq_id: int, length: int) -> None:
+        """Roll the sequence back to its first ``length`` tokens (later slots are dead: the
+        next pass writes over them)."""
+        if self.policy is not None:
+            raise ConfigError("truncating a sequence is not supported with a sparse policy (its metadata is append-only)")
+        self._staged.pop(seq_id, None)
+        self._check(self.seqs[seq_id], length)
+
+    def gather(self, seq_id: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V ``[layers, H_kv, n, D]`` at token positions ``index`` ``[layers, H_kv, n]``."""
+        kv = self.seqs[seq_id]
+        idx = index.to(self.device)[..., None].expand(-1, -1, -1, self.cfg.head_dim)
+        return kv.k.gather(2, idx), kv.v.gather(2, idx)
+
+    def write(self, seq_id: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store K, V ``[layers, H_kv, n, D]`` as the sequence's tokens ``start .. start+n-1``
+        (a draft cache filled from another store)."""
+        kv = self.seqs[seq_id]
+        n = k.shape[2]
+        self._check(kv, start + n)
+        kv.k[:, :, start:start + n] = k
+        kv.v[:, :, start:start + n] = v
 
     def _mask(self, batch: ForwardBatch, b: int, dtype: torch.dtype) -> torch.Tensor:
         """The chunk's causal mask, built by the first layer and reused by the others."""

@@ -26,7 +26,12 @@ import torch
 
 from kvoffload.attention.merge import merge_torch
 from kvoffload.attention.ops import attend_lse
-from kvoffload.attention.workers.local import MemoryWorker, dtype_name, pack_slots
+from kvoffload.attention.workers.local import (
+    MemoryWorker,
+    dtype_name,
+    pack_slots,
+    unpack_slots,
+)
 from kvoffload.attention.workers.process import ProcessWorker
 from kvoffload.attention.workers.protocol import (
     AttendRequest,
@@ -38,7 +43,7 @@ from kvoffload.errors import ConfigError
 from kvoffload.kv.layout import BlockLayout
 from kvoffload.kv.placement import Level, Loc, Move, Placement, SlotPool
 from kvoffload.kv.tiers.memory import MemoryTier
-from kvoffload.model.interface import ForwardBatch
+from kvoffload.model.interface import ForwardBatch, Phase
 from kvoffload.sparse.base import Selection, SparseCounters, SparsePolicy
 
 DEVICE, HOST, DISK = 0, 1, 2
@@ -133,6 +138,8 @@ class TieredBackend:
         # (seq, layer) -> (placement stamp, [n, 3] block table rows, their per-worker slots)
         self._split_cache: dict[tuple[int, int], tuple[int, np.ndarray, dict[tuple[int, int], np.ndarray]]] = {}
         self._writes: dict[int, list[tuple[int, bytes]]] = {}      # disk shard -> pending (slot, data)
+        # seq -> (start, per layer (k, v) [H_kv, L, D]) of its last verify pass, until commit
+        self._staged: dict[int, tuple[int, list]] = {}
         self.stats = KVStats()
         self.policy = policy                 # sparse decode: which blocks each step reads
         self.sparse_stats = SparseCounters()
@@ -174,6 +181,7 @@ class TieredBackend:
         self.placement.remove_seq(seq_id)
         for layer in range(self.cfg.num_layers):
             self._split_cache.pop((seq_id, layer), None)
+        self._staged.pop(seq_id, None)
         if self.policy is not None:
             self.policy.free(seq_id)
 
@@ -255,9 +263,9 @@ class TieredBackend:
         if not self.kvcfg.kv_serial:
             for _, w, req in active:
                 w.submit(req)
-        if k_new is not None and layer + 1 < self.cfg.num_layers and self.kvcfg.disk_read_ahead \
+        if batch.phase is not Phase.PREFILL and layer + 1 < self.cfg.num_layers and self.kvcfg.disk_read_ahead \
                 and not self.kvcfg.kv_serial and (self.policy is None or not self.policy.sparse(layer + 1)):
-            # decode: the next layer's blocks are known now, its query is not; let the disks read
+            # decode / verify: the next layer's blocks are known now, its query is not; let the disks read
             nxt = [self._split(sid, layer + 1) for sid in ids]
             for shard, w in enumerate(self.disk):
                 blocks = [sp.get((DISK, shard), _EMPTY) for sp in nxt]
@@ -341,6 +349,114 @@ class TieredBackend:
                 self.policy.append(layer, sid, start, kb, vb)
         self._send_writes()
         return torch.stack(outs)
+
+    # ---- speculation: verify, commit / rollback, reading KV back ----
+    def verify(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               batch: ForwardBatch) -> torch.Tensor:
+        """q ``[B, H, L, D]``, k/v ``[B, H_kv, L, D]`` -> ``[B, L, H, D]``: every sequence's L
+        tokens over its committed KV (one request per worker for the whole batch: the workers
+        take an L-token query block) merged with the tokens over each other (causal, here).
+        Their k/v are staged in memory, not written, until :meth:`commit`."""
+        with self._lock:
+            kb, vb = k.to(self.kv_dtype), v.to(self.kv_dtype)                     # as stored: [B, H_kv, L, D]
+            tail_lens = np.array([s % self.bs for s in batch.starts], dtype=np.int64)
+            results = self._dispatch(layer, batch, q.transpose(1, 2).float(), tail_lens)
+            own = [attend_lse(q[b], kb[b], vb[b], causal=True) for b in range(len(batch.seq_ids))]
+            own_o = torch.stack([o.transpose(0, 1) for o, _ in own])             # [B, L, H, D]
+            own_lse = torch.stack([lse.transpose(0, 1) for _, lse in own])       # [B, L, H]
+            o = self._merged(results, (own_o, own_lse))
+            for b, (sid, start) in enumerate(zip(batch.seq_ids, batch.starts)):
+                staged = self._staged.setdefault(sid, (start, [None] * self.cfg.num_layers))
+                staged[1][layer] = (kb[b], vb[b])
+            return o.to(q.dtype)
+
+    def commit(self, seq_id: int, n: int) -> None:
+        """Write the first ``n`` staged tokens of the last verify pass into the store (tails,
+        then blocks to their tiers, as a prefill chunk would); roll back the rest: they never
+        reach a tier, so the disk stays append-only."""
+        with self._lock:
+            start, layers = self._staged.pop(seq_id)
+            if any(x is None for x in layers):
+                raise RuntimeError(f"commit of sequence {seq_id}: its verify pass did not reach every layer")
+            L = layers[0][0].shape[1]
+            if not 0 <= n <= L:
+                raise ValueError(f"commit of {n} tokens from a verify pass of {L}")
+            if n == 0:
+                return
+            for layer, (kb, vb) in enumerate(layers):
+                self._write_chunk(seq_id, layer, start, kb[:, :n], vb[:, :n])
+                if self.policy is not None:
+                    self.policy.append(layer, seq_id, start, kb[:, :n], vb[:, :n])
+            self._send_writes()
+            self.stats.decode_tokens += n
+
+    def truncate(self, seq_id: int, length: int) -> None:
+        """Roll the sequence back to its first ``length`` tokens: later blocks are released; a
+        block cut in two is read back into the write-combining tail (which it becomes again)."""
+        with self._lock:
+            if self.policy is not None:
+                raise ConfigError("truncating a sequence is not supported with a sparse policy (its metadata is append-only)")
+            self._staged.pop(seq_id, None)
+            keep, t = divmod(length, self.bs)
+            for layer in range(self.cfg.num_layers):
+                locs = self.placement.tables[seq_id][layer]
+                if t and len(locs) > keep:                 # the cut block becomes the tail again
+                    self.tails.view(int(self.tail_slot[seq_id][layer])).copy_(self._block(locs[keep]))
+                self.placement.drop_from(seq_id, layer, keep)
+
+    def _block(self, loc: Loc) -> torch.Tensor:
+        """One stored block's ``[slot_elems]`` data (read from its disk shard if it is there)."""
+        if loc.level == DISK:
+            return self._read_disk(loc.shard, np.array([loc.slot], dtype=np.int64))[0]
+        return self.tiers[loc.level].view(loc.slot)
+
+    def _read_disk(self, shard: int, slots: np.ndarray) -> torch.Tensor:
+        """``[n, slot_elems]``: the slots' data, read by their disk worker."""
+        raw = self.disk[shard].read(slots)
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(self.kv_dtype).view(len(slots), -1).to(self.device)
+
+    def gather(self, seq_id: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V ``[layers, H_kv, n, D]`` at token positions ``index`` ``[layers, H_kv, n]``
+        (committed tokens): the blocks holding them are read from their tiers, each disk shard
+        once for all layers; the bytes count as that tier's reads."""
+        with self._lock:
+            nl, H_kv, n = index.shape
+            idx = index.cpu().numpy()
+            bs = self.bs
+            need = [np.unique(idx[layer] // bs) for layer in range(nl)]          # blocks per layer
+            slots: dict[tuple[int, int], list[int]] = {}                          # where -> slots
+            where_of: list[list[tuple[tuple[int, int], int]]] = []
+            for layer in range(nl):
+                rows = self._table(seq_id, layer)[0]
+                out = []
+                for blk in need[layer]:
+                    if blk < len(rows):
+                        lv, shard, slot = (int(x) for x in rows[blk])
+                    else:                                                          # the partial tail
+                        lv, shard, slot = -1, 0, int(self.tail_slot[seq_id][layer])
+                    out.append(((lv, shard), len(slots.setdefault((lv, shard), []))))
+                    slots[(lv, shard)].append(slot)
+                where_of.append(out)
+            data: dict[tuple[int, int], torch.Tensor] = {}
+            for (lv, shard), sl in slots.items():
+                arr = np.asarray(sl, dtype=np.int64)
+                if lv == DISK:
+                    data[(lv, shard)] = self._read_disk(shard, arr)
+                else:
+                    tier = self.tails if lv < 0 else self.tiers[lv]
+                    data[(lv, shard)] = tier.gather(arr).to(self.device)
+                if lv >= 0:
+                    self.stats.tiers[TIER_NAMES[lv]].read += len(arr) * self.layout.slot_bytes
+            D = self.cfg.head_dim
+            K = torch.empty(nl, H_kv, n, D, dtype=self.kv_dtype, device=self.device)
+            V = torch.empty_like(K)
+            for layer in range(nl):
+                packed = torch.stack([data[w][i] for w, i in where_of[layer]])        # [nb, slot_elems]
+                k_all, v_all = unpack_slots(packed, H_kv, D, bs)                      # [H_kv, nb*bs, D]
+                local = np.searchsorted(need[layer], idx[layer] // bs) * bs + idx[layer] % bs
+                li = torch.from_numpy(local).to(self.device)[..., None].expand(-1, -1, D)
+                K[layer], V[layer] = k_all.gather(1, li), v_all.gather(1, li)
+            return K, V
 
     # ---- writing blocks ----
     def _tail_views(self, sid: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,8 +10,8 @@ from typing import Any, Protocol
 import torch
 
 from kvoffload.config import EngineConfig, SamplingParams
-from kvoffload.engine.scheduler import Scheduler, StepPlan
-from kvoffload.engine.sequence import Sequence, SeqStatus
+from kvoffload.engine.scheduler import PrefillChunk, Scheduler, StepPlan
+from kvoffload.engine.sequence import SeqStatus, Sequence
 from kvoffload.errors import InputError
 from kvoffload.model.interface import AttentionBackend, ForwardBatch, Logits, Phase
 from kvoffload.model.llama import Transformer
@@ -19,10 +19,20 @@ from kvoffload.sampling import make_generator, sample
 
 
 class KVManager(AttentionBackend, Protocol):
-    """An attention backend that also owns per-sequence KV storage."""
+    """An attention backend that also owns per-sequence KV storage (and, for speculation,
+    commits a verify pass's accepted tokens and reads KV back: ``commit``, ``gather``)."""
 
     def allocate(self, seq_id: int, capacity: int) -> None: ...
     def free(self, seq_id: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class Executed:
+    """What a step's forwards produced: ``logits`` ``[V]`` to sample, per sequence; ``tokens``:
+    per sequence the tokens already chosen (speculation's accepted tokens and its last)."""
+
+    logits: dict[int, torch.Tensor]
+    tokens: dict[int, list[int]]
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,11 @@ class Engine:
         self._next_id = 0
         self._context = model.cfg.max_position
         self._pool: ThreadPoolExecutor | None = None
+        self.spec = None
+        if config.spec.enabled:
+            from kvoffload.spec.speculator import SelfSpeculator
+
+            self.spec = SelfSpeculator(model, kv, config, model.cfg, device, kv.kv_dtype, model.embed.weight.dtype)
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
@@ -133,45 +148,65 @@ class Engine:
         plan, admitted = self.scheduler.schedule()
         for seq in admitted:
             self.kv.allocate(seq.seq_id, seq.capacity)
+            if self.spec is not None:
+                self.spec.allocate(seq.seq_id, seq.capacity)
         t1 = time.perf_counter()
-        logits = self.execute(plan)
+        executed = self.execute(plan)
         t2 = time.perf_counter()
-        out = self.update(plan, logits)
+        out = self.update(plan, executed)
         self.times.schedule += t1 - t0
         self.times.update += time.perf_counter() - t2
         return out
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> dict[int, torch.Tensor]:
-        """Forward passes of the plan -> ``[V]`` logits per sequence that samples this step."""
+    def execute(self, plan: StepPlan) -> Executed:
+        """Forward passes of the plan -> logits to sample, or tokens already chosen."""
         logits: dict[int, torch.Tensor] = {}
+        tokens: dict[int, list[int]] = {}
         if plan.prefill is not None:
-            t0 = time.perf_counter()
-            c = plan.prefill
-            seq = self.seqs[c.seq_id]
-            out = self._prefill(c.seq_id, seq.prompt_ids[c.start:c.end], c.start,
-                                Logits.LAST if c.last else Logits.NONE)
-            if c.last:
-                logits[c.seq_id] = out[0]
-            dt = time.perf_counter() - t0
-            seq.times.prefill_s += dt
-            self.times.prefill_forward += dt
+            logits.update(self._prompt_chunk(plan.prefill))
         if plan.decode:
             t0 = time.perf_counter()
-            n = min(self.config.decode_microbatches, len(plan.decode))
-            groups = [plan.decode[i::n] for i in range(n)]
-            if n == 1:
-                outs = [self._decode(groups[0])]
-            else:       # one forward per micro-batch, in threads: one's attention waits on the KV
-                if self._pool is None:        # workers while another computes (Lamina's rotation)
-                    self._pool = ThreadPoolExecutor(self.config.decode_microbatches, thread_name_prefix="microbatch")
-                outs = list(self._pool.map(self._decode, groups))
-            for group, out in zip(groups, outs):
-                for i, sid in enumerate(group):
-                    logits[sid] = out[i]
+            if self.spec is None:
+                logits.update(self._decode_batch(plan.decode))
+            else:
+                tokens = self._speculate(plan.decode)
             self.times.decode_forward += time.perf_counter() - t0
             self.times.decode_steps += 1
-        return logits
+        return Executed(logits, tokens)
+
+    def _prompt_chunk(self, c: PrefillChunk) -> dict[int, torch.Tensor]:
+        """One prompt chunk -> the ``[V]`` logits of its last position if it ends the prompt."""
+        t0 = time.perf_counter()
+        seq = self.seqs[c.seq_id]
+        out = self._prefill(c.seq_id, seq.prompt_ids[c.start:c.end], c.start, Logits.LAST if c.last else Logits.NONE,
+                            self.kv if self.spec is None else self.spec.tap)
+        if c.last and self.spec is not None:
+            self.spec.prefilled(c.seq_id, c.end)
+        dt = time.perf_counter() - t0
+        seq.times.prefill_s += dt
+        self.times.prefill_forward += dt
+        return {c.seq_id: out[0]} if c.last else {}
+
+    def _decode_batch(self, seq_ids: tuple[int, ...]) -> dict[int, torch.Tensor]:
+        """One decode step of the batch -> ``[V]`` logits per sequence."""
+        n = min(self.config.decode_microbatches, len(seq_ids))
+        groups = [seq_ids[i::n] for i in range(n)]
+        if n == 1:
+            outs = [self._decode(groups[0])]
+        else:       # one forward per micro-batch, in threads: one's attention waits on the KV
+            if self._pool is None:        # workers while another computes (Lamina's rotation)
+                self._pool = ThreadPoolExecutor(self.config.decode_microbatches, thread_name_prefix="microbatch")
+            outs = list(self._pool.map(self._decode, groups))
+        return {sid: out[i] for group, out in zip(groups, outs) for i, sid in enumerate(group)}
+
+    def _speculate(self, seq_ids: tuple[int, ...]) -> dict[int, list[int]]:
+        """One speculation round over the decode batch -> its tokens per sequence."""
+        seqs = [self.seqs[i] for i in seq_ids]
+        room = min(s.capacity - s.num_cached for s in seqs)
+        out = self.spec.round(seq_ids, [s.last_token for s in seqs], [s.num_cached for s in seqs], room,
+                              [s.params for s in seqs], [s.generator for s in seqs])
+        return dict(zip(seq_ids, out))
 
     @torch.inference_mode()
     def _decode(self, seq_ids: tuple[int, ...]) -> torch.Tensor:
@@ -182,32 +217,44 @@ class Engine:
         positions = torch.tensor(starts, device=self.device)[:, None]                   # [B, 1]
         return self.model(tokens, ForwardBatch(Phase.DECODE, seq_ids, positions, starts), self.kv)
 
-    def _prefill(self, seq_id: int, token_ids: list[int], start: int, logits: Logits) -> torch.Tensor | None:
+    def _prefill(self, seq_id: int, token_ids: list[int], start: int, logits: Logits,
+                 backend: AttentionBackend | None = None) -> torch.Tensor | None:
         """One prompt chunk of one sequence, written to its KV at ``start``."""
         end = start + len(token_ids)
         tokens = torch.tensor([token_ids], device=self.device)                               # [1, L]
         positions = torch.arange(start, end, device=self.device)[None]                        # [1, L]
-        return self.model(tokens, ForwardBatch(Phase.PREFILL, (seq_id,), positions, (start,), logits), self.kv)
+        return self.model(tokens, ForwardBatch(Phase.PREFILL, (seq_id,), positions, (start,), logits),
+                          backend or self.kv)
 
-    def update(self, plan: StepPlan, logits: dict[int, torch.Tensor]) -> list[StepOutput]:
+    def update(self, plan: StepPlan, executed: Executed) -> list[StepOutput]:
+        """Advance the sequences: KV lengths, then their new tokens (sampled here, or chosen by
+        speculation); one output per token."""
         if plan.prefill is not None:
             self.seqs[plan.prefill.seq_id].num_cached = plan.prefill.end
-        for sid in plan.decode:
-            self.seqs[sid].num_cached += 1
-        if not logits:
-            return []
-        seqs = [self.seqs[i] for i in logits]
-        tokens = sample(torch.stack(list(logits.values())), [s.params for s in seqs], [s.generator for s in seqs])
+        for sid in plan.decode:       # speculation committed the last token and the accepted drafts
+            self.seqs[sid].num_cached += len(executed.tokens.get(sid, (0,)))
+        chosen = dict(executed.tokens)
+        if executed.logits:
+            seqs = [self.seqs[i] for i in executed.logits]
+            sampled = sample(torch.stack(list(executed.logits.values())), [s.params for s in seqs],
+                             [s.generator for s in seqs])
+            chosen.update((s.seq_id, [t]) for s, t in zip(seqs, sampled))
         now = time.perf_counter()
         outputs = []
-        for seq, tok in zip(seqs, tokens):
+        for sid, toks in chosen.items():
+            seq = self.seqs[sid]
             if seq.status is SeqStatus.PREFILLING:
                 seq.status = SeqStatus.DECODING
                 seq.times.first_token = now
-            seq.append(tok)
-            if seq.finish_reason is not None:
-                seq.finish()
-                self.scheduler.remove(seq)
-                self.kv.free(seq.seq_id)
-            outputs.append(StepOutput(seq.seq_id, tok, seq.take_delta(), seq.finish_reason is not None))
+            for tok in toks:
+                seq.append(tok)
+                if seq.finish_reason is not None:
+                    seq.finish()
+                    self.scheduler.remove(seq)
+                    self.kv.free(sid)
+                    if self.spec is not None:
+                        self.spec.free(sid)
+                outputs.append(StepOutput(sid, tok, seq.take_delta(), seq.finish_reason is not None))
+                if seq.finish_reason is not None:
+                    break
         return outputs

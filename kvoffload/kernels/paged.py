@@ -19,6 +19,9 @@ KERNEL_DTYPES = ("float32", "bfloat16", "float16")
 _SUFFIX = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 G_MAX, D_MAX, BS_MAX = 32, 256, 256
 MASK_BS_MAX = 64           # token masks are one uint64 per (block, head)
+# The kernel computes one query row at a time (no reuse of a block across rows): right for
+# decode and for a verify pass's few rows; a prefill chunk's many rows go to flash attention.
+MAX_QUERY_ROWS = 32
 
 
 @dataclass(frozen=True)

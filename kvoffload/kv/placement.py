@@ -123,6 +123,17 @@ class Placement:
         self._touch(seq_id, layer)
         return moves
 
+    def drop_from(self, seq_id: int, layer: int, n: int) -> None:
+        """Release blocks ``n ..`` of (seq, layer) (a truncated sequence): their slots are free."""
+        locs = self.tables[seq_id][layer]
+        while len(locs) > n:
+            i = len(locs) - 1
+            loc = locs.pop()
+            lv = self.levels[loc.level]
+            lv.release(loc)
+            lv.evictable.pop((seq_id, layer, i), None)
+        self._touch(seq_id, layer)
+
     def _touch(self, seq_id: int, layer: int) -> None:
         self.stamp[(seq_id, layer)] = self.stamp.get((seq_id, layer), 0) + 1
 

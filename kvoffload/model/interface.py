@@ -15,10 +15,13 @@ import torch
 
 
 class Phase(enum.Enum):
-    """Which kind of forward pass: set by the engine, never guessed from shapes."""
+    """Which kind of forward pass: set by the engine, never guessed from shapes. Its value
+    names the :class:`AttentionBackend` method that serves it."""
 
     PREFILL = "prefill"  # one sequence, a chunk of prompt tokens, causal within the chunk
     DECODE = "decode"    # B sequences, one new token each, ragged KV lengths
+    VERIFY = "verify"    # B sequences, L tokens each (the last one + the draft's), causal within
+                         # them; their KV is staged until the engine commits the accepted ones
 
 
 class Logits(enum.Enum):
@@ -64,3 +67,9 @@ class AttentionBackend(Protocol):
 
     def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                batch: ForwardBatch) -> torch.Tensor: ...
+
+    def verify(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               batch: ForwardBatch) -> torch.Tensor:
+        """L query tokens per sequence over its committed KV and, causally, over each other;
+        their k/v are staged, not stored, until ``commit`` (speculative decoding)."""
+        ...

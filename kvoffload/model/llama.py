@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvoffload.config import ModelConfig
-from kvoffload.model.interface import AttentionBackend, ForwardBatch, Logits, Phase
+from kvoffload.model.interface import AttentionBackend, ForwardBatch, Logits
 from kvoffload.model.rope import Rope, apply_rope
 
 Rot = tuple[torch.Tensor, torch.Tensor]   # (cos, signed sin), each [B, L, 1, D]
@@ -45,8 +45,7 @@ class Attention(nn.Module):
         q = qk[:, :, : self.heads].transpose(1, 2)                       # [B, H, L, D]
         k = qk[:, :, self.heads:].transpose(1, 2)                        # [B, H_kv, L, D]
         v = qkv[:, :, self.heads + self.kv_heads:].transpose(1, 2)       # [B, H_kv, L, D]
-        attend = backend.prefill if batch.phase is Phase.PREFILL else backend.decode
-        o = attend(self.layer, q, k, v, batch)                           # [B, L, H, D]
+        o = getattr(backend, batch.phase.value)(self.layer, q, k, v, batch)   # [B, L, H, D]
         return self.o_proj(o.reshape(B, L, self.heads * self.head_dim))
 
 

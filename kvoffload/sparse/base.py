@@ -205,12 +205,13 @@ class SparsePolicy:
         return self.bs
 
     # ---- selection ----
-    def select(self, layer: int, seq_id: int, q: torch.Tensor, length: int) -> Selection:
-        """q ``[H, D]``: the current query; ``length``: tokens in the sequence, this one included."""
+    def select(self, layer: int, seq_id: int, q: torch.Tensor, length: int, budget: int | None = None) -> Selection:
+        """q ``[H, D]``: the current query; ``length``: tokens in the sequence, this one included;
+        ``budget``: tokens to attend (default: the configured budget at this length)."""
         bs, H_kv, unit = self.bs, self.H_kv, self.unit
         n_full = (length - 1) // bs
         tail = length - n_full * bs
-        budget = self.cfg.budget_tokens(length)
+        budget = self.cfg.budget_tokens(length) if budget is None else budget
         sink = min(-(-self.sink // bs), n_full)
         recent = min(max(0, -(-(self.recent - tail) // bs)), n_full - sink)
         recent = min(recent, max(0, (budget - tail) // bs - sink))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from kvoffload.sparse.base import SparsePolicy
 from kvoffload.sparse.double_sparsity import DoubleSparsity
 from kvoffload.sparse.quest import Quest
+from kvoffload.sparse.retrieval import Retrieval
 from kvoffload.sparse.shadowkv import ShadowKV
 from kvoffload.sparse.sparf import SparF
 from kvoffload.sparse.streaming import Streaming
@@ -15,4 +16,5 @@ POLICIES: dict[str, type[SparsePolicy]] = {
     "sparf": SparF,
     "double_sparsity": DoubleSparsity,
     "shadowkv": ShadowKV,
+    "retrieval": Retrieval,
 }

@@ -1,8 +1,9 @@
 """In-process workers over a memory tier: the device's own blocks (plus the write-combining
 tails, where decode appends the new token) and the host RAM tier.
 
-Decode (one query per sequence) runs the native paged kernel on the CPU; a prefill chunk or a
-block of draft tokens (several queries) gathers the blocks and runs flash attention. The work
+Decode (one query per sequence) and a verify pass (L queries per sequence over blocks that all
+precede them) run the native paged kernel on the CPU; otherwise the blocks are gathered and
+attended by flash attention. The work
 is done at ``collect()``, in the backend's thread, after the disk processes were sent theirs, so
 it overlaps their reads (on CUDA the device's kernels run asynchronously too). Without the
 native kernel (CUDA, or KVOFFLOAD_NO_KERNELS=1) the gather path serves decode too; tests
@@ -21,6 +22,7 @@ from kvoffload.attention.workers.protocol import (
     WriteBlocks,
 )
 from kvoffload.kernels.paged import (
+    MAX_QUERY_ROWS,
     BlockLists,
     PagedAttention,
     full_mask_row,
@@ -96,7 +98,7 @@ class MemoryWorker:
     def attend(self, req: AttendRequest) -> AttendResult:
         q = req.q                                                      # [B, L, H, D]
         B, L, H, D = q.shape
-        kernel = self._paged(H // self.H_kv) if L == 1 else None
+        kernel = self._paged(H // self.H_kv) if L == 1 or (req.k_new is None and L <= MAX_QUERY_ROWS) else None
         if kernel is not None:
             return self._decode_native(kernel, req)
         if req.k_new is not None:
@@ -158,8 +160,11 @@ class MemoryWorker:
             view[half:].view(self.H_kv, self.bs, self.D)[:, t] = req.v_new[b]
 
     def _decode_native(self, kernel: PagedAttention, req: AttendRequest) -> AttendResult:
-        q = req.q[:, 0].float()                                        # [B, H, D] fp32
-        B, H, D = q.shape
+        """The paged kernel: one query per sequence (decode, which appends its new k/v to the
+        tail first), or L queries per sequence over keys that all precede them (a verify pass
+        over the committed KV: each query row is a kernel row over the same block list)."""
+        B, L, H, D = req.q.shape
+        q = req.q.reshape(B * L, H, D).float()                         # [B*L, H, D] fp32
         addrs = self.tier.addrs
         per_seq, last, read = [], [], 0
         masks = [] if req.masks is not None else None
@@ -172,14 +177,14 @@ class MemoryWorker:
             else:                                   # a head's rows of a block are read if it is chosen
                 m = np.asarray(req.masks[b], dtype=np.uint64).reshape(-1, self.H_kv)
                 read += int(np.count_nonzero(m)) * lay.token_bytes(self.bs) // self.H_kv
-                masks.append(np.concatenate([m, full_mask_row(self.bs, self.H_kv)]) if n_tail else m)
+                masks += [np.concatenate([m, full_mask_row(self.bs, self.H_kv)]) if n_tail else m] * L
             if n_tail:
                 a = np.append(a, self.tails.addrs[slot])
                 read += lay.token_bytes(n_tail)
-            per_seq.append(a)
-            last.append(n_tail if n_tail else self.bs)
-        out = torch.empty(B, 1, H, D)
-        lse = torch.empty(B, 1, H)
+            per_seq += [a] * L
+            last += [n_tail if n_tail else self.bs] * L
+        out = torch.empty(B * L, 1, H, D)
+        lse = torch.empty(B * L, 1, H)
         append = None
         if req.k_new is not None:
             k, v = req.k_new, req.v_new                                # [B, H_kv, D]
@@ -188,9 +193,9 @@ class MemoryWorker:
                       np.asarray(req.tail_lens, dtype=np.int64))
         if q.stride(-1) != 1 or q.stride(-2) != D:
             q = q.contiguous()
-        kernel(B, q.data_ptr(), q.stride(0), BlockLists.build(per_seq, last, masks), out.data_ptr(), lse.data_ptr(),
+        kernel(B * L, q.data_ptr(), q.stride(0), BlockLists.build(per_seq, last, masks), out.data_ptr(), lse.data_ptr(),
                self.threads, append)
-        return self._result(req, out, lse, read)
+        return self._result(req, out.view(B, L, H, D), lse.view(B, L, H), read)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

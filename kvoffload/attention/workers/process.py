@@ -30,7 +30,12 @@ from kvoffload.attention.workers.protocol import (
     WriteBlocks,
 )
 from kvoffload.errors import KvoffloadError
-from kvoffload.kernels.paged import BlockLists, PagedAttention, masks_to_valid
+from kvoffload.kernels.paged import (
+    MAX_QUERY_ROWS,
+    BlockLists,
+    PagedAttention,
+    masks_to_valid,
+)
 from kvoffload.kv.layout import BlockLayout
 from kvoffload.kv.tiers.disk import DiskIOError, DiskShard, aligned_buffer
 
@@ -99,6 +104,17 @@ class DiskWorkerServer:
             j = min(i + self.batch_slots, len(slots))
             self.shard.write(slots[i:j], data[i * self.layout.slot_bytes:j * self.layout.slot_bytes], self.wbuf)
 
+    def read(self, slots: np.ndarray) -> bytes:
+        """The raw bytes of ``slots`` (any order, repeats allowed), ``slot_bytes`` each, in that
+        order (a draft cache filled from the disk tier)."""
+        slots = np.asarray(slots, dtype=np.int64)
+        uniq, inv = np.unique(slots, return_inverse=True)
+        st, sb = self.layout.disk_stride, self.layout.slot_bytes
+        buf = aligned_buffer(max(1, len(uniq)) * st)
+        self.shard.read(uniq, buf, self.io_bytes)
+        raw = np.frombuffer(buf, dtype=np.uint8, count=len(uniq) * st).reshape(len(uniq), st)[:, :sb]
+        return raw[inv].tobytes()
+
     def _read_async(self, slots: np.ndarray, buf) -> list[Future]:
         """Issue the batch's reads, ``io_depth`` at a time (the device's queue stays full)."""
         return [self.io.submit(self.shard.read_one, buf, *r) for r in self.shard.read_plan(slots, self.io_bytes)]
@@ -161,17 +177,18 @@ class DiskWorkerServer:
         lay, st = self.layout, self.layout.disk_stride
         B, L, H, D = q.shape
         G = H // lay.num_kv_heads
-        if L == 1 and PagedAttention.available(lay.dtype, G, D, lay.block_size):
+        if L <= MAX_QUERY_ROWS and PagedAttention.available(lay.dtype, G, D, lay.block_size):
+            # one kernel row per query: L > 1 (a verify pass) repeats the sequence's block list
             if G not in self.kernels:
                 self.kernels[G] = PagedAttention(lay.dtype, lay.num_kv_heads, G, D, lay.block_size)
             base = np.frombuffer(buf, dtype=np.uint8).ctypes.data
-            rows = [np.nonzero(owner == b)[0] for b in range(B)]
-            lists = BlockLists.build([base + st * r for r in rows], [lay.block_size] * B,
+            rows = [r for b in range(B) for r in [np.nonzero(owner == b)[0]] * L]
+            lists = BlockLists.build([base + st * r for r in rows], [lay.block_size] * (B * L),
                                      None if masks is None else [masks[r] for r in rows])
-            qc = np.ascontiguousarray(q[:, 0], dtype=np.float32)
-            out = np.empty((B, 1, H, D), np.float32)
-            lse = np.empty((B, 1, H), np.float32)
-            self.kernels[G](B, qc.ctypes.data, H * D, lists, out.ctypes.data, lse.ctypes.data, self.threads)
+            qc = np.ascontiguousarray(q.reshape(B * L, H, D), dtype=np.float32)
+            out = np.empty((B, L, H, D), np.float32)
+            lse = np.empty((B, L, H), np.float32)
+            self.kernels[G](B * L, qc.ctypes.data, H * D, lists, out.ctypes.data, lse.ctypes.data, self.threads)
             return out, lse
         out = np.zeros((B, L, H, D), np.float32)
         lse = np.full((B, L, H), -np.inf, np.float32)
@@ -209,7 +226,8 @@ def _serve(conn, path: str, layout: dict, threads: int, batch_bytes: int, ahead_
             if op == "prefetch":                                  # a hint: no reply
                 server.prefetch(payload)
                 continue
-            result = server.write(payload) if op == "write" else server.attend(payload)
+            handler = {"write": server.write, "read": server.read, "attend": server.attend}[op]
+            result = handler(payload)
             conn.send(("ok", result))
         except DiskIOError as e:
             conn.send(("err", str(e)))
@@ -298,6 +316,19 @@ class ProcessWorker:
                     result.bytes_in, result.bytes_out = self.request.q.nbytes, result.o.nbytes + result.lse.nbytes
                 self.request = None
                 return result
+            except ConnectionError:
+                self._restart()
+
+    def read(self, slots: np.ndarray) -> bytes:
+        """The bytes of ``slots`` (``slot_bytes`` each, in order), after every write sent so far
+        (no attend request may be in flight)."""
+        if self.request is not None:
+            raise RuntimeError("read() while an attend request is in flight")
+        while True:
+            self.collect()                               # the acknowledgements due first
+            self._send(("read", np.asarray(slots, dtype=np.int64)))
+            try:
+                return self._check(self._recv())
             except ConnectionError:
                 self._restart()
 
