@@ -10,11 +10,11 @@ from kvoffload.errors import KvoffloadError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kvoffload.cli import bench, calibrate, eval, generate, info, sweep
+    from kvoffload.cli import bench, calibrate, eval, generate, info, specbench, sweep
 
     parser = argparse.ArgumentParser(prog="kvoffload", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for mod in (generate, info, bench, eval, calibrate, sweep):
+    for mod in (generate, info, bench, eval, calibrate, sweep, specbench):
         mod.register(sub)
     return parser
 

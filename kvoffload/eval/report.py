@@ -24,6 +24,20 @@ METRICS = {"generate": (("score", "{:.1f}"),),
            "agreement": (("top-1 %", "{:.2f}"), ("KL", "{:.2e}"), ("ppl (decoded)", "{:.3f}"))}
 
 
+def write_tables(directory: str, stem: str, rows: list[dict], md: str):
+    """``stem.md`` and ``stem.json`` in ``directory``, then one matplotlib figure with an axis per
+    model of ``rows``: ``(plt, fig, [(axis, model)], None)``, or ``(None, None, [], why)`` when
+    matplotlib is missing."""
+    atomic_write(os.path.join(directory, f"{stem}.md"), md.encode())
+    atomic_write(os.path.join(directory, f"{stem}.json"), json.dumps(rows, indent=1).encode())
+    plt, why = pyplot()
+    if plt is None:
+        return None, None, [], why
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    return plt, fig, list(zip(axes[0], models)), None
+
+
 def atomic_write(path: str, data: bytes) -> None:
     """Write via a temporary file in the same directory and rename: never a half-written file."""
     d = os.path.dirname(os.path.abspath(path))

@@ -272,18 +272,13 @@ def markdown(rows: list[dict]) -> str:
 def write_report(records: list[dict], directory: str) -> str | None:
     """``sweep.md`` and ``sweep.json`` (and ``sweep.png`` when matplotlib is there); returns
     why there is no plot."""
-    from kvoffload.eval.report import atomic_write
-    from kvoffload.plotting import pyplot
+    from kvoffload.eval.report import write_tables
 
     rows = summarize(records)
-    atomic_write(os.path.join(directory, "sweep.md"), markdown(rows).encode())
-    atomic_write(os.path.join(directory, "sweep.json"), json.dumps(rows, indent=1).encode())
-    plt, why = pyplot()
+    plt, fig, axes, why = write_tables(directory, "sweep", rows, markdown(rows))
     if plt is None:
         return why
-    models = sorted({r["model"] for r in rows})
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
-    for ax, model in zip(axes[0], models):
+    for ax, model in axes:
         for policy in sorted({r["policy"] for r in rows if r["model"] == model}):
             mine = [r for r in rows if r["model"] == model and r["policy"] == policy and "agree" in r]
             pts = []                                   # one point per budget: mean over the lengths
