@@ -9,15 +9,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=benchmarks/speculation
-kvoffload spec-bench -m smollm2-135m -t "${THREADS:-2}" -r "${REPS:-3}" -o $OUT
-kvoffload spec-bench -m qwen2.5-coder-0.5b -t "${THREADS:-2}" -r "${REPS:-2}" --no-rebuild-variants -o $OUT
+# The main grid uses TriForce's own selection (no recent window: --sparse-recent-tokens 0).
+kvoffload spec-bench -m smollm2-135m -t "${THREADS:-2}" -r "${REPS:-3}" --sparse-recent-tokens 0 -o $OUT
+kvoffload spec-bench -m qwen2.5-coder-0.5b -t "${THREADS:-2}" -r "${REPS:-2}" --no-rebuild-variants \
+  --sparse-recent-tokens 0 -o $OUT
+# The default draft cache (a 128-token recent window kept besides the retrieved chunks), where
+# TriForce's selection did worst (2K) and at 8K.
+kvoffload spec-bench -m smollm2-135m -t "${THREADS:-2}" -r 2 -L 2k,8k --gammas 4,8 --no-rebuild-variants -o $OUT/recent
+kvoffload spec-bench -m qwen2.5-coder-0.5b -t "${THREADS:-2}" -r 2 -L 2k,8k --gammas 4,8 --no-rebuild-variants -o $OUT/recent
 # Lossless on the real model: fp32 weights and activations (-q none), greedy, every rep must give
 # the plain tokens (in bf16 a verify pass rounds differently from a decode step, and 1-ulp logit
 # ties then flip; see README.md).
 kvoffload spec-bench -m smollm2-135m -t "${THREADS:-2}" -r 2 -L 2k,8k --gammas 4,8 --temperatures 0 \
-  --no-rebuild-variants --dtype float32 -q none -o $OUT/fp32
+  --no-rebuild-variants --dtype float32 -q none --sparse-recent-tokens 0 -o $OUT/fp32
 # When is a draft cache stale? Long generations (512 tokens) at ~7.7K context, gamma 4, greedy:
 # never rebuilt, rebuilt when 256 verified tokens were appended (the default), every 16
 # verifications, or when acceptance over the last 4 verifications falls below 0.7.
 kvoffload spec-bench -m smollm2-135m -t "${THREADS:-2}" -r 2 -L 8k --new-tokens 512 --gammas 4 \
-  --rebuild-variants-only -o $OUT/rebuild
+  --rebuild-variants-only --sparse-recent-tokens 0 -o $OUT/rebuild

@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_dataclass_args(p, EngineConfig, include=(
         "model", "dtype", "kv_dtype", "quantization", "threads", "prefill_chunk", "cache_dir", "block_size",
         "disk_workers", "offload_dir", "spec_draft_policy", "spec_draft_budget", "spec_draft_share",
-        "spec_draft_window", "sparse_chunk"))
+        "spec_draft_window", "sparse_chunk", "sparse_sink_tokens", "sparse_recent_tokens"))
     p.set_defaults(run=run)
 
 

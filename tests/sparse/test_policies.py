@@ -162,7 +162,9 @@ def test_planted_keys_are_chosen(policy, calibration, tmp_path):
         cal = str(tmp_path / "all.json")
         import json
         json.dump({"format": "kvoffload-channels/1", "channels": [[list(range(D))] * H_kv]}, open(cal, "w"))
-    pol = policy_for(policy, "1/4", cal, sparse_channels=D if policy in ("sparf", "double_sparsity") else None)
+    # retrieval's default 128-token recent window would take this whole 100-token budget
+    extra = {"sparse_recent_tokens": 32} if policy == "retrieval" else {}
+    pol = policy_for(policy, "1/4", cal, sparse_channels=D if policy in ("sparf", "double_sparsity") else None, **extra)
     feed(pol, k, v)
     sel = pol.select(0, 0, q, T)
     got = chosen_tokens(sel, T)

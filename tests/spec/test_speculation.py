@@ -59,8 +59,9 @@ def test_greedy_identical_every_placement(plain, tiny_path, name):
         assert got == ref
         assert 0 < st.accepted < st.drafted            # both paths taken: accepts and rejections
         assert st.rebuilds["window"] > 0               # the draft cache went stale and was rebuilt
-        if name != "in-memory":
-            assert llm.engine.kv.stats.decode_tokens == sum(len(t) - 1 for t in got)
+        if name != "in-memory":     # committed: every output token but the last, plus what a final
+            fed = sum(len(t) - 1 for t in got)          # round accepted past max_tokens (dropped)
+            assert fed <= llm.engine.kv.stats.decode_tokens <= fed + len(got) * 3
     finally:
         llm.close()
 
