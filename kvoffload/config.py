@@ -344,7 +344,7 @@ class SpecConfig:
             raise ConfigError(f"num_speculative_tokens must be in 1..32, got {self.num_speculative_tokens}")
         if self.spec_draft_budget < 1:
             raise ConfigError(f"spec_draft_budget must be >= 1 token, got {self.spec_draft_budget}")
-        kind, _ = parse_budget(self.spec_draft_share)
+        kind, _ = self._share
         if kind != "fraction":
             raise ConfigError(f"spec_draft_share must be a fraction such as 1/8, got {self.spec_draft_share!r}")
         if self.spec_draft_window < 1:
@@ -360,9 +360,13 @@ class SpecConfig:
     def enabled(self) -> bool:
         return self.speculate != "none"
 
+    @functools.cached_property
+    def _share(self) -> tuple[str, float]:
+        return parse_budget(self.spec_draft_share)
+
     def draft_budget(self, length: int) -> int:
         """Tokens of a ``length``-token context the draft cache takes at a rebuild."""
-        return max(1, min(self.spec_draft_budget, math.ceil(parse_budget(self.spec_draft_share)[1] * length)))
+        return max(1, min(self.spec_draft_budget, math.ceil(self._share[1] * length)))
 
 
 # --------------------------------------------------------------------------- engine

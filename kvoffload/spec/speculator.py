@@ -24,18 +24,15 @@ from typing import Any, Protocol
 import torch
 
 from kvoffload.config import EngineConfig, ModelConfig, SamplingParams
-from kvoffload.model.interface import ForwardBatch, Logits, Phase
+from kvoffload.model.interface import AttentionBackend, ForwardBatch, Logits, Phase
 from kvoffload.sampling import draft_token, speculative_accept
 from kvoffload.sparse import policy_class
 from kvoffload.spec.draft import DraftCache
 
 
-class TargetKV(Protocol):
+class TargetKV(AttentionBackend, Protocol):
     """What speculation needs of the target's KV manager beyond the attention seam."""
 
-    def prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor: ...
-    def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor: ...
-    def verify(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor: ...
     def commit(self, seq_id: int, n: int) -> None: ...
     def gather(self, seq_id: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
