@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvoffload.config import SamplingParams
+from kvoffload.config import ModelConfig, SamplingParams
 from kvoffload.model.interface import ForwardBatch, Logits, Phase
 from kvoffload.sampling import make_generator, sample
 from kvoffload.spec.speculator import SelfSpeculator
@@ -112,8 +112,7 @@ class SpecBench:
         if r.gamma:
             extra = dict(dict(self.cfg.rebuilds).get(r.rebuild, ()))
             scfg = dataclasses.replace(self.llm.config.spec, speculate="self", num_speculative_tokens=r.gamma, **extra)
-            spec = SelfSpeculator(self.model, self.kv, dataclasses.replace(self.llm.config, spec=scfg),
-                                  self.llm.model_config, self.llm.device, self.kv.kv_dtype, self.model.embed.weight.dtype)
+            spec = SelfSpeculator(self.model, self.kv, dataclasses.replace(self.llm.config, spec=scfg), self.llm.device)
             spec.reseed(self.sid, self.capacity, P - 1)
         t0 = time.perf_counter()
         logits = self.engine._prefill(self.sid, self.prompt[-1:], P - 1, Logits.LAST, spec.tap if spec else self.kv)
@@ -137,7 +136,7 @@ class SpecBench:
                 out += toks
                 cached += len(toks)
         t2 = time.perf_counter()
-        rec = {"model": os.path.basename(self.llm.config.model or "default"), "length": P, "run": r.name,
+        rec = {"length": P, "run": r.name,
                "gamma": r.gamma, "temperature": r.temperature, "rebuild": r.rebuild, "rep": rep,
                "tokens": out[:N], "decode_tokens": len(out) - 1, "decode_s": t2 - t1, "first_s": t1 - t0,
                "tok_s": (len(out) - 1) / (t2 - t1)}
@@ -152,20 +151,10 @@ class SpecBench:
         return rec
 
 
-def kv_host_budget(model: str | None, engine: dict, length: int, share: float) -> int:
+def kv_host_budget(mcfg: ModelConfig, engine: dict, length: int, share: float) -> int:
     """Bytes of ``share`` of a ``length``-token context's KV (2-byte KV unless float32)."""
-    from kvoffload.model.loading import read_config
-    from kvoffload.model.registry import resolve_model
-
-    mcfg = read_config(resolve_model(model))
     width = 4 if (engine.get("kv_dtype") or engine.get("dtype")) == "float32" else 2
     return int(share * mcfg.kv_bytes_per_token(width) * length)
-
-
-def model_name(model: str | None) -> str:
-    from kvoffload.model.registry import resolve_model
-
-    return os.path.basename(resolve_model(model))
 
 
 def run(model: str | None, cfg: SpecBenchConfig, engine: dict, out_dir: str, progress: bool = True) -> list[dict]:
@@ -174,23 +163,24 @@ def run(model: str | None, cfg: SpecBenchConfig, engine: dict, out_dir: str, pro
     from tqdm import tqdm
 
     from kvoffload.api import LLM
+    from kvoffload.model.loading import read_config
+    from kvoffload.model.registry import resolve_model
 
     path = os.path.join(out_dir, "runs.jsonl")
     done = {}
     if os.path.exists(path):
         with open(path) as f:
             done = {_key(r): r for r in map(json.loads, filter(str.strip, f))}
-    from kvoffload.model.loading import read_config
-    from kvoffload.model.registry import resolve_model
 
-    name = model_name(model)
+    model_path = resolve_model(model)
+    mcfg, name = read_config(model_path), os.path.basename(model_path)
     runs = SpecBench.runs_of(cfg)
-    max_prompt = read_config(resolve_model(model)).max_position - cfg.new_tokens - max(cfg.gammas) - 2
+    max_prompt = mcfg.max_position - cfg.new_tokens - max(cfg.gammas) - 2
     for length in (min(n, max_prompt) for n in cfg.lengths):    # the model's context bounds "8K"
         todo = [(rep, r) for rep in range(cfg.reps) for r in runs if (name, length, r.name, rep) not in done]
         if not todo:
             continue
-        tiers = {} if cfg.host_share is None else {"kv_host_budget": kv_host_budget(model, engine, length, cfg.host_share)}
+        tiers = {} if cfg.host_share is None else {"kv_host_budget": kv_host_budget(mcfg, engine, length, cfg.host_share)}
         print(f"{name} at {length} tokens: prefill ({tiers or 'KV in RAM'})", file=sys.stderr)
         llm = LLM(model, **engine, **tiers)
         bench = SpecBench(llm, cfg, length)

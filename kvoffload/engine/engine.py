@@ -68,7 +68,7 @@ class Engine:
         if config.spec.enabled:
             from kvoffload.spec.speculator import SelfSpeculator
 
-            self.spec = SelfSpeculator(model, kv, config, model.cfg, device, kv.kv_dtype, model.embed.weight.dtype)
+            self.spec = SelfSpeculator(model, kv, config, device)
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> int:

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import torch
 
-from kvoffload.config import EngineConfig, ModelConfig, SamplingParams
+from kvoffload.config import EngineConfig, SamplingParams
 from kvoffload.model.interface import AttentionBackend, ForwardBatch, Logits, Phase
 from kvoffload.sampling import draft_token, speculative_accept
 from kvoffload.sparse import policy_class
@@ -103,9 +103,10 @@ class _Track:
 
 
 class SelfSpeculator:
-    def __init__(self, model: Any, kv: TargetKV, config: EngineConfig, model_cfg: ModelConfig,
-                 device: torch.device, kv_dtype: torch.dtype, act_dtype: torch.dtype) -> None:
+    def __init__(self, model: Any, kv: TargetKV, config: EngineConfig, device: torch.device) -> None:
+        """The draft cache takes the target store's KV dtype and the model's activation dtype."""
         self.model, self.kv, self.spec, self.device = model, kv, config.spec, device
+        model_cfg, kv_dtype, act_dtype = model.cfg, kv.kv_dtype, model.embed.weight.dtype
         # the draft policy takes its parameters from the --sparse-* flags; no layer stays dense
         # (every layer of the draft cache holds the same tokens count); its budget is the spec's
         scfg = dataclasses.replace(config.sparse, sparse_policy=config.spec.spec_draft_policy, sparse_dense_layers=())
