@@ -63,42 +63,18 @@ class LLM:
                              self.tokenizer, config, self.device)
 
     def kv_report(self) -> str | None:
-        """A line on speculation (if on), one on the sparse policy's reads (if one is set) and
-        one on the tiered KV store (if it is used); None when there is none of them."""
+        """A line on speculation (if on), then the KV manager's lines (a sparse policy's reads,
+        the tiers' traffic and memory); None when there is none of them."""
         lines = []
         spec = self.engine.spec
         if spec is not None and spec.stats.rounds:
             lines.append(f"{spec.stats.line()}; draft caches peaked at {spec.draft.peak_bytes / 2**20:.1f} MiB")
-        sp = getattr(self.engine.kv, "sparse_stats", None)
-        if sp is not None and sp.steps:
-            s = self.config.sparse
-            lines.append(f"sparse {s.sparse_policy} at {s.sparse_budget}: attended {100 * sp.attended / sp.context:.1f}% "
-                         f"of the KV of its layers, read {100 * sp.read_fraction:.1f}% (block-granular; "
-                         f"amplification {sp.amplification:.2f})")
-        tiered = self._tier_report()
-        if tiered:
-            lines.append(tiered)
+        lines += self.engine.kv.report()
         return "\n".join(lines) or None
-
-    def _tier_report(self) -> str | None:
-        stats = getattr(self.engine.kv, "stats", None)
-        if stats is None:
-            return None
-        per = stats.per_token()
-        held = self.engine.kv.memory_held()
-        mib = 2**20
-        reads = ", ".join(f"{t} {c['read'] / mib:.2f}" for t, c in per.items())
-        crossed = ", ".join(f"{t} {(c['to_worker'] + c['from_worker']) / 1024:.1f}" for t, c in per.items() if t != "device")
-        written = ", ".join(f"{t} {c['written'] / mib:.3f}" for t, c in per.items())
-        return (f"KV per generated token: read MiB {reads}; q/o KiB to/from workers {crossed}; "
-                f"blocks written MiB {written}; held now MiB device {held['device'] / mib:.1f}, host "
-                f"{held['host'] / mib:.1f}, disk {held['disk'] / mib:.1f}, tails {held['tails'] / mib:.1f}")
 
     def close(self) -> None:
         """Release the KV store's workers and files now (otherwise done at exit)."""
-        close = getattr(self.engine.kv, "close", None)
-        if close:
-            close()
+        self.engine.kv.close()
 
     # ---------------------------------------------------------------- prompts
     def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:

@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvoffload.dtypes import NAMES
 from kvoffload.errors import ConfigError
 
 
@@ -135,23 +136,46 @@ def parse_size(text: str | int | None) -> int | None:
     return int(value * _UNITS[unit])
 
 
+def parse_tiers(text: str | None) -> tuple[tuple[str, int | None], ...] | None:
+    """``"host:64MiB,disk:4GiB"`` -> (("host", 67108864), ("disk", 4294967296)); a budget may be
+    ``none`` (unlimited). Tier names are checked against the registry when the store is built."""
+    if text is None or isinstance(text, tuple):
+        return text
+    out = []
+    for item in str(text).split(","):
+        name, sep, budget = item.strip().partition(":")
+        name = name.strip().lower()
+        if not sep or not name:
+            raise ConfigError(f"bad --kv-tiers entry {item.strip()!r} (expected NAME:BUDGET, e.g. host:64MiB,disk:4GiB)")
+        if name in (n for n, _ in out):
+            raise ConfigError(f"--kv-tiers names the {name} tier twice")
+        out.append((name, parse_size(budget)))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class KVConfig:
-    """Where the KV cache lives. Setting any budget or ``offload_dir`` turns on the tiered store
-    (otherwise each sequence's KV is one contiguous in-memory buffer, the fastest layout when
-    everything fits).
+    """Where the KV cache lives. Setting ``kv_tiers``, any budget or ``offload_dir`` turns on the
+    tiered store (otherwise each sequence's KV is one contiguous in-memory buffer, the fastest
+    layout when everything fits).
 
     block_size: tokens per block (InstInfer's 16: 16 x 128 dims x fp16 = one 4 KiB flash page).
-    kv_device_budget: bytes of KV blocks in the compute device's memory. ``None``: unlimited on
-        CUDA; on the CPU the device *is* host memory, so ``None`` means 0 there and the host tier
-        holds the in-memory KV. 0 = tier unused. Otherwise at least one block.
-    kv_host_budget: bytes of KV blocks in host RAM (``None`` = unlimited; pinned on CUDA).
-    kv_disk_budget: bytes of KV blocks in files under ``offload_dir`` (``None`` = the free space).
+    chunk_blocks: blocks per chunk, the unit of placement (a chunk's blocks live in one tier, in
+        consecutive slots: one read on disk) and the fixed boundary of partial attention (each
+        chunk's partial is computed alone and the partials merge in sequence order, so every
+        placement gives bit-identical outputs). The in-memory backend uses it too.
+    kv_tiers: the tiers, fastest first, each a registered tier name and its byte budget:
+        ``host:64MiB,disk:4GiB`` (``none`` = unlimited; for disk, the free space). Tiers:
+        ``device`` (the compute device's memory), ``host`` (RAM; pinned on CUDA), ``disk``.
+    kv_device_budget, kv_host_budget, kv_disk_budget: shorthands for ``kv_tiers`` (used when it
+        is not given): ``device:B1,host:B2,disk:B3``, where an unset device budget means
+        unlimited on CUDA and 0 (no device tier) on the CPU, whose device memory *is* host RAM;
+        an unset host budget is unlimited, an unset disk budget the free space; 0 = tier unused.
     offload_dir: where the disk tier's files go; a fresh ``kvoffload-*`` directory is made inside
         it and removed at exit (default: the system temporary directory).
     disk_workers: processes that own the disk files (one shard each) and compute attention over
         their blocks — the emulated computational-storage engines.
-    kv_sink_tokens, kv_recent_tokens: the first / last tokens of each sequence whose blocks are
+    kv_sink_tokens, kv_recent_tokens: the first / last tokens of each sequence whose chunks are
         never demoted to a slower tier while others can be (attention sinks, recent window).
     disk_read_batch: bytes a disk worker reads per batch (two such buffers per worker: one is
         read while the other is attended).
@@ -161,12 +185,16 @@ class KVConfig:
     disk_read_ahead: during decode each disk worker is told the next layer's blocks as soon as
         this layer's query is sent, and reads up to this many bytes of them ahead, so the read
         overlaps the model's compute of that layer (0 = off; a buffer this size per worker).
-    kv_serial: submit to one worker and wait for it before the next (default: every worker
-        is started, then the device's own share is computed, then the others are collected).
-    arena_segment_slots: memory tiers grow in segments of this many blocks.
+    kv_serial: submit to one tier and wait for it before the next (default: every tier is
+        started, then the fastest is computed here while the others work).
+    arena_segment_slots: memory tiers grow in segments of about this many blocks.
     """
 
     block_size: int = cli_field(16, "tokens per KV block")
+    chunk_blocks: int = cli_field(16, "blocks per chunk: the unit of placement and of partial attention", flag="--kv-chunk-blocks")
+    kv_tiers: tuple[tuple[str, int | None], ...] | None = cli_field(
+        None, "KV tiers fastest first with their budgets, e.g. host:64MiB,disk:4GiB (default: from the --kv-*-budget flags)",
+        parse=parse_tiers)
     kv_device_budget: int | None = cli_field(None, "KV bytes in device memory, e.g. 2GiB (default: unlimited on CUDA, 0 on CPU)", parse=parse_size)
     kv_host_budget: int | None = cli_field(None, "KV bytes in host RAM, e.g. 256MiB (default: unlimited)", parse=parse_size)
     kv_disk_budget: int | None = cli_field(None, "KV bytes on disk (default: the free space)", parse=parse_size)
@@ -184,8 +212,11 @@ class KVConfig:
         for name in ("kv_device_budget", "kv_host_budget", "kv_disk_budget", "disk_read_batch", "disk_read_ahead",
                      "disk_write_backlog"):
             object.__setattr__(self, name, parse_size(getattr(self, name)))
+        object.__setattr__(self, "kv_tiers", parse_tiers(self.kv_tiers))
         if not 1 <= self.block_size <= 256:
             raise ConfigError(f"block_size must be in 1..256, got {self.block_size}")
+        if self.chunk_blocks < 1:
+            raise ConfigError(f"kv_chunk_blocks must be >= 1, got {self.chunk_blocks}")
         if self.disk_workers < 1:
             raise ConfigError(f"disk_workers must be >= 1, got {self.disk_workers}")
         if self.kv_sink_tokens < 0 or self.kv_recent_tokens < 0:
@@ -194,11 +225,25 @@ class KVConfig:
             raise ConfigError("disk_read_batch must be a positive size")
         if self.disk_read_ahead is None or self.disk_write_backlog is None:
             raise ConfigError("disk_read_ahead and disk_write_backlog must be sizes")
+        if self.kv_tiers is not None and self._shorthands:
+            raise ConfigError("--kv-tiers gives every tier's budget: drop --" + ", --".join(
+                n.replace("_", "-") for n in self._shorthands))
+
+    @property
+    def _shorthands(self) -> list[str]:
+        return [n for n in ("kv_device_budget", "kv_host_budget", "kv_disk_budget") if getattr(self, n) is not None]
 
     @property
     def tiered(self) -> bool:
-        return (self.offload_dir is not None or self.kv_device_budget is not None
-                or self.kv_host_budget is not None or self.kv_disk_budget is not None)
+        return self.kv_tiers is not None or self.offload_dir is not None or bool(self._shorthands)
+
+    def tier_list(self, device_type: str) -> tuple[tuple[str, int | None], ...]:
+        """The ordered (tier name, budget) list: ``kv_tiers``, or the one the shorthands spell
+        (``device_type``: the compute device's, which decides the device tier's default)."""
+        if self.kv_tiers is not None:
+            return self.kv_tiers
+        device = self.kv_device_budget if self.kv_device_budget is not None else (None if device_type == "cuda" else 0)
+        return (("device", device), ("host", self.kv_host_budget), ("disk", self.kv_disk_budget))
 
 # --------------------------------------------------------------------------- sparse attention
 
@@ -371,7 +416,7 @@ class SpecConfig:
 
 # --------------------------------------------------------------------------- engine
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = NAMES            # kvoffload/dtypes.py is the one dtype table
 QUANTIZATIONS = ("none", "int8", "int4")
 SCHEDULING = ("prefill-first", "interleave")
 AUTO = "auto"

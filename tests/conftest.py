@@ -10,6 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from latency_tier import LatencyTier
+
+from kvoffload.kv.tiers.registry import TIERS
+
+TIERS["latency-host"] = LatencyTier            # a test-only tier: every placement test runs through it
 
 TINY_VOCAB = 300          # 256 byte-level tokens + specials + unused ids
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

@@ -1,73 +1,102 @@
-"""In-memory dense attention backend: each sequence owns contiguous K/V buffers.
+"""In-memory backend: each sequence's KV is one contiguous run of slots per layer, in the
+compute device's memory.
 
-The reference every other placement and policy is compared against. Buffers are
-sized at :meth:`DenseBackend.allocate` (prompt + max new tokens), so decode never
-reallocates; the engine says where each forward writes (``ForwardBatch.starts``),
-so no layer keeps a running length.
+The fastest store when everything fits, and the reference the tiered store is held to. Its
+slots have the tiered store's layout (kv/layout.py), and decode runs the same paged kernel over
+the same fixed chunks plus the tail block, merged in the same order — so a sequence decodes to
+bit-identical outputs here and with its KV spread over tiers. On the CPU a decode layer is one
+native call (append the new token, attend every chunk, merge); elsewhere (CUDA, no compiler)
+the PyTorch reference computes the same items.
+
+Buffers are sized at :meth:`DenseBackend.allocate` (prompt + max new tokens), so decode never
+reallocates; the engine says where each forward writes (``ForwardBatch.starts``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
-from kvoffload.attention.native import NativeDecode
-from kvoffload.attention.ops import (
-    causal_mask,
-    decode_attention,
-    gathered_attention,
-    needs_mask,
-    prefill_attention,
-)
+from kvoffload.attention.backend import KVStats, sparse_line
+from kvoffload.attention.merge import OWN_KEY, TAIL_KEY, Parts
+from kvoffload.attention.ops import attend_lse, own_attention, prefix_attention
 from kvoffload.config import ModelConfig
+from kvoffload.dtypes import name_of
 from kvoffload.errors import ConfigError, InputError
+from kvoffload.kernels.paged import Append, Items, Merge, PagedAttention
+from kvoffload.kv.layout import BlockLayout
+from kvoffload.kv.tiers.memory import attend_slots
 from kvoffload.model.interface import ForwardBatch
-from kvoffload.sparse.base import SparseCounters, SparsePolicy
+from kvoffload.sparse.base import Selection, SparseCounters, SparsePolicy
 
 
-@dataclass
-class SeqKV:
-    k: torch.Tensor   # [layers, H_kv, capacity, D]
-    v: torch.Tensor   # [layers, H_kv, capacity, D]
+class DecodeItems:
+    """The items of a batch's decode step over contiguous slots: per sequence its chunks (of
+    the full blocks before the tail) then its tail block. ``block`` ``[M]``: slot index (block
+    number) of every item block; ``seq`` ``[M]``: its sequence's batch row; masks ``[M, H_kv]``
+    (sparse) or None; ``keys`` ``[N]``: merge keys."""
 
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[2]
+    def __init__(self, layout: BlockLayout, starts: tuple[int, ...], chosen: list[Selection] | None) -> None:
+        bs = layout.block_size
+        rows, firsts, lasts, blocks, keys, masks = [], [0], [], [], [], []
+        full = np.uint64((1 << bs) - 1) if bs < 64 else np.uint64(0xFFFFFFFFFFFFFFFF)
+        for b, s in enumerate(starts):
+            n_full = s // bs
+            if chosen is None:
+                blk, msk = np.arange(n_full, dtype=np.int64), None
+            else:
+                blk, msk = chosen[b].union(bs)
+            first, chunk = layout.chunk_runs(blk)
+            for i in range(len(chunk)):
+                blocks.append(blk[first[i]:first[i + 1]])
+                if msk is not None:
+                    masks.append(msk[first[i]:first[i + 1]])
+                firsts.append(firsts[-1] + first[i + 1] - first[i])
+            rows += [b] * len(chunk)
+            lasts += [bs] * len(chunk)
+            keys.append(chunk)
+            blocks.append(np.array([n_full], np.int64))                      # the tail block
+            if chosen is not None:
+                masks.append(np.full((1, layout.num_kv_heads), full, np.uint64))
+            firsts.append(firsts[-1] + 1)
+            rows.append(b)
+            lasts.append(s % bs + 1)
+            keys.append(np.array([TAIL_KEY], np.int64))
+        self.row = np.asarray(rows, np.int64)
+        self.first = np.asarray(firsts, np.int64)
+        self.last = np.asarray(lasts, np.int64)
+        self.block = np.concatenate(blocks) if blocks else np.zeros(0, np.int64)
+        self.seq = np.repeat(self.row, np.diff(self.first))
+        self.keys = np.concatenate(keys) if keys else np.zeros(0, np.int64)
+        self.masks = np.concatenate(masks) if masks else None
+        self.row_first = np.searchsorted(self.row, np.arange(len(starts) + 1)).astype(np.int64)
 
 
 class DenseBackend:
-    """All KV in one memory (the compute device's), attention computed there.
-
-    Decode uses the native CPU kernel when it is available (``native=True``, fp32/bf16 KV
-    on the CPU), else the PyTorch path in :mod:`kvoffload.attention.ops`; both are tested
-    against each other.
-    """
+    """All KV in one memory (the compute device's), attention computed there."""
 
     def __init__(self, cfg: ModelConfig, device: torch.device, kv_dtype: torch.dtype,
                  act_dtype: torch.dtype | None = None, native: bool = True,
-                 policy: SparsePolicy | None = None, block_size: int = 16) -> None:
+                 policy: SparsePolicy | None = None, block_size: int = 16, chunk_blocks: int = 16,
+                 threads: int | None = None) -> None:
         self.cfg, self.device, self.kv_dtype = cfg, device, kv_dtype
-        self.seqs: dict[int, SeqKV] = {}
-        G = cfg.num_heads // cfg.num_kv_heads
-        self.native = NativeDecode.create(kv_dtype, device, cfg.num_kv_heads, G, cfg.head_dim,
-                                          act_dtype or kv_dtype) if native else None
-        self._dense_decode = self._decode_torch if self.native is None else self._decode_native
-        # sparse decode: the policy picks blocks of ``block_size`` tokens (the tiered store's
-        # blocks; here they are ranges of the contiguous buffers)
+        self.layout = lay = BlockLayout(block_size, cfg.num_kv_heads, cfg.head_dim, name_of(kv_dtype), chunk_blocks)
+        self.H, self.G = cfg.num_heads, cfg.num_heads // cfg.num_kv_heads
+        self.threads = threads or torch.get_num_threads()
+        usable = native and device.type == "cpu" and PagedAttention.available(lay.dtype, self.G, lay.head_dim, block_size)
+        self.kernel = PagedAttention(lay.dtype, lay.num_kv_heads, self.G, lay.head_dim, block_size) if usable else None
+        self.seqs: dict[int, torch.Tensor] = {}                # seq -> [layers, blocks, slot_elems]
         self.policy, self.bs = policy, block_size
         self.sparse_stats = SparseCounters()
-        self.decode = self._dense_decode if policy is None else self._decode_policy
-        self._memo: tuple[ForwardBatch, tuple[np.ndarray, ...]] | None = None
-        self._mask_memo: tuple[ForwardBatch, int, torch.Tensor] | None = None
-        self._staged: dict[int, tuple[int, int]] = {}          # seq -> (start, L) of its last verify pass
+        self._memo: tuple[ForwardBatch, DecodeItems, np.ndarray] | None = None
+        self._staged: dict[int, tuple[int, list]] = {}         # seq -> (start, per layer (k, v)) of its last verify
+        self.decode_tokens = 0
 
-    # ---- sequence lifecycle (called by the engine) ----
+    # ---- sequence lifecycle ----
     def allocate(self, seq_id: int, capacity: int) -> None:
-        shape = (self.cfg.num_layers, self.cfg.num_kv_heads, capacity, self.cfg.head_dim)
-        self.seqs[seq_id] = SeqKV(torch.empty(shape, dtype=self.kv_dtype, device=self.device),
-                                  torch.empty(shape, dtype=self.kv_dtype, device=self.device))
+        nb = -(-max(capacity, 1) // self.bs)
+        self.seqs[seq_id] = torch.zeros(self.cfg.num_layers, nb, self.layout.slot_elems, dtype=self.kv_dtype,
+                                        device=self.device)
         if self.policy is not None:
             self.policy.allocate(seq_id, capacity)
 
@@ -77,55 +106,142 @@ class DenseBackend:
         if self.policy is not None:
             self.policy.free(seq_id)
 
-    def _check(self, kv: SeqKV, end: int) -> None:
-        if end > kv.capacity:
-            raise InputError(f"sequence needs {end} KV slots but {kv.capacity} were allocated")
+    def _slots(self, seq_id: int, end: int) -> torch.Tensor:
+        """``[layers, blocks, slot_elems]`` of a sequence that must hold ``end`` tokens."""
+        slots = self.seqs[seq_id]
+        if end > slots.shape[1] * self.bs:
+            raise InputError(f"sequence needs {end} KV slots but {slots.shape[1] * self.bs} were allocated")
+        return slots
+
+    def bytes_held(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.seqs.values())
 
     # ---- the AttentionBackend protocol ----
     def prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 batch: ForwardBatch) -> torch.Tensor:
-        o = self._chunk(layer, q, k, v, batch)
-        if self.policy is not None:
-            for b, (sid, start) in enumerate(zip(batch.seq_ids, batch.starts)):
-                self.policy.append(layer, sid, start, k[b], v[b])
-        return o
+        """q ``[B, H, L, D]``, k/v ``[B, H_kv, L, D]`` -> ``[B, L, H, D]``."""
+        outs = []
+        L = batch.num_tokens
+        for b, (sid, start) in enumerate(zip(batch.seq_ids, batch.starts)):
+            slots = self._slots(sid, start + L)[layer]
+            kb, vb = k[b].to(self.kv_dtype), v[b].to(self.kv_dtype)             # as stored: [H_kv, L, D]
+            if start == 0:
+                outs.append(own_attention(q[b], kb, vb))
+            else:
+                k_pre, v_pre = self.layout.unpack(slots[:-(-start // self.bs)], start)
+                outs.append(prefix_attention(q[b], k_pre, v_pre, kb, vb))
+            self.layout.write_range(slots, start, kb, vb)
+            if self.policy is not None:
+                self.policy.append(layer, sid, start, kb, vb)
+        return torch.stack(outs)
 
+    def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               batch: ForwardBatch) -> torch.Tensor:
+        """q ``[B, H, 1, D]``, k/v ``[B, H_kv, 1, D]`` -> ``[B, 1, H, D]``."""
+        kvd = self.kv_dtype
+        k_new, v_new = k[:, :, 0].to(kvd), v[:, :, 0].to(kvd)                   # [B, H_kv, D]
+        chosen = None
+        if self.policy is not None and self.policy.sparse(layer):
+            chosen = self.policy.select_batch(layer, batch.seq_ids, q[:, :, 0], batch.starts, k_new, v_new)
+            items = DecodeItems(self.layout, batch.starts, chosen)
+            base = self._bases(batch)
+        else:
+            items, base = self._dense_items(batch)
+        o = self._attend(layer, q[:, :, 0].float(), k_new, v_new, batch, items, base)          # [B, H, D]
+        if chosen is not None:
+            o = self.sparse_stats.finish(chosen, o, batch.starts, self.bs, self.layout.token_bytes(1) // self.cfg.num_kv_heads)
+        if layer == self.cfg.num_layers - 1:
+            self.decode_tokens += len(batch.seq_ids)
+        return o.unsqueeze(1).to(q.dtype)
+
+    def _bases(self, batch: ForwardBatch) -> np.ndarray:
+        """Per sequence of the batch: the address of its layer-0 slot 0 (after checking room)."""
+        return np.array([self._slots(sid, s + 1).data_ptr() for sid, s in zip(batch.seq_ids, batch.starts)],
+                        np.int64)
+
+    def _dense_items(self, batch: ForwardBatch) -> tuple[DecodeItems, np.ndarray]:
+        """The batch's dense items, built once per forward (every layer has the same)."""
+        if self._memo is None or self._memo[0] is not batch:
+            self._memo = (batch, DecodeItems(self.layout, batch.starts, None), self._bases(batch))
+        return self._memo[1], self._memo[2]
+
+    def _attend(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                batch: ForwardBatch, items: DecodeItems, base: np.ndarray) -> torch.Tensor:
+        """Append each sequence's new token to its tail block, then attend its items and merge:
+        q ``[B, H, D]`` fp32 -> ``[B, H, D]`` fp32."""
+        B, H, D = q.shape
+        sb = self.layout.slot_bytes
+        tails = np.array([s // self.bs for s in batch.starts], np.int64)
+        cols = np.array([s % self.bs for s in batch.starts], np.int64)
+        if self.kernel is not None:
+            nb = np.array([self.seqs[sid].shape[1] for sid in batch.seq_ids], np.int64)
+            layer_base = base + layer * nb * sb                                    # [B]
+            out, lse = torch.empty(B, H, D), torch.empty(B, H)
+            part_o, part_lse = np.empty((len(items.row), H, D), np.float32), np.empty((len(items.row), H), np.float32)
+            self.kernel(q.contiguous().numpy(), Items(items.row, items.first, items.last,
+                                                      layer_base[items.seq] + items.block * sb, items.masks),
+                        part_o, part_lse, self.threads,
+                        append=Append(k_new, v_new, layer_base + tails * sb, cols),
+                        merge=Merge(items.row_first, None, out.numpy(), lse.numpy()))
+            return out
+        for b, sid in enumerate(batch.seq_ids):
+            self.layout.write_tokens(self.seqs[sid][layer, tails[b]], int(cols[b]), k_new[b, :, None], v_new[b, :, None])
+        data = torch.cat([self.seqs[sid][layer, items.block[items.seq == b]] for b, sid in enumerate(batch.seq_ids)])
+        o, lse = attend_slots(self.layout, None, self.threads, q, items.row, items.first, items.last, None, data,
+                              items.masks)
+        parts = Parts(B, H, D, self.device, False, self.threads)
+        parts.add(items.row, items.keys, o, lse)
+        return parts.merge()[0]
+
+    # ---- speculation: verify, commit / rollback, reading KV back ----
     def verify(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                batch: ForwardBatch) -> torch.Tensor:
-        """Like a prefill chunk per sequence; the k/v written past the committed tokens are
-        dead until :meth:`commit` says how many of them stay (the next pass overwrites the rest)."""
-        o = self._chunk(layer, q, k, v, batch)
-        if layer == 0:
-            for sid, start in zip(batch.seq_ids, batch.starts):
-                self._staged[sid] = (start, batch.num_tokens)
-        return o
-
-    def _chunk(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               batch: ForwardBatch) -> torch.Tensor:
-        """Write k/v at ``starts`` and attend each sequence's L tokens causally: ``[B, L, H, D]``."""
-        L = batch.num_tokens
-        outs = []
+        """q ``[B, H, L, D]``, k/v ``[B, H_kv, L, D]`` -> ``[B, L, H, D]``: every sequence's L
+        tokens over its committed KV (the chunks and the tail block, as decode attends them)
+        merged with the tokens over each other (causal). Their k/v are written past the
+        committed tokens and stay only as far as :meth:`commit` says."""
+        B, H, L, D = q.shape
+        kb, vb = k.to(self.kv_dtype), v.to(self.kv_dtype)                        # [B, H_kv, L, D]
+        parts = Parts(B * L, H, D, self.device, self.kernel is not None, self.threads)
+        sb = self.layout.slot_bytes
+        q_rows = q.transpose(1, 2).float().reshape(B * L, H, D)
         for b, (sid, start) in enumerate(zip(batch.seq_ids, batch.starts)):
-            kv = self.seqs[sid]
-            self._check(kv, start + L)
-            kc, vc = kv.k[layer], kv.v[layer]                          # [H_kv, cap, D]
-            kc[:, start:start + L] = k[b]
-            vc[:, start:start + L] = v[b]
-            mask = self._mask(batch, b, q.dtype) if needs_mask(start, self.device) else None
-            outs.append(prefill_attention(q[b], kc[:, :start + L], vc[:, :start + L], start, mask))
-        return torch.stack(outs)                                       # [B, L, H, D]
+            slots = self._slots(sid, start + L)[layer]
+            n = -(-start // self.bs)                                               # committed blocks
+            first, chunk = self.layout.chunk_runs(np.arange(start // self.bs, dtype=np.int64))
+            firsts = list(first) + ([first[-1] + 1] if n > start // self.bs else [])
+            keys = list(chunk) + ([TAIL_KEY] if n > start // self.bs else [])
+            lasts = [self.bs] * len(chunk) + ([start % self.bs] if n > start // self.bs else [])
+            if keys:
+                rows_i, first_i, idx = _expand(np.asarray(firsts, np.int64), L, b)
+                blocks = np.arange(n, dtype=np.int64)[idx]
+                last = np.repeat(np.asarray(lasts, np.int64), L)
+                if self.kernel is not None:
+                    o, lse = attend_slots(self.layout, self.kernel, self.threads, q_rows, rows_i, first_i, last,
+                                          slots.data_ptr() + blocks * sb, None, None)
+                else:
+                    o, lse = attend_slots(self.layout, None, self.threads, q_rows, rows_i, first_i, last, None,
+                                          slots[torch.from_numpy(blocks).to(self.device)], None)
+                parts.add(rows_i, np.repeat(np.asarray(keys, np.int64), L), o, lse)
+            o_own, lse_own = attend_lse(q[b], kb[b], vb[b], causal=True)            # [H, L, D], [H, L]
+            parts.add(b * L + np.arange(L), np.full(L, OWN_KEY), o_own.transpose(0, 1), lse_own.transpose(0, 1))
+            self.layout.write_range(slots, start, kb[b], vb[b])
+            staged = self._staged.setdefault(sid, (start, [None] * self.cfg.num_layers))
+            staged[1][layer] = (kb[b], vb[b])
+        return parts.merge()[0].view(B, L, H, D).to(q.dtype)
 
-    # ---- speculation: commit / rollback, reading KV back ----
     def commit(self, seq_id: int, n: int) -> None:
         """Keep the first ``n`` tokens of the last verify pass; the others are rolled back (their
         slots are past the sequence's length: the next pass writes over them)."""
-        start, L = self._staged.pop(seq_id)
+        start, layers = self._staged.pop(seq_id)
+        L = layers[0][0].shape[1]
         if not 0 <= n <= L:
             raise ValueError(f"commit of {n} tokens from a verify pass of {L}")
-        if self.policy is not None and n:
-            kv = self.seqs[seq_id]
-            for layer in range(self.cfg.num_layers):
-                self.policy.append(layer, seq_id, start, kv.k[layer, :, start:start + n], kv.v[layer, :, start:start + n])
+        if n:
+            if self.policy is not None:
+                for layer, (kb, vb) in enumerate(layers):
+                    self.policy.append(layer, seq_id, start, kb[:, :n], vb[:, :n])
+            self.decode_tokens += n
 
     def truncate(self, seq_id: int, length: int) -> None:
         """Roll the sequence back to its first ``length`` tokens (later slots are dead: the
@@ -133,70 +249,48 @@ class DenseBackend:
         if self.policy is not None:
             raise ConfigError("truncating a sequence is not supported with a sparse policy (its metadata is append-only)")
         self._staged.pop(seq_id, None)
-        self._check(self.seqs[seq_id], length)
+        self._slots(seq_id, length)
 
     def gather(self, seq_id: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V ``[layers, H_kv, n, D]`` at token positions ``index`` ``[layers, H_kv, n]``."""
-        kv = self.seqs[seq_id]
-        idx = index.to(self.device)[..., None].expand(-1, -1, -1, self.cfg.head_dim)
-        return kv.k.gather(2, idx), kv.v.gather(2, idx)
+        slots = self.seqs[seq_id]
+        nl, H_kv, n = index.shape
+        D, bs = self.cfg.head_dim, self.bs
+        idx = index.cpu().numpy()
+        K = torch.empty(nl, H_kv, n, D, dtype=self.kv_dtype, device=self.device)
+        V = torch.empty_like(K)
+        for layer in range(nl):
+            need = np.unique(idx[layer] // bs)
+            k_all, v_all = self.layout.unpack(slots[layer, torch.from_numpy(need).to(self.device)])
+            local = np.searchsorted(need, idx[layer] // bs) * bs + idx[layer] % bs
+            li = torch.from_numpy(local).to(self.device)[..., None].expand(-1, -1, D)
+            K[layer], V[layer] = k_all.gather(1, li), v_all.gather(1, li)
+        return K, V
 
     def write(self, seq_id: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store K, V ``[layers, H_kv, n, D]`` as the sequence's tokens ``start .. start+n-1``
         (a draft cache filled from another store)."""
-        kv = self.seqs[seq_id]
-        n = k.shape[2]
-        self._check(kv, start + n)
-        kv.k[:, :, start:start + n] = k
-        kv.v[:, :, start:start + n] = v
+        slots = self._slots(seq_id, start + k.shape[2])
+        for layer in range(k.shape[0]):
+            self.layout.write_range(slots[layer], start, k[layer].to(self.kv_dtype), v[layer].to(self.kv_dtype))
 
-    def _mask(self, batch: ForwardBatch, b: int, dtype: torch.dtype) -> torch.Tensor:
-        """The chunk's causal mask, built by the first layer and reused by the others."""
-        memo = self._mask_memo
-        if memo is None or memo[0] is not batch or memo[1] != b:
-            self._mask_memo = memo = (batch, b, causal_mask(batch.num_tokens, batch.starts[b], dtype, self.device))
-        return memo[2]
+    # ---- reporting ----
+    def stats(self) -> KVStats:
+        return KVStats(held={"memory": self.bytes_held()}, decode_tokens=self.decode_tokens,
+                       sparse=self.sparse_stats if self.policy is not None else None)
 
-    def _decode_native(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       batch: ForwardBatch) -> torch.Tensor:
-        if self._memo is None or self._memo[0] is not batch:      # once per forward, not per layer
-            seqs = [self.seqs[sid] for sid in batch.seq_ids]
-            for kv, pos in zip(seqs, batch.starts):
-                self._check(kv, pos + 1)
-            arrays = (np.array([s.k.data_ptr() for s in seqs], dtype=np.int64),
-                      np.array([s.v.data_ptr() for s in seqs], dtype=np.int64),
-                      np.array([s.capacity for s in seqs], dtype=np.int64),
-                      np.array(batch.starts, dtype=np.int64) + 1)
-            self._memo = (batch, arrays)
-        out, _ = self.native(layer, q[:, :, 0], k[:, :, 0], v[:, :, 0], *self._memo[1])   # [B, H, D]
-        return out.unsqueeze(1)                                                             # [B, 1, H, D]
+    def report(self) -> list[str]:
+        if self.policy is None:
+            return []
+        line = sparse_line(self.policy.name, self.policy.cfg.sparse_budget, self.sparse_stats)
+        return [line] if line else []
 
-    def _decode_torch(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      batch: ForwardBatch) -> torch.Tensor:
-        outs = []
-        for b, (sid, pos) in enumerate(zip(batch.seq_ids, batch.starts)):
-            kv = self.seqs[sid]
-            kc, vc = kv.k[layer], kv.v[layer]                          # [H_kv, cap, D]
-            kc[:, pos] = k[b, :, 0]
-            vc[:, pos] = v[b, :, 0]
-            outs.append(decode_attention(q[b, :, 0], kc[:, :pos + 1], vc[:, :pos + 1]))
-        return torch.stack(outs).unsqueeze(1)                          # [B, 1, H, D]
+    def close(self) -> None:
+        self.seqs.clear()
 
-    def _decode_policy(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       batch: ForwardBatch) -> torch.Tensor:
-        if not self.policy.sparse(layer):
-            return self._dense_decode(layer, q, k, v, batch)
-        outs = []
-        for b, (sid, pos) in enumerate(zip(batch.seq_ids, batch.starts)):
-            kv = self.seqs[sid]
-            self._check(kv, pos + 1)
-            kc, vc = kv.k[layer], kv.v[layer]                          # [H_kv, cap, D]
-            kc[:, pos] = k[b, :, 0]
-            vc[:, pos] = v[b, :, 0]
-            self.policy.append(layer, sid, pos, k[b], v[b])
-            sel = self.policy.select(layer, sid, q[b, :, 0], pos + 1)
-            idx, valid = sel.token_index(pos + 1, self.bs)             # [H_kv, n]
-            o = sel.corrected(gathered_attention(q[b, :, 0], kc, vc, idx.to(self.device), valid.to(self.device)))
-            self.sparse_stats.add(sel, pos + 1, self.bs, 2 * self.cfg.head_dim * kc.element_size())
-            outs.append(o.to(q.dtype))
-        return torch.stack(outs).unsqueeze(1)                          # [B, 1, H, D]
+
+def _expand(first: np.ndarray, L: int, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Items (block ranges ``first``) of batch row ``b`` for each of its L query rows."""
+    from kvoffload.kv.tiers.protocol import expand_rows
+
+    return expand_rows(np.full(len(first) - 1, b, np.int64), first, L)

@@ -20,15 +20,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kvoffload.attention.workers.local import MemoryWorker
-from kvoffload.attention.workers.process import ProcessWorker
-from kvoffload.attention.workers.protocol import AttendRequest, WriteBlocks
 from kvoffload.config import KVConfig
+from kvoffload.dtypes import torch_dtype
 from kvoffload.errors import ConfigError
 from kvoffload.kernels.paged import read_bandwidth_probe
 from kvoffload.kv.layout import BlockLayout
-from kvoffload.kv.tiers.disk import DiskShard, aligned_buffer
-from kvoffload.kv.tiers.memory import MemoryTier
+from kvoffload.kv.store import build_tiers
+from kvoffload.kv.tiers.disk_worker import DiskShard, aligned_buffer
+from kvoffload.kv.tiers.protocol import AttendRequest, Tier, TierContext, TierSpec
 
 MiB = 2**20
 
@@ -114,78 +113,89 @@ def disk_peak(directory: str, nbytes: int, reps: int, chunk: int = 1 << 20) -> f
         os.unlink(path)
 
 
+def _tier(name: str, cfg: AttentionBenchConfig, lay: BlockLayout) -> Tier:
+    """One tier, built as the tiered backend builds it (its registered class, a TierContext)."""
+    kv = KVConfig(block_size=cfg.block_size, offload_dir=cfg.offload_dir, disk_workers=cfg.disk_workers,
+                  disk_read_batch=cfg.read_batch, disk_read_ahead=0, kv_tiers=f"{name}:none")
+    ctx = TierContext(lay, cfg.group, torch.device("cpu"), cfg.threads, kv)
+    return build_tiers((TierSpec(name, None),), ctx)[0]
+
+
+def _requests(cfg: AttentionBenchConfig, lay: BlockLayout, tier: Tier, q) -> list[AttendRequest]:
+    """Chunks for every (layer, sequence), then one request per layer (every chunk an item)."""
+    per_seq = cfg.context // cfg.block_size
+    n_chunks = -(-per_seq // lay.chunk_blocks)
+    reqs = []
+    for layer in range(cfg.layers):
+        seq, counts, slots = [], [], []
+        for b in range(cfg.batch):
+            for c in range(n_chunks):
+                chunk = tier.alloc()
+                n = min(lay.chunk_blocks, per_seq - c * lay.chunk_blocks)
+                seq.append(b)
+                counts.append(n)
+                slots.append(chunk * lay.chunk_blocks + np.arange(n, dtype=np.int64))
+        first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        reqs.append(AttendRequest(layer, q, np.array(seq, np.int64), first, np.concatenate(slots)))
+    return reqs
+
+
+def _time(tier: Tier, reqs: list[AttendRequest], reps: int) -> tuple[list[float], int]:
+    times, read = [], 0
+    for _ in range(reps + 1):
+        read = 0
+        t = time.perf_counter()
+        for r in reqs:
+            tier.submit(r)
+            read += tier.collect().bytes_read
+        times.append(time.perf_counter() - t)
+    return times[1:], read
+
+
 def run(cfg: AttentionBenchConfig, progress=print) -> list[TierResult]:
     lay = BlockLayout(cfg.block_size, cfg.num_kv_heads, cfg.head_dim, cfg.dtype)
     if cfg.context % cfg.block_size:
         raise ConfigError("--context must be a multiple of --block-size")
-    per_seq = cfg.context // cfg.block_size               # blocks per (sequence, layer)
-    n_slots = per_seq * cfg.batch * cfg.layers
     H = cfg.num_kv_heads * cfg.group
-    dt = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[cfg.dtype]
+    dt = torch_dtype(cfg.dtype)
     q = torch.randn(cfg.batch, 1, H, cfg.head_dim).to(dt).float()     # fp32 (the activations' values)
-    rng = np.random.default_rng(0)
+    gen = torch.Generator().manual_seed(0)
     results = []
     if "host" in cfg.tiers:
+        tier = _tier("host", cfg, lay)
+        reqs = _requests(cfg, lay, tier, q)
+        n_slots = sum(len(r.slots) for r in reqs)
         progress(f"host: filling {n_slots * lay.slot_bytes / MiB:.0f} MiB of KV blocks")
-        tier = MemoryTier("host", lay, dt, torch.device("cpu"), None, 4096)
-        slots = np.array([tier.alloc() for _ in range(n_slots)])
-        for seg in tier.segments:
-            seg.normal_(0, 1)
-        worker = MemoryWorker(tier, cfg.threads)
-        reqs = [AttendRequest(layer, tuple(range(cfg.batch)),
-                              [slots[(layer * cfg.batch + b) * per_seq:(layer * cfg.batch + b + 1) * per_seq]
-                               for b in range(cfg.batch)], q) for layer in range(cfg.layers)]
+        for r in reqs:
+            tier.write(r.slots, torch.randn(len(r.slots), lay.slot_elems, generator=gen).to(dt))
         peak = memory_peak(cfg.threads, cfg.peak_bytes, cfg.reps)
-        times = []
-        for _ in range(cfg.reps + 1):
-            t = time.perf_counter()
-            read = sum(worker.attend(r).bytes_read for r in reqs)
-            times.append(time.perf_counter() - t)
-        results.append(TierResult("host (RAM)", read, times[1:], peak))
-        del tier, worker
+        times, read = _time(tier, reqs, cfg.reps)
+        results.append(TierResult("host (RAM)", read, times, peak))
+        tier.close()
+        del tier, reqs
     if "disk" in cfg.tiers:
         base = cfg.offload_dir or tempfile.gettempdir()
         directory = tempfile.mkdtemp(prefix="kvoffload-bench-", dir=base)
-        workers = []
+        tier = None
         try:
             progress(f"disk: measuring O_DIRECT read bandwidth in {base}")
             peak = disk_peak(directory, cfg.peak_bytes, max(2, cfg.reps // 2))
-            per_worker = max(1, cfg.threads // cfg.disk_workers)       # as TieredBackend does
-            workers = [ProcessWorker(os.path.join(directory, f"shard-{i}.kv"), lay, per_worker, cfg.read_batch)
-                       for i in range(cfg.disk_workers)]
+            tier = _tier("disk", cfg, lay)
+            reqs = _requests(cfg, lay, tier, q.numpy())
+            n_slots = sum(len(r.slots) for r in reqs)
             progress(f"disk: writing {n_slots * lay.disk_stride / MiB:.0f} MiB of KV blocks "
                      f"over {cfg.disk_workers} workers")
-            # block i of every (layer, sequence) goes to worker i % n, its slots consecutive per layer
-            owner = np.arange(n_slots) % cfg.disk_workers
-            local = np.arange(n_slots) // cfg.disk_workers
-            chunk = 2048
-            for w_i, w in enumerate(workers):
-                mine = local[owner == w_i]
-                for s in range(0, len(mine), chunk):
-                    part = mine[s:s + chunk]
-                    data = rng.integers(0, 2**16, size=(len(part), lay.slot_bytes // 2), dtype=np.uint16)
-                    if cfg.dtype == "bfloat16":          # finite bf16 values: clear the exponent's top bit
-                        data &= 0xBFFF
-                    w.write(WriteBlocks(part, data.tobytes()))
-                w.sync()
-            ids = np.arange(n_slots).reshape(cfg.layers, cfg.batch, per_seq)
-            q_np = q.numpy()
-            times, read = [], 0
-            for _ in range(cfg.reps + 1):
-                read = 0
-                t = time.perf_counter()
-                for layer in range(cfg.layers):
-                    for w_i, w in enumerate(workers):
-                        blocks = [local[ids[layer, b]][owner[ids[layer, b]] == w_i] for b in range(cfg.batch)]
-                        w.submit(AttendRequest(layer, tuple(range(cfg.batch)), blocks, q_np))
-                    read += sum(w.collect().bytes_read for w in workers)
-                times.append(time.perf_counter() - t)
-            results.append(TierResult(f"disk ({cfg.disk_workers} workers)", read, times[1:], peak))
+            for r in reqs:
+                for s in range(0, len(r.slots), 2048):
+                    part = r.slots[s:s + 2048]
+                    tier.write(part, torch.randn(len(part), lay.slot_elems, generator=gen).to(dt))
+                    tier.flush()
+            tier.read(reqs[0].slots[:1])                        # every write is on disk
+            times, read = _time(tier, reqs, cfg.reps)
+            results.append(TierResult(f"disk ({cfg.disk_workers} workers)", read, times, peak))
         finally:
-            for w in workers:
-                w.close()
-            for f in os.listdir(directory):
-                os.unlink(os.path.join(directory, f))
+            if tier is not None:
+                tier.close()
             os.rmdir(directory)
     return results
 

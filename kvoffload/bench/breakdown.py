@@ -20,9 +20,9 @@ import time
 import torch
 
 from kvoffload.attention.dense import DenseBackend
+from kvoffload.dtypes import torch_dtype
 from kvoffload.model.interface import ForwardBatch, Logits, Phase
 from kvoffload.model.llama import Transformer
-from kvoffload.model.loading import DTYPE
 
 
 class ZeroAttention:
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from kvoffload.api import LLM
 
     llm = LLM(dtype=args.dtype, quantization=args.quantization, threads=args.threads)
-    model, cfg, dtype = llm.model, llm.model_config, DTYPE[args.dtype]
+    model, cfg, dtype = llm.model, llm.model_config, torch_dtype(args.dtype)
     tiny_cfg = dataclasses.replace(cfg, hidden_size=8 * cfg.num_heads, intermediate_size=8, head_dim=8,
                                    vocab_size=64)
     tiny = Transformer(tiny_cfg).to(dtype).eval()

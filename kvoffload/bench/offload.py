@@ -65,16 +65,15 @@ def _one(cfg: OffloadBenchConfig, offloaded: bool, extra: dict) -> dict:
            "prefill_s": t.prefill_forward,
            "tok_s": cfg.batch * t.decode_steps / t.decode_forward if t.decode_forward else 0.0,
            "kv_bytes_per_token": llm.model_config.kv_bytes_per_token(2)}
-    stats = getattr(llm.engine.kv, "stats", None)
-    if stats is not None:
+    stats = llm.engine.kv.stats()
+    if stats.tiers:
         steps = max(1, t.decode_steps)
-        out["read_per_step"] = {k: v.read / steps for k, v in stats.tiers.items()}
-        out["held"] = llm.engine.kv.memory_held()
+        out["read_per_step"] = {k: v / steps for k, v in stats.read_by_medium().items()}
+        out["held"] = stats.held
         out["budget"] = llm.config.kv.kv_host_budget
     out["weights_bytes"] = llm.load_stats.weight_bytes
     # peak RSS since exec (VmHWM): ru_maxrss of children would count the parent's pages at fork
-    workers = [w.proc.pid for w in getattr(llm.engine.kv, "disk", [])]
-    out["worker_rss_peak"] = sum(_vm_hwm(pid) for pid in workers)
+    out["worker_rss_peak"] = sum(_vm_hwm(pid) for pid in stats.pids)
     llm.close()
     out["rss_peak"] = _vm_hwm(os.getpid())
     return out
@@ -129,7 +128,7 @@ def run(cfg: OffloadBenchConfig, progress=print) -> dict:
     mem_kv_step = mem["kv_bytes_per_token"] * cfg.batch * (cfg.context + cfg.gen // 2)
     compute = max(0.0, mem["decode_step_s"] - mem_kv_step / mem_bw)
     r = off["read_per_step"]
-    bound = r["disk"] / disk_bw + (r["host"] + r["device"]) / mem_bw + compute
+    bound = r.get("disk", 0.0) / disk_bw + r.get("memory", 0.0) / mem_bw + compute
     return {"config": asdict(cfg), "mem_bw": mem_bw, "disk_bw": disk_bw, "kv_total": kv_total,
             "offloaded": off, **variants, "in_memory": mem, "compute_s": compute, "bound_s": bound,
             "achieved_s": off["decode_step_s"], "ratio_to_bound": off["decode_step_s"] / bound}
@@ -145,10 +144,10 @@ def markdown(res: dict) -> str:
         f"({budget / MiB:.0f} MiB); measured peaks: memory {res['mem_bw'] / 1e9:.1f} GB/s, "
         f"disk (O_DIRECT) {res['disk_bw'] / 1e9:.2f} GB/s",
         "",
-        "| run | decode tok/s | step time | KV read per step (device / host / disk) | peak RSS (main + disk workers) |",
+        "| run | decode tok/s | step time | KV read per step (memory / disk) | peak RSS (main + disk workers) |",
         "|---|---|---|---|---|",
         f"| offloaded | {off['tok_s']:.2f} | {off['decode_step_s'] * 1e3:.1f} ms | "
-        f"{r['device'] / MiB:.1f} / {r['host'] / MiB:.1f} / {r['disk'] / MiB:.1f} MiB | "
+        f"{r.get('memory', 0) / MiB:.1f} / {r.get('disk', 0) / MiB:.1f} MiB | "
         f"{off['rss_peak'] / MiB:.0f} + {off['worker_rss_peak'] / MiB:.0f} MiB |",
         *[f"| offloaded, {name} | {res[key]['tok_s']:.2f} | {res[key]['decode_step_s'] * 1e3:.1f} ms | same | "
           f"{res[key]['rss_peak'] / MiB:.0f} + {res[key]['worker_rss_peak'] / MiB:.0f} MiB |"
@@ -157,8 +156,8 @@ def markdown(res: dict) -> str:
         f"| in memory | {mem['tok_s']:.2f} | {mem['decode_step_s'] * 1e3:.1f} ms | all in RAM | "
         f"{mem['rss_peak'] / MiB:.0f} MiB |",
         "",
-        f"Bound per offloaded step: disk {r['disk'] / res['disk_bw'] * 1e3:.1f} ms + memory "
-        f"{(r['host'] + r['device']) / res['mem_bw'] * 1e3:.1f} ms + compute {res['compute_s'] * 1e3:.1f} ms "
+        f"Bound per offloaded step: disk {r.get('disk', 0) / res['disk_bw'] * 1e3:.1f} ms + memory "
+        f"{r.get('memory', 0) / res['mem_bw'] * 1e3:.1f} ms + compute {res['compute_s'] * 1e3:.1f} ms "
         f"= {res['bound_s'] * 1e3:.1f} ms; achieved {res['achieved_s'] * 1e3:.1f} ms "
         f"= {res['ratio_to_bound']:.2f}x the bound (target <= 1.25).",
         "",

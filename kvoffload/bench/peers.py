@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from kvoffload.bench.spec import BenchTest
+from kvoffload.bench.workloads import BenchTest
 
 
 class PeerUnavailable(Exception):

@@ -6,7 +6,7 @@ import json
 import statistics
 from dataclasses import asdict, dataclass, field
 
-from kvoffload.bench.spec import BenchTest
+from kvoffload.bench.workloads import BenchTest
 from kvoffload.plotting import pyplot
 
 

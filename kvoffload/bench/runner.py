@@ -10,7 +10,7 @@ import torch
 
 from kvoffload.bench.peers import LlamaCpp, Ours, PeerUnavailable, Transformers
 from kvoffload.bench.report import Report
-from kvoffload.bench.spec import BenchTest
+from kvoffload.bench.workloads import BenchTest
 
 FILLER = ("The history of the region is long and varied. Farmers grew wheat and barley along the river, "
           "merchants carried salt and cloth over the mountain passes, and scholars copied books by hand in "

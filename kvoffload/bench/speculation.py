@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from kvoffload.config import ModelConfig, SamplingParams
+from kvoffload.config import KVConfig, ModelConfig, SamplingParams
 from kvoffload.model.interface import ForwardBatch, Logits, Phase
 from kvoffload.sampling import make_generator, sample
-from kvoffload.spec.speculator import SelfSpeculator
+from kvoffload.speculative.speculator import SelfSpeculator
 
 
 @dataclass(frozen=True)
@@ -152,9 +152,12 @@ class SpecBench:
 
 
 def kv_host_budget(mcfg: ModelConfig, engine: dict, length: int, share: float) -> int:
-    """Bytes of ``share`` of a ``length``-token context's KV (2-byte KV unless float32)."""
+    """Bytes of ``share`` of a ``length``-token context's KV (2-byte KV unless float32), at least
+    one chunk (the tiers' unit)."""
     width = 4 if (engine.get("kv_dtype") or engine.get("dtype")) == "float32" else 2
-    return int(share * mcfg.kv_bytes_per_token(width) * length)
+    kv = KVConfig(**{k: v for k, v in engine.items() if k in ("block_size", "chunk_blocks")})
+    chunk = kv.block_size * kv.chunk_blocks * mcfg.kv_bytes_per_token(width) // mcfg.num_layers
+    return max(chunk, int(share * mcfg.kv_bytes_per_token(width) * length))
 
 
 def run(model: str | None, cfg: SpecBenchConfig, engine: dict, out_dir: str, progress: bool = True) -> list[dict]:

@@ -13,13 +13,16 @@ from kvoffload.errors import ConfigError
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measure prefill (ppN) and decode (tgN @ dD) throughput, optionally vs peers; "
                                      "'bench attention': decode attention bandwidth per KV tier; 'bench offload': "
-                                     "an end-to-end job with the KV spilled to disk",
+                                     "an end-to-end job with the KV spilled to disk; 'bench disk': O_DIRECT read "
+                                     "throughput against request size and queue depth",
                        description="speed (default): each test is repeated --reps times after a warm-up, engines "
                                    "interleaved; reports medians (min-max), pairwise ratios and RSS. attention: "
                                    "decode attention per tier (host RAM, disk workers) as effective bandwidth beside "
                                    "the measured peak. offload: a batch whose KV is many times --kv-host-budget, "
-                                   "against the same job in memory, with the disk-bound step time.")
-    p.add_argument("kind", nargs="?", default="speed", choices=("speed", "attention", "offload"))
+                                   "against the same job in memory, with the disk-bound step time. disk: random "
+                                   "O_DIRECT reads through the disk workers' I/O path, GB/s per request size and "
+                                   "requests in flight.")
+    p.add_argument("kind", nargs="?", default="speed", choices=("speed", "attention", "offload", "disk"))
     p.add_argument("-m", "--model", default=None, help="GGUF file or alias (default: embedded SmolLM2)")
     p.add_argument("-p", "--n-prompt", default="512", help="prefill tests: prompt lengths (comma-separated)")
     p.add_argument("-n", "--n-gen", default="32", help="decode tests: tokens generated (comma-separated)")
@@ -42,6 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--tiers", default="host,disk", help="attention: tiers to measure")
     g.add_argument("--peak-size", default="1GiB", help="buffer / file size for measuring the peak bandwidths")
     g.add_argument("--no-variants", action="store_true", help="offload: skip the runs without each overlap")
+    g.add_argument("--request-sizes", default="4KiB,12KiB,16KiB,64KiB,192KiB,1MiB", help="disk: request sizes")
+    g.add_argument("--queue-depths", default="1,2,4,8,16,32", help="disk: requests in flight")
+    g.add_argument("--seconds", type=float, default=0.5, help="disk: time per (size, depth) cell")
     p.add_argument("-o", "--output", default=None,
                    help="write PREFIX.md, PREFIX.json and PREFIX.png (default: print the table only)")
     p.set_defaults(run=run)
@@ -68,7 +74,7 @@ def parse_configs(items: list[str]) -> tuple[tuple[str, dict], ...]:
 def run(args: argparse.Namespace) -> int:
     if args.kind != "speed":
         return _run_kv(args)
-    from kvoffload.bench.spec import make_tests, parse_ints
+    from kvoffload.bench.workloads import make_tests, parse_ints
 
     tests = make_tests(parse_ints(args.n_prompt, "--n-prompt"), parse_ints(args.n_gen, "--n-gen"),
                        parse_ints(args.depth, "--depth"), parse_ints(args.batch, "--batch"))
@@ -126,12 +132,25 @@ def _run_kv(args: argparse.Namespace) -> int:
     import json
     from dataclasses import asdict
 
-    from kvoffload.bench.spec import parse_ints
+    from kvoffload.bench.workloads import parse_ints
 
     batch = parse_ints(args.batch, "--batch")[0]
     progress = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     if args.offload_dir and not os.path.isdir(args.offload_dir):
         raise ConfigError(f"offload directory {args.offload_dir} does not exist")
+    if args.kind == "disk":
+        from kvoffload.bench import disk
+
+        depths = tuple(parse_ints(args.queue_depths, "--queue-depths"))
+        if args.reps < 1 or args.seconds <= 0 or min(depths) < 1:
+            raise ConfigError("--reps, --seconds and --queue-depths must be positive")
+        cfg = disk.DiskBenchConfig(disk.parse_sizes(args.request_sizes), depths, _size(args.peak_size), args.seconds,
+                                   args.reps, args.offload_dir)
+        cells, direct = disk.run(cfg, progress)
+        _write(args.output, disk.markdown(cfg, cells, direct),
+               json.dumps({"config": asdict(cfg), "direct": direct,
+                           "cells": [dict(asdict(c), median=c.median) for c in cells]}, indent=1))
+        return 0
     if args.kind == "attention":
         from kvoffload.bench import attention
         from kvoffload.model.loading import read_config

@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
+from kvoffload.attention.backend import KVManager
 from kvoffload.config import EngineConfig, SamplingParams
 from kvoffload.engine.scheduler import PrefillChunk, Scheduler, StepPlan
 from kvoffload.engine.sequence import SeqStatus, Sequence
@@ -16,14 +17,6 @@ from kvoffload.errors import InputError
 from kvoffload.model.interface import AttentionBackend, ForwardBatch, Logits, Phase
 from kvoffload.model.llama import Transformer
 from kvoffload.sampling import make_generator, sample
-
-
-class KVManager(AttentionBackend, Protocol):
-    """An attention backend that also owns per-sequence KV storage (and, for speculation,
-    commits a verify pass's accepted tokens and reads KV back: ``commit``, ``gather``)."""
-
-    def allocate(self, seq_id: int, capacity: int) -> None: ...
-    def free(self, seq_id: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -66,7 +59,7 @@ class Engine:
         self._pool: ThreadPoolExecutor | None = None
         self.spec = None
         if config.spec.enabled:
-            from kvoffload.spec.speculator import SelfSpeculator
+            from kvoffload.speculative.speculator import SelfSpeculator
 
             self.spec = SelfSpeculator(model, kv, config, device)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from kvoffload.engine.sequence import Sequence, SeqStatus
+from kvoffload.engine.sequence import SeqStatus, Sequence
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,8 @@ class SharedPrefix:
 
         self.llm, self.P, self.capacity = llm, len(ids), capacity
         cfg = llm.model_config
-        self.dense = DenseBackend(cfg, llm.device, llm.engine.kv.kv_dtype, native=False)
+        self.dense = DenseBackend(cfg, llm.device, llm.engine.kv.kv_dtype, block_size=llm.config.kv.block_size,
+                                  chunk_blocks=llm.config.kv.chunk_blocks)
         self.dense.allocate(0, capacity)
         chunk = llm.config.prefill_chunk
         with torch.inference_mode():
@@ -91,13 +92,13 @@ class SharedPrefix:
 
         llm = self.llm
         policy = None if sparse is None else make_policy(sparse, llm.model_config, llm.config.kv.block_size, llm.device)
-        be = DenseBackend(llm.model_config, llm.device, self.dense.kv_dtype, native=False, policy=policy,
-                          block_size=llm.config.kv.block_size)
+        be = DenseBackend(llm.model_config, llm.device, self.dense.kv_dtype, policy=policy,
+                          block_size=llm.config.kv.block_size, chunk_blocks=llm.config.kv.chunk_blocks)
         be.seqs[0] = self.kv
         if policy is not None:
             policy.allocate(0, self.capacity)
             for layer in range(llm.model_config.num_layers):
-                policy.append(layer, 0, 0, self.kv.k[layer][:, :self.P], self.kv.v[layer][:, :self.P])
+                policy.append(layer, 0, 0, *self.dense.layout.unpack(self.kv[layer, :-(-self.P // be.bs)], self.P))
         return be
 
     def step(self, backend, token: int, pos: int) -> torch.Tensor:
@@ -164,7 +165,7 @@ def run_sample(llm, cfg: SweepConfig, task_name: str, length: int, index: int, t
 
 
 def _read(backend) -> dict:
-    st = backend.sparse_stats
+    st = backend.stats().sparse
     return {"read_fraction": round(st.read_fraction, 5), "amplification": round(st.amplification, 4),
             "read_bytes_per_layer_step": st.read * st.bytes_per_token // max(1, st.steps)}
 

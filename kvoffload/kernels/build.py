@@ -18,9 +18,24 @@ import tempfile
 import warnings
 from pathlib import Path
 
-SOURCES = {"decode_attn": Path(__file__).with_name("decode_attn.c"),
-           "paged_attn": Path(__file__).with_name("paged_attn.c")}
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only", "-shared", "-fPIC", "-std=gnu11"]
+from kvoffload.kernels.limits import C_DEFINES
+
+SOURCES = {"paged_attn": Path(__file__).with_name("paged_attn.c"),
+           "select": Path(__file__).with_name("select.c")}
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+# Per source. paged_attn: no -ffast-math, so nothing is reassociated and no vector reduction
+# depends on a buffer's alignment (its partials must be bit-identical wherever they are
+# computed); its limits come from limits.py.
+EXTRA_FLAGS = {
+    "paged_attn": ["-fno-math-errno", *(f"-D{k}={v}" for k, v in C_DEFINES.items())],
+    "select": ["-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math",
+               *(f"-D{k}={v}" for k, v in C_DEFINES.items())],
+}
+
+
+def flags(name: str) -> list[str]:
+    """The compiler flags of one source (part of the cache key)."""
+    return [*CFLAGS, *EXTRA_FLAGS[name]]
 
 
 def _cpu_flags() -> str:
@@ -42,7 +57,8 @@ def _compile(name: str) -> Path:
     if cc is None:
         raise RuntimeError("no C compiler (gcc/cc) on PATH")
     headers = b"".join(h.read_bytes() for h in sorted(src.parent.glob("*.h")))     # included by the sources
-    key = hashlib.sha256(src.read_bytes() + headers + " ".join(CFLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
+    cflags = flags(name)
+    key = hashlib.sha256(src.read_bytes() + headers + " ".join(cflags).encode() + _cpu_flags().encode()).hexdigest()[:16]
     out = _cache_dir() / f"{name}-{key}.so"
     if out.exists():
         return out
@@ -50,7 +66,7 @@ def _compile(name: str) -> Path:
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        r = subprocess.run([cc, *CFLAGS, "-o", tmp, str(src), "-lm"], capture_output=True, text=True)
+        r = subprocess.run([cc, *cflags, "-o", tmp, str(src), "-lm"], check=False, capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"{cc} failed: {r.stderr.strip()[:500]}")
         os.replace(tmp, out)          # atomic: concurrent builders never load a half-written file

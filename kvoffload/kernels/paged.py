@@ -1,51 +1,329 @@
-"""ctypes binding of ``paged_attn.c`` on raw addresses and numpy arrays (no torch import:
-disk workers are separate processes that load only numpy and this module)."""
+"""ctypes binding of ``paged_attn.c`` (numpy + ctypes only: disk workers are separate processes
+that import this module and must never import torch).
+
+Work is given as *items*: item i attends the blocks ``items.ptrs[items.first[i]:items.first[i+1]]``
+(slot addresses, in that order; all full except the last, which holds ``items.last[i]``
+tokens) with query row ``items.row[i]``, and yields a *partial*: ``part_o[i]`` ``[H, D]``
+normalised over the item's keys and ``part_lse[i]`` ``[H]``. A partial is bit-identical wherever
+and however it is computed (alone or among other items, any position, any thread count, any
+process), and every merge of partials goes through one native function, in the order given.
+So a sequence cut into fixed chunks of blocks (see :meth:`Items.chunked`) decodes to the same
+bits whichever tier computes each chunk.
+
+Arrays: numpy arrays, or torch CPU tensors passed as they are (duck-typed through
+``data_ptr()`` / ``stride()``; torch is never imported here) -- bf16 tensors cannot go through
+``.numpy()``, so that is how bf16 k/v reach :class:`Append`; a numpy bf16 k/v is ``uint16``.
+
+Example (a single-call decode step of one layer: append, attend, merge)::
+
+    kern = PagedAttention("bfloat16", H_kv, G, D, bs)
+    items, row_first = Items.chunked(rows=range(B), ptrs=per_seq_slot_addrs, n_tokens=lens, block_size=bs)
+    part_o, part_lse = np.empty((items.n, H, D), np.float32), np.empty((items.n, H), np.float32)
+    out, lse = np.empty((B, H, D), np.float32), np.empty((B, H), np.float32)
+    kern(q, items, part_o, part_lse, threads,
+         append=Append(k_new, v_new, tail_slot_addrs, tail_cols),     # [B, H_kv, D] each
+         merge=Merge(row_first, None, out, lse))
+"""
 
 from __future__ import annotations
 
 import ctypes
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
+from kvoffload.dtypes import DTYPES
 from kvoffload.kernels.build import load
+from kvoffload.kernels.limits import (
+    BS_MAX,
+    D_MAX,
+    G_MAX,
+    H_MAX,
+    MASK_BS_MAX,
+    MAX_QUERY_ROWS,
+)
 
-_P = ctypes.c_void_p
-_I = ctypes.c_int
-_L = ctypes.c_int64
-_ARGTYPES = [_I, _I, _I, _I, _I, _P, _L, _P, _P, _P, _P, _L, _P, _L, _P, _P, ctypes.c_float, _P, _P, _I, _P]
-KERNEL_DTYPES = ("float32", "bfloat16", "float16")
-_SUFFIX = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
-G_MAX, D_MAX, BS_MAX = 32, 256, 256
-MASK_BS_MAX = 64           # token masks are one uint64 per (block, head)
-# The kernel computes one query row at a time (no reuse of a block across rows): right for
-# decode and for a verify pass's few rows; a prefill chunk's many rows go to flash attention.
-MAX_QUERY_ROWS = 32
+__all__ = ["KERNEL_DTYPES", "MAX_QUERY_ROWS", "Append", "Items", "Merge", "PagedAttention", "full_mask_row",
+           "masks_to_valid", "merge_parts", "read_bandwidth_probe"]
+
+_P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+_ATTN_ARGTYPES = [_I, _I, _I, _I,                       # H_kv, G, D, bs
+                  _I, _P, _L, _P, _L, _P, _P,           # append
+                  _I, _P, _L, _P, _P, _P, _P, _P, _F,   # items
+                  _P, _P,                               # part_o, part_lse
+                  _I, _P, _P, _P, _P,                   # merge
+                  _I]                                   # threads
+_MERGE_ARGTYPES = [_I, _I, _I, _P, _P, _P, _P, _P, _P, _I]
+_SUFFIX = {n: d.kernel for n, d in DTYPES.items()}
+KERNEL_DTYPES = tuple(_SUFFIX)
+# dtype names a k/v array of each KV dtype may have: its own (a torch tensor) or its numpy
+# storage type (numpy has no bfloat16)
+_STORAGE = {n: tuple(dict.fromkeys((n, np.dtype(d.storage).name))) for n, d in DTYPES.items()}
 
 
-@dataclass(frozen=True)
-class BlockLists:
-    """Which blocks each sequence attends: ``ptrs[first[b]:first[b+1]]`` are slot addresses,
-    all full except the last, which holds ``last_len[b]`` tokens (int64 arrays). ``masks``
-    (sparse attention): ``[total blocks, H_kv]`` uint64, bit t = token t of that block is
-    attended by that KV head (0: the head's rows of the block are not read); ``None`` = all."""
+def _i64(x) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.int64)
 
-    first: np.ndarray      # [B + 1]
-    ptrs: np.ndarray       # [total blocks]
-    last_len: np.ndarray   # [B]
+
+def _ptr(x: np.ndarray) -> int:
+    """The address of a numpy array's data (a quarter of ``x.ctypes.data``'s cost where the
+    buffer protocol allows: writable, C-contiguous, non-empty)."""
+    f = x.flags
+    if f.c_contiguous and f.writeable and x.size:
+        return ctypes.addressof(ctypes.c_char.from_buffer(x))
+    return x.ctypes.data
+
+
+_NP_NAME = {np.dtype(n): n for n in ("float32", "float16", "uint16")}
+_TORCH_NAME: dict = {}          # torch dtype -> "float32", ... (filled as met; torch is never imported)
+
+
+def _rows(x, dtypes: tuple[str, ...], tail: tuple[int, ...], name: str, packed: bool = False,
+          ) -> tuple[int, int, int]:
+    """(address, rows, row stride in elements) of ``x`` ``[rows, *tail]`` -- a numpy array or a
+    torch CPU tensor -- whose trailing dimensions are contiguous (all of it when ``packed``).
+    ``tail`` has one or two dimensions."""
+    if type(x) is np.ndarray:
+        dn, isz, ptr, shape, st = _NP_NAME.get(x.dtype) or x.dtype.name, x.itemsize, _ptr(x), x.shape, x.strides
+    elif hasattr(x, "data_ptr"):                    # a torch tensor (never imported here)
+        if not x.is_cpu:
+            raise ValueError(f"{name}: not in CPU memory")
+        dn = _TORCH_NAME.get(x.dtype) or _TORCH_NAME.setdefault(x.dtype, str(x.dtype).removeprefix("torch."))
+        isz, ptr, shape, st = 1, x.data_ptr(), x.shape, x.stride()
+    elif isinstance(x, np.ndarray):                 # a subclass
+        return _rows(np.asarray(x), dtypes, tail, name, packed)
+    else:
+        raise TypeError(f"{name}: expected a numpy array or a CPU tensor, got {type(x).__name__}")
+    if dn not in dtypes:
+        raise TypeError(f"{name}: dtype {dn}, expected {' or '.join(dtypes)}")
+    if len(shape) != 1 + len(tail) or shape[1] != tail[0] or (len(tail) == 2 and shape[2] != tail[1]):
+        raise ValueError(f"{name}: shape {tuple(shape)}, expected [*, {', '.join(map(str, tail))}]")
+    if shape[0] == 0:                               # nothing is read or written (numpy: zero strides)
+        return ptr, 0, math.prod(tail)
+    inner = isz                                     # a row's size (bytes / elements)
+    if len(tail) == 2:
+        if st[2] != isz and tail[1] > 1:
+            raise ValueError(f"{name}: its trailing dimensions must be contiguous (strides {st})")
+        inner *= tail[1]
+    if st[1] != inner and tail[0] > 1:
+        raise ValueError(f"{name}: its trailing dimensions must be contiguous (strides {st})")
+    inner *= tail[0]
+    if shape[0] <= 1:
+        return ptr, shape[0], inner // isz
+    if st[0] % isz or (packed and st[0] != inner):
+        raise ValueError(f"{name}: must be contiguous" if packed else f"{name}: bad row stride")
+    return ptr, shape[0], st[0] // isz
+
+
+@dataclass(frozen=True, eq=False)
+class Items:
+    """Work items: item i = (q row ``row[i]``, blocks ``ptrs[first[i]:first[i+1]]`` in that
+    order, ``last[i]`` tokens in its last block -- 1..bs -- the others full). ``masks`` (sparse
+    attention): ``[len(ptrs), H_kv]`` uint64, bit t = token t of that block is attended by that
+    KV head, 0 = the head skips the block (its rows are not read); ``None`` = every token.
+    int64 / uint64 arrays (converted if need be); treat them as immutable once built."""
+
+    row: np.ndarray        # [N]
+    first: np.ndarray      # [N + 1]
+    last: np.ndarray       # [N]
+    ptrs: np.ndarray       # [n_blocks]
     masks: np.ndarray | None = None
 
+    def __post_init__(self) -> None:
+        for f in ("row", "first", "last", "ptrs"):
+            object.__setattr__(self, f, _i64(getattr(self, f)))
+        if self.masks is not None:
+            m = np.ascontiguousarray(self.masks, dtype=np.uint64)
+            if m.ndim == 1 and len(self.ptrs):
+                m = m.reshape(len(self.ptrs), -1)
+            if m.ndim != 2 or m.shape[0] != len(self.ptrs):
+                raise ValueError(f"Items: masks {m.shape}, expected [{len(self.ptrs)}, H_kv]")
+            object.__setattr__(self, "masks", m)
+        n = len(self.row)
+        if len(self.first) != n + 1 or len(self.last) != n or (n and self.first[-1] > len(self.ptrs)):
+            raise ValueError("Items: row, first, last and ptrs disagree in length")
+        # per-call work done once: the arrays' addresses (valid while the Items lives: it holds
+        # them), and the rows needed of q (a negative row reads as huge: one reduction)
+        object.__setattr__(self, "_addr", (_ptr(self.row), _ptr(self.first), _ptr(self.last), _ptr(self.ptrs),
+                                           None if self.masks is None else _ptr(self.masks)))
+        object.__setattr__(self, "_rows_needed", int(self.row.view(np.uint64).max()) + 1 if n else 0)
+
+    @property
+    def n(self) -> int:
+        return len(self.row)
+
     @classmethod
-    def build(cls, per_seq: list[np.ndarray], last_len: list[int],
-              masks: list[np.ndarray] | None = None) -> BlockLists:
-        first = np.zeros(len(per_seq) + 1, dtype=np.int64)
-        np.cumsum([len(p) for p in per_seq], out=first[1:])
-        ptrs = np.concatenate(per_seq).astype(np.int64, copy=False) if per_seq else np.zeros(0, np.int64)
+    def build(cls, rows: Sequence[int], ptrs: Sequence[np.ndarray], last: Sequence[int],
+              masks: Sequence[np.ndarray] | None = None) -> Items:
+        """One item per entry: q row ``rows[i]``, slot addresses ``ptrs[i]``, ``last[i]`` tokens
+        in its last block, ``masks[i]`` ``[len(ptrs[i]), H_kv]`` (or ``masks=None``)."""
+        first = np.zeros(len(ptrs) + 1, dtype=np.int64)
+        np.cumsum([len(p) for p in ptrs], out=first[1:])
+        flat = np.concatenate([_i64(p) for p in ptrs]) if len(ptrs) else np.zeros(0, np.int64)
         m = None
         if masks is not None:
-            m = np.ascontiguousarray(np.concatenate(masks), dtype=np.uint64) if masks else np.zeros((0, 1), np.uint64)
-        return cls(first, ptrs, np.asarray(last_len, dtype=np.int64), m)
+            m = np.concatenate([np.asarray(x, dtype=np.uint64) for x in masks]) if len(masks) else np.zeros((0, 1), np.uint64)
+        return cls(_i64(rows), first, _i64(last), flat, m)
+
+    @classmethod
+    def chunked(cls, rows: Sequence[int], ptrs: Sequence[np.ndarray], n_tokens: Sequence[int], block_size: int,
+                chunk_blocks: int = 16, masks: Sequence[np.ndarray] | None = None) -> tuple[Items, np.ndarray]:
+        """The canonical cut of each row's sequence: its full blocks in chunks of
+        ``chunk_blocks`` (block 0.., block chunk_blocks.., ...; the last chunk may be shorter),
+        then the partly filled last block (the tail) as an item of its own. ``ptrs[r]``: the
+        slot addresses of row r's blocks (at least ceil(n_tokens[r] / bs)); ``masks[r]``:
+        ``[n_blocks, H_kv]``. Returns the items (row by row, chunk order, tail last) and
+        ``row_first`` ``[R + 1]``: row r's parts are items ``row_first[r]:row_first[r+1]``
+        -- the merge order."""
+        bs = block_size
+        it_rows, it_ptrs, it_last, it_masks = [], [], [], [] if masks is not None else None
+        row_first = np.zeros(len(rows) + 1, dtype=np.int64)
+        for r, (row, p, t) in enumerate(zip(rows, ptrs, n_tokens)):
+            p = _i64(p)
+            full, tail = divmod(int(t), bs)
+            if len(p) < full + (tail > 0):
+                raise ValueError(f"row {r}: {len(p)} blocks for {t} tokens")
+            cuts = [(c, min(c + chunk_blocks, full), bs) for c in range(0, full, chunk_blocks)]
+            if tail:
+                cuts.append((full, full + 1, tail))
+            for a, b, last in cuts:
+                it_rows.append(row)
+                it_ptrs.append(p[a:b])
+                it_last.append(last)
+                if it_masks is not None:
+                    it_masks.append(np.asarray(masks[r], dtype=np.uint64)[a:b])
+            row_first[r + 1] = row_first[r] + len(cuts)
+        return cls.build(it_rows, it_ptrs, it_last, it_masks), row_first
+
+
+class Append(NamedTuple):
+    """Write token b's ``k[b]`` / ``v[b]`` (``[B, H_kv, D]`` each, the KV dtype's storage type:
+    float32, bfloat16 tensor or uint16 array, float16; heads contiguous, any batch stride) into
+    column ``cols[b]`` of the slot at address ``slots[b]`` before attending."""
+
+    k: object
+    v: object
+    slots: np.ndarray      # [B] int64 slot addresses
+    cols: np.ndarray       # [B] int64 token column in the slot
+
+
+class Merge(NamedTuple):
+    """Row r of ``out`` ``[R, H, D]`` / ``lse`` ``[R, H]`` (fp32, contiguous) merges the parts
+    ``order[row_first[r]:row_first[r+1]]`` (``order=None``: the parts themselves, in index
+    order) in that order."""
+
+    row_first: np.ndarray  # [R + 1] int64
+    order: np.ndarray | None
+    out: object
+    lse: object
+
+
+class PagedAttention:
+    """The native paged kernel for one KV dtype and geometry (``scale`` defaults to 1/sqrt(D))."""
+
+    def __init__(self, dtype: str, H_kv: int, G: int, D: int, block_size: int, scale: float | None = None) -> None:
+        if not self.available(dtype, G, D, block_size, H_kv):
+            raise RuntimeError(f"native paged attention unavailable for {dtype} H_kv={H_kv} G={G} D={D} bs={block_size}")
+        self.dtype, self.H_kv, self.G, self.D, self.bs = dtype, H_kv, G, D, block_size
+        self.H = H_kv * G
+        self.scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+        self.fn = getattr(load("paged_attn"), f"kvo_paged_attn_{_SUFFIX[dtype]}")
+        self.fn.argtypes, self.fn.restype = _ATTN_ARGTYPES, ctypes.c_int
+
+    @staticmethod
+    def available(dtype: str, G: int, D: int, block_size: int, H_kv: int = 1) -> bool:
+        """Whether the kernel takes this geometry (token masks also need block_size <= MASK_BS_MAX)."""
+        return (dtype in _SUFFIX and 1 <= G <= G_MAX and 2 <= D <= D_MAX and D % 2 == 0
+                and 1 <= block_size <= BS_MAX and H_kv * G <= H_MAX and load("paged_attn") is not None)
+
+    def __call__(self, q, items: Items, part_o, part_lse, threads: int, append: Append | None = None,
+                 merge: Merge | None = None) -> None:
+        """q ``[R, H, D]`` fp32 (heads contiguous, any row stride; over bf16 KV, scored by
+        VDPBF16PS in one pass when a head's q is bf16-exact, else with its bf16 remainder too)
+        -> ``part_o`` ``[N, H, D]``, ``part_lse`` ``[N, H]`` (fp32, contiguous; o = 0 and
+        lse = -inf for a head that attends no token of the item). ``append``: written before
+        the items are computed. ``merge``: the rows' outputs from this call's parts."""
+        H, D, N = self.H, self.D, items.n
+        q_ptr, R_q, q_rs = _rows(q, ("float32",), (H, D), "q")
+        if items._rows_needed > R_q:
+            raise ValueError("Items.row outside q")
+        po, n_po, _ = _rows(part_o, ("float32",), (H, D), "part_o", True)
+        pl, n_pl, _ = _rows(part_lse, ("float32",), (H,), "part_lse", True)
+        if n_po < N or n_pl < N:
+            raise ValueError(f"part_o / part_lse hold {min(n_po, n_pl)} items, need {N}")
+        row, first, last, ptrs, tm = items._addr
+        if tm is not None and ((len(items.ptrs) and items.masks.shape[1] != self.H_kv) or self.bs > MASK_BS_MAX):
+            raise ValueError(f"masks: [n_blocks, H_kv={self.H_kv}] and block_size <= {MASK_BS_MAX}")
+        n_app, k_ptr, k_bs, v_ptr, v_bs, a_slot, a_col = 0, None, 0, None, 0, None, None
+        if append is not None:
+            st = _STORAGE[self.dtype]
+            k_ptr, n_app, k_bs = _rows(append.k, st, (self.H_kv, D), "append.k")
+            v_ptr, n_v, v_bs = _rows(append.v, st, (self.H_kv, D), "append.v")
+            slots, cols = _i64(append.slots), _i64(append.cols)
+            if not n_app == n_v == len(slots) == len(cols):
+                raise ValueError("append: k, v, slots and cols disagree in length")
+            a_slot, a_col = _ptr(slots), _ptr(cols)
+        R, rf, order, o_ptr, l_ptr = 0, None, None, None, None
+        if merge is not None:
+            rf, order, o_ptr, l_ptr, R = _merge_args(merge, H, D)
+        rc = self.fn(self.H_kv, self.G, D, self.bs,
+                     n_app, k_ptr, k_bs, v_ptr, v_bs, a_slot, a_col,
+                     N, q_ptr, q_rs, row, first, last, ptrs, tm, self.scale, po, pl,
+                     R, None if rf is None else _ptr(rf), None if order is None else _ptr(order),
+                     o_ptr, l_ptr, threads)
+        if rc != 0:
+            raise ValueError("native paged attention rejected its arguments: "
+                             + {-1: "geometry", -2: "an item's block range or last_len",
+                                -3: "merge row_first / order outside this call's parts"}.get(rc, str(rc)))
+
+
+def _merge_args(merge: Merge, H: int, D: int):
+    """(row_first, order) as int64 arrays (the caller keeps them alive through the call), the
+    addresses of out and lse, and R. The indices are checked by the caller (C or Python)."""
+    row_first = _i64(merge.row_first)
+    R = len(row_first) - 1
+    o_ptr, n_o, _ = _rows(merge.out, ("float32",), (H, D), "out", True)
+    l_ptr, n_l, _ = _rows(merge.lse, ("float32",), (H,), "lse", True)
+    if R < 0 or n_o < R or n_l < R:
+        raise ValueError(f"out / lse hold {min(n_o, n_l)} rows, need {R}")
+    order = None
+    if merge.order is not None:
+        order = _i64(merge.order)
+        if R and len(order) < row_first[-1]:
+            raise ValueError("merge order shorter than row_first says")
+    return row_first, order, o_ptr, l_ptr, R
+
+
+def merge_parts(row_first, order, part_o, part_lse, out, lse, threads: int = 1) -> None:
+    """Row r of ``out`` ``[R, H, D]`` / ``lse`` ``[R, H]`` := the merge of the parts
+    ``order[row_first[r]:row_first[r+1]]`` (``order=None``: in index order) of ``part_o``
+    ``[P, H, D]`` / ``part_lse`` ``[P, H]`` (fp32, contiguous), in that order: the very
+    function the merge inside :class:`PagedAttention` uses, so parts computed by several tiers
+    or processes merge to the bits one call would give. Per (row, head): M = max lse over the
+    parts (lse = -inf parts skipped; none: out = 0, lse = -inf), w = exp(lse - M),
+    out = sum w o / sum w, lse = M + log sum w."""
+    lib = load("paged_attn")
+    if lib is None:
+        raise RuntimeError("native paged attention unavailable")
+    fn = lib.kvo_merge_parts
+    fn.argtypes, fn.restype = _MERGE_ARGTYPES, None
+    if len(part_o.shape) != 3:
+        raise ValueError(f"part_o: shape {tuple(part_o.shape)}, expected [P, H, D]")
+    H, D = tuple(part_o.shape)[1:]
+    po, n_po, _ = _rows(part_o, ("float32",), (H, D), "part_o", True)
+    pl, n_pl, _ = _rows(part_lse, ("float32",), (H,), "part_lse", True)
+    if n_po != n_pl:
+        raise ValueError("part_o and part_lse disagree in length")
+    rf, order, o_ptr, l_ptr, R = _merge_args(Merge(row_first, order, out, lse), H, D)
+    if R:
+        used = rf[-1] - rf[0]
+        idx = np.arange(rf[0], rf[-1]) if order is None else order[rf[0]:rf[-1]]
+        if rf[0] < 0 or np.any(rf[1:] < rf[:-1]) or (used > 0 and (idx.min() < 0 or idx.max() >= n_po)):
+            raise ValueError("merge: row_first / order outside the parts")
+    fn(R, H, D, _ptr(rf), None if order is None else _ptr(order), po, pl, o_ptr, l_ptr, threads)
 
 
 def full_mask_row(bs: int, H_kv: int) -> np.ndarray:
@@ -57,44 +335,6 @@ def masks_to_valid(masks: np.ndarray, bs: int) -> np.ndarray:
     """``[n, H_kv]`` uint64 token masks -> ``[H_kv, n*bs]`` bool (token t of block i at i*bs+t)."""
     bits = (masks[:, :, None] >> np.arange(bs, dtype=np.uint64)) & np.uint64(1)     # [n, H_kv, bs]
     return bits.astype(bool).transpose(1, 0, 2).reshape(masks.shape[1], -1)
-
-
-class PagedAttention:
-    """``__call__`` -> fills ``out`` ``[B, H, D]`` and ``lse`` ``[B, H]`` (fp32)."""
-
-    def __init__(self, dtype: str, H_kv: int, G: int, D: int, block_size: int) -> None:
-        self.H_kv, self.G, self.D, self.bs = H_kv, G, D, block_size
-        self.scale = 1.0 / math.sqrt(D)
-        lib = load("paged_attn")
-        if lib is None or dtype not in _SUFFIX or G > G_MAX or D > D_MAX or block_size > BS_MAX:
-            raise RuntimeError("native paged attention unavailable for this geometry")
-        self.fn = getattr(lib, f"kvo_paged_attn_{_SUFFIX[dtype]}")
-        self.fn.argtypes, self.fn.restype = _ARGTYPES, ctypes.c_int
-
-    @staticmethod
-    def available(dtype: str, G: int, D: int, block_size: int) -> bool:
-        return (dtype in _SUFFIX and G <= G_MAX and D <= D_MAX and block_size <= BS_MAX
-                and load("paged_attn") is not None)
-
-    def __call__(self, B: int, q_ptr: int, q_bstride: int, lists: BlockLists, out_ptr: int, lse_ptr: int,
-                 threads: int, append: tuple[int, int, int, int, np.ndarray, np.ndarray] | None = None) -> None:
-        """``q_ptr``: ``[B, H, D]`` fp32 queries, batch stride ``q_bstride`` elements (bf16 KV:
-        scored by VDPBF16PS, in one pass when q is bf16-exact, else with its bf16 remainder too).
-        ``append``: (k_ptr, k_bstride, v_ptr, v_bstride, slot_addrs [B], columns [B]) writes the
-        new token's k/v (``[B, H_kv, D]``) into its tail slot before attending."""
-        if append is None:
-            k = kb = v = vb = 0
-            app_ptr = app_pos = None
-        else:
-            k, kb, v, vb, app_ptr, app_pos = append
-        rc = self.fn(B, self.H_kv, self.G, self.D, self.bs, q_ptr, q_bstride, lists.first.ctypes.data,
-                     lists.ptrs.ctypes.data, lists.last_len.ctypes.data, k, kb, v, vb,
-                     None if app_ptr is None else app_ptr.ctypes.data,
-                     None if app_pos is None else app_pos.ctypes.data,
-                     self.scale, out_ptr, lse_ptr, threads,
-                     None if lists.masks is None else lists.masks.ctypes.data)
-        if rc != 0:
-            raise RuntimeError("native paged attention rejected its arguments")
 
 
 def read_bandwidth_probe():

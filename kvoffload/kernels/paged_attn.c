@@ -1,46 +1,81 @@
-/* Decode attention over paged KV: the near-data primitive every tier worker runs.
+/* Decode attention over paged KV: the near-data primitive of every tier (the in-memory fast
+ * path, the host tier, the disk worker processes).
  *
- * A slot (kv/layout.py) holds one block of block_size (bs) tokens for every KV head of one
- * (sequence, layer): first K for heads 0..H_kv-1, each channel-pair-major [D/2, bs, 2] (channels
- * 2i and 2i+1 of a token side by side, tokens along a row: the scores of 16 tokens take D/2
- * vector ops and no horizontal sums; with bf16 one VDPBF16PS per channel pair), then V for heads
- * 0..H_kv-1, each token-major [bs, D]. A sequence hands the kernel a list of slot base addresses; every listed block is full
- * except the last, which holds last_len[b] tokens. The order of the blocks does not matter
- * (softmax is permutation invariant), so a worker lists just the blocks it owns.
+ * Slot layout (kv/layout.py): one block of bs tokens for every KV head of one (sequence, layer):
+ * K of heads 0..H_kv-1, each channel-pair-major [D/2, bs, 2] (channels 2i, 2i+1 of a token side
+ * by side, tokens along a row: 16 tokens' scores are D/2 vector ops with no horizontal sums; in
+ * bf16 one VDPBF16PS per channel pair), then V of heads 0..H_kv-1, each token-major [bs, D].
  *
- * Optional token masks (sparse attention): tmask[j * H_kv + h] (uint64, bit t = token t of the
- * block, so bs <= 64) says which tokens of listed block j head h attends, in the order of the
- * blocks of blk (all sequences back to back); 0 skips that head's K and V of the block
- * entirely, so only chosen heads' rows are read. NULL = every token.
+ * Work comes as ITEMS: item i = (q row item_row[i], blocks blk[item_first[i] .. item_first[i+1])
+ * in that order, the last holding item_last[i] tokens, the others full). Each item yields a
+ * PARTIAL per query head: o normalised over the item's keys, and its lse (o = 0, lse = -inf
+ * where a head attends nothing).
  *
- * Optional append: app_ptr[b] != 0 names the slot whose column app_pos[b] receives the new
- * token's k/v before attention (the write-combining tail lives with the device worker).
+ * Bit-identity contract: an item's partial depends only on (its q row, its blocks' contents in
+ * the given order, its last_len, its masks; G, D, bs, scale) -- never on the other items of the
+ * call, its position, the thread count or buffer addresses: each item is computed whole by one
+ * thread, by code chosen from (dtype, G, D, bs) alone, compiled without -ffast-math (nothing
+ * reassociated, no alignment-dependent vector reduction), in a fixed FP mode (fp_mode_enter)
+ * whatever the calling thread's. Partials are merged by ONE function
+ * (merge_head), in the order the caller gives, both inside kvo_paged_attn_* and in
+ * kvo_merge_parts.
  *
- * Output: out [B, H, D] fp32 (normalised within this worker's blocks) and lse [B, H] fp32, so
- * partial results merge exactly: o = sum_i exp(lse_i - lse) o_i. A sequence with no blocks
- * gets out = 0, lse = -inf. Queries in fp32, strided over the batch (heads contiguous).
- * Math in fp32. Compiled at first use by kvoffload/kernels/build.py.
+ * An item is read in address order, slot by slot -- K of every head, then V of every head -- so
+ * the hardware prefetcher streams it (software prefetch measured no better). Per slot and query
+ * head: the block's scores, one online-softmax step (o and l rescaled only when the block
+ * raises the running max), then the V rows times the weights, accumulated with the G x NT
+ * accumulators of a pass in registers.
+ *
+ * Token masks (sparse attention): tmask[b * H_kv + h] (uint64, bit t = token t of block b, so
+ * bs <= MASK_BS_MAX) for the block at blk[b]; 0 = head h skips the block (its K/V rows are not
+ * read). NULL = every token.
+ *
+ * The limits (G_MAX, D_MAX, BS_MAX, H_MAX, MASK_BS_MAX) come from kernels/limits.py, passed by
+ * build.py as -D flags. Math in fp32. Compiled at first use by kvoffload/kernels/build.py.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define G_MAX 32
-#define D_MAX 256
-#define BS_MAX 256
-#define H_MAX 128
-#ifndef PF_BLOCKS
-#define PF_BLOCKS 4          /* software prefetch distance, in blocks */
+#ifndef G_MAX
+#error "G_MAX is defined by kvoffload/kernels/limits.py (passed by build.py)"
 #endif
-#ifndef CHUNK_BLOCKS
-#define CHUNK_BLOCKS 16      /* blocks per work item (split-K granularity) */
+#ifndef D_MAX
+#error "D_MAX is defined by kvoffload/kernels/limits.py (passed by build.py)"
+#endif
+#ifndef BS_MAX
+#error "BS_MAX is defined by kvoffload/kernels/limits.py (passed by build.py)"
+#endif
+#ifndef H_MAX
+#error "H_MAX is defined by kvoffload/kernels/limits.py (passed by build.py)"
+#endif
+#ifndef MASK_BS_MAX
+#error "MASK_BS_MAX is defined by kvoffload/kernels/limits.py (passed by build.py)"
+#endif
+#if MASK_BS_MAX > 64
+#error "token masks are one uint64 per (block, head)"
 #endif
 
 #include "kvo_math.h"
 
-/* where channel d sits in an item's output when its V rows were split even / odd (VPERM) */
-static inline int out_index(int d) { return (d & ~31) | ((d & 1) << 4) | ((d & 31) >> 1); }
+/* A fixed floating-point mode while the kernel computes (round to nearest, denormals flushed and
+ * treated as zero, exceptions masked), whatever mode the calling thread or an OpenMP worker
+ * happens to be in (torch.set_flush_denormal changes it per thread): part of the bit-identity
+ * contract. VDPBF16PS flushes denormals whatever the mode. */
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#define KVO_MXCSR 0x9fc0u            /* FTZ | DAZ | all exception masks, round to nearest */
+static inline unsigned fp_mode_enter(void) {
+    unsigned old = _mm_getcsr();
+    _mm_setcsr(KVO_MXCSR);
+    return old;
+}
+static inline void fp_mode_leave(unsigned old) { _mm_setcsr(old); }
+#else
+static inline unsigned fp_mode_enter(void) { return 0; }
+static inline void fp_mode_leave(unsigned old) { (void)old; }
+#endif
 
 static inline float f16_to_f32(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
@@ -62,81 +97,89 @@ static inline float f16_to_f32(uint16_t h) {
     return f;
 }
 
-/* One work item, portable: blocks blk[0..nb) of one KV head (K at kofs, V at vofs elements
- * from each slot base); the last has n_last tokens. Online softmax per block. */
-#define DEFINE_GENERIC(NAME, KV_T, LOAD)                                                             \
-static void NAME##_generic(const float *q, const int64_t *blk, const uint64_t *tm, int tstride,   \
-                           int nb, int n_last, size_t kofs,                                         \
-                           size_t vofs, int G, int D, int bs, float scale, float *m_out,            \
-                           float *l_out, float *o_out) {                                            \
-    float s[G_MAX][BS_MAX];                                                                         \
-    float m[G_MAX], l[G_MAX];                                                                       \
-    for (int g = 0; g < G; g++) { m[g] = -INFINITY; l[g] = 0.f; }                                   \
-    memset(o_out, 0, sizeof(float) * G * D);                                                        \
-    for (int j = 0; j < nb; j++) {                                                                  \
-        const KV_T *K = (const KV_T *)blk[j] + kofs, *V = (const KV_T *)blk[j] + vofs;              \
-        int n = j == nb - 1 ? n_last : bs;                                                          \
-        uint64_t mk = tm ? tm[(size_t)j * tstride] : ~(uint64_t)0;                                  \
-        if (n < 64) mk &= ((uint64_t)1 << n) - 1;                                                   \
-        if (!mk) continue;                                                                          \
-        for (int g = 0; g < G; g++) {                                                               \
-            const float *qg = q + (size_t)g * D;                                                    \
-            for (int t = 0; t < n; t++) s[g][t] = 0.f;                                              \
-            for (int d = 0; d < D; d++) {                                                           \
-                const KV_T *kr = K + (size_t)(d >> 1) * bs * 2 + (d & 1);                           \
-                for (int t = 0; t < n; t++) s[g][t] += qg[d] * LOAD(kr[2 * t]);                     \
-            }                                                                                       \
-            float bm = -INFINITY;                                                                   \
-            for (int t = 0; t < n; t++) {                                                           \
-                s[g][t] = (mk >> t) & 1 ? s[g][t] * scale : -INFINITY;                              \
-                bm = s[g][t] > bm ? s[g][t] : bm;                                                   \
-            }                                                                                       \
-            float mn = bm > m[g] ? bm : m[g];                                                       \
-            float alpha = m[g] == -INFINITY ? 0.f : exp_nonpos(m[g] - mn), sum = 0.f;               \
-            for (int t = 0; t < n; t++) {                                                           \
-                s[g][t] = (mk >> t) & 1 ? exp_nonpos(s[g][t] - mn) : 0.f;                           \
-                sum += s[g][t];                                                                     \
-            }                                                                                       \
-            l[g] = l[g] * alpha + sum;                                                              \
-            m[g] = mn;                                                                              \
-            float *og = o_out + (size_t)g * D;                                                      \
-            for (int d = 0; d < D; d++) og[d] *= alpha;                                             \
-        }                                                                                           \
-        for (int t = 0; t < n; t++) {                                                               \
-            const KV_T *vr = V + (size_t)t * D;                                                     \
-            for (int g = 0; g < G; g++) {                                                           \
-                float p = s[g][t];                                                                  \
-                float *og = o_out + (size_t)g * D;                                                  \
-                for (int d = 0; d < D; d++) og[d] += p * LOAD(vr[d]);                               \
-            }                                                                                       \
-        }                                                                                           \
-    }                                                                                               \
-    for (int g = 0; g < G; g++) { m_out[g] = m[g]; l_out[g] = l[g]; }                               \
+/* the tokens of a block a head attends: the mask's bits below n (bit t = token t) */
+static inline uint64_t live_tokens(const uint64_t *tm, int n) {
+    uint64_t mk = tm ? *tm : ~(uint64_t)0;
+    return n < 64 ? mk & (((uint64_t)1 << n) - 1) : mk;
 }
 
+/* One item: its q row (fp32 [H, D]; KV head h's G query heads at h*G*D), its blocks, and where
+ * its partial goes. */
+typedef struct {
+    const float *q;
+    const int64_t *blk;
+    const uint64_t *tm;      /* &tmask[first block][0] or NULL (stride H_kv) */
+    int nb, n_last;
+    float *o, *lse;          /* part_o + i*H*D, part_lse + i*H */
+} item_job;
+
+typedef void (*item_fn)(const item_job *, int H_kv, int G, int D, int bs, float scale);
+
+/* ---------------------------------------------------------------------------------------------
+ * Portable path (any even D, any bs; every shape without AVX-512): the same per-block online
+ * softmax, scalar, one head at a time.
+ * ------------------------------------------------------------------------------------------- */
+#define DEFINE_GENERIC(NAME, KV_T, LOAD)                                                             \
+static void NAME##_item_generic(const item_job *J, int H_kv, int G, int D, int bs, float scale) {  \
+    float P[G_MAX][BS_MAX];                                                                         \
+    for (int h = 0; h < H_kv; h++) {                                                                \
+        const float *q = J->q + (size_t)h * G * D;                                                  \
+        size_t kofs = (size_t)h * D * bs, vofs = (size_t)(H_kv + h) * D * bs;                       \
+        float m[G_MAX], l[G_MAX], *o = J->o + (size_t)h * G * D;                                    \
+        for (int g = 0; g < G; g++) { m[g] = -INFINITY; l[g] = 0.f; }                               \
+        memset(o, 0, sizeof(float) * G * D);                                                        \
+        for (int j = 0; j < J->nb; j++) {                                                           \
+            int n = j == J->nb - 1 ? J->n_last : bs;                                                \
+            const uint64_t *tm = J->tm ? J->tm + (size_t)j * H_kv + h : NULL;                       \
+            uint64_t mk = live_tokens(tm, n);                                                       \
+            if (!mk) continue;                    /* head skips the block: nothing read */          \
+            const KV_T *K = (const KV_T *)J->blk[j] + kofs, *V = (const KV_T *)J->blk[j] + vofs;    \
+            for (int g = 0; g < G; g++) {                                                           \
+                float bm = -INFINITY;                                                               \
+                for (int t = 0; t < n; t++) {     /* scores */                                      \
+                    float a = 0.f;                                                                  \
+                    for (int d = 0; d < D; d++)                                                     \
+                        a = fmaf(q[g * D + d], LOAD(K[(size_t)(d >> 1) * bs * 2 + 2 * t + (d & 1)]), a); \
+                    P[g][t] = !tm || ((mk >> t) & 1) ? a * scale : -INFINITY;                       \
+                    bm = P[g][t] > bm ? P[g][t] : bm;                                               \
+                }                                                                                   \
+                if (bm > m[g]) {                  /* a new running max: rescale */                  \
+                    float alpha = m[g] == -INFINITY ? 0.f : exp_nonpos(m[g] - bm);                  \
+                    m[g] = bm;                                                                      \
+                    l[g] *= alpha;                                                                  \
+                    for (int d = 0; d < D; d++) o[(size_t)g * D + d] *= alpha;                      \
+                }                                                                                   \
+                for (int t = 0; t < n; t++) {     /* weights */                                     \
+                    P[g][t] = P[g][t] == -INFINITY ? 0.f : exp_nonpos(P[g][t] - m[g]);              \
+                    l[g] += P[g][t];                                                                \
+                }                                                                                   \
+            }                                                                                       \
+            for (int t = 0; t < n; t++)           /* weighted V rows */                             \
+                for (int g = 0; g < G; g++) {                                                       \
+                    float p = P[g][t], *og = o + (size_t)g * D;                                     \
+                    for (int d = 0; d < D; d++) og[d] = fmaf(p, LOAD(V[(size_t)t * D + d]), og[d]); \
+                }                                                                                   \
+        }                                                                                           \
+        for (int g = 0; g < G; g++) {                                                               \
+            float *og = o + (size_t)g * D;                                                          \
+            if (m[g] == -INFINITY) {                                                                \
+                memset(og, 0, sizeof(float) * D);                                                   \
+                J->lse[h * G + g] = -INFINITY;                                                      \
+                continue;                                                                           \
+            }                                                                                       \
+            for (int d = 0; d < D; d++) og[d] /= l[g];                                              \
+            J->lse[h * G + g] = m[g] + logf(l[g]);                                                  \
+        }                                                                                           \
+    }                                                                                               \
+}
 DEFINE_GENERIC(f32, float, f32_id)
 DEFINE_GENERIC(bf16, uint16_t, bf16_to_f32)
 DEFINE_GENERIC(f16, uint16_t, f16_to_f32)
-
-/* all KV heads of a run of slots, one head after the other (portable path) */
-#define DEFINE_GENERIC_HEADS(NAME)                                                                  \
-static void NAME##_generic_heads(const float *q, const uint16_t *qb, int qlo, const int64_t *blk, const uint64_t *tm, int nb, int n_last, int H_kv, \
-                                 int G, int D, int bs, float scale, float *m, float *l, float *o) { \
-    size_t kblock = (size_t)D * bs;                                                                \
-    (void)qb; (void)qlo;                                                                           \
-    for (int h = 0; h < H_kv; h++)                                                                 \
-        NAME##_generic(q + (size_t)h * G * D, blk, tm ? tm + h : NULL, H_kv, nb, n_last, h * kblock, (H_kv + h) * kblock, G, D, bs, \
-                       scale, m + h * G, l + h * G, o + (size_t)h * G * D);                         \
-}
-DEFINE_GENERIC_HEADS(f32)
-DEFINE_GENERIC_HEADS(bf16)
-DEFINE_GENERIC_HEADS(f16)
 
 #ifdef __AVX512F__
 #include <immintrin.h>
 
 static inline __m512 ld_f16(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
-
 
 /* Scores of 16 tokens (t0..t0+15 of a block) for G query heads, K channel-pair-major. */
 static inline __attribute__((always_inline)) void pair_scores_f32(const __m512 *lo, const __m512 *hi,
@@ -172,16 +215,14 @@ static inline __attribute__((always_inline)) void NAME(const KV_T *K, int t0, in
     pair_scores_f32(lo, hi, G, s);                                                                 \
 }
 #define LOAD2_F32(r, k0, k1) (k0 = _mm512_loadu_ps(r), k1 = _mm512_loadu_ps((r) + 16))
-#define LOAD2_F16(r, k0, k1) (k0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(r))), \
-                              k1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((r) + 16))))
+#define LOAD2_F16(r, k0, k1) (k0 = ld_f16(r), k1 = ld_f16((r) + 16))
 #define LOAD2_BF16(r, k0, k1) (k0 = ld_bf16(r), k1 = ld_bf16((r) + 16))
 DEFINE_PAIR_SCORE(score16_f32, float, LOAD2_F32)
 DEFINE_PAIR_SCORE(score16_f16, uint16_t, LOAD2_F16)
 #ifdef __AVX512BF16__
-/* one VDPBF16PS per channel pair: 16 tokens x 2 channels, products exact, fp32 accumulation */
-static inline __attribute__((always_inline)) void score16_bf16(const uint16_t *K, int t0, int bs, int D,
-        const float *qh, const uint16_t *qbh, int qlo, int G, __m512 *s) {
-    (void)qh;
+#define HAVE_DPBF16 1
+static inline __attribute__((always_inline)) void score16_bf16_pass(const uint16_t *K, int t0, int bs, int D,
+        const uint16_t *qbh, int qlo, int G, __m512 *s, const int LO) {
     __m512 s2[G_MAX];
     for (int g = 0; g < G; g++) s[g] = s2[g] = _mm512_setzero_ps();
     for (int dp = 0; dp < D / 2; dp += 2) {
@@ -193,7 +234,7 @@ static inline __attribute__((always_inline)) void score16_bf16(const uint16_t *K
             memcpy(&p1, qbh + (size_t)g * D + 2 * dp + 2, 4);
             s[g] = _mm512_dpbf16_ps(s[g], (__m512bh)_mm512_set1_epi32((int)p0), k0);
             s2[g] = _mm512_dpbf16_ps(s2[g], (__m512bh)_mm512_set1_epi32((int)p1), k1);
-            if (qlo) {                        /* fp32 query: add its bf16 remainder (~16-bit q) */
+            if (LO) {
                 memcpy(&p0, qbh + qlo + (size_t)g * D + 2 * dp, 4);
                 memcpy(&p1, qbh + qlo + (size_t)g * D + 2 * dp + 2, 4);
                 s[g] = _mm512_dpbf16_ps(s[g], (__m512bh)_mm512_set1_epi32((int)p0), k0);
@@ -203,225 +244,336 @@ static inline __attribute__((always_inline)) void score16_bf16(const uint16_t *K
     }
     for (int g = 0; g < G; g++) s[g] = _mm512_add_ps(s[g], s2[g]);
 }
+/* one VDPBF16PS per channel pair: 16 tokens x 2 channels, products exact, fp32 accumulation;
+ * qbh = q in bf16 ([G, D]), and when qlo != 0 its bf16 remainder at qbh + qlo (a second pass:
+ * an fp32 query over bf16 keys keeps ~16 bits of its own precision). Two loops, so neither
+ * carries the other's registers. */
+static inline __attribute__((always_inline)) void score16_bf16(const uint16_t *K, int t0, int bs, int D,
+        const float *qh, const uint16_t *qbh, int qlo, int G, __m512 *s) {
+    (void)qh;
+    if (qlo)
+        score16_bf16_pass(K, t0, bs, D, qbh, qlo, G, s, 1);
+    else
+        score16_bf16_pass(K, t0, bs, D, qbh, 0, G, s, 0);
+}
+/* q (n fp32, n % 16 == 0) -> qb[0..n) in bf16 and qb[n..2n) its bf16 remainder; returns the
+ * remainder's offset n when q is not bf16-exact, else 0 (one VDPBF16PS pass suffices) */
+static inline int q_to_bf16(const float *q, int n, uint16_t *qb) {
+    __mmask16 inexact = 0;
+    for (int e = 0; e < n; e += 16) {
+        __m512 x = _mm512_loadu_ps(q + e);
+        __m256i hi = (__m256i)_mm512_cvtneps_pbh(x);
+        __m512 xh = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
+        __m256i lo = (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(x, xh));
+        _mm256_storeu_si256((__m256i *)(qb + e), hi);
+        _mm256_storeu_si256((__m256i *)(qb + n + e), lo);
+        inexact |= _mm256_test_epi16_mask(lo, _mm256_set1_epi16(0x7fff));
+    }
+    return inexact ? n : 0;
+}
 #else
+#define HAVE_DPBF16 0
 DEFINE_PAIR_SCORE(score16_bf16, uint16_t, LOAD2_BF16)
+static inline int q_to_bf16(const float *q, int n, uint16_t *qb) { (void)q; (void)n; (void)qb; return 0; }
 #endif
 
-/* bs and D multiples of 16. One work item walks a run of slots in address order, every KV
- * head of a slot in turn (K then V of head 0, then head 1, ...), so a slot is read front to
- * back and consecutive slots form one stream the hardware prefetcher follows. Per 16-token
- * group: scores of the G query heads by D broadcast FMAs over the channel-major K rows (two
- * FMA chains per head), online softmax, then the V rows accumulated; the running output of
- * each query head lives in o_out (L1-resident) between groups. */
-/* VPERM (bf16): V rows are read 32 channels at a time and split into even / odd lanes, so
- * within each 32-channel group the output holds the even channels, then the odd ones; the
- * driver undoes that order when it merges the items (see out_index). */
-#define DEFINE_AVX512(NAME, KV_T, LOADV, SCORE, VPERM)                                                \
-static inline __attribute__((always_inline)) void NAME##_avx512_body(                               \
-        const float *q, const uint16_t *qb, int qlo, const int64_t *blk, const uint64_t *tm, int nb, int n_last, int H_kv, int G, int D, int bs, \
-        float scale, float *m, float *l, float *o_out, const int G_C, const int NV_C) {             \
-    enum { NV_MAX = D_MAX / 16 };                                                                   \
-    /* G_C / NV_C: compile-time G and D/16 in the specialised copies (0 = runtime), so the       \
-       accumulators live in registers instead of stack arrays */                                   \
-    if (G_C) G = G_C;                                                                               \
-    if (NV_C) D = 16 * NV_C;                                                                        \
-    int nv = D / 16, H = H_kv * G;                                                                  \
-    size_t kblock = (size_t)D * bs;                                                                 \
-    float sc[G_MAX][16] __attribute__((aligned(64)));                                               \
-    for (int hg = 0; hg < H; hg++) { m[hg] = -INFINITY; l[hg] = 0.f; }                              \
-    memset(o_out, 0, sizeof(float) * H * D);                                                        \
-    for (int j = 0; j < nb; j++) {                                                                  \
-        const KV_T *slot = (const KV_T *)blk[j];                                                    \
-        int n = j == nb - 1 ? n_last : bs;                                                          \
-        for (int h = 0; h < H_kv; h++) {                                                            \
-            const KV_T *K = slot + h * kblock, *V = slot + (H_kv + h) * kblock;                     \
-            uint64_t mk = tm ? tm[(size_t)j * H_kv + h] : ~(uint64_t)0;                             \
-            if (!mk) continue;                                  /* head not chosen: not read */     \
-            if (j + PF_BLOCKS < nb) {          /* this head's K and V, PF_BLOCKS slots ahead */     \
-                const char *nk = (const char *)((const KV_T *)blk[j + PF_BLOCKS] + h * kblock);     \
-                const char *nvp = (const char *)((const KV_T *)blk[j + PF_BLOCKS] + (H_kv + h) * kblock); \
-                for (size_t o = 0; o < kblock * sizeof(KV_T); o += 64) {                            \
-                    _mm_prefetch(nk + o, _MM_HINT_T0);                                              \
-                    _mm_prefetch(nvp + o, _MM_HINT_T0);                                             \
-                }                                                                                   \
-            }                                                                                       \
-            const float *qh = q + (size_t)h * G * D;                                                \
-            const uint16_t *qbh = qb + (size_t)h * G * D;                                           \
-            float *mh = m + h * G, *lh = l + h * G, *oh = o_out + (size_t)h * G * D;                \
-            for (int t0 = 0; t0 < n; t0 += 16) {                                                    \
-                int cnt = n - t0 < 16 ? n - t0 : 16;                                                \
-                __mmask16 live = (__mmask16)((1u << cnt) - 1u) & (__mmask16)(t0 < 64 ? mk >> t0 : 0); \
-                if (!live) continue;                                                                \
-                __m512 s[G_MAX];                                                                    \
-                SCORE(K, t0, bs, D, qh, qbh, qlo, G, s);                                            \
-                __m512 acc[G_MAX][NV_MAX];                                                          \
-                for (int g = 0; g < G; g++) {                                                       \
-                    __m512 sv = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), live,                 \
-                                   _mm512_mul_ps(s[g], _mm512_set1_ps(scale)));                     \
-                    float bm = _mm512_reduce_max_ps(sv);                                            \
-                    float mn = bm > mh[g] ? bm : mh[g];                                             \
-                    float alpha = mh[g] == -INFINITY ? 0.f : exp_nonpos(mh[g] - mn);                \
-                    __m512 e = _mm512_maskz_mov_ps(live, exp512_nonpos(_mm512_sub_ps(sv, _mm512_set1_ps(mn)))); \
-                    lh[g] = lh[g] * alpha + _mm512_reduce_add_ps(e);                                \
-                    mh[g] = mn;                                                                     \
-                    _mm512_store_ps(sc[g], e);                                                      \
-                    __m512 av = _mm512_set1_ps(alpha);                                              \
-                    for (int v = 0; v < nv; v++)                                                    \
-                        acc[g][v] = _mm512_mul_ps(_mm512_loadu_ps(oh + (size_t)g * D + 16 * v), av); \
-                }                                                                                   \
-                for (int i = 0; i < cnt; i++) {                                                     \
-                    const KV_T *vr = V + (size_t)(t0 + i) * D;                                      \
-                    __m512 vv[NV_MAX];                                                              \
-                    if (VPERM && nv % 2 == 0) {   /* bf16: 32 channels a load, split even / odd */  \
-                        for (int v = 0; v < nv; v += 2) {                                           \
-                            __m512i w = _mm512_loadu_si512(vr + 16 * v);                            \
-                            vv[v] = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));                  \
-                            vv[v + 1] = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32((int)0xffff0000u))); \
-                        }                                                                           \
-                    } else {                                                                        \
-                        for (int v = 0; v < nv; v++) vv[v] = LOADV(vr + 16 * v);                    \
-                    }                                                                               \
-                    for (int g = 0; g < G; g++) {                                                   \
-                        __m512 p = _mm512_set1_ps(sc[g][i]);                                        \
-                        for (int v = 0; v < nv; v++) acc[g][v] = _mm512_fmadd_ps(p, vv[v], acc[g][v]); \
-                    }                                                                               \
-                }                                                                                   \
-                for (int g = 0; g < G; g++)                                                         \
-                    for (int v = 0; v < nv; v++) _mm512_storeu_ps(oh + (size_t)g * D + 16 * v, acc[g][v]); \
-            }                                                                                       \
-        }                                                                                           \
-    }                                                                                               \
-}
-DEFINE_AVX512(f32, float, ld_f32, score16_f32, 0)
-DEFINE_AVX512(bf16, uint16_t, ld_bf16, score16_bf16, 1)
-DEFINE_AVX512(f16, uint16_t, ld_f16, score16_f16, 0)
+/* V rows: NT vectors of 16 channels from vr. bf16 (VPERM): 32 channels a load, split into even
+ * and odd channels (one shift / and each), so o holds, per 32-channel group, the 16 even
+ * channels then the 16 odd ones; the item's epilogue restores the natural order. */
+#define VLOAD_f32(vr, vv, NT) for (int k = 0; k < NT; k++) vv[k] = _mm512_loadu_ps((vr) + 16 * k)
+#define VLOAD_f16(vr, vv, NT) for (int k = 0; k < NT; k++) vv[k] = ld_f16((vr) + 16 * k)
+#define VLOAD_bf16(vr, vv, NT)                                                                       \
+    for (int k = 0; k < NT; k += 2) {                                                                \
+        __m512i w = _mm512_loadu_si512((vr) + 16 * k);                                               \
+        vv[k] = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));                                       \
+        vv[k + 1] = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32((int)0xffff0000u)));  \
+    }
+#define VPERM_f32 0
+#define VPERM_f16 0
+#define VPERM_bf16 1
+#define QBF16_f32 0
+#define QBF16_f16 0
+#define QBF16_bf16 HAVE_DPBF16
 
-#define SPEC(NAME, GC, NVC)                                                                          \
-static void NAME##_avx512_g##GC##_nv##NVC(const float *q, const uint16_t *qb, int qlo, const int64_t *blk, \
-        const uint64_t *tm, int nb, int n_last, int H_kv, int G, int D, int bs, float scale, float *m, float *l, float *o) { \
-    NAME##_avx512_body(q, qb, qlo, blk, tm, nb, n_last, H_kv, G, D, bs, scale, m, l, o, GC, NVC);            \
+/* One item, D % 32 == 0 and bs % 16 == 0, slot by slot in address order: 1. the scores of every
+ * head (scaled; -inf where not attended), 2. per query head one online-softmax step, 3. the V
+ * rows times the weights, accumulated into J->o, NT x 16 channels a pass with the G x NT
+ * accumulators in registers (o * alpha on entry: alpha = 1 unless the block raised the max).
+ * G_C, NV_C: compile-time G and D/16 in the specialised copies (0 = runtime). */
+#define DEFINE_AVX512(NAME, KV_T, SCORE)                                                              \
+static inline __attribute__((always_inline)) void NAME##_item_body(const item_job *J, int H_kv, int G, \
+        int D, int bs, float scale, const int G_C, const int NV_C, const int NT_C) {               \
+    enum { NT_MAX = 8 };                                                                           \
+    if (G_C) G = G_C;                                                                              \
+    if (NV_C) D = 16 * NV_C;                                                                       \
+    const int nv = D / 16, NT = NT_C, H = H_kv * G;                                                \
+    const size_t kblock = (size_t)D * bs;                /* elements of one head's K (or V) */      \
+    float P[H * bs] __attribute__((aligned(64)));        /* a block's scores, then weights */      \
+    float m[H], alpha[H];                                                                          \
+    __m512 lsum[H];                                      /* sum of the weights, per lane */        \
+    uint64_t live[H_kv];                                                                           \
+    int qlo[H_kv];                                                                                 \
+    uint16_t qb[QBF16_##NAME ? 2 * H * D : 1] __attribute__((aligned(64)));                       \
+    for (int h = 0; h < H_kv; h++)        /* bf16 q (and its remainder) per KV head */             \
+        qlo[h] = QBF16_##NAME ? q_to_bf16(J->q + (size_t)h * G * D, G * D, qb + (size_t)2 * h * G * D) : 0; \
+    for (int i = 0; i < H; i++) { m[i] = -INFINITY; lsum[i] = _mm512_setzero_ps(); }               \
+    memset(J->o, 0, sizeof(float) * H * D);                                                        \
+    for (int j = 0; j < J->nb; j++) {                                                              \
+        const KV_T *slot = (const KV_T *)J->blk[j];                                                \
+        int n = j == J->nb - 1 ? J->n_last : bs;                                                   \
+        /* 1. scores of every head, 2. the softmax step */                                        \
+        for (int h = 0; h < H_kv; h++) {                                                           \
+            const uint64_t *tm = J->tm ? J->tm + (size_t)j * H_kv + h : NULL;                      \
+            live[h] = live_tokens(tm, n);                                                          \
+            if (!live[h]) continue;               /* head skips the block: nothing read */         \
+            const KV_T *K = slot + h * kblock;                                                     \
+            float *Ph = P + (size_t)h * G * bs;                                                    \
+            __m512 bmx[G_MAX];                                                                     \
+            for (int g = 0; g < G; g++) bmx[g] = _mm512_set1_ps(-INFINITY);                        \
+            for (int t0 = 0; t0 < n; t0 += 16) {                                                   \
+                __mmask16 lm = tm ? (__mmask16)(t0 < 64 ? live[h] >> t0 : 0) : (__mmask16)0xffff;  \
+                if (n - t0 < 16) lm &= (__mmask16)((1u << (n - t0)) - 1u);                         \
+                __m512 sc[G_MAX];                                                                  \
+                if (lm) SCORE(K, t0, bs, D, J->q + (size_t)h * G * D, qb + (size_t)2 * h * G * D, qlo[h], G, sc); \
+                for (int g = 0; g < G; g++) {                                                      \
+                    __m512 sv = lm ? _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), lm,             \
+                                                        _mm512_mul_ps(sc[g], _mm512_set1_ps(scale))) \
+                                   : _mm512_set1_ps(-INFINITY);                                    \
+                    bmx[g] = _mm512_max_ps(bmx[g], sv);                                            \
+                    _mm512_store_ps(Ph + g * bs + t0, sv);                                         \
+                }                                                                                  \
+            }                                                                                      \
+            for (int g = 0; g < G; g++) {                                                          \
+                int i = h * G + g;                                                                 \
+                float *Pi = Ph + g * bs;                                                           \
+                alpha[i] = 1.f;                                                                    \
+                if (_mm512_cmp_ps_mask(bmx[g], _mm512_set1_ps(m[i]), _CMP_GT_OQ)) {                \
+                    float bm = _mm512_reduce_max_ps(bmx[g]);   /* a new running max: rescale */    \
+                    alpha[i] = m[i] == -INFINITY ? 0.f : exp_nonpos(m[i] - bm);                    \
+                    m[i] = bm;                                                                     \
+                    lsum[i] = _mm512_mul_ps(lsum[i], _mm512_set1_ps(alpha[i]));                    \
+                }                                                                                  \
+                __m512 mv = _mm512_set1_ps(m[i]);                                                  \
+                for (int t = 0; t < n; t += 16) {                                                  \
+                    __m512 x = _mm512_load_ps(Pi + t);                                             \
+                    __mmask16 fin = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ); \
+                    __m512 e = _mm512_maskz_mov_ps(fin, exp512_nonpos(_mm512_sub_ps(x, mv)));      \
+                    lsum[i] = _mm512_add_ps(lsum[i], e);                                           \
+                    _mm512_store_ps(Pi + t, e);                                                    \
+                }                                                                                  \
+            }                                                                                      \
+        }                                                                                          \
+        /* 3. o = o * alpha + sum_t p_t v_t, every head, NT x 16 channels at a time */             \
+        for (int h = 0; h < H_kv; h++) {                                                           \
+            if (!live[h]) continue;                                                                \
+            const KV_T *V = slot + (H_kv + h) * kblock;                                            \
+            const float *Ph = P + (size_t)h * G * bs;                                              \
+            float *oh = J->o + (size_t)h * G * D;                                                  \
+            for (int v0 = 0; v0 < nv; v0 += NT) {                                                  \
+                __m512 acc[G_MAX][NT_MAX];                                                         \
+                for (int g = 0; g < G; g++) {                                                      \
+                    __m512 a = _mm512_set1_ps(alpha[h * G + g]);                                   \
+                    for (int k = 0; k < NT; k++)                                                   \
+                        acc[g][k] = _mm512_mul_ps(_mm512_loadu_ps(oh + (size_t)g * D + 16 * (v0 + k)), a); \
+                }                                                                                  \
+                for (int t = 0; t < n; t++) {                                                      \
+                    __m512 vv[NT_MAX];                                                             \
+                    VLOAD_##NAME(V + (size_t)t * D + 16 * v0, vv, NT);                             \
+                    for (int g = 0; g < G; g++) {                                                  \
+                        __m512 pg = _mm512_set1_ps(Ph[g * bs + t]);                                \
+                        for (int k = 0; k < NT; k++) acc[g][k] = _mm512_fmadd_ps(pg, vv[k], acc[g][k]); \
+                    }                                                                              \
+                }                                                                                  \
+                for (int g = 0; g < G; g++)                                                        \
+                    for (int k = 0; k < NT; k++) _mm512_storeu_ps(oh + (size_t)g * D + 16 * (v0 + k), acc[g][k]); \
+            }                                                                                      \
+        }                                                                                          \
+    }                                                                                              \
+    /* o / l in natural channel order; lse = m + log l (o = 0, lse = -inf: nothing attended) */    \
+    for (int i = 0; i < H; i++) {                                                                  \
+        float *o = J->o + (size_t)i * D;                                                           \
+        if (m[i] == -INFINITY) {                                                                   \
+            memset(o, 0, sizeof(float) * D);                                                       \
+            J->lse[i] = -INFINITY;                                                                 \
+            continue;                                                                              \
+        }                                                                                          \
+        float l = _mm512_reduce_add_ps(lsum[i]);                                                   \
+        __m512 L = _mm512_set1_ps(l);                                                              \
+        if (VPERM_##NAME) {                                                                        \
+            const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0); \
+            const __m512i hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8); \
+            for (int v = 0; v < nv; v += 2) {                                                      \
+                __m512 ev = _mm512_loadu_ps(o + 16 * v), od = _mm512_loadu_ps(o + 16 * v + 16);    \
+                _mm512_storeu_ps(o + 16 * v, _mm512_div_ps(_mm512_permutex2var_ps(ev, lo, od), L)); \
+                _mm512_storeu_ps(o + 16 * v + 16, _mm512_div_ps(_mm512_permutex2var_ps(ev, hi, od), L)); \
+            }                                                                                      \
+        } else {                                                                                   \
+            for (int v = 0; v < nv; v++)                                                           \
+                _mm512_storeu_ps(o + 16 * v, _mm512_div_ps(_mm512_loadu_ps(o + 16 * v), L));       \
+        }                                                                                          \
+        J->lse[i] = m[i] + logf(l);                                                                \
+    }                                                                                              \
 }
-#define SPEC_NV(NAME, GC) SPEC(NAME, GC, 1) SPEC(NAME, GC, 4) SPEC(NAME, GC, 8)
+DEFINE_AVX512(f32, float, score16_f32)
+DEFINE_AVX512(bf16, uint16_t, score16_bf16)
+DEFINE_AVX512(f16, uint16_t, score16_f16)
+
+/* V channels per pass: as many as keep G x NT accumulators within ~24-28 registers (even: bf16
+ * splits 32 channels a load; measured) */
+#define NT_FOR(G, NV) ((NV) <= 2 || (G) * 4 > 28 ? 2 : (NV) <= 4 || (G) * 8 > 24 ? 4 : 8)
+#define SPEC(NAME, GC, NVC)                                                                          \
+static void NAME##_item_g##GC##_nv##NVC(const item_job *J, int H_kv, int G, int D, int bs, float scale) { \
+    NAME##_item_body(J, H_kv, G, D, bs, scale, GC, NVC, NT_FOR(GC, NVC));                            \
+}
+#define SPEC_NV(NAME, GC) SPEC(NAME, GC, 4) SPEC(NAME, GC, 8)
 #define SPEC_ALL(NAME)                                                                               \
-    SPEC(NAME, 0, 0) SPEC_NV(NAME, 1) SPEC_NV(NAME, 2) SPEC_NV(NAME, 3) SPEC_NV(NAME, 4)             \
-    SPEC_NV(NAME, 6) SPEC_NV(NAME, 7) SPEC_NV(NAME, 8)                                               \
-typedef void (*item_fn)(const float *, const uint16_t *, int, const int64_t *, const uint64_t *, int, int, int, int, int, int, float, float *, float *, float *); \
+static void NAME##_item_any(const item_job *J, int H_kv, int G, int D, int bs, float scale) {      \
+    NAME##_item_body(J, H_kv, G, D, bs, scale, 0, 0, 2);                                             \
+}                                                                                                    \
+SPEC_NV(NAME, 1) SPEC_NV(NAME, 2) SPEC_NV(NAME, 3) SPEC_NV(NAME, 4) SPEC_NV(NAME, 5)                 \
+SPEC_NV(NAME, 6) SPEC_NV(NAME, 7) SPEC_NV(NAME, 8)                                                   \
+/* the code for a geometry: chosen from (G, D, bs) alone, so every call, thread and process      \
+   computes an item the same way */                                                                 \
 static item_fn NAME##_pick(int G, int D, int bs) {                                                   \
-    if (D % 16 || bs % 16) return NAME##_generic_heads;                                              \
-    int nv = D / 16;                                                                                 \
-    _Pragma("GCC diagnostic push")                                                                   \
-    switch (G * 100 + (nv == 1 || nv == 4 || nv == 8 ? nv : 0)) {                                    \
-    case 101: return NAME##_avx512_g1_nv1; case 104: return NAME##_avx512_g1_nv4; case 108: return NAME##_avx512_g1_nv8; \
-    case 201: return NAME##_avx512_g2_nv1; case 204: return NAME##_avx512_g2_nv4; case 208: return NAME##_avx512_g2_nv8; \
-    case 301: return NAME##_avx512_g3_nv1; case 304: return NAME##_avx512_g3_nv4; case 308: return NAME##_avx512_g3_nv8; \
-    case 401: return NAME##_avx512_g4_nv1; case 404: return NAME##_avx512_g4_nv4; case 408: return NAME##_avx512_g4_nv8; \
-    case 601: return NAME##_avx512_g6_nv1; case 604: return NAME##_avx512_g6_nv4; case 608: return NAME##_avx512_g6_nv8; \
-    case 701: return NAME##_avx512_g7_nv1; case 704: return NAME##_avx512_g7_nv4; case 708: return NAME##_avx512_g7_nv8; \
-    case 801: return NAME##_avx512_g8_nv1; case 804: return NAME##_avx512_g8_nv4; case 808: return NAME##_avx512_g8_nv8; \
-    default: return NAME##_avx512_g0_nv0;                                                            \
-    }                                                                                                \
-    _Pragma("GCC diagnostic pop")                                                                    \
+    if (D % 32 || bs % 16) return NAME##_item_generic;                                               \
+    static const item_fn tab[8][2] = {                                                               \
+        {NAME##_item_g1_nv4, NAME##_item_g1_nv8}, {NAME##_item_g2_nv4, NAME##_item_g2_nv8},          \
+        {NAME##_item_g3_nv4, NAME##_item_g3_nv8}, {NAME##_item_g4_nv4, NAME##_item_g4_nv8},          \
+        {NAME##_item_g5_nv4, NAME##_item_g5_nv8}, {NAME##_item_g6_nv4, NAME##_item_g6_nv8},          \
+        {NAME##_item_g7_nv4, NAME##_item_g7_nv8}, {NAME##_item_g8_nv4, NAME##_item_g8_nv8}};         \
+    int c = D == 64 ? 0 : D == 128 ? 1 : -1;                                                         \
+    return G <= 8 && c >= 0 ? tab[G - 1][c] : NAME##_item_any;                                       \
 }
 SPEC_ALL(f32)
 SPEC_ALL(bf16)
 SPEC_ALL(f16)
 #define PICK(NAME) NAME##_pick(G, D, bs)
-#define VPERM_f32 0
-#define VPERM_f16 0
-#define VPERM_bf16 1
-#define VPERMUTED(NAME) (VPERM_##NAME && D % 32 == 0 && bs % 16 == 0)
 #else
-#define VPERMUTED(NAME) 0
-typedef void (*item_fn)(const float *, const uint16_t *, int, const int64_t *, const uint64_t *, int, int, int, int, int, int, float, float *, float *, float *);
-#define PICK(NAME) NAME##_generic_heads
+#define PICK(NAME) NAME##_item_generic
 #endif
 
-#define DEFINE_DRIVER(NAME, KV_T, LOAD)                                                                 \
-int kvo_paged_attn_##NAME(int B, int H_kv, int G, int D, int bs, const float *q, int64_t q_bs,        \
-                          const int64_t *blk_first, const int64_t *blk, const int64_t *last_len,      \
-                          const KV_T *k_new, int64_t k_bs, const KV_T *v_new, int64_t v_bs,           \
-                          const int64_t *app_ptr, const int64_t *app_pos, float scale, float *out,    \
-                          float *lse, int threads, const uint64_t *tmask) {                           \
-    if (G > G_MAX || D > D_MAX || bs > BS_MAX || bs < 1 || H_kv * G > H_MAX || (tmask && bs > 64)) return -1;                                  \
-    int H = H_kv * G;                                                                                 \
-    size_t kblock = (size_t)D * bs;                         /* elements of one head's K (or V) */    \
-    /* 1. append the new token into its tail slot */                                                  \
-    if (app_ptr) {                                                                                    \
-        for (int b = 0; b < B; b++) {                                                                 \
-            if (!app_ptr[b]) continue;                                                                \
-            KV_T *slot = (KV_T *)app_ptr[b];                                                          \
-            int64_t t = app_pos[b];                                                                   \
-            for (int h = 0; h < H_kv; h++) {                                                          \
-                KV_T *kc = slot + h * kblock, *vr = slot + (H_kv + h) * kblock + t * D;               \
-                const KV_T *ks = k_new + b * k_bs + (size_t)h * D, *vs = v_new + b * v_bs + (size_t)h * D; \
-                for (int d = 0; d < D; d++) kc[(size_t)(d >> 1) * bs * 2 + 2 * t + (d & 1)] = ks[d];  \
-                memcpy(vr, vs, sizeof(KV_T) * D);                                                     \
-            }                                                                                         \
-        }                                                                                             \
-    }                                                                                                 \
-    /* 2. work items: (b, run of CHUNK_BLOCKS slots), every head */                                 \
-    int64_t *first = malloc(sizeof(int64_t) * (B + 1));                                             \
-    first[0] = 0;                                                                                     \
-    for (int b = 0; b < B; b++) {                                                                     \
-        int64_t nb = blk_first[b + 1] - blk_first[b];                                                 \
-        first[b + 1] = first[b] + (nb + CHUNK_BLOCKS - 1) / CHUNK_BLOCKS;                             \
-    }                                                                                                 \
-    int64_t N = first[B];                                                                             \
-    item_fn item = PICK(NAME);                                  /* chosen once, not per item */      \
-    int vperm = VPERMUTED(NAME);                                                                      \
-    float *pm = malloc(sizeof(float) * (N * H + 1)), *pl = malloc(sizeof(float) * (N * H + 1));       \
-    float *po = malloc(sizeof(float) * (N * H * D + 1));                                              \
-    _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads)")                            \
-    for (int64_t i = 0; i < N; i++) {                                                                 \
-        int b = 0;                                                                                    \
-        while (first[b + 1] <= i) b++;                                                                \
-        int64_t nb = blk_first[b + 1] - blk_first[b];                                                 \
-        int64_t j0 = (i - first[b]) * CHUNK_BLOCKS, j1 = j0 + CHUNK_BLOCKS < nb ? j0 + CHUNK_BLOCKS : nb; \
-        int n_last = j1 == nb ? (int)last_len[b] : bs;                                                \
-        float qf[H_MAX * D_MAX];                                                                      \
-        /* bf16 hi + lo parts of q, for VDPBF16PS: the lo pass runs only if q is not bf16 already */ \
-        uint16_t qb[2 * H_MAX * D_MAX];                                                               \
-        const float *qs = q + b * q_bs;                                                               \
-        int qlo = 0;                                                                                  \
-        for (int e = 0; e < H * D; e++) {                                                             \
-            qf[e] = qs[e];                                                                            \
-            qb[e] = f32_to_bf16(qf[e]);                                                               \
-            qb[H * D + e] = f32_to_bf16(qf[e] - bf16_to_f32(qb[e]));                                  \
-            if (qb[H * D + e] & 0x7fff) qlo = H * D;                                                  \
-        }                                                                                             \
-        item(qf, qb, qlo, blk + blk_first[b] + j0, tmask ? tmask + (blk_first[b] + j0) * H_kv : NULL,   \
-             (int)(j1 - j0), n_last, H_kv, G, D, bs, scale,                                           \
-                   pm + i * H, pl + i * H, po + i * H * D);                                           \
-    }                                                                                                 \
-    /* 3. merge the runs of each sequence through their log-sum-exp */                                \
-    for (int b = 0; b < B; b++) {                                                                     \
-        int64_t nch = first[b + 1] - first[b], i0 = first[b];                                         \
-        for (int hg = 0; hg < H; hg++) {                                                              \
-            float M = -INFINITY, L = 0.f;                                                             \
-            for (int64_t c = 0; c < nch; c++) M = pm[(i0 + c) * H + hg] > M ? pm[(i0 + c) * H + hg] : M; \
-            float *od = out + ((size_t)b * H + hg) * D;                                               \
-            memset(od, 0, sizeof(float) * D);                                                         \
-            if (M == -INFINITY) {                                                                     \
-                lse[(size_t)b * H + hg] = -INFINITY;                                                  \
-                continue;                                                                             \
-            }                                                                                         \
-            for (int64_t c = 0; c < nch; c++) {                                                       \
-                float w = expf(pm[(i0 + c) * H + hg] - M);                                            \
-                L += w * pl[(i0 + c) * H + hg];                                                       \
-                const float *oc = po + ((i0 + c) * H + hg) * D;                                       \
-                for (int d = 0; d < D; d++) od[d] += w * oc[vperm ? out_index(d) : d];                \
-            }                                                                                         \
-            for (int d = 0; d < D; d++) od[d] /= L;                                                   \
-            lse[(size_t)b * H + hg] = M + logf(L);                                                    \
-        }                                                                                             \
-    }                                                                                                 \
-    free(first); free(pm); free(pl); free(po);                                                        \
-    return 0;                                                                                         \
+/* ---------------------------------------------------------------------------------------------
+ * Merge: the one function every merge of partials goes through (inside kvo_paged_attn_* and in
+ * kvo_merge_parts). One (row, head): parts order[p0 .. p1) (or p0 .. p1 when order is NULL), in
+ * that order. Parts with lse = -inf are skipped; none left: out = 0, lse = -inf.
+ * ------------------------------------------------------------------------------------------- */
+__attribute__((noinline)) static void merge_head(int64_t p0, int64_t p1, const int64_t *order, int H, int D,
+                                                 int hg, const float *part_o, const float *part_lse,
+                                                 float *out, float *lse) {
+    float M = -INFINITY;
+    for (int64_t k = p0; k < p1; k++) {
+        float x = part_lse[(order ? order[k] : k) * H + hg];
+        if (x > M) M = x;
+    }
+    for (int d = 0; d < D; d++) out[d] = 0.f;
+    if (M == -INFINITY) {
+        *lse = -INFINITY;
+        return;
+    }
+    float L = 0.f;
+    for (int64_t k = p0; k < p1; k++) {
+        int64_t p = order ? order[k] : k;
+        float x = part_lse[p * H + hg];
+        if (!(x > -INFINITY)) continue;
+        float w = expf(x - M);
+        const float *o = part_o + (p * H + hg) * D;
+        L += w;
+        for (int d = 0; d < D; d++) out[d] = fmaf(w, o[d], out[d]);
+    }
+    for (int d = 0; d < D; d++) out[d] /= L;
+    *lse = M + logf(L);
 }
 
-DEFINE_DRIVER(f32, float, f32_id)
-DEFINE_DRIVER(bf16, uint16_t, bf16_to_f32)
-DEFINE_DRIVER(f16, uint16_t, f16_to_f32)
+/* row_first non-decreasing from 0.., every part index used within [0, n_parts) */
+static int parts_ok(int R, const int64_t *row_first, const int64_t *order, int64_t n_parts) {
+    if (row_first[0] < 0) return 0;
+    for (int r = 0; r < R; r++)
+        if (row_first[r + 1] < row_first[r]) return 0;
+    if (!order) return row_first[R] <= n_parts;
+    for (int64_t k = row_first[0]; k < row_first[R]; k++)
+        if (order[k] < 0 || order[k] >= n_parts) return 0;
+    return 1;
+}
+
+/* every (row, head) of the R rows; called inside a parallel region or alone */
+static void merge_rows(int R, int H, int D, const int64_t *row_first, const int64_t *order,
+                       const float *part_o, const float *part_lse, float *out, float *lse) {
+    _Pragma("omp for schedule(dynamic, 4)")
+    for (int64_t u = 0; u < (int64_t)R * H; u++) {
+        int64_t r = u / H;
+        int hg = (int)(u % H);
+        merge_head(row_first[r], row_first[r + 1], order, H, D, hg, part_o, part_lse,
+                   out + u * D, lse + u);
+    }
+}
+
+void kvo_merge_parts(int R, int H, int D, const int64_t *row_first, const int64_t *order,
+                     const float *part_o, const float *part_lse, float *out, float *lse, int threads) {
+    if (threads < 1) threads = 1;
+    _Pragma("omp parallel num_threads(threads) if (threads > 1 && R * H > 8)")
+    {
+        unsigned csr = fp_mode_enter();
+        merge_rows(R, H, D, row_first, order, part_o, part_lse, out, lse);
+        fp_mode_leave(csr);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Append (optional), items, merge (optional): one call.
+ * ------------------------------------------------------------------------------------------- */
+#define DEFINE_DRIVER(NAME, KV_T)                                                                     \
+int kvo_paged_attn_##NAME(int H_kv, int G, int D, int bs,                                            \
+        int n_app, const KV_T *k_new, int64_t k_bs, const KV_T *v_new, int64_t v_bs,                 \
+        const int64_t *app_slot, const int64_t *app_col,                                             \
+        int N, const float *q, int64_t q_rs, const int64_t *item_row, const int64_t *item_first,     \
+        const int64_t *item_last, const int64_t *blk, const uint64_t *tmask, float scale,            \
+        float *part_o, float *part_lse,                                                              \
+        int R, const int64_t *row_first, const int64_t *order, float *out, float *lse, int threads) { \
+    if (H_kv < 1 || G < 1 || G > G_MAX || D < 2 || D % 2 || D > D_MAX || bs < 1 || bs > BS_MAX ||    \
+        H_kv * G > H_MAX || (tmask && bs > MASK_BS_MAX) || N < 0 || R < 0 || n_app < 0)              \
+        return -1;                                                                                    \
+    for (int i = 0; i < N; i++)                                                                      \
+        if (item_first[i + 1] < item_first[i] || item_last[i] < 1 || item_last[i] > bs) return -2;   \
+    if (R > 0 && !parts_ok(R, row_first, order, N)) return -3;                                       \
+    if (threads < 1) threads = 1;                                                                    \
+    const int H = H_kv * G;                                                                          \
+    const size_t kblock = (size_t)D * bs;              /* elements of one head's K (or V) block */  \
+    /* 1. append: token b's k/v into column app_col[b] of the slot at app_slot[b] */                 \
+    for (int b = 0; b < n_app; b++) {                                                                \
+        KV_T *slot = (KV_T *)app_slot[b];                                                            \
+        int64_t t = app_col[b];                                                                      \
+        if (!slot || t < 0 || t >= bs) continue;                                                     \
+        for (int h = 0; h < H_kv; h++) {                                                             \
+            KV_T *kc = slot + h * kblock, *vr = slot + (H_kv + h) * kblock + t * D;                  \
+            const KV_T *ks = k_new + b * k_bs + (size_t)h * D, *vs = v_new + b * v_bs + (size_t)h * D; \
+            for (int d = 0; d < D; d++) kc[(size_t)(d >> 1) * bs * 2 + 2 * t + (d & 1)] = ks[d];     \
+            memcpy(vr, vs, sizeof(KV_T) * D);                                                        \
+        }                                                                                            \
+    }                                                                                                \
+    item_fn fn = PICK(NAME);                            /* chosen from (G, D, bs) alone */          \
+    int par = threads > 1 && N > 1;                                                                  \
+    _Pragma("omp parallel num_threads(threads) if (par)")                                           \
+    {                                                                                                \
+        unsigned csr = fp_mode_enter();                                                              \
+        /* 2. items, each computed whole by one thread (dynamic: items differ in length) */          \
+        _Pragma("omp for schedule(dynamic, 1)")                                                      \
+        for (int64_t i = 0; i < N; i++) {                                                            \
+            int64_t f = item_first[i];                                                               \
+            item_job J = {.q = q + item_row[i] * q_rs, .blk = blk + f,                               \
+                          .tm = tmask ? tmask + f * H_kv : NULL,                                     \
+                          .nb = (int)(item_first[i + 1] - f), .n_last = (int)item_last[i],           \
+                          .o = part_o + (size_t)i * H * D, .lse = part_lse + (size_t)i * H};         \
+            fn(&J, H_kv, G, D, bs, scale);                                                           \
+        }                                                                                            \
+        /* 3. merge each row's parts in the given order (after the loop's barrier) */        \
+        if (R > 0) merge_rows(R, H, D, row_first, order, part_o, part_lse, out, lse);                \
+        fp_mode_leave(csr);                                                                          \
+    }                                                                                                \
+    return 0;                                                                                        \
+}
+DEFINE_DRIVER(f32, float)
+DEFINE_DRIVER(bf16, uint16_t)
+DEFINE_DRIVER(f16, uint16_t)
 
 /* Memory read bandwidth probe for `kvoffload bench attention`: sums n floats with `threads`
  * threads (AVX-512 where available), so the peak is measured the way the kernel reads. */

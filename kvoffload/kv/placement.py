@@ -1,161 +1,149 @@
-"""Where each full block lives, and what spills when a tier's budget is full (no data moves
-here: placement is the *prepare* phase; it returns :class:`Move` records that the backend
-*completes* by copying bytes, in order).
+"""Where each chunk lives, and what spills when a tier's budget is full. No data moves here:
+placement is the *prepare* phase; it returns :class:`Move` records that the block store
+*completes* by copying bytes, in order.
 
-Policy: a new block goes to the fastest tier; if that tier is full, its oldest block that is
-neither an attention sink nor in the recent window is demoted one tier down (recursively), so
-sinks and recent blocks stay fast. If a tier has nothing left to demote, the new block goes to
-the next tier. When every tier is full the request cannot proceed (:class:`KVBudgetExceeded`).
+The unit is the chunk (``chunk_blocks`` consecutive blocks of one (sequence, layer)): a chunk's
+blocks all live in one tier, in consecutive slots. A new chunk goes to the fastest tier with
+room; if that tier is full, its oldest chunk that is neither a sink chunk (it holds attention
+sink tokens) nor touched by the recent window is demoted one tier down (recursively), so sinks
+and recent tokens stay fast. If a tier has nothing left to demote, the new chunk goes to the
+next tier. When every tier is full the request cannot proceed (:class:`KVBudgetExceeded`).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Protocol
 
 from kvoffload.errors import KvoffloadError
 
-Key = tuple[int, int, int]             # (seq_id, layer, block index)
+Key = tuple[int, int, int]             # (seq_id, layer, chunk index)
 
 
 class KVBudgetExceeded(KvoffloadError):
     """Every tier is full."""
 
 
+class ChunkAllocator(Protocol):
+    """What placement needs of a tier."""
+
+    name: str
+
+    @property
+    def used(self) -> int: ...
+    def has_room(self) -> bool: ...
+    def alloc(self) -> int: ...
+    def release(self, chunk: int) -> None: ...
+
+
 @dataclass(frozen=True)
 class Loc:
-    """A block's home: tier level (0 = device, 1 = host, 2 = disk), disk shard, slot."""
+    """A chunk's home: the tier's position in the ordered list, and the tier's chunk number."""
 
-    level: int
-    shard: int
-    slot: int
+    tier: int
+    chunk: int
 
 
 @dataclass(frozen=True)
 class Move:
-    """Copy block ``key`` from ``src`` (``None``: from the sequence's tail buffer) to ``dst``."""
+    """Copy the first ``blocks`` blocks of chunk ``key`` from ``src`` to ``dst``."""
 
     key: Key
-    src: Loc | None
+    src: Loc
     dst: Loc
-
-
-class SlotPool:
-    """Slot numbers of one tier (or disk shard) within a capacity (``None`` = unlimited)."""
-
-    def __init__(self, capacity: int | None) -> None:
-        self.capacity, self.used, self._free, self._next = capacity, 0, [], 0
-
-    def has_room(self) -> bool:
-        return self.capacity is None or self.used < self.capacity
-
-    def alloc(self) -> int:
-        self.used += 1
-        if self._free:
-            return self._free.pop()
-        self._next += 1
-        return self._next - 1
-
-    def free(self, slot: int) -> None:
-        self.used -= 1
-        self._free.append(slot)
-
-
-class Level:
-    """One tier: its shards' slot pools (one unless disk) and the blocks it may demote."""
-
-    def __init__(self, name: str, pools: list[SlotPool], capacity: int | None) -> None:
-        self.name, self.pools, self.capacity = name, pools, capacity
-        self.used = 0
-        self.evictable: OrderedDict[Key, None] = OrderedDict()
-        self._rr = 0
-
-    def has_room(self) -> bool:
-        return (self.capacity is None or self.used < self.capacity) and any(p.has_room() for p in self.pools)
-
-    def alloc(self, level: int) -> Loc:
-        for _ in range(len(self.pools)):                    # round-robin over shards
-            shard = self._rr
-            self._rr = (self._rr + 1) % len(self.pools)
-            if self.pools[shard].has_room():
-                self.used += 1
-                return Loc(level, shard, self.pools[shard].alloc())
-        raise KVBudgetExceeded(self.name)
-
-    def release(self, loc: Loc) -> None:
-        self.used -= 1
-        self.pools[loc.shard].free(loc.slot)
+    blocks: int
 
 
 class Placement:
-    """Block tables of every sequence (per layer: block index -> :class:`Loc`) plus the levels."""
+    """Chunk tables of every sequence (per layer: chunk index -> :class:`Loc`), blocks placed
+    per (sequence, layer), and per tier the chunks it may demote (oldest first)."""
 
-    def __init__(self, levels: list[Level], sink_blocks: int, recent_blocks: int) -> None:
-        self.levels, self.sink_blocks, self.recent_blocks = levels, sink_blocks, recent_blocks
+    def __init__(self, tiers: list[ChunkAllocator], chunk_blocks: int, sink_chunks: int, recent_blocks: int) -> None:
+        self.tiers, self.cb = tiers, chunk_blocks
+        self.sink_chunks, self.recent_blocks = sink_chunks, recent_blocks
         self.tables: dict[int, list[list[Loc]]] = {}
+        self.blocks: dict[int, list[int]] = {}              # seq -> per layer full blocks placed
+        self.evictable: list[OrderedDict[Key, None]] = [OrderedDict() for _ in tiers]
+        self._marked: dict[tuple[int, int], int] = {}       # (seq, layer) -> chunks made evictable
         self.stamp: dict[tuple[int, int], int] = {}         # (seq, layer) -> changes so far (caches)
 
     def add_seq(self, seq_id: int, num_layers: int) -> None:
         self.tables[seq_id] = [[] for _ in range(num_layers)]
+        self.blocks[seq_id] = [0] * num_layers
 
     def remove_seq(self, seq_id: int) -> None:
         for layer, locs in enumerate(self.tables.pop(seq_id, [])):
-            for i, loc in enumerate(locs):
-                lv = self.levels[loc.level]
-                lv.release(loc)
-                lv.evictable.pop((seq_id, layer, i), None)
+            for c, loc in enumerate(locs):
+                self.tiers[loc.tier].release(loc.chunk)
+                self.evictable[loc.tier].pop((seq_id, layer, c), None)
             self.stamp.pop((seq_id, layer), None)
+            self._marked.pop((seq_id, layer), None)
+        self.blocks.pop(seq_id, None)
 
-    def place_new(self, seq_id: int, layer: int) -> list[Move]:
-        """The next full block of (seq, layer), from its tail: the moves to perform, in order."""
+    def place_block(self, seq_id: int, layer: int) -> tuple[list[Move], Loc, int]:
+        """The next full block of (seq, layer): the moves to complete first (in order), then the
+        chunk it goes to and its index in that chunk."""
         locs = self.tables[seq_id][layer]
-        n = len(locs)
-        key = (seq_id, layer, n)
-        old = n - self.recent_blocks                  # the block that leaves the recent window now
-        if self.sink_blocks <= old < n:
-            self.levels[locs[old].level].evictable[(seq_id, layer, old)] = None
+        n = self.blocks[seq_id][layer]
+        c, i = divmod(n, self.cb)
         moves: list[Move] = []
-        loc = self._room(0, moves, key)
-        moves.append(Move(key, None, loc))
-        locs.append(loc)
-        if old == n and n >= self.sink_blocks:        # no recent window: evictable at once
-            self.levels[loc.level].evictable[key] = None
+        if i == 0:                                          # a new chunk
+            locs.append(self._room(0, moves))
+        self.blocks[seq_id][layer] = n + 1
+        self._mark(seq_id, layer)
         self._touch(seq_id, layer)
-        return moves
+        return moves, locs[c], i
+
+    def _mark(self, seq_id: int, layer: int) -> None:
+        """Chunks that are complete, past the sinks and out of the recent window may be demoted."""
+        n = self.blocks[seq_id][layer]
+        ready = max(0, n - self.recent_blocks) // self.cb          # chunks wholly before the window
+        done = self._marked.get((seq_id, layer), self.sink_chunks)
+        locs = self.tables[seq_id][layer]
+        for c in range(max(done, self.sink_chunks), ready):
+            self.evictable[locs[c].tier][(seq_id, layer, c)] = None
+        self._marked[(seq_id, layer)] = max(done, ready)
 
     def drop_from(self, seq_id: int, layer: int, n: int) -> None:
-        """Release blocks ``n ..`` of (seq, layer) (a truncated sequence): their slots are free."""
+        """Keep blocks ``0 .. n-1`` of (seq, layer) (a truncated sequence): chunks past them are
+        released; the chunk cut in two keeps its slots (its later blocks will be rewritten)."""
         locs = self.tables[seq_id][layer]
-        while len(locs) > n:
-            i = len(locs) - 1
+        keep = -(-n // self.cb)
+        while len(locs) > keep:
+            c = len(locs) - 1
             loc = locs.pop()
-            lv = self.levels[loc.level]
-            lv.release(loc)
-            lv.evictable.pop((seq_id, layer, i), None)
+            self.tiers[loc.tier].release(loc.chunk)
+            self.evictable[loc.tier].pop((seq_id, layer, c), None)
+        self.blocks[seq_id][layer] = n
+        ready = max(0, n - self.recent_blocks) // self.cb
+        for c in range(ready, len(locs)):                   # back in the recent window
+            self.evictable[locs[c].tier].pop((seq_id, layer, c), None)
+        self._marked[(seq_id, layer)] = max(self.sink_chunks, ready)
         self._touch(seq_id, layer)
 
     def _touch(self, seq_id: int, layer: int) -> None:
         self.stamp[(seq_id, layer)] = self.stamp.get((seq_id, layer), 0) + 1
 
-    def _room(self, level: int, moves: list[Move], key: Key) -> Loc:
-        """A free slot at ``level`` or below, demoting (appending moves) where needed."""
-        for lv_i in range(level, len(self.levels)):
-            lv = self.levels[lv_i]
-            if lv.has_room():
-                return lv.alloc(lv_i)
-            if lv.evictable and lv_i + 1 < len(self.levels):
-                vkey, _ = lv.evictable.popitem(last=False)
-                vsid, vlayer, vidx = vkey
-                src = self.tables[vsid][vlayer][vidx]
-                dst = self._room(lv_i + 1, moves, vkey)      # deeper moves are listed first
-                moves.append(Move(vkey, src, dst))
-                self.tables[vsid][vlayer][vidx] = dst
+    def _room(self, level: int, moves: list[Move]) -> Loc:
+        """A free chunk at tier ``level`` or below, demoting (appending moves) where needed."""
+        for t in range(level, len(self.tiers)):
+            tier = self.tiers[t]
+            if tier.has_room():
+                return Loc(t, tier.alloc())
+            if self.evictable[t] and t + 1 < len(self.tiers):
+                vkey, _ = self.evictable[t].popitem(last=False)
+                vsid, vlayer, vc = vkey
+                src = self.tables[vsid][vlayer][vc]
+                dst = self._room(t + 1, moves)               # deeper moves are listed first
+                moves.append(Move(vkey, src, dst, self.cb))
+                self.tables[vsid][vlayer][vc] = dst
                 self._touch(vsid, vlayer)
-                lv.release(src)
-                self.levels[dst.level].evictable[vkey] = None
-                return lv.alloc(lv_i)
+                tier.release(src.chunk)
+                self.evictable[dst.tier][vkey] = None
+                return Loc(t, tier.alloc())
         raise KVBudgetExceeded(self._full_message())
 
     def _full_message(self) -> str:
-        parts = [f"{lv.name} {lv.used} blocks" for lv in self.levels]
+        parts = [f"{t.name} {t.used} chunks" for t in self.tiers]
         return "KV cache does not fit in the tier budgets (full: " + ", ".join(parts) + ")"

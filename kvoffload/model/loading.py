@@ -11,17 +11,16 @@ import torch
 
 from kvoffload.config import EngineConfig, ModelConfig
 from kvoffload.device import resolve_dtype
+from kvoffload.dtypes import torch_dtype
 from kvoffload.errors import ModelLoadError
 from kvoffload.model.llama import Transformer
 from kvoffload.model.loader.common import LoadedCheckpoint
 from kvoffload.model.loader.gguf_loader import load_gguf, read_gguf_config
 from kvoffload.model.loader.hf_loader import load_hf_dir, read_hf_config
 from kvoffload.model.quant import quantize
-from kvoffload.model.rope import Rope
 from kvoffload.model.registry import resolve_model
+from kvoffload.model.rope import Rope
 from kvoffload.model.tokenizer import Tokenizer
-
-DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -77,7 +76,7 @@ def load_model(cfg: EngineConfig, device: torch.device) -> tuple[Transformer, To
     t0 = time.perf_counter()
     path = resolve_model(cfg.model, cfg.cache_dir)
     dtype = resolve_dtype(cfg.dtype, device)
-    ckpt = read_checkpoint(path, DTYPE[dtype])
+    ckpt = read_checkpoint(path, torch_dtype(dtype))
     quant = resolve_quantization(cfg.quantization, device, dtype, ckpt)
     tokenizer = (Tokenizer.from_hf_dir(ckpt.tokenizer_source) if isinstance(ckpt.tokenizer_source, str)
                  else Tokenizer.from_gguf_metadata(ckpt.tokenizer_source))
@@ -85,7 +84,7 @@ def load_model(cfg: EngineConfig, device: torch.device) -> tuple[Transformer, To
     file_format, weight_type = ckpt.file_format, ckpt.weight_type
     del ckpt
     if quant != "none":
-        quantize(model, quant, DTYPE[dtype], device, cfg.quant_max_rows)
+        quantize(model, quant, torch_dtype(dtype), device, cfg.quant_max_rows)
     tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
     weight_bytes = sum(t.nbytes for t in tensors.values()) - model.rope.cos.nbytes - model.rope.sin_signed.nbytes
     stats = LoadStats(path, file_format, weight_type, dtype, quant, time.perf_counter() - t0,

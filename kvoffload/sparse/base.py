@@ -125,6 +125,15 @@ class SparseCounters:
         self.read += sum(len(b) for b in sel.blocks) * bs + tail * H_kv
         self.bytes_per_token = bytes_per_token
 
+    def finish(self, chosen: list[Selection], o: torch.Tensor, starts: tuple[int, ...], bs: int,
+               bytes_per_token: int) -> torch.Tensor:
+        """After a batch's sparse step: count what its selections read and apply their output
+        correction (SparF's) to o ``[B, H, D]`` (the attention over the chosen tokens)."""
+        for b, (sel, s) in enumerate(zip(chosen, starts)):
+            self.add(sel, s + 1, bs, bytes_per_token)
+            o[b] = sel.corrected(o[b])
+        return o
+
     @property
     def read_fraction(self) -> float:
         """Tokens read / tokens a dense step would read."""
@@ -205,6 +214,18 @@ class SparsePolicy:
         return self.bs
 
     # ---- selection ----
+    def select_batch(self, layer: int, seq_ids: tuple[int, ...], q: torch.Tensor, starts: tuple[int, ...],
+                     k: torch.Tensor, v: torch.Tensor) -> list[Selection]:
+        """One decode step of a batch at a sparse layer: append each sequence's new token (k, v
+        ``[B, H_kv, D]``, as stored, at position ``starts[b]``) to its metadata, then select for
+        query q ``[B, H, D]`` over its ``starts[b] + 1`` tokens. (This is the reference: one
+        sequence at a time.)"""
+        out = []
+        for b, (sid, s) in enumerate(zip(seq_ids, starts)):
+            self.append(layer, sid, s, k[b, :, None], v[b, :, None])
+            out.append(self.select(layer, sid, q[b], s + 1))
+        return out
+
     def select(self, layer: int, seq_id: int, q: torch.Tensor, length: int, budget: int | None = None) -> Selection:
         """q ``[H, D]``: the current query; ``length``: tokens in the sequence, this one included;
         ``budget``: tokens to attend (default: the configured budget at this length)."""

@@ -5,7 +5,7 @@ dot product of the query with the mean of its post-RoPE keys (no softmax, no sca
 query head, max over the GQA group; the first chunk (the attention sink) is always kept and
 the top chunks fill the budget. TriForce selects once, with the last prefill token's query,
 and gathers the chosen K/V into the draft's cache; that is how ``--speculate self`` uses it
-(``kvoffload/spec/``). Registered as a policy it also serves plain sparse decode, selecting
+(``kvoffload/speculative/``). Registered as a policy it also serves plain sparse decode, selecting
 every step.
 
 Departures: the sink is rounded up to one whole block (16 tokens: chunks 0 and 1, where

@@ -21,13 +21,14 @@ from test_tiered import (  # tests/attention and tests/ are on pytest's path
 
 from kvoffload import SamplingParams
 from kvoffload.kv.layout import BlockLayout
-from kvoffload.kv.tiers.disk import DiskIOError, DiskShard, aligned_buffer
+from kvoffload.kv.tiers.disk_worker import DiskIOError, DiskShard, aligned_buffer
 
 
 def test_killed_disk_worker_is_restarted_output_unchanged(dense):
     params = SamplingParams(max_tokens=24, ignore_eos=True)
     ref = [o.token_ids for o in dense.generate(PROMPTS, params)]
-    eng = tiered_engine(dense, kv_host_budget=0, disk_workers=2)
+    eng = tiered_engine(dense, kv_tiers="disk:none", disk_workers=2)
+    disk = eng.kv.tiers[0]
     try:
         ids = [eng.add_request(dense.encode(p), params) for p in PROMPTS]
         steps = 0
@@ -35,12 +36,12 @@ def test_killed_disk_worker_is_restarted_output_unchanged(dense):
             eng.step()
             steps += 1
             if steps in (8, 15):                      # mid-decode, each worker once
-                victim = eng.kv.disk[steps % 2]
+                victim = disk.workers[steps % 2]
                 os.kill(victim.proc.pid, signal.SIGKILL)
                 victim.proc.wait()
         got = [eng.pop_finished(i).output_ids for i in ids]
         assert got == ref
-        assert sum(w.restarts for w in eng.kv.disk) == 2
+        assert disk.restarts == 2
     finally:
         eng.kv.close()
 
@@ -54,13 +55,16 @@ def test_disk_full_is_a_clear_error():
 def test_disk_budget_exhausted_is_one_line(tiny_hf, tmp_path):
     _, path = tiny_hf("qwen2")
     r = kvo("generate", "-m", path, "--prompt", "x" * 200, "-n", "4", "--kv-host-budget", "0",
-            "--kv-disk-budget", "16KiB", "--offload-dir", str(tmp_path), "--block-size", "4")
+            "--kv-disk-budget", "16KiB", "--offload-dir", str(tmp_path), "--block-size", "4", "--kv-chunk-blocks", "2")
     assert_one_line_error(r, "does not fit")
     assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("flags,word", [
-    (["--kv-host-budget", "100"], "smaller than one KV block"),
+    (["--kv-host-budget", "100"], "smaller than one KV chunk"),
+    (["--kv-tiers", "host:1MiB,tape:1GiB"], "unknown KV tier 'tape'"),
+    (["--kv-tiers", "host"], "bad --kv-tiers entry"),
+    (["--kv-tiers", "host:1MiB", "--kv-host-budget", "1MiB"], "drop --kv-host-budget"),
     (["--kv-host-budget", "12XB"], "bad size"),
     (["--offload-dir", "/nonexistent/dir"], "does not exist"),
     (["--offload-dir", "/proc"], "cannot create"),
@@ -102,3 +106,13 @@ def test_bench_attention_runs_and_reports(tiny_hf, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "| host (RAM) |" in r.stdout and "| disk (2 workers) |" in r.stdout
     assert (tmp_path / "att.json").exists() and sorted(os.listdir(tmp_path)) == ["att.json", "att.md"]
+
+
+def test_bench_disk_runs_and_reports(tmp_path):
+    """`bench disk` end to end (a smoke test: its numbers are for benchmarks, not asserted)."""
+    out = tmp_path / "disk"
+    r = kvo("bench", "disk", "--request-sizes", "4KiB,64KiB", "--queue-depths", "1,2", "--seconds", "0.05", "-r", "1",
+            "--peak-size", "8MiB", "--offload-dir", str(tmp_path), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "| 64 KiB |" in r.stdout and sorted(os.listdir(tmp_path)) == ["disk.json", "disk.md"]
+    assert_one_line_error(kvo("bench", "disk", "--request-sizes", "1000"), "multiple of 4096")

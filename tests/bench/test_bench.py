@@ -9,7 +9,7 @@ import pytest
 from kvoffload.bench.peers import LlamaCpp, PeerUnavailable
 from kvoffload.bench.report import Report
 from kvoffload.bench.runner import BenchConfig, build_engines
-from kvoffload.bench.spec import BenchTest, make_tests, parse_ints
+from kvoffload.bench.workloads import BenchTest, make_tests, parse_ints
 from kvoffload.errors import ConfigError
 
 

@@ -1,21 +1,42 @@
-"""Placement: budgets are never exceeded, sinks and the recent window stay in the fast tier,
-moves are ordered so a freed slot is copied out before it is reused."""
+"""Placement: budgets are never exceeded, sink chunks and the recent window stay in the fast tier,
+a chunk's blocks stay together, moves are ordered so a freed chunk is copied out before it is
+reused; the disk shard round-trips its slots."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from kvoffload.config import KVConfig, parse_size
+from kvoffload.config import KVConfig, parse_size, parse_tiers
 from kvoffload.errors import ConfigError
 from kvoffload.kv.layout import BlockLayout
-from kvoffload.kv.placement import KVBudgetExceeded, Level, Placement, SlotPool
-from kvoffload.kv.tiers.disk import DiskShard, aligned_buffer
+from kvoffload.kv.placement import KVBudgetExceeded, Placement
+from kvoffload.kv.tiers.disk_worker import DiskShard, aligned_buffer
+from kvoffload.kv.tiers.protocol import ChunkPool
+
+CB = 2
+
+
+class FakeTier:
+    def __init__(self, name: str, capacity: int | None) -> None:
+        self.name, self.pool = name, ChunkPool(capacity)
+
+    @property
+    def used(self) -> int:
+        return self.pool.used
+
+    def has_room(self) -> bool:
+        return self.pool.has_room()
+
+    def alloc(self) -> int:
+        return self.pool.alloc()
+
+    def release(self, chunk: int) -> None:
+        self.pool.release(chunk)
 
 
 def make(caps, sink=1, recent=2):
-    levels = [Level(n, [SlotPool(c)], c) for n, c in zip(("device", "host", "disk"), caps)]
-    return Placement(levels, sink, recent)
+    return Placement([FakeTier(n, c) for n, c in zip(("device", "host", "disk"), caps)], CB, sink, recent)
 
 
 def simulate(p, seqs, layers, blocks):
@@ -26,47 +47,63 @@ def simulate(p, seqs, layers, blocks):
     for _ in range(blocks):
         for sid in seqs:
             for layer in range(layers):
-                for m in p.place_new(sid, layer):
-                    src = ("new", m.key) if m.src is None else store[(m.src.level, m.src.shard, m.src.slot)]
-                    store[(m.dst.level, m.dst.shard, m.dst.slot)] = src
-                for lv in p.levels:
-                    assert lv.capacity is None or lv.used <= lv.capacity
+                moves, loc, i = p.place_block(sid, layer)
+                for m in moves:
+                    for j in range(m.blocks):
+                        store[(m.dst.tier, m.dst.chunk, j)] = store[(m.src.tier, m.src.chunk, j)]
+                n = p.blocks[sid][layer] - 1
+                store[(loc.tier, loc.chunk, i)] = (sid, layer, n)
+                for t in p.tiers:
+                    assert t.pool.capacity is None or t.used <= t.pool.capacity
     for sid in seqs:
         for layer in range(layers):
-            for idx, loc in enumerate(p.tables[sid][layer]):
-                assert store[(loc.level, loc.shard, loc.slot)] == ("new", (sid, layer, idx))
+            for n in range(p.blocks[sid][layer]):
+                loc = p.tables[sid][layer][n // CB]
+                assert store[(loc.tier, loc.chunk, n % CB)] == (sid, layer, n)
     return store
 
 
 def test_budgets_hold_and_data_follows_moves():
     p = make([3, 5, None])
-    simulate(p, [0, 1], 2, 9)
-    assert [lv.used for lv in p.levels] == [3, 5, 2 * 2 * 9 - 8]
+    simulate(p, [0, 1], 2, 9)                      # 2 seqs x 2 layers x 5 chunks
+    assert [t.used for t in p.tiers] == [3, 5, 2 * 2 * 5 - 8]
 
 
 def test_sinks_and_recent_stay_fast():
-    p = make([4, None, None], sink=1, recent=1)
-    simulate(p, [0], 2, 10)
+    p = make([4, None, None], sink=1, recent=2)
+    simulate(p, [0], 2, 12)
     for layer in range(2):
         locs = p.tables[0][layer]
-        assert locs[0].level == 0 and locs[-1].level == 0           # sink and the newest block
-        assert all(loc.level == 1 for loc in locs[1:-1])
+        assert locs[0].tier == 0 and locs[-1].tier == 0             # sink chunk and the newest
+        assert all(loc.tier == 1 for loc in locs[1:-1])
 
 
 def test_all_full_raises():
     p = make([1, 1, 0], sink=0, recent=0)
     p.add_seq(0, 1)
-    p.place_new(0, 0)
-    p.place_new(0, 0)
+    for _ in range(2 * CB):
+        p.place_block(0, 0)
     with pytest.raises(KVBudgetExceeded, match="does not fit"):
-        p.place_new(0, 0)
+        p.place_block(0, 0)
 
 
-def test_parse_size():
+def test_drop_from_releases_whole_chunks():
+    p = make([None, None, None])
+    simulate(p, [0], 1, 7)                          # 4 chunks, the last half full
+    p.drop_from(0, 0, 3)                            # keeps chunks 0 and 1 (block 2 is chunk 1's first)
+    assert p.tiers[0].used == 2 and p.blocks[0][0] == 3
+    p.remove_seq(0)
+    assert p.tiers[0].used == 0
+
+
+def test_parse_size_and_tiers():
     assert parse_size("256MiB") == 256 << 20 and parse_size("1.5G") == 1_500_000_000
     assert parse_size("0") == 0 and parse_size("none") is None and parse_size("4096") == 4096
+    assert parse_tiers("host:64MiB, disk:none") == (("host", 64 << 20), ("disk", None))
     with pytest.raises(ConfigError, match="bad size"):
         parse_size("12XB")
+    with pytest.raises(ConfigError, match="twice"):
+        parse_tiers("host:1MiB,host:2MiB")
     with pytest.raises(ConfigError, match="block_size"):
         KVConfig(block_size=0)
 
@@ -83,3 +120,23 @@ def test_disk_shard_roundtrip(tmp_path):
     got = np.frombuffer(buf, dtype=np.uint16, count=5 * lay.disk_stride // 2).reshape(5, -1)[:, :lay.slot_elems]
     assert np.array_equal(got, data[order])
     assert DiskShard.runs(np.array([2, 3, 4, 7, 9])) == [(2, 3, 0), (7, 1, 3), (9, 1, 4)]
+    assert oct(__import__("os").stat(tmp_path / "s.kv").st_mode & 0o777) == "0o600"
+
+
+def test_layout_pack_roundtrip_torch_and_numpy():
+    """The one slot transform: pack / unpack / write_range agree, on torch tensors and numpy arrays."""
+    import torch
+
+    lay = BlockLayout(4, 2, 8, "float32", chunk_blocks=2)
+    k, v = torch.randn(2, 12, 8), torch.randn(2, 12, 8)
+    slots = lay.pack(k, v)
+    k2, v2 = lay.unpack(slots)
+    assert torch.equal(k, k2) and torch.equal(v, v2)
+    kn, vn = lay.unpack(slots.numpy(), 10)
+    assert np.array_equal(kn, k[:, :10].numpy()) and np.array_equal(vn, v[:, :10].numpy())
+    arr = torch.zeros(4, lay.slot_elems)
+    lay.write_range(arr, 3, k[:, 3:11], v[:, 3:11])                   # unaligned start and end
+    k3, v3 = lay.unpack(arr[:3], 11)
+    assert torch.equal(k3[:, 3:], k[:, 3:11]) and torch.equal(v3[:, 3:], v[:, 3:11])
+    first, chunk = lay.chunk_runs(np.array([0, 1, 2, 5, 6, 7, 8]))
+    assert first.tolist() == [0, 2, 3, 4, 6, 7] and chunk.tolist() == [0, 1, 2, 3, 4]

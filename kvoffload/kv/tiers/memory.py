@@ -1,8 +1,11 @@
-"""A memory tier (the compute device's memory, or host RAM): an arena of slots.
+"""Memory tiers — the compute device's memory (``device``) and host RAM (``host``) — with their
+in-process attention worker.
 
-The arena grows in fixed segments as slots are taken, up to the tier's byte budget, so an
-unused budget costs no memory. Host segments are pinned when the compute device is CUDA, so
-copies to and from the device can be asynchronous.
+Slots live in an :class:`Arena` that grows in fixed segments as chunks are taken, up to the
+tier's byte budget, so an unused budget costs no memory. Host segments are pinned when the
+compute device is CUDA. Attention runs the native paged kernel on the CPU (one call for every
+item of the request), else the PyTorch reference; it runs at ``collect()``, in the backend's
+thread, after the slower tiers were sent theirs, so it overlaps their reads.
 """
 
 from __future__ import annotations
@@ -10,60 +13,64 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kvoffload.dtypes import torch_dtype
+from kvoffload.kernels import reference
+from kvoffload.kernels.paged import Items, PagedAttention
 from kvoffload.kv.layout import BlockLayout
+from kvoffload.kv.tiers.protocol import (
+    AttendRequest,
+    AttendResult,
+    ChunkPool,
+    TierContext,
+    TierCounters,
+    TierSpec,
+    chunk_capacity,
+    expand_rows,
+)
 
 
-class TierFull(Exception):
-    """No free slot within the tier's budget (placement then spills to the next tier)."""
+class Arena:
+    """Slots of ``layout`` on one device, handed out ``unit`` consecutive slots at a time (a
+    chunk, or one slot for the write-combining tails), in segments of ``segment_units``."""
 
-
-class MemoryTier:
-    def __init__(self, name: str, layout: BlockLayout, dtype: torch.dtype, device: torch.device,
-                 capacity: int | None, segment_slots: int, pin: bool = False) -> None:
-        """capacity: slots allowed by the budget (``None`` = unlimited)."""
-        self.name, self.layout, self.dtype, self.device = name, layout, dtype, device
-        self.capacity, self.segment_slots, self.pin = capacity, segment_slots, pin
-        self.segments: list[torch.Tensor] = []                 # each [segment_slots, slot_elems]
+    def __init__(self, layout: BlockLayout, device: torch.device, unit: int, segment_units: int,
+                 capacity: int | None = None, pin: bool = False) -> None:
+        self.layout, self.device, self.unit = layout, device, unit
+        self.dtype = torch_dtype(layout.dtype)
+        self.pool = ChunkPool(capacity)
+        self.segment_units, self.pin = segment_units, pin and device.type == "cpu"
+        self.segments: list[torch.Tensor] = []                 # each [units * unit, slot_elems]
         self.addrs = np.zeros(0, dtype=np.int64)               # slot -> address
-        self._free: list[int] = []
-        self.used = 0
-
-    # ---- allocation ----
-    def has_room(self) -> bool:
-        return self.capacity is None or self.used < self.capacity
+        self._seg_of = np.zeros(0, dtype=np.int64)
+        self._row_of = np.zeros(0, dtype=np.int64)
 
     def alloc(self) -> int:
-        if not self.has_room():
-            raise TierFull(self.name)
-        if not self._free:
+        u = self.pool.alloc()
+        while (u + 1) * self.unit > len(self.addrs):
             self._grow()
-        self.used += 1
-        return self._free.pop()
+        return u
 
-    def free(self, slot: int) -> None:
-        self._free.append(slot)
-        self.used -= 1
+    def free(self, u: int) -> None:
+        self.pool.release(u)
 
     def _grow(self) -> None:
-        n = self.segment_slots
-        if self.capacity is not None:
-            n = max(1, min(n, self.capacity - len(self.addrs)))
-        seg = torch.empty(n, self.layout.slot_elems, dtype=self.dtype, device=self.device,
-                          pin_memory=self.pin and self.device.type == "cpu")
-        base = len(self.addrs)
+        units = self.segment_units
+        cap = self.pool.capacity
+        if cap is not None:
+            units = max(1, min(units, cap - len(self.addrs) // self.unit))
+        n = units * self.unit
+        seg = torch.zeros(n, self.layout.slot_elems, dtype=self.dtype, device=self.device, pin_memory=self.pin)
         self.segments.append(seg)
         stride = self.layout.slot_bytes
         self.addrs = np.concatenate([self.addrs, seg.data_ptr() + stride * np.arange(n, dtype=np.int64)])
-        self._free.extend(range(base + n - 1, base - 1, -1))     # pop() hands out low slots first
-        self._seg_of = np.repeat(np.arange(len(self.segments)), [len(s) for s in self.segments])
-        self._row_of = np.concatenate([np.arange(len(s)) for s in self.segments])
+        self._seg_of = np.concatenate([self._seg_of, np.full(n, len(self.segments) - 1, np.int64)])
+        self._row_of = np.concatenate([self._row_of, np.arange(n, dtype=np.int64)])
 
     @property
     def bytes_held(self) -> int:
         """Memory actually allocated (never more than the budget)."""
         return len(self.addrs) * self.layout.slot_bytes
 
-    # ---- data ----
     def view(self, slot: int) -> torch.Tensor:
         """``[slot_elems]`` view of one slot."""
         return self.segments[self._seg_of[slot]][self._row_of[slot]]
@@ -71,10 +78,146 @@ class MemoryTier:
     def gather(self, slots: np.ndarray) -> torch.Tensor:
         """``[n, slot_elems]`` copy of the slots, in the given order."""
         if len(self.segments) == 1:
-            return self.segments[0][torch.from_numpy(slots)]
+            return self.segments[0][torch.from_numpy(self._row_of[slots])]
         segs, rows = self._seg_of[slots], self._row_of[slots]
         out = torch.empty(len(slots), self.layout.slot_elems, dtype=self.dtype, device=self.device)
         for s in np.unique(segs):
             at = np.nonzero(segs == s)[0]
-            out[torch.from_numpy(at)] = self.segments[s][torch.from_numpy(rows[at])]
+            out[torch.from_numpy(at).to(self.device)] = self.segments[s][torch.from_numpy(rows[at]).to(self.device)]
         return out
+
+    def scatter(self, slots: np.ndarray, data: torch.Tensor) -> None:
+        """Write ``data`` ``[n, slot_elems]`` into the slots."""
+        segs, rows = self._seg_of[slots], self._row_of[slots]
+        for s in np.unique(segs):
+            at = np.nonzero(segs == s)[0]
+            self.segments[s][torch.from_numpy(rows[at]).to(self.device)] = data[torch.from_numpy(at).to(data.device)].to(self.device)
+
+
+def attend_slots(layout: BlockLayout, kernel: PagedAttention | None, threads: int, q_rows: torch.Tensor,
+                 row: np.ndarray, first: np.ndarray, last: np.ndarray, addrs: np.ndarray | None,
+                 blocks: torch.Tensor | None, masks: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partial attention of items over slots -> (o ``[N, H, D]``, lse ``[N, H]``) fp32.
+
+    q_rows ``[R, H, D]`` fp32; item i attends blocks ``first[i]:first[i+1]`` for row ``row[i]``,
+    ``last[i]`` tokens in its last block. Native: ``addrs`` are the blocks' addresses; else
+    ``blocks`` ``[n, slot_elems]`` holds their data (the PyTorch reference)."""
+    N, (_, H, D) = len(row), q_rows.shape
+    if kernel is not None:
+        o = torch.empty(N, H, D)
+        lse = torch.empty(N, H)
+        q = q_rows if q_rows.stride(-1) == 1 and q_rows.stride(-2) == D else q_rows.contiguous()
+        kernel(q.numpy(), Items(row, first, last, addrs, masks), o.numpy(), lse.numpy(), threads)
+        return o, lse
+    k, v = layout.unpack_blocks(blocks)                                               # [n, H_kv, bs, D]
+    return reference.attend_items_torch(q_rows.to(k.device), k, v, row, first, last, masks)
+
+
+def paged_kernel(ctx: TierContext, device: torch.device) -> PagedAttention | None:
+    """The native paged kernel for this geometry, or None (CUDA, no compiler, tests asking for
+    the reference)."""
+    lay = ctx.layout
+    G = ctx.group
+    if not ctx.native or device.type != "cpu" or not PagedAttention.available(lay.dtype, G, lay.head_dim, lay.block_size):
+        return None
+    return PagedAttention(lay.dtype, lay.num_kv_heads, G, lay.head_dim, lay.block_size)
+
+
+class MemoryTier:
+    """A tier in memory on ``where`` (the compute device, or the CPU for host RAM)."""
+
+    medium = "memory"
+
+    def __init__(self, spec: TierSpec, ctx: TierContext, where: torch.device, pin: bool = False) -> None:
+        lay = ctx.layout
+        self.name, self.budget, self.ctx = spec.name, spec.budget, ctx
+        self.capacity = chunk_capacity(spec, lay.chunk_blocks * lay.slot_bytes)
+        self.arena = Arena(lay, where, lay.chunk_blocks, max(1, ctx.kv.arena_segment_slots // lay.chunk_blocks),
+                           self.capacity, pin=pin)
+        self.kernel = paged_kernel(ctx, where)
+        self.counters = TierCounters()
+        self._job: AttendRequest | None = None
+
+    # ---- chunks ----
+    def has_room(self) -> bool:
+        return self.arena.pool.has_room()
+
+    def alloc(self) -> int:
+        return self.arena.alloc()
+
+    def release(self, chunk: int) -> None:
+        self.arena.free(chunk)
+
+    @property
+    def used(self) -> int:
+        return self.arena.pool.used
+
+    # ---- blocks ----
+    def write(self, slots: np.ndarray, data: torch.Tensor) -> None:
+        self.arena.scatter(slots, data)
+        self.counters.written += len(slots) * self.ctx.layout.slot_bytes
+
+    def flush(self) -> None:
+        pass
+
+    def read(self, slots: np.ndarray) -> torch.Tensor:
+        self.counters.read += len(slots) * self.ctx.layout.slot_bytes
+        return self.arena.gather(slots).to(self.ctx.device)
+
+    # ---- attention (computed at collect, in the caller's thread) ----
+    def submit(self, req: AttendRequest) -> None:
+        self._job = req
+
+    def prefetch(self, req: AttendRequest) -> None:
+        pass
+
+    def collect(self) -> AttendResult:
+        req, self._job = self._job, None
+        lay = self.ctx.layout
+        B, L, H, D = req.q.shape
+        row, first, idx = expand_rows(req.seq, req.first, L)
+        slots = req.slots[idx]
+        masks = None if req.masks is None else req.masks[idx]
+        last = np.full(len(row), lay.block_size, np.int64)
+        q = req.q.reshape(B * L, H, D)
+        if self.kernel is not None:
+            o, lse = attend_slots(lay, self.kernel, self.ctx.threads, q, row, first, last,
+                                  self.arena.addrs[slots], None, masks)
+        else:
+            o, lse = attend_slots(lay, None, self.ctx.threads, q, row, first, last, None,
+                                  self.arena.gather(slots), masks)
+        read = read_bytes(lay, len(req.slots), req.masks)
+        self.counters.read += read
+        N = req.num_items
+        return AttendResult(o.view(N, L, H, D), lse.view(N, L, H), read)
+
+    def bytes_held(self) -> int:
+        return self.arena.bytes_held
+
+    def pids(self) -> list[int]:
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+def read_bytes(layout: BlockLayout, n_blocks: int, masks: np.ndarray | None) -> int:
+    """KV bytes an attention over ``n_blocks`` blocks reads: whole slots, or with token masks
+    only the (block, head) runs some token of which is attended."""
+    if masks is None:
+        return n_blocks * layout.slot_bytes
+    return int(np.count_nonzero(masks)) * layout.slot_bytes // layout.num_kv_heads
+
+
+class DeviceTier(MemoryTier):
+    """The compute device's memory (on the CPU that is host RAM too: its default budget there is 0)."""
+
+    def __init__(self, spec: TierSpec, ctx: TierContext) -> None:
+        super().__init__(spec, ctx, ctx.device)
+
+
+class HostTier(MemoryTier):
+    """Host RAM (pinned when the compute device is CUDA, so copies to it can be asynchronous)."""
+
+    def __init__(self, spec: TierSpec, ctx: TierContext) -> None:
+        super().__init__(spec, ctx, torch.device("cpu"), pin=ctx.device.type == "cuda")

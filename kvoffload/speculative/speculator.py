@@ -19,22 +19,16 @@ import dataclasses
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
+from kvoffload.attention.backend import KVManager
 from kvoffload.config import EngineConfig, SamplingParams
-from kvoffload.model.interface import AttentionBackend, ForwardBatch, Logits, Phase
+from kvoffload.model.interface import ForwardBatch, Logits, Phase
 from kvoffload.sampling import draft_token, speculative_accept
 from kvoffload.sparse import policy_class
-from kvoffload.spec.draft import DraftCache
-
-
-class TargetKV(AttentionBackend, Protocol):
-    """What speculation needs of the target's KV manager beyond the attention seam."""
-
-    def commit(self, seq_id: int, n: int) -> None: ...
-    def gather(self, seq_id: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+from kvoffload.speculative.draft import DraftCache
 
 
 class TargetTap:
@@ -42,7 +36,7 @@ class TargetTap:
     draft policy's metadata and leave each layer's last query (a rebuild's scoring query); a
     verify pass leaves its k/v and queries, per layer, for the commit that follows."""
 
-    def __init__(self, kv: TargetKV, draft: DraftCache) -> None:
+    def __init__(self, kv: KVManager, draft: DraftCache) -> None:
         self.kv, self.draft = kv, draft
         L = draft.model.num_layers
         self.last_q: dict[int, list[torch.Tensor | None]] = {}      # seq -> per layer [H, D]
@@ -103,7 +97,7 @@ class _Track:
 
 
 class SelfSpeculator:
-    def __init__(self, model: Any, kv: TargetKV, config: EngineConfig, device: torch.device) -> None:
+    def __init__(self, model: Any, kv: KVManager, config: EngineConfig, device: torch.device) -> None:
         """The draft cache takes the target store's KV dtype and the model's activation dtype."""
         self.model, self.kv, self.spec, self.device = model, kv, config.spec, device
         model_cfg, kv_dtype, act_dtype = model.cfg, kv.kv_dtype, model.embed.weight.dtype

@@ -10,6 +10,7 @@ from collections import Counter
 
 import pytest
 import torch
+from placements import PLACEMENTS as TIER_PLACEMENTS
 
 from kvoffload import SamplingParams
 from kvoffload.api import LLM
@@ -20,16 +21,11 @@ from kvoffload.sampling import processed_probs, speculative_accept
 from kvoffload.sparse.calibrate import ChannelRecorder, channel_file
 from kvoffload.sparse.registry import POLICIES
 
-# block size 4 (and 4-token retrieval chunks) so that blocks spill within a few tokens
-PLACEMENTS = {
-    "in-memory": {},
-    "all-host": dict(kv_host_budget="1GiB"),
-    "all-disk": dict(kv_host_budget=0, disk_workers=1),
-    "mixed": dict(kv_device_budget="3KiB", kv_host_budget="6KiB", kv_sink_tokens=4, kv_recent_tokens=8),
-    "disk-3-workers": dict(kv_host_budget="2KiB", disk_workers=3, kv_recent_tokens=0, kv_sink_tokens=0),
-}
+# every placement of the tier registry, and in memory; block size 4 (and 4-token retrieval
+# chunks) so that chunks spill within a few tokens
+PLACEMENTS = {"in-memory": dict(block_size=4), **TIER_PLACEMENTS}
 PROMPTS = [list(range(10, 140)), list(range(40, 75)), [5, 6, 7] * 20, [9]]
-SMALL_DRAFT = dict(spec_draft_budget=16, spec_draft_share="1/2", spec_draft_window=8, sparse_chunk=4, block_size=4)
+SMALL_DRAFT = dict(spec_draft_budget=16, spec_draft_share="1/2", spec_draft_window=8, sparse_chunk=4)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +39,8 @@ def plain(tiny_path):
 
 
 def spec_llm(path: str, **kw) -> LLM:
-    opts = dict(dtype="float32", prefill_chunk=16, max_num_seqs=4, speculate="self", num_speculative_tokens=3)
+    opts = dict(dtype="float32", prefill_chunk=16, max_num_seqs=4, speculate="self", num_speculative_tokens=3,
+                block_size=4)
     return LLM(path, **{**opts, **SMALL_DRAFT, **kw})
 
 
@@ -61,7 +58,7 @@ def test_greedy_identical_every_placement(plain, tiny_path, name):
         assert st.rebuilds["window"] > 0               # the draft cache went stale and was rebuilt
         if name != "in-memory":     # committed: every output token but the last, plus what a final
             fed = sum(len(t) - 1 for t in got)          # round accepted past max_tokens (dropped)
-            assert fed <= llm.engine.kv.stats.decode_tokens <= fed + len(got) * 3
+            assert fed <= llm.engine.kv.stats().decode_tokens <= fed + len(got) * 3
     finally:
         llm.close()
 
@@ -124,7 +121,7 @@ def test_verify_and_rollback_equal_decode(plain, tiny_path, name):
     ids = list(range(20, 80))
     P, L, keep = 37, 6, 2
     ref = plain.engine.teacher_forced_logits(ids, P)                   # row i predicts ids[P + i]
-    llm = LLM(tiny_path, dtype="float32", block_size=4, **PLACEMENTS[name])
+    llm = LLM(tiny_path, dtype="float32", **PLACEMENTS[name])
     try:
         got = _verify_then_decode(llm, ids, P, L, keep)
         want = torch.cat([ref[1:L + 1], ref[keep + 1:]])
@@ -132,8 +129,7 @@ def test_verify_and_rollback_equal_decode(plain, tiny_path, name):
         print(f"{name}: verify {d[:L].max():.2e}/{d[:L].mean():.2e}, after rollback {d[L:].max():.2e}/{d[L:].mean():.2e} (max/mean)")
         assert d.max().item() < 1e-4
         if name != "in-memory":
-            blocks = sum(llm.engine.kv.blocks_per_tier().values())
-            assert blocks == 0                                          # freed
+            assert all(t.used == 0 for t in llm.engine.kv.tiers)        # every chunk freed
     finally:
         llm.close()
 
@@ -141,7 +137,7 @@ def test_verify_and_rollback_equal_decode(plain, tiny_path, name):
 @pytest.mark.parametrize("name", list(PLACEMENTS))
 def test_gather_reads_back_the_store(plain, tiny_path, name):
     ids = list(range(30, 97))
-    llm = LLM(tiny_path, dtype="float32", block_size=4, **PLACEMENTS[name])
+    llm = LLM(tiny_path, dtype="float32", **PLACEMENTS[name])
     try:
         ref_kv, kv = plain.engine.kv, llm.engine.kv
         for backend in (ref_kv, kv):
@@ -284,7 +280,7 @@ def test_truncate_rolls_back_committed_tokens(plain, tiny_path, name):
     ids = list(range(20, 80))
     P = 37
     ref = plain.engine.teacher_forced_logits(ids, P)
-    llm = LLM(tiny_path, dtype="float32", block_size=4, **PLACEMENTS[name])
+    llm = LLM(tiny_path, dtype="float32", **PLACEMENTS[name])
     eng, kv = llm.engine, llm.engine.kv
     try:
         kv.allocate(5, len(ids))

@@ -16,17 +16,13 @@ tokens per (layer, KV head), and reads those tokens' K/V from the target's store
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
+from kvoffload.attention.backend import KVManager
 from kvoffload.attention.dense import DenseBackend
 from kvoffload.config import ModelConfig, SpecConfig
 from kvoffload.sparse.base import SparsePolicy
-
-
-class KVSource(Protocol):
-    def gather(self, seq_id: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @dataclass
@@ -42,7 +38,7 @@ class DraftCache:
     def __init__(self, model: ModelConfig, spec: SpecConfig, policy: SparsePolicy, device: torch.device,
                  kv_dtype: torch.dtype, act_dtype: torch.dtype, block_size: int) -> None:
         self.model, self.spec, self.policy, self.bs = model, spec, policy, block_size
-        self.store = DenseBackend(model, device, kv_dtype, act_dtype)
+        self.store = DenseBackend(model, device, kv_dtype, act_dtype, block_size=block_size)
         self.seqs: dict[int, DraftSeq] = {}
         self.peak_bytes = 0                      # most the draft caches held at once
 
@@ -62,7 +58,7 @@ class DraftCache:
         need = min(self.spec.num_speculative_tokens + 1, s.limit - s.length)
         return s.capacity - s.n - (self.spec.num_speculative_tokens + 1) < need
 
-    def rebuild(self, seq_id: int, length: int, q: list[torch.Tensor], source: KVSource) -> int:
+    def rebuild(self, seq_id: int, length: int, q: list[torch.Tensor], source: KVManager) -> int:
         """Choose the draft cache from the ``length`` committed tokens; q: per layer the ``[H, D]``
         query that scores them. Returns the tokens chosen per (layer, KV head)."""
         budget = self.spec.draft_budget(length)
@@ -103,5 +99,5 @@ class DraftCache:
 
     def bytes_held(self) -> int:
         """Bytes of the draft caches' buffers (all sequences), in the compute device's memory."""
-        return sum(2 * kv.k.numel() * kv.k.element_size() for kv in self.store.seqs.values())
+        return self.store.bytes_held()
 

@@ -1,0 +1,203 @@
+"""The block store: each sequence's KV as block tables over an ordered list of tiers (fastest
+first), plus a write-combining tail per (sequence, layer) in the compute device's memory.
+
+New tokens go into the tail; a full tail becomes a block, placed by kv/placement.py (the
+*prepare* half: which chunk of which tier, and which chunks to demote first) and written by
+this store (the *complete* half: the moves' bytes copied in order, then the block). Blocks are
+append-only; ``truncate`` rolls a sequence back (a block cut in two is read back into its tail).
+The store knows nothing of attention: the tiered backend reads its tables (:meth:`table`) and
+sends each tier's worker the blocks to attend.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kvoffload.kv.placement import Move, Placement
+from kvoffload.kv.tiers.memory import Arena
+from kvoffload.kv.tiers.protocol import Tier, TierContext, TierSpec
+from kvoffload.kv.tiers.registry import tier_class
+
+
+def build_tiers(specs: tuple[TierSpec, ...], ctx: TierContext) -> list[Tier]:
+    """The tiers of ``specs`` (fastest first), each built by its registered class; a tier with
+    a budget of 0 is left out. On an error the tiers already built are closed."""
+    tiers: list[Tier] = []
+    try:
+        for spec in specs:
+            cls = tier_class(spec.name)
+            if spec.budget != 0:
+                tiers.append(cls(spec, ctx))
+    except BaseException:
+        for t in tiers:
+            t.close()
+        raise
+    return tiers
+
+
+class BlockStore:
+    def __init__(self, tiers: list[Tier], ctx: TierContext, num_layers: int, sink_tokens: int,
+                 recent_tokens: int) -> None:
+        lay = ctx.layout
+        self.tiers, self.ctx, self.layout, self.num_layers = tiers, ctx, lay, num_layers
+        self.bs, self.cb = lay.block_size, lay.chunk_blocks
+        self.tails = Arena(lay, ctx.device, 1, ctx.kv.arena_segment_slots)
+        self.placement = Placement(tiers, self.cb, -(-sink_tokens // lay.chunk_tokens) if sink_tokens else 0,
+                                   -(-recent_tokens // self.bs))
+        self.tail_slot: dict[int, np.ndarray] = {}                 # seq -> [layers] tail slots
+        # (seq, layer) -> (placement stamp, tier per block, tier slot per block)
+        self._tables: dict[tuple[int, int], tuple[int, np.ndarray, np.ndarray]] = {}
+        self._pending: dict[int, list[tuple[int, torch.Tensor]]] = {}   # tier -> queued (slot, block)
+
+    # ---- sequences ----
+    def allocate(self, seq_id: int) -> None:
+        self.tail_slot[seq_id] = np.array([self.tails.alloc() for _ in range(self.num_layers)], dtype=np.int64)
+        self.placement.add_seq(seq_id, self.num_layers)
+
+    def free(self, seq_id: int) -> None:
+        if seq_id not in self.tail_slot:
+            return
+        for s in self.tail_slot.pop(seq_id):
+            self.tails.free(int(s))
+        self.placement.remove_seq(seq_id)
+        for layer in range(self.num_layers):
+            self._tables.pop((seq_id, layer), None)
+
+    def __contains__(self, seq_id: int) -> bool:
+        return seq_id in self.tail_slot
+
+    # ---- where blocks are ----
+    def table(self, seq_id: int, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tier index, tier slot) of each full block of (seq, layer), in sequence order."""
+        stamp = self.placement.stamp.get((seq_id, layer), 0)
+        hit = self._tables.get((seq_id, layer))
+        if hit is not None and hit[0] == stamp:
+            return hit[1], hit[2]
+        locs = self.placement.tables[seq_id][layer]
+        n = self.placement.blocks[seq_id][layer]
+        tier = np.array([loc.tier for loc in locs], np.int64)
+        base = np.array([loc.chunk for loc in locs], np.int64) * self.cb
+        b = np.arange(n, dtype=np.int64)
+        c = b // self.cb
+        tiers, slots = tier[c], base[c] + b % self.cb
+        self._tables[(seq_id, layer)] = (stamp, tiers, slots)
+        return tiers, slots
+
+    def tail_addr(self, seq_id: int, layer: int) -> int:
+        return int(self.tails.addrs[self.tail_slot[seq_id][layer]])
+
+    def tail_view(self, seq_id: int, layer: int) -> torch.Tensor:
+        """``[slot_elems]``: the (seq, layer)'s write-combining tail."""
+        return self.tails.view(int(self.tail_slot[seq_id][layer]))
+
+    # ---- writing ----
+    def write(self, seq_id: int, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v ``[H_kv, L, D]`` (KV dtype) at positions ``start ..``: fill the tail, whole blocks
+        to their tiers."""
+        lay, bs = self.layout, self.bs
+        L, pos, t = k.shape[1], 0, start % bs
+        if t:
+            n = min(bs - t, L)
+            lay.write_tokens(self.tail_view(seq_id, layer), t, k[:, :n], v[:, :n])
+            pos = n
+            if t + n == bs:
+                self.flush_tail(seq_id, layer)
+        full = (L - pos) // bs
+        if full:
+            packed = lay.pack(k[:, pos:pos + full * bs], v[:, pos:pos + full * bs])      # [full, slot_elems]
+            for i in range(full):
+                self._place(seq_id, layer, packed[i])
+            pos += full * bs
+        if pos < L:
+            lay.write_tokens(self.tail_view(seq_id, layer), 0, k[:, pos:], v[:, pos:])
+        self._write_pending()
+
+    def flush_tail(self, seq_id: int, layer: int) -> None:
+        """The (seq, layer)'s tail is full: it becomes a block."""
+        self._place(seq_id, layer, self.tail_view(seq_id, layer).clone())
+
+    def _place(self, seq_id: int, layer: int, data: torch.Tensor) -> None:
+        moves, loc, i = self.placement.place_block(seq_id, layer)
+        if moves:
+            self._write_pending()              # a demoted chunk is read with every block it holds
+            for m in moves:
+                self._complete(m)
+        self._pending.setdefault(loc.tier, []).append((loc.chunk * self.cb + i, data))
+
+    def _complete(self, m: Move) -> None:
+        """Copy a demoted chunk's blocks (read before its slots can be reused)."""
+        src = np.arange(m.blocks, dtype=np.int64) + m.src.chunk * self.cb
+        data = self.tiers[m.src.tier].read(src)
+        self.tiers[m.dst.tier].write(np.arange(m.blocks, dtype=np.int64) + m.dst.chunk * self.cb, data)
+
+    def _write_pending(self) -> None:
+        for t, items in self._pending.items():
+            self.tiers[t].write(np.array([s for s, _ in items], np.int64), torch.stack([d for _, d in items]))
+        self._pending.clear()
+
+    def send(self) -> None:
+        """Hand queued block writes on (disk workers write while the model computes)."""
+        self._write_pending()
+        for t in self.tiers:
+            t.flush()
+
+    # ---- reading back ----
+    def read_blocks(self, seq_id: int, layer: int, blocks: np.ndarray) -> torch.Tensor:
+        """``[n, slot_elems]``: the bytes of blocks ``blocks`` of (seq, layer), from whatever tier
+        holds them; a block index past the full ones is the tail."""
+        tiers, slots = self.table(seq_id, layer)
+        out = torch.empty(len(blocks), self.layout.slot_elems, dtype=self.tails.dtype, device=self.ctx.device)
+        full = blocks < len(tiers)
+        for t in np.unique(tiers[blocks[full]]):
+            pick = np.nonzero(full)[0][tiers[blocks[full]] == t]
+            out[torch.from_numpy(pick).to(out.device)] = self.tiers[int(t)].read(slots[blocks[pick]])
+        for j in np.nonzero(~full)[0]:
+            out[int(j)] = self.tail_view(seq_id, layer)
+        return out
+
+    def prefix(self, seq_id: int, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V ``[H_kv, length, D]``: the (seq, layer)'s first ``length`` tokens (exact bytes)."""
+        n = -(-length // self.bs)
+        return self.layout.unpack(self.read_blocks(seq_id, layer, np.arange(n, dtype=np.int64)), length)
+
+    def gather(self, seq_id: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V ``[layers, H_kv, n, D]`` at token positions ``index`` ``[layers, H_kv, n]``
+        (committed tokens): the blocks holding them are read from their tiers."""
+        nl, H_kv, n = index.shape
+        idx = index.cpu().numpy()
+        bs, D = self.bs, self.layout.head_dim
+        dt = self.tails.dtype
+        K = torch.empty(nl, H_kv, n, D, dtype=dt, device=self.ctx.device)
+        V = torch.empty_like(K)
+        for layer in range(nl):
+            need = np.unique(idx[layer] // bs)
+            k_all, v_all = self.layout.unpack(self.read_blocks(seq_id, layer, need))       # [H_kv, nb*bs, D]
+            local = np.searchsorted(need, idx[layer] // bs) * bs + idx[layer] % bs
+            li = torch.from_numpy(local).to(self.ctx.device)[..., None].expand(-1, -1, D)
+            K[layer], V[layer] = k_all.gather(1, li), v_all.gather(1, li)
+        return K, V
+
+    def truncate(self, seq_id: int, length: int) -> None:
+        """Roll the sequence back to its first ``length`` tokens: later blocks are released; a
+        block cut in two is read back into the write-combining tail (which it becomes again)."""
+        keep, t = divmod(length, self.bs)
+        for layer in range(self.num_layers):
+            n = self.placement.blocks[seq_id][layer]
+            if t and n > keep:                      # the cut block becomes the tail again
+                self.tail_view(seq_id, layer).copy_(self.read_blocks(seq_id, layer, np.array([keep]))[0])
+            self.placement.drop_from(seq_id, layer, min(n, keep))
+
+    # ---- reporting ----
+    def memory_held(self) -> dict[str, int]:
+        """Bytes each tier holds now (never more than its budget), plus the tails."""
+        held = {t.name: t.bytes_held() for t in self.tiers}
+        held["tails"] = self.tails.bytes_held
+        return held
+
+    def chunks_per_tier(self) -> dict[str, int]:
+        return {t.name: t.used for t in self.tiers}
+
+    def close(self) -> None:
+        for t in self.tiers:
+            t.close()

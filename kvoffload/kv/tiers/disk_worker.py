@@ -1,0 +1,314 @@
+"""The disk tier's worker process — the emulated computational-storage engine of InstInfer. It
+owns one shard file of page-aligned slots; a request brings the queries and the items to
+attend; the worker reads their blocks (aligned, O_DIRECT) in batches, attends each batch while
+the next is read, and sends back only the items' partial outputs and their log-sum-exps.
+
+This module runs inside the worker (``python -P -m kvoffload.kv.tiers.disk_worker``): it
+imports numpy and the native kernel's binding, never torch. Its state is its file: the main
+process keeps the block tables and every write the worker has not acknowledged, so a worker
+that dies is restarted from its file and the lost request replayed (kv/tiers/disk.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import mmap
+import os
+import signal
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+import numpy as np
+
+from kvoffload.dtypes import DTYPES, to_float32
+from kvoffload.errors import KvoffloadError
+from kvoffload.kernels import reference
+from kvoffload.kernels.paged import Items, PagedAttention
+from kvoffload.kv.layout import PAGE, BlockLayout
+from kvoffload.kv.tiers.protocol import AttendRequest, AttendResult, expand_rows
+
+IO_DEPTH = 2             # concurrent reads per worker
+IO_BYTES = 1 << 20       # bytes per read
+
+
+class DiskIOError(KvoffloadError):
+    """A disk read or write failed (message names the file and the cause)."""
+
+
+@dataclass
+class WriteBlocks:
+    """Whole blocks for a worker's shard: ``data`` holds ``len(slots)`` slots back to back."""
+
+    slots: np.ndarray
+    data: bytes
+
+
+def aligned_buffer(nbytes: int) -> mmap.mmap:
+    """Page-aligned anonymous memory (what O_DIRECT needs)."""
+    return mmap.mmap(-1, max(PAGE, -(-nbytes // PAGE) * PAGE))
+
+
+class DiskShard:
+    """One file of page-aligned slots, read and written with O_DIRECT where the filesystem
+    allows it (so the page cache neither flatters reads nor holds a second copy of the KV in
+    RAM), buffered I/O otherwise. Slot numbers are decided by the main process; a shard only
+    moves bytes. The file is created private to the user (0600)."""
+
+    def __init__(self, path: str, layout: BlockLayout, direct: bool = True) -> None:
+        self.path, self.layout, self.stride = path, layout, layout.disk_stride
+        flags = os.O_RDWR | os.O_CREAT
+        self.direct = False
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                self.fd = os.open(path, flags | os.O_DIRECT, 0o600)
+                self.direct = True
+            except OSError as e:
+                if e.errno != errno.EINVAL:        # tmpfs and some others refuse O_DIRECT
+                    raise DiskIOError(f"cannot open {path}: {e.strerror}") from e
+        if not self.direct:
+            try:
+                self.fd = os.open(path, flags, 0o600)
+            except OSError as e:
+                raise DiskIOError(f"cannot open {path}: {e.strerror}") from e
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    @staticmethod
+    def runs(slots: np.ndarray) -> list[tuple[int, int, int]]:
+        """Sorted slots -> (first slot, count, index of the first in ``slots``) of consecutive runs."""
+        if len(slots) == 0:
+            return []
+        breaks = np.nonzero(np.diff(slots) != 1)[0] + 1
+        starts = np.concatenate([[0], breaks])
+        ends = np.concatenate([breaks, [len(slots)]])
+        return [(int(slots[s]), int(e - s), int(s)) for s, e in zip(starts, ends)]
+
+    def write(self, slots: np.ndarray, data: memoryview, buf: mmap.mmap) -> None:
+        """Write ``data`` (``len(slots)`` slots of ``slot_bytes`` each, in ``slots`` order)."""
+        sb, st = self.layout.slot_bytes, self.stride
+        order = np.argsort(slots, kind="stable")
+        s_sorted = slots[order]
+        for first, count, at in self.runs(s_sorted):
+            for i in range(count):                      # pack into the aligned buffer at the stride
+                src = int(order[at + i]) * sb
+                buf[i * st:i * st + sb] = data[src:src + sb]
+            self._pwrite(memoryview(buf)[:count * st], first * st)
+
+    def read_plan(self, slots: np.ndarray, max_bytes: int) -> list[tuple[int, int, int]]:
+        """Sorted, unique slots -> reads ``(buffer offset, bytes, file offset)`` of at most
+        ``max_bytes`` each, adjacent slots coalesced, placing the slots back to back at the
+        stride (independent reads: they can be issued concurrently)."""
+        st, per = self.stride, max(1, max_bytes // self.stride)
+        plan = []
+        for first, count, at in self.runs(slots):
+            for i in range(0, count, per):
+                n = min(per, count - i)
+                plan.append(((at + i) * st, n * st, (first + i) * st))
+        return plan
+
+    def read_one(self, buf: mmap.mmap, buf_off: int, nbytes: int, file_off: int) -> int:
+        try:
+            n = os.preadv(self.fd, [memoryview(buf)[buf_off:buf_off + nbytes]], file_off)
+        except OSError as e:
+            raise DiskIOError(f"read from {self.path} failed: {e.strerror}") from e
+        if n != nbytes:
+            raise DiskIOError(f"short read from {self.path} ({n} of {nbytes} bytes)")
+        return n
+
+    def read(self, slots: np.ndarray, buf: mmap.mmap, max_bytes: int = 1 << 30) -> int:
+        """Read the slots (sorted, unique) into ``buf`` back to back at the stride; returns bytes read."""
+        return sum(self.read_one(buf, *r) for r in self.read_plan(slots, max_bytes))
+
+    def _pwrite(self, view: memoryview, offset: int) -> None:
+        try:
+            n = os.pwrite(self.fd, view, offset)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise DiskIOError(f"offload disk full writing {self.path}: {e.strerror}") from e
+            raise DiskIOError(f"write to {self.path} failed: {e.strerror}") from e
+        if n != len(view):
+            raise DiskIOError(f"offload disk full writing {self.path} (short write of {n}/{len(view)} bytes)")
+
+
+@dataclass
+class _Batch:
+    """Items ``i0 .. i1`` of a request and the sorted unique slots they read."""
+
+    i0: int
+    i1: int
+    slots: np.ndarray
+
+
+class DiskWorkerServer:
+    """What runs inside the worker process (also callable in-process, for tests)."""
+
+    def __init__(self, path: str, layout: BlockLayout, group: int, threads: int, batch_bytes: int,
+                 ahead_bytes: int = 0, native: bool = True, io_depth: int = IO_DEPTH,
+                 io_bytes: int = IO_BYTES) -> None:
+        self.shard, self.layout, self.threads = DiskShard(path, layout), layout, threads
+        self.batch_slots = max(layout.chunk_blocks, batch_bytes // layout.disk_stride)
+        self.bufs = [aligned_buffer(self.batch_slots * layout.disk_stride) for _ in range(2)]
+        self.ahead_slots = ahead_bytes // layout.disk_stride
+        self.ahead_buf = aligned_buffer(max(self.ahead_slots, self.batch_slots) * layout.disk_stride) \
+            if self.ahead_slots else None
+        self.ahead: tuple[np.ndarray, list[Future]] | None = None     # slots being read ahead
+        self.wbuf = aligned_buffer(self.batch_slots * layout.disk_stride)
+        usable = native and PagedAttention.available(layout.dtype, group, layout.head_dim, layout.block_size)
+        self.kernel = PagedAttention(layout.dtype, layout.num_kv_heads, group, layout.head_dim,
+                                     layout.block_size) if usable else None
+        self.io = ThreadPoolExecutor(io_depth, thread_name_prefix="kv-read")
+        self.io_bytes = io_bytes
+
+    def write(self, w: WriteBlocks) -> None:
+        slots = np.asarray(w.slots, dtype=np.int64)
+        data = memoryview(w.data)
+        if self.ahead is not None and np.isin(slots, self.ahead[0]).any():
+            for f in self.ahead[1]:                  # the read-ahead holds what is being overwritten
+                f.result()
+            self.ahead = None
+        for i in range(0, len(slots), self.batch_slots):       # bounded staging buffer
+            j = min(i + self.batch_slots, len(slots))
+            self.shard.write(slots[i:j], data[i * self.layout.slot_bytes:j * self.layout.slot_bytes], self.wbuf)
+
+    def read(self, slots: np.ndarray) -> bytes:
+        """The raw bytes of ``slots`` (any order, repeats allowed), ``slot_bytes`` each, in that order."""
+        slots = np.asarray(slots, dtype=np.int64)
+        uniq, inv = np.unique(slots, return_inverse=True)
+        st, sb = self.layout.disk_stride, self.layout.slot_bytes
+        buf = aligned_buffer(max(1, len(uniq)) * st)
+        self.shard.read(uniq, buf, self.io_bytes)
+        raw = np.frombuffer(buf, dtype=np.uint8, count=len(uniq) * st).reshape(len(uniq), st)[:, :sb]
+        return raw[inv].tobytes()
+
+    def _read_async(self, slots: np.ndarray, buf) -> list[Future]:
+        """Issue the batch's reads, ``io_depth`` at a time (the device's queue stays full)."""
+        return [self.io.submit(self.shard.read_one, buf, *r) for r in self.shard.read_plan(slots, self.io_bytes)]
+
+    def _batches(self, req: AttendRequest) -> list[_Batch]:
+        """Consecutive runs of items reading at most ``batch_slots`` distinct slots (at least one item)."""
+        first, slots = req.first, req.slots
+        out, i0 = [], 0
+        N = req.num_items
+        while i0 < N:
+            i1 = i0 + 1
+            while i1 < N and first[i1 + 1] - first[i0] <= self.batch_slots:
+                i1 += 1
+            out.append(_Batch(i0, i1, np.unique(slots[first[i0]:first[i1]])))
+            i0 = i1
+        return out
+
+    def attend(self, req: AttendRequest) -> AttendResult:
+        q = np.ascontiguousarray(req.q, dtype=np.float32)          # [B, L, H, D]
+        B, L, H, D = q.shape
+        N = req.num_items
+        o = np.empty((N * L, H, D), np.float32)
+        lse = np.empty((N * L, H), np.float32)
+        batches = self._batches(req)
+        # batch 0 may already be in the read-ahead buffer (prefetch() of the previous layer)
+        ahead, self.ahead = self.ahead, None
+        use_ahead = ahead is not None and batches and np.array_equal(ahead[0], batches[0].slots)
+        if ahead is not None and not use_ahead:
+            for f in ahead[1]:                                   # a stale guess: let it finish, unused
+                f.result()
+        bufs = [self.ahead_buf if (n == 0 and use_ahead) else self.bufs[n % 2] for n in range(len(batches))]
+        read = 0
+        if use_ahead:
+            pending = ahead[1]
+        else:
+            pending = self._read_async(batches[0].slots, bufs[0]) if batches else []
+        q_rows = q.reshape(B * L, H, D)
+        for n, bt in enumerate(batches):
+            read += sum(f.result() for f in pending)              # raises the reader's DiskIOError
+            if n + 1 < len(batches):                              # the next batch is read meanwhile
+                pending = self._read_async(batches[n + 1].slots, bufs[n + 1])
+            self._attend_batch(req, bt, bufs[n], q_rows, L, o, lse)
+        return AttendResult(o.reshape(N, L, H, D), lse.reshape(N, L, H), read)
+
+    def _attend_batch(self, req: AttendRequest, bt: _Batch, buf, q_rows: np.ndarray, L: int,
+                      o: np.ndarray, lse: np.ndarray) -> None:
+        """The items of one batch, whose slots are in ``buf`` (sorted, back to back at the
+        stride): their partials go to rows ``i0*L .. i1*L`` of ``o`` / ``lse``."""
+        lay, st = self.layout, self.layout.disk_stride
+        first = req.first[bt.i0:bt.i1 + 1] - req.first[bt.i0]
+        local = np.searchsorted(bt.slots, req.slots[req.first[bt.i0]:req.first[bt.i1]])   # position in buf
+        row, efirst, idx = expand_rows(req.seq[bt.i0:bt.i1], first, L)
+        pos = local[idx]
+        masks = None if req.masks is None else req.masks[req.first[bt.i0]:req.first[bt.i1]][idx]
+        last = np.full(len(row), lay.block_size, np.int64)
+        out_o, out_l = o[bt.i0 * L:bt.i1 * L], lse[bt.i0 * L:bt.i1 * L]
+        if self.kernel is not None:
+            base = np.frombuffer(buf, dtype=np.uint8).ctypes.data
+            self.kernel(q_rows, Items(row, efirst, last, base + st * pos, masks), out_o, out_l, self.threads)
+            return
+        n = len(bt.slots)
+        arr = np.frombuffer(buf, dtype=DTYPES[lay.dtype].storage, count=n * st // lay.itemsize).reshape(n, -1)
+        k, v = lay.unpack_blocks(to_float32(arr[:, :lay.slot_elems], lay.dtype))           # [n, H_kv, bs, D]
+        ob, lb = reference.attend_items(q_rows, k[pos], v[pos], row, efirst, last, masks)
+        out_o[...], out_l[...] = ob, lb
+
+    def prefetch(self, req: AttendRequest) -> None:
+        """Start reading the first batch of the next request (the next layer's, known before
+        its query is): the read overlaps the model's compute of that layer."""
+        if not self.ahead_slots:
+            return
+        if self.ahead is not None:
+            for f in self.ahead[1]:
+                f.result()
+        batches = self._batches(req)
+        self.ahead = None
+        if batches and len(batches[0].slots) <= max(self.ahead_slots, self.batch_slots):
+            slots = batches[0].slots
+            self.ahead = (slots, self._read_async(slots, self.ahead_buf))
+
+
+def _serve(conn, path: str, layout: dict, group: int, threads: int, batch_bytes: int, ahead_bytes: int,
+           native: bool) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)               # Ctrl-C is the main process's to handle
+    try:
+        server = DiskWorkerServer(path, BlockLayout(**layout), group, threads, batch_bytes, ahead_bytes, native)
+    except DiskIOError as e:
+        conn.send(("err", str(e)))
+        return
+    conn.send(("ok", os.getpid()))
+    while True:
+        try:
+            op, payload = conn.recv()
+        except (EOFError, OSError):
+            return
+        if op == "close":
+            server.shard.close()
+            conn.send(("ok", None))
+            return
+        try:
+            if op == "prefetch":                                  # a hint: no reply
+                server.prefetch(payload)
+                continue
+            handler = {"write": server.write, "read": server.read, "attend": server.attend}[op]
+            conn.send(("ok", handler(payload)))
+        except DiskIOError as e:
+            conn.send(("err", str(e)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="kvoffload disk worker (started by the engine)")
+    ap.add_argument("--fd", type=int, required=True)
+    ap.add_argument("--path", required=True)
+    ap.add_argument("--layout", required=True)
+    ap.add_argument("--group", type=int, required=True)
+    ap.add_argument("--threads", type=int, required=True)
+    ap.add_argument("--batch-bytes", type=int, required=True)
+    ap.add_argument("--ahead-bytes", type=int, default=0)
+    ap.add_argument("--no-native", action="store_true")
+    a = ap.parse_args()
+    _serve(Connection(a.fd), a.path, json.loads(a.layout), a.group, a.threads, a.batch_bytes, a.ahead_bytes,
+           not a.no_native)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""The KV placement matrix every exactness test runs over, built from the tier registry: each
+registered tier alone, all of them at once (small budgets so that chunks spill through every
+tier), and several disk workers. Block size 4 and 2-block chunks, so a tiny prompt spans many
+chunks (an fp32 slot of the tiny models is 1 KiB, 4 KiB on disk)."""
+
+from __future__ import annotations
+
+from kvoffload.kv.tiers.registry import TIERS
+
+GEOMETRY = dict(block_size=4, chunk_blocks=2)
+
+
+def placements() -> dict[str, dict]:
+    names = list(TIERS)
+    out = {f"all-{n}": dict(kv_tiers=f"{n}:none", disk_workers=1) for n in names}
+    out["mixed"] = dict(kv_tiers=",".join(f"{n}:{'none' if i == len(names) - 1 else '16KiB'}" for i, n in enumerate(names)),
+                        kv_sink_tokens=4, kv_recent_tokens=8)
+    out["disk-3-workers"] = dict(kv_tiers="host:2KiB,disk:none", disk_workers=3, kv_recent_tokens=0, kv_sink_tokens=0)
+    return {k: {**GEOMETRY, **v} for k, v in out.items()}
+
+
+PLACEMENTS = placements()
