@@ -18,12 +18,22 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from kvoffload.errors import ConfigError
-from kvoffload.sparse.base import SparsePolicy, TokenStore, group_max
+from kvoffload.sparse.base import (
+    TILE,
+    SparsePolicy,
+    group_max,
+    tiled,
+    tiled_columns,
+    tiled_grow,
+    tiled_matmul,
+    tiled_write,
+)
 
 CALIBRATION_FORMAT = "kvoffload-channels/1"
 
@@ -53,8 +63,14 @@ def load_channels(path: str | None, model, r: int) -> list[torch.Tensor]:
 
 @dataclass
 class Labels:
-    channels: torch.Tensor           # [H_kv, r] this layer's calibrated channels
-    store: TokenStore                # [H_kv, T, r] those channels of every key (the label cache)
+    channels: torch.Tensor           # [H_kv, r] int64: this layer's calibrated channels
+    k: torch.Tensor                  # [H_kv, tiles, r, TILE] fp32: those channels of every key (the
+    #                                  label cache), tiled channel-major like SparF's copy
+    hdr: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))   # [tokens appended]
+
+    @property
+    def n(self) -> int:
+        return int(self.hdr[0])
 
 
 class DoubleSparsity(SparsePolicy):
@@ -71,12 +87,41 @@ class DoubleSparsity(SparsePolicy):
         return 1
 
     def new_state(self, layer: int, capacity: int) -> Labels:
-        return Labels(self.channels[layer], TokenStore(self.H_kv, self.r, capacity, torch.float32, self.device))
+        return Labels(self.channels[layer], tiled(self.H_kv, self.r, capacity, None, self.device))
+
+    def capacity(self, st: Labels) -> int:
+        return tiled_columns(st.k)
+
+    def grow(self, st: Labels, tokens: int) -> None:
+        st.k = tiled_grow(st.k, tokens, None)
+
+    def native_row(self, st: Labels) -> tuple[int, ...]:
+        return (st.k.data_ptr(), 0, 0, st.hdr.ctypes.data, tiled_columns(st.k))
+
+    def native_aux(self, layer: int) -> int:
+        return self.channels[layer].data_ptr()
+
+    def native_args(self) -> dict:
+        return {"r": self.r}
+
+    def _load_kernel(self):
+        # the kernel indexes q and k by the channels: only a file's channels within the head
+        if any(bool(((c < 0) | (c >= self.D)).any()) or not c.is_contiguous() for c in self.channels):
+            self._kernel = False
+            return False
+        return super()._load_kernel()
 
     def update(self, st: Labels, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        st.store.write(start, k.float().gather(-1, st.channels[:, None, :].expand(-1, k.shape[1], -1)))
+        end = start + k.shape[1]
+        self.reserve(st, end)
+        lab = k.float().gather(-1, st.channels[:, None, :].expand(-1, k.shape[1], -1))   # [H_kv, L, r]
+        if k.shape[1] == 1:                                              # a decode step
+            t, o = divmod(start, TILE)
+            st.k[:, t, :, o] = lab[:, 0]
+        else:
+            tiled_write(st.k, start, lab.transpose(1, 2))
+        st.hdr[0] = max(st.n, end)
 
     def score(self, st: Labels, q: torch.Tensor, lo: int, hi: int, length: int) -> torch.Tensor:
         q_lab = q.gather(-1, st.channels[:, None, :].expand(-1, q.shape[1], -1))   # [H_kv, G, r]
-        labels = st.store.view()[:, lo * self.bs:hi * self.bs]                    # [H_kv, n, r]
-        return group_max(torch.matmul(q_lab, labels.transpose(1, 2)))             # [H_kv, n]
+        return group_max(tiled_matmul(q_lab, st.k, lo * self.bs, hi * self.bs))   # [H_kv, n]

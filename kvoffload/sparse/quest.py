@@ -16,48 +16,67 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvoffload.sparse.base import SparsePolicy, group_max
+from kvoffload.sparse.base import (
+    TILE,
+    SparsePolicy,
+    group_max,
+    tiled,
+    tiled_columns,
+    tiled_grow,
+    tiled_matmul,
+    tiled_read,
+    tiled_write,
+)
 
 
 @dataclass
 class Bounds:
-    kmin: torch.Tensor      # [H_kv, blocks, D] fp32 (+inf where no token yet)
-    kmax: torch.Tensor      # [H_kv, blocks, D] fp32 (-inf where no token yet)
+    kmin: torch.Tensor      # [H_kv, tiles, D, TILE] fp32, tiled channel-major over blocks (+inf: no token yet)
+    kmax: torch.Tensor      # [H_kv, tiles, D, TILE] fp32 (-inf where no token yet)
 
 
 class Quest(SparsePolicy):
     name = "quest"
     dense_layers = (0, 1)
 
+    # tiled channel-major (base.tiled): the native kernel scores 16 blocks with D vector
+    # multiply-adds per query head, streaming the bounds tile by tile
     def new_state(self, layer: int, capacity: int) -> Bounds:
         n = -(-max(capacity, 1) // self.bs)
-        shape = (self.H_kv, n, self.D)
-        return Bounds(torch.full(shape, float("inf"), device=self.device),
-                      torch.full(shape, float("-inf"), device=self.device))
+        return Bounds(tiled(self.H_kv, self.D, n, float("inf"), self.device),
+                      tiled(self.H_kv, self.D, n, float("-inf"), self.device))
+
+    def capacity(self, st: Bounds) -> int:
+        return tiled_columns(st.kmin) * self.bs
+
+    def grow(self, st: Bounds, tokens: int) -> None:
+        n = -(-tokens // self.bs)
+        st.kmin = tiled_grow(st.kmin, n, float("inf"))
+        st.kmax = tiled_grow(st.kmax, n, float("-inf"))
+
+    def native_row(self, st: Bounds) -> tuple[int, ...]:
+        return (st.kmin.data_ptr(), st.kmax.data_ptr(), 0, 0, tiled_columns(st.kmin))
 
     def update(self, st: Bounds, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         bs, L = self.bs, k.shape[1]
         off, b0 = start % bs, start // bs
-        if L == 1 and b0 < st.kmin.shape[1]:                 # a decode step: fold one key in
+        self.reserve(st, start + L)
+        if L == 1:                                           # a decode step: fold one key in
             kf = k[:, 0].float()                                          # [H_kv, D]
-            torch.minimum(st.kmin[:, b0], kf, out=st.kmin[:, b0])
-            torch.maximum(st.kmax[:, b0], kf, out=st.kmax[:, b0])
+            t, o = divmod(b0, TILE)
+            st.kmin[:, t, :, o] = torch.minimum(st.kmin[:, t, :, o], kf)
+            st.kmax[:, t, :, o] = torch.maximum(st.kmax[:, t, :, o], kf)
             return
         nb = -(-(off + L) // bs)
-        if b0 + nb > st.kmin.shape[1]:                       # past the capacity given: grow
-            extra = b0 + nb - st.kmin.shape[1]
-            st.kmin = F.pad(st.kmin, (0, 0, 0, extra), value=float("inf"))
-            st.kmax = F.pad(st.kmax, (0, 0, 0, extra), value=float("-inf"))
         pad = (0, 0, off, nb * bs - off - L)
         kf = k.float()                                                    # [H_kv, L, D]
-        lo = F.pad(kf, pad, value=float("inf")).view(self.H_kv, nb, bs, self.D).amin(2)
+        lo = F.pad(kf, pad, value=float("inf")).view(self.H_kv, nb, bs, self.D).amin(2)    # [H_kv, nb, D]
         hi = F.pad(kf, pad, value=float("-inf")).view(self.H_kv, nb, bs, self.D).amax(2)
-        torch.minimum(st.kmin[:, b0:b0 + nb], lo, out=st.kmin[:, b0:b0 + nb])
-        torch.maximum(st.kmax[:, b0:b0 + nb], hi, out=st.kmax[:, b0:b0 + nb])
+        tiled_write(st.kmin, b0, torch.minimum(tiled_read(st.kmin, b0, b0 + nb), lo.transpose(1, 2)))
+        tiled_write(st.kmax, b0, torch.maximum(tiled_read(st.kmax, b0, b0 + nb), hi.transpose(1, 2)))
 
     def score(self, st: Bounds, q: torch.Tensor, lo: int, hi: int, length: int) -> torch.Tensor:
         # max(q_d kmax_d, q_d kmin_d) is q_d kmax_d where q_d >= 0, else q_d kmin_d: two matmuls
         pos, neg = q.clamp(min=0), q.clamp(max=0)                         # [H_kv, G, D]
-        bound = torch.matmul(pos, st.kmax[:, lo:hi].transpose(1, 2)) \
-            + torch.matmul(neg, st.kmin[:, lo:hi].transpose(1, 2))        # [H_kv, G, n]
+        bound = tiled_matmul(pos, st.kmax, lo, hi) + tiled_matmul(neg, st.kmin, lo, hi)   # [H_kv, G, n]
         return group_max(bound)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from kvoffload.sparse.base import group_max
+from kvoffload.sparse.base import group_max, tiled_matmul
 from kvoffload.sparse.shadowkv import Landmarks, ShadowKV
 
 
@@ -32,4 +32,4 @@ class Retrieval(ShadowKV):
 
     def score(self, st: Landmarks, q: torch.Tensor, lo: int, hi: int, length: int) -> torch.Tensor:
         per = self.bs // self.unit
-        return group_max(torch.matmul(q, st.land[:, lo * per:hi * per].transpose(1, 2)))   # [H_kv, chunks]
+        return group_max(tiled_matmul(q, st.land, lo * per, hi * per))   # [H_kv, chunks]

@@ -19,20 +19,37 @@ read whole (K and V): the selection is ShadowKV's, the key compression is not im
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kvoffload.sparse.base import SparsePolicy, group_max
+from kvoffload.sparse.base import (
+    SparsePolicy,
+    group_max,
+    tiled,
+    tiled_columns,
+    tiled_grow,
+    tiled_matmul,
+    tiled_write,
+)
 
 
 @dataclass
 class Landmarks:
-    land: torch.Tensor           # [H_kv, chunks, D] mean key of each complete chunk (fp32)
-    mincos: torch.Tensor         # [H_kv, chunks] min cosine of its keys to that mean
-    pending: torch.Tensor        # [H_kv, p, D] keys of the incomplete chunk (p < chunk)
-    n: int = 0                   # complete chunks
+    land: torch.Tensor           # [H_kv, tiles, D, TILE] mean key of each complete chunk (fp32, tiled channel-major)
+    mincos: torch.Tensor         # [H_kv, tiles * TILE] min cosine of its keys to that mean
+    pending: torch.Tensor        # [H_kv, chunk, D] keys of the incomplete chunk (the first p rows)
+    hdr: np.ndarray = field(default_factory=lambda: np.zeros(2, np.int64))   # [complete chunks n, pending p]
+
+    @property
+    def n(self) -> int:
+        return int(self.hdr[0])
+
+    @property
+    def p(self) -> int:
+        return int(self.hdr[1])
 
 
 class ShadowKV(SparsePolicy):
@@ -45,36 +62,48 @@ class ShadowKV(SparsePolicy):
         return self.cfg.sparse_chunk
 
     def new_state(self, layer: int, capacity: int) -> Landmarks:
-        n = max(1, capacity // self.unit)
-        return Landmarks(torch.zeros(self.H_kv, n, self.D, device=self.device),
-                         torch.zeros(self.H_kv, n, device=self.device),
-                         torch.zeros(self.H_kv, 0, self.D, device=self.device))
+        land = tiled(self.H_kv, self.D, -(-max(capacity, 1) // self.unit), 0.0, self.device)
+        return Landmarks(land, torch.zeros(self.H_kv, tiled_columns(land), device=self.device),
+                         torch.zeros(self.H_kv, self.unit, self.D, device=self.device))
+
+    def capacity(self, st: Landmarks) -> int:
+        return tiled_columns(st.land) * self.unit
+
+    def grow(self, st: Landmarks, tokens: int) -> None:
+        st.land = tiled_grow(st.land, -(-tokens // self.unit), 0.0)
+        st.mincos = F.pad(st.mincos, (0, tiled_columns(st.land) - st.mincos.shape[1]))
+
+    def native_row(self, st: Landmarks) -> tuple[int, ...]:
+        return (st.land.data_ptr(), st.mincos.data_ptr(), st.pending.data_ptr(), st.hdr.ctypes.data,
+                tiled_columns(st.land))
+
+    def native_args(self) -> dict:
+        return {"outlier_share": self.outlier_share}
 
     def update(self, st: Landmarks, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        c = self.unit
-        keys = torch.cat([st.pending, k.float()], dim=1)                 # [H_kv, p + L, D]
+        c, n = self.unit, st.n
+        keys = torch.cat([st.pending[:, :st.p], k.float()], dim=1)       # [H_kv, p + L, D]
         m = keys.shape[1] // c
-        st.pending = keys[:, m * c:].clone()
-        if not m:
-            return
-        if st.n + m > st.land.shape[1]:
-            extra = st.n + m - st.land.shape[1]
-            st.land = F.pad(st.land, (0, 0, 0, extra))
-            st.mincos = F.pad(st.mincos, (0, extra))
-        chunks = keys[:, :m * c].reshape(self.H_kv, m, c, self.D)
-        mean = chunks.mean(2)                                             # [H_kv, m, D]
-        cos = F.cosine_similarity(chunks, mean[:, :, None], dim=-1)       # [H_kv, m, c]
-        st.land[:, st.n:st.n + m] = mean
-        st.mincos[:, st.n:st.n + m] = cos.amin(-1)
-        st.n += m
+        rest = keys[:, m * c:]                                            # [H_kv, < c, D]
+        if m:
+            self.reserve(st, (n + m) * c)
+            chunks = keys[:, :m * c].reshape(self.H_kv, m, c, self.D)
+            mean = chunks.mean(2)                                         # [H_kv, m, D]
+            cos = F.cosine_similarity(chunks, mean[:, :, None], dim=-1)   # [H_kv, m, c]
+            tiled_write(st.land, n, mean.transpose(1, 2))
+            st.mincos[:, n:n + m] = cos.amin(-1)
+        st.pending[:, :rest.shape[1]] = rest
+        st.hdr[0], st.hdr[1] = n + m, rest.shape[1]
 
     def score(self, st: Landmarks, q: torch.Tensor, lo: int, hi: int, length: int) -> torch.Tensor:
         per = self.bs // self.unit
         a, b = lo * per, hi * per                                         # candidate chunks
-        s = torch.softmax(torch.matmul(q, st.land[:, a:b].transpose(1, 2)) / self.D ** 0.5, dim=-1)
+        s = torch.softmax(tiled_matmul(q, st.land, a, b) / self.D ** 0.5, dim=-1)
         score = group_max(s)                                              # [H_kv, n] in [0, 1]
         n_out = min(b - a, round(self.outlier_share * self.cfg.budget_tokens(length) / self.unit))
         if n_out:
-            out = st.mincos[:, a:b].topk(n_out, dim=-1, largest=False).indices
+            # the lowest min-cosines, ties toward the lower chunk (as the native kernel: repeated
+            # chunks have equal landmarks)
+            out = st.mincos[:, a:b].sort(dim=-1, stable=True).indices[:, :n_out]
             score.scatter_(1, out, 2.0)                                   # above any probability
         return score

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from kvoffload.sparse.base import Selection, SparsePolicy, group_max
@@ -27,10 +28,15 @@ from kvoffload.sparse.base import Selection, SparsePolicy, group_max
 
 @dataclass
 class ChannelCopy:
-    k: torch.Tensor                  # [H_kv, D, capacity] keys, channel-major (fp32)
+    k: torch.Tensor                  # [H_kv, D, capacity] keys, channel-major (fp32): each query head
+    #                                  reads r whole channel rows, best streamed as long runs
     vsum: torch.Tensor               # [H_kv, D] running sum of the values (fp32)
-    n: int = 0
+    hdr: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))   # [tokens appended]
     probs: torch.Tensor | None = field(default=None, repr=False)   # [H_kv, G, T] of this step
+
+    @property
+    def n(self) -> int:
+        return int(self.hdr[0])
 
 
 class SparF(SparsePolicy):
@@ -48,19 +54,32 @@ class SparF(SparsePolicy):
         return ChannelCopy(torch.empty(self.H_kv, self.D, max(16, capacity), device=self.device),
                            torch.zeros(self.H_kv, self.D, device=self.device))
 
+    def capacity(self, st: ChannelCopy) -> int:
+        return st.k.shape[2]
+
+    def grow(self, st: ChannelCopy, tokens: int) -> None:
+        grown = torch.empty(self.H_kv, self.D, tokens, device=self.device)
+        grown[:, :, :st.n] = st.k[:, :, :st.n]
+        st.k = grown
+
+    def native_row(self, st: ChannelCopy) -> tuple[int, ...]:
+        return (st.k.data_ptr(), st.vsum.data_ptr(), 0, st.hdr.ctypes.data, st.k.shape[2])
+
+    def native_args(self) -> dict:
+        return {"r": self.r}
+
     def update(self, st: ChannelCopy, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         end = start + k.shape[1]
-        if end > st.k.shape[2]:
-            grown = torch.empty(self.H_kv, self.D, max(end, 2 * st.k.shape[2]), device=self.device)
-            grown[:, :, :st.n] = st.k[:, :, :st.n]
-            st.k = grown
+        self.reserve(st, end)
         st.k[:, :, start:end] = k.float().transpose(1, 2)
         st.vsum += v.float().sum(1)
-        st.n = max(st.n, end)
+        st.hdr[0] = max(st.n, end)
 
     def score(self, st: ChannelCopy, q: torch.Tensor, lo: int, hi: int, length: int) -> torch.Tensor:
         H_kv, G, D = q.shape
-        idx = q.abs().topk(self.r, dim=-1).indices                       # [H_kv, G, r]
+        # the r largest |q| channels, ties toward the lower channel (as the native kernel: bf16
+        # queries tie often)
+        idx = q.abs().sort(dim=-1, descending=True, stable=True).indices[..., :self.r]   # [H_kv, G, r]
         q_r = q.gather(-1, idx)                                           # [H_kv, G, r]
         # the r chosen channel rows of the channel-major K copy (contiguous rows: what a
         # channel-indexed layout makes cheap to read)

@@ -1,0 +1,191 @@
+"""ctypes binding of ``select.c``: a sparse policy's selection for a whole batch in one call.
+
+One call per (sparse layer, decode step): for every sequence and KV head it appends the new
+token's metadata, scores the candidate units, keeps the top k (O(n) threshold search) and
+writes each sequence's *union* -- the blocks any head attends and their ``[n, H_kv]`` uint64
+token masks, the form the paged kernel reads -- plus what :class:`SparseCounters` needs and
+SparF's correction terms. The per-(sequence, layer) metadata stays in the policy's fp32 arrays
+(``kvoffload/sparse/``); each call gets a table of their addresses (:data:`ST_COLS` int64 per
+sequence: see the top of ``select.c`` for what each policy puts there). Python guarantees
+their capacity before the call; the kernel checks it and refuses (changing nothing) otherwise.
+
+Thin by design (a few microseconds a call): arguments are not validated beyond what the C
+side checks; torch tensors are duck-typed through ``data_ptr()`` / ``stride()`` (torch is not
+imported here).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import NamedTuple
+
+import numpy as np
+
+from kvoffload.dtypes import DTYPES
+from kvoffload.kernels.build import load
+
+__all__ = ["INFO_COLS", "POLICY_IDS", "ST_COLS", "TILE", "NativeSelect", "SelectOut"]
+
+POLICY_IDS = {"streaming": 0, "quest": 1, "sparf": 2, "double_sparsity": 3, "shadowkv": 4, "retrieval": 5}
+ST_COLS = 6            # state table columns: a0, a1, a2, hdr (int64 counters), cap, unused
+TILE = 128             # columns per tile of the tiled channel-major metadata (select.c's TILE)
+INFO_COLS = 3          # per sequence: union blocks, blocks read (over heads), tokens chosen (over heads)
+# One thread below this much scoring work (multiply-adds over the batch, select.c's estimate):
+# an OpenMP fork/join costs more than it saves (measured on the 2-core dev box).
+PAR_MIN_WORK = 1 << 20
+# Workspace: one slot (logits, keys) per (sequence, KV head) in flight, at most this many bytes
+# in all (a bigger batch runs in waves).
+WS_MAX_BYTES = 64 << 20
+
+_DT_NAMES = {name: i for i, name in enumerate(DTYPES)}      # select.c's dtype codes: the table's order
+_DT: dict = {}                 # dtype object -> select.c's code (filled on first sight)
+_P, _I, _L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+_ARGTYPES = [_P, _I, _P,                     # cfg, B, starts
+             _P, _I, _L, _L,                 # q, dtype, batch / head strides (elements)
+             _P, _P, _I, _L, _L, _L, _L,     # k, v, dtype, strides
+             _P, _P, _L, _P,                 # table, channels, NB, out
+             _P, _P]                         # alpha, vmean
+_ERRORS = {-1: "bad geometry or arguments", -2: "a sequence's metadata is too small for this token",
+           -3: "workspace too small", -4: "output too small"}
+
+
+class _Config(ctypes.Structure):
+    """select.c's sel_config (the same fields in the same order)."""
+
+    _fields_ = [("policy", ctypes.c_int32), ("H_kv", ctypes.c_int32), ("G", ctypes.c_int32),
+                ("D", ctypes.c_int32), ("bs", ctypes.c_int32), ("unit", ctypes.c_int32),
+                ("sink_tokens", ctypes.c_int32), ("recent_tokens", ctypes.c_int32),
+                ("budget_is_tokens", ctypes.c_int32), ("r", ctypes.c_int32),
+                ("budget_value", ctypes.c_double), ("outlier_share", ctypes.c_double),
+                ("par_min_work", ctypes.c_int64), ("ws", ctypes.c_void_p), ("ws_stride", ctypes.c_int64),
+                ("slots", ctypes.c_int32), ("threads", ctypes.c_int32)]
+
+
+def _addr(x: np.ndarray) -> int:
+    """The data address of a writable C-contiguous non-empty array (cheaper than ``.ctypes.data``)."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(x))
+
+
+def _dtype_id(x) -> int:
+    d = _DT.get(x.dtype)
+    if d is None:
+        d = _DT[x.dtype] = _DT_NAMES[str(x.dtype).rpartition(".")[2]]
+    return d
+
+
+class SelectOut(NamedTuple):
+    """One call's results, B sequences. ``blocks`` ``[B, NB]`` int64 / ``masks`` ``[B, NB, H_kv]``
+    uint64: row b's first ``info[b][0]`` entries are its union (sorted blocks; per block and KV
+    head the attended tokens, bit t = token t, 0 = the head skips it). ``info``: per sequence
+    (union blocks, blocks read summed over KV heads, tokens chosen summed over KV heads -- the
+    tail not included), a list of B lists. ``alpha`` ``[B, H]`` / ``vmean`` ``[B, H_kv, D]`` fp32
+    (SparF; else ``None``): numpy arrays or what ``new_tensor`` made."""
+
+    blocks: np.ndarray
+    masks: np.ndarray
+    info: list
+    alpha: object
+    vmean: object
+
+
+class NativeSelect:
+    """The native selection of one policy: ``policy`` a :data:`POLICY_IDS` name, the model's
+    geometry, the block size, ``unit`` (tokens per scored candidate), ``sink`` / ``recent``
+    tokens, the budget as ``(kind, value)`` (``SparseConfig._budget``), ``r`` (channels,
+    sparf / double_sparsity), ``outlier_share`` (shadowkv), ``threads`` (at most; one for small
+    work). ``lib``: a loaded ``select.c`` (default: the cached build; tests pass other builds).
+    ``new_tensor(shape)``: allocates alpha / vmean (fp32, contiguous) as the caller wants them
+    (e.g. ``torch.empty``; default numpy)."""
+
+    def __init__(self, policy: str, H_kv: int, G: int, D: int, block_size: int, unit: int, sink: int,
+                 recent: int, budget: tuple[str, float], r: int = 0, outlier_share: float = 0.0,
+                 threads: int = 1, lib: ctypes.CDLL | None = None, new_tensor=None) -> None:
+        lib = lib if lib is not None else load("select")
+        if lib is None:
+            raise RuntimeError("native selection unavailable")
+        self.fn = lib.kvo_select
+        self.fn.argtypes, self.fn.restype = _ARGTYPES, ctypes.c_int
+        lib.kvo_select_tile.restype = ctypes.c_int
+        if lib.kvo_select_tile() != TILE:
+            raise RuntimeError(f"select.c tiles {lib.kvo_select_tile()} columns, select.py {TILE}")
+        self._ws_floats = lib.kvo_select_ws
+        self._ws_floats.argtypes, self._ws_floats.restype = [_P, _L], ctypes.c_int64
+        self.policy, self.H_kv, self.G, self.D, self.bs = policy, H_kv, G, D, block_size
+        self.cfg = _Config(POLICY_IDS[policy], H_kv, G, D, block_size, unit, sink, recent,
+                           int(budget[0] == "tokens"), r, float(budget[1]), float(outlier_share),
+                           PAR_MIN_WORK, None, 0, 0, max(1, int(threads)))
+        self._cfg = ctypes.addressof(self.cfg)
+        self.sparf = policy == "sparf"
+        self.new_tensor = new_tensor
+        self.ws = np.zeros(1, np.float32)
+        self.ws_len = 0
+        self._starts = np.zeros(16, np.int64)
+        self._starts_addr = _addr(self._starts)
+
+    @property
+    def threads(self) -> int:
+        return self.cfg.threads
+
+    @threads.setter
+    def threads(self, n: int) -> None:
+        self.cfg.threads = max(1, int(n))
+
+    def _workspace(self, max_len: int, tasks: int) -> None:
+        """Room for ``tasks`` (sequence, KV head) slots of ``max_len`` tokens (grown by doubling;
+        at most WS_MAX_BYTES, or one slot)."""
+        n = max(max_len, 2 * self.ws_len if max_len > self.ws_len else self.ws_len, 256)
+        stride = int(self._ws_floats(self._cfg, n))
+        slots = max(1, min(max(tasks, self.cfg.slots), WS_MAX_BYTES // (4 * stride)))
+        self.ws = np.zeros(slots * stride, np.float32)
+        self.ws_len = n
+        self.cfg.ws, self.cfg.ws_stride, self.cfg.slots = _addr(self.ws), stride, slots
+
+    def __call__(self, starts: tuple[int, ...], q, k, v, table: int, channels: int = 0) -> SelectOut:
+        """starts: each sequence's new-token position (it then holds ``starts[b] + 1`` tokens).
+        q ``[B, H, D]`` (fp32 / bf16 / fp16 CPU tensor, channels contiguous); k, v ``[B, H_kv, D]``
+        (the KV dtype, channels contiguous; ``k=None``: no append); table: the address of the
+        ``[B, ST_COLS]`` int64 state table; channels: the address of double_sparsity's
+        ``[H_kv, r]`` int64 channels of the layer."""
+        B = len(starts)
+        top = max(starts)
+        H_kv = self.H_kv
+        cfg = self.cfg
+        if top >= self.ws_len or (B * H_kv > cfg.slots and cfg.ws_stride * (cfg.slots + 1) * 4 <= WS_MAX_BYTES):
+            self._workspace(top + 1, B * H_kv)
+        if B > len(self._starts):
+            self._starts = np.zeros(2 * B, np.int64)
+            self._starts_addr = _addr(self._starts)
+        self._starts[:B] = starts
+        NB = max(1, top // self.bs)
+        # out: blocks [B, NB] | masks [B, NB, H_kv] | info [B, INFO_COLS], one allocation
+        n_blk = B * NB
+        n_msk = n_blk * H_kv
+        buf = np.empty(n_blk + n_msk + B * INFO_COLS, np.int64)
+        alpha = vmean = a_ptr = v_ptr = None
+        if self.sparf:
+            H, D = H_kv * self.G, self.D
+            if self.new_tensor is None:
+                alpha, vmean = np.empty((B, H), np.float32), np.empty((B, H_kv, D), np.float32)
+                a_ptr, v_ptr = _addr(alpha), _addr(vmean)
+            else:
+                alpha, vmean = self.new_tensor((B, H)), self.new_tensor((B, H_kv, D))
+                a_ptr, v_ptr = alpha.data_ptr(), vmean.data_ptr()
+        qs = q.stride()
+        if qs[2] != 1:                              # channels must be contiguous
+            q = q.contiguous()
+            qs = q.stride()
+        if k is not None:
+            ks, vs = k.stride(), v.stride()
+            if ks[2] != 1 or vs[2] != 1:
+                k, v = k.contiguous(), v.contiguous()
+                ks, vs = k.stride(), v.stride()
+            rc = self.fn(self._cfg, B, self._starts_addr, q.data_ptr(), _dtype_id(q), qs[0], qs[1],
+                         k.data_ptr(), v.data_ptr(), _dtype_id(k), ks[0], ks[1], vs[0], vs[1],
+                         table, channels or None, NB, _addr(buf), a_ptr, v_ptr)
+        else:
+            rc = self.fn(self._cfg, B, self._starts_addr, q.data_ptr(), _dtype_id(q), qs[0], qs[1],
+                         None, None, 0, 0, 0, 0, 0, table, channels or None, NB, _addr(buf), a_ptr, v_ptr)
+        if rc != 0:
+            raise ValueError(f"native selection: {_ERRORS.get(rc, rc)}")
+        return SelectOut(buf[:n_blk].reshape(B, NB), buf[n_blk:n_blk + n_msk].view(np.uint64).reshape(B, NB, H_kv),
+                         buf[n_blk + n_msk:].reshape(B, INFO_COLS).tolist(), alpha, vmean)
