@@ -182,6 +182,9 @@ class KVConfig:
     disk_write_backlog: blocks sent to a disk worker are kept in RAM until it acknowledges the
         write (so they can be replayed if it dies); past this many bytes the sender waits, which
         bounds the RAM a long prefill can take.
+    disk_read_blocks: the disk workers read chosen blocks (sparse decode) in aligned groups of
+        this many blocks (1: exactly the chosen blocks): fewer, larger reads for scattered
+        choices, at the cost of reading blocks nobody chose (the read amplification reported).
     disk_read_ahead: during decode each disk worker is told the next layer's blocks as soon as
         this layer's query is sent, and reads up to this many bytes of them ahead, so the read
         overlaps the model's compute of that layer (0 = off; a buffer this size per worker).
@@ -203,6 +206,7 @@ class KVConfig:
     kv_sink_tokens: int = cli_field(4, "first tokens of a sequence kept in the fastest tier")
     kv_recent_tokens: int = cli_field(256, "last tokens of a sequence kept in the fastest tier")
     disk_read_batch: int = cli_field(1 << 20, "bytes per disk worker read batch", parse=parse_size)
+    disk_read_blocks: int = cli_field(1, "sparse reads from disk in aligned groups of this many blocks (1 = exact)")
     disk_read_ahead: int = cli_field(4 << 20, "bytes of the next layer's blocks a disk worker reads ahead (0 = off)", parse=parse_size)
     disk_write_backlog: int = cli_field(32 << 20, "bytes of unacknowledged block writes per disk worker before waiting", parse=parse_size)
     kv_serial: bool = cli_field(False, "run the tier workers one after another instead of together (measures what the overlap buys)")
@@ -217,6 +221,8 @@ class KVConfig:
             raise ConfigError(f"block_size must be in 1..256, got {self.block_size}")
         if self.chunk_blocks < 1:
             raise ConfigError(f"kv_chunk_blocks must be >= 1, got {self.chunk_blocks}")
+        if self.disk_read_blocks < 1 or self.chunk_blocks % self.disk_read_blocks:
+            raise ConfigError(f"disk_read_blocks must divide kv_chunk_blocks ({self.chunk_blocks}), got {self.disk_read_blocks}")
         if self.disk_workers < 1:
             raise ConfigError(f"disk_workers must be >= 1, got {self.disk_workers}")
         if self.kv_sink_tokens < 0 or self.kv_recent_tokens < 0:

@@ -45,6 +45,10 @@ class KVStats:
         n = max(1, self.decode_tokens)
         return {t: {k: v / n for k, v in vars(c).items()} for t, c in self.tiers.items()}
 
+    def ahead_rate(self) -> dict[str, float]:
+        """Per tier that read ahead: the share of the blocks it attended that were already read."""
+        return {t: c.ahead / c.blocks for t, c in self.tiers.items() if c.ahead and c.blocks}
+
 
 def sparse_line(policy_name: str, budget: str, st: SparseCounters) -> str | None:
     if not st.steps:
@@ -60,8 +64,9 @@ def tier_line(stats: KVStats) -> str:
                         if c["to_worker"] or c["from_worker"])
     written = ", ".join(f"{t} {c['written'] / MiB:.3f}" for t, c in per.items() if t != "tails")
     held = ", ".join(f"{t} {b / MiB:.1f}" for t, b in stats.held.items())
+    ahead = "".join(f"; {t} blocks read ahead {100 * r:.0f}%" for t, r in stats.ahead_rate().items())
     return (f"KV per generated token: read MiB {reads}; q/o KiB to/from workers {crossed or 'none'}; "
-            f"blocks written MiB {written}; held now MiB {held}")
+            f"blocks written MiB {written}; held now MiB {held}{ahead}")
 
 
 class KVManager(AttentionBackend, Protocol):

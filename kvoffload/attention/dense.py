@@ -23,7 +23,7 @@ from kvoffload.attention.ops import attend_lse, own_attention, prefix_attention
 from kvoffload.config import ModelConfig
 from kvoffload.dtypes import name_of
 from kvoffload.errors import ConfigError, InputError
-from kvoffload.kernels.paged import Append, Items, Merge, PagedAttention
+from kvoffload.kernels.paged import Append, Items, Merge, PagedAttention, PreparedCall
 from kvoffload.kv.layout import BlockLayout
 from kvoffload.kv.tiers.memory import attend_slots
 from kvoffload.model.interface import ForwardBatch
@@ -72,6 +72,33 @@ class DecodeItems:
         self.row_first = np.searchsorted(self.row, np.arange(len(starts) + 1)).astype(np.int64)
 
 
+class _DensePlan:
+    """A dense decode step's prepared kernel call per layer: the items of every sequence (its
+    chunks and its tail block) over its slots, the append into its tail block, the merge. Valid
+    while each sequence's tail stays in one block; :meth:`update` moves the tail's token count."""
+
+    def __init__(self, be: DenseBackend, batch: ForwardBatch, bases: np.ndarray) -> None:
+        lay, sb = be.layout, be.layout.slot_bytes
+        self.bs = lay.block_size
+        items = DecodeItems(lay, batch.starts, None)
+        self.last = items.last                                               # updated in place
+        self.tail = np.nonzero(items.keys == TAIL_KEY)[0]
+        self.cols = np.zeros(len(batch.seq_ids), np.int64)
+        nb = np.array([be.seqs[sid].shape[1] for sid in batch.seq_ids], np.int64)
+        tails = np.array([s // lay.block_size for s in batch.starts], np.int64)
+        self.calls = []
+        for layer in range(be.cfg.num_layers):
+            base = bases + layer * nb * sb                                   # [B] this layer's slot 0
+            self.calls.append(PreparedCall(be.kernel, Items(items.row, items.first, self.last,
+                                                            base[items.seq] + items.block * sb),
+                                           be.threads, base + tails * sb, self.cols, items.row_first))
+
+    def update(self, starts: tuple[int, ...]) -> None:
+        """The step's token columns (the new token's place in its tail block)."""
+        self.cols[:] = np.asarray(starts, np.int64) % self.bs
+        self.last[self.tail] = self.cols + 1
+
+
 class DenseBackend:
     """All KV in one memory (the compute device's), attention computed there."""
 
@@ -88,7 +115,8 @@ class DenseBackend:
         self.seqs: dict[int, torch.Tensor] = {}                # seq -> [layers, blocks, slot_elems]
         self.policy, self.bs = policy, block_size
         self.sparse_stats = SparseCounters()
-        self._memo: tuple[ForwardBatch, DecodeItems, np.ndarray] | None = None
+        self._memo: tuple[ForwardBatch, _DensePlan] | None = None
+        self._plans: dict[tuple, _DensePlan] = {}
         self._staged: dict[int, tuple[int, list]] = {}         # seq -> (start, per layer (k, v)) of its last verify
         self.decode_tokens = 0
 
@@ -112,6 +140,16 @@ class DenseBackend:
         if end > slots.shape[1] * self.bs:
             raise InputError(f"sequence needs {end} KV slots but {slots.shape[1] * self.bs} were allocated")
         return slots
+
+    def share(self, seq_id: int, source: DenseBackend, length: int) -> None:
+        """Decode sequence ``seq_id`` over ``source``'s KV of it (the same slots: what this
+        backend writes, ``source`` sees); a policy's metadata is built from its first ``length``
+        tokens. (Several configurations decoding from one shared prefill: ``kvoffload sweep``.)"""
+        self.seqs[seq_id] = slots = source.seqs[seq_id]
+        if self.policy is not None:
+            self.policy.allocate(seq_id, slots.shape[1] * self.bs)
+            for layer in range(self.cfg.num_layers):
+                self.policy.append(layer, seq_id, 0, *self.layout.unpack(slots[layer, :-(-length // self.bs)], length))
 
     def bytes_held(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.seqs.values())
@@ -143,10 +181,9 @@ class DenseBackend:
         chosen = None
         if self.policy is not None and self.policy.sparse(layer):
             chosen = self.policy.select_batch(layer, batch.seq_ids, q[:, :, 0], batch.starts, k_new, v_new)
-            items = DecodeItems(self.layout, batch.starts, chosen)
-            base = self._bases(batch)
+            items, base = DecodeItems(self.layout, batch.starts, chosen), self._bases(batch)
         else:
-            items, base = self._dense_items(batch)
+            items = base = None
         o = self._attend(layer, q[:, :, 0].float(), k_new, v_new, batch, items, base)          # [B, H, D]
         if chosen is not None:
             o = self.sparse_stats.finish(chosen, o, batch.starts, self.bs, self.layout.token_bytes(1) // self.cfg.num_kv_heads)
@@ -159,33 +196,49 @@ class DenseBackend:
         return np.array([self._slots(sid, s + 1).data_ptr() for sid, s in zip(batch.seq_ids, batch.starts)],
                         np.int64)
 
-    def _dense_items(self, batch: ForwardBatch) -> tuple[DecodeItems, np.ndarray]:
-        """The batch's dense items, built once per forward (every layer has the same)."""
-        if self._memo is None or self._memo[0] is not batch:
-            self._memo = (batch, DecodeItems(self.layout, batch.starts, None), self._bases(batch))
-        return self._memo[1], self._memo[2]
+    def _plan(self, batch: ForwardBatch) -> _DensePlan:
+        """The prepared kernel calls of a dense decode step (kept while every sequence's tail
+        stays in the same block: the steps within a block only move the tail's token count)."""
+        if self._memo is not None and self._memo[0] is batch:
+            return self._memo[1]
+        bases = self._bases(batch)
+        key = (batch.seq_ids, tuple(s // self.bs for s in batch.starts), tuple(bases))
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= 8:                  # (micro-batches alternate between a few)
+                self._plans.clear()
+            plan = self._plans[key] = _DensePlan(self, batch, bases)
+        plan.update(batch.starts)
+        self._memo = (batch, plan)
+        return plan
 
     def _attend(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
-                batch: ForwardBatch, items: DecodeItems, base: np.ndarray) -> torch.Tensor:
+                batch: ForwardBatch, items: DecodeItems | None, base: np.ndarray | None) -> torch.Tensor:
         """Append each sequence's new token to its tail block, then attend its items and merge:
-        q ``[B, H, D]`` fp32 -> ``[B, H, D]`` fp32."""
+        q ``[B, H, D]`` fp32 -> ``[B, H, D]`` fp32. ``items`` None: the dense step's prepared
+        calls; else (sparse) these items over the sequences' slots at ``base``."""
         B, H, D = q.shape
         sb = self.layout.slot_bytes
-        tails = np.array([s // self.bs for s in batch.starts], np.int64)
-        cols = np.array([s % self.bs for s in batch.starts], np.int64)
         if self.kernel is not None:
+            out, lse = torch.empty(B, H, D), torch.empty(B, H)
+            if items is None:
+                self._plan(batch).calls[layer](q, k_new, v_new, out, lse)
+                return out
             nb = np.array([self.seqs[sid].shape[1] for sid in batch.seq_ids], np.int64)
             layer_base = base + layer * nb * sb                                    # [B]
-            out, lse = torch.empty(B, H, D), torch.empty(B, H)
+            tails = np.array([s // self.bs for s in batch.starts], np.int64)
+            cols = np.array([s % self.bs for s in batch.starts], np.int64)
             part_o, part_lse = np.empty((len(items.row), H, D), np.float32), np.empty((len(items.row), H), np.float32)
-            self.kernel(q.contiguous().numpy(), Items(items.row, items.first, items.last,
-                                                      layer_base[items.seq] + items.block * sb, items.masks),
-                        part_o, part_lse, self.threads,
+            self.kernel(q, Items(items.row, items.first, items.last, layer_base[items.seq] + items.block * sb,
+                                 items.masks), part_o, part_lse, self.threads,
                         append=Append(k_new, v_new, layer_base + tails * sb, cols),
-                        merge=Merge(items.row_first, None, out.numpy(), lse.numpy()))
+                        merge=Merge(items.row_first, None, out, lse))
             return out
-        for b, sid in enumerate(batch.seq_ids):
-            self.layout.write_tokens(self.seqs[sid][layer, tails[b]], int(cols[b]), k_new[b, :, None], v_new[b, :, None])
+        if items is None:
+            items = DecodeItems(self.layout, batch.starts, None)
+        for b, (sid, s) in enumerate(zip(batch.seq_ids, batch.starts)):
+            self.layout.write_tokens(self.seqs[sid][layer, s // self.bs], s % self.bs, k_new[b, :, None],
+                                     v_new[b, :, None])
         data = torch.cat([self.seqs[sid][layer, items.block[items.seq == b]] for b, sid in enumerate(batch.seq_ids)])
         o, lse = attend_slots(self.layout, None, self.threads, q, items.row, items.first, items.last, None, data,
                               items.masks)

@@ -54,7 +54,8 @@ class Parts:
             part_lse = _cat_np([_np(t).reshape(-1, self.H) for t in self.lse], np.float32)
             out = torch.empty(self.R, self.H, self.D)
             lse = torch.empty(self.R, self.H)
-            merge_parts(row_first, order, part_o, part_lse, out.numpy(), lse.numpy(), self.threads)
+            threads = 1 if self.R * len(order) < 4096 else self.threads     # small merges: no parallel region
+            merge_parts(row_first, order, part_o, part_lse, out.numpy(), lse.numpy(), threads)
             return out, lse
         part_o = torch.cat([torch.as_tensor(t).float().to(self.device).reshape(-1, self.H, self.D) for t in self.o]) \
             if self.o else torch.zeros(0, self.H, self.D, device=self.device)

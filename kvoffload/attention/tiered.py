@@ -26,11 +26,17 @@ from kvoffload.attention.ops import attend_lse, own_attention, prefix_attention
 from kvoffload.config import KVConfig, ModelConfig
 from kvoffload.dtypes import name_of
 from kvoffload.errors import ConfigError
-from kvoffload.kernels.paged import Append, Items
+from kvoffload.kernels.paged import Append, Items, PreparedCall, merge_parts
 from kvoffload.kv.layout import BlockLayout
 from kvoffload.kv.store import BlockStore, build_tiers
 from kvoffload.kv.tiers.memory import attend_slots, paged_kernel
-from kvoffload.kv.tiers.protocol import AttendRequest, TierContext, TierCounters, TierSpec, expand_rows
+from kvoffload.kv.tiers.protocol import (
+    AttendRequest,
+    TierContext,
+    TierCounters,
+    TierSpec,
+    expand_rows,
+)
 from kvoffload.model.interface import ForwardBatch
 from kvoffload.sparse.base import Selection, SparseCounters, SparsePolicy
 
@@ -55,6 +61,46 @@ class _Items:
         return req, np.concatenate(self.key)
 
 
+class _StepState:
+    """A decode batch's per-step arrays shared by every layer's prepared tail call: each
+    sequence's token column in its tail block, and the tail item's token count."""
+
+    def __init__(self, seq_ids: tuple[int, ...]) -> None:
+        self.seq_ids = seq_ids
+        self.cols = np.zeros(len(seq_ids), np.int64)
+        self.last = np.ones(len(seq_ids), np.int64)
+        self.batch: ForwardBatch | None = None
+
+    def update(self, batch: ForwardBatch, bs: int) -> None:
+        if self.batch is not batch:
+            self.cols[:] = np.asarray(batch.starts, np.int64) % bs
+            self.last[:] = self.cols + 1
+            self.batch = batch
+
+
+class _LayerPlan:
+    """A dense decode layer of one batch, prepared while its chunks stay where they are: per
+    tier the request's items (q filled in per step), the tail blocks' prepared kernel call
+    (append + attend), and the fixed merge order of the parts (tails, then the tiers')."""
+
+    def __init__(self, be: TieredBackend, layer: int, seq_ids: tuple[int, ...], step: _StepState, key: tuple) -> None:
+        B = len(seq_ids)
+        self.key = key
+        self.reqs = [(t, req, keys) for t, req, keys in
+                     (r for r in be._requests(layer, seq_ids, None, None) if r is not None)]
+        for _, req, _ in self.reqs:
+            req.key = (layer, seq_ids, key)
+        self.tail = None
+        if be.kernel is not None:
+            addrs = be.store.tails.addrs[np.array([be.store.tail_slot[sid][layer] for sid in seq_ids], np.int64)]
+            items = Items(np.arange(B, dtype=np.int64), np.arange(B + 1, dtype=np.int64), step.last, addrs)
+            self.tail = PreparedCall(be.kernel, items, 1 if B < 8 else be.threads, addrs, step.cols)
+        rows = np.concatenate([np.arange(B, dtype=np.int64)] + [req.seq for _, req, _ in self.reqs])
+        keys = np.concatenate([np.full(B, TAIL_KEY, np.int64)] + [k for _, _, k in self.reqs])
+        self.order = np.lexsort((keys, rows)).astype(np.int64)
+        self.row_first = np.searchsorted(rows[self.order], np.arange(B + 1)).astype(np.int64)
+
+
 class TieredBackend:
     def __init__(self, cfg: ModelConfig, kv: KVConfig, device: torch.device, kv_dtype: torch.dtype,
                  act_dtype: torch.dtype, threads: int, native: bool = True,
@@ -77,6 +123,8 @@ class TieredBackend:
         # (seq, layer) -> (placement stamp, per tier (item keys, counts, slots)) of a dense step
         self._items: dict[tuple[int, int], tuple[int, list]] = {}
         self._memo: tuple[ForwardBatch, np.ndarray] | None = None
+        self._step_state: _StepState | None = None
+        self._plans: dict[int, _LayerPlan] = {}             # layer -> its plan for the current batch
         self.decode_tokens = 0
         self.policy = policy                 # sparse decode: which blocks each step reads
         self.sparse_stats = SparseCounters()
@@ -198,8 +246,9 @@ class TieredBackend:
             addrs = self._tail_addrs(batch)[layer]
             o, lse = np.empty((len(row), H, D), np.float32), np.empty((len(row), H), np.float32)
             append = None if k_new is None else Append(k_new, v_new, addrs, cols)
+            # one block per row: small work, one thread (a parallel region costs more than it saves)
             self.kernel(q_rows.numpy(), Items(row, first, last, np.repeat(addrs[has], L), None), o, lse,
-                        self.threads, append=append)
+                        1 if len(row) < 8 else self.threads, append=append)
         else:
             if k_new is not None:
                 for b, sid in enumerate(seq_ids):
@@ -226,19 +275,10 @@ class TieredBackend:
         if self.policy is not None and self.policy.sparse(layer):
             chosen = self.policy.select_batch(layer, batch.seq_ids, q[:, :, 0], batch.starts, k_new, v_new)
         q_rows = q[:, :, 0].float()                                              # [B, H, D]
-        reqs = self._requests(layer, batch.seq_ids, q_rows[:, None], chosen)
-        parts = Parts(B, H, D, self.device, self.kernel is not None, self.threads)
-        starts = np.array(batch.starts, np.int64)
-
-        def local() -> None:
-            if not self.kvcfg.kv_serial:
-                self._prefetch_next(layer, batch)
-            self._tail_parts(layer, batch, q_rows, 1, starts % self.bs + 1, parts, k_new, v_new, starts % self.bs)
-
-        self._attend_tiers(reqs, parts, 1, local)
-        o = parts.merge()[0]                                                     # [B, H, D]
-        if chosen is not None:
-            o = self.sparse_stats.finish(chosen, o, batch.starts, self.bs, self.layout.token_bytes(1) // self.cfg.num_kv_heads)
+        if chosen is None and self.kernel is not None:
+            o = self._decode_dense(layer, q_rows, k_new, v_new, batch)
+        else:
+            o = self._decode_items(layer, q_rows, k_new, v_new, batch, chosen)
         for sid, s in zip(batch.seq_ids, batch.starts):
             if (s + 1) % self.bs == 0:                                          # the tail is full
                 self.store.flush_tail(sid, layer)
@@ -247,14 +287,87 @@ class TieredBackend:
             self.decode_tokens += len(batch.seq_ids)
         return o.unsqueeze(1).to(q.dtype)
 
-    def _prefetch_next(self, layer: int, batch: ForwardBatch) -> None:
-        """Tell the tiers the next layer's items (known before its query is, when it is dense),
-        so a disk tier reads them while this layer and the next one's projections compute."""
+    def _plan(self, layer: int, batch: ForwardBatch) -> _LayerPlan:
+        """The layer's prepared dense step (rebuilt when the batch changes or a chunk of it moved)."""
+        st = self._step_state
+        if st is None or st.seq_ids != batch.seq_ids:
+            st = self._step_state = _StepState(batch.seq_ids)
+            self._plans.clear()
+        st.update(batch, self.bs)
+        stamps = self.store.placement.stamp
+        key = tuple(stamps.get((sid, layer), 0) for sid in batch.seq_ids)
+        plan = self._plans.get(layer)
+        if plan is None or plan.key != key:
+            plan = self._plans[layer] = _LayerPlan(self, layer, batch.seq_ids, st, key)
+        return plan
+
+    def _decode_dense(self, layer: int, q_rows: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                      batch: ForwardBatch) -> torch.Tensor:
+        """A dense decode layer through its prepared plan: the tiers' requests are submitted
+        (slowest first), the tails attended here, the tiers collected fastest first, then one
+        merge in the plan's fixed order. q_rows ``[B, H, D]`` fp32 -> ``[B, H, D]``."""
+        B, H, D = q_rows.shape
+        plan = self._plan(layer, batch)
+        q = q_rows[:, None]                                                      # [B, 1, H, D]
+        reqs = [(t, AttendRequest(layer, q, r.seq, r.first, r.slots, None, r.key)) for t, r, _ in plan.reqs]
+        serial = self.kvcfg.kv_serial
+        if not serial:
+            for t, req in reversed(reqs):
+                self.tiers[t].submit(req)
+            nxt = layer + 1
+            if nxt < self.cfg.num_layers and any(t.prefetches for t in self.tiers):
+                if self.policy is not None and self.policy.sparse(nxt):
+                    self._prefetch_next(layer, batch, q_rows)
+                else:
+                    for t, req, _ in self._plan(nxt, batch).reqs:
+                        if self.tiers[t].prefetches:
+                            self.tiers[t].prefetch(req)
+        plan.tail(q_rows, k_new, v_new)
+        self.tail_counters.read += int(self._step_state.last.sum()) * self.layout.token_bytes(1)
+        os_, ls_ = [plan.tail.part_o[:B]], [plan.tail.part_lse[:B]]
+        for t, req in reqs:
+            if serial:
+                self.tiers[t].submit(req)
+            r = self.tiers[t].collect()
+            os_.append(np.asarray(r.o).reshape(-1, H, D))
+            ls_.append(np.asarray(r.lse).reshape(-1, H))
+        out, lse = torch.empty(B, H, D), torch.empty(B, H)
+        merge_parts(plan.row_first, plan.order, np.concatenate(os_), np.concatenate(ls_), out, lse, 1)
+        return out
+
+    def _decode_items(self, layer: int, q_rows: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                      batch: ForwardBatch, chosen: list[Selection] | None) -> torch.Tensor:
+        """A decode layer item by item (sparse selections, or no native kernel) -> ``[B, H, D]``."""
+        B, H, D = q_rows.shape
+        reqs = self._requests(layer, batch.seq_ids, q_rows[:, None], chosen)
+        parts = Parts(B, H, D, self.device, self.kernel is not None, self.threads)
+        starts = np.array(batch.starts, np.int64)
+
+        def local() -> None:
+            if not self.kvcfg.kv_serial:
+                self._prefetch_next(layer, batch, q_rows)
+            self._tail_parts(layer, batch, q_rows, 1, starts % self.bs + 1, parts, k_new, v_new, starts % self.bs)
+
+        self._attend_tiers(reqs, parts, 1, local)
+        o = parts.merge()[0]                                                     # [B, H, D]
+        if chosen is not None:
+            o = self.sparse_stats.finish(chosen, o, batch.starts, self.bs, self.layout.token_bytes(1) // self.cfg.num_kv_heads)
+        return o
+
+    def _prefetch_next(self, layer: int, batch: ForwardBatch, q_rows: torch.Tensor) -> None:
+        """Tell the tiers the next layer's items, so a disk tier reads them while this layer and
+        the next one's projections compute: all its chunks when it is dense (known before its
+        query is); when it is sparse, what its policy would choose for this layer's query q_rows
+        ``[B, H, D]`` (a guess: the next layer attends what its own selection chooses; blocks
+        the guess missed are read then)."""
         nxt = layer + 1
-        if nxt >= self.cfg.num_layers or (self.policy is not None and self.policy.sparse(nxt)):
+        if nxt >= self.cfg.num_layers or not any(t.prefetches for t in self.tiers):
             return
-        for r in self._requests(nxt, batch.seq_ids, None, None):
-            if r is not None:
+        guess = None
+        if self.policy is not None and self.policy.sparse(nxt):
+            guess = self.policy.predict_batch(nxt, batch.seq_ids, q_rows, batch.starts)
+        for r in self._requests(nxt, batch.seq_ids, None, guess):
+            if r is not None and self.tiers[r[0]].prefetches:
                 self.tiers[r[0]].prefetch(r[1])
 
     def prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -83,7 +83,6 @@ class SharedPrefix:
                                      Logits.LAST if e == self.P else Logits.NONE)
                 out = llm.model(torch.tensor([ids[s:e]], device=llm.device), batch, self.dense)
         self.last_logits = out[0]                                            # [V]
-        self.kv = self.dense.seqs[0]
 
     def backend(self, sparse: SparseConfig | None):
         """A decode backend over the shared prefix: dense (``None``) or with a policy."""
@@ -94,11 +93,7 @@ class SharedPrefix:
         policy = None if sparse is None else make_policy(sparse, llm.model_config, llm.config.kv.block_size, llm.device)
         be = DenseBackend(llm.model_config, llm.device, self.dense.kv_dtype, policy=policy,
                           block_size=llm.config.kv.block_size, chunk_blocks=llm.config.kv.chunk_blocks)
-        be.seqs[0] = self.kv
-        if policy is not None:
-            policy.allocate(0, self.capacity)
-            for layer in range(llm.model_config.num_layers):
-                policy.append(layer, 0, 0, *self.dense.layout.unpack(self.kv[layer, :-(-self.P // be.bs)], self.P))
+        be.share(0, self.dense, self.P)
         return be
 
     def step(self, backend, token: int, pos: int) -> torch.Tensor:

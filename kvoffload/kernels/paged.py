@@ -280,6 +280,65 @@ class PagedAttention:
                                 -3: "merge row_first / order outside this call's parts"}.get(rc, str(rc)))
 
 
+class PreparedCall:
+    """One kernel call set up once and repeated (a decode step's layers, the steps within one
+    block): its items, part buffers, append targets and merge rows are checked and resolved to
+    addresses here; each call passes only what changes per layer — q, the new token's k/v, the
+    output — and costs a few microseconds. Between calls the caller may change the *contents*
+    of ``items.last`` and of ``append_cols`` in place (the tail grows by a token a step); their
+    shapes and the other arrays must stay as they were."""
+
+    def __init__(self, kern: PagedAttention, items: Items, threads: int, append_slots: np.ndarray | None = None,
+                 append_cols: np.ndarray | None = None, merge_rows: np.ndarray | None = None) -> None:
+        H, D, N = kern.H, kern.D, items.n
+        if items.masks is not None and ((len(items.ptrs) and items.masks.shape[1] != kern.H_kv) or kern.bs > MASK_BS_MAX):
+            raise ValueError(f"masks: [n_blocks, H_kv={kern.H_kv}] and block_size <= {MASK_BS_MAX}")
+        self.kern, self.items, self.threads = kern, items, threads
+        self.part_o = np.empty((max(N, 1), H, D), np.float32)
+        self.part_lse = np.empty((max(N, 1), H), np.float32)
+        self.n_app = 0 if append_slots is None else len(append_slots)
+        self.app = None
+        if append_slots is not None:
+            self.app = (_i64(append_slots), _i64(append_cols))
+            if len(self.app[1]) != self.n_app:
+                raise ValueError("append: slots and cols disagree in length")
+        self.R = 0 if merge_rows is None else len(merge_rows) - 1
+        self.merge_rows = None if merge_rows is None else _i64(merge_rows)
+        if self.R and (self.merge_rows[-1] > N or np.any(np.diff(self.merge_rows) < 0)):
+            raise ValueError("merge rows outside this call's parts")
+        row, first, last, ptrs, tm = items._addr
+        a_slot, a_col = (None, None) if self.app is None else (_ptr(self.app[0]), _ptr(self.app[1]))
+        rf = None if self.merge_rows is None else _ptr(self.merge_rows)
+        # the argument list of kvo_paged_attn_*; None marks what each call fills in
+        self.args = [kern.H_kv, kern.G, D, kern.bs, self.n_app, None, 0, None, 0, a_slot, a_col,
+                     N, None, 0, row, first, last, ptrs, tm, kern.scale, _ptr(self.part_o), _ptr(self.part_lse),
+                     self.R, rf, None, None, None, threads]
+
+    def __call__(self, q, k_new=None, v_new=None, out=None, lse=None) -> None:
+        """q ``[R_q, H, D]`` fp32; k_new / v_new ``[n_app, H_kv, D]`` (KV dtype) when prepared
+        with append slots; out ``[R, H, D]`` / lse ``[R, H]`` fp32 contiguous when prepared with
+        merge rows (else the partials are left in ``part_o`` / ``part_lse``)."""
+        kern, a = self.kern, self.args
+        H, D = kern.H, kern.D
+        a[12], R_q, a[13] = _rows(q, ("float32",), (H, D), "q")
+        if self.items._rows_needed > R_q:
+            raise ValueError("Items.row outside q")
+        if self.n_app:
+            st = _STORAGE[kern.dtype]
+            a[5], n_k, a[6] = _rows(k_new, st, (kern.H_kv, D), "k_new")
+            a[7], n_v, a[8] = _rows(v_new, st, (kern.H_kv, D), "v_new")
+            if n_k < self.n_app or n_v < self.n_app:
+                raise ValueError("k_new / v_new hold fewer tokens than the prepared append")
+        if self.R:
+            a[25], n_o, _ = _rows(out, ("float32",), (H, D), "out", True)
+            a[26], n_l, _ = _rows(lse, ("float32",), (H,), "lse", True)
+            if n_o < self.R or n_l < self.R:
+                raise ValueError(f"out / lse hold fewer than {self.R} rows")
+        rc = kern.fn(*a)
+        if rc != 0:
+            raise ValueError(f"native paged attention rejected its arguments (rc {rc})")
+
+
 def _merge_args(merge: Merge, H: int, D: int):
     """(row_first, order) as int64 arrays (the caller keeps them alive through the call), the
     addresses of out and lse, and R. The indices are checked by the caller (C or Python)."""

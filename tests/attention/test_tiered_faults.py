@@ -70,6 +70,7 @@ def test_disk_budget_exhausted_is_one_line(tiny_hf, tmp_path):
     (["--offload-dir", "/proc"], "cannot create"),
     (["--kv-disk-budget", "1000TiB", "--kv-host-budget", "0"], "exceeds"),
     (["--disk-workers", "0", "--kv-host-budget", "0"], "disk_workers"),
+    (["--disk-read-blocks", "3"], "disk_read_blocks must divide kv_chunk_blocks"),
 ])
 def test_bad_kv_flags(tiny_hf, flags, word):
     _, path = tiny_hf("qwen2")

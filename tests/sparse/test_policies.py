@@ -84,14 +84,16 @@ def test_full_budget_equals_dense(dense, tiny_path, calibration, policy, where):
 
 
 @pytest.mark.parametrize("policy", list(POLICIES))
-def test_offloaded_sparse_equals_in_memory_sparse(tiny_path, calibration, policy):
+@pytest.mark.parametrize("read_blocks", [1, 2])
+def test_offloaded_sparse_equals_in_memory_sparse(tiny_path, calibration, policy, read_blocks):
     """The same policy at 1/4 over host + disk blocks (read through the workers, token masks in
-    the native kernel) gives the logits of the contiguous in-memory reference path."""
+    the native kernel, chosen blocks read alone or in aligned pairs, the next layer's blocks
+    guessed and read ahead) gives the logits of the contiguous in-memory reference path."""
     ids = LLM(tiny_path, dtype="float32").encode(TEXT)[:220]
     geometry = dict(sparse_dense_layers="none", block_size=8, chunk_blocks=2)     # 4 KiB chunks
     mem = sparse_llm(tiny_path, policy, "1/4", calibration, **geometry)
     off = sparse_llm(tiny_path, policy, "1/4", calibration, kv_host_budget="8KiB", disk_workers=2,
-                     kv_recent_tokens=16, kv_sink_tokens=0, **geometry)
+                     kv_recent_tokens=16, kv_sink_tokens=0, disk_read_blocks=read_blocks, **geometry)
     try:
         a, b = forced(mem, ids, 70), forced(off, ids, 70)
         diff(b, a, f"{policy} 1/4 offloaded vs in memory")
@@ -101,6 +103,8 @@ def test_offloaded_sparse_equals_in_memory_sparse(tiny_path, calibration, policy
         assert 0 < sb.attended / sb.context < 0.35 and sb.read <= sb.context
         tiers = off.engine.kv.stats().tiers
         assert tiers["disk"].read > 0
+        print(f"disk blocks attended {tiers['disk'].blocks}, of them read ahead {tiers['disk'].ahead}")
+        assert 0 < tiers["disk"].ahead <= tiers["disk"].blocks      # the next layer's guess is read ahead
     finally:
         off.close()
 

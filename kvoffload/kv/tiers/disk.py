@@ -24,6 +24,8 @@ from multiprocessing.connection import Connection
 import numpy as np
 import torch
 
+import kvoffload
+from kvoffload.dtypes import torch_dtype
 from kvoffload.errors import ConfigError, KvoffloadError
 from kvoffload.kv.layout import BlockLayout
 from kvoffload.kv.tiers.disk_worker import WriteBlocks
@@ -44,14 +46,23 @@ class WorkerError(KvoffloadError):
     """A disk worker failed for a reason a restart cannot fix (message says which)."""
 
 
+def _worker_env() -> dict[str, str]:
+    """A worker's environment: ours, with this kvoffload's parent directory first on its path."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(kvoffload.__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
 class ProcessWorker:
     """The main process's handle on one disk worker process (requests over a socket pair; one
     request — an attend or a read — in flight at a time, writes streamed beside it)."""
 
     def __init__(self, path: str, layout: BlockLayout, group: int, threads: int, batch_bytes: int,
-                 ahead_bytes: int = 0, max_backlog: int = 32 << 20, native: bool = True) -> None:
+                 ahead_bytes: int = 0, max_backlog: int = 32 << 20, native: bool = True, read_blocks: int = 1) -> None:
         self.path, self.layout, self.group, self.threads = path, layout, group, threads
         self.batch_bytes, self.ahead_bytes, self.max_backlog, self.native = batch_bytes, ahead_bytes, max_backlog, native
+        self.read_blocks = read_blocks
         self.backlog = 0                            # bytes in unacknowledged writes
         self.unacked: list[WriteBlocks] = []        # sent, not yet acknowledged: replayed after a restart
         self.request: tuple[str, object] | None = None
@@ -61,14 +72,17 @@ class ProcessWorker:
     def _start(self) -> None:
         # A fresh interpreter (not fork: the parent runs OpenMP threads; not multiprocessing's
         # spawn: that re-imports the user's __main__), talking over a socket pair. -P: the
-        # working directory is not put on sys.path (no code from it is imported).
+        # working directory is not put on sys.path (no code from it is imported); the worker
+        # imports the same kvoffload as this process, wherever that was imported from.
         mine, theirs = socket.socketpair()
         cmd = [sys.executable, "-P", "-m", "kvoffload.kv.tiers.disk_worker", "--fd", str(theirs.fileno()),
                "--path", self.path, "--layout", json.dumps(asdict(self.layout)), "--group", str(self.group),
                "--threads", str(self.threads), "--batch-bytes", str(self.batch_bytes),
-               "--ahead-bytes", str(self.ahead_bytes)] + ([] if self.native else ["--no-native"])
+               "--ahead-bytes", str(self.ahead_bytes), "--read-blocks", str(self.read_blocks)] \
+            + ([] if self.native else ["--no-native"])
         # own session: a terminal Ctrl-C reaches only the main process, which closes the workers
-        self.proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                                     start_new_session=True, env=_worker_env())
         theirs.close()
         self.conn = Connection(mine.detach())
         try:
@@ -204,6 +218,7 @@ class DiskTier:
     """Shard files under ``--offload-dir``, one worker process each (``--disk-workers``)."""
 
     medium = "disk"
+    prefetches = True
 
     def __init__(self, spec: TierSpec, ctx: TierContext) -> None:
         lay, kv = ctx.layout, ctx.kv
@@ -220,7 +235,7 @@ class DiskTier:
         for i in range(kv.disk_workers):
             self.workers.append(ProcessWorker(os.path.join(self.directory, f"shard-{i}.kv"), lay, ctx.group,
                                               per_worker, kv.disk_read_batch, kv.disk_read_ahead,
-                                              kv.disk_write_backlog, ctx.native))
+                                              kv.disk_write_backlog, ctx.native, kv.disk_read_blocks))
         self._writes: dict[int, list[tuple[np.ndarray, bytes]]] = {}
         self._split: list[tuple[int, np.ndarray]] | None = None      # the request in flight, per shard
 
@@ -272,8 +287,7 @@ class DiskTier:
             raw = self.workers[w].collect()
             out[shard == w] = np.frombuffer(raw, np.uint8).reshape(-1, sb)
         self.counters.read += len(slots) * sb
-        dt = self.ctx.layout.dtype
-        return torch.from_numpy(out).view(getattr(torch, dt)).to(self.ctx.device)
+        return torch.from_numpy(out).view(torch_dtype(self.ctx.layout.dtype)).to(self.ctx.device)
 
     # ---- attention ----
     def _per_shard(self, req: AttendRequest) -> list[tuple[int, np.ndarray, AttendRequest]]:
@@ -289,7 +303,7 @@ class DiskTier:
             first = np.zeros(len(items) + 1, np.int64)
             np.cumsum(counts, out=first[1:])
             blocks = np.concatenate([np.arange(req.first[i], req.first[i + 1]) for i in items])
-            q = req.q.numpy() if hasattr(req.q, "numpy") else req.q
+            q = req.q.numpy() if isinstance(req.q, torch.Tensor) else req.q
             sub = AttendRequest(req.layer, q, req.seq[items], first, local[blocks],
                                 None if req.masks is None else req.masks[blocks])
             out.append((int(w), items, sub))
@@ -313,18 +327,21 @@ class DiskTier:
         N = req.num_items
         o = np.zeros((N, L, H, D), np.float32)
         lse = np.full((N, L, H), -np.inf, np.float32)
-        read = sent = back = 0
+        read = sent = back = ahead = 0
         for w, items, sub in split:
             r: AttendResult = self.workers[w].collect()
             o[items], lse[items] = r.o, r.lse
             read += r.bytes_read
+            ahead += r.ahead
             sent += sub.q.nbytes + sub.slots.nbytes + sub.first.nbytes + (0 if sub.masks is None else sub.masks.nbytes)
             back += r.o.nbytes + r.lse.nbytes
         c = self.counters
         c.read += read
         c.to_worker += sent
         c.from_worker += back
-        return AttendResult(torch.from_numpy(o), torch.from_numpy(lse), read, sent, back)
+        c.blocks += len(req.slots)
+        c.ahead += ahead
+        return AttendResult(torch.from_numpy(o), torch.from_numpy(lse), read, sent, back, ahead)
 
     def bytes_held(self) -> int:
         return self.pool.used * self.ctx.layout.chunk_blocks * self.ctx.layout.disk_stride

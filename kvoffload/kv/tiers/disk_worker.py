@@ -30,8 +30,11 @@ from kvoffload.kernels.paged import Items, PagedAttention
 from kvoffload.kv.layout import PAGE, BlockLayout
 from kvoffload.kv.tiers.protocol import AttendRequest, AttendResult, expand_rows
 
-IO_DEPTH = 2             # concurrent reads per worker
-IO_BYTES = 1 << 20       # bytes per read
+IO_BYTES = 1 << 20       # bytes per read (longer runs are cut)
+# Reads in flight by request size, from this machine's `kvoffload bench disk` (random O_DIRECT
+# reads, benchmarks/disk/README.md): large requests peak at 2 in flight (1 MiB: 1.96 GB/s at 2,
+# 1.40 at 16), small ones need many (12 KiB: 0.31 GB/s at 2, 0.57 at 16).
+IO_DEPTHS = ((256 << 10, 2), (48 << 10, 4), (0, 16))
 
 
 class DiskIOError(KvoffloadError):
@@ -78,6 +81,10 @@ class DiskShard:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    def extent(self) -> int:
+        """Slots the file holds (written or not, up to the last written one)."""
+        return os.fstat(self.fd).st_size // self.stride
 
     @staticmethod
     def runs(slots: np.ndarray) -> list[tuple[int, int, int]]:
@@ -149,29 +156,27 @@ class DiskWorkerServer:
     """What runs inside the worker process (also callable in-process, for tests)."""
 
     def __init__(self, path: str, layout: BlockLayout, group: int, threads: int, batch_bytes: int,
-                 ahead_bytes: int = 0, native: bool = True, io_depth: int = IO_DEPTH,
+                 ahead_bytes: int = 0, native: bool = True, read_blocks: int = 1,
                  io_bytes: int = IO_BYTES) -> None:
         self.shard, self.layout, self.threads = DiskShard(path, layout), layout, threads
         self.batch_slots = max(layout.chunk_blocks, batch_bytes // layout.disk_stride)
         self.bufs = [aligned_buffer(self.batch_slots * layout.disk_stride) for _ in range(2)]
-        self.ahead_slots = ahead_bytes // layout.disk_stride
-        self.ahead_buf = aligned_buffer(max(self.ahead_slots, self.batch_slots) * layout.disk_stride) \
-            if self.ahead_slots else None
+        self.ahead_slots = max(self.batch_slots, ahead_bytes // layout.disk_stride) if ahead_bytes else 0
+        self.ahead_buf = aligned_buffer(self.ahead_slots * layout.disk_stride) if self.ahead_slots else None
         self.ahead: tuple[np.ndarray, list[Future]] | None = None     # slots being read ahead
         self.wbuf = aligned_buffer(self.batch_slots * layout.disk_stride)
         usable = native and PagedAttention.available(layout.dtype, group, layout.head_dim, layout.block_size)
         self.kernel = PagedAttention(layout.dtype, layout.num_kv_heads, group, layout.head_dim,
                                      layout.block_size) if usable else None
-        self.io = ThreadPoolExecutor(io_depth, thread_name_prefix="kv-read")
+        self.io = {depth: ThreadPoolExecutor(depth, thread_name_prefix=f"kv-read{depth}") for _, depth in IO_DEPTHS}
+        self.read_blocks = read_blocks
         self.io_bytes = io_bytes
 
     def write(self, w: WriteBlocks) -> None:
         slots = np.asarray(w.slots, dtype=np.int64)
         data = memoryview(w.data)
         if self.ahead is not None and np.isin(slots, self.ahead[0]).any():
-            for f in self.ahead[1]:                  # the read-ahead holds what is being overwritten
-                f.result()
-            self.ahead = None
+            self._drop_ahead()                       # the read-ahead holds what is being overwritten
         for i in range(0, len(slots), self.batch_slots):       # bounded staging buffer
             j = min(i + self.batch_slots, len(slots))
             self.shard.write(slots[i:j], data[i * self.layout.slot_bytes:j * self.layout.slot_bytes], self.wbuf)
@@ -187,19 +192,39 @@ class DiskWorkerServer:
         return raw[inv].tobytes()
 
     def _read_async(self, slots: np.ndarray, buf) -> list[Future]:
-        """Issue the batch's reads, ``io_depth`` at a time (the device's queue stays full)."""
-        return [self.io.submit(self.shard.read_one, buf, *r) for r in self.shard.read_plan(slots, self.io_bytes)]
+        """Issue the batch's reads (coalesced runs), as many in flight as suit their size."""
+        plan = self.shard.read_plan(slots, self.io_bytes)
+        mean = sum(r[1] for r in plan) / max(1, len(plan))
+        pool = self.io[next(depth for size, depth in IO_DEPTHS if mean >= size)]
+        return [pool.submit(self.shard.read_one, buf, *r) for r in plan]
 
-    def _batches(self, req: AttendRequest) -> list[_Batch]:
-        """Consecutive runs of items reading at most ``batch_slots`` distinct slots (at least one item)."""
+    def _read_units(self, slots: np.ndarray) -> np.ndarray:
+        """The sorted slots to read for ``slots``: with ``read_blocks`` U > 1, whole aligned
+        groups of U slots (a chunk holds whole groups), fewer and larger reads for scattered
+        sparse choices at the cost of reading blocks nobody asked for (what is on the file)."""
+        u = np.unique(slots)
+        U = self.read_blocks
+        if U == 1 or len(u) == 0:
+            return u
+        groups = np.unique(u - u % U)
+        out = (groups[:, None] + np.arange(U, dtype=np.int64)).reshape(-1)
+        return out[out < self.shard.extent()]
+
+    def _batches(self, req: AttendRequest, hits: np.ndarray) -> list[_Batch]:
+        """Consecutive runs of items whose blocks not in ``hits`` (already read ahead) come to at
+        most ``batch_slots`` slots (at least one item each), with the slots each run must read."""
         first, slots = req.first, req.slots
-        out, i0 = [], 0
-        N = req.num_items
+        miss = ~np.isin(slots, hits) if len(hits) else np.ones(len(slots), bool)
+        cum = np.zeros(len(slots) + 1, np.int64)
+        np.cumsum(miss, out=cum[1:])
+        out, i0, N = [], 0, req.num_items
         while i0 < N:
             i1 = i0 + 1
-            while i1 < N and first[i1 + 1] - first[i0] <= self.batch_slots:
+            while i1 < N and cum[first[i1 + 1]] - cum[first[i0]] <= self.batch_slots:
                 i1 += 1
-            out.append(_Batch(i0, i1, np.unique(slots[first[i0]:first[i1]])))
+            a, b = first[i0], first[i1]
+            need = self._read_units(slots[a:b][miss[a:b]])
+            out.append(_Batch(i0, i1, need[~np.isin(need, hits)] if len(hits) else need))
             i0 = i1
         return out
 
@@ -209,69 +234,81 @@ class DiskWorkerServer:
         N = req.num_items
         o = np.empty((N * L, H, D), np.float32)
         lse = np.empty((N * L, H), np.float32)
-        batches = self._batches(req)
-        # batch 0 may already be in the read-ahead buffer (prefetch() of the previous layer)
+        # blocks the previous prefetch() read ahead are attended from its buffer (a guess that
+        # missed costs its reads, nothing else); the rest are read in batches, each while the
+        # previous one is attended
         ahead, self.ahead = self.ahead, None
-        use_ahead = ahead is not None and batches and np.array_equal(ahead[0], batches[0].slots)
-        if ahead is not None and not use_ahead:
-            for f in ahead[1]:                                   # a stale guess: let it finish, unused
-                f.result()
-        bufs = [self.ahead_buf if (n == 0 and use_ahead) else self.bufs[n % 2] for n in range(len(batches))]
-        read = 0
-        if use_ahead:
-            pending = ahead[1]
-        else:
-            pending = self._read_async(batches[0].slots, bufs[0]) if batches else []
+        read, hits = 0, np.zeros(0, np.int64)
+        if ahead is not None:
+            read += sum(f.result() for f in ahead[1])             # raises the reader's DiskIOError
+            hits = ahead[0]
+        batches = self._batches(req, hits)
+        pending = self._read_async(batches[0].slots, self.bufs[0]) if batches else []
         q_rows = q.reshape(B * L, H, D)
         for n, bt in enumerate(batches):
-            read += sum(f.result() for f in pending)              # raises the reader's DiskIOError
+            read += sum(f.result() for f in pending)
             if n + 1 < len(batches):                              # the next batch is read meanwhile
-                pending = self._read_async(batches[n + 1].slots, bufs[n + 1])
-            self._attend_batch(req, bt, bufs[n], q_rows, L, o, lse)
-        return AttendResult(o.reshape(N, L, H, D), lse.reshape(N, L, H), read)
+                pending = self._read_async(batches[n + 1].slots, self.bufs[(n + 1) % 2])
+            self._attend_batch(req, bt, self.bufs[n % 2], hits, q_rows, L, o, lse)
+        n_ahead = int(np.isin(req.slots, hits).sum()) if len(hits) else 0
+        return AttendResult(o.reshape(N, L, H, D), lse.reshape(N, L, H), read, ahead=n_ahead)
 
-    def _attend_batch(self, req: AttendRequest, bt: _Batch, buf, q_rows: np.ndarray, L: int,
+    def _attend_batch(self, req: AttendRequest, bt: _Batch, buf, hits: np.ndarray, q_rows: np.ndarray, L: int,
                       o: np.ndarray, lse: np.ndarray) -> None:
-        """The items of one batch, whose slots are in ``buf`` (sorted, back to back at the
-        stride): their partials go to rows ``i0*L .. i1*L`` of ``o`` / ``lse``."""
+        """The items of one batch: their blocks are in ``buf`` (``bt.slots``, sorted, back to back
+        at the stride) or in the read-ahead buffer (``hits``, likewise); their partials go to rows
+        ``i0*L .. i1*L`` of ``o`` / ``lse``."""
         lay, st = self.layout, self.layout.disk_stride
-        first = req.first[bt.i0:bt.i1 + 1] - req.first[bt.i0]
-        local = np.searchsorted(bt.slots, req.slots[req.first[bt.i0]:req.first[bt.i1]])   # position in buf
+        a, b = req.first[bt.i0], req.first[bt.i1]
+        blk = req.slots[a:b]
+        in_ahead = np.isin(blk, hits) if len(hits) else np.zeros(len(blk), bool)
+        first = req.first[bt.i0:bt.i1 + 1] - a
         row, efirst, idx = expand_rows(req.seq[bt.i0:bt.i1], first, L)
-        pos = local[idx]
-        masks = None if req.masks is None else req.masks[req.first[bt.i0]:req.first[bt.i1]][idx]
+        masks = None if req.masks is None else req.masks[a:b][idx]
         last = np.full(len(row), lay.block_size, np.int64)
         out_o, out_l = o[bt.i0 * L:bt.i1 * L], lse[bt.i0 * L:bt.i1 * L]
+        at_ahead = np.searchsorted(hits, blk) if len(hits) else np.zeros(len(blk), np.int64)
+        at_buf = np.searchsorted(bt.slots, blk)
         if self.kernel is not None:
             base = np.frombuffer(buf, dtype=np.uint8).ctypes.data
-            self.kernel(q_rows, Items(row, efirst, last, base + st * pos, masks), out_o, out_l, self.threads)
+            ahead_base = np.frombuffer(self.ahead_buf, dtype=np.uint8).ctypes.data if self.ahead_buf else 0
+            addr = np.where(in_ahead, ahead_base + st * at_ahead, base + st * at_buf)
+            self.kernel(q_rows, Items(row, efirst, last, addr[idx], masks), out_o, out_l, self.threads)
             return
-        n = len(bt.slots)
-        arr = np.frombuffer(buf, dtype=DTYPES[lay.dtype].storage, count=n * st // lay.itemsize).reshape(n, -1)
-        k, v = lay.unpack_blocks(to_float32(arr[:, :lay.slot_elems], lay.dtype))           # [n, H_kv, bs, D]
-        ob, lb = reference.attend_items(q_rows, k[pos], v[pos], row, efirst, last, masks)
+        store = DTYPES[lay.dtype].storage
+        data = np.empty((len(blk), lay.slot_elems), store)
+        for mask, at, src in ((~in_ahead, at_buf, buf), (in_ahead, at_ahead, self.ahead_buf)):
+            if mask.any():
+                arr = np.frombuffer(src, dtype=store).reshape(-1, st // lay.itemsize)
+                data[mask] = arr[at[mask], :lay.slot_elems]
+        k, v = lay.unpack_blocks(to_float32(data, lay.dtype))                              # [n, H_kv, bs, D]
+        ob, lb = reference.attend_items(q_rows, k[idx], v[idx], row, efirst, last, masks)
         out_o[...], out_l[...] = ob, lb
 
     def prefetch(self, req: AttendRequest) -> None:
-        """Start reading the first batch of the next request (the next layer's, known before
-        its query is): the read overlaps the model's compute of that layer."""
+        """Start reading the blocks of the next request (the next layer's, known or guessed
+        before its query is), up to the read-ahead buffer: the reads overlap the model's
+        compute of that layer."""
         if not self.ahead_slots:
             return
+        self._drop_ahead()
+        slots = self._read_units(req.slots)[:self.ahead_slots]
+        self.ahead = (slots, self._read_async(slots, self.ahead_buf)) if len(slots) else None
+
+    def _drop_ahead(self) -> None:
+        """Forget the read-ahead (its reads finish first: they write into its buffer)."""
         if self.ahead is not None:
             for f in self.ahead[1]:
                 f.result()
-        batches = self._batches(req)
-        self.ahead = None
-        if batches and len(batches[0].slots) <= max(self.ahead_slots, self.batch_slots):
-            slots = batches[0].slots
-            self.ahead = (slots, self._read_async(slots, self.ahead_buf))
+            self.ahead = None
 
 
 def _serve(conn, path: str, layout: dict, group: int, threads: int, batch_bytes: int, ahead_bytes: int,
-           native: bool) -> None:
+           native: bool, read_blocks: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)               # Ctrl-C is the main process's to handle
     try:
-        server = DiskWorkerServer(path, BlockLayout(**layout), group, threads, batch_bytes, ahead_bytes, native)
+        server = DiskWorkerServer(path, BlockLayout(**layout), group, threads, batch_bytes, ahead_bytes, native,
+                                  read_blocks)
     except DiskIOError as e:
         conn.send(("err", str(e)))
         return
@@ -305,9 +342,10 @@ def main() -> None:
     ap.add_argument("--batch-bytes", type=int, required=True)
     ap.add_argument("--ahead-bytes", type=int, default=0)
     ap.add_argument("--no-native", action="store_true")
+    ap.add_argument("--read-blocks", type=int, default=1)
     a = ap.parse_args()
     _serve(Connection(a.fd), a.path, json.loads(a.layout), a.group, a.threads, a.batch_bytes, a.ahead_bytes,
-           not a.no_native)
+           not a.no_native, a.read_blocks)
 
 
 if __name__ == "__main__":

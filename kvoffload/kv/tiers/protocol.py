@@ -29,14 +29,17 @@ if TYPE_CHECKING:
 
 @dataclass
 class TierCounters:
-    """Bytes, cumulative. read: KV read by the tier's worker(s) to attend or to hand back
-    (gather, moves). written: blocks stored into the tier. to_worker / from_worker: request
-    and reply payloads that crossed into / out of the tier's worker(s) (0 in-process)."""
+    """Cumulative. read: KV bytes read by the tier's worker(s) to attend or to hand back
+    (gather, moves). written: bytes of blocks stored into the tier. to_worker / from_worker:
+    request and reply payload bytes that crossed into / out of the tier's worker(s) (0
+    in-process). blocks / ahead: blocks attended, and of them those already read ahead."""
 
     read: int = 0
     written: int = 0
     to_worker: int = 0
     from_worker: int = 0
+    blocks: int = 0
+    ahead: int = 0
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,9 @@ class AttendRequest:
     row ``seq[i]``, the tier's slots ``slots[first[i]:first[i+1]]`` (full blocks of one chunk,
     in sequence order). masks: ``None`` (every token), or ``[len(slots), H_kv]`` uint64: bit t
     = token t of that block is attended by that KV head (0: the head skips the block). Arrays
-    are numpy int64 / uint64; q a CPU torch tensor or numpy array.
+    are numpy int64 / uint64; q a CPU torch tensor or numpy array (``None`` in a prefetch hint).
+    key: when not ``None``, requests with the same key carry the same items (only q differs): a
+    tier may keep what it prepared for them (an in-process tier keeps its prepared kernel call).
     """
 
     layer: int
@@ -82,6 +87,7 @@ class AttendRequest:
     first: np.ndarray
     slots: np.ndarray
     masks: np.ndarray | None = None
+    key: Any = None
 
     @property
     def num_items(self) -> int:
@@ -92,13 +98,15 @@ class AttendRequest:
 class AttendResult:
     """o: ``[N, L, H, D]`` fp32, item i's output normalised over its keys; lse: ``[N, L, H]``
     fp32 (``-inf`` where a head attended nothing); bytes_read: KV bytes read to compute them;
-    bytes_in / bytes_out: request and reply payload that crossed to the worker."""
+    bytes_in / bytes_out: request and reply payload that crossed to the worker; ahead: blocks
+    attended that a prefetch had read already."""
 
     o: Any
     lse: Any
     bytes_read: int
     bytes_in: int = 0
     bytes_out: int = 0
+    ahead: int = 0
 
 
 class Tier(Protocol):
@@ -106,6 +114,7 @@ class Tier(Protocol):
 
     name: str
     medium: str                     # what its bytes live on: "memory", "disk" (a bench's bandwidth bound)
+    prefetches: bool                # whether prefetch hints are used (the backend skips building them otherwise)
     budget: int | None              # bytes
     capacity: int | None            # chunks the budget holds (None = unlimited)
     counters: TierCounters
