@@ -185,6 +185,8 @@ class KVConfig:
     disk_read_blocks: the disk workers read chosen blocks (sparse decode) in aligned groups of
         this many blocks (1: exactly the chosen blocks): fewer, larger reads for scattered
         choices, at the cost of reading blocks nobody chose (the read amplification reported).
+    disk_io_depth: reads in flight per disk worker (0: by request size, about 2 MiB in flight,
+        2 to 16 reads; `kvoffload bench disk` shows what a disk wants).
     disk_read_ahead: during decode each disk worker is told the next layer's blocks as soon as
         this layer's query is sent, and reads up to this many bytes of them ahead, so the read
         overlaps the model's compute of that layer (0 = off; a buffer this size per worker).
@@ -207,6 +209,7 @@ class KVConfig:
     kv_recent_tokens: int = cli_field(256, "last tokens of a sequence kept in the fastest tier")
     disk_read_batch: int = cli_field(1 << 20, "bytes per disk worker read batch", parse=parse_size)
     disk_read_blocks: int = cli_field(1, "sparse reads from disk in aligned groups of this many blocks (1 = exact)")
+    disk_io_depth: int = cli_field(0, "reads in flight per disk worker (0 = by request size)")
     disk_read_ahead: int = cli_field(4 << 20, "bytes of the next layer's blocks a disk worker reads ahead (0 = off)", parse=parse_size)
     disk_write_backlog: int = cli_field(32 << 20, "bytes of unacknowledged block writes per disk worker before waiting", parse=parse_size)
     kv_serial: bool = cli_field(False, "run the tier workers one after another instead of together (measures what the overlap buys)")
@@ -221,6 +224,8 @@ class KVConfig:
             raise ConfigError(f"block_size must be in 1..256, got {self.block_size}")
         if self.chunk_blocks < 1:
             raise ConfigError(f"kv_chunk_blocks must be >= 1, got {self.chunk_blocks}")
+        if not 0 <= self.disk_io_depth <= 64:
+            raise ConfigError(f"disk_io_depth must be 0 (by request size) to 64, got {self.disk_io_depth}")
         if self.disk_read_blocks < 1 or self.chunk_blocks % self.disk_read_blocks:
             raise ConfigError(f"disk_read_blocks must divide kv_chunk_blocks ({self.chunk_blocks}), got {self.disk_read_blocks}")
         if self.disk_workers < 1:
@@ -312,6 +317,9 @@ class SparseConfig:
         scores (``None``: the policy's default fraction of the head dim).
     sparse_calibration: ``double_sparsity``: the channel file written by ``kvoffload calibrate``.
     sparse_chunk: ``shadowkv`` / ``retrieval``: tokens per landmark chunk.
+    sparse_prefetch: with KV in a tier that reads ahead (disk), guess the next sparse layer's
+        blocks from this layer's query and its own metadata, and read them ahead (the layer
+        then attends what its own selection chooses; missed blocks are read on demand).
     """
 
     sparse_policy: str = cli_field("dense", "sparse decode attention policy: dense, streaming, quest, sparf, double_sparsity, shadowkv, retrieval")
@@ -322,6 +330,7 @@ class SparseConfig:
     sparse_channels: int | None = cli_field(None, "sparf/double_sparsity: channels per head for approximate scores")
     sparse_calibration: str | None = cli_field(None, "double_sparsity: channel file from `kvoffload calibrate`")
     sparse_chunk: int = cli_field(8, "shadowkv/retrieval: tokens per landmark chunk")
+    sparse_prefetch: bool = cli_field(False, "read ahead the next sparse layer's guessed blocks from disk")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sparse_dense_layers", parse_layers(self.sparse_dense_layers))

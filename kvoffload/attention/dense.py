@@ -38,30 +38,28 @@ class DecodeItems:
 
     def __init__(self, layout: BlockLayout, starts: tuple[int, ...], chosen: list[Selection] | None) -> None:
         bs = layout.block_size
-        rows, firsts, lasts, blocks, keys, masks = [], [0], [], [], [], []
+        rows, firsts, lasts, blocks, keys, masks = [], [np.zeros(1, np.int64)], [], [], [], []
         full = np.uint64((1 << bs) - 1) if bs < 64 else np.uint64(0xFFFFFFFFFFFFFFFF)
+        tail_mask = np.full((1, layout.num_kv_heads), full, np.uint64)
+        n = 0                                                                # blocks so far
         for b, s in enumerate(starts):
             n_full = s // bs
             if chosen is None:
                 blk, msk = np.arange(n_full, dtype=np.int64), None
             else:
                 blk, msk = chosen[b].union(bs)
-            first, chunk = layout.chunk_runs(blk)
-            for i in range(len(chunk)):
-                blocks.append(blk[first[i]:first[i + 1]])
-                if msk is not None:
-                    masks.append(msk[first[i]:first[i + 1]])
-                firsts.append(firsts[-1] + first[i + 1] - first[i])
-            rows += [b] * len(chunk)
-            lasts += [bs] * len(chunk)
-            keys.append(chunk)
-            blocks.append(np.array([n_full], np.int64))                      # the tail block
-            if chosen is not None:
-                masks.append(np.full((1, layout.num_kv_heads), full, np.uint64))
-            firsts.append(firsts[-1] + 1)
-            rows.append(b)
-            lasts.append(s % bs + 1)
-            keys.append(np.array([TAIL_KEY], np.int64))
+                masks += [msk, tail_mask]
+            first, chunk = layout.chunk_runs(blk)                            # one item per chunk run
+            blocks += [blk, np.array([n_full], np.int64)]                    # then the tail block
+            firsts += [n + first[1:], np.array([n + len(blk) + 1], np.int64)]
+            n += len(blk) + 1
+            rows.append(np.full(len(chunk) + 1, b, np.int64))
+            lasts.append(np.full(len(chunk) + 1, bs, np.int64))
+            lasts[-1][-1] = s % bs + 1
+            keys += [chunk, np.array([TAIL_KEY], np.int64)]
+        rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        firsts = np.concatenate(firsts)
+        lasts = np.concatenate(lasts) if lasts else np.zeros(0, np.int64)
         self.row = np.asarray(rows, np.int64)
         self.first = np.asarray(firsts, np.int64)
         self.last = np.asarray(lasts, np.int64)

@@ -365,6 +365,8 @@ class TieredBackend:
             return
         guess = None
         if self.policy is not None and self.policy.sparse(nxt):
+            if not self.policy.cfg.sparse_prefetch:
+                return
             guess = self.policy.predict_batch(nxt, batch.seq_ids, q_rows, batch.starts)
         for r in self._requests(nxt, batch.seq_ids, None, guess):
             if r is not None and self.tiers[r[0]].prefetches:

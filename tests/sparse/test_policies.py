@@ -93,7 +93,8 @@ def test_offloaded_sparse_equals_in_memory_sparse(tiny_path, calibration, policy
     geometry = dict(sparse_dense_layers="none", block_size=8, chunk_blocks=2)     # 4 KiB chunks
     mem = sparse_llm(tiny_path, policy, "1/4", calibration, **geometry)
     off = sparse_llm(tiny_path, policy, "1/4", calibration, kv_host_budget="8KiB", disk_workers=2,
-                     kv_recent_tokens=16, kv_sink_tokens=0, disk_read_blocks=read_blocks, **geometry)
+                     kv_recent_tokens=16, kv_sink_tokens=0, disk_read_blocks=read_blocks, sparse_prefetch=True,
+                     **geometry)
     try:
         a, b = forced(mem, ids, 70), forced(off, ids, 70)
         diff(b, a, f"{policy} 1/4 offloaded vs in memory")

@@ -28,7 +28,7 @@ import kvoffload
 from kvoffload.dtypes import torch_dtype
 from kvoffload.errors import ConfigError, KvoffloadError
 from kvoffload.kv.layout import BlockLayout
-from kvoffload.kv.tiers.disk_worker import WriteBlocks
+from kvoffload.kv.tiers.disk_worker import WorkerIO, WriteBlocks
 from kvoffload.kv.tiers.protocol import (
     AttendRequest,
     AttendResult,
@@ -58,11 +58,10 @@ class ProcessWorker:
     """The main process's handle on one disk worker process (requests over a socket pair; one
     request — an attend or a read — in flight at a time, writes streamed beside it)."""
 
-    def __init__(self, path: str, layout: BlockLayout, group: int, threads: int, batch_bytes: int,
-                 ahead_bytes: int = 0, max_backlog: int = 32 << 20, native: bool = True, read_blocks: int = 1) -> None:
+    def __init__(self, path: str, layout: BlockLayout, group: int, threads: int, io: WorkerIO,
+                 max_backlog: int = 32 << 20, native: bool = True) -> None:
         self.path, self.layout, self.group, self.threads = path, layout, group, threads
-        self.batch_bytes, self.ahead_bytes, self.max_backlog, self.native = batch_bytes, ahead_bytes, max_backlog, native
-        self.read_blocks = read_blocks
+        self.io, self.max_backlog, self.native = io, max_backlog, native
         self.backlog = 0                            # bytes in unacknowledged writes
         self.unacked: list[WriteBlocks] = []        # sent, not yet acknowledged: replayed after a restart
         self.request: tuple[str, object] | None = None
@@ -77,8 +76,7 @@ class ProcessWorker:
         mine, theirs = socket.socketpair()
         cmd = [sys.executable, "-P", "-m", "kvoffload.kv.tiers.disk_worker", "--fd", str(theirs.fileno()),
                "--path", self.path, "--layout", json.dumps(asdict(self.layout)), "--group", str(self.group),
-               "--threads", str(self.threads), "--batch-bytes", str(self.batch_bytes),
-               "--ahead-bytes", str(self.ahead_bytes), "--read-blocks", str(self.read_blocks)] \
+               "--threads", str(self.threads), "--io", json.dumps(asdict(self.io))] \
             + ([] if self.native else ["--no-native"])
         # own session: a terminal Ctrl-C reaches only the main process, which closes the workers
         self.proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
@@ -232,10 +230,10 @@ class DiskTier:
         # the disks bound these workers: their kernels share the cores (OpenMP teams that
         # outnumber the cores stall each other at every barrier)
         per_worker = max(1, ctx.threads // kv.disk_workers)
+        io = WorkerIO(kv.disk_read_batch, kv.disk_read_ahead, kv.disk_read_blocks, kv.disk_io_depth)
         for i in range(kv.disk_workers):
             self.workers.append(ProcessWorker(os.path.join(self.directory, f"shard-{i}.kv"), lay, ctx.group,
-                                              per_worker, kv.disk_read_batch, kv.disk_read_ahead,
-                                              kv.disk_write_backlog, ctx.native, kv.disk_read_blocks))
+                                              per_worker, io, kv.disk_write_backlog, ctx.native))
         self._writes: dict[int, list[tuple[np.ndarray, bytes]]] = {}
         self._split: list[tuple[int, np.ndarray]] | None = None      # the request in flight, per shard
 

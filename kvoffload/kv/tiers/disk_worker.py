@@ -31,10 +31,36 @@ from kvoffload.kv.layout import PAGE, BlockLayout
 from kvoffload.kv.tiers.protocol import AttendRequest, AttendResult, expand_rows
 
 IO_BYTES = 1 << 20       # bytes per read (longer runs are cut)
-# Reads in flight by request size, from this machine's `kvoffload bench disk` (random O_DIRECT
-# reads, benchmarks/disk/README.md): large requests peak at 2 in flight (1 MiB: 1.96 GB/s at 2,
-# 1.40 at 16), small ones need many (12 KiB: 0.31 GB/s at 2, 0.57 at 16).
-IO_DEPTHS = ((256 << 10, 2), (48 << 10, 4), (0, 16))
+# Reads in flight, by default: about IO_INFLIGHT bytes, between 2 and 16 reads. From two virtual
+# disks' `kvoffload bench disk` (random O_DIRECT reads, benchmarks/disk/README.md): 1 MiB reads
+# peak at 1-2 in flight (one disk lost 30% at 16), 192 KiB ones gain up to 16, 12-48 KiB ones
+# need 16 (12 KiB: 0.2 GB/s at 1, 0.55 at 16).
+IO_INFLIGHT = 2 << 20
+IO_DEPTH_MIN, IO_DEPTH_MAX = 2, 16
+
+
+@dataclass(frozen=True)
+class WorkerIO:
+    """How a disk worker reads (from KVConfig's ``disk_*`` fields).
+
+    batch_bytes: bytes per read batch (two buffers: one is read while the other is attended).
+    ahead_bytes: the read-ahead buffer for the next request's blocks (0 = no read-ahead).
+    read_blocks: chosen blocks are read in aligned groups of this many slots (1 = exactly).
+    io_depth: reads in flight (0 = by request size: about ``IO_INFLIGHT`` bytes, 2 to 16).
+    io_bytes: the longest single read (longer runs of slots are cut).
+    """
+
+    batch_bytes: int = 1 << 20
+    ahead_bytes: int = 0
+    read_blocks: int = 1
+    io_depth: int = 0
+    io_bytes: int = IO_BYTES
+
+    def depth(self, mean_bytes: float) -> int:
+        """Reads in flight for requests of this mean size."""
+        if self.io_depth:
+            return self.io_depth
+        return int(min(IO_DEPTH_MAX, max(IO_DEPTH_MIN, IO_INFLIGHT // max(1.0, mean_bytes))))
 
 
 class DiskIOError(KvoffloadError):
@@ -155,22 +181,20 @@ class _Batch:
 class DiskWorkerServer:
     """What runs inside the worker process (also callable in-process, for tests)."""
 
-    def __init__(self, path: str, layout: BlockLayout, group: int, threads: int, batch_bytes: int,
-                 ahead_bytes: int = 0, native: bool = True, read_blocks: int = 1,
-                 io_bytes: int = IO_BYTES) -> None:
-        self.shard, self.layout, self.threads = DiskShard(path, layout), layout, threads
-        self.batch_slots = max(layout.chunk_blocks, batch_bytes // layout.disk_stride)
+    def __init__(self, path: str, layout: BlockLayout, group: int, threads: int, io: WorkerIO,
+                 native: bool = True) -> None:
+        self.shard, self.layout, self.threads, self.opts = DiskShard(path, layout), layout, threads, io
+        self.batch_slots = max(layout.chunk_blocks, io.batch_bytes // layout.disk_stride)
         self.bufs = [aligned_buffer(self.batch_slots * layout.disk_stride) for _ in range(2)]
-        self.ahead_slots = max(self.batch_slots, ahead_bytes // layout.disk_stride) if ahead_bytes else 0
+        self.ahead_slots = max(self.batch_slots, io.ahead_bytes // layout.disk_stride) if io.ahead_bytes else 0
         self.ahead_buf = aligned_buffer(self.ahead_slots * layout.disk_stride) if self.ahead_slots else None
         self.ahead: tuple[np.ndarray, list[Future]] | None = None     # slots being read ahead
         self.wbuf = aligned_buffer(self.batch_slots * layout.disk_stride)
         usable = native and PagedAttention.available(layout.dtype, group, layout.head_dim, layout.block_size)
         self.kernel = PagedAttention(layout.dtype, layout.num_kv_heads, group, layout.head_dim,
                                      layout.block_size) if usable else None
-        self.io = {depth: ThreadPoolExecutor(depth, thread_name_prefix=f"kv-read{depth}") for _, depth in IO_DEPTHS}
-        self.read_blocks = read_blocks
-        self.io_bytes = io_bytes
+        self.pools: dict[int, ThreadPoolExecutor] = {}               # reads in flight -> its threads
+        self.read_blocks, self.io_bytes = io.read_blocks, io.io_bytes
 
     def write(self, w: WriteBlocks) -> None:
         slots = np.asarray(w.slots, dtype=np.int64)
@@ -194,8 +218,10 @@ class DiskWorkerServer:
     def _read_async(self, slots: np.ndarray, buf) -> list[Future]:
         """Issue the batch's reads (coalesced runs), as many in flight as suit their size."""
         plan = self.shard.read_plan(slots, self.io_bytes)
-        mean = sum(r[1] for r in plan) / max(1, len(plan))
-        pool = self.io[next(depth for size, depth in IO_DEPTHS if mean >= size)]
+        depth = self.opts.depth(sum(r[1] for r in plan) / max(1, len(plan)))
+        pool = self.pools.get(depth)
+        if pool is None:
+            pool = self.pools[depth] = ThreadPoolExecutor(depth, thread_name_prefix=f"kv-read{depth}")
         return [pool.submit(self.shard.read_one, buf, *r) for r in plan]
 
     def _read_units(self, slots: np.ndarray) -> np.ndarray:
@@ -211,20 +237,23 @@ class DiskWorkerServer:
         return out[out < self.shard.extent()]
 
     def _batches(self, req: AttendRequest, hits: np.ndarray) -> list[_Batch]:
-        """Consecutive runs of items whose blocks not in ``hits`` (already read ahead) come to at
-        most ``batch_slots`` slots (at least one item each), with the slots each run must read."""
+        """Consecutive runs of items whose slots to read — their blocks not in ``hits`` (already
+        read ahead), widened to whole read groups — come to at most ``batch_slots`` (at least one
+        item each: an item is one chunk, at most ``chunk_blocks`` slots), with those slots."""
         first, slots = req.first, req.slots
         miss = ~np.isin(slots, hits) if len(hits) else np.ones(len(slots), bool)
-        cum = np.zeros(len(slots) + 1, np.int64)
-        np.cumsum(miss, out=cum[1:])
+        need = []                                                 # per item: its slots to read
+        for i in range(req.num_items):
+            a, b = first[i], first[i + 1]
+            u = self._read_units(slots[a:b][miss[a:b]])
+            need.append(u[~np.isin(u, hits)] if len(hits) and self.read_blocks > 1 else u)
         out, i0, N = [], 0, req.num_items
         while i0 < N:
-            i1 = i0 + 1
-            while i1 < N and cum[first[i1 + 1]] - cum[first[i0]] <= self.batch_slots:
+            i1, total = i0 + 1, len(need[i0])
+            while i1 < N and total + len(need[i1]) <= self.batch_slots:
+                total += len(need[i1])
                 i1 += 1
-            a, b = first[i0], first[i1]
-            need = self._read_units(slots[a:b][miss[a:b]])
-            out.append(_Batch(i0, i1, need[~np.isin(need, hits)] if len(hits) else need))
+            out.append(_Batch(i0, i1, np.unique(np.concatenate(need[i0:i1]))))
             i0 = i1
         return out
 
@@ -303,12 +332,10 @@ class DiskWorkerServer:
             self.ahead = None
 
 
-def _serve(conn, path: str, layout: dict, group: int, threads: int, batch_bytes: int, ahead_bytes: int,
-           native: bool, read_blocks: int) -> None:
+def _serve(conn, path: str, layout: dict, group: int, threads: int, io: dict, native: bool) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)               # Ctrl-C is the main process's to handle
     try:
-        server = DiskWorkerServer(path, BlockLayout(**layout), group, threads, batch_bytes, ahead_bytes, native,
-                                  read_blocks)
+        server = DiskWorkerServer(path, BlockLayout(**layout), group, threads, WorkerIO(**io), native)
     except DiskIOError as e:
         conn.send(("err", str(e)))
         return
@@ -339,13 +366,10 @@ def main() -> None:
     ap.add_argument("--layout", required=True)
     ap.add_argument("--group", type=int, required=True)
     ap.add_argument("--threads", type=int, required=True)
-    ap.add_argument("--batch-bytes", type=int, required=True)
-    ap.add_argument("--ahead-bytes", type=int, default=0)
+    ap.add_argument("--io", required=True, help="WorkerIO's fields as JSON")
     ap.add_argument("--no-native", action="store_true")
-    ap.add_argument("--read-blocks", type=int, default=1)
     a = ap.parse_args()
-    _serve(Connection(a.fd), a.path, json.loads(a.layout), a.group, a.threads, a.batch_bytes, a.ahead_bytes,
-           not a.no_native, a.read_blocks)
+    _serve(Connection(a.fd), a.path, json.loads(a.layout), a.group, a.threads, json.loads(a.io), not a.no_native)
 
 
 if __name__ == "__main__":
