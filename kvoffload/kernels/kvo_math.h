@@ -1,4 +1,4 @@
-/* Shared by the CPU kernels: bf16 conversions and a vectorisable exp for x <= 0. */
+/* Shared by the CPU kernels: bf16 / fp16 conversions and a vectorisable exp for x <= 0. */
 #ifndef KVO_MATH_H
 #define KVO_MATH_H
 #include <math.h>
@@ -18,6 +18,26 @@ static inline uint16_t f32_to_bf16(float f) {   /* round to nearest even, as tor
     if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);   /* NaN stays NaN */
     u += 0x7fffu + ((u >> 16) & 1u);
     return (uint16_t)(u >> 16);
+}
+
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
+    if (exp == 0) {
+        if (man == 0) {
+            u = sign;
+        } else {                                  /* subnormal: renormalise */
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400u)) { man <<= 1; exp--; }
+            u = sign | (exp << 23) | ((man & 0x3ffu) << 13);
+        }
+    } else if (exp == 31) {
+        u = sign | 0x7f800000u | (man << 13);
+    } else {
+        u = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
 }
 
 static inline float f32_id(float x) { return x; }

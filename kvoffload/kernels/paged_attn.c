@@ -77,25 +77,6 @@ static inline unsigned fp_mode_enter(void) { return 0; }
 static inline void fp_mode_leave(unsigned old) { (void)old; }
 #endif
 
-static inline float f16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
-    if (exp == 0) {
-        if (man == 0) {
-            u = sign;
-        } else {                                  /* subnormal: renormalise */
-            exp = 127 - 15 + 1;
-            while (!(man & 0x400u)) { man <<= 1; exp--; }
-            u = sign | (exp << 23) | ((man & 0x3ffu) << 13);
-        }
-    } else if (exp == 31) {
-        u = sign | 0x7f800000u | (man << 13);
-    } else {
-        u = sign | ((exp + 127 - 15) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
 
 /* the tokens of a block a head attends: the mask's bits below n (bit t = token t) */
 static inline uint64_t live_tokens(const uint64_t *tm, int n) {
