@@ -12,7 +12,7 @@ cd "$(dirname "$0")/../.."
 OUT=benchmarks/sparse
 CAL=$OUT/channels-smollm2-135m.json
 [ -f $CAL ] || kvoffload calibrate -m smollm2-135m -o $CAL
-PEERS="${PEERS-$(python -c 'import llama_cpp' 2>/dev/null && echo llama.cpp)}"
+PEERS="${PEERS-$(python -c 'import llama_cpp' 2>/dev/null && echo llama.cpp || true)}"
 VS=(); [ -n "$PEERS" ] && VS=(--vs "$PEERS")
 kvoffload bench -m smollm2-135m -p 0 -n 32 -d 2048,8159 -b 1 -r "${REPS:-3}" -t "${THREADS:-2}" "${VS[@]}" \
   --config "quest:sparse_policy=quest,sparse_budget=1/16" \
