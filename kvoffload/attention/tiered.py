@@ -314,14 +314,7 @@ class TieredBackend:
         if not serial:
             for t, req in reversed(reqs):
                 self.tiers[t].submit(req)
-            nxt = layer + 1
-            if nxt < self.cfg.num_layers and any(t.prefetches for t in self.tiers):
-                if self.policy is not None and self.policy.sparse(nxt):
-                    self._prefetch_next(layer, batch, q_rows)
-                else:
-                    for t, req, _ in self._plan(nxt, batch).reqs:
-                        if self.tiers[t].prefetches:
-                            self.tiers[t].prefetch(req)
+            self._prefetch_next(layer, batch, q_rows)
         plan.tail(q_rows, k_new, v_new)
         self.tail_counters.read += int(self._step_state.last.sum()) * self.layout.token_bytes(1)
         os_, ls_ = [plan.tail.part_o[:B]], [plan.tail.part_lse[:B]]
@@ -363,14 +356,18 @@ class TieredBackend:
         nxt = layer + 1
         if nxt >= self.cfg.num_layers or not any(t.prefetches for t in self.tiers):
             return
-        guess = None
         if self.policy is not None and self.policy.sparse(nxt):
             if not self.policy.cfg.sparse_prefetch:
                 return
             guess = self.policy.predict_batch(nxt, batch.seq_ids, q_rows, batch.starts)
-        for r in self._requests(nxt, batch.seq_ids, None, guess):
-            if r is not None and self.tiers[r[0]].prefetches:
-                self.tiers[r[0]].prefetch(r[1])
+            reqs = [r for r in self._requests(nxt, batch.seq_ids, None, guess) if r is not None]
+        elif self.kernel is not None:
+            reqs = self._plan(nxt, batch).reqs                                   # (prepared once per step)
+        else:
+            reqs = [r for r in self._requests(nxt, batch.seq_ids, None, None) if r is not None]
+        for t, req, _ in reqs:
+            if self.tiers[t].prefetches:
+                self.tiers[t].prefetch(req)
 
     def prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 batch: ForwardBatch) -> torch.Tensor:
