@@ -174,7 +174,10 @@ class KVConfig:
     offload_dir: where the disk tier's files go; a fresh ``kvoffload-*`` directory is made inside
         it and removed at exit (default: the system temporary directory).
     disk_workers: processes that own the disk files (one shard each) and compute attention over
-        their blocks — the emulated computational-storage engines.
+        their blocks — the emulated computational-storage engines. 0: no worker processes; this
+        process reads the chosen blocks of its one shard file (O_DIRECT, many reads in flight)
+        and attends them itself — faster on hosts with few cores, where waking a worker costs
+        more than a sparse layer's reads.
     kv_sink_tokens, kv_recent_tokens: the first / last tokens of each sequence whose chunks are
         never demoted to a slower tier while others can be (attention sinks, recent window).
     disk_read_batch: bytes a disk worker reads per batch (two such buffers per worker: one is
@@ -187,6 +190,10 @@ class KVConfig:
         choices, at the cost of reading blocks nobody chose (the read amplification reported).
     disk_io_depth: reads in flight per disk worker (0: by request size, about 2 MiB in flight,
         2 to 16 reads; `kvoffload bench disk` shows what a disk wants).
+    disk_reader: how the disk tier issues its reads: ``aio`` (Linux native AIO on the O_DIRECT
+        shard file: one call queues a batch's reads, one waits for them, no reader threads to
+        schedule beside the model's), ``threads`` (a pool of ``preadv`` threads, one per read in
+        flight), ``auto`` (aio where the kernel allows it and the file is O_DIRECT, else threads).
     disk_read_ahead: during decode each disk worker is told the next layer's blocks as soon as
         this layer's query is sent, and reads up to this many bytes of them ahead, so the read
         overlaps the model's compute of that layer (0 = off; a buffer this size per worker).
@@ -204,12 +211,13 @@ class KVConfig:
     kv_host_budget: int | None = cli_field(None, "KV bytes in host RAM, e.g. 256MiB (default: unlimited)", parse=parse_size)
     kv_disk_budget: int | None = cli_field(None, "KV bytes on disk (default: the free space)", parse=parse_size)
     offload_dir: str | None = cli_field(None, "directory for the disk tier (default: system temp dir)")
-    disk_workers: int = cli_field(2, "disk worker processes (one file shard each)")
+    disk_workers: int = cli_field(2, "disk worker processes (one file shard each; 0 = read and attend the disk in this process)")
     kv_sink_tokens: int = cli_field(4, "first tokens of a sequence kept in the fastest tier")
     kv_recent_tokens: int = cli_field(256, "last tokens of a sequence kept in the fastest tier")
     disk_read_batch: int = cli_field(1 << 20, "bytes per disk worker read batch", parse=parse_size)
     disk_read_blocks: int = cli_field(1, "sparse reads from disk in aligned groups of this many blocks (1 = exact)")
     disk_io_depth: int = cli_field(0, "reads in flight per disk worker (0 = by request size)")
+    disk_reader: str = cli_field("auto", "how the disk tier reads: aio (Linux native AIO), threads (a pool of pread threads), auto (aio where the kernel and file allow)", choices=("auto", "aio", "threads"))
     disk_read_ahead: int = cli_field(4 << 20, "bytes of the next layer's blocks a disk worker reads ahead (0 = off)", parse=parse_size)
     disk_write_backlog: int = cli_field(32 << 20, "bytes of unacknowledged block writes per disk worker before waiting", parse=parse_size)
     kv_serial: bool = cli_field(False, "run the tier workers one after another instead of together (measures what the overlap buys)")
@@ -228,8 +236,8 @@ class KVConfig:
             raise ConfigError(f"disk_io_depth must be 0 (by request size) to 64, got {self.disk_io_depth}")
         if self.disk_read_blocks < 1 or self.chunk_blocks % self.disk_read_blocks:
             raise ConfigError(f"disk_read_blocks must divide kv_chunk_blocks ({self.chunk_blocks}), got {self.disk_read_blocks}")
-        if self.disk_workers < 1:
-            raise ConfigError(f"disk_workers must be >= 1, got {self.disk_workers}")
+        if self.disk_workers < 0:
+            raise ConfigError(f"disk_workers must be >= 0 (0: this process reads the disk), got {self.disk_workers}")
         if self.kv_sink_tokens < 0 or self.kv_recent_tokens < 0:
             raise ConfigError("kv_sink_tokens and kv_recent_tokens must be >= 0")
         if self.disk_read_batch is None or self.disk_read_batch < 1:

@@ -1,6 +1,6 @@
 """The KV placement matrix every exactness test runs over, built from the tier registry: each
 registered tier alone, all of them at once (small budgets so that chunks spill through every
-tier), and several disk workers. Block size 4 and 2-block chunks, so a tiny prompt spans many
+tier), several disk workers, and the disk read in-process (no workers). Block size 4 and 2-block chunks, so a tiny prompt spans many
 chunks (an fp32 slot of the tiny models is 1 KiB, 4 KiB on disk)."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ def placements() -> dict[str, dict]:
     out["mixed"] = dict(kv_tiers=",".join(f"{n}:{'none' if i == len(names) - 1 else '16KiB'}" for i, n in enumerate(names)),
                         kv_sink_tokens=4, kv_recent_tokens=8)
     out["disk-3-workers"] = dict(kv_tiers="host:2KiB,disk:none", disk_workers=3, kv_recent_tokens=0, kv_sink_tokens=0)
+    out["disk-in-process"] = dict(kv_tiers="host:2KiB,disk:none", disk_workers=0, kv_recent_tokens=0, kv_sink_tokens=0)
     return {k: {**GEOMETRY, **v} for k, v in out.items()}
 
 

@@ -1,6 +1,8 @@
-"""``kvoffload bench disk``: what this disk gives a disk worker — O_DIRECT read throughput against
-request size and queue depth, with the worker's own I/O path (``DiskShard.read_one`` from a pool
-of threads, as the workers issue their reads).
+"""``kvoffload bench disk``: what this disk gives the disk tier — O_DIRECT read throughput against
+request size and queue depth, through the tier's own I/O paths: ``threads`` (``DiskShard.read_one``
+from a pool of threads, each reading back to back: ``depth`` reads always in flight) and ``aio``
+(``DiskShard.read_async`` with native AIO: ``depth`` reads queued at once, then waited for — what
+a sparse layer does with its chosen blocks).
 
 Dense decode reads each chunk whole (a long sequential request); sparse decode reads the chosen
 blocks of many chunks (small requests scattered over the file). The table says which request
@@ -30,7 +32,8 @@ MiB = 2**20
 class DiskBenchConfig:
     """sizes: request sizes in bytes (multiples of the page). depths: requests in flight.
     file_bytes: size of the test file. seconds: time per (size, depth) cell, at least.
-    reps: repetitions of each cell (median). offload_dir: where the file goes."""
+    reps: repetitions of each cell (median). offload_dir: where the file goes. readers: the
+    I/O paths to measure (``threads``, ``aio``; aio is skipped where unavailable)."""
 
     sizes: tuple[int, ...] = (4096, 12288, 16384, 65536, 196608, 1 << 20)
     depths: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
@@ -38,12 +41,14 @@ class DiskBenchConfig:
     seconds: float = 0.5
     reps: int = 3
     offload_dir: str | None = None
+    readers: tuple[str, ...] = ("threads", "aio")
 
 
 @dataclass
 class Cell:
     size: int
     depth: int
+    reader: str = "threads"
     gbs: list[float] = field(default_factory=list)
 
     @property
@@ -71,6 +76,21 @@ def _cell(shard: DiskShard, pool: ThreadPoolExecutor, size: int, depth: int, fil
     return total / (time.perf_counter() - t) / 1e9
 
 
+def _cell_aio(shard: DiskShard, size: int, depth: int, file_bytes: int, seconds: float, seed: int) -> float:
+    """GB/s of groups of ``depth`` random ``size``-byte reads queued at once and waited for."""
+    n_slots = file_bytes // size
+    buf = aligned_buffer(size * depth)
+    rng = np.random.default_rng(seed)
+    at = np.arange(depth, dtype=np.int64) * size
+    sizes = np.full(depth, size, np.int64)
+    done, t = 0, time.perf_counter()
+    deadline = t + seconds
+    while time.perf_counter() < deadline:
+        plan = np.stack([at, sizes, rng.integers(0, n_slots, depth) * size], axis=1)
+        done += shard.read_async(plan, buf, depth).wait()
+    return done / (time.perf_counter() - t) / 1e9
+
+
 def run(cfg: DiskBenchConfig, progress=print) -> tuple[list[Cell], bool]:
     """The table, and whether the file was read with O_DIRECT."""
     base = cfg.offload_dir or tempfile.gettempdir()
@@ -86,11 +106,16 @@ def run(cfg: DiskBenchConfig, progress=print) -> tuple[list[Cell], bool]:
             buf[:] = rng.integers(0, 255, chunk, dtype=np.uint8).tobytes()
             shard._pwrite(memoryview(buf), off)
         os.fsync(shard.fd)
-        cells = [Cell(s, d) for s in cfg.sizes for d in cfg.depths]
+        readers = [r for r in cfg.readers if r != "aio" or shard.aio is not None]
+        if len(readers) < len(cfg.readers):
+            progress("native AIO is unavailable here (or the file is not O_DIRECT): threads only")
+        cells = [Cell(s, d, r) for r in readers for s in cfg.sizes for d in cfg.depths]
         with ThreadPoolExecutor(max(cfg.depths)) as pool:
             for rep in range(cfg.reps):                      # cells interleaved across repetitions
                 for c in cells:
-                    c.gbs.append(_cell(shard, pool, c.size, c.depth, cfg.file_bytes, cfg.seconds, rep))
+                    c.gbs.append(_cell(shard, pool, c.size, c.depth, cfg.file_bytes, cfg.seconds, rep)
+                                 if c.reader == "threads" else
+                                 _cell_aio(shard, c.size, c.depth, cfg.file_bytes, cfg.seconds, rep))
                 progress(f"repetition {rep + 1}/{cfg.reps} done")
         return cells, shard.direct
     finally:
@@ -101,12 +126,15 @@ def run(cfg: DiskBenchConfig, progress=print) -> tuple[list[Cell], bool]:
 def markdown(cfg: DiskBenchConfig, cells: list[Cell], direct: bool) -> str:
     head = "| request | " + " | ".join(f"QD {d}" for d in cfg.depths) + " |"
     lines = [f"random {'O_DIRECT' if direct else 'buffered (no O_DIRECT here)'} reads, GB/s (median of {cfg.reps}), "
-             f"{cfg.file_bytes / MiB:.0f} MiB file, {cfg.seconds:g} s a cell", "", head,
-             "|---|" + "---|" * len(cfg.depths)]
-    for s in cfg.sizes:
-        row = [c for c in cells if c.size == s]
-        label = f"{s // 1024} KiB" if s < MiB else f"{s / MiB:g} MiB"
-        lines.append(f"| {label} | " + " | ".join(f"{c.median:.2f}" for c in row) + " |")
+             f"{cfg.file_bytes / MiB:.0f} MiB file, {cfg.seconds:g} s a cell"]
+    for reader in dict.fromkeys(c.reader for c in cells):
+        what = ("a pool of threads, QD reads always in flight" if reader == "threads"
+                else "native AIO, groups of QD reads queued at once and waited for")
+        lines += ["", f"{reader} ({what}):", "", head, "|---|" + "---|" * len(cfg.depths)]
+        for s in cfg.sizes:
+            row = [c for c in cells if c.size == s and c.reader == reader]
+            label = f"{s // 1024} KiB" if s < MiB else f"{s / MiB:g} MiB"
+            lines.append(f"| {label} | " + " | ".join(f"{c.median:.2f}" for c in row) + " |")
     return "\n".join(lines)
 
 

@@ -48,6 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--request-sizes", default="4KiB,12KiB,16KiB,64KiB,192KiB,1MiB", help="disk: request sizes")
     g.add_argument("--queue-depths", default="1,2,4,8,16,32", help="disk: requests in flight")
     g.add_argument("--seconds", type=float, default=0.5, help="disk: time per (size, depth) cell")
+    g.add_argument("--readers", default="threads,aio", help="disk: I/O paths to measure (threads, aio)")
     p.add_argument("-o", "--output", default=None,
                    help="write PREFIX.md, PREFIX.json and PREFIX.png (default: print the table only)")
     p.set_defaults(run=run)
@@ -144,8 +145,11 @@ def _run_kv(args: argparse.Namespace) -> int:
         depths = tuple(parse_ints(args.queue_depths, "--queue-depths"))
         if args.reps < 1 or args.seconds <= 0 or min(depths) < 1:
             raise ConfigError("--reps, --seconds and --queue-depths must be positive")
+        readers = tuple(r.strip() for r in args.readers.split(",") if r.strip())
+        if not readers or any(r not in ("threads", "aio") for r in readers):
+            raise ConfigError(f"--readers: expected threads and/or aio, got {args.readers!r}")
         cfg = disk.DiskBenchConfig(disk.parse_sizes(args.request_sizes), depths, _size(args.peak_size), args.seconds,
-                                   args.reps, args.offload_dir)
+                                   args.reps, args.offload_dir, readers)
         cells, direct = disk.run(cfg, progress)
         _write(args.output, disk.markdown(cfg, cells, direct),
                json.dumps({"config": asdict(cfg), "direct": direct,

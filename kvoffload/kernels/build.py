@@ -21,7 +21,8 @@ from pathlib import Path
 from kvoffload.kernels.limits import C_DEFINES
 
 SOURCES = {"paged_attn": Path(__file__).with_name("paged_attn.c"),
-           "select": Path(__file__).with_name("select.c")}
+           "select": Path(__file__).with_name("select.c"),
+           "aio": Path(__file__).with_name("aio.c")}
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 # Per source. paged_attn: no -ffast-math, so nothing is reassociated and no vector reduction
 # depends on a buffer's alignment (its partials must be bit-identical wherever they are
@@ -30,6 +31,7 @@ EXTRA_FLAGS = {
     "paged_attn": ["-fno-math-errno", *(f"-D{k}={v}" for k, v in C_DEFINES.items())],
     "select": ["-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math",
                *(f"-D{k}={v}" for k, v in C_DEFINES.items())],
+    "aio": [],
 }
 
 

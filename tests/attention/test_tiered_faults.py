@@ -69,7 +69,7 @@ def test_disk_budget_exhausted_is_one_line(tiny_hf, tmp_path):
     (["--offload-dir", "/nonexistent/dir"], "does not exist"),
     (["--offload-dir", "/proc"], "cannot create"),
     (["--kv-disk-budget", "1000TiB", "--kv-host-budget", "0"], "exceeds"),
-    (["--disk-workers", "0", "--kv-host-budget", "0"], "disk_workers"),
+    (["--disk-workers", "-1", "--kv-host-budget", "0"], "disk_workers"),
     (["--disk-read-blocks", "3"], "disk_read_blocks must divide kv_chunk_blocks"),
 ])
 def test_bad_kv_flags(tiny_hf, flags, word):
@@ -116,4 +116,6 @@ def test_bench_disk_runs_and_reports(tmp_path):
             "--peak-size", "8MiB", "--offload-dir", str(tmp_path), "-o", str(out))
     assert r.returncode == 0, r.stderr
     assert "| 64 KiB |" in r.stdout and sorted(os.listdir(tmp_path)) == ["disk.json", "disk.md"]
+    assert r.stdout.count("| 64 KiB |") == (2 if "aio (native AIO" in r.stdout else 1)    # a table per reader
     assert_one_line_error(kvo("bench", "disk", "--request-sizes", "1000"), "multiple of 4096")
+    assert_one_line_error(kvo("bench", "disk", "--readers", "mmap"), "--readers")

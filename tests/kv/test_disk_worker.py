@@ -1,14 +1,24 @@
 """The disk worker in-process: scattered sparse reads through small batches, aligned read groups,
-read-ahead hits and misses and every I/O depth give the partials of one plain read of exactly
-the chosen blocks, bit for bit (the same kernel over the same items)."""
+read-ahead hits and misses, every I/O depth and both readers (native AIO, a thread pool) give
+the partials of one plain read of exactly the chosen blocks, bit for bit (the same kernel over
+the same items)."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
+from kvoffload.kernels.aio import AioReader
 from kvoffload.kv.layout import BlockLayout
-from kvoffload.kv.tiers.disk_worker import DiskWorkerServer, WorkerIO, WriteBlocks
+from kvoffload.kv.tiers.disk_worker import (
+    DiskIOError,
+    DiskShard,
+    DiskWorkerServer,
+    WorkerIO,
+    WriteBlocks,
+)
 from kvoffload.kv.tiers.protocol import AttendRequest
 
 LAYOUT = BlockLayout(block_size=16, num_kv_heads=2, head_dim=64, dtype="bfloat16", chunk_blocks=8)
@@ -52,9 +62,13 @@ def server(tmp_path, name: str, io: WorkerIO) -> DiskWorkerServer:
     WorkerIO(batch_bytes=1, ahead_bytes=1, read_blocks=1, io_depth=16),
     WorkerIO(batch_bytes=1 << 16, ahead_bytes=1 << 16, read_blocks=4),
 ], ids=["rb2", "rb4-small-batches", "rb8-depth1", "ahead-depth16", "rb4-ahead"])
-def test_reads_do_not_change_partials(tmp_path, io):
-    ref = server(tmp_path, "ref", WorkerIO(batch_bytes=1 << 30))
-    got = server(tmp_path, "got", io)
+@pytest.mark.parametrize("reader", ["aio", "threads"])
+def test_reads_do_not_change_partials(tmp_path, io, reader):
+    if reader == "aio":
+        aio_or_skip()
+    ref = server(tmp_path, "ref", WorkerIO(batch_bytes=1 << 30, reader="threads"))
+    got = server(tmp_path, "got", replace(io, reader=reader))
+    assert got.shard.reader == reader
     rng = np.random.default_rng(1)
     reqs = [request(rng, layer) for layer in range(4)]
     for i, r in enumerate(reqs):
@@ -67,3 +81,40 @@ def test_reads_do_not_change_partials(tmp_path, io):
             assert b.ahead > 0
     for s in (ref, got):
         s.shard.close()
+
+
+def aio_or_skip() -> None:
+    try:
+        AioReader().close()
+    except OSError as e:
+        pytest.skip(f"native AIO unavailable here: {e}")
+
+
+@pytest.mark.parametrize("reader", ["aio", "threads"])
+def test_read_past_the_end_is_a_disk_error(tmp_path, reader):
+    """A read the file cannot satisfy is a one-line DiskIOError naming the file (never a hang or
+    a half-filled buffer taken as data)."""
+    if reader == "aio":
+        aio_or_skip()
+    s = server(tmp_path, reader, WorkerIO(reader=reader))
+    try:
+        with pytest.raises(DiskIOError, match=r"short read from .*\.kv"):
+            s.read(np.array([WRITTEN + 5], np.int64))
+        assert len(s.read(np.array([0, WRITTEN - 1], np.int64))) == 2 * LAYOUT.slot_bytes   # still usable
+    finally:
+        s.shard.close()
+
+
+def test_auto_reader_and_unknown_reader(tmp_path):
+    """auto: AIO on an O_DIRECT file, threads on a buffered one (AIO would run synchronously)."""
+    aio_or_skip()
+    direct, buffered = DiskShard(str(tmp_path / "a.kv"), LAYOUT), DiskShard(str(tmp_path / "b.kv"), LAYOUT, direct=False)
+    try:
+        if not direct.direct:
+            pytest.skip("no O_DIRECT on this filesystem")
+        assert (direct.reader, buffered.reader) == ("aio", "threads")
+    finally:
+        direct.close()
+        buffered.close()
+    with pytest.raises(DiskIOError, match="unknown disk reader 'fast'"):
+        DiskShard(str(tmp_path / "c.kv"), LAYOUT, reader="fast")

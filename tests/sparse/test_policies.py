@@ -84,15 +84,16 @@ def test_full_budget_equals_dense(dense, tiny_path, calibration, policy, where):
 
 
 @pytest.mark.parametrize("policy", list(POLICIES))
-@pytest.mark.parametrize("read_blocks", [1, 2])
-def test_offloaded_sparse_equals_in_memory_sparse(tiny_path, calibration, policy, read_blocks):
-    """The same policy at 1/4 over host + disk blocks (read through the workers, token masks in
-    the native kernel, chosen blocks read alone or in aligned pairs, the next layer's blocks
-    guessed and read ahead) gives the logits of the contiguous in-memory reference path."""
+@pytest.mark.parametrize("read_blocks,workers", [(1, 2), (2, 2), (1, 0)])
+def test_offloaded_sparse_equals_in_memory_sparse(tiny_path, calibration, policy, read_blocks, workers):
+    """The same policy at 1/4 over host + disk blocks (read through two workers or in this
+    process, token masks in the native kernel, chosen blocks read alone or in aligned pairs, the
+    next layer's blocks guessed and read ahead) gives the logits of the contiguous in-memory
+    reference path."""
     ids = LLM(tiny_path, dtype="float32").encode(TEXT)[:220]
     geometry = dict(sparse_dense_layers="none", block_size=8, chunk_blocks=2)     # 4 KiB chunks
     mem = sparse_llm(tiny_path, policy, "1/4", calibration, **geometry)
-    off = sparse_llm(tiny_path, policy, "1/4", calibration, kv_host_budget="8KiB", disk_workers=2,
+    off = sparse_llm(tiny_path, policy, "1/4", calibration, kv_host_budget="8KiB", disk_workers=workers,
                      kv_recent_tokens=16, kv_sink_tokens=0, disk_read_blocks=read_blocks, sparse_prefetch=True,
                      **geometry)
     try:

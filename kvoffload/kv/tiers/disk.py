@@ -187,6 +187,62 @@ class ProcessWorker:
         self.conn.close()
 
 
+class LocalWorker:
+    """A disk shard read and attended by this process (``--disk-workers 0``): the same reads
+    (O_DIRECT, coalesced, many in flight on reader threads) and the same kernel as a worker
+    process, without the process hop. On a host with few cores that hop costs more than a
+    sparse layer's reads (waking a worker competes with the model's own threads), so the
+    near-data worker loses to reading the chosen blocks here. Writes are made at once (the
+    file is the only copy); an attend's first reads start at :meth:`submit` and the blocks
+    are attended at :meth:`collect`, after the faster tiers."""
+
+    restarts = 0
+    alive = True
+
+    def __init__(self, path: str, layout: BlockLayout, group: int, threads: int, io: WorkerIO,
+                 native: bool = True) -> None:
+        from kvoffload.kv.tiers.disk_worker import DiskIOError, DiskWorkerServer
+
+        try:
+            self.server = DiskWorkerServer(path, layout, group, threads, io, native)
+        except DiskIOError as e:
+            raise WorkerError(str(e)) from None
+        self.request: tuple[str, object] | None = None
+        self.hint: AttendRequest | None = None     # a prefetch given while a request was in flight
+
+    def write(self, w: WriteBlocks) -> None:
+        self.server.write(w)
+
+    def submit(self, op: str, payload) -> None:
+        if self.request is not None:
+            raise RuntimeError("a disk request is already in flight")
+        if op == "attend":
+            self.server.begin(payload)
+        self.request = (op, payload)
+
+    def prefetch(self, req: AttendRequest) -> None:
+        if self.request is None:
+            self.server.prefetch(req)
+        else:                                       # the attend in flight may use the read-ahead buffer
+            self.hint = req
+
+    def collect(self):
+        if self.request is None:
+            return None
+        (op, payload), self.request = self.request, None
+        out = self.server.finish() if op == "attend" else self.server.read(payload)
+        if self.hint is not None:
+            self.server.prefetch(self.hint)
+            self.hint = None
+        return out
+
+    def sync(self) -> None:
+        pass                                        # writes are made when sent
+
+    def close(self) -> None:
+        self.server.close()
+
+
 def _cleanup(workers: list[ProcessWorker], directory: str) -> None:
     for w in workers:
         try:
@@ -229,8 +285,12 @@ class DiskTier:
         self._finalizer = weakref.finalize(self, _cleanup, self.workers, self.directory)
         # the disks bound these workers: their kernels share the cores (OpenMP teams that
         # outnumber the cores stall each other at every barrier)
-        per_worker = max(1, ctx.threads // kv.disk_workers)
-        io = WorkerIO(kv.disk_read_batch, kv.disk_read_ahead, kv.disk_read_blocks, kv.disk_io_depth)
+        per_worker = max(1, ctx.threads // max(1, kv.disk_workers))
+        io = WorkerIO(kv.disk_read_batch, kv.disk_read_ahead, kv.disk_read_blocks, kv.disk_io_depth,
+                      reader=kv.disk_reader)
+        if kv.disk_workers == 0:                    # one shard, read and attended in this process
+            self.workers.append(LocalWorker(os.path.join(self.directory, "shard-0.kv"), lay, ctx.group,
+                                            ctx.threads, io, ctx.native))
         for i in range(kv.disk_workers):
             self.workers.append(ProcessWorker(os.path.join(self.directory, f"shard-{i}.kv"), lay, ctx.group,
                                               per_worker, io, kv.disk_write_backlog, ctx.native))
@@ -345,7 +405,7 @@ class DiskTier:
         return self.pool.used * self.ctx.layout.chunk_blocks * self.ctx.layout.disk_stride
 
     def pids(self) -> list[int]:
-        return [w.proc.pid for w in self.workers]
+        return [w.proc.pid for w in self.workers if isinstance(w, ProcessWorker)]
 
     @property
     def restarts(self) -> int:

@@ -26,6 +26,7 @@ import numpy as np
 from kvoffload.dtypes import DTYPES, to_float32
 from kvoffload.errors import KvoffloadError
 from kvoffload.kernels import reference
+from kvoffload.kernels.aio import AioError, AioReader
 from kvoffload.kernels.paged import Items, PagedAttention
 from kvoffload.kv.layout import PAGE, BlockLayout
 from kvoffload.kv.tiers.protocol import AttendRequest, AttendResult, expand_rows
@@ -37,6 +38,7 @@ IO_BYTES = 1 << 20       # bytes per read (longer runs are cut)
 # need 16 (12 KiB: 0.2 GB/s at 1, 0.55 at 16).
 IO_INFLIGHT = 2 << 20
 IO_DEPTH_MIN, IO_DEPTH_MAX = 2, 16
+READERS = ("auto", "aio", "threads")
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,9 @@ class WorkerIO:
     read_blocks: chosen blocks are read in aligned groups of this many slots (1 = exactly).
     io_depth: reads in flight (0 = by request size: about ``IO_INFLIGHT`` bytes, 2 to 16).
     io_bytes: the longest single read (longer runs of slots are cut).
+    reader: ``aio`` (Linux native AIO: one call queues a batch's reads, one waits; no reader
+        threads), ``threads`` (a pool of ``preadv`` threads as deep as the reads in flight), or
+        ``auto`` (aio on an O_DIRECT file where the kernel allows it, else threads).
     """
 
     batch_bytes: int = 1 << 20
@@ -55,6 +60,7 @@ class WorkerIO:
     read_blocks: int = 1
     io_depth: int = 0
     io_bytes: int = IO_BYTES
+    reader: str = "auto"
 
     def depth(self, mean_bytes: float) -> int:
         """Reads in flight for requests of this mean size."""
@@ -84,9 +90,12 @@ class DiskShard:
     """One file of page-aligned slots, read and written with O_DIRECT where the filesystem
     allows it (so the page cache neither flatters reads nor holds a second copy of the KV in
     RAM), buffered I/O otherwise. Slot numbers are decided by the main process; a shard only
-    moves bytes. The file is created private to the user (0600)."""
+    moves bytes. The file is created private to the user (0600). Reads go in groups
+    (:meth:`read_async`), through native AIO or a thread pool (``reader``, see :class:`WorkerIO`)."""
 
-    def __init__(self, path: str, layout: BlockLayout, direct: bool = True) -> None:
+    def __init__(self, path: str, layout: BlockLayout, direct: bool = True, reader: str = "auto") -> None:
+        if reader not in READERS:
+            raise DiskIOError(f"unknown disk reader {reader!r} (choose from {', '.join(READERS)})")
         self.path, self.layout, self.stride = path, layout, layout.disk_stride
         flags = os.O_RDWR | os.O_CREAT
         self.direct = False
@@ -102,8 +111,27 @@ class DiskShard:
                 self.fd = os.open(path, flags, 0o600)
             except OSError as e:
                 raise DiskIOError(f"cannot open {path}: {e.strerror}") from e
+        self.aio = None
+        if reader == "aio" or (reader == "auto" and self.direct):
+            try:
+                self.aio = AioReader()
+            except OSError as e:
+                if reader == "aio":
+                    os.close(self.fd)
+                    raise DiskIOError(f"native AIO unavailable for {path}: {e.strerror or e}") from None
+        self.pools: dict[int, ThreadPoolExecutor] = {}               # reads in flight -> its threads
+
+    @property
+    def reader(self) -> str:
+        return "aio" if self.aio is not None else "threads"
 
     def close(self) -> None:
+        if self.aio is not None:
+            self.aio.close()
+            self.aio = None
+        for pool in self.pools.values():
+            pool.shutdown(wait=True)
+        self.pools.clear()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -133,17 +161,20 @@ class DiskShard:
                 buf[i * st:i * st + sb] = data[src:src + sb]
             self._pwrite(memoryview(buf)[:count * st], first * st)
 
-    def read_plan(self, slots: np.ndarray, max_bytes: int) -> list[tuple[int, int, int]]:
-        """Sorted, unique slots -> reads ``(buffer offset, bytes, file offset)`` of at most
+    def read_plan(self, slots: np.ndarray, max_bytes: int) -> np.ndarray:
+        """Sorted, unique slots -> reads ``[n, (buffer offset, bytes, file offset)]`` of at most
         ``max_bytes`` each, adjacent slots coalesced, placing the slots back to back at the
         stride (independent reads: they can be issued concurrently)."""
-        st, per = self.stride, max(1, max_bytes // self.stride)
-        plan = []
-        for first, count, at in self.runs(slots):
-            for i in range(0, count, per):
-                n = min(per, count - i)
-                plan.append(((at + i) * st, n * st, (first + i) * st))
-        return plan
+        st, per, n = self.stride, max(1, max_bytes // self.stride), len(slots)
+        if n == 0:
+            return np.zeros((0, 3), np.int64)
+        brk = np.ones(n, bool)
+        brk[1:] = np.diff(slots) != 1                                    # a run starts here
+        run_start = np.nonzero(brk)[0]
+        pos = np.arange(n) - run_start[np.cumsum(brk) - 1]                # place within its run
+        starts = np.nonzero(pos % per == 0)[0]                           # runs cut every `per` slots
+        counts = np.diff(np.append(starts, n))
+        return np.stack([starts * st, counts * st, slots[starts] * st], axis=1).astype(np.int64)
 
     def read_one(self, buf: mmap.mmap, buf_off: int, nbytes: int, file_off: int) -> int:
         try:
@@ -154,9 +185,24 @@ class DiskShard:
             raise DiskIOError(f"short read from {self.path} ({n} of {nbytes} bytes)")
         return n
 
-    def read(self, slots: np.ndarray, buf: mmap.mmap, max_bytes: int = 1 << 30) -> int:
+    def read(self, slots: np.ndarray, buf: mmap.mmap, max_bytes: int = 1 << 30, depth: int = IO_DEPTH_MIN) -> int:
         """Read the slots (sorted, unique) into ``buf`` back to back at the stride; returns bytes read."""
-        return sum(self.read_one(buf, *r) for r in self.read_plan(slots, max_bytes))
+        return self.read_async(self.read_plan(slots, max_bytes), buf, depth).wait()
+
+    def read_async(self, plan: np.ndarray, buf, depth: int) -> Reads:
+        """Start the reads of a :meth:`read_plan` into ``buf``, ``depth`` in flight."""
+        if self.aio is not None:
+            if not len(plan):
+                return Reads(self, None, [])
+            base = np.frombuffer(buf, dtype=np.uint8).ctypes.data
+            try:
+                return Reads(self, self.aio.submit(self.fd, base + plan[:, 0], plan[:, 1], plan[:, 2], depth), [])
+            except OSError as e:
+                raise DiskIOError(f"read from {self.path} failed: {e.strerror}") from e
+        pool = self.pools.get(depth)
+        if pool is None:
+            pool = self.pools[depth] = ThreadPoolExecutor(depth, thread_name_prefix=f"kv-read{depth}")
+        return Reads(self, None, [pool.submit(self.read_one, buf, *map(int, r)) for r in plan])
 
     def _pwrite(self, view: memoryview, offset: int) -> None:
         try:
@@ -167,6 +213,25 @@ class DiskShard:
             raise DiskIOError(f"write to {self.path} failed: {e.strerror}") from e
         if n != len(view):
             raise DiskIOError(f"offload disk full writing {self.path} (short write of {n}/{len(view)} bytes)")
+
+
+class Reads:
+    """A group of reads in flight (:meth:`DiskShard.read_async`); :meth:`wait` returns its bytes
+    (once; raises :class:`DiskIOError`)."""
+
+    def __init__(self, shard: DiskShard, group: int | None, futures: list[Future]) -> None:
+        self.shard, self.group, self.futures = shard, group, futures
+
+    def wait(self) -> int:
+        if self.group is None:
+            return sum(f.result() for f in self.futures)
+        g, self.group = self.group, None
+        try:
+            return self.shard.aio.wait(g)
+        except AioError as e:
+            if e.errno == 0:
+                raise DiskIOError(f"short read from {self.shard.path} at offset {e.offset}") from None
+            raise DiskIOError(f"read from {self.shard.path} failed: {e.strerror}") from None
 
 
 @dataclass
@@ -183,18 +248,19 @@ class DiskWorkerServer:
 
     def __init__(self, path: str, layout: BlockLayout, group: int, threads: int, io: WorkerIO,
                  native: bool = True) -> None:
-        self.shard, self.layout, self.threads, self.opts = DiskShard(path, layout), layout, threads, io
+        self.shard = DiskShard(path, layout, reader=io.reader)
+        self.layout, self.threads, self.opts = layout, threads, io
         self.batch_slots = max(layout.chunk_blocks, io.batch_bytes // layout.disk_stride)
         self.bufs = [aligned_buffer(self.batch_slots * layout.disk_stride) for _ in range(2)]
         self.ahead_slots = max(self.batch_slots, io.ahead_bytes // layout.disk_stride) if io.ahead_bytes else 0
         self.ahead_buf = aligned_buffer(self.ahead_slots * layout.disk_stride) if self.ahead_slots else None
-        self.ahead: tuple[np.ndarray, list[Future]] | None = None     # slots being read ahead
+        self.ahead: tuple[np.ndarray, Reads] | None = None          # slots being read ahead
         self.wbuf = aligned_buffer(self.batch_slots * layout.disk_stride)
         usable = native and PagedAttention.available(layout.dtype, group, layout.head_dim, layout.block_size)
         self.kernel = PagedAttention(layout.dtype, layout.num_kv_heads, group, layout.head_dim,
                                      layout.block_size) if usable else None
-        self.pools: dict[int, ThreadPoolExecutor] = {}               # reads in flight -> its threads
         self.read_blocks, self.io_bytes = io.read_blocks, io.io_bytes
+        self._started = None                                          # an attend begun, not finished
 
     def write(self, w: WriteBlocks) -> None:
         slots = np.asarray(w.slots, dtype=np.int64)
@@ -211,18 +277,15 @@ class DiskWorkerServer:
         uniq, inv = np.unique(slots, return_inverse=True)
         st, sb = self.layout.disk_stride, self.layout.slot_bytes
         buf = aligned_buffer(max(1, len(uniq)) * st)
-        self.shard.read(uniq, buf, self.io_bytes)
+        self.shard.read(uniq, buf, self.io_bytes, self.opts.depth(self.io_bytes))
         raw = np.frombuffer(buf, dtype=np.uint8, count=len(uniq) * st).reshape(len(uniq), st)[:, :sb]
         return raw[inv].tobytes()
 
-    def _read_async(self, slots: np.ndarray, buf) -> list[Future]:
+    def _read_async(self, slots: np.ndarray, buf) -> Reads:
         """Issue the batch's reads (coalesced runs), as many in flight as suit their size."""
         plan = self.shard.read_plan(slots, self.io_bytes)
-        depth = self.opts.depth(sum(r[1] for r in plan) / max(1, len(plan)))
-        pool = self.pools.get(depth)
-        if pool is None:
-            pool = self.pools[depth] = ThreadPoolExecutor(depth, thread_name_prefix=f"kv-read{depth}")
-        return [pool.submit(self.shard.read_one, buf, *r) for r in plan]
+        depth = self.opts.depth(plan[:, 1].mean() if len(plan) else 0.0)
+        return self.shard.read_async(plan, buf, depth)
 
     def _read_units(self, slots: np.ndarray) -> np.ndarray:
         """The sorted slots to read for ``slots``: with ``read_blocks`` U > 1, whole aligned
@@ -241,6 +304,8 @@ class DiskWorkerServer:
         read ahead), widened to whole read groups — come to at most ``batch_slots`` (at least one
         item each: an item is one chunk, at most ``chunk_blocks`` slots), with those slots."""
         first, slots = req.first, req.slots
+        if self.read_blocks == 1 and not len(hits):            # exactly the items' slots: no per-item work
+            return self._batches_exact(req)
         miss = ~np.isin(slots, hits) if len(hits) else np.ones(len(slots), bool)
         need = []                                                 # per item: its slots to read
         for i in range(req.num_items):
@@ -257,25 +322,46 @@ class DiskWorkerServer:
             i0 = i1
         return out
 
+    def _batches_exact(self, req: AttendRequest) -> list[_Batch]:
+        """:meth:`_batches` when every slot of the items is read (no read groups, no read-ahead)."""
+        first, N, out, i0 = req.first, req.num_items, [], 0
+        while i0 < N:                                   # the most items whose slots fit (at least one)
+            i1 = max(i0 + 1, int(np.searchsorted(first, first[i0] + self.batch_slots, side="right")) - 1)
+            out.append(_Batch(i0, i1, np.unique(req.slots[first[i0]:first[i1]])))
+            i0 = i1
+        return out
+
     def attend(self, req: AttendRequest) -> AttendResult:
-        q = np.ascontiguousarray(req.q, dtype=np.float32)          # [B, L, H, D]
-        B, L, H, D = q.shape
-        N = req.num_items
-        o = np.empty((N * L, H, D), np.float32)
-        lse = np.empty((N * L, H), np.float32)
+        self.begin(req)
+        return self.finish()
+
+    def begin(self, req: AttendRequest) -> None:
+        """Start an attend: its first batch of reads is issued (an in-process caller computes
+        something else meanwhile, then calls :meth:`finish`)."""
         # blocks the previous prefetch() read ahead are attended from its buffer (a guess that
         # missed costs its reads, nothing else); the rest are read in batches, each while the
         # previous one is attended
         ahead, self.ahead = self.ahead, None
         read, hits = 0, np.zeros(0, np.int64)
         if ahead is not None:
-            read += sum(f.result() for f in ahead[1])             # raises the reader's DiskIOError
+            read += ahead[1].wait()                                 # raises the reader's DiskIOError
             hits = ahead[0]
         batches = self._batches(req, hits)
-        pending = self._read_async(batches[0].slots, self.bufs[0]) if batches else []
+        pending = self._read_async(batches[0].slots, self.bufs[0]) if batches else None
+        self._started = (req, read, hits, batches, pending)
+
+    def finish(self) -> AttendResult:
+        """The result of the attend :meth:`begin` started."""
+        req, read, hits, batches, pending = self._started
+        self._started = None
+        q = np.ascontiguousarray(req.q, dtype=np.float32)          # [B, L, H, D]
+        B, L, H, D = q.shape
+        N = req.num_items
+        o = np.empty((N * L, H, D), np.float32)
+        lse = np.empty((N * L, H), np.float32)
         q_rows = q.reshape(B * L, H, D)
         for n, bt in enumerate(batches):
-            read += sum(f.result() for f in pending)
+            read += pending.wait()
             if n + 1 < len(batches):                              # the next batch is read meanwhile
                 pending = self._read_async(batches[n + 1].slots, self.bufs[(n + 1) % 2])
             self._attend_batch(req, bt, self.bufs[n % 2], hits, q_rows, L, o, lse)
@@ -324,11 +410,15 @@ class DiskWorkerServer:
         slots = self._read_units(req.slots)[:self.ahead_slots]
         self.ahead = (slots, self._read_async(slots, self.ahead_buf)) if len(slots) else None
 
+    def close(self) -> None:
+        """Finish the reads in flight, stop the reader threads and close the file."""
+        self._drop_ahead()
+        self.shard.close()
+
     def _drop_ahead(self) -> None:
         """Forget the read-ahead (its reads finish first: they write into its buffer)."""
         if self.ahead is not None:
-            for f in self.ahead[1]:
-                f.result()
+            self.ahead[1].wait()
             self.ahead = None
 
 
@@ -346,7 +436,7 @@ def _serve(conn, path: str, layout: dict, group: int, threads: int, io: dict, na
         except (EOFError, OSError):
             return
         if op == "close":
-            server.shard.close()
+            server.close()
             conn.send(("ok", None))
             return
         try:
