@@ -86,6 +86,24 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
+    def abort(self, seq_ids) -> None:
+        """Drop these requests, finished or not: out of the queues, their KV freed (a failed
+        ``generate`` leaves the engine as it found it)."""
+        for sid in seq_ids:
+            seq = self.seqs.pop(sid, None)
+            if seq is None:
+                continue
+            if seq in self.scheduler.waiting:
+                self.scheduler.waiting.remove(seq)
+            if seq in self.scheduler.running:
+                self.scheduler.running.remove(seq)
+            for free in (self.kv.free, self.spec.free if self.spec is not None else None):
+                if free is not None:
+                    try:
+                        free(sid)
+                    except Exception:       # noqa: BLE001 - a store that failed (a dead worker) has nothing to free
+                        pass
+
     def pop_finished(self, seq_id: int) -> Sequence:
         return self.seqs.pop(seq_id)
 
