@@ -19,6 +19,7 @@ from test_tiered import (  # tests/attention and tests/ are on pytest's path
 )
 
 from kvoffload import SamplingParams
+from kvoffload.errors import ConfigTypeError, InputError, KvoffloadError
 from kvoffload.kv.layout import BlockLayout
 from kvoffload.kv.tiers import disk
 from kvoffload.kv.tiers.disk import ProcessWorker, WorkerError, make_offload_dir
@@ -177,3 +178,46 @@ def test_fast_one_line_errors(tiny_hf, tmp_path, flags, word):
     (tmp_path / "FILE").write_text("")
     flags = [str(tmp_path / "FILE") if f == "FILE" else f for f in flags]
     assert_one_line_error(kvo("generate", "-m", path, "--prompt", "hi", "-n", "2", *flags), word)
+
+
+def test_failed_generate_leaves_the_engine_as_it_was(dense):   # noqa: F811
+    eng = dense.engine
+    too_long = list(range(600))                                   # the tiny model's context is 512
+    with pytest.raises(KvoffloadError, match="context"):
+        dense.generate(["hello", "world", too_long], SamplingParams(max_tokens=2))
+    assert eng.seqs == {} and not eng.has_unfinished()
+    with pytest.raises(InputError, match="not valid UTF-8"):
+        dense.generate(["fine", "bad \udcff"], SamplingParams(max_tokens=2))
+    assert eng.seqs == {} and not eng.has_unfinished()
+    assert len(dense.generate("hi", SamplingParams(max_tokens=2))) == 1
+
+
+@pytest.mark.parametrize("call,words", [
+    (lambda llm: llm.generate("hi", {"max_tokens": 2}), ["params", "SamplingParams", "dict"]),
+    (lambda llm: llm.generate(42), ["prompts", "int"]),
+    (lambda llm: SamplingParams(temperature="hot"), ["temperature", "a number", "'hot'"]),
+    (lambda llm: SamplingParams(max_tokens=2.5), ["max_tokens", "an int"]),
+    (lambda llm: llm.config.replace(threads="two"), ["threads", "an int or None", "'two'"]),
+    (lambda llm: llm.config.replace(disk_workers="2"), ["disk_workers", "an int"]),
+])
+def test_wrong_types_name_the_field(dense, call, words):   # noqa: F811
+    with pytest.raises(ConfigTypeError) as e:
+        call(dense)
+    assert all(w in str(e.value) for w in words), str(e.value)
+    assert isinstance(e.value, TypeError) and dense.engine.seqs == {}
+
+
+def test_generate_after_close_is_a_clear_error(tiny_hf):
+    from kvoffload import LLM
+
+    _, path = tiny_hf("qwen2")
+    llm = LLM(path, dtype="float32", kv_tiers="disk:none", block_size=4)
+    assert llm.generate("hi", SamplingParams(max_tokens=2))[0].token_ids
+    llm.close()
+    with pytest.raises(KvoffloadError, match="closed"):
+        llm.generate("hi", SamplingParams(max_tokens=2))
+    with pytest.raises(KvoffloadError, match="closed"):
+        list(llm.stream("hi"))
+    assert llm.engine.seqs == {} and not llm.engine.has_unfinished()
+    with pytest.raises(ConfigTypeError, match="threads must be an int"):
+        LLM(path, threads="two")
