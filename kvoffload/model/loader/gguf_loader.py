@@ -66,7 +66,8 @@ def config_from_gguf(meta: dict[str, Any], freq_factors: np.ndarray | None, path
 
     heads = g("attention.head_count")
     hidden = g("embedding_length")
-    vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or [])
+    tokens = meta.get("tokenizer.ggml.tokens")
+    vocab = meta.get(f"{arch}.vocab_size") or (len(tokens) if isinstance(tokens, (list, tuple)) else 0)
     scaling = None
     scale_type = meta.get(f"{arch}.rope.scaling.type")
     if freq_factors is not None:
