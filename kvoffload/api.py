@@ -7,6 +7,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 from kvoffload.attention import make_backend
+from kvoffload.attention.backend import tier_line
 from kvoffload.config import EngineConfig, SamplingParams
 from kvoffload.device import resolve_device, resolve_dtype, set_threads
 from kvoffload.engine.engine import Engine
@@ -73,7 +74,12 @@ class LLM:
         spec = self.engine.spec
         if spec is not None and spec.stats.rounds:
             lines.append(f"{spec.stats.line()}; draft caches peaked at {spec.draft.peak_bytes / 2**20:.1f} MiB")
-        lines += self.engine.kv.report()
+        kv_lines = self.engine.kv.report()
+        stats = self.engine.kv.stats()
+        if stats.tiers and kv_lines and kv_lines[-1] == tier_line(stats):
+            # the tiered store's traffic line, with the prefill's reported apart from the decode's
+            kv_lines[-1:] = tier_line(stats, self.engine.prefill_kv, self.engine.prefill_tokens).split("\n")
+        lines += kv_lines
         return "\n".join(lines) or None
 
     def close(self) -> None:

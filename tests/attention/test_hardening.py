@@ -221,3 +221,20 @@ def test_generate_after_close_is_a_clear_error(tiny_hf):
     assert llm.engine.seqs == {} and not llm.engine.has_unfinished()
     with pytest.raises(ConfigTypeError, match="threads must be an int"):
         LLM(path, threads="two")
+
+
+def test_cache_dir_governs_kernels_and_workers(tmp_path, monkeypatch):
+    from kvoffload import paths
+    from kvoffload.kernels import build
+    from kvoffload.model import registry
+
+    monkeypatch.setenv("KVOFFLOAD_CACHE", str(tmp_path / "env"))
+    assert build._cache_dir() == tmp_path / "env" / "kernels"
+    paths.set_cache_dir(str(tmp_path / "flag"))
+    try:
+        assert build._cache_dir() == tmp_path / "flag" / "kernels"
+        assert registry.default_cache_dir() == str(tmp_path / "flag")
+        assert disk._worker_env()["KVOFFLOAD_CACHE"] == str(tmp_path / "flag")
+    finally:
+        paths.set_cache_dir(None)
+    assert build._cache_dir() == tmp_path / "env" / "kernels"
