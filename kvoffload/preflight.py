@@ -34,3 +34,26 @@ def preflight(config: EngineConfig, device_type: str, dtype: str) -> None:
     lay = BlockLayout(kv.block_size, cfg.num_kv_heads, cfg.head_dim, config.kv_dtype or dtype, kv.chunk_blocks)
     for name, budget in tiers:
         chunk_capacity(TierSpec(name, budget), kv.chunk_blocks * (lay.disk_stride if name == "disk" else lay.slot_bytes))
+
+
+def preflight_chat_template(config: EngineConfig) -> None:
+    """The model's chat template parses (read from the GGUF header or the HF directory; the
+    weights are not read). A template that fails only when rendered is reported at render time."""
+    import os
+    from pathlib import Path
+
+    from kvoffload.model.loader.gguf_file import GGUFFile
+    from kvoffload.model.registry import resolve_model
+    from kvoffload.model.tokenizer import FALLBACK_CHAT_TEMPLATE, TokenizerError, _hf_chat_template, _jinja_env, _read_json
+
+    path = resolve_model(config.model, config.cache_dir)
+    if os.path.isdir(path):
+        template = _hf_chat_template(Path(path), _read_json(Path(path) / "tokenizer_config.json", missing_ok=True))
+    else:
+        template = GGUFFile(path).metadata.get("tokenizer.chat_template")
+    import jinja2
+
+    try:
+        _jinja_env().from_string(str(template) if template is not None else FALLBACK_CHAT_TEMPLATE)
+    except jinja2.TemplateSyntaxError as exc:
+        raise TokenizerError(f"chat template does not parse: {exc}") from None

@@ -86,3 +86,35 @@ def test_version_and_help():
     assert r.returncode == 0 and r.stdout.startswith("kvoffload ")
     r = kvo("--help")
     assert r.returncode == 0 and "kvoffload generate -p" in r.stdout and "KV cache" in r.stdout.split("\n\n")[1]
+
+
+@pytest.mark.parametrize("flags,word", [
+    (["--sparse-policy", "nope"], "unknown sparse policy"),
+    (["--spec-draft-policy", "nope", "--speculate", "self"], "unknown sparse policy"),
+    (["--kv-tiers", "host:1MiB,tape:1GiB"], "unknown KV tier"),
+    (["--offload-dir", "FILE", "--kv-host-budget", "0"], "is not a directory"),
+    (["--offload-dir", "MISSING", "--kv-host-budget", "0"], "does not exist"),
+    (["--kv-host-budget", "100"], "smaller than one KV chunk"),
+    (["--chat"], "chat template does not parse"),
+])
+def test_checks_that_need_no_model_run_before_it_loads(tiny_hf, tmp_path, monkeypatch, capsys, flags, word):
+    from kvoffload.cli.main import main
+    from kvoffload.model import loading
+
+    _, path = tiny_hf("qwen2")
+    bad = tmp_path / "model"
+    shutil.copytree(path, bad)
+    cfg = json.loads((bad / "tokenizer_config.json").read_text())
+    (bad / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": "{% for m in messages %}"}))
+    (tmp_path / "FILE").write_text("")
+    flags = [str(tmp_path / f) if f in ("FILE", "MISSING") else f for f in flags]
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the check")
+
+    monkeypatch.setattr(loading, "load_model", no_load)
+    monkeypatch.setattr("kvoffload.api.load_model", no_load)
+    capsys.readouterr()                                  # (the fixture's own output)
+    assert main(["generate", "-m", str(bad), "-p", "hi", "-n", "2", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and word in err, err

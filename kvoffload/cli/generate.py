@@ -54,6 +54,10 @@ def run(args: argparse.Namespace) -> int:
     from kvoffload.api import LLM
     from kvoffload.model.loading import peak_rss_bytes
 
+    if args.chat:
+        from kvoffload.preflight import preflight_chat_template
+
+        preflight_chat_template(engine_cfg)            # before the slow load
     llm = LLM(config=engine_cfg)
     if args.json:
         out = llm.generate(prompt, params, chat=args.chat)[0]
