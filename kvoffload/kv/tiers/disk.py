@@ -261,9 +261,13 @@ def _lock_dir(directory: str) -> None:
     die (SIGKILL too), and the fd is not inherited by the workers."""
     tmp = os.path.join(directory, LOCK_FILE + ".new")
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    os.rename(tmp, os.path.join(directory, LOCK_FILE))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.rename(tmp, os.path.join(directory, LOCK_FILE))
+    except OSError:
+        os.close(fd)
+        raise
     _LOCKS[directory] = fd
 
 
@@ -312,9 +316,16 @@ def make_offload_dir(base: str | None, budget: int | None) -> str:
         raise ConfigError(f"the disk tier's budget of {budget} bytes exceeds the {free} bytes free in {base}")
     try:
         directory = tempfile.mkdtemp(prefix="kvoffload-", dir=base)
-        _lock_dir(directory)
     except OSError as e:
         raise ConfigError(f"cannot create a directory in {base}: {e.strerror}") from None
+    try:
+        _lock_dir(directory)
+    except OSError:                 # a filesystem without flock: works, but is not reclaimed after a SIGKILL
+        for name in (LOCK_FILE, LOCK_FILE + ".new"):
+            try:
+                os.unlink(os.path.join(directory, name))
+            except OSError:
+                pass
     return directory
 
 
