@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-from conftest import write_tiny_gguf
 from test_cli import assert_one_line_error, kvo
 
 
@@ -54,13 +53,13 @@ def test_bad_hf_config_fields(tiny_hf, tmp_path, edit, word):
     ("add_head_count", 0, "head_count must be >= 1"),
     ("add_block_count", 0, "block_count must be >= 1"),
 ])
-def test_bad_gguf_header_fields(tiny_hf, tmp_path, monkeypatch, key, value, word):
+def test_bad_gguf_header_fields(tiny_hf, write_gguf, tmp_path, monkeypatch, key, value, word):
     import gguf
 
     model, _ = tiny_hf("qwen2")
     monkeypatch.setattr(gguf.GGUFWriter, key, lambda self, n, _orig=getattr(gguf.GGUFWriter, key): _orig(self, value))
     path = str(tmp_path / "bad.gguf")
-    write_tiny_gguf(model, path, "qwen2")
+    write_gguf(model, path, "qwen2")
     assert_one_line_error(kvo("info", path), word)
 
 

@@ -11,7 +11,6 @@ import os
 import shutil
 
 import pytest
-from conftest import write_tiny_gguf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -109,9 +108,9 @@ def test_gguf_metadata_parser(changes):
 
 
 @pytest.fixture(scope="module")
-def gguf_bytes(tiny_hf, tmp_path_factory):
+def gguf_bytes(tiny_hf, write_gguf, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
-    write_tiny_gguf(tiny_hf("llama-linear-rope")[0], path, "llama")
+    write_gguf(tiny_hf("llama-linear-rope")[0], path, "llama")
     with open(path, "rb") as f:
         return f.read()
 

@@ -59,7 +59,7 @@ def load_channels(path: str | None, model, r: int) -> list[torch.Tensor]:
     channels = data["channels"]
 
     def bad(where: str, what: str) -> ConfigError:
-        return ConfigError(f"calibration file {path}: {where} {what} (this model: {L} layers x {H} KV heads x "
+        return ConfigError(f"calibration file {path}: {where} {what} (this model has {L} layers x {H} KV heads x "
                            f"{D} channels, each head's channels 0..{D - 1} in ranked order)")
 
     if not isinstance(channels, list) or len(channels) != L:
