@@ -7,11 +7,14 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 from kvoffload.attention import make_backend
+from kvoffload.attention.backend import tier_line
 from kvoffload.config import EngineConfig, SamplingParams
-from kvoffload.device import resolve_device, set_threads
+from kvoffload.device import resolve_device, resolve_dtype, set_threads
 from kvoffload.engine.engine import Engine
 from kvoffload.engine.sequence import Sequence
+from kvoffload.errors import ConfigError, ConfigTypeError, InputError, KvoffloadError
 from kvoffload.model.loading import load_model
+from kvoffload.preflight import preflight
 
 Prompt = str | list[int]
 
@@ -56,11 +59,13 @@ class LLM:
         self.config = config
         set_threads(config.threads)
         self.device = resolve_device(config.device)
+        preflight(config, self.device.type, resolve_dtype(config.dtype, self.device))   # before the slow load
         self.model, self.tokenizer, self.load_stats = load_model(config, self.device)
         self.model_config = self.model.cfg
         self.dtype, self.quantization = self.load_stats.dtype, self.load_stats.quantization
         self.engine = Engine(self.model, make_backend(self.model_config, config, self.device, self.dtype),
                              self.tokenizer, config, self.device)
+        self.closed = False
 
     def kv_report(self) -> str | None:
         """A line on speculation (if on), then the KV manager's lines (a sparse policy's reads,
@@ -69,17 +74,36 @@ class LLM:
         spec = self.engine.spec
         if spec is not None and spec.stats.rounds:
             lines.append(f"{spec.stats.line()}; draft caches peaked at {spec.draft.peak_bytes / 2**20:.1f} MiB")
-        lines += self.engine.kv.report()
+        kv_lines = self.engine.kv.report()
+        stats = self.engine.kv.stats()
+        if stats.tiers and kv_lines and kv_lines[-1] == tier_line(stats):
+            # the tiered store's traffic line, with the prefill's reported apart from the decode's
+            kv_lines[-1:] = tier_line(stats, self.engine.prefill_kv, self.engine.prefill_tokens).split("\n")
+        lines += kv_lines
         return "\n".join(lines) or None
 
     def close(self) -> None:
-        """Release the KV store's workers and files now (otherwise done at exit)."""
+        """Release the KV store's workers and files now (otherwise done at exit). The LLM
+        cannot generate afterwards."""
+        self.closed = True
         self.engine.kv.close()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise KvoffloadError("this LLM was closed (LLM.close()); create a new one to generate")
 
     # ---------------------------------------------------------------- prompts
     def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
         if isinstance(prompt, list):
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+                raise ConfigTypeError("prompt must be a string or a list of int token ids")
             return prompt
+        if not isinstance(prompt, str):
+            raise ConfigTypeError(f"prompt must be a string or a list of int token ids, got {type(prompt).__name__}")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InputError(f"the prompt is not valid UTF-8 text (at character {e.start})") from None
         if chat:
             text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
             return self.tokenizer.encode(text, add_bos=False)
@@ -88,29 +112,45 @@ class LLM:
     # ---------------------------------------------------------------- generation
     def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None,
                  *, chat: bool = False, use_tqdm: bool = False) -> list[RequestOutput]:
+        self._check_open()
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
+        if not single and not isinstance(prompts, (list, tuple)):
+            raise ConfigTypeError(f"prompts must be a string, a list of token ids or a list of those, "
+                                  f"got {type(prompts).__name__}")
         prompt_list = [prompts] if single else list(prompts)
         param_list = self._params_for(params, len(prompt_list))
         ids = [self.encode(p, chat) for p in prompt_list]      # validate all before starting any
-        seq_ids = [self.engine.add_request(i, p) for i, p in zip(ids, param_list)]
-        bar = _progress(sum(p.max_tokens for p in param_list)) if use_tqdm else None
-        while self.engine.has_unfinished():
-            outs = self.engine.step()
+        seq_ids: list[int] = []
+        try:
+            for i, p in zip(ids, param_list):
+                seq_ids.append(self.engine.add_request(i, p))
+            bar = _progress(sum(p.max_tokens for p in param_list)) if use_tqdm else None
+            while self.engine.has_unfinished():
+                outs = self.engine.step()
+                if bar is not None:
+                    bar.update(len(outs))
             if bar is not None:
-                bar.update(len(outs))
-        if bar is not None:
-            bar.close()
-        return [self._output(self.engine.pop_finished(s), p if isinstance(p, str) else None)
-                for s, p in zip(seq_ids, prompt_list)]
+                bar.close()
+            return [self._output(self.engine.pop_finished(s), p if isinstance(p, str) else None)
+                    for s, p in zip(seq_ids, prompt_list)]
+        except BaseException:
+            self.engine.abort(seq_ids)      # nothing of this call stays queued or allocated
+            raise
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None, *, chat: bool = False) -> Iterator[str]:
         """Yields text as it is generated; ``self.last_output`` holds the result afterwards."""
-        sid = self.engine.add_request(self.encode(prompt, chat), params or SamplingParams())
-        while self.engine.has_unfinished():
-            for out in self.engine.step():
-                if out.seq_id == sid and out.text_delta:
-                    yield out.text_delta
-        self.last_output = self._output(self.engine.pop_finished(sid), prompt if isinstance(prompt, str) else None)
+        self._check_open()
+        params = self._params_for(params, 1)[0]
+        sid = self.engine.add_request(self.encode(prompt, chat), params)
+        try:
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    if out.seq_id == sid and out.text_delta:
+                        yield out.text_delta
+            self.last_output = self._output(self.engine.pop_finished(sid), prompt if isinstance(prompt, str) else None)
+        except BaseException:               # an error, or the caller closed the generator early
+            self.engine.abort([sid])
+            raise
 
     @staticmethod
     def _params_for(params, n: int) -> list[SamplingParams]:
@@ -118,9 +158,12 @@ class LLM:
             return [SamplingParams()] * n
         if isinstance(params, SamplingParams):
             return [params] * n
+        if not isinstance(params, (list, tuple)) or not all(isinstance(p, SamplingParams) for p in params):
+            raise ConfigTypeError(f"params must be a SamplingParams or a list of them, got {type(params).__name__}"
+                                  + (" (use SamplingParams(**d))" if isinstance(params, dict) else ""))
         params = list(params)
         if len(params) != n:
-            raise ValueError(f"{len(params)} SamplingParams for {n} prompts")
+            raise ConfigError(f"{len(params)} SamplingParams for {n} prompts")
         return params
 
     @staticmethod

@@ -17,11 +17,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from kvoffload.dtypes import NAMES
-from kvoffload.errors import ConfigError
+from kvoffload.errors import ConfigError, ConfigTypeError
 
 
 def cli_field(default: Any, help: str, flag: str | None = None, choices: tuple | None = None,
@@ -32,6 +34,50 @@ def cli_field(default: Any, help: str, flag: str | None = None, choices: tuple |
     if isinstance(default, (list, dict, set)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "None"
+    if typing.get_origin(tp) is tuple:
+        return f"a tuple of {_type_name(typing.get_args(tp)[0])}"
+    args = typing.get_args(tp)
+    if args:
+        return " or ".join(_type_name(a) for a in args)
+    return {int: "an int", float: "a number", str: "a string", bool: "a bool"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _has_type(value: Any, tp: Any) -> bool:
+    if tp is Any:
+        return True
+    if tp is type(None):
+        return value is None
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is tuple:
+        return isinstance(value, tuple) and all(_has_type(v, args[0]) for v in value)
+    if args:                                        # a union (X | None)
+        return any(_has_type(value, a) for a in args)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def check_types(obj: Any) -> None:
+    """Every field of a config dataclass holds a value of its annotated type (fields with their
+    own parser take text too and are checked by it); else a :class:`ConfigTypeError` that names
+    the field and the type."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        if f.metadata.get("parse"):
+            continue
+        value = getattr(obj, f.name)
+        if not _has_type(value, hints[f.name]):
+            raise ConfigTypeError(f"{f.name} must be {_type_name(hints[f.name])}, "
+                                  f"got {type(value).__name__} {value!r:.60}")
 
 
 # --------------------------------------------------------------------------- model
@@ -194,6 +240,9 @@ class KVConfig:
         shard file: one call queues a batch's reads, one waits for them, no reader threads to
         schedule beside the model's), ``threads`` (a pool of ``preadv`` threads, one per read in
         flight), ``auto`` (aio where the kernel allows it and the file is O_DIRECT, else threads).
+    disk_worker_timeout: seconds a disk worker may take to answer a request; one that does not
+        (stopped, hung) is killed and treated as a crash: restarted and the request replayed,
+        or a one-line error after the restart limit.
     disk_read_ahead: during decode each disk worker is told the next layer's blocks as soon as
         this layer's query is sent, and reads up to this many bytes of them ahead, so the read
         overlaps the model's compute of that layer (0 = off; a buffer this size per worker).
@@ -218,12 +267,15 @@ class KVConfig:
     disk_read_blocks: int = cli_field(1, "sparse reads from disk in aligned groups of this many blocks (1 = exact)")
     disk_io_depth: int = cli_field(0, "reads in flight per disk worker (0 = by request size)")
     disk_reader: str = cli_field("auto", "how the disk tier reads: aio (Linux native AIO), threads (a pool of pread threads), auto (aio where the kernel and file allow)", choices=("auto", "aio", "threads"))
+    disk_worker_timeout: float = cli_field(60.0, "seconds a disk worker may take to answer before it counts as hung "
+                                           "(it is then killed, restarted and the request replayed)")
     disk_read_ahead: int = cli_field(4 << 20, "bytes of the next layer's blocks a disk worker reads ahead (0 = off)", parse=parse_size)
     disk_write_backlog: int = cli_field(32 << 20, "bytes of unacknowledged block writes per disk worker before waiting", parse=parse_size)
     kv_serial: bool = cli_field(False, "run the tier workers one after another instead of together (measures what the overlap buys)")
     arena_segment_slots: int = 256
 
     def __post_init__(self) -> None:
+        check_types(self)
         for name in ("kv_device_budget", "kv_host_budget", "kv_disk_budget", "disk_read_batch", "disk_read_ahead",
                      "disk_write_backlog"):
             object.__setattr__(self, name, parse_size(getattr(self, name)))
@@ -244,6 +296,8 @@ class KVConfig:
             raise ConfigError("disk_read_batch must be a positive size")
         if self.disk_read_ahead is None or self.disk_write_backlog is None:
             raise ConfigError("disk_read_ahead and disk_write_backlog must be sizes")
+        if not (self.disk_worker_timeout > 0 and math.isfinite(self.disk_worker_timeout)):
+            raise ConfigError(f"disk_worker_timeout must be a number of seconds > 0, got {self.disk_worker_timeout}")
         if self.kv_tiers is not None and self._shorthands:
             raise ConfigError("--kv-tiers gives every tier's budget: drop --" + ", --".join(
                 n.replace("_", "-") for n in self._shorthands))
@@ -331,7 +385,8 @@ class SparseConfig:
     """
 
     sparse_policy: str = cli_field("dense", "sparse decode attention policy: dense, streaming, quest, sparf, double_sparsity, shadowkv, retrieval")
-    sparse_budget: str = cli_field("1/16", "KV per decode step and KV head: fraction of the context (1/16, 0.125) or tokens (512)")
+    sparse_budget: str = cli_field("1/16", "KV per decode step and KV head: fraction of the context (1/16, 0.125) or tokens (512)",
+                                   parse=parse_budget)
     sparse_dense_layers: tuple[int, ...] | None = cli_field(None, "layers kept dense, e.g. 0,1 or none (default: the policy's)", parse=parse_layers)
     sparse_sink_tokens: int | None = cli_field(None, "first tokens always attended (default: the policy's)")
     sparse_recent_tokens: int | None = cli_field(None, "last tokens always attended (default: the policy's)")
@@ -341,6 +396,7 @@ class SparseConfig:
     sparse_prefetch: bool = cli_field(False, "read ahead the next sparse layer's guessed blocks from disk")
 
     def __post_init__(self) -> None:
+        check_types(self)
         object.__setattr__(self, "sparse_dense_layers", parse_layers(self.sparse_dense_layers))
         self._budget                         # noqa: B018 - parsed (and checked) once, here
         for name in ("sparse_sink_tokens", "sparse_recent_tokens"):
@@ -399,13 +455,14 @@ class SpecConfig:
     num_speculative_tokens: int = cli_field(4, "draft tokens per verification (gamma)")
     spec_draft_policy: str = cli_field("retrieval", "policy that fills the draft cache: retrieval (TriForce) or any sparse policy")
     spec_draft_budget: int = cli_field(4096, "tokens the draft cache takes from the full KV at a rebuild (at most)")
-    spec_draft_share: str = cli_field("1/8", "the draft budget is at most this share of the context")
+    spec_draft_share: str = cli_field("1/8", "the draft budget is at most this share of the context", parse=parse_budget)
     spec_draft_window: int = cli_field(256, "verified tokens appended to the draft cache before it is rebuilt")
     spec_rebuild_interval: int = cli_field(0, "rebuild the draft cache every N verifications (0 = off)")
     spec_rebuild_acceptance: float = cli_field(0.0, "rebuild when recent acceptance falls below this (0 = off)")
     spec_rebuild_rounds: int = cli_field(8, "verifications the acceptance trigger averages over")
 
     def __post_init__(self) -> None:
+        check_types(self)
         if self.speculate not in SPECULATE:
             raise ConfigError(f"speculate must be one of {', '.join(SPECULATE)}, got {self.speculate!r}")
         if not 1 <= self.num_speculative_tokens <= 32:
@@ -468,7 +525,9 @@ class EngineConfig:
         running sequences decode again: largest decode batches, best throughput) or
         ``interleave`` (each step decodes the running batch and prefills one chunk beside it:
         steadier per-token latency while long prompts arrive).
-    cache_dir: where assembled models (e.g. the split Qwen GGUF) are kept.
+    cache_dir: the root of every file kvoffload keeps outside the offload and store directories:
+        assembled models (the split Qwen GGUF) and compiled kernels (``kernels/``); default
+        ``$KVOFFLOAD_CACHE`` or ``~/.cache/kvoffload`` (kvoffload/paths.py).
     decode_microbatches: the decode batch is split into this many groups whose forwards run in
         threads at once, so that while one group's attention waits on the KV workers (disk reads)
         another computes its projections and MLP (Lamina's rotation). 1 = one forward.
@@ -488,12 +547,13 @@ class EngineConfig:
     max_num_seqs: int = cli_field(16, "sequences decoded together in one batch")
     scheduling: str = cli_field("prefill-first", "step policy", choices=SCHEDULING)
     decode_microbatches: int = cli_field(1, "decode batch split into this many forwards run together (overlaps KV worker waits with compute)")
-    cache_dir: str | None = cli_field(None, "cache for assembled models (default: $KVOFFLOAD_CACHE or ~/.cache/kvoffload)")
+    cache_dir: str | None = cli_field(None, "cache for assembled models and compiled kernels (default: $KVOFFLOAD_CACHE or ~/.cache/kvoffload)")
     kv: KVConfig = field(default_factory=KVConfig, metadata={"nested": True})
     sparse: SparseConfig = field(default_factory=SparseConfig, metadata={"nested": True})
     spec: SpecConfig = field(default_factory=SpecConfig, metadata={"nested": True})
 
     def __post_init__(self) -> None:
+        check_types(self)
         if self.prefill_chunk < 1:
             raise ConfigError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
         if self.decode_microbatches < 1:
@@ -556,6 +616,11 @@ class SamplingParams:
     ignore_eos: bool = cli_field(False, "do not stop at end-of-sequence tokens")
 
     def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif isinstance(self.stop, list):
+            object.__setattr__(self, "stop", tuple(self.stop))
+        check_types(self)
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
             raise ConfigError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:

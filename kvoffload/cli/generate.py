@@ -27,14 +27,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _read_prompt(args: argparse.Namespace) -> str:
     if args.prompt is not None:
+        try:
+            args.prompt.encode("utf-8")      # argv bytes that are not UTF-8 arrive as lone surrogates
+        except UnicodeEncodeError as e:
+            raise InputError(f"the prompt (-p) is not valid UTF-8 (at character {e.start})") from None
         return args.prompt
+    name = "stdin" if args.prompt_file == "-" else f"prompt file {args.prompt_file}"
     try:
         if args.prompt_file == "-":
-            return sys.stdin.read()
+            return sys.stdin.buffer.read().decode("utf-8")
         with open(args.prompt_file, encoding="utf-8") as f:
             return f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read prompt file {args.prompt_file}: {e}") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{name} is not valid UTF-8 (byte {e.start})") from None
+    except OSError as e:
+        raise InputError(f"cannot read {name}: {e.strerror or e}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,6 +54,10 @@ def run(args: argparse.Namespace) -> int:
     from kvoffload.api import LLM
     from kvoffload.model.loading import peak_rss_bytes
 
+    if args.chat:
+        from kvoffload.preflight import preflight_chat_template
+
+        preflight_chat_template(engine_cfg)            # before the slow load
     llm = LLM(config=engine_cfg)
     if args.json:
         out = llm.generate(prompt, params, chat=args.chat)[0]

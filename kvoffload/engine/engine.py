@@ -54,6 +54,8 @@ class Engine:
         self.scheduler = Scheduler(config.max_num_seqs, config.prefill_chunk, config.scheduling == "prefill-first")
         self.seqs: dict[int, Sequence] = {}
         self.times = StepTimes()
+        self.prefill_kv: dict[str, dict[str, int]] = {}     # per tier, what its counters grew by in prompt forwards
+        self.prefill_tokens = 0
         self._next_id = 0
         self._context = model.cfg.max_position
         self._pool: ThreadPoolExecutor | None = None
@@ -85,6 +87,24 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
+
+    def abort(self, seq_ids) -> None:
+        """Drop these requests, finished or not: out of the queues, their KV freed (a failed
+        ``generate`` leaves the engine as it found it)."""
+        for sid in seq_ids:
+            seq = self.seqs.pop(sid, None)
+            if seq is None:
+                continue
+            if seq in self.scheduler.waiting:
+                self.scheduler.waiting.remove(seq)
+            if seq in self.scheduler.running:
+                self.scheduler.running.remove(seq)
+            for free in (self.kv.free, self.spec.free if self.spec is not None else None):
+                if free is not None:
+                    try:
+                        free(sid)
+                    except Exception:       # noqa: BLE001 - a store that failed (a dead worker) has nothing to free
+                        pass
 
     def pop_finished(self, seq_id: int) -> Sequence:
         return self.seqs.pop(seq_id)
@@ -172,14 +192,23 @@ class Engine:
         """One prompt chunk -> the ``[V]`` logits of its last position if it ends the prompt."""
         t0 = time.perf_counter()
         seq = self.seqs[c.seq_id]
+        before = self._kv_counters()
         out = self._prefill(c.seq_id, seq.prompt_ids[c.start:c.end], c.start, Logits.LAST if c.last else Logits.NONE,
                             self.kv if self.spec is None else self.spec.tap)
+        for tier, counts in self._kv_counters().items():       # the prefill's share of the KV report
+            acc = self.prefill_kv.setdefault(tier, dict.fromkeys(counts, 0))
+            for k, v in counts.items():
+                acc[k] += v - before.get(tier, {}).get(k, 0)
+        self.prefill_tokens += c.end - c.start
         if c.last and self.spec is not None:
             self.spec.prefilled(c.seq_id, c.end)
         dt = time.perf_counter() - t0
         seq.times.prefill_s += dt
         self.times.prefill_forward += dt
         return {c.seq_id: out[0]} if c.last else {}
+
+    def _kv_counters(self) -> dict[str, dict[str, int]]:
+        return {t: dict(vars(c)) for t, c in self.kv.stats().tiers.items()}
 
     def _decode_batch(self, seq_ids: tuple[int, ...]) -> dict[int, torch.Tensor]:
         """One decode step of the batch -> ``[V]`` logits per sequence."""

@@ -1,7 +1,8 @@
 """Compile the C kernels once per machine (gcc -O3 -march=native -fopenmp) and load them with ctypes.
 
 No torch headers are involved, so a build takes about a second. The shared object is
-cached under ``$KVOFFLOAD_CACHE/kernels`` (default ``~/.cache/kvoffload``), keyed by the
+cached under ``kernels/`` of the cache root (kvoffload/paths.py: ``--cache-dir``,
+``$KVOFFLOAD_CACHE`` or ``~/.cache/kvoffload``), keyed by the
 source, the flags and the CPU's feature flags. Set ``KVOFFLOAD_NO_KERNELS=1`` to use the
 pure-PyTorch fallbacks; if no compiler is found the fallbacks are used too, with a warning.
 """
@@ -49,8 +50,9 @@ def _cpu_flags() -> str:
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("KVOFFLOAD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "kvoffload")
-    return Path(root) / "kernels"
+    from kvoffload.paths import cache_root
+
+    return Path(cache_root()) / "kernels"
 
 
 def _compile(name: str) -> Path:

@@ -21,6 +21,7 @@ from kvoffload.model.quant import quantize
 from kvoffload.model.registry import resolve_model
 from kvoffload.model.rope import Rope
 from kvoffload.model.tokenizer import Tokenizer
+from kvoffload.paths import set_cache_dir
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ def resolve_quantization(name: str, device: torch.device, dtype: str, ckpt: Load
 
 def load_model(cfg: EngineConfig, device: torch.device) -> tuple[Transformer, Tokenizer, LoadStats]:
     t0 = time.perf_counter()
+    set_cache_dir(cfg.cache_dir)                 # assembled models and compiled kernels go there
     path = resolve_model(cfg.model, cfg.cache_dir)
     dtype = resolve_dtype(cfg.dtype, device)
     ckpt = read_checkpoint(path, torch_dtype(dtype))

@@ -45,19 +45,40 @@ def load_channels(path: str | None, model, r: int) -> list[torch.Tensor]:
     if not os.path.isfile(path):
         raise ConfigError(f"calibration file {path} does not exist")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
-        channels = data["channels"]
-        fmt = data["format"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise ConfigError(f"calibration file {path} is not a kvoffload channel file ({e})") from None
+    if not isinstance(data, dict) or "channels" not in data or "format" not in data:
+        raise ConfigError(f"calibration file {path} is not a kvoffload channel file "
+                          "(expected a JSON object with 'format' and 'channels')")
+    fmt = data["format"]
     if fmt != CALIBRATION_FORMAT:
-        raise ConfigError(f"calibration file {path} has format {fmt!r}, expected {CALIBRATION_FORMAT!r}")
-    shape = (model.num_layers, model.num_kv_heads, model.head_dim)
+        raise ConfigError(f"calibration file {path} has format {fmt!r:.60}, expected {CALIBRATION_FORMAT!r}")
+    L, H, D = model.num_layers, model.num_kv_heads, model.head_dim
+    channels = data["channels"]
+
+    def bad(where: str, what: str) -> ConfigError:
+        return ConfigError(f"calibration file {path}: {where} {what} (this model has {L} layers x {H} KV heads x "
+                           f"{D} channels, each head's channels 0..{D - 1} in ranked order)")
+
+    if not isinstance(channels, list) or len(channels) != L:
+        got = len(channels) if isinstance(channels, list) else type(channels).__name__
+        raise bad("channels", f"must be a list of {L} layers, got {got}")
+    for i, layer in enumerate(channels):
+        if not isinstance(layer, list) or len(layer) != H:
+            raise bad(f"channels[{i}]", f"must be a list of {H} KV heads")
+        for h, row in enumerate(layer):
+            if not isinstance(row, list) or len(row) != D:
+                raise bad(f"channels[{i}][{h}]", f"must be a list of {D} channels")
+            for j, c in enumerate(row):
+                if not isinstance(c, int) or isinstance(c, bool):
+                    raise bad(f"channels[{i}][{h}][{j}]", f"must be an integer, got {c!r:.20}")
+                if not 0 <= c < D:
+                    raise bad(f"channels[{i}][{h}][{j}]", f"= {c} is out of range")
+            if len(set(row)) != D:
+                raise bad(f"channels[{i}][{h}]", "repeats a channel")
     t = torch.tensor(channels, dtype=torch.int64)
-    if tuple(t.shape) != shape:
-        raise ConfigError(f"calibration file {path} is for [layers, kv heads, head dim] = {list(t.shape)}, "
-                          f"this model has {list(shape)}")
     return [t[i, :, :r].contiguous() for i in range(model.num_layers)]
 
 

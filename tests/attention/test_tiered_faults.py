@@ -82,7 +82,8 @@ def test_no_files_left_after_exit_and_ctrl_c(tiny_hf, tmp_path):
     r = kvo("generate", "-m", path, "--prompt", "hello " * 20, "-n", "8", "--kv-host-budget", "0",
             "--offload-dir", str(tmp_path), "--block-size", "4")
     assert r.returncode == 0, r.stderr
-    assert "KV per generated token" in r.stderr and os.listdir(tmp_path) == []
+    assert "KV per generated token (decode)" in r.stderr and os.listdir(tmp_path) == []
+    assert "KV in prefill (" in r.stderr                 # the prefill's traffic apart from the decode's
     p = subprocess.Popen([sys.executable, "-m", "kvoffload.cli.main", "generate", "-m", path, "--prompt", "hi " * 50,
                           "-n", "100000", "--ignore-eos", "--kv-host-budget", "0", "--offload-dir", str(tmp_path),
                           "--block-size", "4"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

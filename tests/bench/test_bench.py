@@ -99,3 +99,13 @@ def test_cli_rejects_unknown_peer():
     from kvoffload.cli.main import main
 
     assert main(["bench", "--vs", "vllm", "-p", "8"]) == 2
+
+
+def test_offload_bench_context_is_capped_like_the_pp_tg_tests(capsys):
+    from kvoffload.cli.bench import capped_context
+
+    assert capped_context(4096, 32, 8192) == 4096
+    assert capped_context(8192, 32, 8192) == 8160
+    assert "capped at 8160" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="no room"):
+        capped_context(100, 8192, 8192)

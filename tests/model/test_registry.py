@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import pytest
@@ -21,9 +22,10 @@ def fake_parts(tmp_path, monkeypatch):
         (d / "data" / f"part{i}.bin").write_bytes(chunk)
         dirs[f"pkg{i}"] = str(d)
     monkeypatch.setattr(registry, "_package_dir", lambda pkg, install: dirs[pkg])
+    blob = b"".join(data)
     model = SplitModel(tuple(dirs), tuple(f"data/part{i}.bin" for i in range(3)), "m.gguf",
-                       size=sum(map(len, data)), install="pip install fake")
-    return model, b"".join(data)
+                       size=len(blob), install="pip install fake", sha256=hashlib.sha256(blob).hexdigest())
+    return model, blob
 
 
 def test_split_model_is_assembled_once(fake_parts, tmp_path):
@@ -33,7 +35,30 @@ def test_split_model_is_assembled_once(fake_parts, tmp_path):
     assert open(path, "rb").read() == blob
     mtime = os.path.getmtime(path)
     assert model.path(str(cache)) == path and os.path.getmtime(path) == mtime     # not rebuilt
-    assert os.listdir(cache) == ["m.gguf"]                                          # no temp files left
+    assert sorted(os.listdir(cache)) == ["m.gguf", "m.gguf.sha256"]                 # no temp files left
+
+
+def test_split_model_is_verified_by_sha256(fake_parts, tmp_path):
+    """A file of the right size but other bytes in the cache is not loaded: it is re-assembled."""
+    model, blob = fake_parts
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "m.gguf").write_bytes(b"GGUF" + b"x" * (len(blob) - 4))
+    path = model.path(str(cache))
+    assert open(path, "rb").read() == blob
+    with open(path, "r+b") as f:                       # changed after it was verified (stamp no longer matches)
+        f.seek(10)
+        f.write(b"z")
+    assert open(model.path(str(cache)), "rb").read() == blob
+
+
+def test_split_model_parts_not_matching_sha256(fake_parts, tmp_path):
+    model, blob = fake_parts
+    bad = SplitModel(model.packages, model.relpaths, "m.gguf", size=len(blob), install="pip install fake",
+                     sha256="0" * 64)
+    with pytest.raises(ModelLoadError, match="SHA-256"):
+        bad.path(str(tmp_path / "cache"))
+    assert os.listdir(tmp_path / "cache") == []
 
 
 def test_split_model_size_mismatch(fake_parts, tmp_path):

@@ -10,10 +10,12 @@ replayed: the output is unchanged.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -40,17 +42,38 @@ from kvoffload.kv.tiers.protocol import (
 )
 
 MAX_RESTARTS = 3
+LOCK_FILE = "owner.lock"        # in each kvoffload-* directory: locked (flock) while its owner runs
 
 
 class WorkerError(KvoffloadError):
     """A disk worker failed for a reason a restart cannot fix (message says which)."""
 
 
+def _package_root(module) -> str:
+    """The directory a package was imported from (what goes on a worker's ``sys.path``)."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(module.__file__)))
+
+
+# Run in an isolated interpreter (-I: no PYTHON* variables, no user site-packages, neither the
+# working directory nor the script's on sys.path): the path gets exactly the directories this
+# process imported kvoffload and numpy from, so nothing from the user's directory or environment
+# is imported (a numpy.py, a sitecustomize.py or a kvoffload/ there is never seen).
+_WORKER_BOOT = ("import sys; sys.path[:0] = sys.argv[1:2]; sys.path += sys.argv[2:3]; del sys.argv[1:3]; "
+                "from kvoffload.kv.tiers.disk_worker import main; main()")
+
+
+def _worker_command(args: list[str]) -> list[str]:
+    """The worker's command line: an isolated interpreter that imports this process's kvoffload."""
+    return [sys.executable, "-I", "-c", _WORKER_BOOT, _package_root(kvoffload), _package_root(np), *args]
+
+
 def _worker_env() -> dict[str, str]:
-    """A worker's environment: ours, with this kvoffload's parent directory first on its path."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(kvoffload.__file__)))
+    """A worker's environment: ours (its PYTHON* variables are ignored under -I), with the cache
+    directory kvoffload uses for its compiled kernels made explicit."""
+    from kvoffload.paths import cache_root
+
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env["KVOFFLOAD_CACHE"] = cache_root()
     return env
 
 
@@ -59,35 +82,42 @@ class ProcessWorker:
     request — an attend or a read — in flight at a time, writes streamed beside it)."""
 
     def __init__(self, path: str, layout: BlockLayout, group: int, threads: int, io: WorkerIO,
-                 max_backlog: int = 32 << 20, native: bool = True) -> None:
+                 max_backlog: int = 32 << 20, native: bool = True, timeout: float = 60.0) -> None:
         self.path, self.layout, self.group, self.threads = path, layout, group, threads
         self.io, self.max_backlog, self.native = io, max_backlog, native
+        self.timeout = timeout                      # seconds a reply may take before the worker counts as hung
         self.backlog = 0                            # bytes in unacknowledged writes
         self.unacked: list[WriteBlocks] = []        # sent, not yet acknowledged: replayed after a restart
         self.request: tuple[str, object] | None = None
         self.restarts = 0
+        self.hung = 0                               # restarts because a reply did not come in time
         self._start()
 
     def _start(self) -> None:
-        # A fresh interpreter (not fork: the parent runs OpenMP threads; not multiprocessing's
-        # spawn: that re-imports the user's __main__), talking over a socket pair. -P: the
-        # working directory is not put on sys.path (no code from it is imported); the worker
-        # imports the same kvoffload as this process, wherever that was imported from.
+        # A fresh isolated interpreter (not fork: the parent runs OpenMP threads; not
+        # multiprocessing's spawn: that re-imports the user's __main__), talking over a socket
+        # pair, working in the offload directory (see _worker_command).
         mine, theirs = socket.socketpair()
-        cmd = [sys.executable, "-P", "-m", "kvoffload.kv.tiers.disk_worker", "--fd", str(theirs.fileno()),
-               "--path", self.path, "--layout", json.dumps(asdict(self.layout)), "--group", str(self.group),
-               "--threads", str(self.threads), "--io", json.dumps(asdict(self.io))] \
+        args = ["--fd", str(theirs.fileno()), "--path", self.path, "--layout", json.dumps(asdict(self.layout)),
+                "--group", str(self.group), "--threads", str(self.threads), "--io", json.dumps(asdict(self.io))] \
             + ([] if self.native else ["--no-native"])
-        # own session: a terminal Ctrl-C reaches only the main process, which closes the workers
-        self.proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
-                                     start_new_session=True, env=_worker_env())
+        # its stderr goes to a log beside its shard (read back when it fails to start)
+        log = self.path + ".log"
+        with open(log, "ab") as err:
+            # own session: a terminal Ctrl-C reaches only the main process, which closes the workers
+            self.proc = subprocess.Popen(_worker_command(args), pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                                         stderr=err, start_new_session=True, env=_worker_env(),
+                                         cwd=os.path.dirname(self.path) or None)
         theirs.close()
         self.conn = Connection(mine.detach())
         try:
             status, info = self._recv()
-        except ConnectionError:
-            raise WorkerError(f"disk worker for {self.path} exited while starting") from None
+        except ConnectionError as e:
+            self._stop()
+            why = _last_line(log) or str(e.__cause__ or e)
+            raise WorkerError(f"disk worker for {self.path} exited while starting: {why}") from None
         if status != "ok":
+            self._stop()
             raise WorkerError(info)
         self.pid = info
 
@@ -96,10 +126,23 @@ class ProcessWorker:
         return self.proc.poll() is None
 
     def _recv(self):
+        """The next reply; a worker that sends none within ``timeout`` seconds (stopped, hung)
+        is killed and counts as dead (the caller restarts it and replays)."""
         try:
-            return self.conn.recv()
+            answered = self.conn.poll(self.timeout)
+            if answered:
+                return self.conn.recv()
         except (EOFError, OSError) as e:
             raise ConnectionError("disk worker died") from e
+        self.hung += 1
+        self._stop()
+        raise ConnectionError(f"no answer within {self.timeout:g} s (--disk-worker-timeout)")
+
+    def _stop(self) -> None:
+        """Kill the process (whatever its state: a stopped one too) and reap it."""
+        if self.alive:
+            self.proc.kill()
+        self.proc.wait()
 
     def _send(self, msg) -> None:
         try:
@@ -163,10 +206,10 @@ class ProcessWorker:
     def _restart(self) -> None:
         self.restarts += 1
         if self.restarts > MAX_RESTARTS:
-            raise WorkerError(f"disk worker for {self.path} died {self.restarts} times")
-        if self.alive:
-            self.proc.kill()
-        self.proc.wait()
+            self._stop()
+            hung = f", {self.hung} of them hung (no answer within {self.timeout:g} s)" if self.hung else ""
+            raise WorkerError(f"disk worker for {self.path} failed {self.restarts} times{hung}")
+        self._stop()
         self.conn.close()
         self._start()
         for w in self.unacked:                      # replay, then the request in flight
@@ -181,9 +224,7 @@ class ProcessWorker:
                 self.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
-        if self.alive:
-            self.proc.kill()
-            self.proc.wait()
+        self._stop()
         self.conn.close()
 
 
@@ -243,6 +284,20 @@ class LocalWorker:
         self.server.close()
 
 
+def _last_line(path: str) -> str:
+    """The last non-empty line of a (small) log file, or ''."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+            lines = [ln.strip() for ln in f.read().decode("utf-8", "replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+_LOCKS: dict[str, int] = {}     # offload directory -> the fd holding its owner lock (for our lifetime)
+
+
 def _cleanup(workers: list[ProcessWorker], directory: str) -> None:
     for w in workers:
         try:
@@ -250,22 +305,96 @@ def _cleanup(workers: list[ProcessWorker], directory: str) -> None:
         except Exception:           # noqa: BLE001 - best effort at exit
             pass
     shutil.rmtree(directory, ignore_errors=True)
+    fd = _LOCKS.pop(directory, None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _lock_dir(directory: str) -> None:
+    """Lock ``directory`` for this process's lifetime: an exclusive flock on its LOCK_FILE
+    (written with our pid, for people), made under another name and renamed into place, so a
+    run that finds the file finds it locked. The kernel drops the lock when we die however we
+    die (SIGKILL too), and the fd is not inherited by the workers."""
+    tmp = os.path.join(directory, LOCK_FILE + ".new")
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.rename(tmp, os.path.join(directory, LOCK_FILE))
+    except OSError:
+        os.close(fd)
+        raise
+    _LOCKS[directory] = fd
+
+
+def remove_stale_dirs(base: str) -> list[str]:
+    """Remove the ``kvoffload-*`` directories in ``base`` that are ours and whose owner is gone
+    (their lock is free: the process was killed before it could clean up); returns them.
+    Directories without a lock file (being created, or made by an older kvoffload) are left."""
+    removed = []
+    try:
+        names = [n for n in os.listdir(base) if n.startswith("kvoffload-")]
+    except OSError:
+        return removed
+    for name in names:
+        d = os.path.join(base, name)
+        try:
+            st = os.lstat(d)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or d in _LOCKS:
+                continue
+            fd = os.open(os.path.join(d, LOCK_FILE), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue                # its owner is running
+        try:
+            shutil.rmtree(d, ignore_errors=True)
+        finally:
+            os.close(fd)
+        if not os.path.exists(d):
+            removed.append(d)
+    return removed
 
 
 def make_offload_dir(base: str | None, budget: int | None) -> str:
-    """A fresh private ``kvoffload-*`` directory inside ``base`` (default: the system temp dir)."""
-    base = base or tempfile.gettempdir()
-    if not os.path.isdir(base):
-        raise ConfigError(f"offload directory {base} does not exist")
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise ConfigError(f"offload directory {base} is not writable")
+    """A fresh private ``kvoffload-*`` directory inside ``base`` (default: the system temp dir),
+    locked for this process's lifetime; stale ones left there by killed runs are removed first."""
+    base = check_offload_base(base)
+    stale = remove_stale_dirs(base)
+    if stale:
+        print(f"kvoffload: removed {len(stale)} offload director{'y' if len(stale) == 1 else 'ies'} left by "
+              f"killed runs: {', '.join(stale)}", file=sys.stderr)
     free = shutil.disk_usage(base).free
     if budget is not None and budget > free:
         raise ConfigError(f"the disk tier's budget of {budget} bytes exceeds the {free} bytes free in {base}")
     try:
-        return tempfile.mkdtemp(prefix="kvoffload-", dir=base)
+        directory = tempfile.mkdtemp(prefix="kvoffload-", dir=base)
     except OSError as e:
         raise ConfigError(f"cannot create a directory in {base}: {e.strerror}") from None
+    try:
+        _lock_dir(directory)
+    except OSError:                 # a filesystem without flock: works, but is not reclaimed after a SIGKILL
+        for name in (LOCK_FILE, LOCK_FILE + ".new"):
+            try:
+                os.unlink(os.path.join(directory, name))
+            except OSError:
+                pass
+    return directory
+
+
+def check_offload_base(base: str | None) -> str:
+    """``--offload-dir`` (default: the system temp dir), checked: an existing, writable directory."""
+    base = base or tempfile.gettempdir()
+    if not os.path.exists(base):
+        raise ConfigError(f"offload directory {base} does not exist")
+    if not os.path.isdir(base):
+        raise ConfigError(f"offload directory {base} is not a directory")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ConfigError(f"offload directory {base} is not writable")
+    return base
 
 
 class DiskTier:
@@ -293,7 +422,7 @@ class DiskTier:
                                             ctx.threads, io, ctx.native))
         for i in range(kv.disk_workers):
             self.workers.append(ProcessWorker(os.path.join(self.directory, f"shard-{i}.kv"), lay, ctx.group,
-                                              per_worker, io, kv.disk_write_backlog, ctx.native))
+                                              per_worker, io, kv.disk_write_backlog, ctx.native, kv.disk_worker_timeout))
         self._writes: dict[int, list[tuple[np.ndarray, bytes]]] = {}
         self._split: list[tuple[int, np.ndarray]] | None = None      # the request in flight, per shard
 

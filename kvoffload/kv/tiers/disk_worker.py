@@ -3,8 +3,9 @@ owns one shard file of page-aligned slots; a request brings the queries and the 
 attend; the worker reads their blocks (aligned, O_DIRECT) in batches, attends each batch while
 the next is read, and sends back only the items' partial outputs and their log-sum-exps.
 
-This module runs inside the worker (``python -P -m kvoffload.kv.tiers.disk_worker``): it
-imports numpy and the native kernel's binding, never torch. Its state is its file: the main
+This module runs inside the worker (an isolated interpreter, ``python -I``, started by
+kv/tiers/disk.py, which calls :func:`main`): it imports numpy and the native kernel's binding,
+never torch. Its state is its file: the main
 process keeps the block tables and every write the worker has not acknowledged, so a worker
 that dies is restarted from its file and the lost request replayed (kv/tiers/disk.py).
 """

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -85,3 +85,34 @@ def _check_shapes(cfg: ModelConfig, sd: dict[str, torch.Tensor], source: str) ->
         if name in sd and tuple(sd[name].shape) != shape:
             raise ModelLoadError(f"{source}: tensor {name} has shape {tuple(sd[name].shape)}, "
                                  f"config implies {shape}")
+
+
+MISSING = object()
+
+
+def header_value(raw: Mapping[str, Any], key: str, kind: type, where: str, default: Any = MISSING,
+                 minimum: float | None = None, name: str | None = None) -> Any:
+    """``raw[key]`` checked to be a ``kind`` (int or float; a JSON null or an absent key takes
+    ``default``), at least ``minimum``; a one-line :class:`ModelLoadError` naming ``where`` and
+    the field otherwise."""
+    import math
+    import numbers
+
+    name = name or key
+    value = raw.get(key) if isinstance(raw, Mapping) else None
+    if value is None:
+        if default is MISSING:
+            raise ModelLoadError(f"{where} lacks {name!r}" if key not in raw else f"{where}: {name} is null")
+        return default
+    if kind is int:
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        what = "an integer"
+    else:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+        what = "a finite number"
+    if not ok:
+        raise ModelLoadError(f"{where}: {name} must be {what}, got {value!r:.40}")
+    value = kind(value)
+    if minimum is not None and value < minimum:
+        raise ModelLoadError(f"{where}: {name} must be >= {minimum:g}, got {value}")
+    return value

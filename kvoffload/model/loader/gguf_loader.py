@@ -10,7 +10,8 @@ import torch
 
 from kvoffload.config import ModelConfig, RopeScaling
 from kvoffload.errors import ModelLoadError
-from kvoffload.model.loader.common import LoadedCheckpoint, build_state_dict, check_arch
+from kvoffload.errors import ConfigError
+from kvoffload.model.loader.common import LoadedCheckpoint, MISSING, build_state_dict, check_arch, header_value
 from kvoffload.model.loader.gguf_file import GGUFFile
 
 # GGUF per-layer tensor name -> Hugging Face name suffix
@@ -60,39 +61,40 @@ def config_from_gguf(meta: dict[str, Any], freq_factors: np.ndarray | None, path
         raise ModelLoadError(f"{path}: GGUF has no general.architecture")
     check_arch(arch, path)
 
-    def g(key: str, default: Any = None) -> Any:
-        v = meta.get(f"{arch}.{key}", default)
-        if v is None:
-            raise ModelLoadError(f"{path}: GGUF lacks {arch}.{key}")
-        return v
+    def g(key: str, kind: type = int, default: Any = MISSING, minimum: float | None = 1) -> Any:
+        return header_value(meta, f"{arch}.{key}", kind, path, default, minimum)
 
-    heads = int(g("attention.head_count"))
-    hidden = int(g("embedding_length"))
-    vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or [])
+    heads = g("attention.head_count")
+    hidden = g("embedding_length")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    vocab = meta.get(f"{arch}.vocab_size") or (len(tokens) if isinstance(tokens, (list, tuple)) else 0)
     scaling = None
     scale_type = meta.get(f"{arch}.rope.scaling.type")
     if freq_factors is not None:
         scaling = RopeScaling("llama3", freq_factors=tuple(float(x) for x in freq_factors))
     elif scale_type == "linear":
-        scaling = RopeScaling("linear", factor=float(g("rope.scaling.factor")))
+        scaling = RopeScaling("linear", factor=g("rope.scaling.factor", float, minimum=1e-9))
     elif scale_type not in (None, "none"):
-        raise ModelLoadError(f"{path}: unsupported rope scaling {scale_type!r}")
-    return ModelConfig(
-        arch=arch,
-        vocab_size=int(vocab),
-        hidden_size=hidden,
-        intermediate_size=int(g("feed_forward_length")),
-        num_layers=int(g("block_count")),
-        num_heads=heads,
-        num_kv_heads=int(g("attention.head_count_kv", heads)),
-        head_dim=int(g("attention.key_length", hidden // heads)),
-        rms_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(g("rope.freq_base", 10000.0)),
-        rope_scaling=scaling,
-        max_position=int(g("context_length", 4096)),
-        tie_embeddings=False,          # decided from the tensors below
-        qkv_bias=False,
-    )
+        raise ModelLoadError(f"{path}: unsupported rope scaling {scale_type!r:.40}")
+    try:
+        return ModelConfig(
+            arch=arch,
+            vocab_size=header_value({"vocab_size": vocab}, "vocab_size", int, path, minimum=1, name=f"{arch}.vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=g("feed_forward_length"),
+            num_layers=g("block_count"),
+            num_heads=heads,
+            num_kv_heads=g("attention.head_count_kv", default=heads),
+            head_dim=g("attention.key_length", default=hidden // heads),
+            rms_eps=g("attention.layer_norm_rms_epsilon", float, 1e-5, minimum=0),
+            rope_theta=g("rope.freq_base", float, 10000.0, minimum=1e-9),
+            rope_scaling=scaling,
+            max_position=g("context_length", default=4096, minimum=2),
+            tie_embeddings=False,          # decided from the tensors below
+            qkv_bias=False,
+        )
+    except ConfigError as e:
+        raise ModelLoadError(f"{path}: {e}") from None
 
 
 def model_config(f: GGUFFile) -> ModelConfig:

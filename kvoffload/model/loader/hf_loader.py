@@ -11,53 +11,68 @@ import torch
 
 from kvoffload.config import ModelConfig, RopeScaling
 from kvoffload.errors import ModelLoadError
-from kvoffload.model.loader.common import LoadedCheckpoint, build_state_dict, check_arch
+from kvoffload.errors import ConfigError
+from kvoffload.model.loader.common import LoadedCheckpoint, build_state_dict, check_arch, header_value
 
 
-def _rope_scaling(cfg: dict[str, Any], path: str) -> tuple[float, RopeScaling | None]:
+def _rope_scaling(cfg: dict[str, Any], where: str) -> tuple[float, RopeScaling | None]:
     # transformers >= 5 writes `rope_parameters`; older configs `rope_theta` + `rope_scaling`
-    params = dict(cfg.get("rope_parameters") or {})
-    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    params = cfg.get("rope_parameters") or {}
     scaling = cfg.get("rope_scaling") or params
+    for key, v in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if not isinstance(v, dict):
+            raise ModelLoadError(f"{where}: {key} must be an object, got {v!r:.40}")
+    theta = header_value(params, "rope_theta", float, where, header_value(cfg, "rope_theta", float, where, 10000.0),
+                         minimum=1e-9)
     kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
     if kind in ("default", None):
         return theta, None
     if kind == "linear":
-        return theta, RopeScaling("linear", factor=float(scaling["factor"]))
+        return theta, RopeScaling("linear", factor=header_value(scaling, "factor", float, where, minimum=1e-9,
+                                                                name="rope_scaling.factor"))
     if kind == "llama3":
+        def f(key: str, default: Any, kind: type = float) -> Any:
+            return header_value(scaling, key, kind, where, default, minimum=0, name=f"rope_scaling.{key}")
         return theta, RopeScaling(
-            "llama3", factor=float(scaling["factor"]),
-            low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
-            high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
-            original_max_position=int(scaling.get("original_max_position_embeddings", 8192)))
-    raise ModelLoadError(f"{path}: unsupported rope scaling {kind!r} (supported: linear, llama3)")
+            "llama3", factor=header_value(scaling, "factor", float, where, minimum=1e-9, name="rope_scaling.factor"),
+            low_freq_factor=f("low_freq_factor", 1.0), high_freq_factor=f("high_freq_factor", 4.0),
+            original_max_position=f("original_max_position_embeddings", 8192, int))
+    raise ModelLoadError(f"{where}: unsupported rope scaling {kind!r:.40} (supported: linear, llama3)")
 
 
 def config_from_hf(cfg: dict[str, Any], path: str) -> ModelConfig:
+    """config.json -> ModelConfig, each field checked (type, range) and named in the error."""
+    where = f"{path}/config.json"
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"{where}: expected a JSON object, got a {type(cfg).__name__}")
     arch = cfg.get("model_type", "?")
-    check_arch(arch, path)
+    check_arch(arch if isinstance(arch, str) else repr(arch), path)
+
+    def get(key: str, kind: type = int, **kw) -> Any:
+        return header_value(cfg, key, kind, where, **kw)
+
+    heads = get("num_attention_heads", minimum=1)
+    hidden = get("hidden_size", minimum=1)
+    theta, scaling = _rope_scaling(cfg, where)
     try:
-        heads = int(cfg["num_attention_heads"])
-        hidden = int(cfg["hidden_size"])
-        theta, scaling = _rope_scaling(cfg, path)
         return ModelConfig(
             arch=arch,
-            vocab_size=int(cfg["vocab_size"]),
+            vocab_size=get("vocab_size", minimum=1),
             hidden_size=hidden,
-            intermediate_size=int(cfg["intermediate_size"]),
-            num_layers=int(cfg["num_hidden_layers"]),
+            intermediate_size=get("intermediate_size", minimum=1),
+            num_layers=get("num_hidden_layers", minimum=1),
             num_heads=heads,
-            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
-            rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            num_kv_heads=get("num_key_value_heads", default=heads, minimum=1),
+            head_dim=get("head_dim", default=hidden // heads, minimum=1),
+            rms_eps=get("rms_norm_eps", float, default=1e-6, minimum=0),
             rope_theta=theta,
             rope_scaling=scaling,
-            max_position=int(cfg.get("max_position_embeddings", 4096)),
+            max_position=get("max_position_embeddings", default=4096, minimum=2),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
         )
-    except KeyError as e:
-        raise ModelLoadError(f"{path}/config.json lacks {e.args[0]!r}") from None
+    except ConfigError as e:
+        raise ModelLoadError(f"{where}: {e}") from None
 
 
 def read_hf_config(path: str) -> ModelConfig:
@@ -65,7 +80,7 @@ def read_hf_config(path: str) -> ModelConfig:
     try:
         with open(cfg_path) as f:
             raw = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ModelLoadError(f"{cfg_path}: unreadable ({e})") from None
     return config_from_hf(raw, path)
 

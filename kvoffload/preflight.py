@@ -1,0 +1,59 @@
+"""Checks that need no model weights, run before the (10-20 s) model load so that a wrong flag
+fails at once: the sparse policies' names, the KV tiers' names, the offload directory, and each
+tier's budget against one KV chunk (from the checkpoint's header only)."""
+
+from __future__ import annotations
+
+from kvoffload.config import EngineConfig
+
+
+def preflight(config: EngineConfig, device_type: str, dtype: str) -> None:
+    """Raise the one-line error the engine would raise after loading (``dtype``: the compute
+    dtype in use, ``auto`` resolved)."""
+    from kvoffload.kv.layout import BlockLayout
+    from kvoffload.kv.tiers.disk import check_offload_base
+    from kvoffload.kv.tiers.protocol import TierSpec, chunk_capacity
+    from kvoffload.kv.tiers.registry import tier_class
+    from kvoffload.model.loading import read_config
+    from kvoffload.model.registry import resolve_model
+    from kvoffload.sparse import policy_class
+
+    if config.sparse.enabled:
+        policy_class(config.sparse.sparse_policy)
+    if config.spec.enabled and config.spec.spec_draft_policy != "dense":
+        policy_class(config.spec.spec_draft_policy)
+    kv = config.kv
+    if not kv.tiered:
+        return
+    tiers = kv.tier_list(device_type)
+    for name, budget in tiers:
+        tier_class(name)
+        if name == "disk" and budget != 0:
+            check_offload_base(kv.offload_dir)
+    cfg = read_config(resolve_model(config.model, config.cache_dir))        # the header only
+    lay = BlockLayout(kv.block_size, cfg.num_kv_heads, cfg.head_dim, config.kv_dtype or dtype, kv.chunk_blocks)
+    for name, budget in tiers:
+        chunk_capacity(TierSpec(name, budget), kv.chunk_blocks * (lay.disk_stride if name == "disk" else lay.slot_bytes))
+
+
+def preflight_chat_template(config: EngineConfig) -> None:
+    """The model's chat template parses (read from the GGUF header or the HF directory; the
+    weights are not read). A template that fails only when rendered is reported at render time."""
+    import os
+    from pathlib import Path
+
+    from kvoffload.model.loader.gguf_file import GGUFFile
+    from kvoffload.model.registry import resolve_model
+    from kvoffload.model.tokenizer import FALLBACK_CHAT_TEMPLATE, TokenizerError, _hf_chat_template, _jinja_env, _read_json
+
+    path = resolve_model(config.model, config.cache_dir)
+    if os.path.isdir(path):
+        template = _hf_chat_template(Path(path), _read_json(Path(path) / "tokenizer_config.json", missing_ok=True))
+    else:
+        template = GGUFFile(path).metadata.get("tokenizer.chat_template")
+    import jinja2
+
+    try:
+        _jinja_env().from_string(str(template) if template is not None else FALLBACK_CHAT_TEMPLATE)
+    except jinja2.TemplateSyntaxError as exc:
+        raise TokenizerError(f"chat template does not parse: {exc}") from None
