@@ -168,13 +168,14 @@ class TieredBackend:
         first, chunk = self.layout.chunk_runs(blocks)
         item_tier = tiers[blocks[first[:-1]]] if len(chunk) else np.zeros(0, np.int64)
         counts = np.diff(first)
+        block_tier = np.repeat(item_tier, counts)                               # [len(blocks)]
         out = []
         for t in range(len(self.tiers)):
             pick = np.nonzero(item_tier == t)[0]
             if len(pick) == 0:
                 out.append(None)
                 continue
-            bidx = np.concatenate([np.arange(first[i], first[i + 1]) for i in pick])
+            bidx = np.nonzero(block_tier == t)[0]                               # its items' blocks, in order
             out.append((chunk[pick], counts[pick], slots[blocks[bidx]], None if masks is None else masks[bidx]))
         if sel is None:
             self._items[(seq_id, layer)] = (self.store.placement.stamp.get((seq_id, layer), 0), out)

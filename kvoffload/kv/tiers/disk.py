@@ -482,15 +482,18 @@ class DiskTier:
         if req.num_items == 0:
             return []
         shard, local = self._where(req.slots)
+        q = req.q.numpy() if isinstance(req.q, torch.Tensor) else req.q
+        if len(self.workers) == 1:                           # one shard: the request as it is
+            return [(0, np.arange(req.num_items), AttendRequest(req.layer, q, req.seq, req.first, local, req.masks))]
         item_shard = shard[req.first[:-1]]                   # a chunk's blocks are all in one shard
+        block_shard = np.repeat(item_shard, np.diff(req.first))
         out = []
         for w in np.unique(item_shard):
             items = np.nonzero(item_shard == w)[0]
             counts = req.first[items + 1] - req.first[items]
             first = np.zeros(len(items) + 1, np.int64)
             np.cumsum(counts, out=first[1:])
-            blocks = np.concatenate([np.arange(req.first[i], req.first[i + 1]) for i in items])
-            q = req.q.numpy() if isinstance(req.q, torch.Tensor) else req.q
+            blocks = np.nonzero(block_shard == w)[0]         # its items' blocks, in order
             sub = AttendRequest(req.layer, q, req.seq[items], first, local[blocks],
                                 None if req.masks is None else req.masks[blocks])
             out.append((int(w), items, sub))
