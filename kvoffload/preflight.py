@@ -44,7 +44,13 @@ def preflight_chat_template(config: EngineConfig) -> None:
 
     from kvoffload.model.loader.gguf_file import GGUFFile
     from kvoffload.model.registry import resolve_model
-    from kvoffload.model.tokenizer import FALLBACK_CHAT_TEMPLATE, TokenizerError, _hf_chat_template, _jinja_env, _read_json
+    from kvoffload.model.tokenizer import (
+        FALLBACK_CHAT_TEMPLATE,
+        TokenizerError,
+        _hf_chat_template,
+        _jinja_env,
+        _read_json,
+    )
 
     path = resolve_model(config.model, config.cache_dir)
     if os.path.isdir(path):

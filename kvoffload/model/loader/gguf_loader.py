@@ -9,9 +9,14 @@ import numpy as np
 import torch
 
 from kvoffload.config import ModelConfig, RopeScaling
-from kvoffload.errors import ModelLoadError
-from kvoffload.errors import ConfigError
-from kvoffload.model.loader.common import LoadedCheckpoint, MISSING, build_state_dict, check_arch, header_value
+from kvoffload.errors import ConfigError, ModelLoadError
+from kvoffload.model.loader.common import (
+    MISSING,
+    LoadedCheckpoint,
+    build_state_dict,
+    check_arch,
+    header_value,
+)
 from kvoffload.model.loader.gguf_file import GGUFFile
 
 # GGUF per-layer tensor name -> Hugging Face name suffix

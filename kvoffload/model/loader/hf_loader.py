@@ -10,9 +10,13 @@ from typing import Any
 import torch
 
 from kvoffload.config import ModelConfig, RopeScaling
-from kvoffload.errors import ModelLoadError
-from kvoffload.errors import ConfigError
-from kvoffload.model.loader.common import LoadedCheckpoint, build_state_dict, check_arch, header_value
+from kvoffload.errors import ConfigError, ModelLoadError
+from kvoffload.model.loader.common import (
+    LoadedCheckpoint,
+    build_state_dict,
+    check_arch,
+    header_value,
+)
 
 
 def _rope_scaling(cfg: dict[str, Any], where: str) -> tuple[float, RopeScaling | None]:
