@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
@@ -95,9 +97,9 @@ class LLM:
     # ---------------------------------------------------------------- prompts
     def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
         if isinstance(prompt, list):
-            if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt):
                 raise ConfigTypeError("prompt must be a string or a list of int token ids")
-            return prompt
+            return [int(t) for t in prompt]                   # numpy integers too
         if not isinstance(prompt, str):
             raise ConfigTypeError(f"prompt must be a string or a list of int token ids, got {type(prompt).__name__}")
         try:

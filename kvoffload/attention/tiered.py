@@ -349,16 +349,22 @@ class TieredBackend:
         return o
 
     def _prefetch_next(self, layer: int, batch: ForwardBatch, q_rows: torch.Tensor) -> None:
-        """Tell the tiers the next layer's items, so a disk tier reads them while this layer and
-        the next one's projections compute: all its chunks when it is dense (known before its
-        query is); when it is sparse, what its policy would choose for this layer's query q_rows
+        """Tell the tiers the next layer's items (after the last layer: the next step's first
+        layer's), so a disk tier reads them while this layer and the next one's projections
+        compute: all its chunks when it is dense (known before its query is); when it is sparse, what its policy would choose for this layer's query q_rows
         ``[B, H, D]`` (a guess: the next layer attends what its own selection chooses; blocks
         the guess missed are read then)."""
         nxt = layer + 1
-        if nxt >= self.cfg.num_layers or not any(t.prefetches for t in self.tiers):
+        if not any(t.prefetches for t in self.tiers):
             return
+        wrap = nxt == self.cfg.num_layers
+        if wrap:
+            # the next step's first layer: its chunks are this step's unless a block fills
+            # meanwhile (then the new block is read on demand); a guess would come from another
+            # layer's query, so a sparse first layer is not read ahead
+            nxt = 0
         if self.policy is not None and self.policy.sparse(nxt):
-            if not self.policy.cfg.sparse_prefetch:
+            if wrap or not self.policy.cfg.sparse_prefetch:
                 return
             guess = self.policy.predict_batch(nxt, batch.seq_ids, q_rows, batch.starts)
             reqs = [r for r in self._requests(nxt, batch.seq_ids, None, guess) if r is not None]
