@@ -207,6 +207,19 @@ def test_wrong_types_name_the_field(dense, call, words):   # noqa: F811
     assert isinstance(e.value, TypeError) and dense.engine.seqs == {}
 
 
+def test_token_ids_may_be_numpy_integers(dense):   # noqa: F811
+    """Token ids from numpy (``list(np.array(...))``) are ids like Python ints; floats and
+    booleans are not."""
+    import numpy as np
+
+    ids = dense.encode("hello world")
+    p = SamplingParams(max_tokens=3)
+    assert dense.generate([list(np.array(ids))], p)[0].token_ids == dense.generate([ids], p)[0].token_ids
+    for bad in ([1.0, 2.0], [True, 3]):
+        with pytest.raises(ConfigTypeError, match="token ids"):
+            dense.generate([bad], p)
+
+
 def test_generate_after_close_is_a_clear_error(tiny_hf):
     from kvoffload import LLM
 
