@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 from test_cli import assert_one_line_error, kvo
 from test_tiered import (  # tests/attention and tests/ are on pytest's path
-    PROMPTS,
+    decode_with_fault,
     dense,  # noqa: F401  (a fixture)
-    tiered_engine,
 )
 
 from kvoffload import SamplingParams
@@ -65,22 +64,14 @@ def test_worker_imports_nothing_from_the_working_directory_or_environment(tmp_pa
 
 
 def test_hung_worker_is_restarted_output_unchanged(dense):   # noqa: F811
-    params = SamplingParams(max_tokens=16, ignore_eos=True)
-    ref = [o.token_ids for o in dense.generate(PROMPTS, params)]
-    eng = tiered_engine(dense, kv_tiers="disk:none", disk_workers=2, disk_worker_timeout=1.0)
-    tier = eng.kv.tiers[0]
-    try:
-        ids = [eng.add_request(dense.encode(p), params) for p in PROMPTS]
-        steps = 0
-        while eng.has_unfinished():
-            eng.step()
-            steps += 1
-            if steps == 8:                                # mid-decode: the worker stops answering
-                os.kill(tier.workers[1].proc.pid, signal.SIGSTOP)
-        assert [eng.pop_finished(i).output_ids for i in ids] == ref
-        assert tier.restarts == 1 and tier.workers[1].hung == 1
-    finally:
-        eng.kv.close()
+    def stop(steps, tier):
+        if steps == 8:                                    # mid-decode: the worker stops answering
+            os.kill(tier.workers[1].proc.pid, signal.SIGSTOP)
+
+    ref, got, tier = decode_with_fault(dense, SamplingParams(max_tokens=16, ignore_eos=True), stop,
+                                       disk_workers=2, disk_worker_timeout=1.0)
+    assert got == ref
+    assert tier.restarts == 1 and tier.workers[1].hung == 1
 
 
 def test_hung_worker_past_the_restart_limit_is_one_error(tmp_path, monkeypatch):

@@ -31,6 +31,24 @@ def tiered_engine(llm: LLM, native: bool = True, kv_dtype: torch.dtype = torch.f
     return Engine(llm.model, backend, llm.tokenizer, llm.config.replace(kv=kvcfg), llm.device)
 
 
+def decode_with_fault(llm: LLM, params, fault, **kv) -> tuple[list[list[int]], list[list[int]], object]:
+    """PROMPTS generated in memory (the reference) and through a disk-tiered engine whose step
+    loop calls ``fault(steps, disk_tier)`` after every step: (reference, got, the disk tier)."""
+    ref = [o.token_ids for o in llm.generate(PROMPTS, params)]
+    eng = tiered_engine(llm, kv_tiers="disk:none", **kv)
+    tier = eng.kv.tiers[0]
+    try:
+        ids = [eng.add_request(llm.encode(p), params) for p in PROMPTS]
+        steps = 0
+        while eng.has_unfinished():
+            eng.step()
+            steps += 1
+            fault(steps, tier)
+        return ref, [eng.pop_finished(i).output_ids for i in ids], tier
+    finally:
+        eng.kv.close()
+
+
 def forced_logits(engine: Engine, ids: list[int], prompt_len: int) -> torch.Tensor:
     """Prefill ids[:prompt_len] in chunks, then decode the rest one token per step: ``[T, V]``."""
     rows = []

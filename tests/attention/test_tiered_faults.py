@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 from test_cli import assert_one_line_error, kvo
 from test_tiered import (  # tests/attention and tests/ are on pytest's path
-    PROMPTS,
+    decode_with_fault,
     dense,  # noqa: F401  (a fixture)
-    tiered_engine,
 )
 
 from kvoffload import SamplingParams
@@ -24,26 +23,16 @@ from kvoffload.kv.layout import BlockLayout
 from kvoffload.kv.tiers.disk_worker import DiskIOError, DiskShard, aligned_buffer
 
 
-def test_killed_disk_worker_is_restarted_output_unchanged(dense):
-    params = SamplingParams(max_tokens=24, ignore_eos=True)
-    ref = [o.token_ids for o in dense.generate(PROMPTS, params)]
-    eng = tiered_engine(dense, kv_tiers="disk:none", disk_workers=2)
-    disk = eng.kv.tiers[0]
-    try:
-        ids = [eng.add_request(dense.encode(p), params) for p in PROMPTS]
-        steps = 0
-        while eng.has_unfinished():
-            eng.step()
-            steps += 1
-            if steps in (8, 15):                      # mid-decode, each worker once
-                victim = disk.workers[steps % 2]
-                os.kill(victim.proc.pid, signal.SIGKILL)
-                victim.proc.wait()
-        got = [eng.pop_finished(i).output_ids for i in ids]
-        assert got == ref
-        assert disk.restarts == 2
-    finally:
-        eng.kv.close()
+def test_killed_disk_worker_is_restarted_output_unchanged(dense):   # noqa: F811
+    def kill(steps, disk):
+        if steps in (8, 15):                          # mid-decode, each worker once
+            victim = disk.workers[steps % 2]
+            os.kill(victim.proc.pid, signal.SIGKILL)
+            victim.proc.wait()
+
+    ref, got, disk = decode_with_fault(dense, SamplingParams(max_tokens=24, ignore_eos=True), kill, disk_workers=2)
+    assert got == ref
+    assert disk.restarts == 2
 
 
 def test_disk_full_is_a_clear_error():
