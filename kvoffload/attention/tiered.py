@@ -114,7 +114,9 @@ class TieredBackend:
         tiers = build_tiers(specs, ctx)
         if not tiers:
             raise ConfigError("every KV tier has a budget of 0: nowhere to put the KV")
-        self.store = BlockStore(tiers, ctx, cfg.num_layers, kv.kv_sink_tokens, kv.kv_recent_tokens)
+        # a sparse policy's dense layers read their whole KV every step: they leave the fast tiers last
+        hot = frozenset(i for i in range(cfg.num_layers) if not policy.sparse(i)) if policy is not None else frozenset()
+        self.store = BlockStore(tiers, ctx, cfg.num_layers, kv.kv_sink_tokens, kv.kv_recent_tokens, hot)
         self.tiers = tiers
         self.kernel = paged_kernel(ctx, device)          # the tails' (and the merge's) native kernel
         self.tail_counters = TierCounters()

@@ -6,8 +6,12 @@ The unit is the chunk (``chunk_blocks`` consecutive blocks of one (sequence, lay
 blocks all live in one tier, in consecutive slots. A new chunk goes to the fastest tier with
 room; if that tier is full, its oldest chunk that is neither a sink chunk (it holds attention
 sink tokens) nor touched by the recent window is demoted one tier down (recursively), so sinks
-and recent tokens stay fast. If a tier has nothing left to demote, the new chunk goes to the
-next tier. When every tier is full the request cannot proceed (:class:`KVBudgetExceeded`).
+and recent tokens stay fast. Chunks of *hot* layers (read whole at every decode step while the
+others are read in part: the dense layers of a sparse policy) are demoted only when a tier has
+no other chunk to demote — per byte they are read many times more often (FlexGen's placement
+by access frequency, at chunk granularity). If a tier has nothing left to demote, the new chunk
+goes to the next tier. When every tier is full the request cannot proceed
+(:class:`KVBudgetExceeded`).
 """
 
 from __future__ import annotations
@@ -57,16 +61,24 @@ class Move:
 
 class Placement:
     """Chunk tables of every sequence (per layer: chunk index -> :class:`Loc`), blocks placed
-    per (sequence, layer), and per tier the chunks it may demote (oldest first)."""
+    per (sequence, layer), and per tier the chunks it may demote (oldest first; those of
+    ``hot_layers`` after all others)."""
 
-    def __init__(self, tiers: list[ChunkAllocator], chunk_blocks: int, sink_chunks: int, recent_blocks: int) -> None:
+    def __init__(self, tiers: list[ChunkAllocator], chunk_blocks: int, sink_chunks: int, recent_blocks: int,
+                 hot_layers: frozenset[int] = frozenset()) -> None:
         self.tiers, self.cb = tiers, chunk_blocks
         self.sink_chunks, self.recent_blocks = sink_chunks, recent_blocks
+        self.hot_layers = hot_layers
         self.tables: dict[int, list[list[Loc]]] = {}
         self.blocks: dict[int, list[int]] = {}              # seq -> per layer full blocks placed
         self.evictable: list[OrderedDict[Key, None]] = [OrderedDict() for _ in tiers]
+        self.evictable_hot: list[OrderedDict[Key, None]] = [OrderedDict() for _ in tiers]
         self._marked: dict[tuple[int, int], int] = {}       # (seq, layer) -> chunks made evictable
         self.stamp: dict[tuple[int, int], int] = {}         # (seq, layer) -> changes so far (caches)
+
+    def _queue(self, tier: int, layer: int) -> OrderedDict[Key, None]:
+        """Where a demotable chunk of ``layer`` in ``tier`` waits."""
+        return (self.evictable_hot if layer in self.hot_layers else self.evictable)[tier]
 
     def add_seq(self, seq_id: int, num_layers: int) -> None:
         self.tables[seq_id] = [[] for _ in range(num_layers)]
@@ -76,7 +88,7 @@ class Placement:
         for layer, locs in enumerate(self.tables.pop(seq_id, [])):
             for c, loc in enumerate(locs):
                 self.tiers[loc.tier].release(loc.chunk)
-                self.evictable[loc.tier].pop((seq_id, layer, c), None)
+                self._queue(loc.tier, layer).pop((seq_id, layer, c), None)
             self.stamp.pop((seq_id, layer), None)
             self._marked.pop((seq_id, layer), None)
         self.blocks.pop(seq_id, None)
@@ -102,7 +114,7 @@ class Placement:
         done = self._marked.get((seq_id, layer), self.sink_chunks)
         locs = self.tables[seq_id][layer]
         for c in range(max(done, self.sink_chunks), ready):
-            self.evictable[locs[c].tier][(seq_id, layer, c)] = None
+            self._queue(locs[c].tier, layer)[(seq_id, layer, c)] = None
         self._marked[(seq_id, layer)] = max(done, ready)
 
     def drop_from(self, seq_id: int, layer: int, n: int) -> None:
@@ -114,11 +126,11 @@ class Placement:
             c = len(locs) - 1
             loc = locs.pop()
             self.tiers[loc.tier].release(loc.chunk)
-            self.evictable[loc.tier].pop((seq_id, layer, c), None)
+            self._queue(loc.tier, layer).pop((seq_id, layer, c), None)
         self.blocks[seq_id][layer] = n
         ready = max(0, n - self.recent_blocks) // self.cb
         for c in range(ready, len(locs)):                   # back in the recent window
-            self.evictable[locs[c].tier].pop((seq_id, layer, c), None)
+            self._queue(locs[c].tier, layer).pop((seq_id, layer, c), None)
         self._marked[(seq_id, layer)] = max(self.sink_chunks, ready)
         self._touch(seq_id, layer)
 
@@ -131,8 +143,9 @@ class Placement:
             tier = self.tiers[t]
             if tier.has_room():
                 return Loc(t, tier.alloc())
-            if self.evictable[t] and t + 1 < len(self.tiers):
-                vkey, _ = self.evictable[t].popitem(last=False)
+            queue = self.evictable[t] or self.evictable_hot[t]      # cold chunks go first
+            if queue and t + 1 < len(self.tiers):
+                vkey, _ = queue.popitem(last=False)
                 vsid, vlayer, vc = vkey
                 src = self.tables[vsid][vlayer][vc]
                 dst = self._room(t + 1, moves)               # deeper moves are listed first
@@ -140,7 +153,7 @@ class Placement:
                 self.tables[vsid][vlayer][vc] = dst
                 self._touch(vsid, vlayer)
                 tier.release(src.chunk)
-                self.evictable[dst.tier][vkey] = None
+                self._queue(dst.tier, vlayer)[vkey] = None
                 return Loc(t, tier.alloc())
         raise KVBudgetExceeded(self._full_message())
 

@@ -69,6 +69,24 @@ def test_budgets_hold_and_data_follows_moves():
     assert [t.used for t in p.tiers] == [3, 5, 2 * 2 * 5 - 8]
 
 
+def test_hot_layers_leave_the_fast_tier_last():
+    """The chunks of a hot layer (a sparse policy's dense layer, read whole every step) are
+    demoted only when the tier has no other chunk to demote; data still follows every move."""
+    p = Placement([FakeTier(n, c) for n, c in zip(("host", "disk"), (8, None))], CB, 0, 0, frozenset({0}))
+    simulate(p, [0], 2, 8)                         # 2 layers x 4 chunks: 8 chunks fit in host
+    assert all(loc.tier == 0 for layer in (0, 1) for loc in p.tables[0][layer])
+    simulate_more = [p.place_block(0, 1) for _ in range(4)]                 # 2 more chunks of layer 1
+    assert all(loc.tier == 0 for loc in p.tables[0][0])                     # layer 0 stays
+    assert [loc.tier for loc in p.tables[0][1]] == [1, 1, 0, 0, 0, 0]       # layer 1's oldest went down
+    assert all(not m for m, _, _ in simulate_more[1::2])
+    cold = make([4, None], sink=0, recent=0)
+    simulate(cold, [0], 2, 8)                      # without hot layers both layers spill alike
+    assert {loc.tier for loc in cold.tables[0][0]} == {0, 1}
+    hot = Placement([FakeTier(n, c) for n, c in zip(("host", "disk"), (2, None))], CB, 0, 0, frozenset({0}))
+    simulate(hot, [0], 1, 8)                       # only hot chunks: they are demoted oldest first
+    assert [loc.tier for loc in hot.tables[0][0]] == [1, 1, 0, 0]
+
+
 def test_sinks_and_recent_stay_fast():
     p = make([4, None, None], sink=1, recent=2)
     simulate(p, [0], 2, 12)
