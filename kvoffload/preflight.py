@@ -33,7 +33,7 @@ def preflight(config: EngineConfig, device_type: str, dtype: str) -> None:
     cfg = read_config(resolve_model(config.model, config.cache_dir))        # the header only
     lay = BlockLayout(kv.block_size, cfg.num_kv_heads, cfg.head_dim, config.kv_dtype or dtype, kv.chunk_blocks)
     for name, budget in tiers:
-        chunk_capacity(TierSpec(name, budget), kv.chunk_blocks * (lay.disk_stride if name == "disk" else lay.slot_bytes))
+        chunk_capacity(TierSpec(name, budget), tier_class(name).chunk_bytes(lay))
 
 
 def preflight_chat_template(config: EngineConfig) -> None:

@@ -403,10 +403,15 @@ class DiskTier:
     medium = "disk"
     prefetches = True
 
+    @staticmethod
+    def chunk_bytes(layout: BlockLayout) -> int:
+        """Bytes one chunk takes of the budget (page-aligned slots)."""
+        return layout.chunk_blocks * layout.disk_stride
+
     def __init__(self, spec: TierSpec, ctx: TierContext) -> None:
         lay, kv = ctx.layout, ctx.kv
         self.name, self.budget, self.ctx = spec.name, spec.budget, ctx
-        self.capacity = chunk_capacity(spec, lay.chunk_blocks * lay.disk_stride)
+        self.capacity = chunk_capacity(spec, self.chunk_bytes(lay))
         self.pool = ChunkPool(self.capacity)
         self.counters = TierCounters()
         self.directory = make_offload_dir(kv.offload_dir, spec.budget)

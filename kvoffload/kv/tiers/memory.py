@@ -129,10 +129,15 @@ class MemoryTier:
     medium = "memory"
     prefetches = False
 
+    @staticmethod
+    def chunk_bytes(layout: BlockLayout) -> int:
+        """Bytes one chunk takes of the budget (slots back to back)."""
+        return layout.chunk_blocks * layout.slot_bytes
+
     def __init__(self, spec: TierSpec, ctx: TierContext, where: torch.device, pin: bool = False) -> None:
         lay = ctx.layout
         self.name, self.budget, self.ctx = spec.name, spec.budget, ctx
-        self.capacity = chunk_capacity(spec, lay.chunk_blocks * lay.slot_bytes)
+        self.capacity = chunk_capacity(spec, self.chunk_bytes(lay))
         self.arena = Arena(lay, where, lay.chunk_blocks, max(1, ctx.kv.arena_segment_slots // lay.chunk_blocks),
                            self.capacity, pin=pin)
         self.kernel = paged_kernel(ctx, where)

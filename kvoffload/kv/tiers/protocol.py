@@ -119,6 +119,12 @@ class Tier(Protocol):
     capacity: int | None            # chunks the budget holds (None = unlimited)
     counters: TierCounters
 
+    @staticmethod
+    def chunk_bytes(layout: BlockLayout) -> int:
+        """Bytes one chunk of this layout takes of the tier's budget (before it is built: the
+        CLI checks budgets before the model loads)."""
+        ...
+
     # ---- chunk allocation (decided by placement) ----
     def has_room(self) -> bool: ...
     def alloc(self) -> int:
