@@ -1,5 +1,7 @@
 """The disk tier: chunks in shard files under a fresh ``kvoffload-*`` directory, each shard owned
-by a worker process (kv/tiers/disk_worker.py) that computes attention over its blocks.
+by a worker process (kv/tiers/disk_worker.py) that computes attention over its blocks — or,
+with ``--disk-workers 0``, one shard read and attended by this process (:class:`LocalWorker`,
+the same code without the process hop).
 
 Chunk ``c`` lives in shard ``c % workers`` (round-robin), at that shard's chunk ``c // workers``:
 its blocks are consecutive slots of one file, so a chunk is one read. The main process keeps
@@ -230,7 +232,7 @@ class ProcessWorker:
 
 class LocalWorker:
     """A disk shard read and attended by this process (``--disk-workers 0``): the same reads
-    (O_DIRECT, coalesced, many in flight on reader threads) and the same kernel as a worker
+    (O_DIRECT, coalesced, many in flight through native AIO or reader threads) and the same kernel as a worker
     process, without the process hop. On a host with few cores that hop costs more than a
     sparse layer's reads (waking a worker competes with the model's own threads), so the
     near-data worker loses to reading the chosen blocks here. Writes are made at once (the
