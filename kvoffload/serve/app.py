@@ -479,7 +479,8 @@ def create_app(llm, cfg: ServeConfig, model_name: str, sampling_defaults: dict[s
     async def models():
         return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": server.created,
                                             "owned_by": "kvoffload",
-                                            "max_model_len": server.llm.engine._context}]}
+                                            "max_model_len": server.llm.engine._context,
+                                            "vocab_size": server.llm.model_config.vocab_size}]}
 
     @app.post("/v1/completions")
     async def _completions(req: CompletionRequest, request: Request):

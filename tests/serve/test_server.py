@@ -308,3 +308,17 @@ def test_disconnect_cancels_and_frees_kv(model_path, monkeypatch):
             assert not llm.engine.seqs
     finally:
         llm.close()
+
+
+def test_bench_serve_against_a_running_server(server, tmp_path, capsys):
+    """`kvoffload bench serve --url`: every request completes; the report's numbers add up."""
+    from kvoffload.cli.main import main
+
+    out = tmp_path / "bench"
+    assert main(["bench", "serve", "--url", server.url, "-p", "24", "-n", "5", "--num-prompts", "12",
+                 "--concurrency", "4", "-o", str(out)]) == 0
+    s = json.loads((tmp_path / "bench.json").read_text())
+    assert s["completed"] == 12 and s["failed"] == 0 and s["config"]["model"] == MODEL
+    assert s["output_throughput"] == pytest.approx(12 * 5 / s["duration_s"])
+    assert 0 < s["ttft_ms"]["p50"] <= s["e2e_ms"]["p50"]
+    assert "| TTFT |" in capsys.readouterr().out
