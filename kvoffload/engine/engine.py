@@ -90,8 +90,9 @@ class Engine:
         capacity = min(len(prompt_ids) + params.max_tokens, self._context)
         chunks = self.kv_chunks(capacity)
         if self.kv_chunk_limit is not None and chunks > self.kv_chunk_limit:
-            raise InputError(f"this request needs {chunks} KV chunks ({capacity} tokens: prompt + max_tokens) and the "
-                             f"KV tier budgets hold {self.kv_chunk_limit}; ask for fewer tokens or raise a budget")
+            raise InputError(f"this request does not fit in the KV tier budgets: it needs {chunks} KV chunks ({capacity} "
+                             f"tokens: prompt + max_tokens) and they hold {self.kv_chunk_limit}; ask for fewer tokens "
+                             f"or raise a budget")
         return capacity, chunks
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> int:

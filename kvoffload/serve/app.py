@@ -266,7 +266,6 @@ async def completions(server: Server, req: CompletionRequest, request: Request) 
         choices = []
         for i, seq in enumerate(seqs):
             ptext, pids = prompt_of(i)
-            out_ids = [] if score_only else seq.output_ids
             gen_text = "" if score_only else seq.text
             lp = None
             if k is not None:
@@ -275,7 +274,6 @@ async def completions(server: Server, req: CompletionRequest, request: Request) 
                                      0 if req.echo else len(ptext))
             choices.append({"index": i, "text": (ptext if req.echo else "") + gen_text, "logprobs": lp,
                             "finish_reason": "length" if score_only else seq.finish_reason})
-            del out_ids
         completion_tokens = 0 if score_only else sum(len(s.output_ids) for s in seqs)
         return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": server.model_name,
                              "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)})
@@ -397,7 +395,7 @@ async def chat_completions(server: Server, req: ChatRequest, request: Request) -
                     if ev.kind == "token":
                         o = ev.out
                         completion_tokens += 1
-                        lp = {"content": [_chat_logprob(server, o.logprob)]} if (k is not None and o.logprob) else None
+                        lp = {"content": [_chat_logprob(server, o.logprob)]} if (k is not None and o.logprob is not None) else None
                         if o.text_delta or lp is not None:
                             yield chunk(i, {"content": o.text_delta}, None, lp)
                     elif ev.kind == "done":
