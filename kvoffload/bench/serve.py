@@ -138,11 +138,11 @@ def summarize(cfg: ServeBenchConfig, results: list[RequestResult], duration: flo
     ok = [r for r in results if r.ok]
     out_tokens = sum(r.output_tokens for r in ok)
     in_tokens = sum(r.prompt_tokens or cfg.input_len for r in ok)
-    ms = lambda xs: {"mean": 1e3 * statistics.fmean(xs) if xs else float("nan"),  # noqa: E731
+    ms = lambda xs: {"mean": 1e3 * statistics.fmean(xs) if xs else float("nan"),
                      **{f"p{q}": 1e3 * _pct(xs, q) for q in (50, 90, 99)}}
     return {
-        "config": {k: (str(v) if isinstance(v, float) and math.isinf(v) else v) for k, v in asdict(cfg).items()
-                   if k != "api_key"},
+        "config": {k: (str(v) if isinstance(v, float) and math.isinf(v) else v)
+                   for k, v in asdict(cfg).items() if k != "api_key"},
         "completed": len(ok), "failed": len(results) - len(ok),
         "errors": sorted({r.error for r in results if not r.ok})[:5],
         "duration_s": duration,

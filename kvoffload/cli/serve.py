@@ -25,7 +25,7 @@ def model_name(engine_cfg: EngineConfig, path: str) -> str:
     if engine_cfg.model is None:
         return "SmolLM2-135M-Instruct"
     name = os.path.basename(os.path.normpath(path))
-    return name[:-5] if name.endswith(".gguf") else name
+    return name.removesuffix(".gguf")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -112,7 +113,8 @@ class Engine:
     def kv_chunks(self, tokens: int) -> int:
         """KV chunks (one tier's unit of placement) a sequence of ``tokens`` tokens takes at most."""
         kv = self.config.kv
-        return self.model.cfg.num_layers * -(-(-(-max(tokens, 1) // kv.block_size)) // kv.chunk_blocks)
+        blocks = math.ceil(max(tokens, 1) / kv.block_size)
+        return self.model.cfg.num_layers * math.ceil(blocks / kv.chunk_blocks)
 
     def _kv_chunk_limit(self) -> int | None:
         """Chunks the KV tier budgets hold in all; ``None`` when one is unbounded (the in-memory

@@ -30,7 +30,12 @@ from kvoffload.engine.sequence import Sequence, TokenLogprob
 from kvoffload.errors import KvoffloadError
 from kvoffload.serve.loop import EngineLoop, Event, Handle
 from kvoffload.serve.metrics import ServerMetrics
-from kvoffload.serve.protocol import ChatRequest, CompletionRequest, RequestError, sampling_params
+from kvoffload.serve.protocol import (
+    ChatRequest,
+    CompletionRequest,
+    RequestError,
+    sampling_params,
+)
 
 log = logging.getLogger("kvoffload.serve")
 

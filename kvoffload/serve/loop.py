@@ -255,7 +255,7 @@ class EngineLoop:
                 spec = self.engine.spec
                 used = {t.name: t.used for t in getattr(self.engine.kv, "tiers", ())}    # the tiered store's
                 m.snapshot_kv(self.engine.kv.stats(), used, spec.stats if spec is not None else None)
-            except Exception:                         # noqa: BLE001 - metrics never take the loop down
+            except Exception:
                 log.exception("KV statistics failed")
 
 

@@ -6,6 +6,7 @@ import os
 import socket
 import threading
 import time
+from typing import Self
 
 import uvicorn
 
@@ -51,7 +52,7 @@ class ServerThread:
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True,
                                        name="uvicorn")
 
-    def __enter__(self) -> ServerThread:
+    def __enter__(self) -> Self:
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:

@@ -8,9 +8,14 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from kvoffload.model.generation import checkpoint_sampling_defaults  # noqa: E402
-from kvoffload.serve.app import SERVER_DEFAULTS  # noqa: E402
-from kvoffload.serve.protocol import ChatRequest, CompletionRequest, RequestError, sampling_params  # noqa: E402
+from kvoffload.model.generation import checkpoint_sampling_defaults
+from kvoffload.serve.app import SERVER_DEFAULTS
+from kvoffload.serve.protocol import (
+    ChatRequest,
+    CompletionRequest,
+    RequestError,
+    sampling_params,
+)
 
 
 def test_hf_generation_config_defaults(tmp_path):

@@ -14,10 +14,10 @@ import pytest
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
-from kvoffload.api import LLM  # noqa: E402
-from kvoffload.config import SamplingParams, ServeConfig  # noqa: E402
-from kvoffload.serve.app import create_app  # noqa: E402
-from kvoffload.serve.runner import ServerThread  # noqa: E402
+from kvoffload.api import LLM
+from kvoffload.config import SamplingParams, ServeConfig
+from kvoffload.serve.app import create_app
+from kvoffload.serve.runner import ServerThread
 
 MODEL = "tiny"
 TIMEOUT = 30
@@ -61,7 +61,7 @@ def client(server):
 
 def metric(url: str, name: str, labels: str = "") -> float:
     text = httpx.get(url + "/metrics", timeout=TIMEOUT).text
-    m = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.M)
+    m = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.MULTILINE)
     assert m, f"{name}{labels} not in /metrics"
     return float(m.group(1))
 
@@ -100,8 +100,8 @@ def test_completion_token_ids_batch_and_n(ref, client):
 
 
 def test_sampling_seeded_is_reproducible(client):
-    kw = dict(model=MODEL, prompt="abc", max_tokens=8, temperature=1.0, top_p=0.9, seed=7,
-              extra_body={"ignore_eos": True, "top_k": 50})
+    kw = {"model": MODEL, "prompt": "abc", "max_tokens": 8, "temperature": 1.0, "top_p": 0.9, "seed": 7,
+          "extra_body": {"ignore_eos": True, "top_k": 50}}
     a = client.completions.create(**kw).choices[0].text
     assert a == client.completions.create(**kw).choices[0].text
 
