@@ -12,7 +12,7 @@ from kvoffload.attention.backend import tier_line
 from kvoffload.config import EngineConfig, SamplingParams
 from kvoffload.device import resolve_device, resolve_dtype, set_threads
 from kvoffload.engine.engine import Engine
-from kvoffload.engine.sequence import Sequence
+from kvoffload.engine.sequence import Sequence, TokenLogprob
 from kvoffload.errors import ConfigError, ConfigTypeError, InputError, KvoffloadError
 from kvoffload.model.loading import load_model
 from kvoffload.preflight import preflight
@@ -44,6 +44,8 @@ class RequestOutput:
     token_ids: list[int]
     finish_reason: str
     metrics: RequestMetrics
+    logprobs: list[TokenLogprob] | None = None                 # SamplingParams.logprobs
+    prompt_logprobs: list[TokenLogprob | None] | None = None   # SamplingParams.prompt_logprobs
 
 
 class LLM:
@@ -170,7 +172,9 @@ class LLM:
     @staticmethod
     def _output(seq: Sequence, prompt: str | None) -> RequestOutput:
         m = RequestMetrics(seq.prompt_len, len(seq.output_ids), seq.times.prefill_s, seq.times.decode_s)
-        return RequestOutput(prompt, seq.prompt_ids, seq.text, seq.output_ids, seq.finish_reason or "", m)
+        return RequestOutput(prompt, seq.prompt_ids, seq.text, seq.output_ids, seq.finish_reason or "", m,
+                             seq.logprobs if seq.params.logprobs is not None else None,
+                             seq.prompt_logprobs if seq.params.prompt_logprobs is not None else None)
 
 
 def _progress(total: int):

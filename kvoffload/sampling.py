@@ -34,9 +34,42 @@ def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     return torch.softmax(x, dim=-1)
 
 
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int],
+                    output_ids: list[int]) -> torch.Tensor:
+    """``[V]`` logits with the request's repetition penalties applied (a new tensor):
+    llama.cpp's ``repeat_penalty`` over the last ``repeat_last_n`` tokens of prompt and output,
+    then OpenAI's ``presence_penalty`` / ``frequency_penalty`` over the output."""
+    x = logits.float().clone()
+    if params.repeat_penalty != 1.0 and params.repeat_last_n:
+        recent = (prompt_ids + output_ids)[-params.repeat_last_n:]
+        idx = torch.tensor(sorted(set(recent)), dtype=torch.long, device=x.device)
+        v = x[idx]
+        x[idx] = torch.where(v > 0, v / params.repeat_penalty, v * params.repeat_penalty)
+    if output_ids and (params.presence_penalty or params.frequency_penalty):
+        ids, counts = torch.tensor(output_ids, dtype=torch.long, device=x.device).unique(return_counts=True)
+        x[ids] -= params.presence_penalty + params.frequency_penalty * counts.float()
+    return x
+
+
+def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """``[N, V]`` logits and the ``[N]`` tokens chosen at each row -> the chosen tokens'
+    log-probabilities and per row the ``k`` most likely (token, log-probability), best first."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    picked = lp.gather(1, chosen[:, None].to(lp.device))[:, 0].tolist()
+    if k == 0:
+        return picked, [[] for _ in picked]
+    vals, idx = torch.topk(lp, k, dim=-1)
+    return picked, [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> list[int]:
-    """``[B, V]`` logits -> one token per row."""
+           generators: list[torch.Generator | None], histories: list[tuple[list[int], list[int]]] | None = None,
+           ) -> list[int]:
+    """``[B, V]`` logits -> one token per row (``histories``: per row the (prompt, output) token
+    ids the repetition penalties look at; needed only when a request has penalties)."""
+    if histories is not None and any(p.penalized for p in params):
+        logits = torch.stack([apply_penalties(row, p, *h) if p.penalized else row
+                              for row, p, h in zip(logits, params, histories)])
     greedy = logits.argmax(dim=-1).tolist()
     out = []
     for row, p, gen, g in zip(logits, params, generators, greedy):

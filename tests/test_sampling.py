@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kvoffload.config import SamplingParams
+from kvoffload.errors import ConfigError
 from kvoffload.sampling import make_generator, processed_probs, sample
 
 LOGITS = torch.log(torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]))
@@ -42,3 +44,20 @@ def test_empirical_distribution_matches_probs():
     draws = [sample(LOGITS[None], [params], [gen])[0] for _ in range(4000)]
     freq = torch.bincount(torch.tensor(draws), minlength=5).float() / len(draws)
     assert (freq - LOGITS.exp()).abs().max() < 0.03
+
+
+def test_penalties_match_their_definitions():
+    from kvoffload.sampling import apply_penalties
+
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0, 1.0])
+    p = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    out = apply_penalties(logits, p, prompt_ids=[4], output_ids=[0, 0, 2])
+    assert out.tolist() == pytest.approx([2.0 - 0.5 - 0.5, -1.0, 0.5 - 0.5 - 0.25, 3.0, 1.0])   # the prompt does not count
+    r = SamplingParams(repeat_penalty=2.0, repeat_last_n=2)
+    out = apply_penalties(logits, r, prompt_ids=[3, 1], output_ids=[0])                     # window: 1, 0
+    assert out.tolist() == pytest.approx([1.0, -2.0, 0.5, 3.0, 1.0])
+    assert apply_penalties(logits, SamplingParams(), [1], [1]).tolist() == logits.tolist()
+    for bad in ({"presence_penalty": 3.0}, {"frequency_penalty": -2.5}, {"repeat_penalty": 0.0},
+                {"repeat_last_n": -1}, {"logprobs": 21}):
+        with pytest.raises(ConfigError):
+            SamplingParams(**bad)

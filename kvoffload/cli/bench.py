@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -22,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "against the same job in memory, with the disk-bound step time. disk: random "
                                    "O_DIRECT reads through the disk workers' I/O path, GB/s per request size and "
                                    "requests in flight.")
-    p.add_argument("kind", nargs="?", default="speed", choices=("speed", "attention", "offload", "disk"))
+    p.add_argument("kind", nargs="?", default="speed", choices=("speed", "attention", "offload", "disk", "serve"))
     p.add_argument("-m", "--model", default=None, help="GGUF file or alias (default: embedded SmolLM2)")
     p.add_argument("-p", "--n-prompt", default="512", help="prefill tests: prompt lengths (comma-separated)")
     p.add_argument("-n", "--n-gen", default="32", help="decode tests: tokens generated (comma-separated)")
@@ -49,6 +50,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--queue-depths", default="1,2,4,8,16,32", help="disk: requests in flight")
     g.add_argument("--seconds", type=float, default=0.5, help="disk: time per (size, depth) cell")
     g.add_argument("--readers", default="threads,aio", help="disk: I/O paths to measure (threads, aio)")
+    g = p.add_argument_group("serve (streams /v1/completions; -p: prompt tokens, -n: output tokens)")
+    g.add_argument("--url", default=None, help="serve: an OpenAI-compatible server's root, e.g. http://127.0.0.1:8000 "
+                                               "(default: start kvoffload's own on a free loopback port)")
+    g.add_argument("--served-model", default=None, help="serve: the model id to send (default: the server's first)")
+    g.add_argument("--api-key", default=None, help="serve: bearer key for --url")
+    g.add_argument("--concurrency", type=int, default=8, help="serve: requests in flight at most")
+    g.add_argument("--request-rate", type=float, default=math.inf, help="serve: requests started per second "
+                                                                        "(Poisson; default inf: all at once)")
+    g.add_argument("--num-prompts", type=int, default=64, help="serve: requests in all")
+    g.add_argument("--text-prompts", action="store_true", help="serve: random words instead of token-id prompts")
+    g.add_argument("--engine", action="append", default=[], metavar="FIELD=VALUE",
+                   help="serve: an engine setting of the server started here, e.g. max_num_seqs=16 (repeatable)")
     p.add_argument("-o", "--output", default=None,
                    help="write PREFIX.md, PREFIX.json and PREFIX.png (default: print the table only)")
     p.set_defaults(run=run)
@@ -73,6 +86,8 @@ def parse_configs(items: list[str]) -> tuple[tuple[str, dict], ...]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.kind == "serve":
+        return _run_serve(args)
     if args.kind != "speed":
         return _run_kv(args)
     from kvoffload.bench.workloads import make_tests, parse_ints
@@ -200,3 +215,60 @@ def _run_kv(args: argparse.Namespace) -> int:
     res = offload.run(cfg, progress)
     _write(args.output, offload.markdown(res), json.dumps(res, indent=1))
     return 0
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import contextlib
+    import json
+
+    from kvoffload.bench import serve
+    from kvoffload.bench.workloads import parse_ints
+    from kvoffload.config import EngineConfig, ServeConfig, parse_overrides
+
+    input_len, output_len = parse_ints(args.n_prompt, "--n-prompt")[0], parse_ints(args.n_gen, "--n-gen")[0]
+    if args.concurrency < 1 or args.num_prompts < 1 or not args.request_rate > 0:
+        raise ConfigError("--concurrency, --num-prompts and --request-rate must be positive")
+    if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+        raise ConfigError(f"--output: directory {os.path.dirname(os.path.abspath(args.output))} does not exist")
+    with contextlib.ExitStack() as stack:
+        url, vocab = args.url, 32000
+        if url is None:
+            try:
+                from kvoffload.serve.app import create_app
+                from kvoffload.serve.runner import ServerThread
+            except ImportError as e:
+                raise ConfigError(f"bench serve needs the serve extra ({e.name} is missing): "
+                                  f"pip install 'kvoffload[serve]'") from None
+            from kvoffload.api import LLM
+
+            settings = {"max_num_seqs": max(args.concurrency, 1), "threads": args.threads, "dtype": args.dtype,
+                        "quantization": args.quantization, **parse_overrides(args.engine, "--engine")}
+            llm = LLM(config=EngineConfig().replace(model=args.model, **settings))
+            stack.callback(llm.close)
+            vocab = llm.model_config.vocab_size
+            server = stack.enter_context(ServerThread(create_app(llm, ServeConfig(max_queue=args.num_prompts), "kvoffload")))
+            url = server.url
+        first, vocab_listed = _first_model(url, args.api_key)
+        model, vocab = args.served_model or first, vocab_listed or vocab
+        cfg = serve.ServeBenchConfig(url=url.rstrip("/"), model=model, input_len=input_len, output_len=output_len,
+                                     num_prompts=args.num_prompts, concurrency=args.concurrency,
+                                     request_rate=args.request_rate, vocab_size=vocab,
+                                     text_prompts=args.text_prompts, api_key=args.api_key)
+        summary = serve.run(cfg)
+    _write(args.output, serve.markdown(summary, "kvoffload" if args.url is None else ""), json.dumps(summary, indent=1))
+    return 0 if summary["failed"] == 0 else 1
+
+
+def _first_model(url: str, api_key: str | None) -> tuple[str, int | None]:
+    """The server's first model id, and its vocabulary size where the listing says it (ours does;
+    token-id prompts are drawn below it, else below 32000)."""
+    import httpx
+
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        r = httpx.get(url.rstrip("/") + "/v1/models", headers=headers, timeout=30)
+        first = r.json()["data"][0]
+        vocab = first.get("vocab_size")
+        return first["id"], vocab if isinstance(vocab, int) and vocab > 1 else None
+    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+        raise ConfigError(f"cannot list the models of {url} ({type(e).__name__}); pass --served-model") from None

@@ -7,6 +7,7 @@ Start with:
   kvoffload generate -p "Why is the sky blue?" --chat          # the embedded SmolLM2-135M
   kvoffload generate -f long.txt --kv-host-budget 256MiB        # KV past 256 MiB goes to disk
   kvoffload info qwen2.5-coder-0.5b                             # a model's KV bytes per token
+  kvoffload serve --port 8000                                   # an OpenAI-compatible server
 
 Errors a user can cause are one line (`kvoffload: error: ...`, exit code 2).
 """
@@ -45,12 +46,12 @@ def _on_signal(signum: int, frame) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from kvoffload import __version__
-    from kvoffload.cli import bench, calibrate, eval, generate, info, specbench, sweep
+    from kvoffload.cli import bench, calibrate, eval, generate, info, serve, specbench, sweep
 
     parser = _Parser(prog="kvoffload", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"kvoffload {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for mod in (generate, info, bench, eval, calibrate, sweep, specbench):
+    for mod in (generate, serve, info, bench, eval, calibrate, sweep, specbench):
         mod.register(sub)
     return parser
 

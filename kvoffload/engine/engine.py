@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -12,11 +13,11 @@ import torch
 from kvoffload.attention.backend import KVManager
 from kvoffload.config import EngineConfig, SamplingParams
 from kvoffload.engine.scheduler import PrefillChunk, Scheduler, StepPlan
-from kvoffload.engine.sequence import SeqStatus, Sequence
+from kvoffload.engine.sequence import SeqStatus, Sequence, TokenLogprob
 from kvoffload.errors import InputError
 from kvoffload.model.interface import AttentionBackend, ForwardBatch, Logits, Phase
 from kvoffload.model.llama import Transformer
-from kvoffload.sampling import make_generator, sample
+from kvoffload.sampling import make_generator, sample, token_logprobs
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class StepOutput:
     token: int
     text_delta: str
     finished: bool
+    logprob: TokenLogprob | None = None       # when the request asked for logprobs
 
 
 @dataclass
@@ -51,7 +53,9 @@ class Engine:
     def __init__(self, model: Transformer, kv: KVManager, tokenizer: Any, config: EngineConfig,
                  device: torch.device) -> None:
         self.model, self.kv, self.tokenizer, self.config, self.device = model, kv, tokenizer, config, device
-        self.scheduler = Scheduler(config.max_num_seqs, config.prefill_chunk, config.scheduling == "prefill-first")
+        self.kv_chunk_limit = self._kv_chunk_limit()
+        self.scheduler = Scheduler(config.max_num_seqs, config.prefill_chunk, config.scheduling == "prefill-first",
+                                   self.kv_chunk_limit)
         self.seqs: dict[int, Sequence] = {}
         self.times = StepTimes()
         self.prefill_kv: dict[str, dict[str, int]] = {}     # per tier, what its counters grew by in prompt forwards
@@ -66,7 +70,9 @@ class Engine:
             self.spec = SelfSpeculator(model, kv, config, device)
 
     # ------------------------------------------------------------------ requests
-    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> tuple[int, int]:
+        """The one-line :class:`InputError` ``add_request`` would raise, else the request's
+        (KV capacity in tokens, KV chunks). Reads only the configuration: callable from any thread."""
         if not prompt_ids:
             raise InputError("empty prompt")
         if len(prompt_ids) >= self._context:
@@ -75,11 +81,27 @@ class Engine:
         bad = [t for t in prompt_ids if not 0 <= t < self.model.cfg.vocab_size]
         if bad:
             raise InputError(f"token id {bad[0]} is outside the vocabulary (size {self.model.cfg.vocab_size})")
+        if self.spec is not None and (params.logprobs is not None or params.prompt_logprobs is not None
+                                      or params.penalized):
+            raise InputError("logprobs and repetition penalties are not available with --speculate self "
+                             "(speculation chooses tokens without the logits they would need)")
+        for k in (params.logprobs, params.prompt_logprobs):
+            if k is not None and k > self.model.cfg.vocab_size:
+                raise InputError(f"{k} logprobs asked for; the vocabulary has {self.model.cfg.vocab_size} tokens")
+        capacity = min(len(prompt_ids) + params.max_tokens, self._context)
+        chunks = self.kv_chunks(capacity)
+        if self.kv_chunk_limit is not None and chunks > self.kv_chunk_limit:
+            raise InputError(f"this request does not fit in the KV tier budgets: it needs {chunks} KV chunks ({capacity} "
+                             f"tokens: prompt + max_tokens) and they hold {self.kv_chunk_limit}; ask for fewer tokens "
+                             f"or raise a budget")
+        return capacity, chunks
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        capacity, chunks = self.check_request(prompt_ids, params)
         seq = Sequence(
             seq_id=self._next_id, prompt_ids=list(prompt_ids), params=params,
-            capacity=min(len(prompt_ids) + params.max_tokens, self._context),
-            stop_ids=self.tokenizer.eos_ids, detok=self.tokenizer.stream_decoder(),
-            generator=make_generator(params, self.device))
+            capacity=capacity, stop_ids=self.tokenizer.eos_ids, detok=self.tokenizer.stream_decoder(),
+            generator=make_generator(params, self.device), kv_chunks=chunks)
         self._next_id += 1
         self.seqs[seq.seq_id] = seq
         self.scheduler.add(seq)
@@ -88,6 +110,32 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
+    def kv_chunks(self, tokens: int) -> int:
+        """KV chunks (one tier's unit of placement) a sequence of ``tokens`` tokens takes at most."""
+        kv = self.config.kv
+        blocks = math.ceil(max(tokens, 1) / kv.block_size)
+        return self.model.cfg.num_layers * math.ceil(blocks / kv.chunk_blocks)
+
+    def _kv_chunk_limit(self) -> int | None:
+        """Chunks the KV tier budgets hold in all; ``None`` when one is unbounded (the in-memory
+        store, an unlimited tier, a disk tier sized by its free space)."""
+        from kvoffload.dtypes import name_of
+        from kvoffload.kv.layout import BlockLayout
+        from kvoffload.kv.tiers.protocol import TierSpec, chunk_capacity
+
+        kv = self.config.kv
+        if not kv.tiered:
+            return None
+        cfg = self.model.cfg
+        lay = BlockLayout(kv.block_size, cfg.num_kv_heads, cfg.head_dim, name_of(self.kv.kv_dtype), kv.chunk_blocks)
+        total = 0
+        for name, budget in kv.tier_list(self.device.type):
+            cap = chunk_capacity(TierSpec(name, budget), kv.chunk_blocks * (lay.disk_stride if name == "disk" else lay.slot_bytes))
+            if cap is None:
+                return None
+            total += cap
+        return total
+
     def abort(self, seq_ids) -> None:
         """Drop these requests, finished or not: out of the queues, their KV freed (a failed
         ``generate`` leaves the engine as it found it)."""
@@ -95,10 +143,7 @@ class Engine:
             seq = self.seqs.pop(sid, None)
             if seq is None:
                 continue
-            if seq in self.scheduler.waiting:
-                self.scheduler.waiting.remove(seq)
-            if seq in self.scheduler.running:
-                self.scheduler.running.remove(seq)
+            self.scheduler.remove(seq)
             for free in (self.kv.free, self.spec.free if self.spec is not None else None):
                 if free is not None:
                     try:
@@ -193,8 +238,21 @@ class Engine:
         t0 = time.perf_counter()
         seq = self.seqs[c.seq_id]
         before = self._kv_counters()
-        out = self._prefill(c.seq_id, seq.prompt_ids[c.start:c.end], c.start, Logits.LAST if c.last else Logits.NONE,
+        want = seq.params.prompt_logprobs
+        mode = Logits.ALL if want is not None else Logits.LAST if c.last else Logits.NONE
+        out = self._prefill(c.seq_id, seq.prompt_ids[c.start:c.end], c.start, mode,
                             self.kv if self.spec is None else self.spec.tap)
+        if want is not None:
+            rows = out[0]                                                             # [L, V]
+            if c.start == 0:
+                seq.prompt_logprobs.append(None)              # nothing predicts the first token
+            n = min(c.end, seq.prompt_len - 1) - c.start      # rows that predict a prompt token
+            if n > 0:
+                targets = torch.tensor(seq.prompt_ids[c.start + 1:c.start + 1 + n])
+                picked, top = token_logprobs(rows[:n], targets, want)
+                seq.prompt_logprobs += [TokenLogprob(t, lp, tuple(k)) for t, lp, k in
+                                        zip(targets.tolist(), picked, top)]
+            out = rows[-1:]                                                           # [1, V]: the last position
         for tier, counts in self._kv_counters().items():       # the prefill's share of the KV report
             acc = self.prefill_kv.setdefault(tier, dict.fromkeys(counts, 0))
             for k, v in counts.items():
@@ -256,11 +314,17 @@ class Engine:
         for sid in plan.decode:       # speculation committed the last token and the accepted drafts
             self.seqs[sid].num_cached += len(executed.tokens.get(sid, (0,)))
         chosen = dict(executed.tokens)
+        logprobs: dict[int, TokenLogprob] = {}
         if executed.logits:
             seqs = [self.seqs[i] for i in executed.logits]
-            sampled = sample(torch.stack(list(executed.logits.values())), [s.params for s in seqs],
-                             [s.generator for s in seqs])
+            logits = torch.stack(list(executed.logits.values()))                     # [B, V]
+            sampled = sample(logits, [s.params for s in seqs], [s.generator for s in seqs],
+                             [(s.prompt_ids, s.output_ids) for s in seqs])
             chosen.update((s.seq_id, [t]) for s, t in zip(seqs, sampled))
+            for i, (s, t) in enumerate(zip(seqs, sampled)):
+                if s.params.logprobs is not None:
+                    picked, top = token_logprobs(logits[i:i + 1], torch.tensor([t]), s.params.logprobs)
+                    logprobs[s.seq_id] = TokenLogprob(t, picked[0], tuple(top[0]))
         now = time.perf_counter()
         outputs = []
         for sid, toks in chosen.items():
@@ -269,6 +333,9 @@ class Engine:
                 seq.status = SeqStatus.DECODING
                 seq.times.first_token = now
             for tok in toks:
+                lp = logprobs.get(sid)
+                if lp is not None:
+                    seq.logprobs.append(lp)
                 seq.append(tok)
                 if seq.finish_reason is not None:
                     seq.finish()
@@ -276,7 +343,7 @@ class Engine:
                     self.kv.free(sid)
                     if self.spec is not None:
                         self.spec.free(sid)
-                outputs.append(StepOutput(sid, tok, seq.take_delta(), seq.finish_reason is not None))
+                outputs.append(StepOutput(sid, tok, seq.take_delta(), seq.finish_reason is not None, lp))
                 if seq.finish_reason is not None:
                     break
         return outputs

@@ -29,13 +29,21 @@ class StepPlan:
 class Scheduler:
     """FCFS; each step runs at most one prompt chunk plus one decode batch.
 
+    ``kv_limit``: KV chunks the tier budgets hold in all (``None``: unbounded). A sequence is
+    admitted only when its whole KV (``seq.kv_chunks``, prompt + ``max_tokens``) fits beside
+    the admitted ones'; otherwise it waits in the queue (first come, first served), so a step
+    never runs out of KV room.
+
     ``interleave``: decoding sequences keep generating while a new prompt is prefilled
     chunk by chunk (vLLM-style chunked prefill). ``prefill_first``: while a prompt is being
     prefilled the decode batch waits, so admitted sequences decode together (throughput).
     """
 
-    def __init__(self, max_num_seqs: int, prefill_chunk: int, prefill_first: bool = True) -> None:
+    def __init__(self, max_num_seqs: int, prefill_chunk: int, prefill_first: bool = True,
+                 kv_limit: int | None = None) -> None:
         self.max_num_seqs, self.prefill_chunk, self.prefill_first = max_num_seqs, prefill_chunk, prefill_first
+        self.kv_limit = kv_limit
+        self.kv_reserved = 0                   # chunks of the admitted sequences
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []      # admitted: PREFILLING or DECODING
 
@@ -49,10 +57,11 @@ class Scheduler:
         """The plan, and the sequences admitted by it (their KV must be allocated)."""
         admitted = []
         prefilling = next((s for s in self.running if s.status is SeqStatus.PREFILLING), None)
-        if prefilling is None and self.waiting and len(self.running) < self.max_num_seqs:
+        if prefilling is None and self.waiting and len(self.running) < self.max_num_seqs and self._fits(self.waiting[0]):
             prefilling = self.waiting.popleft()
             prefilling.status = SeqStatus.PREFILLING
             self.running.append(prefilling)
+            self.kv_reserved += prefilling.kv_chunks
             admitted.append(prefilling)
         chunk = None
         if prefilling is not None:
@@ -64,5 +73,13 @@ class Scheduler:
         decode = tuple(s.seq_id for s in self.running if s.status is SeqStatus.DECODING)
         return StepPlan(chunk, decode), admitted
 
+    def _fits(self, seq: Sequence) -> bool:
+        return self.kv_limit is None or self.kv_reserved + seq.kv_chunks <= self.kv_limit
+
     def remove(self, seq: Sequence) -> None:
-        self.running.remove(seq)
+        """A finished or aborted sequence leaves (its KV reservation with it)."""
+        if seq in self.running:
+            self.running.remove(seq)
+            self.kv_reserved -= seq.kv_chunks
+        elif seq in self.waiting:
+            self.waiting.remove(seq)

@@ -18,6 +18,16 @@ class SeqStatus(enum.Enum):
     FINISHED = "finished"
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model, and the ``k`` most likely (token, log-prob)
+    at its position, best first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass
 class SeqTimes:
     arrival: float = field(default_factory=time.perf_counter)
@@ -48,6 +58,9 @@ class Sequence:
     emitted: int = 0                   # chars of `text` already streamed
     finish_reason: str | None = None
     times: SeqTimes = field(default_factory=SeqTimes)
+    kv_chunks: int = 0                 # KV chunks reserved for it while admitted (tier budgets)
+    logprobs: list[TokenLogprob] = field(default_factory=list)           # per output token (params.logprobs)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # per prompt token; the first None
 
     @property
     def prompt_len(self) -> int:

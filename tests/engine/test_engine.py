@@ -145,3 +145,59 @@ def test_scheduling_policies_give_the_same_tokens(tiny_hf, policy):
     sch.add(seqs[1])
     plan, _ = sch.schedule()
     assert plan.prefill is not None and plan.decode == (() if policy == "prefill-first" else (0,))
+
+
+def test_kv_budget_admission_waits_instead_of_overflowing(tiny_hf):
+    """Tier budgets that hold one sequence's KV (and a bit): eight requests queue and are admitted
+    as room frees (never a KVBudgetExceeded mid-step); a request that can never fit is a one-line error."""
+    _, path = tiny_hf("qwen2")
+    ref = LLM(path, dtype="float32", prefill_chunk=8, max_num_seqs=8)
+    # qwen2 tiny: 3 layers x 2 KV heads x 16 dims, fp32: a 16-block chunk is 64 KiB; 40 tokens = 1 chunk/layer
+    llm = LLM(path, dtype="float32", prefill_chunk=8, max_num_seqs=8, kv_tiers="host:320KiB")
+    try:
+        eng = llm.engine
+        assert eng.kv_chunk_limit == 5 and eng.kv_chunks(40) == 3 and eng.kv_chunks(300) == 6
+        params = SamplingParams(max_tokens=30, ignore_eos=True)
+        prompts = [f"prompt {i}" for i in range(8)]
+        peak = 0
+        step = eng.step
+
+        def watched():
+            nonlocal peak
+            out = step()
+            peak = max(peak, eng.scheduler.kv_reserved)
+            assert len(eng.scheduler.running) <= 1
+            return out
+
+        eng.step = watched
+        outs = llm.generate(prompts, params)
+        assert peak == 3 and eng.scheduler.kv_reserved == 0
+        assert [o.token_ids for o in outs] == [o.token_ids for o in ref.generate(prompts, params)]
+        with pytest.raises(InputError, match="KV chunks"):
+            llm.generate("x", SamplingParams(max_tokens=299, ignore_eos=True))
+    finally:
+        llm.close()
+        ref.close()
+
+
+def test_prompt_and_token_logprobs(llm):
+    ids = llm.encode(PROMPTS[1])
+    out = llm.generate(ids, SamplingParams(max_tokens=3, ignore_eos=True, logprobs=2, prompt_logprobs=1))[0]
+    ref = torch.log_softmax(llm.engine.prompt_logits(ids + out.token_ids).float(), -1)      # [T, V]
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
+    for i, e in enumerate(out.prompt_logprobs[1:], 1):          # across prefill chunks of 8
+        assert e.token == ids[i] and e.logprob == pytest.approx(float(ref[i - 1, ids[i]]), abs=1e-4)
+        assert len(e.top) == 1 and e.top[0][1] == pytest.approx(float(ref[i - 1].max()), abs=1e-4)
+    for j, e in enumerate(out.logprobs):
+        row = ref[len(ids) - 1 + j]
+        assert e.token == out.token_ids[j] == int(row.argmax())
+        assert e.logprob == pytest.approx(float(row.max()), abs=1e-4) and len(e.top) == 2
+
+
+def test_repetition_penalties_change_greedy_output(llm):
+    base = SamplingParams(max_tokens=24, ignore_eos=True)
+    plain = llm.generate("x", base)[0].token_ids
+    assert len(set(plain)) < len(plain)                    # the tiny random model repeats itself
+    for kw in ({"presence_penalty": 2.0}, {"frequency_penalty": 2.0}, {"repeat_penalty": 5.0}):
+        pen = llm.generate("x", SamplingParams(max_tokens=24, ignore_eos=True, **kw))[0].token_ids
+        assert pen != plain and len(set(pen)) > len(set(plain)), kw
