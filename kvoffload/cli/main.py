@@ -46,7 +46,16 @@ def _on_signal(signum: int, frame) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from kvoffload import __version__
-    from kvoffload.cli import bench, calibrate, eval, generate, info, serve, specbench, sweep
+    from kvoffload.cli import (
+        bench,
+        calibrate,
+        eval,
+        generate,
+        info,
+        serve,
+        specbench,
+        sweep,
+    )
 
     parser = _Parser(prog="kvoffload", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"kvoffload {__version__}")
