@@ -33,6 +33,7 @@ class ServeBenchConfig:
     api_key: str | None = None
     seed: int = 0
     timeout: float = 600.0
+    ban_tokens: tuple[int, ...] = ()   # sent as logit_bias -100: keeps a server without ignore_eos going
 
 
 @dataclass
@@ -62,6 +63,8 @@ def _prompts(cfg: ServeBenchConfig) -> list:
 async def _one(client, cfg: ServeBenchConfig, prompt) -> RequestResult:
     body = {"model": cfg.model, "prompt": prompt, "max_tokens": cfg.output_len, "temperature": 0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    if cfg.ban_tokens:
+        body["logit_bias"] = {str(t): -100 for t in cfg.ban_tokens}
     t0 = time.perf_counter()
     res = RequestResult(ok=False)
     last = None

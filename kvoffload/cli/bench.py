@@ -60,6 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                                         "(Poisson; default inf: all at once)")
     g.add_argument("--num-prompts", type=int, default=64, help="serve: requests in all")
     g.add_argument("--text-prompts", action="store_true", help="serve: random words instead of token-id prompts")
+    g.add_argument("--ban-tokens", default="", help="serve: token ids sent with logit_bias -100, for a server that "
+                   "ignores ignore_eos (llama-cpp-python: the model's end tokens, SmolLM2's are 0,2)")
     g.add_argument("--engine", action="append", default=[], metavar="FIELD=VALUE",
                    help="serve: an engine setting of the server started here, e.g. max_num_seqs=16 (repeatable)")
     p.add_argument("-o", "--output", default=None,
@@ -253,7 +255,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         cfg = serve.ServeBenchConfig(url=url.rstrip("/"), model=model, input_len=input_len, output_len=output_len,
                                      num_prompts=args.num_prompts, concurrency=args.concurrency,
                                      request_rate=args.request_rate, vocab_size=vocab,
-                                     text_prompts=args.text_prompts, api_key=args.api_key)
+                                     text_prompts=args.text_prompts, api_key=args.api_key,
+                                     ban_tokens=tuple(parse_ints(args.ban_tokens, "--ban-tokens")) if args.ban_tokens else ())
         summary = serve.run(cfg)
     _write(args.output, serve.markdown(summary, "kvoffload" if args.url is None else ""), json.dumps(summary, indent=1))
     return 0 if summary["failed"] == 0 else 1

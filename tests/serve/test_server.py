@@ -316,9 +316,10 @@ def test_bench_serve_against_a_running_server(server, tmp_path, capsys):
 
     out = tmp_path / "bench"
     assert main(["bench", "serve", "--url", server.url, "-p", "24", "-n", "5", "--num-prompts", "12",
-                 "--concurrency", "4", "-o", str(out)]) == 0
+                 "--concurrency", "4", "--ban-tokens", "0,2", "-o", str(out)]) == 0
     s = json.loads((tmp_path / "bench.json").read_text())
     assert s["completed"] == 12 and s["failed"] == 0 and s["config"]["model"] == MODEL
+    assert s["config"]["ban_tokens"] == [0, 2]              # sent as logit_bias (ours ignores it)
     assert s["output_throughput"] == pytest.approx(12 * 5 / s["duration_s"])
     assert 0 < s["ttft_ms"]["p50"] <= s["e2e_ms"]["p50"]
     assert "| TTFT |" in capsys.readouterr().out
