@@ -179,6 +179,12 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def _stream_error(ev) -> str:
+    """An engine error event as the SSE error object a stream ends with."""
+    return _sse({"error": {"message": ev.message, "type": "server_error" if ev.status >= 500
+                           else "invalid_request_error", "param": None, "code": ev.status}})
+
+
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -305,8 +311,7 @@ async def completions(server: Server, req: CompletionRequest, request: Request) 
                     if ev.kind == "gone":
                         return
                     if ev.kind == "error":
-                        yield _sse({"error": {"message": ev.message, "type": "server_error" if ev.status >= 500
-                                              else "invalid_request_error", "param": None, "code": ev.status}})
+                        yield _stream_error(ev)
                         server.cancel(handles)
                         return
                     if ev.kind == "token":
@@ -393,8 +398,7 @@ async def chat_completions(server: Server, req: ChatRequest, request: Request) -
                     if ev.kind == "gone":
                         return
                     if ev.kind == "error":
-                        yield _sse({"error": {"message": ev.message, "type": "server_error" if ev.status >= 500
-                                              else "invalid_request_error", "param": None, "code": ev.status}})
+                        yield _stream_error(ev)
                         server.cancel(handles)
                         return
                     if ev.kind == "token":
