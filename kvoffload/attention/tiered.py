@@ -353,9 +353,10 @@ class TieredBackend:
     def _prefetch_next(self, layer: int, batch: ForwardBatch, q_rows: torch.Tensor) -> None:
         """Tell the tiers the next layer's items (after the last layer: the next step's first
         layer's), so a disk tier reads them while this layer and the next one's projections
-        compute: all its chunks when it is dense (known before its query is); when it is sparse, what its policy would choose for this layer's query q_rows
-        ``[B, H, D]`` (a guess: the next layer attends what its own selection chooses; blocks
-        the guess missed are read then)."""
+        compute: all its chunks when it is dense (known before its query is); when it is
+        sparse, what its policy would choose for this layer's query q_rows ``[B, H, D]`` (a
+        guess: the next layer attends what its own selection chooses; blocks the guess missed
+        are read then)."""
         nxt = layer + 1
         if not any(t.prefetches for t in self.tiers):
             return

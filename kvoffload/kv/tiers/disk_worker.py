@@ -306,29 +306,24 @@ class DiskWorkerServer:
         item each: an item is one chunk, at most ``chunk_blocks`` slots), with those slots."""
         first, slots = req.first, req.slots
         if self.read_blocks == 1 and not len(hits):            # exactly the items' slots: no per-item work
-            return self._batches_exact(req)
+            return self._pack(first, slots)
         miss = ~np.isin(slots, hits) if len(hits) else np.ones(len(slots), bool)
         need = []                                                 # per item: its slots to read
         for i in range(req.num_items):
             a, b = first[i], first[i + 1]
             u = self._read_units(slots[a:b][miss[a:b]])
             need.append(u[~np.isin(u, hits)] if len(hits) and self.read_blocks > 1 else u)
-        out, i0, N = [], 0, req.num_items
-        while i0 < N:
-            i1, total = i0 + 1, len(need[i0])
-            while i1 < N and total + len(need[i1]) <= self.batch_slots:
-                total += len(need[i1])
-                i1 += 1
-            out.append(_Batch(i0, i1, np.unique(np.concatenate(need[i0:i1]))))
-            i0 = i1
-        return out
+        need_first = np.zeros(len(need) + 1, np.int64)
+        np.cumsum([len(u) for u in need], out=need_first[1:])
+        return self._pack(need_first, np.concatenate(need) if need else np.zeros(0, np.int64))
 
-    def _batches_exact(self, req: AttendRequest) -> list[_Batch]:
-        """:meth:`_batches` when every slot of the items is read (no read groups, no read-ahead)."""
-        first, N, out, i0 = req.first, req.num_items, [], 0
+    def _pack(self, first: np.ndarray, slots: np.ndarray) -> list[_Batch]:
+        """Items ``i`` read ``slots[first[i]:first[i+1]]``: consecutive items whose slots come
+        to at most ``batch_slots`` (at least one item) make a batch, with its sorted unique slots."""
+        N, out, i0 = len(first) - 1, [], 0
         while i0 < N:                                   # the most items whose slots fit (at least one)
             i1 = max(i0 + 1, int(np.searchsorted(first, first[i0] + self.batch_slots, side="right")) - 1)
-            out.append(_Batch(i0, i1, np.unique(req.slots[first[i0]:first[i1]])))
+            out.append(_Batch(i0, i1, np.unique(slots[first[i0]:first[i1]])))
             i0 = i1
         return out
 
