@@ -212,7 +212,8 @@ class KVConfig:
         placement gives bit-identical outputs). The in-memory backend uses it too.
     kv_tiers: the tiers, fastest first, each a registered tier name and its byte budget:
         ``host:64MiB,disk:4GiB`` (``none`` = unlimited; for disk, the free space). Tiers:
-        ``device`` (the compute device's memory), ``host`` (RAM; pinned on CUDA), ``disk``.
+        ``device`` (the compute device's memory), ``host`` (RAM; pinned on CUDA), ``disk``,
+        ``ray`` (actors on a Ray cluster's nodes, which attend their shards there: ``ray_*``).
     kv_device_budget, kv_host_budget, kv_disk_budget: shorthands for ``kv_tiers`` (used when it
         is not given): ``device:B1,host:B2,disk:B3``, where an unset device budget means
         unlimited on CUDA and 0 (no device tier) on the CPU, whose device memory *is* host RAM;
@@ -249,6 +250,25 @@ class KVConfig:
     kv_serial: submit to one tier and wait for it before the next (default: every tier is
         started, then the fastest is computed here while the others work).
     arena_segment_slots: memory tiers grow in segments of about this many blocks.
+    ray_address: the Ray cluster the ``ray`` tier's actors run on: ``HOST:PORT`` of its head
+        (what ``ray start --head`` prints), ``auto`` (the cluster running on this machine), or
+        ``None`` (``RAY_ADDRESS``, else a Ray instance started here for this run).
+    ray_shards: actors that own the ``ray`` tier's KV, one shard each, spread over the cluster's
+        nodes (a placement group with the ``SPREAD`` strategy); the tier's budget is shared
+        evenly: each actor reserves ``budget / ray_shards`` bytes of Ray's ``memory`` resource, so
+        Ray places it only on a node with that much to give.
+    ray_shard_cpus: CPUs each actor reserves (and its attention threads).
+    ray_storage: where an actor keeps its blocks: ``memory`` (its RAM) or ``disk`` (a private
+        file on its node's local disk, read as the disk tier's workers read theirs).
+    ray_timeout: seconds any call to an actor may take (a deadline on every remote call: never
+        a hang); an actor that misses it, dies or loses its node is replaced — in its bundle of
+        the placement group, which Ray moves to a live node — and its shard rebuilt by replaying
+        its writes from the journal; a shard that cannot be placed again within this time ends
+        the run with a one-line error naming the node it was on.
+    ray_exact: the driver merges every chunk's partial in sequence order (bit-identical to the
+        all-in-memory run) instead of each actor merging its chunks of a batch row into one
+        (fp32-rounding close; the reply is then one (o, lse) per row and shard, whatever the
+        context length — Lamina's ``(2 + 2/G)·e·d`` bytes per token and layer).
     """
 
     block_size: int = cli_field(16, "tokens per KV block")
@@ -273,6 +293,16 @@ class KVConfig:
     disk_write_backlog: int = cli_field(32 << 20, "bytes of unacknowledged block writes per disk worker before waiting", parse=parse_size)
     kv_serial: bool = cli_field(False, "run the tier workers one after another instead of together (measures what the overlap buys)")
     arena_segment_slots: int = 256
+    ray_address: str | None = cli_field(None, "Ray cluster of the ray KV tier: HOST:PORT of its head, or auto "
+                                         "(default: RAY_ADDRESS, else a Ray instance started for this run)")
+    ray_shards: int = cli_field(2, "ray KV tier: actors (one KV shard each) spread over the cluster's nodes")
+    ray_shard_cpus: float = cli_field(1.0, "ray KV tier: CPUs each actor reserves (its attention threads)")
+    ray_storage: str = cli_field("memory", "ray KV tier: where an actor keeps its blocks (its RAM, or its node's disk)",
+                                 choices=("memory", "disk"))
+    ray_timeout: float = cli_field(30.0, "ray KV tier: seconds any call to an actor may take before it is "
+                                   "replaced and its shard rebuilt from the journal")
+    ray_exact: bool = cli_field(False, "ray KV tier: merge every chunk's partial here in sequence order "
+                                "(bit-identical to in-memory; replies grow with the context)")
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -298,6 +328,14 @@ class KVConfig:
             raise ConfigError("disk_read_ahead and disk_write_backlog must be sizes")
         if not (self.disk_worker_timeout > 0 and math.isfinite(self.disk_worker_timeout)):
             raise ConfigError(f"disk_worker_timeout must be a number of seconds > 0, got {self.disk_worker_timeout}")
+        if self.ray_storage not in ("memory", "disk"):
+            raise ConfigError(f"ray_storage must be memory or disk, got {self.ray_storage!r}")
+        if self.ray_shards < 1:
+            raise ConfigError(f"ray_shards must be >= 1, got {self.ray_shards}")
+        if not (self.ray_shard_cpus > 0 and math.isfinite(self.ray_shard_cpus)):
+            raise ConfigError(f"ray_shard_cpus must be a number > 0, got {self.ray_shard_cpus}")
+        if not (self.ray_timeout > 0 and math.isfinite(self.ray_timeout)):
+            raise ConfigError(f"ray_timeout must be a number of seconds > 0, got {self.ray_timeout}")
         if self.kv_tiers is not None and self._shorthands:
             raise ConfigError("--kv-tiers gives every tier's budget: drop --" + ", --".join(
                 n.replace("_", "-") for n in self._shorthands))

@@ -11,10 +11,23 @@ import numpy as np
 import pytest
 import torch
 from latency_tier import LatencyTier
+from ray_cluster import ray_cluster  # noqa: F401  (a fixture)
 
 from kvoffload.kv.tiers.registry import TIERS
 
 TIERS["latency-host"] = LatencyTier            # a test-only tier: every placement test runs through it
+
+
+@pytest.fixture(autouse=True)
+def _ray_for_ray_placements(request):
+    """A test that runs a placement with the ray tier (by parameter, or marked ``ray``) gets the
+    session's local Ray cluster (started on first need), so its actors run on other nodes."""
+    # imported here, after the registration above: the matrix is built from TIERS
+    from placements import uses_ray
+
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    if request.node.get_closest_marker("ray") or any(uses_ray(v) for v in params.values()):
+        request.getfixturevalue("ray_cluster")
 
 TINY_VOCAB = 300          # 256 byte-level tokens + specials + unused ids
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

@@ -1,23 +1,37 @@
 """The KV placement matrix every exactness test runs over, built from the tier registry: each
 registered tier alone, all of them at once (small budgets so that chunks spill through every
-tier), several disk workers, and the disk read in-process (no workers). Block size 4 and 2-block chunks, so a tiny prompt spans many
-chunks (an fp32 slot of the tiny models is 1 KiB, 4 KiB on disk)."""
+tier), several disk workers, and the disk read in-process (no workers); the ray tier when Ray is
+installed (its actors on a local two-node cluster: tests/ray_cluster.py). Block size 4 and 2-block
+chunks, so a tiny prompt spans many chunks (an fp32 slot of the tiny models is 1 KiB, 4 KiB on
+disk)."""
 
 from __future__ import annotations
+
+from ray_cluster import available as ray_available
 
 from kvoffload.kv.tiers.registry import TIERS
 
 GEOMETRY = dict(block_size=4, chunk_blocks=2)
+# the ray tier's actors merge partials in chunk order here (bit-identical; its default merges a
+# row's chunks on the actor, tested within fp32 tolerance in tests/kv/test_ray_tier.py)
+RAY = dict(ray_exact=True, ray_timeout=60.0)
 
 
 def placements() -> dict[str, dict]:
-    names = list(TIERS)
+    # the ray tier needs Ray (tests of a placement with it get the session's local cluster: conftest.py)
+    names = [n for n in TIERS if n != "ray" or ray_available()]
     out = {f"all-{n}": dict(kv_tiers=f"{n}:none", disk_workers=1) for n in names}
     out["mixed"] = dict(kv_tiers=",".join(f"{n}:{'none' if i == len(names) - 1 else '16KiB'}" for i, n in enumerate(names)),
                         kv_sink_tokens=4, kv_recent_tokens=8)
     out["disk-3-workers"] = dict(kv_tiers="host:2KiB,disk:none", disk_workers=3, kv_recent_tokens=0, kv_sink_tokens=0)
     out["disk-in-process"] = dict(kv_tiers="host:2KiB,disk:none", disk_workers=0, kv_recent_tokens=0, kv_sink_tokens=0)
-    return {k: {**GEOMETRY, **v} for k, v in out.items()}
+    return {k: {**GEOMETRY, **(RAY if "ray" in v["kv_tiers"] else {}), **v} for k, v in out.items()}
 
 
 PLACEMENTS = placements()
+
+
+def uses_ray(name) -> bool:
+    """Whether the placement called ``name`` puts KV on the ray tier."""
+    tiers = str(PLACEMENTS.get(name, {}).get("kv_tiers", "")) if isinstance(name, str) else ""
+    return any(t.split(":")[0] == "ray" for t in tiers.split(","))

@@ -98,6 +98,7 @@ def test_placement_logits_equal_dense(dense, name):
         eng.kv.close()
 
 
+@pytest.mark.ray                     # every placement, the ray tier's too
 @pytest.mark.parametrize("kv_dtype", ["bfloat16", "float16"])
 def test_half_precision_bit_identical_across_placements(tiny_hf, kv_dtype):
     """16-bit activations and KV (the default numerics on a bf16 CPU): every placement decodes to
@@ -118,6 +119,7 @@ def test_half_precision_bit_identical_across_placements(tiny_hf, kv_dtype):
             eng.kv.close()
 
 
+@pytest.mark.ray                     # "mixed" holds every tier, the ray tier's too
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_placement_greedy_batch_identical(tiny_hf, dtype):
     """Whole runs (4 ragged prompts decoded together): the same tokens in every placement."""
@@ -137,6 +139,7 @@ def test_placement_greedy_batch_identical(tiny_hf, dtype):
             eng.kv.close()
 
 
+@pytest.mark.ray                     # "mixed" holds every tier, the ray tier's too
 def test_torch_path_equals_native(dense):
     """The PyTorch reference (CUDA, or no compiler) against the native paged kernel."""
     ids = dense.encode(PROMPTS[0])[:50]

@@ -1,1 +1,2 @@
-"""Tiers, fastest first: memory.py (device memory or host RAM) and disk.py (files)."""
+"""Tiers, fastest first: memory.py (device memory or host RAM), disk.py (files), ray.py (actors
+on other machines)."""

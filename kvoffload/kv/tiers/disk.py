@@ -42,6 +42,7 @@ from kvoffload.kv.tiers.protocol import (
     TierSpec,
     chunk_capacity,
 )
+from kvoffload.kv.tiers.shards import request_bytes, shard_of, split_request
 
 MAX_RESTARTS = 3
 LOCK_FILE = "owner.lock"        # in each kvoffload-* directory: locked (flock) while its owner runs
@@ -449,9 +450,7 @@ class DiskTier:
 
     def _where(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Tier slots -> (shard, the shard's slot)."""
-        CB, W = self.ctx.layout.chunk_blocks, len(self.workers)
-        chunk, i = np.divmod(slots, CB)
-        return chunk % W, (chunk // W) * CB + i
+        return shard_of(slots, self.ctx.layout.chunk_blocks, len(self.workers))
 
     # ---- blocks ----
     def write(self, slots: np.ndarray, data: torch.Tensor) -> None:
@@ -486,25 +485,7 @@ class DiskTier:
     # ---- attention ----
     def _per_shard(self, req: AttendRequest) -> list[tuple[int, np.ndarray, AttendRequest]]:
         """The request cut by shard: (worker, the items it gets, its request)."""
-        if req.num_items == 0:
-            return []
-        shard, local = self._where(req.slots)
-        q = req.q.numpy() if isinstance(req.q, torch.Tensor) else req.q
-        if len(self.workers) == 1:                           # one shard: the request as it is
-            return [(0, np.arange(req.num_items), AttendRequest(req.layer, q, req.seq, req.first, local, req.masks))]
-        item_shard = shard[req.first[:-1]]                   # a chunk's blocks are all in one shard
-        block_shard = np.repeat(item_shard, np.diff(req.first))
-        out = []
-        for w in np.unique(item_shard):
-            items = np.nonzero(item_shard == w)[0]
-            counts = req.first[items + 1] - req.first[items]
-            first = np.zeros(len(items) + 1, np.int64)
-            np.cumsum(counts, out=first[1:])
-            blocks = np.nonzero(block_shard == w)[0]         # its items' blocks, in order
-            sub = AttendRequest(req.layer, q, req.seq[items], first, local[blocks],
-                                None if req.masks is None else req.masks[blocks])
-            out.append((int(w), items, sub))
-        return out
+        return split_request(req, self.ctx.layout.chunk_blocks, len(self.workers))
 
     def submit(self, req: AttendRequest) -> None:
         split = self._per_shard(req)
@@ -530,7 +511,7 @@ class DiskTier:
             o[items], lse[items] = r.o, r.lse
             read += r.bytes_read
             ahead += r.ahead
-            sent += sub.q.nbytes + sub.slots.nbytes + sub.first.nbytes + (0 if sub.masks is None else sub.masks.nbytes)
+            sent += request_bytes(sub)
             back += r.o.nbytes + r.lse.nbytes
         c = self.counters
         c.read += read

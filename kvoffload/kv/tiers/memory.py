@@ -26,6 +26,7 @@ from kvoffload.kv.tiers.protocol import (
     TierSpec,
     chunk_capacity,
     expand_rows,
+    read_bytes,
 )
 
 
@@ -230,14 +231,6 @@ class MemoryTier:
 
     def close(self) -> None:
         pass
-
-
-def read_bytes(layout: BlockLayout, n_blocks: int, masks: np.ndarray | None) -> int:
-    """KV bytes an attention over ``n_blocks`` blocks reads: whole slots, or with token masks
-    only the (block, head) runs some token of which is attended."""
-    if masks is None:
-        return n_blocks * layout.slot_bytes
-    return int(np.count_nonzero(masks)) * layout.slot_bytes // layout.num_kv_heads
 
 
 class DeviceTier(MemoryTier):

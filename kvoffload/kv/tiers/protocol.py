@@ -207,6 +207,16 @@ def chunk_capacity(spec: TierSpec, chunk_bytes: int) -> int | None:
     return spec.budget // chunk_bytes
 
 
+def read_bytes(layout: BlockLayout, n_blocks: int, masks: np.ndarray | None) -> int:
+    """KV bytes an attention over ``n_blocks`` blocks reads: whole slots, or with token masks
+    only the (block, head) runs some token of which is attended."""
+    import numpy as np
+
+    if masks is None:
+        return n_blocks * layout.slot_bytes
+    return int(np.count_nonzero(masks)) * layout.slot_bytes // layout.num_kv_heads
+
+
 def expand_rows(seq, first, L: int):
     """A request's items, one per (item, query row): item i of batch row ``seq[i]`` becomes L
     items for rows ``seq[i]*L + l``, item-major. Returns (row ``[N*L]``, first ``[N*L+1]``,

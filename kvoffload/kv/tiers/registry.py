@@ -7,11 +7,13 @@ from kvoffload.errors import ConfigError
 from kvoffload.kv.tiers.disk import DiskTier
 from kvoffload.kv.tiers.memory import DeviceTier, HostTier
 from kvoffload.kv.tiers.protocol import Tier
+from kvoffload.kv.tiers.ray import RayTier
 
 TIERS: dict[str, type[Tier]] = {
     "device": DeviceTier,
     "host": HostTier,
     "disk": DiskTier,
+    "ray": RayTier,
 }
 
 
