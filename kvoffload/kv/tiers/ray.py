@@ -89,6 +89,14 @@ def _check_reachable(address: str, timeout: float) -> None:
                           f"or check --ray-address)") from None
 
 
+def check_ray(address: str | None, timeout: float) -> None:
+    """Ray is installed and a ``HOST:PORT`` address answers (a one-line error otherwise; run
+    before the model loads)."""
+    import_ray()
+    if address not in (None, "auto"):
+        _check_reachable(address, timeout)
+
+
 def connect(address: str | None, timeout: float):
     """Ray, connected to ``address`` (``auto``; ``None``: ``RAY_ADDRESS`` or a new local
     instance); a process already connected keeps its connection."""
