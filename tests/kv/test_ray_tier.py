@@ -76,6 +76,17 @@ def test_merge_rows_equals_merging_every_chunk():
             np.testing.assert_allclose(ml[r, l], want_l[0], rtol=1e-5, atol=1e-6)
 
 
+def test_block_lists_as_runs():
+    """Whole chunks travel as one slot per item; anything else (sparse choices) as it is."""
+    from kvoffload.kv.tiers.shards import as_runs, from_runs
+
+    first = np.array([0, 4, 6, 10])
+    slots = np.array([8, 9, 10, 11, 2, 3, 20, 21, 22, 23])
+    runs = as_runs(first, slots)
+    assert list(runs) == [8, 2, 20] and np.array_equal(from_runs(first, runs), slots)
+    assert as_runs(first, np.array([8, 9, 11, 12, 2, 3, 20, 21, 22, 23])) is None
+
+
 def test_journal_replays_each_slots_latest_bytes(tmp_path):
     j = Journal(str(tmp_path / "j"), 4)
     j.append(np.array([0, 1, 2]), np.arange(12, dtype=np.uint8).reshape(3, 4))

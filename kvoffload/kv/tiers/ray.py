@@ -47,7 +47,7 @@ from kvoffload.kv.tiers.protocol import (
     chunk_capacity,
 )
 from kvoffload.kv.tiers.ray_worker import ShardServer
-from kvoffload.kv.tiers.shards import request_bytes, shard_of, split_request
+from kvoffload.kv.tiers.shards import as_runs, request_bytes, shard_of, split_request
 
 INSTALL = 'pip install "kvoffload[ray]"'
 REPLAY_BYTES = 32 << 20          # journal bytes replayed to a new actor per round trip
@@ -411,10 +411,11 @@ class RayTier:
         subs = []
         for w, items, sub in split_request(req, self.ctx.layout.chunk_blocks, len(self.shards)):
             rows = np.unique(sub.seq)                                           # only these rows' queries travel
+            runs = as_runs(sub.first, sub.slots)                                # whole chunks: one slot per item
             sub = AttendRequest(sub.layer, np.ascontiguousarray(sub.q[rows]), np.searchsorted(rows, sub.seq),
-                                sub.first, sub.slots, sub.masks)
+                                sub.first, None if runs is not None else sub.slots, sub.masks)
             s = self.shards[w]
-            subs.append((s, items, sub, s.actor.attend.remote(sub, self.merge)))
+            subs.append((s, items, (sub, runs), s.actor.attend.remote(sub, self.merge, runs)))
         self._split = (req, subs)
 
     def prefetch(self, req: AttendRequest) -> None:
@@ -428,16 +429,16 @@ class RayTier:
         o = np.zeros((N, L, H, D), np.float32)
         lse = np.full((N, L, H), -np.inf, np.float32)
         read = sent = back = 0
-        for s, items, sub, ref in subs:
+        for s, items, (sub, runs), ref in subs:
             try:
                 first, o_w, lse_w, n_read = self._get(s, ref)
             except _Lost as e:
                 self._restart(s, str(e))
-                first, o_w, lse_w, n_read = self._call(s, "attend", sub, self.merge)
+                first, o_w, lse_w, n_read = self._call(s, "attend", sub, self.merge, runs)
             at = items if first is None else items[first]      # merged: a row's part sits at its first item
             o[at], lse[at] = o_w, lse_w
             read += n_read
-            sent += request_bytes(sub)
+            sent += request_bytes(sub) + (0 if runs is None else runs.nbytes)
             back += o_w.nbytes + lse_w.nbytes + (0 if first is None else first.nbytes)
             self._drain(s, wait=False)
         c = self.counters

@@ -30,6 +30,7 @@ from kvoffload.kv.tiers.protocol import (
     expand_rows,
     read_bytes,
 )
+from kvoffload.kv.tiers.shards import from_runs
 
 STORAGES = ("memory", "disk")
 
@@ -158,9 +159,12 @@ class ShardServer:
             return np.frombuffer(self.disk.read(slots), np.uint8).reshape(len(slots), self.layout.slot_bytes)
         return self.mem.gather(slots)
 
-    def attend(self, req: AttendRequest, merge: bool) -> tuple:
+    def attend(self, req: AttendRequest, merge: bool, runs: np.ndarray | None = None) -> tuple:
         """-> (None, o ``[N, L, H, D]``, lse ``[N, L, H]``, bytes read) or, with ``merge``, (each
-        row's first item ``[R]``, o ``[R, L, H, D]``, lse ``[R, L, H]``, bytes read)."""
+        row's first item ``[R]``, o ``[R, L, H, D]``, lse ``[R, L, H]``, bytes read). ``runs``:
+        the items' first slots, when ``req.slots`` was left out (each item's slots consecutive)."""
+        if runs is not None:
+            req.slots = from_runs(req.first, runs)
         r = self.disk.attend(req) if self.storage == "disk" else self._attend_memory(req)
         if not merge:
             return None, r.o, r.lse, r.bytes_read

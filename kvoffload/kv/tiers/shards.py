@@ -43,6 +43,19 @@ def split_request(req: AttendRequest, chunk_blocks: int, shards: int) -> list[tu
     return out
 
 
+def as_runs(first: np.ndarray, slots: np.ndarray) -> np.ndarray | None:
+    """Each item's first slot when every item's slots are consecutive (whole chunks, as dense
+    decode sends them): the block list in one number per item; else None."""
+    starts = slots[first[:-1]]
+    return starts if np.array_equal(from_runs(first, starts), slots) else None
+
+
+def from_runs(first: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Item i's slots ``starts[i] .. starts[i] + first[i+1] - first[i] - 1``, concatenated."""
+    counts = np.diff(first)
+    return np.repeat(starts - first[:-1], counts) + np.arange(first[-1], dtype=np.int64)
+
+
 def request_bytes(req: AttendRequest) -> int:
     """Payload bytes of a request sent to a worker: q and the item / block lists."""
     return sum(a.nbytes for a in (req.q, req.seq, req.first, req.slots) if a is not None) \
