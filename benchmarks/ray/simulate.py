@@ -57,23 +57,24 @@ def lamina_bytes(s: Shape, e: int) -> float:
     return (2 + 2 / s.G) * e * s.d
 
 
-def ray_bytes(s: Shape, e: int, shards: int, context: int, chunk_tokens: int, merged: bool) -> float:
-    """The ray tier's per token and layer, as measure.py counts it: fp32 q to each shard, fp32
-    (o, lse) back from each (per row merged on the actor; per chunk with --ray-exact), 8 bytes
-    per block in the block lists plus 16 per chunk (its row and first-block index), and the new
-    token's k, v once (written in whole blocks)."""
+def ray_bytes(s: Shape, e: int, shards: int, context: int, chunk_tokens: int, merged: bool,
+              fraction: float = 1.0) -> float:
+    """The ray tier's per token and layer, as measure.py counts it: fp32 q to each shard; fp32
+    (o, lse) back from each, per row merged on the actor (plus its 8-byte item index) or per
+    chunk with --ray-exact; per chunk its row and first-block index and its block list (one slot
+    when whole, 8 bytes per chosen block under a sparse policy); and the new token's k, v once
+    (written in whole blocks)."""
     chunks = context // chunk_tokens
-    blocks = context // 16
     q = 4 * s.d * shards
-    back = 4 * (s.d + s.heads) * (shards if merged else chunks)
-    lists = 8 * blocks + 16 * chunks
-    return q + back + lists + s.kv_token_layer(e)
+    back = (4 * (s.d + s.heads) + 8) * shards if merged else 4 * (s.d + s.heads) * chunks
+    lists = 24 * chunks if fraction >= 1 else 16 * chunks + 8 * context * fraction / 16
+    return q + back + lists + 8 * shards + s.kv_token_layer(e)
 
 
 def min_bandwidth(s: Shape, B: int, context: int, e: int, bytes_tl: float, latency: float, overhead: float,
-                  disk_bw: float, nodes: int, mem_bw: float) -> float | None:
+                  disk_bw: float, nodes: int, mem_bw: float, fraction: float = 1.0) -> float | None:
     """Least link bandwidth (bytes/s) at which remote attention beats the disk, or None."""
-    kv_seq = s.layers * context * s.kv_token_layer(e)
+    kv_seq = s.layers * context * s.kv_token_layer(e) * fraction
     t_disk = B * kv_seq / disk_bw
     t_attn = B * kv_seq / (nodes * mem_bw)
     spare = t_disk - s.layers * (latency + overhead) - t_attn
@@ -81,9 +82,9 @@ def min_bandwidth(s: Shape, B: int, context: int, e: int, bytes_tl: float, laten
 
 
 def max_latency(s: Shape, B: int, context: int, e: int, overhead: float, disk_bw: float, nodes: int,
-                mem_bw: float) -> float:
+                mem_bw: float, fraction: float = 1.0) -> float:
     """The round-trip latency at which remote attention ties the disk with an infinitely fast link."""
-    kv_seq = s.layers * context * s.kv_token_layer(e)
+    kv_seq = s.layers * context * s.kv_token_layer(e) * fraction
     return (B * kv_seq / disk_bw - B * kv_seq / (nodes * mem_bw)) / s.layers - overhead
 
 
@@ -106,8 +107,11 @@ def main() -> None:
     ap.add_argument("--latencies-us", default="5,33,66.6,200,1000", help="link round-trip latencies, µs")
     ap.add_argument("--overhead-us", type=float, default=None, help="software overhead per round trip "
                     "(default: measure.py's median, else 0)")
+    ap.add_argument("--read-fraction", type=float, default=1.0,
+                    help="KV read per step (a sparse policy's budget, e.g. 0.0625): on the disk and on the memory nodes")
     ap.add_argument("-o", "--output")
     a = ap.parse_args()
+    f = a.read_fraction
     overhead, measured_note = 0.0, "no measurement given: software overhead 0"
     if a.overhead_us is not None:
         overhead, measured_note = a.overhead_us * 1e-6, f"software overhead {a.overhead_us:g} µs (given)"
@@ -120,7 +124,7 @@ def main() -> None:
     disks = [float(x) * 1e9 for x in a.disk_bw.split(",")]
     lats = [float(x) * 1e-6 for x in a.latencies_us.split(",")]
     e, T, B = a.kv_bytes, a.context, a.batch
-    out = [f"Context {T} tokens, KV {8 * e}-bit, {a.shards} memory nodes reading at {a.mem_bw:g} GB/s each; "
+    out = [f"Context {T} tokens, KV {8 * e}-bit, {f:g} of it read per step, {a.shards} memory nodes reading at {a.mem_bw:g} GB/s each; "
            f"{measured_note}.", ""]
     out.append("### Bytes per token and layer")
     out.append("")
@@ -128,39 +132,39 @@ def main() -> None:
     out.append("|---|---|---|---|---|")
     for s in SHAPES:
         out.append(f"| {s.name} | {s.G} | {lamina_bytes(s, e) / 1024:.1f} KiB | "
-                   f"{ray_bytes(s, e, a.shards, T, 256, True) / 1024:.1f} KiB | "
-                   f"{ray_bytes(s, e, a.shards, T, 256, False) / 1024:.1f} KiB |")
+                   f"{ray_bytes(s, e, a.shards, T, 256, True, f) / 1024:.1f} KiB | "
+                   f"{ray_bytes(s, e, a.shards, T, 256, False, f) / 1024:.1f} KiB |")
     for B_ in sorted({1, B}):
         out += ["", f"### Least link bandwidth at which remote attention beats the local disk (batch {B_})", ""]
-        head = "| model | bytes | disk | " + " | ".join(f"{x * 1e6:g} µs" for x in lats) + " | latency at which it never wins |"
+        head = "| model | bytes | disk | " + " | ".join(f"{x * 1e6:g} µs" for x in lats) + " | wins while the link's round trip is under |"
         out += [head, "|" + "---|" * (head.count("|") - 1)]
         for s in SHAPES:
-            for label, btl in (("Lamina", lamina_bytes(s, e)), ("ray tier", ray_bytes(s, e, a.shards, T, 256, True))):
+            for label, btl in (("Lamina", lamina_bytes(s, e)), ("ray tier", ray_bytes(s, e, a.shards, T, 256, True, f))):
                 for dbw in disks:
-                    cells = [fmt_bw(min_bandwidth(s, B_, T, e, btl, lat, overhead, dbw, a.shards, a.mem_bw * 1e9))
+                    cells = [fmt_bw(min_bandwidth(s, B_, T, e, btl, lat, overhead, dbw, a.shards, a.mem_bw * 1e9, f))
                              for lat in lats]
-                    ml = max_latency(s, B_, T, e, overhead, dbw, a.shards, a.mem_bw * 1e9)
+                    ml = max_latency(s, B_, T, e, overhead, dbw, a.shards, a.mem_bw * 1e9, f)
                     out.append(f"| {s.name} | {label} | {dbw / 1e9:g} GB/s | " + " | ".join(cells)
-                               + f" | {'≥ ' + format(ml * 1e3, '.1f') + ' ms' if ml > 0 else 'any'} |")
+                               + f" | {format(ml * 1e3, '.1f') + ' ms' if ml > 0 else 'never'} |")
     links = [("10 GbE, TCP", 1.25e9, 100e-6), ("100 Gb RoCE", 12.5e9, 33e-6), ("400 Gb RoCE (Lamina)", 50e9, 33e-6)]
     out += ["", f"### Time per decode step, batch {B} (the attention part only: KV reads or remote attention)", ""]
     out += ["| model | local disk 2 GB/s | local disk 7 GB/s | " + " | ".join(n for n, _, _ in links) + " |",
             "|---|---|---|" + "---|" * len(links)]
     for s in SHAPES:
-        kv_seq = s.layers * T * s.kv_token_layer(e)
-        btl = ray_bytes(s, e, a.shards, T, 256, True)
+        kv_seq = s.layers * T * s.kv_token_layer(e) * f
+        btl = ray_bytes(s, e, a.shards, T, 256, True, f)
         remote = [s.layers * (lat + overhead) + s.layers * B * btl / bw + B * kv_seq / (a.shards * a.mem_bw * 1e9)
                   for _, bw, lat in links]
         out.append(f"| {s.name} | {B * kv_seq / 2e9:.1f} s | {B * kv_seq / 7e9:.1f} s | "
                    + " | ".join(f"{t * 1e3:.0f} ms" for t in remote) + " |")
     out += ["", f"### Memory nodes for batch {B} at {T} tokens", ""]
     out += ["| model | KV per sequence | KV of the batch | nodes by RAM "
-            f"({a.node_ram:g} GiB each) | nodes to read it in 100 ms | in 500 ms |", "|---|---|---|---|---|---|"]
+            f"({a.node_ram:g} GiB each) | nodes to read a step's KV in 100 ms | in 500 ms |", "|---|---|---|---|---|---|"]
     for s in SHAPES:
         kv_seq = s.layers * T * s.kv_token_layer(e)
         total = B * kv_seq
         by_ram = math.ceil(total / (a.node_ram * GiB))
-        by_bw = [math.ceil(total / (a.mem_bw * 1e9 * t)) for t in (0.1, 0.5)]
+        by_bw = [math.ceil(total * f / (a.mem_bw * 1e9 * t)) for t in (0.1, 0.5)]
         out.append(f"| {s.name} | {kv_seq / GiB:.0f} GiB | {total / GiB:.0f} GiB | {by_ram} | {by_bw[0]} | {by_bw[1]} |")
     text = "\n".join(out) + "\n"
     print(text)
