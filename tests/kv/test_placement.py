@@ -12,27 +12,14 @@ from kvoffload.errors import ConfigError
 from kvoffload.kv.layout import BlockLayout
 from kvoffload.kv.placement import KVBudgetExceeded, Placement
 from kvoffload.kv.tiers.disk_worker import DiskShard, aligned_buffer
-from kvoffload.kv.tiers.protocol import ChunkPool
+from kvoffload.kv.tiers.protocol import ChunkPool, PooledChunks
 
 CB = 2
 
 
-class FakeTier:
-    def __init__(self, name: str, capacity: int | None) -> None:
+class FakeTier(PooledChunks):
+    def __init__(self, name: str, capacity: int | None) -> None:        # chunk numbers only
         self.name, self.pool = name, ChunkPool(capacity)
-
-    @property
-    def used(self) -> int:
-        return self.pool.used
-
-    def has_room(self) -> bool:
-        return self.pool.has_room()
-
-    def alloc(self) -> int:
-        return self.pool.alloc()
-
-    def release(self, chunk: int) -> None:
-        self.pool.release(chunk)
 
 
 def make(caps, sink=1, recent=2):

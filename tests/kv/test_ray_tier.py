@@ -227,6 +227,26 @@ def test_actor_killed_mid_decode_is_replaced_output_unchanged(ray_cluster, dense
         llm.close()
 
 
+class JoinedNode:
+    """A node that joins the session's cluster for one test and leaves (its raylet stopped) when
+    the test says so, or at the end."""
+
+    def __init__(self, cluster) -> None:
+        self.cluster, self.node = cluster, cluster.add_node()
+        self.id = self.node.node_id
+
+    def leave(self) -> None:
+        if self.node is not None:
+            self.cluster.remove_node(self.node)
+            self.node = None
+
+    def __enter__(self) -> JoinedNode:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.leave()
+
+
 def _step_until_done(eng, ids):
     while eng.has_unfinished():
         eng.step()
@@ -240,59 +260,48 @@ def test_node_leaves_mid_run_shard_rebuilt_elsewhere(ray_cluster, dense, tiny_pa
     the journal and the output is unchanged."""
     params = SamplingParams(max_tokens=20, ignore_eos=True)
     ref = greedy(dense, 20)
-    node = ray_cluster.add_node()
-    llm = None
-    try:
+    with JoinedNode(ray_cluster) as node:
         llm = LLM(tiny_path, dtype="float32", prefill_chunk=16, max_num_seqs=4, **GEOMETRY, **RAY,
                   ray_shards=3, **PLACES["whole"])
-        eng, tier = llm.engine, llm.engine.kv.tiers[0]
-        on_node = [s for s in tier.shards if s.info["node"] == node.node_id]
-        assert len(on_node) == 1, tier.nodes()                  # SPREAD: one actor on each of the three nodes
-        gone = node.node_id
-        ids = [eng.add_request(llm.encode(p), params) for p in PROMPTS]
-        for _ in range(5):
-            eng.step()
-        ray_cluster.remove_node(node)
-        node = None
-        assert _step_until_done(eng, ids) == ref
-        assert on_node[0].restarts >= 1 and on_node[0].info["node"] != gone
-        assert gone not in {s.info["node"] for s in tier.shards}
-    finally:
-        if llm is not None:
+        try:
+            eng, tier = llm.engine, llm.engine.kv.tiers[0]
+            on_node = [s for s in tier.shards if s.info["node"] == node.id]
+            assert len(on_node) == 1, tier.nodes()                  # SPREAD: one actor on each of the three nodes
+            ids = [eng.add_request(llm.encode(p), params) for p in PROMPTS]
+            for _ in range(5):
+                eng.step()
+            node.leave()
+            assert _step_until_done(eng, ids) == ref
+            assert on_node[0].restarts >= 1 and on_node[0].info["node"] != node.id
+            assert node.id not in {s.info["node"] for s in tier.shards}
+        finally:
             llm.close()
-        if node is not None:
-            ray_cluster.remove_node(node)
 
 
 @needs_ray
 def test_node_leaves_without_room_elsewhere_one_line_error_naming_it(ray_cluster, tiny_path):
     """Each actor takes a whole node's CPUs: when a node leaves there is nowhere to rebuild its
     shard, and the step fails within the deadline with an error naming that node (no hang)."""
-    node = ray_cluster.add_node()
-    llm = None
-    try:
+    with JoinedNode(ray_cluster) as node:
         llm = LLM(tiny_path, dtype="float32", prefill_chunk=16, max_num_seqs=4, **GEOMETRY, **PLACES["whole"],
                   ray_timeout=5.0, ray_shards=3, ray_shard_cpus=2.0, kv_sink_tokens=0, kv_recent_tokens=0)
-        eng, tier = llm.engine, llm.engine.kv.tiers[0]
-        victim = next(s for s in tier.shards if s.info["node"] == node.node_id)
-        ids = [eng.add_request(llm.encode(p), SamplingParams(max_tokens=20, ignore_eos=True)) for p in PROMPTS]
-        for _ in range(3):
-            eng.step()
-        ray_cluster.remove_node(node)
-        node = None
-        t0 = time.time()
-        with pytest.raises(RayShardError) as err:
-            _step_until_done(eng, ids)
-        took = time.time() - t0
-        msg = str(err.value)
-        print(f"{took:.1f} s: {msg}")
-        assert "\n" not in msg and victim.info["node"][:12] in msg and "could not be placed" in msg
-        assert took < 60, took
-    finally:
-        if llm is not None:
+        try:
+            eng, tier = llm.engine, llm.engine.kv.tiers[0]
+            assert any(s.info["node"] == node.id for s in tier.shards), tier.nodes()
+            ids = [eng.add_request(llm.encode(p), SamplingParams(max_tokens=20, ignore_eos=True)) for p in PROMPTS]
+            for _ in range(3):
+                eng.step()
+            node.leave()
+            t0 = time.time()
+            with pytest.raises(RayShardError) as err:
+                _step_until_done(eng, ids)
+            took = time.time() - t0
+            msg = str(err.value)
+            print(f"{took:.1f} s: {msg}")
+            assert "\n" not in msg and node.id[:12] in msg and "could not be placed" in msg
+            assert took < 60, took
+        finally:
             llm.close()
-        if node is not None:
-            ray_cluster.remove_node(node)
 
 
 @needs_ray

@@ -36,11 +36,9 @@ from kvoffload.kv.tiers.disk_worker import WorkerIO, WriteBlocks
 from kvoffload.kv.tiers.protocol import (
     AttendRequest,
     AttendResult,
-    ChunkPool,
+    PooledChunks,
     TierContext,
-    TierCounters,
     TierSpec,
-    chunk_capacity,
 )
 from kvoffload.kv.tiers.shards import request_bytes, shard_of, split_request
 
@@ -400,7 +398,7 @@ def check_offload_base(base: str | None) -> str:
     return base
 
 
-class DiskTier:
+class DiskTier(PooledChunks):
     """Shard files under ``--offload-dir``, one worker process each (``--disk-workers``)."""
 
     medium = "disk"
@@ -412,11 +410,8 @@ class DiskTier:
         return layout.chunk_blocks * layout.disk_stride
 
     def __init__(self, spec: TierSpec, ctx: TierContext) -> None:
+        super().__init__(spec, ctx)
         lay, kv = ctx.layout, ctx.kv
-        self.name, self.budget, self.ctx = spec.name, spec.budget, ctx
-        self.capacity = chunk_capacity(spec, self.chunk_bytes(lay))
-        self.pool = ChunkPool(self.capacity)
-        self.counters = TierCounters()
         self.directory = make_offload_dir(kv.offload_dir, spec.budget)
         self.workers: list[ProcessWorker] = []
         self._finalizer = weakref.finalize(self, _cleanup, self.workers, self.directory)
@@ -433,20 +428,6 @@ class DiskTier:
                                               per_worker, io, kv.disk_write_backlog, ctx.native, kv.disk_worker_timeout))
         self._writes: dict[int, list[tuple[np.ndarray, bytes]]] = {}
         self._split: list[tuple[int, np.ndarray]] | None = None      # the request in flight, per shard
-
-    # ---- chunks ----
-    def has_room(self) -> bool:
-        return self.pool.has_room()
-
-    def alloc(self) -> int:
-        return self.pool.alloc()
-
-    def release(self, chunk: int) -> None:
-        self.pool.release(chunk)
-
-    @property
-    def used(self) -> int:
-        return self.pool.used
 
     def _where(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Tier slots -> (shard, the shard's slot)."""

@@ -195,6 +195,31 @@ class ChunkPool:
         return self._next
 
 
+class PooledChunks:
+    """The chunk-allocation half of :class:`Tier` for a tier whose chunks are numbers in
+    ``self.pool`` (a :class:`ChunkPool` of the budget's capacity) and nothing more (the disk and
+    ray tiers); also sets the tier's name, budget, context and counters."""
+
+    def __init__(self, spec: TierSpec, ctx: TierContext) -> None:
+        self.name, self.budget, self.ctx = spec.name, spec.budget, ctx
+        self.capacity = chunk_capacity(spec, self.chunk_bytes(ctx.layout))
+        self.pool = ChunkPool(self.capacity)
+        self.counters = TierCounters()
+
+    def has_room(self) -> bool:
+        return self.pool.has_room()
+
+    def alloc(self) -> int:
+        return self.pool.alloc()
+
+    def release(self, chunk: int) -> None:
+        self.pool.release(chunk)
+
+    @property
+    def used(self) -> int:
+        return self.pool.used
+
+
 def chunk_capacity(spec: TierSpec, chunk_bytes: int) -> int | None:
     """Chunks a tier's budget holds (a one-line error for a budget between 0 and one chunk)."""
     from kvoffload.errors import ConfigError

@@ -40,11 +40,9 @@ from kvoffload.kv.tiers.disk_worker import WorkerIO
 from kvoffload.kv.tiers.protocol import (
     AttendRequest,
     AttendResult,
-    ChunkPool,
+    PooledChunks,
     TierContext,
-    TierCounters,
     TierSpec,
-    chunk_capacity,
 )
 from kvoffload.kv.tiers.ray_worker import ShardServer
 from kvoffload.kv.tiers.shards import as_runs, request_bytes, shard_of, split_request
@@ -197,7 +195,7 @@ def _cleanup(ray, shards: list[_Shard], pg_box: list, directory: str) -> None:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-class RayTier:
+class RayTier(PooledChunks):
     """Chunks on Ray actors (``--ray-shards``), each attending its shard where it lives."""
 
     prefetches = False
@@ -208,12 +206,9 @@ class RayTier:
         return layout.chunk_blocks * layout.slot_bytes
 
     def __init__(self, spec: TierSpec, ctx: TierContext) -> None:
+        super().__init__(spec, ctx)
         kv, lay = ctx.kv, ctx.layout
-        self.name, self.budget, self.ctx = spec.name, spec.budget, ctx
         self.medium = "disk" if kv.ray_storage == "disk" else "memory"
-        self.capacity = chunk_capacity(spec, self.chunk_bytes(lay))
-        self.pool = ChunkPool(self.capacity)
-        self.counters = TierCounters()
         self.timeout, self.merge, self.max_backlog = kv.ray_timeout, not kv.ray_exact, kv.disk_write_backlog
         self.ray = ray = connect(kv.ray_address, kv.ray_timeout)
         W = kv.ray_shards
@@ -352,20 +347,6 @@ class RayTier:
             s.writes.pop(0)
             s.backlog -= n
 
-    # ---- chunks ----
-    def has_room(self) -> bool:
-        return self.pool.has_room()
-
-    def alloc(self) -> int:
-        return self.pool.alloc()
-
-    def release(self, chunk: int) -> None:
-        self.pool.release(chunk)
-
-    @property
-    def used(self) -> int:
-        return self.pool.used
-
     def _where(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return shard_of(slots, self.ctx.layout.chunk_blocks, len(self.shards))
 
@@ -476,9 +457,10 @@ _ACTOR: dict = {}
 
 
 def _actor_class(ray):
-    """``ray.remote(ShardServer)``, made once per process."""
-    if "cls" not in _ACTOR:
-        _ACTOR["cls"] = ray.remote(ShardServer)
+    """``ray.remote(ShardServer)``, made once per connection (job) of this process."""
+    job = ray.get_runtime_context().get_job_id()
+    if _ACTOR.get("job") != job:
+        _ACTOR.update(job=job, cls=ray.remote(ShardServer))
     return _ACTOR["cls"]
 
 
