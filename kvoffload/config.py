@@ -247,6 +247,11 @@ class KVConfig:
     disk_read_ahead: during decode each disk worker is told the next layer's blocks as soon as
         this layer's query is sent, and reads up to this many bytes of them ahead, so the read
         overlaps the model's compute of that layer (0 = off; a buffer this size per worker).
+    disk_block_cache: RAM for a cache of the disk blocks that sparse decode reads, kept for the
+        next steps (consecutive tokens choose mostly the same blocks), split over the disk
+        shards; least recently used blocks go first, but never one used within the current step.
+        When ``kv_host_budget`` is set the cache is part of it (the host tier gets the rest),
+        so the KV's RAM stays within that budget. 0 = no cache.
     kv_serial: submit to one tier and wait for it before the next (default: every tier is
         started, then the fastest is computed here while the others work).
     arena_segment_slots: memory tiers grow in segments of about this many blocks.
@@ -291,6 +296,8 @@ class KVConfig:
                                            "(it is then killed, restarted and the request replayed)")
     disk_read_ahead: int = cli_field(4 << 20, "bytes of the next layer's blocks a disk worker reads ahead (0 = off)", parse=parse_size)
     disk_write_backlog: int = cli_field(32 << 20, "bytes of unacknowledged block writes per disk worker before waiting", parse=parse_size)
+    disk_block_cache: int = cli_field(0, "RAM for a cache of the disk blocks sparse decode reads, e.g. 8MiB "
+                                      "(part of --kv-host-budget when that is set; 0 = none)", parse=parse_size)
     kv_serial: bool = cli_field(False, "run the tier workers one after another instead of together (measures what the overlap buys)")
     arena_segment_slots: int = 256
     ray_address: str | None = cli_field(None, "Ray cluster of the ray KV tier: HOST:PORT of its head, or auto "
@@ -307,7 +314,7 @@ class KVConfig:
     def __post_init__(self) -> None:
         check_types(self)
         for name in ("kv_device_budget", "kv_host_budget", "kv_disk_budget", "disk_read_batch", "disk_read_ahead",
-                     "disk_write_backlog"):
+                     "disk_write_backlog", "disk_block_cache"):
             object.__setattr__(self, name, parse_size(getattr(self, name)))
         object.__setattr__(self, "kv_tiers", parse_tiers(self.kv_tiers))
         if not 1 <= self.block_size <= 256:
@@ -324,8 +331,11 @@ class KVConfig:
             raise ConfigError("kv_sink_tokens and kv_recent_tokens must be >= 0")
         if self.disk_read_batch is None or self.disk_read_batch < 1:
             raise ConfigError("disk_read_batch must be a positive size")
-        if self.disk_read_ahead is None or self.disk_write_backlog is None:
-            raise ConfigError("disk_read_ahead and disk_write_backlog must be sizes")
+        if self.disk_read_ahead is None or self.disk_write_backlog is None or self.disk_block_cache is None:
+            raise ConfigError("disk_read_ahead, disk_write_backlog and disk_block_cache must be sizes")
+        if self.kv_host_budget is not None and self.disk_block_cache > self.kv_host_budget:
+            raise ConfigError(f"--disk-block-cache ({self.disk_block_cache} bytes) is part of --kv-host-budget "
+                              f"({self.kv_host_budget} bytes) and cannot exceed it")
         if not (self.disk_worker_timeout > 0 and math.isfinite(self.disk_worker_timeout)):
             raise ConfigError(f"disk_worker_timeout must be a number of seconds > 0, got {self.disk_worker_timeout}")
         if self.ray_storage not in ("memory", "disk"):
@@ -354,7 +364,10 @@ class KVConfig:
         if self.kv_tiers is not None:
             return self.kv_tiers
         device = self.kv_device_budget if self.kv_device_budget is not None else (None if device_type == "cuda" else 0)
-        return (("device", device), ("host", self.kv_host_budget), ("disk", self.kv_disk_budget))
+        host = self.kv_host_budget
+        if host is not None:
+            host -= self.disk_block_cache               # the disk tier's block cache is RAM too
+        return (("device", device), ("host", host), ("disk", self.kv_disk_budget))
 
 # --------------------------------------------------------------------------- sparse attention
 

@@ -49,6 +49,10 @@ class KVStats:
         """Per tier that read ahead: the share of the blocks it attended that were already read."""
         return {t: c.ahead / c.blocks for t, c in self.tiers.items() if c.ahead and c.blocks}
 
+    def cached_rate(self) -> dict[str, float]:
+        """Per tier with a block cache: the share of the blocks it attended found there."""
+        return {t: c.cached / c.blocks for t, c in self.tiers.items() if c.cached and c.blocks}
+
 
 def sparse_line(policy_name: str, budget: str, st: SparseCounters) -> str | None:
     if not st.steps:
@@ -71,6 +75,7 @@ def tier_line(stats: KVStats, prefill: dict[str, dict[str, int]] | None = None, 
     decode's per generated token without it."""
     held = ", ".join(f"{t} {b / MiB:.1f}" for t, b in stats.held.items())
     ahead = "".join(f"; {t} blocks read ahead {100 * r:.0f}%" for t, r in stats.ahead_rate().items())
+    ahead += "".join(f"; {t} blocks from its cache {100 * r:.0f}%" for t, r in stats.cached_rate().items())
     if prefill is None:
         return f"KV per generated token: {_traffic(stats.per_token())}; held now MiB {held}{ahead}"
     n = max(1, stats.decode_tokens)

@@ -116,7 +116,9 @@ class TieredBackend:
             raise ConfigError("every KV tier has a budget of 0: nowhere to put the KV")
         # a sparse policy's dense layers read their whole KV every step: they leave the fast tiers last
         hot = frozenset(i for i in range(cfg.num_layers) if not policy.sparse(i)) if policy is not None else frozenset()
-        self.store = BlockStore(tiers, ctx, cfg.num_layers, kv.kv_sink_tokens, kv.kv_recent_tokens, hot)
+        # with a block cache on disk the sparse layers' sink and recent blocks are held there, block by block
+        cached = frozenset(range(cfg.num_layers)) - hot if policy is not None and kv.disk_block_cache else frozenset()
+        self.store = BlockStore(tiers, ctx, cfg.num_layers, kv.kv_sink_tokens, kv.kv_recent_tokens, hot, cached)
         self.tiers = tiers
         self.kernel = paged_kernel(ctx, device)          # the tails' (and the merge's) native kernel
         self.tail_counters = TierCounters()

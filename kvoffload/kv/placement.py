@@ -9,7 +9,11 @@ sink tokens) nor touched by the recent window is demoted one tier down (recursiv
 and recent tokens stay fast. Chunks of *hot* layers (read whole at every decode step while the
 others are read in part: the dense layers of a sparse policy) are demoted only when a tier has
 no other chunk to demote — per byte they are read many times more often (FlexGen's placement
-by access frequency, at chunk granularity). If a tier has nothing left to demote, the new chunk
+by access frequency, at chunk granularity). Chunks of *cached* layers (the sparse layers, when
+the disk tier keeps a cache of the blocks they read) have no sink or recent-window protection
+and may be demoted while still being filled: a sparse step reads a few blocks of those chunks,
+which that cache holds block by block, so their room in the fast tier is better spent on the
+hot layers. If a tier has nothing left to demote, the new chunk
 goes to the next tier. When every tier is full the request cannot proceed
 (:class:`KVBudgetExceeded`).
 """
@@ -65,10 +69,10 @@ class Placement:
     ``hot_layers`` after all others)."""
 
     def __init__(self, tiers: list[ChunkAllocator], chunk_blocks: int, sink_chunks: int, recent_blocks: int,
-                 hot_layers: frozenset[int] = frozenset()) -> None:
+                 hot_layers: frozenset[int] = frozenset(), cached_layers: frozenset[int] = frozenset()) -> None:
         self.tiers, self.cb = tiers, chunk_blocks
         self.sink_chunks, self.recent_blocks = sink_chunks, recent_blocks
-        self.hot_layers = hot_layers
+        self.hot_layers, self.cached_layers = hot_layers, cached_layers
         self.tables: dict[int, list[list[Loc]]] = {}
         self.blocks: dict[int, list[int]] = {}              # seq -> per layer full blocks placed
         self.evictable: list[OrderedDict[Key, None]] = [OrderedDict() for _ in tiers]
@@ -107,13 +111,20 @@ class Placement:
         self._touch(seq_id, layer)
         return moves, locs[c], i
 
+    def _pins(self, layer: int, n: int) -> tuple[int, int]:
+        """For ``layer`` with ``n`` blocks: (sink chunks, chunks before the recent window) — the
+        chunks in between may be demoted (in a cached layer, every chunk, the one being filled too)."""
+        if layer in self.cached_layers:
+            return 0, -(-n // self.cb)
+        return self.sink_chunks, max(0, n - self.recent_blocks) // self.cb
+
     def _mark(self, seq_id: int, layer: int) -> None:
         """Chunks that are complete, past the sinks and out of the recent window may be demoted."""
         n = self.blocks[seq_id][layer]
-        ready = max(0, n - self.recent_blocks) // self.cb          # chunks wholly before the window
-        done = self._marked.get((seq_id, layer), self.sink_chunks)
+        sink, ready = self._pins(layer, n)
+        done = self._marked.get((seq_id, layer), sink)
         locs = self.tables[seq_id][layer]
-        for c in range(max(done, self.sink_chunks), ready):
+        for c in range(max(done, sink), ready):
             self._queue(locs[c].tier, layer)[(seq_id, layer, c)] = None
         self._marked[(seq_id, layer)] = max(done, ready)
 
@@ -128,10 +139,10 @@ class Placement:
             self.tiers[loc.tier].release(loc.chunk)
             self._queue(loc.tier, layer).pop((seq_id, layer, c), None)
         self.blocks[seq_id][layer] = n
-        ready = max(0, n - self.recent_blocks) // self.cb
+        sink, ready = self._pins(layer, n)
         for c in range(ready, len(locs)):                   # back in the recent window
             self._queue(locs[c].tier, layer).pop((seq_id, layer, c), None)
-        self._marked[(seq_id, layer)] = max(self.sink_chunks, ready)
+        self._marked[(seq_id, layer)] = max(sink, ready)
         self._touch(seq_id, layer)
 
     def _touch(self, seq_id: int, layer: int) -> None:
@@ -149,7 +160,8 @@ class Placement:
                 vsid, vlayer, vc = vkey
                 src = self.tables[vsid][vlayer][vc]
                 dst = self._room(t + 1, moves)               # deeper moves are listed first
-                moves.append(Move(vkey, src, dst, self.cb))
+                placed = min(self.cb, self.blocks[vsid][vlayer] - vc * self.cb)   # a cached layer's may be partial
+                moves.append(Move(vkey, src, dst, placed))
                 self.tables[vsid][vlayer][vc] = dst
                 self._touch(vsid, vlayer)
                 tier.release(src.chunk)

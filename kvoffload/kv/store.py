@@ -38,13 +38,14 @@ def build_tiers(specs: tuple[TierSpec, ...], ctx: TierContext) -> list[Tier]:
 
 class BlockStore:
     def __init__(self, tiers: list[Tier], ctx: TierContext, num_layers: int, sink_tokens: int,
-                 recent_tokens: int, hot_layers: frozenset[int] = frozenset()) -> None:
+                 recent_tokens: int, hot_layers: frozenset[int] = frozenset(),
+                 cached_layers: frozenset[int] = frozenset()) -> None:
         lay = ctx.layout
         self.tiers, self.ctx, self.layout, self.num_layers = tiers, ctx, lay, num_layers
         self.bs, self.cb = lay.block_size, lay.chunk_blocks
         self.tails = Arena(lay, ctx.device, 1, ctx.kv.arena_segment_slots)
         self.placement = Placement(tiers, self.cb, -(-sink_tokens // lay.chunk_tokens) if sink_tokens else 0,
-                                   -(-recent_tokens // self.bs), hot_layers)
+                                   -(-recent_tokens // self.bs), hot_layers, cached_layers)
         self.tail_slot: dict[int, np.ndarray] = {}                 # seq -> [layers] tail slots
         # (seq, layer) -> (placement stamp, tier per block, tier slot per block)
         self._tables: dict[tuple[int, int], tuple[int, np.ndarray, np.ndarray]] = {}

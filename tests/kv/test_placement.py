@@ -145,3 +145,45 @@ def test_layout_pack_roundtrip_torch_and_numpy():
     assert torch.equal(k3[:, 3:], k[:, 3:11]) and torch.equal(v3[:, 3:], v[:, 3:11])
     first, chunk = lay.chunk_runs(np.array([0, 1, 2, 5, 6, 7, 8]))
     assert first.tolist() == [0, 2, 3, 4, 6, 7] and chunk.tolist() == [0, 1, 2, 3, 4]
+
+
+def place(p, order):
+    """Place one block of (seq 0, layer) for each layer in ``order``, replaying moves on a dict
+    of slot contents; checks that each move carries exactly the blocks written, and every
+    block's data at the end. Returns the moves."""
+    store, moves = {}, []
+    for layer in order:
+        ms, loc, i = p.place_block(0, layer)
+        for m in ms:
+            assert m.blocks == min(CB, p.blocks[0][m.key[1]] - m.key[2] * CB)
+            for j in range(m.blocks):
+                store[(m.dst.tier, m.dst.chunk, j)] = store[(m.src.tier, m.src.chunk, j)]
+        moves += ms
+        store[(loc.tier, loc.chunk, i)] = (layer, p.blocks[0][layer] - 1)
+    for layer, n_blocks in enumerate(p.blocks[0]):
+        for n in range(n_blocks):
+            loc = p.tables[0][layer][n // CB]
+            assert store[(loc.tier, loc.chunk, n % CB)] == (layer, n)
+    return moves
+
+
+def test_cached_layers_give_their_room_to_hot_layers():
+    """With a block cache below, a sparse layer's chunks have no sink / recent protection and
+    leave the fast tier first, even the one being filled (moved with only its written blocks);
+    the hot layer keeps the fast tier, and every block's data follows its moves."""
+    def two_tiers(host):
+        return Placement([FakeTier(n, c) for n, c in zip(("host", "disk"), (host, None))], CB, 1, 4,
+                         hot_layers=frozenset({0}), cached_layers=frozenset({1}))
+
+    p = two_tiers(6)
+    p.add_seq(0, 2)
+    place(p, [0, 1] * 9)                                             # 5 chunks a layer, the last half full
+    assert [loc.tier for loc in p.tables[0][0]] == [0] * 5          # the hot layer stays whole
+    assert [loc.tier for loc in p.tables[0][1]] == [1, 1, 1, 1, 0]  # sink and recent chunks too went down
+    pinned = make([6, None], sink=1, recent=4)
+    simulate(pinned, [0], 2, 9)                                     # without: sinks and recent stay
+    assert pinned.tables[0][1][0].tier == 0 and pinned.tables[0][1][-1].tier == 0
+    p = two_tiers(2)
+    p.add_seq(0, 2)
+    moves = place(p, [1, 0, 0, 0, 1, 1])          # the cached chunk is demoted with 1 of its 2 blocks
+    assert [m.blocks for m in moves] == [1] and [loc.tier for loc in p.tables[0][1]] == [1, 1]

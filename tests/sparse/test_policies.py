@@ -84,18 +84,18 @@ def test_full_budget_equals_dense(dense, tiny_path, calibration, policy, where):
 
 
 @pytest.mark.parametrize("policy", list(POLICIES))
-@pytest.mark.parametrize("read_blocks,workers", [(1, 2), (2, 2), (1, 0)])
-def test_offloaded_sparse_equals_in_memory_sparse(tiny_path, calibration, policy, read_blocks, workers):
+@pytest.mark.parametrize("read_blocks,workers,cache", [(1, 2, 0), (2, 2, 0), (1, 0, 0), (1, 0, 24), (2, 2, 48)])
+def test_offloaded_sparse_equals_in_memory_sparse(tiny_path, calibration, policy, read_blocks, workers, cache):
     """The same policy at 1/4 over host + disk blocks (read through two workers or in this
     process, token masks in the native kernel, chosen blocks read alone or in aligned pairs, the
-    next layer's blocks guessed and read ahead) gives the logits of the contiguous in-memory
-    reference path."""
+    next layer's blocks guessed and read ahead, a block cache of ``cache`` KiB carved from the
+    host budget) gives the logits of the contiguous in-memory reference path."""
     ids = LLM(tiny_path, dtype="float32").encode(TEXT)[:220]
     geometry = dict(sparse_dense_layers="none", block_size=8, chunk_blocks=2)     # 4 KiB chunks
     mem = sparse_llm(tiny_path, policy, "1/4", calibration, **geometry)
-    off = sparse_llm(tiny_path, policy, "1/4", calibration, kv_host_budget="8KiB", disk_workers=workers,
+    off = sparse_llm(tiny_path, policy, "1/4", calibration, kv_host_budget=f"{8 + cache}KiB", disk_workers=workers,
                      kv_recent_tokens=16, kv_sink_tokens=0, disk_read_blocks=read_blocks, sparse_prefetch=True,
-                     **geometry)
+                     disk_block_cache=f"{cache}KiB", **geometry)
     try:
         a, b = forced(mem, ids, 70), forced(off, ids, 70)
         diff(b, a, f"{policy} 1/4 offloaded vs in memory")
@@ -105,8 +105,11 @@ def test_offloaded_sparse_equals_in_memory_sparse(tiny_path, calibration, policy
         assert 0 < sb.attended / sb.context < 0.35 and sb.read <= sb.context
         tiers = off.engine.kv.stats().tiers
         assert tiers["disk"].read > 0
-        print(f"disk blocks attended {tiers['disk'].blocks}, of them read ahead {tiers['disk'].ahead}")
-        assert 0 < tiers["disk"].ahead <= tiers["disk"].blocks      # the next layer's guess is read ahead
+        d = tiers["disk"]
+        print(f"disk blocks attended {d.blocks}, of them read ahead {d.ahead}, from the block cache {d.cached}")
+        assert 0 < d.ahead + d.cached <= d.blocks                    # the next layer's guess is read ahead
+        assert d.ahead > 0 and (d.cached > 0) == (cache > 0)
+        assert sum(off.engine.kv.store.memory_held()[t] for t in ("host",)) <= 8 << 10    # the cache came out of it
     finally:
         off.close()
 

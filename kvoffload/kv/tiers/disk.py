@@ -419,7 +419,7 @@ class DiskTier(PooledChunks):
         # outnumber the cores stall each other at every barrier)
         per_worker = max(1, ctx.threads // max(1, kv.disk_workers))
         io = WorkerIO(kv.disk_read_batch, kv.disk_read_ahead, kv.disk_read_blocks, kv.disk_io_depth,
-                      reader=kv.disk_reader)
+                      reader=kv.disk_reader, cache_bytes=kv.disk_block_cache // max(1, kv.disk_workers))
         if kv.disk_workers == 0:                    # one shard, read and attended in this process
             self.workers.append(LocalWorker(os.path.join(self.directory, "shard-0.kv"), lay, ctx.group,
                                             ctx.threads, io, ctx.native))
@@ -486,12 +486,13 @@ class DiskTier(PooledChunks):
         N = req.num_items
         o = np.zeros((N, L, H, D), np.float32)
         lse = np.full((N, L, H), -np.inf, np.float32)
-        read = sent = back = ahead = 0
+        read = sent = back = ahead = cached = 0
         for w, items, sub in split:
             r: AttendResult = self.workers[w].collect()
             o[items], lse[items] = r.o, r.lse
             read += r.bytes_read
             ahead += r.ahead
+            cached += r.cached
             sent += request_bytes(sub)
             back += r.o.nbytes + r.lse.nbytes
         c = self.counters
@@ -500,7 +501,8 @@ class DiskTier(PooledChunks):
         c.from_worker += back
         c.blocks += len(req.slots)
         c.ahead += ahead
-        return AttendResult(torch.from_numpy(o), torch.from_numpy(lse), read, sent, back, ahead)
+        c.cached += cached
+        return AttendResult(torch.from_numpy(o), torch.from_numpy(lse), read, sent, back, ahead, cached)
 
     def bytes_held(self) -> int:
         return self.pool.used * self.ctx.layout.chunk_blocks * self.ctx.layout.disk_stride

@@ -32,7 +32,8 @@ class TierCounters:
     """Cumulative. read: KV bytes read by the tier's worker(s) to attend or to hand back
     (gather, moves). written: bytes of blocks stored into the tier. to_worker / from_worker:
     request and reply payload bytes that crossed into / out of the tier's worker(s) (0
-    in-process). blocks / ahead: blocks attended, and of them those already read ahead."""
+    in-process). blocks / ahead / cached: blocks attended, of them those already read ahead,
+    and those found in the tier's block cache (read on an earlier step)."""
 
     read: int = 0
     written: int = 0
@@ -40,6 +41,7 @@ class TierCounters:
     from_worker: int = 0
     blocks: int = 0
     ahead: int = 0
+    cached: int = 0
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,7 @@ class AttendResult:
     """o: ``[N, L, H, D]`` fp32, item i's output normalised over its keys; lse: ``[N, L, H]``
     fp32 (``-inf`` where a head attended nothing); bytes_read: KV bytes read to compute them;
     bytes_in / bytes_out: request and reply payload that crossed to the worker; ahead: blocks
-    attended that a prefetch had read already."""
+    attended that a prefetch had read already; cached: blocks attended from the block cache."""
 
     o: Any
     lse: Any
@@ -107,6 +109,7 @@ class AttendResult:
     bytes_in: int = 0
     bytes_out: int = 0
     ahead: int = 0
+    cached: int = 0
 
 
 class Tier(Protocol):
