@@ -24,7 +24,8 @@ from kvoffload.kernels.limits import C_DEFINES
 SOURCES = {"paged_attn": Path(__file__).with_name("paged_attn.c"),
            "select": Path(__file__).with_name("select.c"),
            "aio": Path(__file__).with_name("aio.c"),
-           "qweights": Path(__file__).with_name("qweights.c")}
+           "qweights": Path(__file__).with_name("qweights.c"),
+           "decode": Path(__file__).with_name("decode.c")}
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 # Per source. paged_attn: no -ffast-math, so nothing is reassociated and no vector reduction
 # depends on a buffer's alignment (its partials must be bit-identical wherever they are
@@ -35,6 +36,7 @@ EXTRA_FLAGS = {
                *(f"-D{k}={v}" for k, v in C_DEFINES.items())],
     "aio": [],
     "qweights": ["-ffp-contract=off"],        # bit-identical to the references (no fused multiply-add)
+    "decode": ["-fno-math-errno"],
 }
 
 

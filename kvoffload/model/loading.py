@@ -15,6 +15,7 @@ from kvoffload.config import EngineConfig, ModelConfig
 from kvoffload.device import resolve_dtype
 from kvoffload.dtypes import torch_dtype
 from kvoffload.errors import ConfigError, ModelLoadError
+from kvoffload.model.fused import fuse_layers
 from kvoffload.model.llama import Transformer
 from kvoffload.model.loader.common import LoadedCheckpoint, decode_format
 from kvoffload.model.loader.gguf_file import GGUFFile
@@ -121,6 +122,8 @@ def load_model(cfg: EngineConfig, device: torch.device) -> tuple[Transformer, To
     del ckpt
     if quant != "none" and not prebuilt:
         quantize(model, quant, torch_dtype(dtype), device, cfg.quant_max_rows)
+    if quant != "none" and cfg.decode_kernel == "native":
+        fuse_layers(model, cfg.quant_max_rows, cfg.threads or torch.get_num_threads())
     tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
     weight_bytes = (sum(t.nbytes for t in tensors.values()) - model.rope.cos.nbytes - model.rope.sin_signed.nbytes
                     + mapped)
