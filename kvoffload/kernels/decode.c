@@ -15,6 +15,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "kvo_math.h"
+
 #define MAX_ROWS 8
 
 typedef struct {
@@ -34,28 +36,18 @@ typedef struct {
     Linear qkv, o, gate_up, down;
 } Layer;
 
-static inline float bf16f(uint16_t b) { uint32_t u = (uint32_t)b << 16; float f; memcpy(&f, &u, 4); return f; }
-
-static inline uint16_t f2bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1);
-    return (uint16_t)(u >> 16);
-}
-
 static inline float ld(const void *p, int64_t i, int f32) {
-    return f32 ? ((const float *)p)[i] : bf16f(((const uint16_t *)p)[i]);
+    return f32 ? ((const float *)p)[i] : bf16_to_f32(((const uint16_t *)p)[i]);
 }
 
 static inline void st(void *p, int64_t i, float v, int f32) {
     if (f32) ((float *)p)[i] = v;
-    else ((uint16_t *)p)[i] = f2bf16(v);
+    else ((uint16_t *)p)[i] = f32_to_bf16(v);
 }
 
 // The reference rounds every operator's output to the activation dtype; so do we at the
 // same points (a no-op in fp32), so that bf16 results stay close to the PyTorch path.
-static inline float rnd(float v, int f32) { return f32 ? v : bf16f(f2bf16(v)); }
+static inline float rnd(float v, int f32) { return f32 ? v : bf16_to_f32(f32_to_bf16(v)); }
 
 static inline __m512 load_s16(const void *scale, int64_t at, int f32, __m512 *z) {
     // 16 (scale, zero) pairs from [.., 2] -> scales and zeros of 16 rows

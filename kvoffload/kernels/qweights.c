@@ -7,43 +7,14 @@
 // bit-identical to them.
 #include <stdint.h>
 #include <stdlib.h>
-#include <math.h>
 #include <string.h>
+
+#include "kvo_math.h"
 
 // ggml type ids
 enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };
 
-static inline float half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0) {
-        if (man == 0) {
-            bits = sign;
-        } else {                                   // subnormal: normalise
-            int e = -1;
-            do { e++; man <<= 1; } while (!(man & 0x400));
-            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ff) << 13);
-        }
-    } else if (exp == 31) {
-        bits = sign | 0x7f800000u | (man << 13);
-    } else {
-        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static inline float rd_half(const uint8_t *p) { uint16_t h; memcpy(&h, p, 2); return half_to_float(h); }
-
-static inline uint16_t float_to_bf16(float f) {      // round to nearest even (as torch)
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1);
-    return (uint16_t)(u >> 16);
-}
-
-static inline float bf16_to_float(uint16_t b) { uint32_t u = (uint32_t)b << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline float rd_half(const uint8_t *p) { uint16_t h; memcpy(&h, p, 2); return f16_to_f32(h); }
 
 // ---- GGUF blocks -> fp32 (one block at a time; layouts as ggml's dequantize_row_*) ----
 
@@ -177,24 +148,9 @@ int kvo_gguf_supported(int qtype) {
     return block_info(qtype, &fn, &bs, &bb) == 0;
 }
 
-// rows x cols weights stored as `rows` rows of `row_stride` bytes each -> dst [rows, cols] fp32.
-// Returns -1 for an unsupported type or a row length that is not a whole number of blocks.
-int kvo_gguf_dequant(int qtype, const uint8_t *src, int64_t row_stride, int64_t rows, int64_t cols,
-                     float *dst, int threads) {
-    blk_fn fn;
-    int bs, bb;
-    if (block_info(qtype, &fn, &bs, &bb) != 0 || cols % bs) return -1;
-    int64_t nb = cols / bs;
-    #pragma omp parallel for num_threads(threads) schedule(static) if (rows * cols >= (1 << 16))
-    for (int64_t r = 0; r < rows; r++) {
-        const uint8_t *b = src + r * row_stride;
-        float *y = dst + r * cols;
-        for (int64_t i = 0; i < nb; i++) fn(b + i * bb, y + i * bs);
-    }
-    return 0;
-}
-
-// Gathered rows: dst[i] = row idx[i] of src (an embedding lookup without a dense table).
+// Gathered rows: dst[i] = row idx[i] of src (rows of `row_stride` bytes), dequantised to fp32
+// [n, cols]; idx NULL = rows 0..n-1. Returns -1 for an unsupported type or a row length that is
+// not a whole number of blocks.
 int kvo_gguf_gather(int qtype, const uint8_t *src, int64_t row_stride, const int64_t *idx, int64_t n,
                     int64_t cols, float *dst, int threads) {
     blk_fn fn;
@@ -203,7 +159,7 @@ int kvo_gguf_gather(int qtype, const uint8_t *src, int64_t row_stride, const int
     int64_t nb = cols / bs;
     #pragma omp parallel for num_threads(threads) schedule(static) if (n * cols >= (1 << 16))
     for (int64_t r = 0; r < n; r++) {
-        const uint8_t *b = src + idx[r] * row_stride;
+        const uint8_t *b = src + (idx ? idx[r] : r) * row_stride;
         float *y = dst + r * cols;
         for (int64_t i = 0; i < nb; i++) fn(b + i * bb, y + i * bs);
     }
@@ -230,8 +186,8 @@ int kvo_int4pack_dequant(const uint8_t *packed, const void *scale_zero, int sz_f
             for (int64_t g = 0; g < G; g++)
                 for (int j = 0; j < 64; j++) {
                     int64_t at = (g * N + nb * 64 + j) * 2;
-                    s[g * 64 + j] = sz_f32 ? ((const float *)scale_zero)[at] : bf16_to_float(((const uint16_t *)scale_zero)[at]);
-                    z[g * 64 + j] = sz_f32 ? ((const float *)scale_zero)[at + 1] : bf16_to_float(((const uint16_t *)scale_zero)[at + 1]);
+                    s[g * 64 + j] = sz_f32 ? ((const float *)scale_zero)[at] : bf16_to_f32(((const uint16_t *)scale_zero)[at]);
+                    z[g * 64 + j] = sz_f32 ? ((const float *)scale_zero)[at + 1] : bf16_to_f32(((const uint16_t *)scale_zero)[at + 1]);
                 }
             for (int j = 0; j < 64; j++) {
                 int shift = j < 32 ? 0 : 4, jj = j & 31;
@@ -240,7 +196,7 @@ int kvo_int4pack_dequant(const uint8_t *packed, const void *scale_zero, int sz_f
                     int q = (p[k * 32 + jj] >> shift) & 0xf;
                     float w = (float)(q - 8) * s[(k / group) * 64 + j] + z[(k / group) * 64 + j];
                     if (out_f32) ((float *)dst)[o + k] = w;
-                    else ((uint16_t *)dst)[o + k] = float_to_bf16(w);
+                    else ((uint16_t *)dst)[o + k] = f32_to_bf16(w);
                 }
             }
         }

@@ -20,7 +20,6 @@ def _lib():
     lib = load("qweights")
     if lib is not None and not getattr(lib, "_typed", False):
         lib.kvo_gguf_supported.argtypes = [_I]
-        lib.kvo_gguf_dequant.argtypes = [_I, _P, _L, _L, _L, _P, _I]
         lib.kvo_gguf_gather.argtypes = [_I, _P, _L, _P, _L, _L, _P, _I]
         lib.kvo_int4pack_dequant.argtypes = [_P, _P, _I, _L, _L, _I, _L, _L, _P, _I, _I]
         lib.kvo_q4_pack.argtypes = [_I, _P, _L, _L, _P, _P, _I]
@@ -48,8 +47,8 @@ def gguf_dequant(raw: np.ndarray, qtype: int, cols: int, threads: int | None = N
     if not native_gguf(qtype) or raw.strides[1] != 1:
         return gguf_reference(raw, qtype, cols)
     out = np.empty((raw.shape[0], cols), np.float32)
-    if raw.shape[0] and _lib().kvo_gguf_dequant(qtype, raw.ctypes.data, raw.strides[0], raw.shape[0], cols,
-                                                out.ctypes.data, threads or torch.get_num_threads()):
+    if raw.shape[0] and _lib().kvo_gguf_gather(qtype, raw.ctypes.data, raw.strides[0], None, raw.shape[0], cols,
+                                               out.ctypes.data, threads or torch.get_num_threads()):
         raise ValueError(f"ggml type {qtype}: rows of {cols} are not whole blocks")
     return out
 
