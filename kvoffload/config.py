@@ -549,6 +549,7 @@ class SpecConfig:
 
 DTYPES = NAMES            # kvoffload/dtypes.py is the one dtype table
 QUANTIZATIONS = ("none", "int8", "int4")
+DECODE_KERNELS = ("native", "torch")
 SCHEDULING = ("prefill-first", "interleave")
 AUTO = "auto"
 
@@ -561,13 +562,19 @@ class EngineConfig:
     device: ``auto`` (CUDA when present, else CPU), ``cpu`` or ``cuda[:N]``.
     dtype: activation / compute dtype. ``auto``: bfloat16 where the hardware computes it
         natively (CPUs with AVX512-BF16/AMX, CUDA GPUs that support it), else float32.
-    quantization: weight-only quantisation of the linear layers for decode: ``none``,
-        ``int8`` (per output channel) or ``int4`` (groups of 32). CPU packed kernels, fast
-        only with bfloat16 activations; the dense weights are kept for prefill. ``auto``:
-        ``int4`` on the CPU in bfloat16 when the checkpoint's weights are already 4-bit
-        (e.g. GGUF Q4_1, re-packed nearly losslessly), else ``none``.
+    quantization: weight-only quantisation of the linear layers: ``none``, ``int8`` (per
+        output channel) or ``int4`` (groups of 32). CPU packed kernels, fast only with
+        bfloat16 activations. The packed weights are the only copy: prefill dequantises a
+        layer's weights into a shared scratch buffer before its GEMMs. A GGUF loads straight
+        into the format (no dense copy). ``auto`` on the CPU in bfloat16: ``int4`` when the
+        file's weights are 4-bit (e.g. GGUF Q4_1, re-packed without loss of its codes),
+        ``int8`` for other quantised GGUFs (Q5_0, Q6_K, Q8_0 ...: 4 bits would lose), ``none``
+        for dense checkpoints.
     quant_max_rows: the packed kernels serve calls of at most this many rows (tokens in the
         forward); larger calls (prefill, big decode batches) use the dense GEMM.
+    decode_kernel: with quantised weights, a forward of at most ``quant_max_rows`` rows runs
+        each layer's norm, projections, RoPE and MLP as two native calls (``native``:
+        kernels/decode.c) instead of ~20 PyTorch operators (``torch``, the reference).
     kv_dtype: KV cache dtype (``None`` = ``dtype``).
     threads: intra-op CPU threads (``None`` = PyTorch default = physical cores).
     prefill_chunk: prompt tokens per prefill forward (bounds activation memory).
@@ -592,6 +599,7 @@ class EngineConfig:
     dtype: str = cli_field(AUTO, "compute dtype", choices=(AUTO, *DTYPES))
     quantization: str = cli_field(AUTO, "weight-only quantisation of linear layers for decode (CPU only)", choices=(AUTO, *QUANTIZATIONS), short="-q")
     quant_max_rows: int = cli_field(8, "rows up to which the quantised kernels are used (more: dense GEMM)")
+    decode_kernel: str = cli_field("native", "few-row forwards with quantised weights: fused native layer kernels or the PyTorch reference", choices=DECODE_KERNELS)
     kv_dtype: str | None = cli_field(None, "KV cache dtype (default: --dtype)", choices=DTYPES)
     threads: int | None = cli_field(None, "CPU threads (default: physical cores)", short="-t")
     prefill_chunk: int = cli_field(2048, "prompt tokens per prefill step (bounds activation memory)")

@@ -101,9 +101,20 @@ def _llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(model, path: str, arch: str) -> None:
-    """An F32 GGUF of a tiny HF model, named and permuted as llama.cpp's converter would."""
+def write_tiny_gguf(model, path: str, arch: str, qtype: str | None = None) -> None:
+    """An F32 GGUF of a tiny HF model, named and permuted as llama.cpp's converter would; with
+    ``qtype`` (``"Q4_1"``, ``"Q5_0"``, ...) its matrices are stored in that ggml type."""
     import gguf
+    from gguf.constants import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    def add(name: str, t: np.ndarray) -> None:
+        t = np.ascontiguousarray(t, dtype=np.float32)
+        if qtype is None or t.ndim != 2:
+            w.add_tensor(name, t)
+        else:
+            kind = GGMLQuantizationType[qtype]
+            w.add_tensor(name, quantize(t, kind), raw_dtype=kind)
 
     cfg = model.config
     g_arch = "qwen2" if arch == "qwen2" else "llama"
@@ -136,10 +147,10 @@ def write_tiny_gguf(model, path: str, arch: str) -> None:
     w.add_chat_template(CHATML)
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
-    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
-    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    add("token_embd.weight", sd["model.embed_tokens.weight"])
+    add("output_norm.weight", sd["model.norm.weight"])
     if not cfg.tie_word_embeddings:
-        w.add_tensor("output.weight", sd["lm_head.weight"])
+        add("output.weight", sd["lm_head.weight"])
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
         q, k = sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.k_proj.weight"]
@@ -155,7 +166,7 @@ def write_tiny_gguf(model, path: str, arch: str) -> None:
             for n in "qkv":
                 parts[f"attn_{n}.bias"] = sd[p + f"self_attn.{n}_proj.bias"]
         for n, t in parts.items():
-            w.add_tensor(f"blk.{i}.{n}", np.ascontiguousarray(t))
+            add(f"blk.{i}.{n}", t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

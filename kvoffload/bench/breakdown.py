@@ -4,8 +4,9 @@
 
 * step: a real decode step of the default model at context C (batch 1).
 * no-attention: the same step with an attention backend that returns zeros (KV untouched).
-* overhead floor: the same 30-layer graph with every matrix shrunk to 8x8 (same op count,
-  negligible FLOPs/bytes): what Python + dispatcher cost per token.
+* overhead floor: the same 30-layer graph with every matrix shrunk to 64x64 (same op count,
+  the same weight format and decode kernels, negligible FLOPs/bytes): what Python, the
+  dispatcher and the kernels' fixed costs take per token.
 attention = step - no-attention; linears+norms ≈ no-attention - floor.
 """
 
@@ -21,8 +22,10 @@ import torch
 
 from kvoffload.attention.dense import DenseBackend
 from kvoffload.dtypes import torch_dtype
+from kvoffload.model.fused import fuse_layers
 from kvoffload.model.interface import ForwardBatch, Logits, Phase
 from kvoffload.model.llama import Transformer
+from kvoffload.model.quant import quantize
 
 
 class ZeroAttention:
@@ -46,31 +49,39 @@ def time_decode(model: Transformer, backend, start: int, reps: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-m", "--model", default=None, help="model alias or path (default: the embedded model)")
     ap.add_argument("--ctx", default="512,2048,8192")
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("-q", "--quantization", default="int4")
+    ap.add_argument("-q", "--quantization", default="auto")
+    ap.add_argument("--decode-kernel", default="native", choices=("native", "torch"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=20)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from kvoffload.api import LLM
 
-    llm = LLM(dtype=args.dtype, quantization=args.quantization, threads=args.threads)
+    llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization, threads=args.threads,
+              decode_kernel=args.decode_kernel)
     model, cfg, dtype = llm.model, llm.model_config, torch_dtype(args.dtype)
-    tiny_cfg = dataclasses.replace(cfg, hidden_size=8 * cfg.num_heads, intermediate_size=8, head_dim=8,
-                                   vocab_size=64)
+    tiny_cfg = dataclasses.replace(cfg, hidden_size=64, intermediate_size=64, head_dim=64, vocab_size=64)
     tiny = Transformer(tiny_cfg).to(dtype).eval()
+    quant = llm.load_stats.quantization
+    if quant != "none":
+        quantize(tiny, quant, dtype, torch.device("cpu"), llm.config.quant_max_rows)
+        if args.decode_kernel == "native":
+            fuse_layers(tiny, llm.config.quant_max_rows, args.threads)
     floor = time_decode(tiny, ZeroAttention(), 10, args.reps)
-    print(f"{args.dtype}, quantization {args.quantization}, {args.threads} threads; ms per decoded token (median)")
+    ls = llm.load_stats
+    print(f"{ls.source}: {ls.weight_type} file, {args.dtype}, quantization {ls.quantization}, decode kernel "
+          f"{args.decode_kernel}, {args.threads} threads, "
+          f"load {ls.seconds:.2f} s, weights {ls.weight_bytes / 2**20:.0f} MiB; ms per decoded token (median)")
     print("| context | step | attention | linears+norms | overhead floor |")
     print("|---|---|---|---|---|")
     for c in (int(x) for x in args.ctx.split(",")):
         c = min(c, cfg.max_position - 1)          # the token decoded at position c must fit
         be = DenseBackend(cfg, torch.device("cpu"), dtype)
         be.allocate(0, c + 1)
-        for layer in range(cfg.num_layers):           # a filled cache (random keys are fine for timing)
-            be.seqs[0].k[layer].normal_()
-            be.seqs[0].v[layer].normal_()
+        be.seqs[0].normal_()                          # a filled cache (random keys are fine for timing)
         step = time_decode(model, be, c, args.reps)
         no_attn = time_decode(model, ZeroAttention(), c, args.reps)
         print(f"| {c} | {step:.2f} | {step - no_attn:.2f} | {no_attn - floor:.2f} | {floor:.2f} |")

@@ -5,7 +5,9 @@
 Text: Python's own reference documentation (``pydoc_data.topics``, shipped with CPython,
 PSF licence), so it runs offline. Teacher-forced logits come from the engine's chunked
 prefill (``Engine.prompt_logits``); the reference is the same model in float32 with no
-quantisation.
+quantisation. A config is ``dtype/weights`` (prefill in chunks of 2048: the dense GEMMs on
+the dequantised weights) or ``dtype/weights/decode`` (chunks of ``--decode-rows`` rows: the
+path a decode step takes, i.e. the packed kernels or the fused native layers).
 """
 
 from __future__ import annotations
@@ -27,15 +29,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
     ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--configs", default="float32/none,bfloat16/none,bfloat16/int8,bfloat16/int4")
+    ap.add_argument("--configs", default="float32/none,bfloat16/none,bfloat16/int8/decode,bfloat16/int4/decode")
+    ap.add_argument("--decode-rows", type=int, default=8)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     from kvoffload.api import LLM
 
     ref_logp, rows = None, []
     for spec in args.configs.split(","):
-        dtype, quant = spec.split("/")
-        llm = LLM(args.model, dtype=dtype, quantization=quant, quant_max_rows=1 << 30)   # packed kernels for every row
+        dtype, quant, *path = spec.split("/")
+        chunk = {"decode": {"prefill_chunk": args.decode_rows, "quant_max_rows": args.decode_rows}}.get(
+            path[0] if path else "", {})
+        llm = LLM(args.model, dtype=dtype, quantization=quant, **chunk)
         ids = llm.tokenizer.encode(reference_text())[: args.tokens]
         logp = torch.log_softmax(llm.engine.prompt_logits(ids).float(), -1)[:-1]          # [T-1, V]
         target = torch.tensor(ids[1:])
@@ -49,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         del llm
     base = rows[0][1]
     lines = [f"Perplexity over the first {args.tokens} tokens of `pydoc_data.topics`; agreement and KL against "
-             f"{rows[0][0]} (teacher-forced, every position). Quantised rows use the packed kernels for all rows.", "",
+             f"{rows[0][0]} (teacher-forced, every position). `/decode` rows run in chunks of {args.decode_rows} tokens, "
+             f"through the path a decode step takes (packed kernels / fused native layers).", "",
              "| dtype / weights | perplexity | Δ vs fp32 | top-1 agreement | mean KL |", "|---|---|---|---|---|"]
     for spec, ppl, agree, kl in rows:
         lines.append(f"| {spec} | {ppl:.3f} | {ppl - base:+.3f} ({(ppl / base - 1) * 100:+.2f}%) | {agree * 100:.2f}% | {kl:.2e} |")

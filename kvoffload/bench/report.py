@@ -38,6 +38,7 @@ class Report:
     skipped: dict[str, str]                                # engine -> reason
     rss_mib: dict[str, float]                              # engine -> RSS added by loading it
     peak_rss_mib: float = 0.0
+    load_s: dict[str, float] = field(default_factory=dict)   # engine -> seconds to load the model
     cells: dict[tuple[str, str], Cell] = field(default_factory=dict)   # (test name, engine)
     tests: list[BenchTest] = field(default_factory=list)
 
@@ -69,8 +70,10 @@ class Report:
                     r = self.ratios(t, first, p) if (t.name, p) in self.cells else []
                     row.append(f"{statistics.median(r):.2f} ({min(r):.2f}–{max(r):.2f})" if r else "—")
                 lines.append(f"| {t.name} | " + " | ".join(row) + " |")
-        lines += ["", "| engine | RSS added by loading (MiB; the first also carries the PyTorch runtime) |", "|---|---|"]
-        lines += [f"| {e} | {self.rss_mib.get(e, float('nan')):.0f} |" for e in self.engines]
+        lines += ["", "| engine | load (s) | RSS added by loading (MiB; the first also carries the PyTorch runtime) |",
+                  "|---|---|---|"]
+        lines += [f"| {e} | {self.load_s.get(e, float('nan')):.2f} | {self.rss_mib.get(e, float('nan')):.0f} |"
+                  for e in self.engines]
         for e, why in self.skipped.items():
             lines.append(f"\nskipped {e}: {why}")
         return "\n".join(lines) + "\n"
@@ -79,6 +82,7 @@ class Report:
         return json.dumps({
             "model": self.model, "threads": self.threads, "reps": self.reps, "engines": self.engines,
             "labels": self.labels, "skipped": self.skipped, "rss_mib": self.rss_mib, "peak_rss_mib": self.peak_rss_mib,
+            "load_s": self.load_s,
             "results": [{"test": asdict(c.test), "name": c.test.name, "engine": c.engine, "tok_s": c.samples,
                          "median": c.median} for c in self.cells.values()],
         }, indent=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass
 
 import psutil
@@ -51,7 +52,7 @@ def build_engines(cfg: BenchConfig, path: str, n_ctx: int, report: Report) -> li
             specs.append((f"transformers-{cfg.hf_dtype}", lambda dt=dt: Transformers(
                 f"transformers-{cfg.hf_dtype}", path, dt)))
     for name, make in specs:
-        before = _rss_mib()
+        before, t0 = _rss_mib(), time.perf_counter()
         try:
             eng = make()
         except PeerUnavailable as e:
@@ -59,6 +60,7 @@ def build_engines(cfg: BenchConfig, path: str, n_ctx: int, report: Report) -> li
             print(f"skipping {name}: {e}", file=sys.stderr)
             continue
         report.rss_mib[eng.name] = _rss_mib() - before
+        report.load_s[eng.name] = time.perf_counter() - t0
         report.labels[eng.name] = eng.label
         report.engines.append(eng.name)
         engines.append(eng)

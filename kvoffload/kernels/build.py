@@ -23,7 +23,9 @@ from kvoffload.kernels.limits import C_DEFINES
 
 SOURCES = {"paged_attn": Path(__file__).with_name("paged_attn.c"),
            "select": Path(__file__).with_name("select.c"),
-           "aio": Path(__file__).with_name("aio.c")}
+           "aio": Path(__file__).with_name("aio.c"),
+           "qweights": Path(__file__).with_name("qweights.c"),
+           "decode": Path(__file__).with_name("decode.c")}
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 # Per source. paged_attn: no -ffast-math, so nothing is reassociated and no vector reduction
 # depends on a buffer's alignment (its partials must be bit-identical wherever they are
@@ -33,6 +35,8 @@ EXTRA_FLAGS = {
     "select": ["-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math",
                *(f"-D{k}={v}" for k, v in C_DEFINES.items())],
     "aio": [],
+    "qweights": ["-ffp-contract=off"],        # bit-identical to the references (no fused multiply-add)
+    "decode": ["-fno-math-errno"],
 }
 
 

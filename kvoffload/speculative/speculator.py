@@ -100,7 +100,7 @@ class SelfSpeculator:
     def __init__(self, model: Any, kv: KVManager, config: EngineConfig, device: torch.device) -> None:
         """The draft cache takes the target store's KV dtype and the model's activation dtype."""
         self.model, self.kv, self.spec, self.device = model, kv, config.spec, device
-        model_cfg, kv_dtype, act_dtype = model.cfg, kv.kv_dtype, model.embed.weight.dtype
+        model_cfg, kv_dtype, act_dtype = model.cfg, kv.kv_dtype, model.norm.weight.dtype
         # the draft policy takes its parameters from the --sparse-* flags; no layer stays dense
         # (every layer of the draft cache holds the same tokens count); its budget is the spec's
         scfg = dataclasses.replace(config.sparse, sparse_policy=config.spec.spec_draft_policy, sparse_dense_layers=())

@@ -107,20 +107,20 @@ def test_invalid_sampling_values(kwargs):
 
 
 def test_auto_dtype_and_quantization_resolution(tiny_gguf):
-    from dataclasses import replace
-
     from kvoffload.model.loading import read_checkpoint, resolve_quantization
 
     _, path = tiny_gguf("qwen2")
     ckpt = read_checkpoint(path, torch.float32)
-    assert ckpt.weight_type == "F32" and not ckpt.four_bit
+    assert ckpt.weight_type == "F32"
     cpu = torch.device("cpu")
-    assert resolve_quantization("auto", cpu, "bfloat16", ckpt) == "none"
-    q4 = replace(ckpt, weight_type="Q4_1")
-    assert resolve_quantization("auto", cpu, "bfloat16", q4) == "int4"
-    assert resolve_quantization("auto", cpu, "float32", q4) == "none"       # int kernels want bf16 activations
-    assert resolve_quantization("auto", torch.device("cuda"), "bfloat16", q4) == "none"
-    assert resolve_quantization("int8", cpu, "float32", ckpt) == "int8"
+    assert resolve_quantization("auto", cpu, "bfloat16", "F32") == "none"
+    assert resolve_quantization("auto", cpu, "bfloat16", "Q4_1") == "int4"
+    assert resolve_quantization("auto", cpu, "bfloat16", "Q4_K") == "int4"
+    for wt in ("Q5_0", "Q5_1", "Q6_K", "Q8_0"):                               # 4 bits would lose: int8
+        assert resolve_quantization("auto", cpu, "bfloat16", wt) == "int8"
+    assert resolve_quantization("auto", cpu, "float32", "Q4_1") == "none"   # int kernels want bf16 activations
+    assert resolve_quantization("auto", torch.device("cuda"), "bfloat16", "Q4_1") == "none"
+    assert resolve_quantization("int8", cpu, "float32", "F32") == "int8"
 
 
 @pytest.mark.parametrize("policy", ["prefill-first", "interleave"])

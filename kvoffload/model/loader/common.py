@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
+from torch import nn
 
 from kvoffload.config import ModelConfig
 from kvoffload.errors import ModelLoadError
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
 FOUR_BIT_PREFIXES = ("Q4_", "IQ4", "Q3_", "IQ3", "Q2_", "IQ2", "IQ1")
+DENSE_TYPES = ("F32", "F16", "BF16", "F64")
+
+
+def decode_format(weight_type: str) -> str:
+    """The decode weight format that keeps a file's precision: ``int4`` for files at <= 4 bits
+    (int4 re-packs them with next to no loss), ``int8`` for other quantised files (Q5_*, Q6_K,
+    Q8_0: 4 bits would lose), ``none`` for dense files."""
+    if weight_type.startswith(FOUR_BIT_PREFIXES):
+        return "int4"
+    return "none" if weight_type in DENSE_TYPES else "int8"
 
 TensorGetter = Callable[[str], torch.Tensor | None]
 """Returns the fp32 tensor stored under a Hugging Face name, or None when absent."""
@@ -27,11 +39,11 @@ class LoadedCheckpoint:
     source: str                           # file or directory it came from
     file_format: str                      # "gguf" or "safetensors"
     weight_type: str                      # storage type of most layer weights: "Q4_1", "Q5_0", "F32", "BF16", ...
-
-    @property
-    def four_bit(self) -> bool:
-        """Weights already at <= 4 bits (so int4 re-packing loses next to nothing)."""
-        return self.weight_type.startswith(FOUR_BIT_PREFIXES)
+    modules: Mapping[str, nn.Module] = dataclasses.field(default_factory=dict)
+    """modules built by the loader in their decode format (``"layers.0.attn.qkv_proj"``,
+    ``"lm_head"``, ``"embed"``, ...): they replace the model's own, and their weights are
+    not in ``state_dict``."""
+    mapped_bytes: int = 0                 # weight bytes read from the file's map on use (not copied)
 
 
 def check_arch(arch: str, path: str) -> None:

@@ -2,7 +2,9 @@
 
 ``gguf.GGUFReader`` builds a numpy view per field part, which takes seconds for a
 150K-token vocabulary; this parser reads the header with ``struct`` in one pass
-(~0.1 s) and maps tensor data lazily. Dequantisation still uses ``gguf.quants``.
+(~0.1 s) and maps tensor data lazily. Dequantisation uses the native kernel of
+``kernels/qweights.c`` for the block types it reads (``gguf.quants`` is its reference and
+the fallback).
 """
 
 from __future__ import annotations
@@ -136,15 +138,27 @@ class GGUFFile:
         rows, _ = info.rows_cols
         return np.frombuffer(self._mm, dtype=np.uint8, count=info.nbytes, offset=info.offset).reshape(rows, -1)
 
+    def release(self, name: str, r0: int = 0, r1: int | None = None) -> None:
+        """Drop a tensor's pages (of rows ``r0:r1``; default all) from this process's resident set
+        (they stay in the page cache; a later read maps them back): the map's pages count in RSS
+        once read."""
+        info = self.tensors[name]
+        rows, _ = info.rows_cols
+        row_bytes = info.nbytes // rows
+        end = info.offset + row_bytes * (rows if r1 is None else r1)
+        start = (info.offset + row_bytes * r0) // mmap.PAGESIZE * mmap.PAGESIZE
+        try:
+            self._mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+        except (AttributeError, OSError, ValueError):     # no madvise here: the pages just stay
+            pass
+
     def dequantize(self, name: str) -> np.ndarray:
         """float32 ``[rows, cols]`` (1-D tensors come back as ``[1, n]``)."""
-        from gguf.constants import GGMLQuantizationType
-        from gguf.quants import dequantize
+        from kvoffload.kernels.qweights import gguf_dequant
 
         info = self.tensors[name]
         try:
-            qtype = GGMLQuantizationType(info.qtype)
-            out = np.asarray(dequantize(self.raw(name), qtype), dtype=np.float32).reshape(info.rows_cols)
+            out = gguf_dequant(self.raw(name), info.qtype, info.rows_cols[1]).reshape(info.rows_cols)
         except (ValueError, NotImplementedError) as e:
             raise ModelLoadError(f"{self.path}: cannot dequantise {name} (type {info.qtype}: {e})") from None
         return out if out.flags.writeable else out.copy()     # F32 tensors come back as views of the map

@@ -114,8 +114,11 @@ def read_gguf_config(path: str) -> ModelConfig:
     return model_config(GGUFFile(path))
 
 
-def load_gguf(path: str, dtype: torch.dtype) -> LoadedCheckpoint:
-    f = GGUFFile(path)
+def load_gguf(path: str | GGUFFile, dtype: torch.dtype, quant: str = "none", max_rows: int = 8) -> LoadedCheckpoint:
+    """Dense tensors in ``dtype`` (``quant`` ``none``), or the linear layers built straight
+    in their decode format (``int4`` / ``int8``) one tensor at a time, with no dense copy of
+    the model (see :func:`_quantized_modules`)."""
+    f = path if isinstance(path, GGUFFile) else GGUFFile(path)
     cfg = model_config(f)
     by_hf = {h: name for name in f.tensors if (h := _hf_name(name)) is not None}
 
@@ -130,11 +133,169 @@ def load_gguf(path: str, dtype: torch.dtype) -> LoadedCheckpoint:
             w = _unpermute(w, cfg.num_heads if ".q_proj." in hf else cfg.num_kv_heads)
         return w
 
-    sd = build_state_dict(cfg, get, dtype, path)
-    return LoadedCheckpoint(cfg, sd, f.metadata, path, "gguf", _layer_weight_type(f))
+    if quant == "none":
+        sd = build_state_dict(cfg, get, dtype, f.path)
+        return LoadedCheckpoint(cfg, sd, f.metadata, f.path, "gguf", layer_weight_type(f))
+    modules, mapped = _quantized_modules(f, cfg, quant, dtype, max_rows)
+    sd = {"norm.weight": get("model.norm.weight").to(dtype)}
+    for i in range(cfg.num_layers):
+        p, o = f"model.layers.{i}.", f"layers.{i}."
+        sd[o + "input_norm.weight"] = get(p + "input_layernorm.weight").to(dtype)
+        sd[o + "post_attn_norm.weight"] = get(p + "post_attention_layernorm.weight").to(dtype)
+    return LoadedCheckpoint(cfg, sd, f.metadata, f.path, "gguf", layer_weight_type(f), modules, mapped)
 
 
-def _layer_weight_type(f: GGUFFile) -> str:
+INT8_CHUNK_ROWS = 4096           # rows converted to int8 at a time (bounds the transient and the map's resident pages)
+
+
+def _rows_fp32(f: GGUFFile, name: str, r0: int, r1: int) -> torch.Tensor:
+    from kvoffload.kernels.qweights import gguf_dequant
+
+    info = f.tensors[name]
+    return torch.from_numpy(gguf_dequant(f.raw(name)[r0:r1], info.qtype, info.rows_cols[1]))
+
+
+def _permutation(cfg: ModelConfig, part: str) -> int | None:
+    """Heads whose q/k rows llama.cpp permuted (undone here), or None."""
+    if cfg.arch in _PERMUTED_ARCHS and part in ("attn_q", "attn_k"):
+        return cfg.num_heads if part == "attn_q" else cfg.num_kv_heads
+    return None
+
+
+def _row_addresses(f: GGUFFile, name: str, perm: int | None) -> np.ndarray:
+    """The address of each row of a tensor in the map, in our row order (llama.cpp's q/k
+    permutation undone)."""
+    raw = f.raw(name)
+    idx = torch.arange(raw.shape[0])
+    return raw.ctypes.data + raw.strides[0] * (idx if perm is None else _unpermute(idx, perm)).numpy()
+
+
+def _int8_linear(f: GGUFFile, names: list[str], perms: list[int | None], bias: torch.Tensor | None,
+                 dtype: torch.dtype, max_rows: int):
+    from kvoffload.kernels.qweights import gguf_to_int8
+    from kvoffload.model.quant import Int8Linear, int8_rows
+
+    rows = [f.tensors[n].rows_cols[0] for n in names]
+    K = f.tensors[names[0]].rows_cols[1]
+    q, scale = torch.empty(sum(rows), K, dtype=torch.int8), torch.empty(sum(rows))              # [N, K], [N]
+    at = 0
+    for name, n, perm in zip(names, rows, perms):
+        info, addr = f.tensors[name], _row_addresses(f, name, perm)
+        for r0 in range(0, n, INT8_CHUNK_ROWS):
+            r1 = min(n, r0 + INT8_CHUNK_ROWS)
+            if not gguf_to_int8(info.qtype, addr[r0:r1], q[at + r0:at + r1], scale[at + r0:at + r1]):
+                q[at + r0:at + r1], scale[at + r0:at + r1] = int8_rows(_rows_fp32(f, name, r0, r1))
+                if perm is not None and r1 == n:  # per-row codes: permuting rows commutes with quantising
+                    q[at:at + n], scale[at:at + n] = _unpermute(q[at:at + n], perm), _unpermute(scale[at:at + n], perm)
+            if perm is None:                      # rows read in order: their pages can go now
+                f.release(name, r0, r1)
+        f.release(name)
+        at += n
+    return Int8Linear(q, scale, bias, dtype, max_rows)
+
+
+def _q4_codes(f: GGUFFile, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Q4_0 / Q4_1 tensor's own codes, scales and zeros in :class:`Int4Linear`'s terms
+    (w = (q - 8)·scale + zero): Q4_0 w = d·(q - 8), Q4_1 w = d·q + m = (q - 8)·d + (m + 8d)."""
+    info = f.tensors[name]
+    n, cols = info.rows_cols
+    raw = torch.from_numpy(f.raw(name).copy()).view(n, cols // 32, -1)              # [n, blocks, bytes]
+    d = raw[..., 0:2].contiguous().view(torch.float16).float().squeeze(-1)         # [n, blocks]
+    qs = raw[..., -16:].to(torch.int32)                                             # [n, blocks, 16]
+    q = torch.cat([qs & 0xF, qs >> 4], -1).view(n, cols)                            # element j, then j + 16
+    if info.qtype == Q4_0:
+        return q, d, torch.zeros_like(d)
+    m = raw[..., 2:4].contiguous().view(torch.float16).float().squeeze(-1)
+    return q, d, m + 8 * d
+
+
+def _int4_linear(f: GGUFFile, names: list[str], perms: list[int | None], bias: torch.Tensor | None,
+                 dtype: torch.dtype, max_rows: int):
+    from kvoffload.kernels.qweights import q4_pack
+    from kvoffload.model.quant import Int4Linear, int4_codes
+
+    qtypes = {f.tensors[n].qtype for n in names}
+    if len(qtypes) == 1 and qtypes <= {Q4_0, Q4_1}:         # the file's codes as they are, natively
+        rows = np.concatenate([_row_addresses(f, n, p) for n, p in zip(names, perms)])
+        got = q4_pack(qtypes.pop(), rows, f.tensors[names[0]].rows_cols[1])
+        if got is not None:
+            for name in names:
+                f.release(name)
+            return Int4Linear(got[0], got[1].to(dtype), bias, dtype, max_rows)
+    parts = []
+    for name, perm in zip(names, perms):
+        info = f.tensors[name]
+        if info.qtype in (Q4_0, Q4_1):
+            codes = _q4_codes(f, name)
+        else:                                    # other types: min/max groups of the dequantised rows
+            codes = int4_codes(_rows_fp32(f, name, 0, info.rows_cols[0]))
+        if perm is not None:
+            codes = tuple(_unpermute(c, perm) for c in codes)
+        parts.append(codes)
+        f.release(name)
+    q, scale, zero = (torch.cat([p[i] for p in parts]) for i in range(3))
+    return Int4Linear.from_codes(q, scale, zero, bias, dtype, max_rows)
+
+
+Q4_0, Q4_1 = 2, 3                # ggml type ids
+
+
+def _quantized_modules(f: GGUFFile, cfg: ModelConfig, quant: str, dtype: torch.dtype,
+                       max_rows: int) -> tuple[dict[str, torch.nn.Module], int]:
+    """Every linear layer built from its GGUF tensors one at a time (int8: a chunk of rows at
+    a time), each tensor's pages released from RSS after use; the LM head per
+    :data:`~kvoffload.model.quant.HEAD_METHOD`. The token embedding reads the file's own
+    blocks on use (:class:`GGUFEmbedding`), or the int8 head when tied. Returns the modules and
+    the bytes left in the map."""
+    from kvoffload.model.quant import HEAD_METHOD, Int8Embedding
+
+    build = {"int4": _int4_linear, "int8": _int8_linear}
+    if quant not in build:
+        raise ConfigError(f"unknown quantization {quant!r}")
+
+    def bias(i: int) -> torch.Tensor | None:
+        if not cfg.qkv_bias:
+            return None
+        return torch.cat([torch.from_numpy(f.dequantize(f"blk.{i}.attn_{n}.bias")).reshape(-1) for n in "qkv"])
+
+    out: dict[str, torch.nn.Module] = {}
+    for i in range(cfg.num_layers):
+        b = f"blk.{i}."
+        qkv = [b + f"attn_{n}.weight" for n in "qkv"]
+        out[f"layers.{i}.attn.qkv_proj"] = build[quant](
+            f, qkv, [_permutation(cfg, p) for p in ("attn_q", "attn_k", "attn_v")], bias(i), dtype, max_rows)
+        out[f"layers.{i}.attn.o_proj"] = build[quant](f, [b + "attn_output.weight"], [None], None, dtype, max_rows)
+        out[f"layers.{i}.mlp.gate_up_proj"] = build[quant](f, [b + "ffn_gate.weight", b + "ffn_up.weight"],
+                                                           [None, None], None, dtype, max_rows)
+        out[f"layers.{i}.mlp.down_proj"] = build[quant](f, [b + "ffn_down.weight"], [None], None, dtype, max_rows)
+    head_name = "token_embd.weight" if cfg.tie_embeddings else "output.weight"
+    out["lm_head"] = build[HEAD_METHOD[quant]](f, [head_name], [None], None, dtype, max_rows)
+    if cfg.tie_embeddings and HEAD_METHOD[quant] == "int8":
+        out["embed"] = Int8Embedding(out["lm_head"])
+        return out, 0
+    out["embed"] = GGUFEmbedding(f, "token_embd.weight", dtype)
+    return out, f.tensors["token_embd.weight"].nbytes
+
+
+class GGUFEmbedding(torch.nn.Module):
+    """Token embeddings looked up in the file's own blocks (memory-mapped: only the rows read
+    become resident) and dequantised on use."""
+
+    def __init__(self, f: GGUFFile, name: str, dtype: torch.dtype) -> None:
+        super().__init__()
+        info = f.tensors[name]
+        self.file, self.qtype, self.dim, self.dtype = f, info.qtype, info.rows_cols[1], dtype
+        self.raw = f.raw(name)                                                      # [V, row bytes] (the map)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        from kvoffload.kernels.qweights import gguf_gather
+
+        rows = gguf_gather(self.raw, self.qtype, self.dim, tokens.reshape(-1).numpy())   # [n, d] fp32
+        return torch.from_numpy(rows).to(self.dtype).view(*tokens.shape, self.dim)
+
+
+def layer_weight_type(f: GGUFFile) -> str:
+    """The ggml type name of most layer weights (\"Q4_1\", \"Q5_0\", \"F32\", ...)."""
     from collections import Counter
 
     from gguf.constants import GGMLQuantizationType

@@ -1,0 +1,262 @@
+// A decoder layer's work around attention, fused for a few rows (decode at small batch):
+//   kvo_attn_in:  x -> RMSNorm -> qkv projection (+ bias) -> RoPE on q and k
+//   kvo_attn_out: o -> o projection, + residual -> RMSNorm -> gate/up projection -> SiLU(gate)·up
+//                 -> down projection, + residual
+// One call and one OpenMP region each, instead of ~10 PyTorch operators each. Activations are
+// read and written in the model's dtype (bf16 or fp32) and computed in fp32 in between.
+// Weights in the decode formats of kvoffload/model/quant.py:
+//   int4: torch's CPU int4 pack (packed [N/64, K, 32] bytes, row nb*64+j in the low nibble of
+//         byte (nb, k, j), row nb*64+32+j in its high nibble; scale_zero [K/32, N, 2]:
+//         w = (q - 8)·scale + zero)
+//   int8: codes [N, K], one scale per output row.
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "kvo_math.h"
+
+#define MAX_ROWS 8
+
+typedef struct {
+    int kind;                 // 0 int4, 1 int8
+    int N, K;
+    const void *w;            // packed bytes / int8 codes
+    const void *scale;        // int4: scale_zero [K/32, N, 2]; int8: [N]
+    int scale_f32;            // scales stored as fp32 (else bf16)
+    const void *bias;         // [N] in the activation dtype, or NULL
+} Linear;
+
+typedef struct {
+    int d, H, H_kv, D;        // hidden size, heads, KV heads, head dim
+    int ffn;
+    float eps1, eps2;
+    const void *norm1, *norm2;  // [d] in the activation dtype
+    Linear qkv, o, gate_up, down;
+} Layer;
+
+static inline float ld(const void *p, int64_t i, int f32) {
+    return f32 ? ((const float *)p)[i] : bf16_to_f32(((const uint16_t *)p)[i]);
+}
+
+static inline void st(void *p, int64_t i, float v, int f32) {
+    if (f32) ((float *)p)[i] = v;
+    else ((uint16_t *)p)[i] = f32_to_bf16(v);
+}
+
+// The reference rounds every operator's output to the activation dtype; so do we at the
+// same points (a no-op in fp32), so that bf16 results stay close to the PyTorch path.
+static inline float rnd(float v, int f32) { return f32 ? v : bf16_to_f32(f32_to_bf16(v)); }
+
+static inline __m512 load_s16(const void *scale, int64_t at, int f32, __m512 *z) {
+    // 16 (scale, zero) pairs from [.., 2] -> scales and zeros of 16 rows
+    if (f32) {
+        __m512 a = _mm512_loadu_ps((const float *)scale + at), b = _mm512_loadu_ps((const float *)scale + at + 16);
+        __m512i is = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        __m512i iz = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        *z = _mm512_permutex2var_ps(a, iz, b);
+        return _mm512_permutex2var_ps(a, is, b);
+    }
+    __m512i u = _mm512_loadu_si512((const uint16_t *)scale + at);        // 16 x (s | z << 16)
+    *z = _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xffff0000u)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+}
+
+// One int4 block of 64 output channels: y[m, nb*64 .. +64] = x[m] · W[block]. Inlined with a
+// constant M so that the accumulators live in registers.
+static inline __attribute__((always_inline)) void int4_block(const Linear *L, const float *x, const int M,
+                                                             float *y, int64_t nb) {
+    int64_t K = L->K, N = L->N;
+    const __m128i mask = _mm_set1_epi8(0xf);
+    __m512 acc[MAX_ROWS][4];
+    for (int m = 0; m < M; m++)
+        for (int i = 0; i < 4; i++) acc[m][i] = _mm512_setzero_ps();
+    const uint8_t *p = (const uint8_t *)L->w + nb * K * 32;
+    for (int64_t g = 0; g < K / 32; g++) {
+        __m512 gs[MAX_ROWS][4];
+        __m512 xs[MAX_ROWS];
+        for (int m = 0; m < M; m++) {
+            xs[m] = _mm512_setzero_ps();
+            for (int i = 0; i < 4; i++) gs[m][i] = _mm512_setzero_ps();
+        }
+        for (int64_t k = g * 32; k < g * 32 + 32; k++) {
+            __m256i b = _mm256_loadu_si256((const __m256i *)(p + k * 32));
+            __m128i b0 = _mm256_castsi256_si128(b), b1 = _mm256_extracti128_si256(b, 1);
+            __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b0, mask)));
+            __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b1, mask)));
+            __m512 w2 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b0, 4), mask)));
+            __m512 w3 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b1, 4), mask)));
+            for (int m = 0; m < M; m++) {
+                __m512 xb = _mm512_set1_ps(x[m * K + k]);
+                xs[m] = _mm512_add_ps(xs[m], xb);
+                gs[m][0] = _mm512_fmadd_ps(w0, xb, gs[m][0]);
+                gs[m][1] = _mm512_fmadd_ps(w1, xb, gs[m][1]);
+                gs[m][2] = _mm512_fmadd_ps(w2, xb, gs[m][2]);
+                gs[m][3] = _mm512_fmadd_ps(w3, xb, gs[m][3]);
+            }
+        }
+        // sum_k w x = scale · sum_k q x + (zero - 8 scale) · sum_k x
+        for (int i = 0; i < 4; i++) {
+            __m512 z, s = load_s16(L->scale, (g * N + nb * 64 + i * 16) * 2, L->scale_f32, &z);
+            __m512 c = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), s, z);
+            for (int m = 0; m < M; m++) {
+                acc[m][i] = _mm512_fmadd_ps(s, gs[m][i], acc[m][i]);
+                acc[m][i] = _mm512_fmadd_ps(c, xs[m], acc[m][i]);
+            }
+        }
+    }
+    for (int m = 0; m < M; m++)
+        for (int i = 0; i < 4; i++) _mm512_storeu_ps(y + m * N + nb * 64 + i * 16, acc[m][i]);
+}
+
+// One int8 output channel for M rows.
+static inline __attribute__((always_inline)) void int8_row(const Linear *L, const float *x, const int M,
+                                                           float *y, int64_t n) {
+    int64_t K = L->K;
+    const int8_t *row = (const int8_t *)L->w + n * K;
+    float s = ld(L->scale, n, L->scale_f32);
+    __m512 a0[MAX_ROWS], a1[MAX_ROWS];
+    for (int m = 0; m < M; m++) a0[m] = a1[m] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        __m512 v0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + k))));
+        __m512 v1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + k + 16))));
+        for (int m = 0; m < M; m++) {
+            a0[m] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(x + m * K + k), a0[m]);
+            a1[m] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(x + m * K + k + 16), a1[m]);
+        }
+    }
+    for (int m = 0; m < M; m++) {
+        float t = _mm512_reduce_add_ps(_mm512_add_ps(a0[m], a1[m]));
+        for (int64_t j = k; j < K; j++) t += (float)row[j] * x[m * K + j];
+        y[m * L->N + n] = t * s;
+    }
+}
+
+#define FOR_M(M, CALL) switch (M) { \
+    case 1: CALL(1); break; case 2: CALL(2); break; case 3: CALL(3); break; case 4: CALL(4); break; \
+    case 5: CALL(5); break; case 6: CALL(6); break; case 7: CALL(7); break; default: CALL(8); break; }
+
+// y[m, n0:n1] = x[m] · W[n0:n1]  (x fp32 [M, K]; y fp32 [M, N]); n0, n1 multiples of 64 for int4.
+static void gemv_rows(const Linear *L, const float *x, int M, float *y, int64_t n0, int64_t n1) {
+    if (L->kind == 0) {
+#define INT4(MM) for (int64_t nb = n0 / 64; nb < n1 / 64; nb++) int4_block(L, x, MM, y, nb)
+        FOR_M(M, INT4)
+#undef INT4
+    } else {
+#define INT8(MM) for (int64_t n = n0; n < n1; n++) int8_row(L, x, MM, y, n)
+        FOR_M(M, INT8)
+#undef INT8
+    }
+}
+
+// Work split of a GEMV over the team: output channels in units of 64 (int4 blocks).
+static void gemv(const Linear *L, const float *x, int M, float *y, int tid, int nth) {
+    int64_t units = (L->N + 63) / 64;
+    int64_t u0 = units * tid / nth, u1 = units * (tid + 1) / nth;
+    int64_t n0 = u0 * 64, n1 = u1 * 64 < L->N ? u1 * 64 : L->N;
+    if (n0 < n1) gemv_rows(L, x, M, y, n0, n1);
+}
+
+static inline float x_cos_plus(float x, float c, float sw, float s, int f32) {
+    return rnd(x * c, f32) + sw * s;
+}
+
+static void rmsnorm(const float *x, const void *w, float eps, int d, int f32, float *out) {
+    float ss = 0;
+    for (int i = 0; i < d; i++) ss += x[i] * x[i];
+    float r = 1.0f / sqrtf(ss / (float)d + eps);
+    for (int i = 0; i < d; i++) out[i] = rnd(x[i] * r * ld(w, i, f32), f32);
+}
+
+// Whether a layer's projections fit this kernel (int4 needs N a multiple of 64, K of 32).
+int kvo_decode_supported(const Layer *Ly) {
+    const Linear *ls[4] = {&Ly->qkv, &Ly->o, &Ly->gate_up, &Ly->down};
+    for (int i = 0; i < 4; i++) {
+        if (ls[i]->kind == 0 && (ls[i]->N % 64 || ls[i]->K % 32)) return 0;
+        if (ls[i]->kind != 0 && ls[i]->kind != 1) return 0;
+    }
+    return 1;
+}
+
+// x [M, d] -> qkv [M, (H + 2 H_kv) D] with RoPE applied to q and k (cos, sin_signed [M, D],
+// rotate-half convention: out = x·cos + swap_halves(x)·sin_signed). ws: fp32 workspace of
+// M·(d + (H + 2 H_kv)·D) floats.
+void kvo_attn_in(const Layer *Ly, const void *x, int M, const void *cos, const void *sin, void *qkv, int f32,
+                 float *ws, int threads) {
+    int d = Ly->d, D = Ly->D, nq = (Ly->H + 2 * Ly->H_kv) * D, nr = (Ly->H + Ly->H_kv);
+    float *xn = ws, *y = ws + M * d;
+    #pragma omp parallel num_threads(threads)
+    {
+        #pragma omp for
+        for (int m = 0; m < M; m++) {
+            float row[d];
+            for (int i = 0; i < d; i++) row[i] = ld(x, (int64_t)m * d + i, f32);
+            rmsnorm(row, Ly->norm1, Ly->eps1, d, f32, xn + m * d);
+        }
+        gemv(&Ly->qkv, xn, M, y, omp_get_thread_num(), omp_get_num_threads());
+        #pragma omp barrier
+        #pragma omp for
+        for (int m = 0; m < M; m++) {
+            float *ym = y + (int64_t)m * nq;
+            for (int i = 0; i < nq; i++) {
+                float v = ym[i];
+                if (Ly->qkv.bias) v += ld(Ly->qkv.bias, i, f32);
+                ym[i] = rnd(v, f32);
+            }
+            int half = D / 2;
+            for (int h = 0; h < nr; h++) {          // q and k heads: RoPE
+                float *v = ym + h * D;
+                for (int i = 0; i < D; i++) {
+                    float sw = i < half ? v[i + half] : v[i - half];
+                    float c = ld(cos, (int64_t)m * D + i, f32), s = ld(sin, (int64_t)m * D + i, f32);
+                    // reference: addcmul(x * cos, swapped, sin), each rounded to the dtype
+                    st(qkv, (int64_t)m * nq + h * D + i, rnd(x_cos_plus(v[i], c, sw, s, f32), f32), f32);
+                }
+            }
+            for (int i = nr * D; i < nq; i++) st(qkv, (int64_t)m * nq + i, ym[i], f32);
+        }
+    }
+}
+
+// o [M, H·D], x [M, d] -> out [M, d] = x1 + down(silu(gate)·up) with x1 = x + o_proj(o),
+// gate/up = gate_up(rmsnorm(x1)). ws: fp32 workspace of M·(H·D + 4 d + 3 ffn) floats.
+void kvo_attn_out(const Layer *Ly, const void *o, const void *x, int M, void *out, int f32, float *ws,
+                  int threads) {
+    int d = Ly->d, HD = Ly->H * Ly->D, F = Ly->ffn;
+    float *of = ws, *a = of + M * HD, *x1 = a + M * d, *h = x1 + M * d, *gu = h + M * d, *act = gu + 2 * M * F,
+          *dn = act + M * F;
+    #pragma omp parallel num_threads(threads)
+    {
+        int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+        #pragma omp for
+        for (int64_t i = 0; i < (int64_t)M * HD; i++) of[i] = ld(o, i, f32);
+        gemv(&Ly->o, of, M, a, tid, nth);
+        #pragma omp barrier
+        #pragma omp for
+        for (int m = 0; m < M; m++) {
+            for (int i = 0; i < d; i++)
+                x1[m * d + i] = rnd(ld(x, (int64_t)m * d + i, f32) + rnd(a[m * d + i], f32), f32);
+            rmsnorm(x1 + m * d, Ly->norm2, Ly->eps2, d, f32, h + m * d);
+        }
+        gemv(&Ly->gate_up, h, M, gu, tid, nth);
+        #pragma omp barrier
+        #pragma omp for
+        for (int64_t i = 0; i < (int64_t)M * F; i++) {
+            int64_t m = i / F, j = i % F;
+            float g = rnd(gu[m * 2 * F + j], f32), u = rnd(gu[m * 2 * F + F + j], f32);
+            act[i] = rnd(rnd(g / (1.0f + expf(-g)), f32) * u, f32);
+        }
+        gemv(&Ly->down, act, M, dn, tid, nth);
+        #pragma omp barrier
+        #pragma omp for
+        for (int64_t i = 0; i < (int64_t)M * d; i++) st(out, i, x1[i] + rnd(dn[i], f32), f32);
+    }
+}
+
+// y [M, N] fp32 = x [M, K] fp32 · W^T: one projection alone (tests, measurements).
+void kvo_gemv(const Linear *L, const float *x, int M, float *y, int threads) {
+    #pragma omp parallel num_threads(threads)
+    gemv(L, x, M, y, omp_get_thread_num(), omp_get_num_threads());
+}

@@ -1,0 +1,275 @@
+// Weight (de)quantisation kernels: GGUF blocks -> fp32 rows, and the decode formats
+// (torch's CPU int4 pack, per-channel int8) -> dense rows for prefill GEMMs.
+//
+// Built with -ffp-contract=off: every value is computed with the same float operations,
+// in the same order, as the references (gguf.quants for the GGUF types, the PyTorch
+// expressions in kvoffload/model/quant.py for the decode formats), so results are
+// bit-identical to them.
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kvo_math.h"
+
+// ggml type ids
+enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };
+
+static inline float rd_half(const uint8_t *p) { uint16_t h; memcpy(&h, p, 2); return f16_to_f32(h); }
+
+// ---- GGUF blocks -> fp32 (one block at a time; layouts as ggml's dequantize_row_*) ----
+
+static void blk_q4_0(const uint8_t *b, float *y) {
+    float d = rd_half(b);
+    const uint8_t *qs = b + 2;
+    for (int j = 0; j < 16; j++) {
+        y[j] = (float)((qs[j] & 0xf) - 8) * d;
+        y[j + 16] = (float)((qs[j] >> 4) - 8) * d;
+    }
+}
+
+static void blk_q4_1(const uint8_t *b, float *y) {
+    float d = rd_half(b), m = rd_half(b + 2);
+    const uint8_t *qs = b + 4;
+    for (int j = 0; j < 16; j++) {
+        y[j] = d * (float)(qs[j] & 0xf) + m;
+        y[j + 16] = d * (float)(qs[j] >> 4) + m;
+    }
+}
+
+static void blk_q5_0(const uint8_t *b, float *y) {
+    float d = rd_half(b);
+    uint32_t qh;
+    memcpy(&qh, b + 2, 4);
+    const uint8_t *qs = b + 6;
+    for (int j = 0; j < 16; j++) {
+        int x0 = ((qs[j] & 0xf) | (((qh >> j) << 4) & 0x10)) - 16;
+        int x1 = ((qs[j] >> 4) | ((qh >> (j + 12)) & 0x10)) - 16;
+        y[j] = d * (float)x0;
+        y[j + 16] = d * (float)x1;
+    }
+}
+
+static void blk_q5_1(const uint8_t *b, float *y) {
+    float d = rd_half(b), m = rd_half(b + 2);
+    uint32_t qh;
+    memcpy(&qh, b + 4, 4);
+    const uint8_t *qs = b + 8;
+    for (int j = 0; j < 16; j++) {
+        int x0 = (qs[j] & 0xf) | (((qh >> j) << 4) & 0x10);
+        int x1 = (qs[j] >> 4) | ((qh >> (j + 12)) & 0x10);
+        y[j] = d * (float)x0 + m;
+        y[j + 16] = d * (float)x1 + m;
+    }
+}
+
+static void blk_q8_0(const uint8_t *b, float *y) {
+    float d = rd_half(b);
+    const int8_t *qs = (const int8_t *)(b + 2);
+    for (int j = 0; j < 32; j++) y[j] = d * (float)qs[j];
+}
+
+static inline void scale_min_k4(int j, const uint8_t *q, int *d, int *m) {
+    if (j < 4) {
+        *d = q[j] & 63;
+        *m = q[j + 4] & 63;
+    } else {
+        *d = (q[j + 4] & 0xf) | ((q[j - 4] >> 6) << 4);
+        *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+static void blk_q4_k(const uint8_t *b, float *y) {
+    float d = rd_half(b), dmin = rd_half(b + 2);
+    const uint8_t *sc = b + 4, *q = b + 16;
+    for (int j = 0, is = 0; j < 256; j += 64, is += 2, q += 32) {
+        int s, m;
+        scale_min_k4(is, sc, &s, &m);
+        float d1 = d * (float)s, m1 = dmin * (float)m;
+        scale_min_k4(is + 1, sc, &s, &m);
+        float d2 = d * (float)s, m2 = dmin * (float)m;
+        for (int l = 0; l < 32; l++) y[j + l] = d1 * (float)(q[l] & 0xf) - m1;
+        for (int l = 0; l < 32; l++) y[j + 32 + l] = d2 * (float)(q[l] >> 4) - m2;
+    }
+}
+
+static void blk_q5_k(const uint8_t *b, float *y) {
+    float d = rd_half(b), dmin = rd_half(b + 2);
+    const uint8_t *sc = b + 4, *qh = b + 16, *ql = b + 48;
+    int u1 = 1, u2 = 2;
+    for (int j = 0, is = 0; j < 256; j += 64, is += 2, ql += 32, u1 <<= 2, u2 <<= 2) {
+        int s, m;
+        scale_min_k4(is, sc, &s, &m);
+        float d1 = d * (float)s, m1 = dmin * (float)m;
+        scale_min_k4(is + 1, sc, &s, &m);
+        float d2 = d * (float)s, m2 = dmin * (float)m;
+        for (int l = 0; l < 32; l++) y[j + l] = d1 * (float)((ql[l] & 0xf) + (qh[l] & u1 ? 16 : 0)) - m1;
+        for (int l = 0; l < 32; l++) y[j + 32 + l] = d2 * (float)((ql[l] >> 4) + (qh[l] & u2 ? 16 : 0)) - m2;
+    }
+}
+
+static void blk_q6_k(const uint8_t *b, float *y) {
+    const uint8_t *ql = b, *qh = b + 128;
+    const int8_t *sc = (const int8_t *)(b + 192);
+    float d = rd_half(b + 208);
+    for (int n = 0; n < 256; n += 128, ql += 64, qh += 32, sc += 8, y += 128) {
+        for (int l = 0; l < 32; l++) {
+            int is = l / 16;
+            int q1 = ((ql[l] & 0xf) | (((qh[l] >> 0) & 3) << 4)) - 32;
+            int q2 = ((ql[l + 32] & 0xf) | (((qh[l] >> 2) & 3) << 4)) - 32;
+            int q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+            int q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+            y[l] = (d * (float)sc[is]) * (float)q1;
+            y[l + 32] = (d * (float)sc[is + 2]) * (float)q2;
+            y[l + 64] = (d * (float)sc[is + 4]) * (float)q3;
+            y[l + 96] = (d * (float)sc[is + 6]) * (float)q4;
+        }
+    }
+}
+
+typedef void (*blk_fn)(const uint8_t *, float *);
+
+static int block_info(int qtype, blk_fn *fn, int *bsize, int *bbytes) {
+    switch (qtype) {
+    case T_Q4_0: *fn = blk_q4_0; *bsize = 32; *bbytes = 18; return 0;
+    case T_Q4_1: *fn = blk_q4_1; *bsize = 32; *bbytes = 20; return 0;
+    case T_Q5_0: *fn = blk_q5_0; *bsize = 32; *bbytes = 22; return 0;
+    case T_Q5_1: *fn = blk_q5_1; *bsize = 32; *bbytes = 24; return 0;
+    case T_Q8_0: *fn = blk_q8_0; *bsize = 32; *bbytes = 34; return 0;
+    case T_Q4_K: *fn = blk_q4_k; *bsize = 256; *bbytes = 144; return 0;
+    case T_Q5_K: *fn = blk_q5_k; *bsize = 256; *bbytes = 176; return 0;
+    case T_Q6_K: *fn = blk_q6_k; *bsize = 256; *bbytes = 210; return 0;
+    default: return -1;
+    }
+}
+
+int kvo_gguf_supported(int qtype) {
+    blk_fn fn;
+    int bs, bb;
+    return block_info(qtype, &fn, &bs, &bb) == 0;
+}
+
+// Gathered rows: dst[i] = row idx[i] of src (rows of `row_stride` bytes), dequantised to fp32
+// [n, cols]; idx NULL = rows 0..n-1. Returns -1 for an unsupported type or a row length that is
+// not a whole number of blocks.
+int kvo_gguf_gather(int qtype, const uint8_t *src, int64_t row_stride, const int64_t *idx, int64_t n,
+                    int64_t cols, float *dst, int threads) {
+    blk_fn fn;
+    int bs, bb;
+    if (block_info(qtype, &fn, &bs, &bb) != 0 || cols % bs) return -1;
+    int64_t nb = cols / bs;
+    #pragma omp parallel for num_threads(threads) schedule(static) if (n * cols >= (1 << 16))
+    for (int64_t r = 0; r < n; r++) {
+        const uint8_t *b = src + (idx ? idx[r] : r) * row_stride;
+        float *y = dst + r * cols;
+        for (int64_t i = 0; i < nb; i++) fn(b + i * bb, y + i * bs);
+    }
+    return 0;
+}
+
+// ---- decode formats -> dense rows (prefill scratch) ----
+
+// torch's CPU int4 pack (torch._convert_weight_to_int4pack_for_cpu, N a multiple of 64):
+// packed [N/64, K, 32] bytes; byte (nb, k, j) holds row nb*64+j in its low nibble and row
+// nb*64+32+j in its high one. scale_zero [K/g, N, 2] (bf16 or fp32): w = (q - 8) * scale + zero.
+// Rows n0..n1 (multiples of 64) -> dst [n1-n0, K], bf16 (out_f32 = 0) or fp32.
+int kvo_int4pack_dequant(const uint8_t *packed, const void *scale_zero, int sz_f32, int64_t N, int64_t K,
+                         int group, int64_t n0, int64_t n1, void *dst, int out_f32, int threads) {
+    if (N % 64 || n0 % 64 || n1 % 64 || K % group || n0 < 0 || n1 > N || n0 > n1) return -1;
+    int64_t blocks = (n1 - n0) / 64, G = K / group;
+    #pragma omp parallel num_threads(threads)
+    {
+        float *s = malloc(sizeof(float) * 2 * 64 * G), *z = s + 64 * G;     // [G, 64] each
+        #pragma omp for schedule(static)
+        for (int64_t bi = 0; bi < blocks; bi++) {
+            int64_t nb = n0 / 64 + bi;
+            const uint8_t *p = packed + nb * K * 32;
+            for (int64_t g = 0; g < G; g++)
+                for (int j = 0; j < 64; j++) {
+                    int64_t at = (g * N + nb * 64 + j) * 2;
+                    s[g * 64 + j] = sz_f32 ? ((const float *)scale_zero)[at] : bf16_to_f32(((const uint16_t *)scale_zero)[at]);
+                    z[g * 64 + j] = sz_f32 ? ((const float *)scale_zero)[at + 1] : bf16_to_f32(((const uint16_t *)scale_zero)[at + 1]);
+                }
+            for (int j = 0; j < 64; j++) {
+                int shift = j < 32 ? 0 : 4, jj = j & 31;
+                int64_t o = (bi * 64 + j) * K;
+                for (int64_t k = 0; k < K; k++) {
+                    int q = (p[k * 32 + jj] >> shift) & 0xf;
+                    float w = (float)(q - 8) * s[(k / group) * 64 + j] + z[(k / group) * 64 + j];
+                    if (out_f32) ((float *)dst)[o + k] = w;
+                    else ((uint16_t *)dst)[o + k] = f32_to_bf16(w);
+                }
+            }
+        }
+        free(s);
+    }
+    return 0;
+}
+
+// GGUF Q4_0 / Q4_1 rows -> torch's CPU int4 pack without leaving the codes (N a multiple of 64).
+// Output row n is read from rows[n] (an address: fuses q/k/v, undoes a row permutation).
+// packed [N/64, K, 32] as above; scale_zero [K/32, N, 2] fp32: Q4_0 w = d·(q-8) -> (d, 0);
+// Q4_1 w = d·q + m -> (d, m + 8·d).
+int kvo_q4_pack(int qtype, const int64_t *rows, int64_t N, int64_t K, uint8_t *packed, float *scale_zero,
+                int threads) {
+    if ((qtype != T_Q4_0 && qtype != T_Q4_1) || N % 64 || K % 32) return -1;
+    int bb = qtype == T_Q4_0 ? 18 : 20, hdr = bb - 16;
+    int64_t G = K / 32;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t nb = 0; nb < N / 64; nb++) {
+        uint8_t *p = packed + nb * K * 32;
+        for (int64_t g = 0; g < G; g++) {
+            uint8_t code[64][32];                   // [row in block, k in group]
+            for (int j = 0; j < 64; j++) {
+                int64_t n = nb * 64 + j;
+                const uint8_t *b = (const uint8_t *)(intptr_t)rows[n] + g * bb;
+                float d = rd_half(b);
+                scale_zero[(g * N + n) * 2] = d;
+                scale_zero[(g * N + n) * 2 + 1] = qtype == T_Q4_0 ? 0.0f : rd_half(b + 2) + 8.0f * d;
+                const uint8_t *qs = b + hdr;
+                for (int t = 0; t < 16; t++) {
+                    code[j][t] = qs[t] & 0xf;
+                    code[j][t + 16] = qs[t] >> 4;
+                }
+            }
+            for (int t = 0; t < 32; t++) {
+                uint8_t *dst = p + (g * 32 + t) * 32;
+                for (int jj = 0; jj < 32; jj++) dst[jj] = (uint8_t)(code[jj][t] | (code[jj + 32][t] << 4));
+            }
+        }
+    }
+    return 0;
+}
+
+// GGUF rows -> symmetric per-row int8 (the reference: kvoffload.model.quant.int8_rows):
+// scale = max(max|w|, 1e-12) / 127, q = clamp(round_half_even(w / scale), -127, 127).
+// Output row n is read from rows[n] (an address), so parts are fused and rows permuted here.
+int kvo_gguf_to_int8(int qtype, const int64_t *rows, int64_t N, int64_t cols, int8_t *q, float *scale,
+                     int threads) {
+    blk_fn fn;
+    int bs, bb;
+    if (block_info(qtype, &fn, &bs, &bb) != 0 || cols % bs) return -1;
+    int64_t nb = cols / bs;
+    #pragma omp parallel num_threads(threads)
+    {
+        float *w = malloc(sizeof(float) * cols);
+        #pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            const uint8_t *b = (const uint8_t *)(intptr_t)rows[n];
+            for (int64_t i = 0; i < nb; i++) fn(b + i * bb, w + i * bs);
+            float amax = 0.0f;
+            for (int64_t k = 0; k < cols; k++) {
+                float a = fabsf(w[k]);
+                amax = a > amax ? a : amax;
+            }
+            float s = (amax > 1e-12f ? amax : 1e-12f) / 127.0f;
+            scale[n] = s;
+            int8_t *qn = q + n * cols;
+            for (int64_t k = 0; k < cols; k++) {
+                float r = nearbyintf(w[k] / s);
+                qn[k] = (int8_t)(r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r));
+            }
+        }
+        free(w);
+    }
+    return 0;
+}

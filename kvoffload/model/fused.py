@@ -1,0 +1,137 @@
+"""A decoder layer run as two native calls for a few rows (kernels/decode.c).
+
+:func:`fuse_layers` wraps each :class:`~kvoffload.model.llama.Block` whose projections are
+:class:`~kvoffload.model.quant.Int4Linear` / :class:`~kvoffload.model.quant.Int8Linear` in a
+:class:`FusedBlock`: a forward of at most :data:`MAX_ROWS` rows runs ``kvo_attn_in`` (norm,
+qkv projection, bias, RoPE), the attention backend as usual, then ``kvo_attn_out`` (o
+projection, residual, norm, gate/up, SiLU, down, residual); larger forwards run the block
+itself (the PyTorch reference, which the tests compare with at fp32 tolerance).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import nn
+
+from kvoffload.kernels.build import load
+from kvoffload.model.interface import AttentionBackend, ForwardBatch
+from kvoffload.model.llama import Block, Rot
+from kvoffload.model.quant import Int4Linear, Int8Linear, QuantLinear
+
+MAX_ROWS = 8                     # MAX_ROWS of decode.c
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int), ("N", ctypes.c_int), ("K", ctypes.c_int), ("w", ctypes.c_void_p),
+                ("scale", ctypes.c_void_p), ("scale_f32", ctypes.c_int), ("bias", ctypes.c_void_p)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("d", ctypes.c_int), ("H", ctypes.c_int), ("H_kv", ctypes.c_int), ("D", ctypes.c_int),
+                ("ffn", ctypes.c_int), ("eps1", ctypes.c_float), ("eps2", ctypes.c_float),
+                ("norm1", ctypes.c_void_p), ("norm2", ctypes.c_void_p),
+                ("qkv", _Linear), ("o", _Linear), ("gate_up", _Linear), ("down", _Linear)]
+
+
+def _lib():
+    lib = load("decode")
+    if lib is not None and not getattr(lib, "_typed", False):
+        P, I = ctypes.c_void_p, ctypes.c_int
+        lib.kvo_decode_supported.argtypes = [P]
+        lib.kvo_attn_in.argtypes = [P, P, I, P, P, P, I, P, I]
+        lib.kvo_attn_out.argtypes = [P, P, P, I, P, I, P, I]
+        lib.kvo_gemv.argtypes = [P, P, I, P, I]
+        lib.kvo_attn_in.restype = lib.kvo_attn_out.restype = lib.kvo_gemv.restype = None
+        lib._typed = True
+    return lib
+
+
+def _linear(m: QuantLinear) -> _Linear | None:
+    bias = 0 if m.bias is None else m.bias.data_ptr()
+    if type(m) is Int4Linear:
+        return _Linear(0, m.out_features, m.in_features, m.packed.data_ptr(), m.scale_zero.data_ptr(),
+                       int(m.scale_zero.dtype == torch.float32), bias)
+    if type(m) is Int8Linear:
+        return _Linear(1, m.out_features, m.in_features, m.q.data_ptr(), m.scale.data_ptr(),
+                       int(m.scale.dtype == torch.float32), bias)
+    return None
+
+
+def gemv(m: QuantLinear, x: torch.Tensor, threads: int = 1) -> torch.Tensor:
+    """``x`` fp32 ``[M, K]`` (M <= :data:`MAX_ROWS`) times a quantised weight through the native
+    kernel -> fp32 ``[M, N]`` (no bias)."""
+    desc, x = _linear(m), x.float().contiguous()
+    y = torch.empty(x.shape[0], m.out_features)
+    _lib().kvo_gemv(ctypes.byref(desc), x.data_ptr(), x.shape[0], y.data_ptr(), threads)
+    return y
+
+
+class FusedBlock(nn.Module):
+    """A :class:`Block` whose few-row forwards run natively (its tensors are the block's own)."""
+
+    def __init__(self, block: Block, desc: _Layer, max_rows: int, threads: int) -> None:
+        super().__init__()
+        self.block, self.desc, self.max_rows, self.threads = block, desc, max_rows, threads
+        a = block.attn
+        self.heads, self.kv_heads, self.head_dim, self.layer = a.heads, a.kv_heads, a.head_dim, a.layer
+        self.dtype = block.input_norm.weight.dtype
+        self.f32 = int(self.dtype == torch.float32)
+        d, f = desc.d, desc.ffn
+        self.qkv_cols = (a.heads + 2 * a.kv_heads) * a.head_dim
+        self.ws_in = d + self.qkv_cols                                    # fp32 workspace per row
+        self.ws_out = a.heads * a.head_dim + 4 * d + 3 * f
+        lib = _lib()
+        self._in, self._out, self._ptr = lib.kvo_attn_in, lib.kvo_attn_out, ctypes.addressof(desc)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, rot: Rot, backend: AttentionBackend) -> torch.Tensor:
+        B, L, d = x.shape
+        rows = B * L
+        if rows > self.max_rows or x.dtype != self.dtype:
+            return self.block(x, batch, rot, backend)
+        x = x.contiguous()
+        cos, sin = (t.contiguous() for t in rot)                         # [B, L, 1, D]
+        ws = torch.empty(rows * max(self.ws_in, self.ws_out), dtype=torch.float32)
+        qkv = torch.empty(B, L, self.qkv_cols, dtype=x.dtype)
+        self._in(self._ptr, x.data_ptr(), rows, cos.data_ptr(), sin.data_ptr(), qkv.data_ptr(), self.f32,
+                 ws.data_ptr(), self.threads)
+        qkv = qkv.view(B, L, -1, self.head_dim)                          # [B, L, H + 2*H_kv, D]
+        H, Hk = self.heads, self.kv_heads
+        q = qkv[:, :, :H].transpose(1, 2)                                # [B, H, L, D]
+        k = qkv[:, :, H:H + Hk].transpose(1, 2)                          # [B, H_kv, L, D]
+        v = qkv[:, :, H + Hk:].transpose(1, 2)                           # [B, H_kv, L, D]
+        o = getattr(backend, batch.phase.value)(self.layer, q, k, v, batch).contiguous()   # [B, L, H, D]
+        if o.dtype != x.dtype:
+            o = o.to(x.dtype)
+        out = torch.empty_like(x)
+        self._out(self._ptr, o.data_ptr(), x.data_ptr(), rows, out.data_ptr(), self.f32, ws.data_ptr(), self.threads)
+        return out
+
+
+def layer_descriptor(block: Block) -> _Layer | None:
+    """The native view of a block's tensors, or None when the kernel cannot run it."""
+    a, m = block.attn, block.mlp
+    lins = [_linear(x) for x in (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)]
+    if any(x is None for x in lins) or m.gate_up_proj.bias is not None or m.down_proj.bias is not None \
+            or a.o_proj.bias is not None:
+        return None
+    n1, n2 = block.input_norm, block.post_attn_norm
+    if not (n1.weight.dtype == n2.weight.dtype == a.qkv_proj.dtype) or n1.weight.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    desc = _Layer(n1.weight.numel(), a.heads, a.kv_heads, a.head_dim, m.ffn, n1.eps, n2.eps,
+                  n1.weight.data_ptr(), n2.weight.data_ptr(), *lins)
+    return desc if _lib().kvo_decode_supported(ctypes.byref(desc)) else None
+
+
+def fuse_layers(model: nn.Module, max_rows: int, threads: int) -> int:
+    """Wrap every block the native kernels can run; returns how many were wrapped."""
+    if _lib() is None:
+        return 0
+    done = 0
+    for i, block in enumerate(model.layers):
+        desc = layer_descriptor(block)
+        if desc is not None:
+            model.layers[i] = FusedBlock(block, desc, min(max_rows, MAX_ROWS), threads)
+            done += 1
+    return done

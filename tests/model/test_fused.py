@@ -1,0 +1,78 @@
+"""Fused native decoder layers (kernels/decode.c) against the PyTorch reference path."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from kvoffload.model.fused import FusedBlock, fuse_layers
+from kvoffload.model.interface import ForwardBatch, Logits, Phase
+
+pytestmark = pytest.mark.skipif(fuse_layers.__module__ and __import__("kvoffload.model.fused", fromlist=["_lib"])._lib()
+                                is None, reason="native kernels unavailable")
+
+
+class EchoBackend:
+    """Attention stand-in: o = q + the mean of v over its KV heads and positions."""
+
+    def decode(self, layer, q, k, v, batch):
+        G = q.shape[1] // k.shape[1]
+        o = q + v.repeat_interleave(G, 1).mean(2, keepdim=True) + 0.1 * k.repeat_interleave(G, 1)
+        return o.transpose(1, 2)                                          # [B, L, H, D]
+
+    prefill = decode
+
+
+def tiny_model(tiny_hf, arch: str, method: str, dtype: torch.dtype):
+    from kvoffload.model.loading import build_model, read_checkpoint
+    from kvoffload.model.quant import quantize
+
+    _, path = tiny_hf(arch)
+    model = build_model(read_checkpoint(path, dtype), torch.device("cpu"))
+    quantize(model, method, dtype, torch.device("cpu"), max_rows=8)
+    return model
+
+
+@pytest.mark.parametrize("method", ["int4", "int8"])
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+@pytest.mark.parametrize("rows", [(1, 1), (3, 1), (2, 4)])
+def test_fused_layers_match_the_reference_in_fp32(tiny_hf, arch, method, rows):
+    model = tiny_model(tiny_hf, arch, method, torch.float32)
+    fused = copy.deepcopy(model)
+    assert fuse_layers(fused, max_rows=8, threads=2) == len(model.layers)
+    assert all(isinstance(b, FusedBlock) for b in fused.layers)
+    B, L = rows
+    g = torch.Generator().manual_seed(B * 10 + L)
+    tokens = torch.randint(0, 256, (B, L), generator=g)
+    positions = torch.arange(L).expand(B, L) + torch.tensor([[5], [9], [30]])[:B]
+    batch = ForwardBatch(Phase.DECODE, tuple(range(B)), positions, tuple([L] * B), Logits.ALL)
+    with torch.inference_mode():
+        ref, got = model(tokens, batch, EchoBackend()), fused(tokens, batch, EchoBackend())
+    diff = (got - ref).abs()
+    print(f"{arch} {method} {B}x{L}: max {diff.max():.2e} mean {diff.mean():.2e} (logits up to {ref.abs().max():.1f})")
+    assert diff.max() <= 1e-4 * max(1.0, ref.abs().max().item())
+
+
+def test_fused_layers_in_bf16_stay_close(tiny_hf):
+    model = tiny_model(tiny_hf, "qwen2", "int4", torch.bfloat16)
+    fused = copy.deepcopy(model)
+    fuse_layers(fused, max_rows=8, threads=2)
+    tokens = torch.tensor([[17]])
+    batch = ForwardBatch(Phase.DECODE, (0,), torch.tensor([[7]]), (1,), Logits.ALL)
+    with torch.inference_mode():
+        ref, got = model(tokens, batch, EchoBackend()), fused(tokens, batch, EchoBackend())
+    diff = (got - ref).abs()
+    print(f"bf16: max {diff.max():.2e} mean {diff.mean():.2e} (logits up to {ref.abs().max():.1f})")
+    assert diff.max() <= 0.05 * ref.abs().max()                  # bf16 rounding at a few points differs
+
+
+def test_many_rows_run_the_reference(tiny_hf):
+    model = tiny_model(tiny_hf, "qwen2", "int8", torch.float32)
+    fused = copy.deepcopy(model)
+    fuse_layers(fused, max_rows=2, threads=2)
+    tokens = torch.tensor([[1, 2, 3]])
+    batch = ForwardBatch(Phase.PREFILL, (0,), torch.arange(3)[None], (3,), Logits.ALL)
+    with torch.inference_mode():
+        assert torch.equal(model(tokens, batch, EchoBackend()), fused(tokens, batch, EchoBackend()))

@@ -1,0 +1,131 @@
+"""Native weight kernels (kernels/qweights.c) against their references, and the GGUF loader's
+decode formats against the dense path they replace."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from kvoffload.kernels import qweights as qw
+from kvoffload.model import quant
+from kvoffload.model.quant import Int4Linear, Int8Linear, int8_rows
+
+NATIVE = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
+pytestmark = pytest.mark.skipif(not qw.native_gguf(2), reason="native kernels unavailable")
+
+
+def random_blocks(qtype: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Random bytes in a type's block layout, with finite fp16 scales."""
+    kind = GGMLQuantizationType[qtype]
+    block, size = GGML_QUANT_SIZES[kind]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    halves = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}.get(qtype, (0, 2) if qtype in ("Q4_1", "Q5_1") else (0,))
+    for at in halves:          # fp16 in [-2, 2]
+        raw[..., at:at + 2] = rng.uniform(-2, 2, (rows, cols // block)).astype(np.float16).view(np.uint8).reshape(
+            rows, cols // block, 2)
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("qtype", NATIVE)
+def test_gguf_dequant_is_bit_identical_to_gguf_quants(qtype):
+    kind = GGMLQuantizationType[qtype].value
+    raw = random_blocks(qtype, 37, 512)
+    got, ref = qw.gguf_dequant(raw, kind, 512), qw.gguf_reference(raw, kind, 512)
+    diff = np.abs(got - ref)
+    print(f"{qtype}: max {diff.max():.2e} mean {diff.mean():.2e}")
+    assert np.array_equal(got, ref)
+    idx = np.array([5, 0, 36, 5])
+    assert np.array_equal(qw.gguf_gather(raw, kind, 512, idx), ref[idx])
+
+
+@pytest.mark.parametrize("qtype", NATIVE)
+def test_gguf_to_int8_matches_int8_rows(qtype):
+    kind = GGMLQuantizationType[qtype].value
+    raw = random_blocks(qtype, 70, 256, seed=1)
+    q, scale = torch.empty(70, 256, dtype=torch.int8), torch.empty(70)
+    order = np.arange(70)[::-1].copy()                       # rows in any order
+    assert qw.gguf_to_int8(kind, raw.ctypes.data + raw.strides[0] * order, q, scale)
+    rq, rs = int8_rows(torch.from_numpy(qw.gguf_reference(raw, kind, 256))[order.tolist()])
+    assert torch.equal(q, rq) and torch.equal(scale, rs)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+def test_q4_pack_keeps_the_codes(qtype):
+    kind = GGMLQuantizationType[qtype].value
+    raw = random_blocks(qtype, 128, 96, seed=2)
+    packed, sz = qw.q4_pack(kind, raw.ctypes.data + raw.strides[0] * np.arange(128), 96)
+    ql = Int4Linear(packed, sz, None, torch.float32, 8)
+    ref = torch.from_numpy(qw.gguf_reference(raw, kind, 96))
+    diff = (ql.dequantized() - ref).abs()
+    print(f"{qtype} -> int4 (fp32 scales): max {diff.max():.2e} mean {diff.mean():.2e}")
+    assert diff.max() <= 1e-6 * ref.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4pack_dequant_matches_the_packed_kernel(dtype):
+    torch.manual_seed(0)
+    ql = Int4Linear.from_linear(torch.nn.Linear(96, 192), dtype, 8)
+    ref = ql.reference_rows(0, 192).float()
+    for n0, n1 in [(0, 192), (64, 128), (128, 192)]:
+        out = torch.empty(n1 - n0, 96, dtype=dtype)
+        assert qw.int4pack_dequant(ql.packed, ql.scale_zero, quant.INT4_GROUP, n0, n1, out)
+        diff = (out.float() - ref[n0:n1]).abs()
+        print(f"{dtype} rows {n0}:{n1}: max {diff.max():.2e} mean {diff.mean():.2e}")
+        # the packed kernel fuses multiply-add (1 ulp in fp32); bf16 rounds both the same
+        assert diff.max() <= (0 if dtype == torch.bfloat16 else 1e-6 * ref.abs().max())
+
+
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
+def test_prefill_path_is_a_dense_gemm_on_the_dequantised_weight(cls, monkeypatch):
+    torch.manual_seed(0)
+    ql = cls.from_linear(torch.nn.Linear(64, 320, bias=True), torch.float32, max_rows=4)
+    x = torch.randn(2, 5, 64)                                  # 10 rows > 4: dense path
+    ref = torch.nn.functional.linear(x, ql.dequantized(), ql.bias)
+    assert torch.equal(ql(x), ref)
+    monkeypatch.setattr(quant, "SCRATCH_ELEMS", 64 * 64 * 2)  # slices of 128 output channels
+    assert torch.equal(ql(x), ref)
+    small = ql(x[:1, :2])                                      # 2 rows: the packed kernel
+    diff = (small - ref[:1, :2]).abs()
+    print(f"{cls.__name__} packed vs dequantised GEMM: max {diff.max():.2e} mean {diff.mean():.2e}")
+    assert diff.max() < 1e-4
+
+
+@pytest.mark.parametrize("qtype,method", [("Q4_1", "int4"), ("Q4_0", "int4"), ("Q5_0", "int8"), ("Q8_0", "int8"),
+                                          ("Q5_1", "int8")])
+@pytest.mark.parametrize("arch", ["llama-linear-rope", "qwen2"])   # tied + permuted q/k; untied + biases
+def test_gguf_loads_straight_into_the_decode_format(tiny_hf, write_gguf, tmp_path, qtype, method, arch):
+    """The loader's modules equal what quantising the dense checkpoint gives (int8: bit for bit;
+    int4 from Q4_x: the file's own codes, within the compute dtype's rounding of the scales), and
+    the embedding reads the file's rows."""
+    from kvoffload.model.loader.gguf_loader import load_gguf
+    from kvoffload.model.loading import build_model
+
+    hf, _ = tiny_hf(arch)
+    path = str(tmp_path / f"{qtype}.gguf")
+    write_gguf(hf, path, arch, qtype)
+    dense = build_model(load_gguf(path, torch.float32), torch.device("cpu"))
+    ckpt = load_gguf(path, torch.float32, method, max_rows=8)
+    fast = build_model(ckpt, torch.device("cpu"))
+    names = ["layers.1.attn.qkv_proj", "layers.0.attn.o_proj", "layers.2.mlp.gate_up_proj", "layers.0.mlp.down_proj",
+             "lm_head"]
+    for name in names:
+        mod, w = fast.get_submodule(name), dense.get_submodule(name).weight
+        if isinstance(mod, Int8Linear):
+            ref = Int8Linear.from_linear(dense.get_submodule(name), torch.float32, 8)
+            assert torch.equal(mod.q, ref.q) and torch.equal(mod.scale, ref.scale), name
+        else:
+            diff = (mod.dequantized() - w).abs()
+            assert diff.max() <= 1e-6 * w.abs().max(), (name, diff.max())
+    assert isinstance(fast.lm_head, Int8Linear)
+    tokens = torch.tensor([[1, 7, 299, 42]])
+    emb = fast.embed(tokens)
+    if arch != "qwen2":                                        # tied: the embedding reads the int8 head
+        assert torch.equal(emb, fast.lm_head.dequantized()[tokens])
+    else:                                                      # the file's own blocks
+        assert torch.equal(emb, dense.embed(tokens))
+    dense_bytes = sum(t.nbytes for t in dense.state_dict().values())
+    held = sum(t.nbytes for t in {t.data_ptr(): t for t in fast.state_dict().values()}.values())
+    assert held < dense_bytes / 3                             # fp32 dense vs 0.5-1 byte per weight
