@@ -1,6 +1,6 @@
 """Checks that need no model weights, run before the (10-20 s) model load so that a wrong flag
 fails at once: the sparse policies' names, the KV tiers' names, the offload directory, and each
-tier's budget against one KV chunk (from the checkpoint's header only)."""
+tier's budget against one KV chunk (from the checkpoint's header only), the KV store directory."""
 
 from __future__ import annotations
 
@@ -22,6 +22,10 @@ def preflight(config: EngineConfig, device_type: str, dtype: str) -> None:
         policy_class(config.sparse.sparse_policy)
     if config.spec.enabled and config.spec.spec_draft_policy != "dense":
         policy_class(config.spec.spec_draft_policy)
+    if config.store.enabled:                  # created (0700) if absent; a one-line error if unusable
+        from kvoffload.kv.persist.store import BlockDir
+
+        BlockDir(config.store.kv_store, config.store.kv_store_budget, config.store.kv_store_fsync)
     kv = config.kv
     if not kv.tiered:
         return
