@@ -293,3 +293,79 @@ def test_store_files_are_private(dense, tmp_path):
     assert os.stat(store).st_mode & 0o777 == 0o700
     for p in _block_files(store):
         assert os.stat(p).st_mode & 0o777 == 0o600
+
+
+def _policies() -> list[str]:
+    from kvoffload.sparse.registry import POLICIES
+
+    return list(POLICIES)
+
+
+@pytest.mark.parametrize("extra", [*({"sparse_policy": p, "sparse_budget": "1/4"} for p in _policies()),
+                                   {"speculate": "self", "spec_draft_budget": 16}],
+                         ids=[*_policies(), "speculate-self"])
+def test_reuse_with_policy_metadata(tiny_hf, tmp_path, extra):
+    """A sparse policy's metadata (and the self-draft's) is built from the loaded blocks as from a
+    prefill: the greedy tokens equal those of the same engine without a store. (Blocks of 8
+    tokens: ShadowKV and retrieval score chunks of 8.)"""
+    import json
+    import random
+
+    model, path = tiny_hf("qwen2")
+    cfg = model.config
+    D = cfg.hidden_size // cfg.num_attention_heads
+    rng = random.Random(0)
+    calib = tmp_path / "channels.json"
+    calib.write_text(json.dumps({"format": "kvoffload-channels/1", "channels": [
+        [rng.sample(range(D), D) for _ in range(cfg.num_key_value_heads)] for _ in range(cfg.num_hidden_layers)]}))
+    if extra.get("sparse_policy") == "double_sparsity":
+        extra = {**extra, "sparse_calibration": str(calib)}
+    kw = dict(dtype="float32", prefill_chunk=16, block_size=8, chunk_blocks=2, **extra)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    ref = [o.token_ids for o in LLM(path, **kw).generate(QUESTIONS, params)]
+    store = str(tmp_path / "s")
+    LLM(path, kv_store=store, kv_store_fsync="none", **kw).generate(QUESTIONS[:1], params)
+    b = LLM(path, kv_store=store, kv_store_fsync="none", **kw)
+    outs = b.generate(QUESTIONS, params)
+    assert all(o.metrics.reused_tokens > 0 for o in outs)
+    assert [o.token_ids for o in outs] == ref
+
+
+WRITER = """
+import sys, torch
+from kvoffload.kv.layout import BlockLayout
+from kvoffload.kv.persist.prefix import PrefixStore
+from kvoffload.kv.persist.store import BlockDir
+path, seed = sys.argv[1], int(sys.argv[2])
+lay = BlockLayout(4, 2, 16, "float32", 2)
+p = PrefixStore(BlockDir(path, budget=40 * (4096 + 3 * 4096), fsync="none"), "m", lay, 3)
+g = torch.Generator().manual_seed(0)
+for rep in range(20):
+    tokens = [(rep * 7 + i) % 50 for i in range(32)]            # the same prompts in every process
+    keys = p.keys(tokens, 8)
+    slots = torch.randn(3, 8, lay.slot_elems, generator=g)
+    p.save(tokens, keys, 0, slots)
+    found = p.find(keys)
+    assert found is None or torch.equal(found.slots, slots[:, :found.blocks]), "a block read back differs"
+    p.dir.enforce_budget()
+"""
+
+
+def test_several_processes_share_a_store(tmp_path):
+    """Three processes write the same chains, read them back and evict past a budget at once:
+    every block read equals what was written, every block left verifies, no temporary file stays."""
+    import subprocess
+    import sys
+
+    store = str(tmp_path / "s")
+    BlockDir(store)
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, store, str(i)], stderr=subprocess.PIPE)
+             for i in range(3)]
+    for p in procs:
+        err = p.communicate(timeout=120)[1].decode()
+        assert p.returncode == 0, err
+        assert "dropped" not in err, err
+    d = BlockDir(store)
+    assert d.index and d.bytes_held <= 40 * (4096 + 3 * 4096)
+    assert all(d.check(k) is None for k in d.index)
+    assert os.listdir(os.path.join(store, "tmp")) == []
