@@ -14,6 +14,7 @@ from kvoffload.device import resolve_device, resolve_dtype, set_threads
 from kvoffload.engine.engine import Engine
 from kvoffload.engine.sequence import Sequence, TokenLogprob
 from kvoffload.errors import ConfigError, ConfigTypeError, InputError, KvoffloadError
+from kvoffload.kv.persist.prefix import PrefixStore
 from kvoffload.model.loading import load_model
 from kvoffload.preflight import preflight
 
@@ -26,6 +27,8 @@ class RequestMetrics:
     generated_tokens: int
     prefill_s: float        # forward time spent on this prompt
     decode_s: float         # first token -> finish
+    ttft_s: float = 0.0     # arrival -> first token (a stored prefix loaded, the rest prefilled, the first token)
+    reused_tokens: int = 0  # prompt tokens whose KV came from the persistent store (not prefilled)
     @property
     def prefill_tok_s(self) -> float:
         return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
@@ -66,9 +69,23 @@ class LLM:
         self.model, self.tokenizer, self.load_stats = load_model(config, self.device)
         self.model_config = self.model.cfg
         self.dtype, self.quantization = self.load_stats.dtype, self.load_stats.quantization
-        self.engine = Engine(self.model, make_backend(self.model_config, config, self.device, self.dtype),
-                             self.tokenizer, config, self.device)
+        kv = make_backend(self.model_config, config, self.device, self.dtype)
+        self.engine = Engine(self.model, kv, self.tokenizer, config, self.device, self._prefix_store(kv))
         self.closed = False
+
+    def _prefix_store(self, kv) -> PrefixStore | None:
+        """The persistent KV store of ``--kv-store`` as this model's prefix cache (None: none)."""
+        st = self.config.store
+        if not st.enabled:
+            return None
+        from kvoffload.kv.persist.store import BlockDir
+        from kvoffload.model.fingerprint import weights_fingerprint
+
+        # what the KV depends on besides the layout: the weights, how they are computed with, and where
+        fingerprint = (f"weights={weights_fingerprint(self.load_stats.source)};dtype={self.dtype};"
+                       f"quantization={self.quantization};device={self.device.type}")
+        return PrefixStore(BlockDir(st.kv_store, st.kv_store_budget, st.kv_store_fsync), fingerprint, kv.layout,
+                           self.model_config.num_layers, source=self.load_stats.source)
 
     def kv_report(self) -> str | None:
         """A line on speculation (if on), then the KV manager's lines (a sparse policy's reads,
@@ -83,6 +100,8 @@ class LLM:
             # the tiered store's traffic line, with the prefill's reported apart from the decode's
             kv_lines[-1:] = tier_line(stats, self.engine.prefill_kv, self.engine.prefill_tokens).split("\n")
         lines += kv_lines
+        if self.engine.prefix is not None:
+            lines.append(self.engine.prefix.report())
         return "\n".join(lines) or None
 
     def close(self) -> None:
@@ -171,7 +190,9 @@ class LLM:
 
     @staticmethod
     def _output(seq: Sequence, prompt: str | None) -> RequestOutput:
-        m = RequestMetrics(seq.prompt_len, len(seq.output_ids), seq.times.prefill_s, seq.times.decode_s)
+        t = seq.times
+        m = RequestMetrics(seq.prompt_len, len(seq.output_ids), t.prefill_s, t.decode_s,
+                           (t.first_token - t.arrival) if t.first_token is not None else 0.0, seq.reused_tokens)
         return RequestOutput(prompt, seq.prompt_ids, seq.text, seq.output_ids, seq.finish_reason or "", m,
                              seq.logprobs if seq.params.logprobs is not None else None,
                              seq.prompt_logprobs if seq.params.prompt_logprobs is not None else None)

@@ -4,6 +4,7 @@
 * :class:`KVConfig` — where the KV cache lives (block size, tier budgets, disk workers).
 * :class:`SparseConfig` — which KV a decode step reads (sparse attention policies).
 * :class:`SpecConfig` — self-speculative decoding (draft cache, gamma, rebuilds).
+* :class:`StoreConfig` — the persistent KV block store (prefix reuse across processes).
 * :class:`EngineConfig` — how we run it (device, dtypes, weight format, chunking, batching).
 * :class:`SamplingParams` — how one request picks its tokens.
 
@@ -545,6 +546,43 @@ class SpecConfig:
         return max(1, min(self.spec_draft_budget, math.ceil(self._share[1] * length)))
 
 
+# --------------------------------------------------------------------------- persistent KV store
+
+KV_STORE_FSYNC = ("file", "none")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """The persistent KV block store (kvoffload/kv/persist/): prompt prefixes reused across
+    requests and processes.
+
+    kv_store: a directory (created 0700 if absent). Every full block of a prompt's KV is kept
+        there, keyed by the model, the KV layout and the tokens; a prompt whose leading blocks
+        are there skips their prefill. ``None``: no store.
+    kv_store_budget: bytes the store may hold; past it the least recently used blocks not in
+        use by this process are deleted (``None``: unlimited).
+    kv_store_fsync: ``file``: each block file is fsynced before it is renamed into place (and
+        its directory after), so a crash or power loss leaves only whole blocks; ``none``: no
+        fsync (faster; a torn block fails its checksum and is recomputed).
+    """
+
+    kv_store: str | None = cli_field(None, "directory of a persistent KV block store: prompt prefixes found there skip their prefill, new ones are kept (default: none)")
+    kv_store_budget: int | None = cli_field(None, "bytes the KV store may hold, e.g. 4GiB; least recently used blocks go first (default: unlimited)", parse=parse_size)
+    kv_store_fsync: str = cli_field("file", "fsync policy of KV store writes: file (each block before its rename) or none", choices=KV_STORE_FSYNC)
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        object.__setattr__(self, "kv_store_budget", parse_size(self.kv_store_budget))
+        if self.kv_store is not None and not self.kv_store.strip():
+            raise ConfigError("kv_store must name a directory")
+        if self.kv_store_fsync not in KV_STORE_FSYNC:
+            raise ConfigError(f"kv_store_fsync must be one of {', '.join(KV_STORE_FSYNC)}, got {self.kv_store_fsync!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.kv_store is not None
+
+
 # --------------------------------------------------------------------------- engine
 
 DTYPES = NAMES            # kvoffload/dtypes.py is the one dtype table
@@ -592,6 +630,7 @@ class EngineConfig:
     kv: :class:`KVConfig` (its fields are flags of their own: ``--kv-host-budget`` ...).
     sparse: :class:`SparseConfig` (``--sparse-policy``, ``--sparse-budget`` ...).
     spec: :class:`SpecConfig` (``--speculate``, ``--num-speculative-tokens`` ...).
+    store: :class:`StoreConfig` (``--kv-store``, ``--kv-store-budget`` ...).
     """
 
     model: str | None = cli_field(None, "GGUF file, Hugging Face directory or alias (default: embedded SmolLM2-135M-Instruct)", short="-m")
@@ -610,6 +649,7 @@ class EngineConfig:
     kv: KVConfig = field(default_factory=KVConfig, metadata={"nested": True})
     sparse: SparseConfig = field(default_factory=SparseConfig, metadata={"nested": True})
     spec: SpecConfig = field(default_factory=SpecConfig, metadata={"nested": True})
+    store: StoreConfig = field(default_factory=StoreConfig, metadata={"nested": True})
 
     def __post_init__(self) -> None:
         check_types(self)

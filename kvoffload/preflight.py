@@ -1,7 +1,7 @@
 """Checks that need no model weights, run before the (10-20 s) model load so that a wrong flag
 fails at once: the sparse policies' names, the KV tiers' names, the offload directory, Ray and
-the Ray cluster's address, and each tier's budget against one KV chunk (from the checkpoint's
-header only)."""
+the Ray cluster's address, each tier's budget against one KV chunk (from the checkpoint's
+header only), and the KV store directory."""
 
 from __future__ import annotations
 
@@ -24,6 +24,10 @@ def preflight(config: EngineConfig, device_type: str, dtype: str) -> None:
         policy_class(config.sparse.sparse_policy)
     if config.spec.enabled and config.spec.spec_draft_policy != "dense":
         policy_class(config.spec.spec_draft_policy)
+    if config.store.enabled:                  # created (0700) if absent; a one-line error if unusable
+        from kvoffload.kv.persist.store import BlockDir
+
+        BlockDir(config.store.kv_store, config.store.kv_store_budget, config.store.kv_store_fsync)
     kv = config.kv
     if not kv.tiered:
         return

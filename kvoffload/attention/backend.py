@@ -11,6 +11,7 @@ from typing import Protocol
 
 import torch
 
+from kvoffload.kv.layout import BlockLayout
 from kvoffload.kv.tiers.protocol import TierCounters
 from kvoffload.model.interface import AttentionBackend
 from kvoffload.sparse.base import SparseCounters
@@ -90,6 +91,7 @@ class KVManager(AttentionBackend, Protocol):
     """An attention backend that owns each sequence's KV."""
 
     kv_dtype: torch.dtype
+    layout: BlockLayout                 # block geometry and the slot format of read_slots / load_slots
 
     def allocate(self, seq_id: int, capacity: int) -> None:
         """Room for a sequence of up to ``capacity`` tokens."""
@@ -109,6 +111,16 @@ class KVManager(AttentionBackend, Protocol):
 
     def gather(self, seq_id: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V ``[layers, H_kv, n, D]`` at token positions ``index`` ``[layers, H_kv, n]``."""
+        ...
+
+    def read_slots(self, seq_id: int, first: int, n: int) -> torch.Tensor:
+        """``[layers, n, slot_elems]``: the sequence's full blocks ``first ..`` in the slot
+        format of kv/layout.py (exact bytes, KV dtype)."""
+        ...
+
+    def load_slots(self, seq_id: int, first: int, slots: torch.Tensor) -> None:
+        """Blocks ``[layers, n, slot_elems]`` become the sequence's blocks ``first ..`` (it holds
+        exactly ``first`` full blocks and no partial one), as if its prefill had written them."""
         ...
 
     def stats(self) -> KVStats: ...

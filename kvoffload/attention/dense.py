@@ -325,6 +325,20 @@ class DenseBackend:
         for layer in range(k.shape[0]):
             self.layout.write_range(slots[layer], start, k[layer].to(self.kv_dtype), v[layer].to(self.kv_dtype))
 
+    # ---- whole blocks in and out (the persistent store) ----
+    def read_slots(self, seq_id: int, first: int, n: int) -> torch.Tensor:
+        """``[layers, n, slot_elems]``: full blocks ``first .. first+n-1`` of every layer, as stored."""
+        return self._slots(seq_id, (first + n) * self.bs)[:, first:first + n].clone()
+
+    def load_slots(self, seq_id: int, first: int, slots: torch.Tensor) -> None:
+        """Blocks ``[layers, n, slot_elems]`` become the sequence's blocks ``first ..``, as if
+        prefilled (the policy's metadata built)."""
+        n = slots.shape[1]
+        self._slots(seq_id, (first + n) * self.bs)[:, first:first + n] = slots.to(self.device)
+        if self.policy is not None:
+            for layer in range(self.cfg.num_layers):
+                self.policy.append(layer, seq_id, first * self.bs, *self.layout.unpack(slots[layer]))
+
     # ---- reporting ----
     def stats(self) -> KVStats:
         return KVStats(held={"memory": self.bytes_held()}, decode_tokens=self.decode_tokens,

@@ -398,6 +398,27 @@ class TieredBackend:
         self.store.send()
         return torch.stack(outs)
 
+    # ---- whole blocks in and out (the persistent store) ----
+    def read_slots(self, seq_id: int, first: int, n: int) -> torch.Tensor:
+        """``[layers, n, slot_elems]``: full blocks ``first .. first+n-1`` of every layer, as stored."""
+        with self._lock:
+            blocks = np.arange(first, first + n, dtype=np.int64)
+            return torch.stack([self.store.read_blocks(seq_id, layer, blocks) for layer in range(self.cfg.num_layers)])
+
+    def load_slots(self, seq_id: int, first: int, slots: torch.Tensor) -> None:
+        """Blocks ``[layers, n, slot_elems]`` become the sequence's blocks ``first ..`` (its
+        first ``first`` blocks are full, its tail empty), as if prefilled: placed in the tiers,
+        the policy's metadata built."""
+        with self._lock:
+            for layer in range(self.cfg.num_layers):
+                if self.store.placement.blocks[seq_id][layer] != first:
+                    raise RuntimeError(f"load_slots at block {first} of sequence {seq_id}, which holds "
+                                       f"{self.store.placement.blocks[seq_id][layer]}")
+                self.store.append_slots(seq_id, layer, slots[layer])
+                if self.policy is not None:
+                    self.policy.append(layer, seq_id, first * self.bs, *self.layout.unpack(slots[layer]))
+            self.store.send()
+
     # ---- speculation: verify, commit / rollback, reading KV back ----
     def verify(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                batch: ForwardBatch) -> torch.Tensor:

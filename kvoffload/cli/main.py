@@ -8,6 +8,7 @@ Start with:
   kvoffload generate -f long.txt --kv-host-budget 256MiB        # KV past 256 MiB goes to disk
   kvoffload info qwen2.5-coder-0.5b                             # a model's KV bytes per token
   kvoffload serve --port 8000                                   # an OpenAI-compatible server
+  kvoffload batch jobs.jsonl -o results.jsonl --kv-store kv/    # an offline job; prefixes kept in kv/
 
 Errors a user can cause are one line (`kvoffload: error: ...`, exit code 2).
 """
@@ -47,6 +48,7 @@ def _on_signal(signum: int, frame) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from kvoffload import __version__
     from kvoffload.cli import (
+        batch,
         bench,
         calibrate,
         eval,
@@ -54,13 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
         info,
         serve,
         specbench,
+        store,
         sweep,
     )
 
     parser = _Parser(prog="kvoffload", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"kvoffload {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for mod in (generate, serve, info, bench, eval, calibrate, sweep, specbench):
+    for mod in (generate, serve, batch, info, bench, eval, calibrate, sweep, specbench, store):
         mod.register(sub)
     return parser
 

@@ -15,6 +15,7 @@ from kvoffload.config import EngineConfig, SamplingParams
 from kvoffload.engine.scheduler import PrefillChunk, Scheduler, StepPlan
 from kvoffload.engine.sequence import SeqStatus, Sequence, TokenLogprob
 from kvoffload.errors import InputError
+from kvoffload.kv.persist.prefix import PrefixStore
 from kvoffload.model.interface import AttentionBackend, ForwardBatch, Logits, Phase
 from kvoffload.model.llama import Transformer
 from kvoffload.sampling import make_generator, sample, token_logprobs
@@ -51,11 +52,12 @@ class StepTimes:
 
 class Engine:
     def __init__(self, model: Transformer, kv: KVManager, tokenizer: Any, config: EngineConfig,
-                 device: torch.device) -> None:
+                 device: torch.device, prefix: PrefixStore | None = None) -> None:
         self.model, self.kv, self.tokenizer, self.config, self.device = model, kv, tokenizer, config, device
+        self.prefix = prefix              # the persistent KV store (None: every prompt is prefilled)
         self.kv_chunk_limit = self._kv_chunk_limit()
         self.scheduler = Scheduler(config.max_num_seqs, config.prefill_chunk, config.scheduling == "prefill-first",
-                                   self.kv_chunk_limit)
+                                   self.kv_chunk_limit, on_admit=self._admit)
         self.seqs: dict[int, Sequence] = {}
         self.times = StepTimes()
         self.prefill_kv: dict[str, dict[str, int]] = {}     # per tier, what its counters grew by in prompt forwards
@@ -144,6 +146,7 @@ class Engine:
             if seq is None:
                 continue
             self.scheduler.remove(seq)
+            self._unpin(seq)
             for free in (self.kv.free, self.spec.free if self.spec is not None else None):
                 if free is not None:
                     try:
@@ -203,11 +206,7 @@ class Engine:
     # ------------------------------------------------------------------ the step
     def step(self) -> list[StepOutput]:
         t0 = time.perf_counter()
-        plan, admitted = self.scheduler.schedule()
-        for seq in admitted:
-            self.kv.allocate(seq.seq_id, seq.capacity)
-            if self.spec is not None:
-                self.spec.allocate(seq.seq_id, seq.capacity)
+        plan, _ = self.scheduler.schedule()           # admitted sequences went through _admit
         t1 = time.perf_counter()
         executed = self.execute(plan)
         t2 = time.perf_counter()
@@ -215,6 +214,48 @@ class Engine:
         self.times.schedule += t1 - t0
         self.times.update += time.perf_counter() - t2
         return out
+
+    # ------------------------------------------------------------------ the persistent store
+    def _admit(self, seq: Sequence) -> None:
+        """A sequence is admitted: its KV is allocated, and the leading blocks of its prompt
+        that are in the persistent store are loaded instead of prefilled (at least the last
+        prompt token is always computed: its logits choose the first token)."""
+        self.kv.allocate(seq.seq_id, seq.capacity)
+        if self.spec is not None:
+            self.spec.allocate(seq.seq_id, seq.capacity)
+        if self.prefix is None or seq.params.prompt_logprobs is not None:   # (those need every prompt row)
+            return
+        bs = self.kv.layout.block_size
+        seq.block_keys = self.prefix.keys(seq.prompt_ids, seq.prompt_len // bs)
+        self.prefix.pin(seq.block_keys)
+        found = self.prefix.find(seq.block_keys[:(seq.prompt_len - 1) // bs])
+        if found is None:
+            return
+        self.kv.load_slots(seq.seq_id, 0, found.slots)
+        seq.num_cached = seq.reused_tokens = found.blocks * bs
+        seq.stored_blocks = found.blocks
+        if self.spec is not None:            # the draft's policy metadata, from the loaded prefix
+            self.spec.reseed(seq.seq_id, seq.capacity, seq.num_cached)
+
+    def _store_prompt(self, seq: Sequence, end: int) -> None:
+        """Keep the prompt's full blocks below position ``end`` that are not in the store yet."""
+        full = min(end // self.kv.layout.block_size, len(seq.block_keys))
+        first = seq.stored_blocks
+        if full <= first:
+            return
+        first += self.prefix.missing(seq.block_keys[first:full])
+        if first < full:
+            n = self.prefix.save(seq.prompt_ids, seq.block_keys, first, self.kv.read_slots(seq.seq_id, first, full - first))
+            if first + n < full:              # a failed write: later blocks could never be found past the hole
+                full = len(seq.block_keys)
+        seq.stored_blocks = full
+
+    def _unpin(self, seq: Sequence) -> None:
+        """The sequence is done with its stored blocks: they may be evicted (the budget is kept now)."""
+        if self.prefix is not None and seq.block_keys:
+            self.prefix.unpin(seq.block_keys)
+            seq.block_keys = []
+            self.prefix.dir.enforce_budget()
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> Executed:
@@ -258,6 +299,8 @@ class Engine:
             for k, v in counts.items():
                 acc[k] += v - before.get(tier, {}).get(k, 0)
         self.prefill_tokens += c.end - c.start
+        if self.prefix is not None and seq.block_keys:
+            self._store_prompt(seq, c.end)
         if c.last and self.spec is not None:
             self.spec.prefilled(c.seq_id, c.end)
         dt = time.perf_counter() - t0
@@ -340,6 +383,7 @@ class Engine:
                 if seq.finish_reason is not None:
                     seq.finish()
                     self.scheduler.remove(seq)
+                    self._unpin(seq)
                     self.kv.free(sid)
                     if self.spec is not None:
                         self.spec.free(sid)

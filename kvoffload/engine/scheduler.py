@@ -34,14 +34,19 @@ class Scheduler:
     the admitted ones'; otherwise it waits in the queue (first come, first served), so a step
     never runs out of KV room.
 
+    ``on_admit(seq)``: called as a sequence is admitted, before its first prompt chunk is
+    planned (the engine allocates its KV there and loads a stored prefix: ``seq.num_cached``
+    may move forward).
+
     ``interleave``: decoding sequences keep generating while a new prompt is prefilled
     chunk by chunk (vLLM-style chunked prefill). ``prefill_first``: while a prompt is being
     prefilled the decode batch waits, so admitted sequences decode together (throughput).
     """
 
     def __init__(self, max_num_seqs: int, prefill_chunk: int, prefill_first: bool = True,
-                 kv_limit: int | None = None) -> None:
+                 kv_limit: int | None = None, on_admit=None) -> None:
         self.max_num_seqs, self.prefill_chunk, self.prefill_first = max_num_seqs, prefill_chunk, prefill_first
+        self.on_admit = on_admit               # called with a sequence as it is admitted, before its first chunk is planned
         self.kv_limit = kv_limit
         self.kv_reserved = 0                   # chunks of the admitted sequences
         self.waiting: deque[Sequence] = deque()
@@ -63,6 +68,8 @@ class Scheduler:
             self.running.append(prefilling)
             self.kv_reserved += prefilling.kv_chunks
             admitted.append(prefilling)
+            if self.on_admit is not None:          # (its KV is allocated; a stored prefix may be loaded)
+                self.on_admit(prefilling)
         chunk = None
         if prefilling is not None:
             start = prefilling.num_cached

@@ -61,6 +61,9 @@ class Sequence:
     kv_chunks: int = 0                 # KV chunks reserved for it while admitted (tier budgets)
     logprobs: list[TokenLogprob] = field(default_factory=list)           # per output token (params.logprobs)
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # per prompt token; the first None
+    block_keys: list[bytes] = field(default_factory=list)   # persistent store: chain keys of the prompt's full blocks
+    stored_blocks: int = 0             # of them, those known to be in the store (loaded or written)
+    reused_tokens: int = 0             # prompt tokens whose KV came from the store (not prefilled)
 
     @property
     def prompt_len(self) -> int:

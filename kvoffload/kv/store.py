@@ -114,6 +114,13 @@ class BlockStore:
             lay.write_tokens(self.tail_view(seq_id, layer), 0, k[:, pos:], v[:, pos:])
         self._write_pending()
 
+    def append_slots(self, seq_id: int, layer: int, slots: torch.Tensor) -> None:
+        """Whole blocks ``[n, slot_elems]`` (packed, KV dtype) after the (seq, layer)'s full
+        blocks, whose tail must be empty (blocks reused from the persistent store)."""
+        for i in range(slots.shape[0]):
+            self._place(seq_id, layer, slots[i])
+        self._write_pending()
+
     def flush_tail(self, seq_id: int, layer: int) -> None:
         """The (seq, layer)'s tail is full: it becomes a block."""
         self._place(seq_id, layer, self.tail_view(seq_id, layer).clone())

@@ -1,0 +1,124 @@
+"""Prompt prefixes in a persistent block store (:class:`~kvoffload.kv.persist.store.BlockDir`):
+the engine's side. A prompt's full blocks are keyed by chain (kv/persist/store.py); the leading
+blocks found in the store are handed to the KV manager as slots (its own format, byte for byte)
+and the prompt's prefill starts after them; the blocks a prefill computed are stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kvoffload.dtypes import torch_dtype
+from kvoffload.kv.layout import BlockLayout
+from kvoffload.kv.persist.store import (
+    HEADER,
+    ROOT,
+    BlockDir,
+    BlockHeader,
+    _checksum,
+    chain_keys,
+    namespace,
+)
+
+
+@dataclass(frozen=True)
+class Found:
+    """The leading blocks of a prompt found in the store: their slots ``[layers, n, slot_elems]``
+    (KV dtype), ``n`` blocks."""
+
+    slots: torch.Tensor
+
+    @property
+    def blocks(self) -> int:
+        return self.slots.shape[1]
+
+
+class PrefixStore:
+    """A store directory as one model's prefix cache."""
+
+    def __init__(self, directory: BlockDir, fingerprint: str, layout: BlockLayout, num_layers: int,
+                 source: str = "") -> None:
+        self.dir, self.layout, self.num_layers = directory, layout, num_layers
+        self.ns = namespace(fingerprint, layout)
+        self.dtype = torch_dtype(layout.dtype)
+        directory.note_namespace(self.ns, {"model": fingerprint, "source": source, "layers": num_layers, "block_size": layout.block_size,
+                                           "kv_heads": layout.num_kv_heads, "head_dim": layout.head_dim,
+                                           "kv_dtype": layout.dtype})
+
+    # ---- keys ----
+    def keys(self, token_ids: list[int], n_blocks: int) -> list[bytes]:
+        """Chain keys of the first ``n_blocks`` full blocks of a prompt."""
+        return chain_keys(self.ns, token_ids, self.layout.block_size, n_blocks)
+
+    def _expect(self, h: BlockHeader) -> bool:
+        lay = self.layout
+        return (h.namespace == self.ns and h.layers == self.num_layers and h.slot_bytes == lay.slot_bytes
+                and h.stride == lay.disk_stride and h.block_size == lay.block_size)
+
+    # ---- reading ----
+    def find(self, keys: list[bytes]) -> Found | None:
+        """The longest run of leading blocks in the store (a damaged one ends it: it is dropped
+        and recomputed); None when the first is missing. The blocks found are touched (LRU)."""
+        lay = self.layout
+        got: list[torch.Tensor] = []
+        hexes = [k.hex() for k in keys]
+        for key in hexes:
+            r = self.dir.read(key, self._expect)
+            if r is None:
+                break
+            _, raw = r
+            payload = np.frombuffer(raw, np.uint8, offset=HEADER).reshape(self.num_layers, lay.disk_stride)
+            got.append(torch.from_numpy(np.ascontiguousarray(payload[:, :lay.slot_bytes])).view(self.dtype))
+        if not got:
+            return None
+        self.dir.touch(hexes[:len(got)])
+        self.dir.counters.hits += len(got)
+        self.dir.counters.hit_tokens += len(got) * lay.block_size
+        return Found(torch.stack(got, dim=1))                          # [layers, n, slot_elems]
+
+    def missing(self, keys: list[bytes]) -> int:
+        """Index of the first of ``keys`` without a block file (len(keys): all there)."""
+        import os
+
+        for i, k in enumerate(keys):
+            if not os.path.exists(self.dir.file_of(k.hex())):
+                return i
+        return len(keys)
+
+    # ---- writing ----
+    def save(self, token_ids: list[int], keys: list[bytes], first: int, slots: torch.Tensor) -> int:
+        """Store blocks ``first ..`` of a prompt (``keys`` its chain keys from block 0, ``slots``
+        ``[layers, n, slot_elems]`` those blocks' KV). Returns the blocks written; stops at the
+        first failed write (a later block without its parent is never found)."""
+        lay, bs = self.layout, self.layout.block_size
+        n = slots.shape[1]
+        raw = slots.detach().cpu().contiguous().view(torch.uint8).numpy()   # [layers, n, slot_bytes]
+        written = []
+        for i in range(n):
+            b = first + i
+            payload = np.zeros((self.num_layers, lay.disk_stride), np.uint8)
+            payload[:, :lay.slot_bytes] = raw[:, i]
+            parent = keys[b - 1] if b else ROOT
+            tokens = np.asarray(token_ids[b * bs:(b + 1) * bs], np.int64)
+            h = BlockHeader(self.num_layers, lay.slot_bytes, lay.disk_stride, bs, _checksum(payload), keys[b],
+                            parent, self.ns, tokens)
+            if not self.dir.write(keys[b].hex(), h.pack() + payload.tobytes()):
+                break
+            written.append(keys[b].hex())
+        self.dir.sync_dirs(written)
+        return len(written)
+
+    def pin(self, keys: list[bytes]) -> None:
+        self.dir.pin([k.hex() for k in keys])
+
+    def unpin(self, keys: list[bytes]) -> None:
+        self.dir.unpin([k.hex() for k in keys])
+
+    def report(self) -> str:
+        c = self.dir.counters
+        return (f"KV store {self.dir.path}: {c.hits} blocks reused ({c.hit_tokens} prompt tokens not prefilled), "
+                f"{c.written} written, {c.damaged} dropped as damaged, {c.evicted} evicted; "
+                f"holds {self.dir.bytes_held / 2**20:.1f} MiB")
