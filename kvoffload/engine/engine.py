@@ -60,6 +60,7 @@ class Engine:
                                    self.kv_chunk_limit, on_admit=self._admit)
         self.seqs: dict[int, Sequence] = {}
         self.times = StepTimes()
+        self.driver: object | None = None    # the server loop that steps this engine (one at a time), if any
         self.prefill_kv: dict[str, dict[str, int]] = {}     # per tier, what its counters grew by in prompt forwards
         self.prefill_tokens = 0
         self._next_id = 0

@@ -77,6 +77,11 @@ class EngineLoop:
 
     # ------------------------------------------------------------ from handlers (any thread)
     def start(self) -> None:
+        """Start stepping the engine; it must not be stepped by another loop (each would take
+        the other's outputs and race it through the scheduler)."""
+        if self.engine.driver is not None:
+            raise KvoffloadError("this LLM is already being served (one server per LLM): stop that server first")
+        self.engine.driver = self
         self.thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -85,6 +90,8 @@ class EngineLoop:
         self._inbox.put(("wake",))
         if self.thread.is_alive():
             self.thread.join(timeout)
+        if self.engine.driver is self and not self.thread.is_alive():
+            self.engine.driver = None
 
     @property
     def pending(self) -> int:

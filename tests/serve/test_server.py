@@ -44,6 +44,15 @@ def ref(model_path):
     llm.close()
 
 
+@pytest.fixture(scope="module")
+def spare(model_path):
+    """A second served LLM, for the tests that start their own server while ``server`` runs
+    (one engine loop per LLM)."""
+    llm = LLM(model_path, dtype="float32", prefill_chunk=16, max_num_seqs=8)
+    yield llm
+    llm.close()
+
+
 def serve(llm, **cfg):
     return ServerThread(create_app(llm, ServeConfig(**cfg), MODEL))
 
@@ -200,8 +209,8 @@ def test_malformed_json_wrong_model_and_big_body(server):
     assert httpx.get(server.url + "/nope", timeout=TIMEOUT).status_code == 404
 
 
-def test_api_key(llm):
-    with serve(llm, api_key="s3cret") as s:
+def test_api_key(spare):
+    with serve(spare, api_key="s3cret") as s:
         body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
         assert _post(s.url, body).status_code == 401
         assert _post(s.url, body, headers={"authorization": "Bearer wrong"}).status_code == 401
@@ -231,8 +240,8 @@ def test_queue_full_is_429(model_path):
         llm.close()
 
 
-def test_request_timeout_frees_the_request(llm):
-    with serve(llm, request_timeout=0.2) as s:
+def test_request_timeout_frees_the_request(spare):
+    with serve(spare, request_timeout=0.2) as s:
         loop = s.app.state.server.loop
         with cf.ThreadPoolExecutor(1) as pool:
             with loop.paused():
@@ -243,7 +252,7 @@ def test_request_timeout_frees_the_request(llm):
         deadline = time.monotonic() + TIMEOUT
         while loop.pending and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert loop.pending == 0 and not llm.engine.seqs
+        assert loop.pending == 0 and not spare.engine.seqs
 
 
 # ----------------------------------------------------------------------------- batching, cancellation
@@ -323,3 +332,14 @@ def test_bench_serve_against_a_running_server(server, tmp_path, capsys):
     assert s["output_throughput"] == pytest.approx(12 * 5 / s["duration_s"])
     assert 0 < s["ttft_ms"]["p50"] <= s["e2e_ms"]["p50"]
     assert "| TTFT |" in capsys.readouterr().out
+
+
+def test_one_engine_loop_per_llm(server, llm):
+    """A second loop on an engine that a server already steps would race it through the
+    scheduler and take its outputs: it is refused, and the first one keeps serving."""
+    from kvoffload.errors import KvoffloadError
+    from kvoffload.serve.loop import EngineLoop
+
+    with pytest.raises(KvoffloadError, match="already being served"):
+        EngineLoop(llm.engine, 4).start()
+    assert _post(server.url, {"model": MODEL, "prompt": "x", "max_tokens": 1}).status_code == 200
