@@ -22,7 +22,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvoffload.dtypes import NAMES
+from kvoffload.dtypes import KV_NAMES, NAMES, QUANT
 from kvoffload.errors import ConfigError, ConfigTypeError
 
 
@@ -249,6 +249,9 @@ class KVConfig:
     kv_serial: submit to one tier and wait for it before the next (default: every tier is
         started, then the fastest is computed here while the others work).
     arena_segment_slots: memory tiers grow in segments of about this many blocks.
+    kv_group_size: channels per value group of a compressed KV block (``--kv-dtype int8/int4``;
+        0 = the whole head: one scale and minimum per token and head); it must divide the head
+        dimension. Keys are grouped per channel over the tokens of a block.
     """
 
     block_size: int = cli_field(16, "tokens per KV block")
@@ -273,6 +276,7 @@ class KVConfig:
     disk_write_backlog: int = cli_field(32 << 20, "bytes of unacknowledged block writes per disk worker before waiting", parse=parse_size)
     kv_serial: bool = cli_field(False, "run the tier workers one after another instead of together (measures what the overlap buys)")
     arena_segment_slots: int = 256
+    kv_group_size: int = cli_field(0, "channels per value group of a compressed KV block (0 = the whole head)")
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -288,6 +292,8 @@ class KVConfig:
             raise ConfigError(f"disk_io_depth must be 0 (by request size) to 64, got {self.disk_io_depth}")
         if self.disk_read_blocks < 1 or self.chunk_blocks % self.disk_read_blocks:
             raise ConfigError(f"disk_read_blocks must divide kv_chunk_blocks ({self.chunk_blocks}), got {self.disk_read_blocks}")
+        if self.kv_group_size < 0:
+            raise ConfigError(f"kv_group_size must be >= 0 (0 = the whole head), got {self.kv_group_size}")
         if self.disk_workers < 0:
             raise ConfigError(f"disk_workers must be >= 0 (0: this process reads the disk), got {self.disk_workers}")
         if self.kv_sink_tokens < 0 or self.kv_recent_tokens < 0:
@@ -517,7 +523,10 @@ class EngineConfig:
         (e.g. GGUF Q4_1, re-packed nearly losslessly), else ``none``.
     quant_max_rows: the packed kernels serve calls of at most this many rows (tokens in the
         forward); larger calls (prefill, big decode batches) use the dense GEMM.
-    kv_dtype: KV cache dtype (``None`` = ``dtype``).
+    kv_dtype: KV cache dtype (``None`` = ``dtype``), or a compressed block format: ``int8`` /
+        ``int4`` (keys quantised per channel over a block's tokens, values per token in groups of
+        ``kv_group_size`` channels; scales inside the block; the partly filled last block stays
+        in the compute dtype; always the block store, in host RAM when no tier is given).
     threads: intra-op CPU threads (``None`` = PyTorch default = physical cores).
     prefill_chunk: prompt tokens per prefill forward (bounds activation memory).
     max_num_seqs: sequences decoded together in one batch.
@@ -541,7 +550,7 @@ class EngineConfig:
     dtype: str = cli_field(AUTO, "compute dtype", choices=(AUTO, *DTYPES))
     quantization: str = cli_field(AUTO, "weight-only quantisation of linear layers for decode (CPU only)", choices=(AUTO, *QUANTIZATIONS), short="-q")
     quant_max_rows: int = cli_field(8, "rows up to which the quantised kernels are used (more: dense GEMM)")
-    kv_dtype: str | None = cli_field(None, "KV cache dtype (default: --dtype)", choices=DTYPES)
+    kv_dtype: str | None = cli_field(None, "KV cache dtype (default: --dtype); int8 / int4: compressed blocks", choices=KV_NAMES)
     threads: int | None = cli_field(None, "CPU threads (default: physical cores)", short="-t")
     prefill_chunk: int = cli_field(2048, "prompt tokens per prefill step (bounds activation memory)")
     max_num_seqs: int = cli_field(16, "sequences decoded together in one batch")
@@ -566,8 +575,10 @@ class EngineConfig:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         if self.dtype not in (AUTO, *DTYPES):
             raise ConfigError(f"dtype must be one of auto, {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.kv_dtype is not None and self.kv_dtype not in DTYPES:
-            raise ConfigError(f"kv_dtype must be one of {', '.join(DTYPES)}, got {self.kv_dtype!r}")
+        if self.kv_dtype is not None and self.kv_dtype not in KV_NAMES:
+            raise ConfigError(f"kv_dtype must be one of {', '.join(KV_NAMES)}, got {self.kv_dtype!r}")
+        if self.kv.kv_group_size and self.kv_dtype not in QUANT:
+            raise ConfigError("--kv-group-size applies to a compressed KV (--kv-dtype int8 or int4)")
         if self.quantization not in (AUTO, *QUANTIZATIONS):
             raise ConfigError(f"quantization must be one of auto, {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         if self.spec.enabled and self.sparse.enabled:

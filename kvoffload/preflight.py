@@ -1,6 +1,7 @@
 """Checks that need no model weights, run before the (10-20 s) model load so that a wrong flag
-fails at once: the sparse policies' names, the KV tiers' names, the offload directory, and each
-tier's budget against one KV chunk (from the checkpoint's header only)."""
+fails at once: the sparse policies' names, the KV tiers' names, the offload directory, the KV
+block format (a compressed KV's group size against the model's head dimension) and each tier's
+budget against one KV chunk (from the checkpoint's header only)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from kvoffload.config import EngineConfig
 def preflight(config: EngineConfig, device_type: str, dtype: str) -> None:
     """Raise the one-line error the engine would raise after loading (``dtype``: the compute
     dtype in use, ``auto`` resolved)."""
+    from kvoffload.dtypes import QUANT
     from kvoffload.kv.layout import BlockLayout
     from kvoffload.kv.tiers.disk import check_offload_base
     from kvoffload.kv.tiers.protocol import TierSpec, chunk_capacity
@@ -23,15 +25,16 @@ def preflight(config: EngineConfig, device_type: str, dtype: str) -> None:
     if config.spec.enabled and config.spec.spec_draft_policy != "dense":
         policy_class(config.spec.spec_draft_policy)
     kv = config.kv
-    if not kv.tiered:
+    stored = config.kv_dtype or dtype
+    if not kv.tiered and stored not in QUANT:
         return
-    tiers = kv.tier_list(device_type)
+    tiers = kv.tier_list(device_type) if kv.tiered else ()
     for name, budget in tiers:
         tier_class(name)
         if name == "disk" and budget != 0:
             check_offload_base(kv.offload_dir)
     cfg = read_config(resolve_model(config.model, config.cache_dir))        # the header only
-    lay = BlockLayout(kv.block_size, cfg.num_kv_heads, cfg.head_dim, config.kv_dtype or dtype, kv.chunk_blocks)
+    lay = BlockLayout.for_kv(kv, cfg.num_kv_heads, cfg.head_dim, stored)    # a bad format: its one-line error
     for name, budget in tiers:
         chunk_capacity(TierSpec(name, budget), tier_class(name).chunk_bytes(lay))
 

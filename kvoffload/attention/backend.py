@@ -11,6 +11,7 @@ from typing import Protocol
 
 import torch
 
+from kvoffload.kv.layout import BlockLayout
 from kvoffload.kv.tiers.protocol import TierCounters
 from kvoffload.model.interface import AttentionBackend
 from kvoffload.sparse.base import SparseCounters
@@ -84,7 +85,8 @@ def tier_line(stats: KVStats, prefill: dict[str, dict[str, int]] | None = None, 
 class KVManager(AttentionBackend, Protocol):
     """An attention backend that owns each sequence's KV."""
 
-    kv_dtype: torch.dtype
+    kv_dtype: torch.dtype           # what k/v are written in (a compressed KV: the compute dtype)
+    layout: BlockLayout             # its blocks' layout (compressed, for --kv-dtype int8 / int4)
 
     def allocate(self, seq_id: int, capacity: int) -> None:
         """Room for a sequence of up to ``capacity`` tokens."""

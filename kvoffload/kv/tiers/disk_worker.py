@@ -24,7 +24,6 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
-from kvoffload.dtypes import DTYPES, to_float32
 from kvoffload.errors import KvoffloadError
 from kvoffload.kernels import reference
 from kvoffload.kernels.aio import AioError, AioReader
@@ -386,13 +385,13 @@ class DiskWorkerServer:
             addr = np.where(in_ahead, ahead_base + st * at_ahead, base + st * at_buf)
             self.kernel(q_rows, Items(row, efirst, last, addr[idx], masks), out_o, out_l, self.threads)
             return
-        store = DTYPES[lay.dtype].storage
+        store = lay.storage
         data = np.empty((len(blk), lay.slot_elems), store)
         for mask, at, src in ((~in_ahead, at_buf, buf), (in_ahead, at_ahead, self.ahead_buf)):
             if mask.any():
                 arr = np.frombuffer(src, dtype=store).reshape(-1, st // lay.itemsize)
                 data[mask] = arr[at[mask], :lay.slot_elems]
-        k, v = lay.unpack_blocks(to_float32(data, lay.dtype))                              # [n, H_kv, bs, D]
+        k, v = lay.unpack_f32(data)                                                        # [n, H_kv, bs, D] fp32
         ob, lb = reference.attend_items(q_rows, k[idx], v[idx], row, efirst, last, masks)
         out_o[...], out_l[...] = ob, lb
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kvoffload.dtypes import torch_dtype
+from kvoffload.dtypes import storage_torch_dtype
 from kvoffload.kernels import reference
 from kvoffload.kernels.paged import Items, PagedAttention, PreparedCall
 from kvoffload.kv.layout import BlockLayout
@@ -36,7 +36,7 @@ class Arena:
     def __init__(self, layout: BlockLayout, device: torch.device, unit: int, segment_units: int,
                  capacity: int | None = None, pin: bool = False) -> None:
         self.layout, self.device, self.unit = layout, device, unit
-        self.dtype = torch_dtype(layout.dtype)
+        self.dtype = storage_torch_dtype(layout.dtype)
         self.pool = ChunkPool(capacity)
         self.segment_units, self.pin = segment_units, pin and device.type == "cpu"
         self.segments: list[torch.Tensor] = []                 # each [units * unit, slot_elems]
