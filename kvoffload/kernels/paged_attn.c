@@ -91,6 +91,7 @@ typedef struct {
     const int64_t *blk;
     const uint64_t *tm;      /* &tmask[first block][0] or NULL (stride H_kv) */
     int nb, n_last;
+    int vg;                  /* compressed blocks: channels per value group (kv/layout.py) */
     float *o, *lse;          /* part_o + i*H*D, part_lse + i*H */
 } item_job;
 
@@ -434,6 +435,120 @@ SPEC_ALL(f16)
 #endif
 
 /* ---------------------------------------------------------------------------------------------
+ * Compressed blocks (--kv-dtype int8 / int4; the byte layout is kv/layout.py's, its offsets
+ * BlockLayout.quant_offsets): per head, K codes channel-major [D, bs] with one (scale, min) per
+ * channel, V codes token-major [bs, D] with one (scale, min) per group of vg channels of a
+ * token; x = code * scale + min; int4: two codes a byte, the even one in the low nibble.
+ * Nothing is dequantised to memory: the key scales fold into the query (score = sum_d
+ * (q_d s_d) c_dt + sum_d q_d m_d), the value ones into the weights (o += (p s) c + p m), the
+ * codes are widened to fp32 in registers. Loops run along tokens (scores) and channels
+ * (values) with independent lanes, so the compiler vectorises them without reassociating
+ * anything: the bit-identity contract holds as for the other dtypes.
+ * ------------------------------------------------------------------------------------------- */
+#if defined(__F16C__)
+#include <immintrin.h>
+static inline float h2f(uint16_t x) { return _cvtsh_ss(x); }
+#else
+static inline float h2f(uint16_t x) { return f16_to_f32(x); }
+#endif
+
+/* codes [n] of one row (n even for int4) -> fp32 */
+static inline void widen_q8(const uint8_t *c, int n, float *out) {
+    for (int i = 0; i < n; i++) out[i] = (float)c[i];
+}
+static inline void widen_q4(const uint8_t *c, int n, float *out) {
+    for (int i = 0; i < n / 2; i++) {
+        out[2 * i] = (float)(c[i] & 15);
+        out[2 * i + 1] = (float)(c[i] >> 4);
+    }
+}
+
+#define DEFINE_QUANT(NAME, BITS)                                                                      \
+static void NAME##_item_generic(const item_job *J, int H_kv, int G, int D, int bs, float scale) {  \
+    float P[G_MAX][BS_MAX], S[G_MAX][BS_MAX], QS[G_MAX][D_MAX], C0[G_MAX], row[D_MAX > BS_MAX ? D_MAX : BS_MAX]; \
+    const int vg = J->vg, ng = D / vg;                                                              \
+    const size_t cb = (size_t)D * bs * BITS / 8;          /* one head's K (or V) codes */          \
+    const size_t v0 = (size_t)H_kv * cb, km = 2 * v0, vm = km + (size_t)H_kv * 4 * D;               \
+    for (int h = 0; h < H_kv; h++) {                                                                \
+        const float *q = J->q + (size_t)h * G * D;                                                  \
+        float m[G_MAX], l[G_MAX], *o = J->o + (size_t)h * G * D;                                    \
+        for (int g = 0; g < G; g++) { m[g] = -INFINITY; l[g] = 0.f; }                               \
+        memset(o, 0, sizeof(float) * G * D);                                                        \
+        for (int j = 0; j < J->nb; j++) {                                                           \
+            int n = j == J->nb - 1 ? J->n_last : bs;                                                \
+            const uint64_t *tm = J->tm ? J->tm + (size_t)j * H_kv + h : NULL;                       \
+            uint64_t mk = live_tokens(tm, n);                                                       \
+            if (!mk) continue;                    /* head skips the block: nothing read */          \
+            const uint8_t *B = (const uint8_t *)J->blk[j];                                          \
+            const uint8_t *KC = B + h * cb, *VC = B + v0 + h * cb;                                  \
+            const uint16_t *KM = (const uint16_t *)(B + km) + (size_t)h * 2 * D;                    \
+            const uint16_t *VM = (const uint16_t *)(B + vm) + (size_t)h * bs * ng * 2;              \
+            for (int g = 0; g < G; g++) C0[g] = 0.f;                                                \
+            for (int d = 0; d < D; d++) {         /* the key scales folded into q */                \
+                float ks = h2f(KM[d]), kmn = h2f(KM[D + d]);                                        \
+                for (int g = 0; g < G; g++) {                                                       \
+                    QS[g][d] = q[g * D + d] * ks;                                                   \
+                    C0[g] = fmaf(q[g * D + d], kmn, C0[g]);                                         \
+                }                                                                                   \
+            }                                                                                       \
+            for (int g = 0; g < G; g++)                                                             \
+                for (int t = 0; t < bs; t++) S[g][t] = 0.f;                                         \
+            for (int d = 0; d < D; d++) {         /* scores: one channel's codes x G heads */       \
+                widen_##NAME(KC + (size_t)d * bs * BITS / 8, bs, row);                              \
+                for (int g = 0; g < G; g++) {                                                       \
+                    float qs = QS[g][d], *sg = S[g];                                                \
+                    for (int t = 0; t < bs; t++) sg[t] = fmaf(qs, row[t], sg[t]);                   \
+                }                                                                                   \
+            }                                                                                       \
+            for (int g = 0; g < G; g++) {                                                           \
+                float bm = -INFINITY;                                                               \
+                for (int t = 0; t < n; t++) {                                                       \
+                    P[g][t] = (mk >> t) & 1 ? (S[g][t] + C0[g]) * scale : -INFINITY;                \
+                    bm = P[g][t] > bm ? P[g][t] : bm;                                               \
+                }                                                                                   \
+                if (bm > m[g]) {                  /* a new running max: rescale */                  \
+                    float alpha = m[g] == -INFINITY ? 0.f : exp_nonpos(m[g] - bm);                  \
+                    m[g] = bm;                                                                      \
+                    l[g] *= alpha;                                                                  \
+                    for (int d = 0; d < D; d++) o[(size_t)g * D + d] *= alpha;                      \
+                }                                                                                   \
+                for (int t = 0; t < n; t++) {     /* weights */                                     \
+                    P[g][t] = P[g][t] == -INFINITY ? 0.f : exp_nonpos(P[g][t] - m[g]);              \
+                    l[g] += P[g][t];                                                                \
+                }                                                                                   \
+            }                                                                                       \
+            for (int t = 0; t < n; t++) {         /* weighted V rows: the value scales in p */      \
+                if (!((mk >> t) & 1)) continue;                                                     \
+                widen_##NAME(VC + (size_t)t * D * BITS / 8, D, row);                                \
+                const uint16_t *vmt = VM + (size_t)t * ng * 2;                                      \
+                for (int c = 0; c < ng; c++) {                                                      \
+                    float vs = h2f(vmt[2 * c]), vmn = h2f(vmt[2 * c + 1]);                          \
+                    const float *rc = row + (size_t)c * vg;                                         \
+                    for (int g = 0; g < G; g++) {                                                   \
+                        float p = P[g][t], ps = p * vs, pz = p * vmn;                               \
+                        float *og = o + (size_t)g * D + (size_t)c * vg;                             \
+                        for (int d = 0; d < vg; d++) og[d] = fmaf(ps, rc[d], og[d] + pz);           \
+                    }                                                                               \
+                }                                                                                   \
+            }                                                                                       \
+        }                                                                                           \
+        for (int g = 0; g < G; g++) {                                                               \
+            float *og = o + (size_t)g * D;                                                          \
+            if (m[g] == -INFINITY) {                                                                \
+                memset(og, 0, sizeof(float) * D);                                                   \
+                J->lse[h * G + g] = -INFINITY;                                                      \
+                continue;                                                                           \
+            }                                                                                       \
+            for (int d = 0; d < D; d++) og[d] /= l[g];                                              \
+            J->lse[h * G + g] = m[g] + logf(l[g]);                                                  \
+        }                                                                                           \
+    }                                                                                               \
+}                                                                                                   \
+static inline item_fn NAME##_pick(int G, int D, int bs) { (void)G; (void)D; (void)bs; return NAME##_item_generic; }
+DEFINE_QUANT(q8, 8)
+DEFINE_QUANT(q4, 4)
+
+/* ---------------------------------------------------------------------------------------------
  * Merge: the one function every merge of partials goes through (inside kvo_paged_attn_* and in
  * kvo_merge_parts). One (row, head): parts order[p0 .. p1) (or p0 .. p1 when order is NULL), in
  * that order. Parts with lse = -inf are skipped; none left: out = 0, lse = -inf.
@@ -502,15 +617,16 @@ void kvo_merge_parts(int R, int H, int D, const int64_t *row_first, const int64_
 /* ---------------------------------------------------------------------------------------------
  * Append (optional), items, merge (optional): one call.
  * ------------------------------------------------------------------------------------------- */
-#define DEFINE_DRIVER(NAME, KV_T)                                                                     \
+#define DEFINE_DRIVER(NAME, KV_T, APPEND_OK)                                                          \
 int kvo_paged_attn_##NAME(int H_kv, int G, int D, int bs,                                            \
         int n_app, const KV_T *k_new, int64_t k_bs, const KV_T *v_new, int64_t v_bs,                 \
         const int64_t *app_slot, const int64_t *app_col,                                             \
         int N, const float *q, int64_t q_rs, const int64_t *item_row, const int64_t *item_first,     \
         const int64_t *item_last, const int64_t *blk, const uint64_t *tmask, float scale,            \
         float *part_o, float *part_lse,                                                              \
-        int R, const int64_t *row_first, const int64_t *order, float *out, float *lse, int threads) { \
-    if (H_kv < 1 || G < 1 || G > G_MAX || D < 2 || D % 2 || D > D_MAX || bs < 1 || bs > BS_MAX ||    \
+        int R, const int64_t *row_first, const int64_t *order, float *out, float *lse, int threads,   \
+        int vgroup) {                                                                                \
+    if ((!APPEND_OK && n_app) || vgroup < 1 || D % vgroup || H_kv < 1 || G < 1 || G > G_MAX || D < 2 || D % 2 || D > D_MAX || bs < 1 || bs > BS_MAX ||    \
         H_kv * G > H_MAX || (tmask && bs > MASK_BS_MAX) || N < 0 || R < 0 || n_app < 0)              \
         return -1;                                                                                    \
     for (int i = 0; i < N; i++)                                                                      \
@@ -542,7 +658,7 @@ int kvo_paged_attn_##NAME(int H_kv, int G, int D, int bs,                       
             int64_t f = item_first[i];                                                               \
             item_job J = {.q = q + item_row[i] * q_rs, .blk = blk + f,                               \
                           .tm = tmask ? tmask + f * H_kv : NULL,                                     \
-                          .nb = (int)(item_first[i + 1] - f), .n_last = (int)item_last[i],           \
+                          .nb = (int)(item_first[i + 1] - f), .n_last = (int)item_last[i], .vg = vgroup, \
                           .o = part_o + (size_t)i * H * D, .lse = part_lse + (size_t)i * H};         \
             fn(&J, H_kv, G, D, bs, scale);                                                           \
         }                                                                                            \
@@ -552,9 +668,11 @@ int kvo_paged_attn_##NAME(int H_kv, int G, int D, int bs,                       
     }                                                                                                \
     return 0;                                                                                        \
 }
-DEFINE_DRIVER(f32, float)
-DEFINE_DRIVER(bf16, uint16_t)
-DEFINE_DRIVER(f16, uint16_t)
+DEFINE_DRIVER(f32, float, 1)
+DEFINE_DRIVER(bf16, uint16_t, 1)
+DEFINE_DRIVER(f16, uint16_t, 1)
+DEFINE_DRIVER(q8, uint8_t, 0)          /* compressed blocks are written whole: no append */
+DEFINE_DRIVER(q4, uint8_t, 0)
 
 /* Memory read bandwidth probe for `kvoffload bench attention`: sums n floats with `threads`
  * threads (AVX-512 where available), so the peak is measured the way the kernel reads. */

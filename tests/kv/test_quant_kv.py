@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from placements import GEOMETRY, forced_logits
+from placements import GEOMETRY, PLACEMENTS, forced_logits
 from test_cli import assert_one_line_error, kvo
 
 from kvoffload.api import LLM
@@ -126,6 +126,32 @@ def test_attention_over_compressed_blocks_vs_full_precision(llm, stored, native)
     print(f"  logits span {ref.abs().max().item():.1f}")
     assert mx <= LOGIT_BOUND[stored][0] and mean <= LOGIT_BOUND[stored][1]
     assert mx > 0                                                            # it was compressed
+
+
+@pytest.mark.parametrize("stored", list(QUANT))
+def test_every_placement_bit_identical(llm, stored):
+    """Compressed blocks over every placement (each tier alone, spilled through all, several disk
+    workers, the disk read in-process) decode to the logits of all-in-RAM, bit for bit: every
+    tier's worker runs the same native kernel over the same bytes."""
+    from kvoffload.kernels.paged import PagedAttention
+
+    if PagedAttention.for_layout(BlockLayout(4, 2, 16, stored), 2) is None:
+        pytest.skip("no native kernel")
+    ids = llm.encode(PROMPT)[:70]
+    ref = None
+    for name, kv in {"all-host": PLACEMENTS["all-host"], **PLACEMENTS}.items():
+        eng = quant_engine(llm, stored, **kv)
+        try:
+            got = forced_logits(eng, ids, 37)
+            st = eng.kv.stats()
+        finally:
+            eng.kv.close()
+        if ref is None:
+            ref = got
+        report(f"{stored} {name}", got, ref)
+        assert torch.equal(got, ref), name
+        if name.startswith("all-"):
+            assert st.tiers[name[4:]].read > 0, st.tiers
 
 
 def test_gather_dequantised_and_tail_full_precision(llm):

@@ -256,9 +256,7 @@ class DiskWorkerServer:
         self.ahead_buf = aligned_buffer(self.ahead_slots * layout.disk_stride) if self.ahead_slots else None
         self.ahead: tuple[np.ndarray, Reads] | None = None          # slots being read ahead
         self.wbuf = aligned_buffer(self.batch_slots * layout.disk_stride)
-        usable = native and PagedAttention.available(layout.dtype, group, layout.head_dim, layout.block_size)
-        self.kernel = PagedAttention(layout.dtype, layout.num_kv_heads, group, layout.head_dim,
-                                     layout.block_size) if usable else None
+        self.kernel = PagedAttention.for_layout(layout, group) if native else None
         self.read_blocks, self.io_bytes = io.read_blocks, io.io_bytes
         self._started = None                                          # an attend begun, not finished
 

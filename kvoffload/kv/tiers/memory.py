@@ -116,11 +116,9 @@ def attend_slots(layout: BlockLayout, kernel: PagedAttention | None, threads: in
 def paged_kernel(ctx: TierContext, device: torch.device) -> PagedAttention | None:
     """The native paged kernel for this geometry, or None (CUDA, no compiler, tests asking for
     the reference)."""
-    lay = ctx.layout
-    G = ctx.group
-    if not ctx.native or device.type != "cpu" or not PagedAttention.available(lay.dtype, G, lay.head_dim, lay.block_size):
+    if not ctx.native or device.type != "cpu":
         return None
-    return PagedAttention(lay.dtype, lay.num_kv_heads, G, lay.head_dim, lay.block_size)
+    return PagedAttention.for_layout(ctx.layout, ctx.group)
 
 
 class MemoryTier:
