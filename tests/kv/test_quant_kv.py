@@ -185,3 +185,66 @@ def forced_logits_keep(engine: Engine, ids: list[int]) -> None:
     with torch.inference_mode():
         batch = ForwardBatch(Phase.PREFILL, (10_001,), torch.arange(len(ids))[None], (0,), Logits.LAST)
         engine.model(torch.tensor([ids]), batch, engine.kv)
+
+
+def test_sparse_policy_over_compressed_blocks(tiny_hf):
+    """Quest over int8 blocks: its metadata is built from the full-precision keys at write time
+    (the same bounds as over fp32 KV); at full budget it equals dense attention over the same
+    int8 blocks; at 1/4 with the blocks spilled to disk it equals the all-in-RAM int8 run bit
+    for bit (token masks in the compressed kernel)."""
+    _, path = tiny_hf("qwen2")
+    kw = dict(dtype="float32", prefill_chunk=32, block_size=8, chunk_blocks=2, sparse_policy="quest",
+              sparse_dense_layers="none")
+    text = PROMPT * 4
+    runs = {}
+    for name, extra in {"fp32": {}, "int8": dict(kv_dtype="int8")}.items():
+        llm = LLM(path, sparse_budget="1/4", **kw, **extra)
+        ids = llm.encode(text)[:150]
+        forced_logits_keep(llm.engine, ids)
+        runs[name] = [(s.kmin.clone(), s.kmax.clone()) for s in llm.engine.kv.policy.states[10_001]]
+        llm.close()
+    for (a0, a1), (b0, b1) in zip(runs["fp32"], runs["int8"]):
+        assert torch.equal(a0, b0) and torch.equal(a1, b1)
+    dense8 = LLM(path, dtype="float32", prefill_chunk=32, block_size=8, chunk_blocks=2, kv_dtype="int8")
+    full8 = LLM(path, sparse_budget="all", kv_dtype="int8", **kw)
+    quarter_mem = LLM(path, sparse_budget="1/4", kv_dtype="int8", **kw)
+    quarter_disk = LLM(path, sparse_budget="1/4", kv_dtype="int8", kv_host_budget="4KiB", disk_workers=1,
+                       kv_recent_tokens=16, kv_sink_tokens=0, **kw)
+    try:
+        ref = dense8.engine.teacher_forced_logits(ids, 60)
+        got = full8.engine.teacher_forced_logits(ids, 60)
+        assert report("quest int8 at full budget vs dense int8", got, ref)[0] < 1e-4
+        a = quarter_mem.engine.teacher_forced_logits(ids, 60)
+        b = quarter_disk.engine.teacher_forced_logits(ids, 60)
+        report("quest int8 1/4: disk vs RAM", b, a)
+        assert torch.equal(a, b)
+        assert quarter_disk.engine.kv.stats().tiers["disk"].read > 0
+    finally:
+        for x in (dense8, full8, quarter_mem, quarter_disk):
+            x.close()
+
+
+def test_speculation_over_compressed_blocks(tiny_hf):
+    """Self-speculation with int8 blocks: the draft cache stays in the compute dtype, and greedy
+    output equals plain decoding over the same int8 blocks."""
+    from kvoffload import SamplingParams
+
+    _, path = tiny_hf("qwen2")
+    opts = dict(dtype="float32", prefill_chunk=16, max_num_seqs=4, block_size=4, kv_dtype="int8")
+    plain = LLM(path, **opts)
+    spec = LLM(path, speculate="self", num_speculative_tokens=3, spec_draft_budget=16, spec_draft_share="1/2",
+               spec_draft_window=8, sparse_chunk=4, **opts)
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    prompts = [PROMPT, "hello", "a medium prompt for the tiers"]
+    try:
+        ref = [o.token_ids for o in plain.generate(prompts, params)]
+        got = [o.token_ids for o in spec.generate(prompts, params)]
+        st = spec.engine.spec.stats
+        print(st.line())
+        assert got == ref
+        assert st.accepted > 0
+        assert spec.engine.kv.layout.dtype == "int8"
+        assert spec.engine.spec.draft.store.layout.dtype == "float32"          # the draft cache: compute dtype
+    finally:
+        plain.close()
+        spec.close()
