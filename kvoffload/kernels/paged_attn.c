@@ -543,10 +543,138 @@ static void NAME##_item_generic(const item_job *J, int H_kv, int G, int D, int b
             J->lse[h * G + g] = m[g] + logf(l[g]);                                                  \
         }                                                                                           \
     }                                                                                               \
+}
+
+#ifdef __AVX512F__
+/* 16 codes (elements e .. e+15 of a row) -> fp32 lanes */
+static inline __m512 w16_q8(const uint8_t *row, int e) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + e))));
+}
+static inline __m512 w16_q4(const uint8_t *row, int e) {
+    __m128i b = _mm_loadl_epi64((const __m128i *)(row + e / 2)), m = _mm_set1_epi8(15);
+    __m128i lo = _mm_and_si128(b, m), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)));
+}
+/* AVX-512 (bs, D and the value group multiples of 16): 16 tokens' scores per step with the G
+ * heads' accumulators in registers, 16 channels per step of the value rows. */
+#define DEFINE_QUANT_V(NAME, BITS)                                                                    \
+static inline __attribute__((always_inline)) void NAME##_item_v(const item_job *J, int H_kv, const int G, \
+                                                                  int D, int bs, float scale) {    \
+    float P[G_MAX][BS_MAX] __attribute__((aligned(64))), QS[G_MAX][D_MAX] __attribute__((aligned(64))); \
+    float C0[G_MAX];                                                                                \
+    const int vg = J->vg, ng = D / vg;                                                              \
+    const size_t cb = (size_t)D * bs * BITS / 8;                                                    \
+    const size_t v0 = (size_t)H_kv * cb, km = 2 * v0, vm = km + (size_t)H_kv * 4 * D;               \
+    for (int h = 0; h < H_kv; h++) {                                                                \
+        const float *q = J->q + (size_t)h * G * D;                                                  \
+        float m[G_MAX], l[G_MAX], *o = J->o + (size_t)h * G * D;                                    \
+        for (int g = 0; g < G; g++) { m[g] = -INFINITY; l[g] = 0.f; }                               \
+        memset(o, 0, sizeof(float) * G * D);                                                        \
+        for (int j = 0; j < J->nb; j++) {                                                           \
+            int n = j == J->nb - 1 ? J->n_last : bs;                                                \
+            const uint64_t *tm = J->tm ? J->tm + (size_t)j * H_kv + h : NULL;                       \
+            uint64_t mk = live_tokens(tm, n);                                                       \
+            if (!mk) continue;                                                                      \
+            const uint8_t *B = (const uint8_t *)J->blk[j];                                          \
+            const uint8_t *KC = B + h * cb, *VC = B + v0 + h * cb;                                  \
+            const uint16_t *KM = (const uint16_t *)(B + km) + (size_t)h * 2 * D;                    \
+            const uint16_t *VM = (const uint16_t *)(B + vm) + (size_t)h * bs * ng * 2;              \
+            for (int g = 0; g < G; g++) {         /* the key scales folded into q */                \
+                __m512 c = _mm512_setzero_ps();                                                     \
+                for (int d = 0; d < D; d += 16) {                                                   \
+                    __m512 ks = ld_f16(KM + d), kmn = ld_f16(KM + D + d), qv = _mm512_loadu_ps(q + g * D + d); \
+                    _mm512_store_ps(QS[g] + d, _mm512_mul_ps(qv, ks));                              \
+                    c = _mm512_fmadd_ps(qv, kmn, c);                                                \
+                }                                                                                   \
+                C0[g] = _mm512_reduce_add_ps(c);                                                    \
+            }                                                                                       \
+            for (int t0 = 0; t0 < bs; t0 += 16) { /* scores of 16 tokens */                         \
+                __m512 acc[G_MAX];                                                                  \
+                for (int g = 0; g < G; g++) acc[g] = _mm512_setzero_ps();                           \
+                for (int d = 0; d < D; d++) {                                                       \
+                    __m512 k = w16_##NAME(KC + (size_t)d * bs * BITS / 8, t0);                      \
+                    for (int g = 0; g < G; g++) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(QS[g][d]), k, acc[g]); \
+                }                                                                                   \
+                for (int g = 0; g < G; g++)                                                         \
+                    _mm512_store_ps(P[g] + t0, _mm512_mul_ps(_mm512_add_ps(acc[g], _mm512_set1_ps(C0[g])), \
+                                                             _mm512_set1_ps(scale)));                \
+            }                                                                                       \
+            for (int g = 0; g < G; g++) {                                                           \
+                float bm = -INFINITY;                                                               \
+                for (int t = 0; t < n; t++) {                                                       \
+                    if (!((mk >> t) & 1)) P[g][t] = -INFINITY;                                      \
+                    bm = P[g][t] > bm ? P[g][t] : bm;                                               \
+                }                                                                                   \
+                if (bm > m[g]) {                                                                    \
+                    float alpha = m[g] == -INFINITY ? 0.f : exp_nonpos(m[g] - bm);                  \
+                    m[g] = bm;                                                                      \
+                    l[g] *= alpha;                                                                  \
+                    for (int d = 0; d < D; d++) o[(size_t)g * D + d] *= alpha;                      \
+                }                                                                                   \
+                for (int t = 0; t < n; t++) {                                                       \
+                    P[g][t] = P[g][t] == -INFINITY ? 0.f : exp_nonpos(P[g][t] - m[g]);              \
+                    l[g] += P[g][t];                                                                \
+                }                                                                                   \
+            }                                                                                       \
+            for (int t = 0; t < n; t++) {         /* weighted V rows */                             \
+                if (!((mk >> t) & 1)) continue;                                                     \
+                const uint8_t *vr = VC + (size_t)t * D * BITS / 8;                                  \
+                const uint16_t *vmt = VM + (size_t)t * ng * 2;                                      \
+                for (int c = 0; c < ng; c++) {                                                      \
+                    float vs = h2f(vmt[2 * c]), vmn = h2f(vmt[2 * c + 1]);                          \
+                    __m512 ps[G_MAX], pz[G_MAX];                                                    \
+                    for (int g = 0; g < G; g++) {                                                   \
+                        ps[g] = _mm512_set1_ps(P[g][t] * vs);                                       \
+                        pz[g] = _mm512_set1_ps(P[g][t] * vmn);                                      \
+                    }                                                                               \
+                    for (int d = c * vg; d < (c + 1) * vg; d += 16) {                               \
+                        __m512 x = w16_##NAME(vr, d);                                               \
+                        for (int g = 0; g < G; g++) {                                               \
+                            float *og = o + (size_t)g * D + d;                                      \
+                            _mm512_storeu_ps(og, _mm512_fmadd_ps(ps[g], x, _mm512_add_ps(_mm512_loadu_ps(og), pz[g]))); \
+                        }                                                                           \
+                    }                                                                               \
+                }                                                                                   \
+            }                                                                                       \
+        }                                                                                           \
+        for (int g = 0; g < G; g++) {                                                               \
+            float *og = o + (size_t)g * D;                                                          \
+            if (m[g] == -INFINITY) {                                                                \
+                memset(og, 0, sizeof(float) * D);                                                   \
+                J->lse[h * G + g] = -INFINITY;                                                      \
+                continue;                                                                           \
+            }                                                                                       \
+            for (int d = 0; d < D; d++) og[d] /= l[g];                                              \
+            J->lse[h * G + g] = m[g] + logf(l[g]);                                                  \
+        }                                                                                           \
+    }                                                                                               \
 }                                                                                                   \
-static inline item_fn NAME##_pick(int G, int D, int bs) { (void)G; (void)D; (void)bs; return NAME##_item_generic; }
+static void NAME##_item_fast(const item_job *J, int H_kv, int G, int D, int bs, float scale) {      \
+    if (bs % 16 || D % 16 || J->vg % 16) { NAME##_item_generic(J, H_kv, G, D, bs, scale); return; } \
+    switch (G) {                           /* G a constant: the accumulators in registers */        \
+    case 1: NAME##_item_v(J, H_kv, 1, D, bs, scale); break;                                         \
+    case 2: NAME##_item_v(J, H_kv, 2, D, bs, scale); break;                                         \
+    case 3: NAME##_item_v(J, H_kv, 3, D, bs, scale); break;                                         \
+    case 4: NAME##_item_v(J, H_kv, 4, D, bs, scale); break;                                         \
+    case 5: NAME##_item_v(J, H_kv, 5, D, bs, scale); break;                                         \
+    case 6: NAME##_item_v(J, H_kv, 6, D, bs, scale); break;                                         \
+    case 7: NAME##_item_v(J, H_kv, 7, D, bs, scale); break;                                         \
+    case 8: NAME##_item_v(J, H_kv, 8, D, bs, scale); break;                                         \
+    default: NAME##_item_v(J, H_kv, G, D, bs, scale);                                               \
+    }                                                                                               \
+}
+#else
+#define DEFINE_QUANT_V(NAME, BITS)                                                                    \
+static void NAME##_item_fast(const item_job *J, int H_kv, int G, int D, int bs, float scale) {      \
+    NAME##_item_generic(J, H_kv, G, D, bs, scale);                                                  \
+}
+#endif
 DEFINE_QUANT(q8, 8)
 DEFINE_QUANT(q4, 4)
+DEFINE_QUANT_V(q8, 8)
+DEFINE_QUANT_V(q4, 4)
+static inline item_fn q8_pick(int G, int D, int bs) { (void)G; (void)D; (void)bs; return q8_item_fast; }
+static inline item_fn q4_pick(int G, int D, int bs) { (void)G; (void)D; (void)bs; return q4_item_fast; }
 
 /* ---------------------------------------------------------------------------------------------
  * Merge: the one function every merge of partials goes through (inside kvo_paged_attn_* and in
