@@ -97,6 +97,37 @@ typedef struct {
 
 typedef void (*item_fn)(const item_job *, int H_kv, int G, int D, int bs, float scale);
 
+/* One head's online softmax, shared by the portable and the compressed paths: a block whose max
+ * score bm raises the running max m rescales o (D floats) and l ... */
+static inline void rescale_to(float bm, float *m, float *l, float *o, int D) {
+    if (bm > *m) {
+        float alpha = *m == -INFINITY ? 0.f : exp_nonpos(*m - bm);
+        *m = bm;
+        *l *= alpha;
+        for (int d = 0; d < D; d++) o[d] *= alpha;
+    }
+}
+/* ... then the block's scores P[0..n) (-inf: a dead token) become its weights, summed into l */
+static inline void softmax_step(float *P, int n, float *m, float *l, float *o, int D) {
+    float bm = -INFINITY;
+    for (int t = 0; t < n; t++) bm = P[t] > bm ? P[t] : bm;
+    rescale_to(bm, m, l, o, D);
+    for (int t = 0; t < n; t++) {
+        P[t] = P[t] == -INFINITY ? 0.f : exp_nonpos(P[t] - *m);
+        *l += P[t];
+    }
+}
+/* a head's partial from its running (m, l): o /= l, lse = m + log l (nothing attended: 0, -inf) */
+static inline void finish_head(float *o, float m, float l, int D, float *lse) {
+    if (m == -INFINITY) {
+        memset(o, 0, sizeof(float) * D);
+        *lse = -INFINITY;
+        return;
+    }
+    for (int d = 0; d < D; d++) o[d] /= l;
+    *lse = m + logf(l);
+}
+
 /* ---------------------------------------------------------------------------------------------
  * Portable path (any even D, any bs; every shape without AVX-512): the same per-block online
  * softmax, scalar, one head at a time.
@@ -117,24 +148,13 @@ static void NAME##_item_generic(const item_job *J, int H_kv, int G, int D, int b
             if (!mk) continue;                    /* head skips the block: nothing read */          \
             const KV_T *K = (const KV_T *)J->blk[j] + kofs, *V = (const KV_T *)J->blk[j] + vofs;    \
             for (int g = 0; g < G; g++) {                                                           \
-                float bm = -INFINITY;                                                               \
                 for (int t = 0; t < n; t++) {     /* scores */                                      \
                     float a = 0.f;                                                                  \
                     for (int d = 0; d < D; d++)                                                     \
                         a = fmaf(q[g * D + d], LOAD(K[(size_t)(d >> 1) * bs * 2 + 2 * t + (d & 1)]), a); \
                     P[g][t] = !tm || ((mk >> t) & 1) ? a * scale : -INFINITY;                       \
-                    bm = P[g][t] > bm ? P[g][t] : bm;                                               \
                 }                                                                                   \
-                if (bm > m[g]) {                  /* a new running max: rescale */                  \
-                    float alpha = m[g] == -INFINITY ? 0.f : exp_nonpos(m[g] - bm);                  \
-                    m[g] = bm;                                                                      \
-                    l[g] *= alpha;                                                                  \
-                    for (int d = 0; d < D; d++) o[(size_t)g * D + d] *= alpha;                      \
-                }                                                                                   \
-                for (int t = 0; t < n; t++) {     /* weights */                                     \
-                    P[g][t] = P[g][t] == -INFINITY ? 0.f : exp_nonpos(P[g][t] - m[g]);              \
-                    l[g] += P[g][t];                                                                \
-                }                                                                                   \
+                softmax_step(P[g], n, m + g, l + g, o + (size_t)g * D, D);                          \
             }                                                                                       \
             for (int t = 0; t < n; t++)           /* weighted V rows */                             \
                 for (int g = 0; g < G; g++) {                                                       \
@@ -142,16 +162,7 @@ static void NAME##_item_generic(const item_job *J, int H_kv, int G, int D, int b
                     for (int d = 0; d < D; d++) og[d] = fmaf(p, LOAD(V[(size_t)t * D + d]), og[d]); \
                 }                                                                                   \
         }                                                                                           \
-        for (int g = 0; g < G; g++) {                                                               \
-            float *og = o + (size_t)g * D;                                                          \
-            if (m[g] == -INFINITY) {                                                                \
-                memset(og, 0, sizeof(float) * D);                                                   \
-                J->lse[h * G + g] = -INFINITY;                                                      \
-                continue;                                                                           \
-            }                                                                                       \
-            for (int d = 0; d < D; d++) og[d] /= l[g];                                              \
-            J->lse[h * G + g] = m[g] + logf(l[g]);                                                  \
-        }                                                                                           \
+        for (int g = 0; g < G; g++) finish_head(o + (size_t)g * D, m[g], l[g], D, J->lse + h * G + g); \
     }                                                                                               \
 }
 DEFINE_GENERIC(f32, float, f32_id)
@@ -501,24 +512,12 @@ static void NAME##_item_generic(const item_job *J, int H_kv, int G, int D, int b
                 }                                                                                   \
             }                                                                                       \
             for (int g = 0; g < G; g++) {                                                           \
-                float bm = -INFINITY;                                                               \
-                for (int t = 0; t < n; t++) {                                                       \
-                    P[g][t] = (mk >> t) & 1 ? (S[g][t] + C0[g]) * scale : -INFINITY;                \
-                    bm = P[g][t] > bm ? P[g][t] : bm;                                               \
-                }                                                                                   \
-                if (bm > m[g]) {                  /* a new running max: rescale */                  \
-                    float alpha = m[g] == -INFINITY ? 0.f : exp_nonpos(m[g] - bm);                  \
-                    m[g] = bm;                                                                      \
-                    l[g] *= alpha;                                                                  \
-                    for (int d = 0; d < D; d++) o[(size_t)g * D + d] *= alpha;                      \
-                }                                                                                   \
-                for (int t = 0; t < n; t++) {     /* weights */                                     \
-                    P[g][t] = P[g][t] == -INFINITY ? 0.f : exp_nonpos(P[g][t] - m[g]);              \
-                    l[g] += P[g][t];                                                                \
-                }                                                                                   \
+                for (int t = 0; t < n; t++)                                                         \
+                    P[g][t] = !tm || ((mk >> t) & 1) ? (S[g][t] + C0[g]) * scale : -INFINITY;       \
+                softmax_step(P[g], n, m + g, l + g, o + (size_t)g * D, D);                          \
             }                                                                                       \
             for (int t = 0; t < n; t++) {         /* weighted V rows: the value scales in p */      \
-                if (!((mk >> t) & 1)) continue;                                                     \
+                if (tm && !((mk >> t) & 1)) continue;                                               \
                 widen_##NAME(VC + (size_t)t * D * BITS / 8, D, row);                                \
                 const uint16_t *vmt = VM + (size_t)t * ng * 2;                                      \
                 for (int c = 0; c < ng; c++) {                                                      \
@@ -532,16 +531,7 @@ static void NAME##_item_generic(const item_job *J, int H_kv, int G, int D, int b
                 }                                                                                   \
             }                                                                                       \
         }                                                                                           \
-        for (int g = 0; g < G; g++) {                                                               \
-            float *og = o + (size_t)g * D;                                                          \
-            if (m[g] == -INFINITY) {                                                                \
-                memset(og, 0, sizeof(float) * D);                                                   \
-                J->lse[h * G + g] = -INFINITY;                                                      \
-                continue;                                                                           \
-            }                                                                                       \
-            for (int d = 0; d < D; d++) og[d] /= l[g];                                              \
-            J->lse[h * G + g] = m[g] + logf(l[g]);                                                  \
-        }                                                                                           \
+        for (int g = 0; g < G; g++) finish_head(o + (size_t)g * D, m[g], l[g], D, J->lse + h * G + g); \
     }                                                                                               \
 }
 
@@ -556,15 +546,19 @@ static inline __m512 w16_q4(const uint8_t *row, int e) {
     return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)));
 }
 /* AVX-512 (bs, D and the value group multiples of 16): 16 tokens' scores per step with the G
- * heads' accumulators in registers, 16 channels per step of the value rows. */
+ * heads' accumulators in registers; the softmax 16 tokens a vector; a block's weighted values
+ * accumulated in registers (G x D/16 vectors; the minima's share p * min summed per group
+ * apart) and added to o once per block. G and D are compile-time constants where they can be
+ * (_item_fast's switch), so the loops unroll and the accumulators stay in registers. */
 #define DEFINE_QUANT_V(NAME, BITS)                                                                    \
 static inline __attribute__((always_inline)) void NAME##_item_v(const item_job *J, int H_kv, const int G, \
-                                                                  int D, int bs, float scale) {    \
+                                                                  const int D, int bs, float scale) { \
     float P[G_MAX][BS_MAX] __attribute__((aligned(64))), QS[G_MAX][D_MAX] __attribute__((aligned(64))); \
     float C0[G_MAX];                                                                                \
-    const int vg = J->vg, ng = D / vg;                                                              \
+    const int vg = J->vg, ng = D / vg, nd = D / 16;                                                 \
     const size_t cb = (size_t)D * bs * BITS / 8;                                                    \
     const size_t v0 = (size_t)H_kv * cb, km = 2 * v0, vm = km + (size_t)H_kv * 4 * D;               \
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);                                                  \
     for (int h = 0; h < H_kv; h++) {                                                                \
         const float *q = J->q + (size_t)h * G * D;                                                  \
         float m[G_MAX], l[G_MAX], *o = J->o + (size_t)h * G * D;                                    \
@@ -588,78 +582,85 @@ static inline __attribute__((always_inline)) void NAME##_item_v(const item_job *
                 }                                                                                   \
                 C0[g] = _mm512_reduce_add_ps(c);                                                    \
             }                                                                                       \
-            for (int t0 = 0; t0 < bs; t0 += 16) { /* scores of 16 tokens */                         \
+            float bm[G_MAX];                                                                        \
+            for (int g = 0; g < G; g++) bm[g] = -INFINITY;                                          \
+            for (int t0 = 0; t0 < n; t0 += 16) {  /* scores of 16 tokens, dead ones -inf */         \
                 __m512 acc[G_MAX];                                                                  \
                 for (int g = 0; g < G; g++) acc[g] = _mm512_setzero_ps();                           \
                 for (int d = 0; d < D; d++) {                                                       \
                     __m512 k = w16_##NAME(KC + (size_t)d * bs * BITS / 8, t0);                      \
                     for (int g = 0; g < G; g++) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(QS[g][d]), k, acc[g]); \
                 }                                                                                   \
-                for (int g = 0; g < G; g++)                                                         \
-                    _mm512_store_ps(P[g] + t0, _mm512_mul_ps(_mm512_add_ps(acc[g], _mm512_set1_ps(C0[g])), \
-                                                             _mm512_set1_ps(scale)));                \
-            }                                                                                       \
-            for (int g = 0; g < G; g++) {                                                           \
-                float bm = -INFINITY;                                                               \
-                for (int t = 0; t < n; t++) {                                                       \
-                    if (!((mk >> t) & 1)) P[g][t] = -INFINITY;                                      \
-                    bm = P[g][t] > bm ? P[g][t] : bm;                                               \
-                }                                                                                   \
-                if (bm > m[g]) {                                                                    \
-                    float alpha = m[g] == -INFINITY ? 0.f : exp_nonpos(m[g] - bm);                  \
-                    m[g] = bm;                                                                      \
-                    l[g] *= alpha;                                                                  \
-                    for (int d = 0; d < D; d++) o[(size_t)g * D + d] *= alpha;                      \
-                }                                                                                   \
-                for (int t = 0; t < n; t++) {                                                       \
-                    P[g][t] = P[g][t] == -INFINITY ? 0.f : exp_nonpos(P[g][t] - m[g]);              \
-                    l[g] += P[g][t];                                                                \
+                __mmask16 live = tm ? (__mmask16)(mk >> t0)     /* masks: bs <= 64 */             \
+                                    : (__mmask16)(n - t0 >= 16 ? 0xFFFF : (1u << (n - t0)) - 1);     \
+                for (int g = 0; g < G; g++) {                                                       \
+                    __m512 sc = _mm512_mul_ps(_mm512_add_ps(acc[g], _mm512_set1_ps(C0[g])), _mm512_set1_ps(scale)); \
+                    sc = _mm512_mask_blend_ps(live, ninf, sc);                                      \
+                    _mm512_store_ps(P[g] + t0, sc);                                                 \
+                    float x = _mm512_reduce_max_ps(sc);                                             \
+                    bm[g] = x > bm[g] ? x : bm[g];                                                  \
                 }                                                                                   \
             }                                                                                       \
-            for (int t = 0; t < n; t++) {         /* weighted V rows */                             \
-                if (!((mk >> t) & 1)) continue;                                                     \
+            float zsum[G_MAX][D_MAX / 16];        /* sum of p * min per value group */             \
+            __m512 ov[G_MAX][D_MAX / 16];                                                           \
+            for (int g = 0; g < G; g++) {         /* the online softmax, 16 weights a vector */    \
+                rescale_to(bm[g], m + g, l + g, o + (size_t)g * D, D);                              \
+                __m512 mv = _mm512_set1_ps(m[g]), ls = _mm512_setzero_ps();                         \
+                for (int t0 = 0; t0 < n; t0 += 16) {                                                \
+                    __m512 sc = _mm512_load_ps(P[g] + t0);                                          \
+                    __mmask16 live = _mm512_cmp_ps_mask(sc, ninf, _CMP_NEQ_OQ);                     \
+                    __m512 p = _mm512_maskz_mov_ps(live, exp512_nonpos(_mm512_sub_ps(sc, mv)));     \
+                    _mm512_store_ps(P[g] + t0, p);                                                  \
+                    ls = _mm512_add_ps(ls, p);                                                      \
+                }                                                                                   \
+                l[g] += _mm512_reduce_add_ps(ls);                                                   \
+                for (int c = 0; c < ng; c++) zsum[g][c] = 0.f;                                      \
+                for (int e = 0; e < nd; e++) ov[g][e] = _mm512_setzero_ps();                        \
+            }                                                                                       \
+            for (int t = 0; t < n; t++) {         /* weighted V rows, accumulated in registers */   \
+                if (tm && !((mk >> t) & 1)) continue;                                               \
                 const uint8_t *vr = VC + (size_t)t * D * BITS / 8;                                  \
                 const uint16_t *vmt = VM + (size_t)t * ng * 2;                                      \
                 for (int c = 0; c < ng; c++) {                                                      \
                     float vs = h2f(vmt[2 * c]), vmn = h2f(vmt[2 * c + 1]);                          \
-                    __m512 ps[G_MAX], pz[G_MAX];                                                    \
+                    __m512 ps[G_MAX];                                                               \
                     for (int g = 0; g < G; g++) {                                                   \
                         ps[g] = _mm512_set1_ps(P[g][t] * vs);                                       \
-                        pz[g] = _mm512_set1_ps(P[g][t] * vmn);                                      \
+                        zsum[g][c] = fmaf(P[g][t], vmn, zsum[g][c]);                                \
                     }                                                                               \
-                    for (int d = c * vg; d < (c + 1) * vg; d += 16) {                               \
-                        __m512 x = w16_##NAME(vr, d);                                               \
-                        for (int g = 0; g < G; g++) {                                               \
-                            float *og = o + (size_t)g * D + d;                                      \
-                            _mm512_storeu_ps(og, _mm512_fmadd_ps(ps[g], x, _mm512_add_ps(_mm512_loadu_ps(og), pz[g]))); \
-                        }                                                                           \
+                    for (int e = c * vg / 16; e < (c + 1) * vg / 16; e++) {                         \
+                        __m512 x = w16_##NAME(vr, e * 16);                                          \
+                        for (int g = 0; g < G; g++) ov[g][e] = _mm512_fmadd_ps(ps[g], x, ov[g][e]); \
                     }                                                                               \
                 }                                                                                   \
             }                                                                                       \
+            for (int g = 0; g < G; g++)                                                             \
+                for (int e = 0; e < nd; e++) {                                                      \
+                    float *og = o + (size_t)g * D + e * 16;                                         \
+                    __m512 z = _mm512_set1_ps(zsum[g][e * 16 / vg]);                                \
+                    _mm512_storeu_ps(og, _mm512_add_ps(_mm512_loadu_ps(og), _mm512_add_ps(ov[g][e], z))); \
+                }                                                                                   \
         }                                                                                           \
-        for (int g = 0; g < G; g++) {                                                               \
-            float *og = o + (size_t)g * D;                                                          \
-            if (m[g] == -INFINITY) {                                                                \
-                memset(og, 0, sizeof(float) * D);                                                   \
-                J->lse[h * G + g] = -INFINITY;                                                      \
-                continue;                                                                           \
-            }                                                                                       \
-            for (int d = 0; d < D; d++) og[d] /= l[g];                                              \
-            J->lse[h * G + g] = m[g] + logf(l[g]);                                                  \
-        }                                                                                           \
+        for (int g = 0; g < G; g++) finish_head(o + (size_t)g * D, m[g], l[g], D, J->lse + h * G + g); \
     }                                                                                               \
+}                                                                                                   \
+static inline __attribute__((always_inline)) void NAME##_item_g(const item_job *J, int H_kv, const int G, \
+                                                                  int D, int bs, float scale) {      \
+    if (D == 64) NAME##_item_v(J, H_kv, G, 64, bs, scale);                                          \
+    else if (D == 128) NAME##_item_v(J, H_kv, G, 128, bs, scale);                                   \
+    else NAME##_item_v(J, H_kv, G, D, bs, scale);                                                   \
 }                                                                                                   \
 static void NAME##_item_fast(const item_job *J, int H_kv, int G, int D, int bs, float scale) {      \
     if (bs % 16 || D % 16 || J->vg % 16) { NAME##_item_generic(J, H_kv, G, D, bs, scale); return; } \
     switch (G) {                           /* G a constant: the accumulators in registers */        \
-    case 1: NAME##_item_v(J, H_kv, 1, D, bs, scale); break;                                         \
-    case 2: NAME##_item_v(J, H_kv, 2, D, bs, scale); break;                                         \
-    case 3: NAME##_item_v(J, H_kv, 3, D, bs, scale); break;                                         \
-    case 4: NAME##_item_v(J, H_kv, 4, D, bs, scale); break;                                         \
-    case 5: NAME##_item_v(J, H_kv, 5, D, bs, scale); break;                                         \
-    case 6: NAME##_item_v(J, H_kv, 6, D, bs, scale); break;                                         \
-    case 7: NAME##_item_v(J, H_kv, 7, D, bs, scale); break;                                         \
-    case 8: NAME##_item_v(J, H_kv, 8, D, bs, scale); break;                                         \
+    case 1: NAME##_item_g(J, H_kv, 1, D, bs, scale); break;                                         \
+    case 2: NAME##_item_g(J, H_kv, 2, D, bs, scale); break;                                         \
+    case 3: NAME##_item_g(J, H_kv, 3, D, bs, scale); break;                                         \
+    case 4: NAME##_item_g(J, H_kv, 4, D, bs, scale); break;                                         \
+    case 5: NAME##_item_g(J, H_kv, 5, D, bs, scale); break;                                         \
+    case 6: NAME##_item_g(J, H_kv, 6, D, bs, scale); break;                                         \
+    case 7: NAME##_item_g(J, H_kv, 7, D, bs, scale); break;                                         \
+    case 8: NAME##_item_g(J, H_kv, 8, D, bs, scale); break;                                         \
     default: NAME##_item_v(J, H_kv, G, D, bs, scale);                                               \
     }                                                                                               \
 }

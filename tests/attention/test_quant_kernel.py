@@ -14,7 +14,8 @@ from kvoffload.kernels import reference as ref
 from kvoffload.kernels.paged import Append, Items, PagedAttention
 from kvoffload.kv.layout import BlockLayout
 
-SHAPES = [(3, 3, 64, 16, 0), (2, 7, 64, 16, 32), (1, 5, 32, 32, 8), (2, 2, 16, 4, 0), (2, 4, 128, 16, 64)]  # H_kv, G, D, bs, group
+SHAPES = [(3, 3, 64, 16, 0), (2, 7, 64, 16, 32), (1, 5, 32, 32, 8), (2, 2, 16, 4, 0), (2, 4, 128, 16, 64),
+          (1, 2, 64, 128, 0), (1, 9, 48, 16, 16)]  # H_kv, G, D, bs, group (AVX-512 path: bs, D, group % 16 == 0)
 TOL = 3e-5                       # vs fp64 over the same dequantised values (the scales fold in fp32)
 
 

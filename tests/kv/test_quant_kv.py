@@ -248,3 +248,9 @@ def test_speculation_over_compressed_blocks(tiny_hf):
     finally:
         plain.close()
         spec.close()
+
+
+def test_sweep_refuses_compressed_kv(tiny_hf):
+    _, path = tiny_hf("qwen2")
+    r = kvo("sweep", "agreement", "-m", path, "--dtype", "float32", "--kv-dtype", "int4", "-L", "1k")
+    assert_one_line_error(r, "--kv-dtype int4 is not supported")
