@@ -23,7 +23,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvoffload.dtypes import NAMES
+from kvoffload.dtypes import KV_NAMES, NAMES, QUANT
 from kvoffload.errors import ConfigError, ConfigTypeError
 
 
@@ -275,6 +275,9 @@ class KVConfig:
         all-in-memory run) instead of each actor merging its chunks of a batch row into one
         (fp32-rounding close; the reply is then one (o, lse) per row and shard, whatever the
         context length — Lamina's ``(2 + 2/G)·e·d`` bytes per token and layer).
+    kv_group_size: channels per value group of a compressed KV block (``--kv-dtype int8/int4``;
+        0 = the whole head: one scale and minimum per token and head); it must divide the head
+        dimension. Keys are grouped per channel over the tokens of a block.
     """
 
     block_size: int = cli_field(16, "tokens per KV block")
@@ -311,6 +314,7 @@ class KVConfig:
                                    "replaced and its shard rebuilt from the journal")
     ray_exact: bool = cli_field(False, "ray KV tier: merge every chunk's partial here in sequence order "
                                 "(bit-identical to in-memory; replies grow with the context)")
+    kv_group_size: int = cli_field(0, "channels per value group of a compressed KV block (0 = the whole head)")
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -326,6 +330,8 @@ class KVConfig:
             raise ConfigError(f"disk_io_depth must be 0 (by request size) to 64, got {self.disk_io_depth}")
         if self.disk_read_blocks < 1 or self.chunk_blocks % self.disk_read_blocks:
             raise ConfigError(f"disk_read_blocks must divide kv_chunk_blocks ({self.chunk_blocks}), got {self.disk_read_blocks}")
+        if self.kv_group_size < 0:
+            raise ConfigError(f"kv_group_size must be >= 0 (0 = the whole head), got {self.kv_group_size}")
         if self.disk_workers < 0:
             raise ConfigError(f"disk_workers must be >= 0 (0: this process reads the disk), got {self.disk_workers}")
         if self.kv_sink_tokens < 0 or self.kv_recent_tokens < 0:
@@ -613,7 +619,10 @@ class EngineConfig:
     decode_kernel: with quantised weights, a forward of at most ``quant_max_rows`` rows runs
         each layer's norm, projections, RoPE and MLP as two native calls (``native``:
         kernels/decode.c) instead of ~20 PyTorch operators (``torch``, the reference).
-    kv_dtype: KV cache dtype (``None`` = ``dtype``).
+    kv_dtype: KV cache dtype (``None`` = ``dtype``), or a compressed block format: ``int8`` /
+        ``int4`` (keys quantised per channel over a block's tokens, values per token in groups of
+        ``kv_group_size`` channels; scales inside the block; the partly filled last block stays
+        in the compute dtype; always the block store, in host RAM when no tier is given).
     threads: intra-op CPU threads (``None`` = PyTorch default = physical cores).
     prefill_chunk: prompt tokens per prefill forward (bounds activation memory).
     max_num_seqs: sequences decoded together in one batch.
@@ -639,7 +648,7 @@ class EngineConfig:
     quantization: str = cli_field(AUTO, "weight-only quantisation of linear layers for decode (CPU only)", choices=(AUTO, *QUANTIZATIONS), short="-q")
     quant_max_rows: int = cli_field(8, "rows up to which the quantised kernels are used (more: dense GEMM)")
     decode_kernel: str = cli_field("native", "few-row forwards with quantised weights: fused native layer kernels or the PyTorch reference", choices=DECODE_KERNELS)
-    kv_dtype: str | None = cli_field(None, "KV cache dtype (default: --dtype)", choices=DTYPES)
+    kv_dtype: str | None = cli_field(None, "KV cache dtype (default: --dtype); int8 / int4: compressed blocks", choices=KV_NAMES)
     threads: int | None = cli_field(None, "CPU threads (default: physical cores)", short="-t")
     prefill_chunk: int = cli_field(2048, "prompt tokens per prefill step (bounds activation memory)")
     max_num_seqs: int = cli_field(16, "sequences decoded together in one batch")
@@ -665,8 +674,10 @@ class EngineConfig:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         if self.dtype not in (AUTO, *DTYPES):
             raise ConfigError(f"dtype must be one of auto, {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.kv_dtype is not None and self.kv_dtype not in DTYPES:
-            raise ConfigError(f"kv_dtype must be one of {', '.join(DTYPES)}, got {self.kv_dtype!r}")
+        if self.kv_dtype is not None and self.kv_dtype not in KV_NAMES:
+            raise ConfigError(f"kv_dtype must be one of {', '.join(KV_NAMES)}, got {self.kv_dtype!r}")
+        if self.kv.kv_group_size and self.kv_dtype not in QUANT:
+            raise ConfigError("--kv-group-size applies to a compressed KV (--kv-dtype int8 or int4)")
         if self.quantization not in (AUTO, *QUANTIZATIONS):
             raise ConfigError(f"quantization must be one of auto, {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         if self.spec.enabled and self.sparse.enabled:

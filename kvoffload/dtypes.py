@@ -36,10 +36,36 @@ DTYPES: dict[str, DType] = {
 NAMES: tuple[str, ...] = tuple(DTYPES)
 
 
+@dataclass(frozen=True)
+class QuantDType:
+    """A compressed KV block format (kv/layout.py holds its byte layout): name as ``--kv-dtype``
+    spells it; bits per code; kernel: suffix of its native paged kernel. Its blocks are stored
+    as bytes (uint8) and computed over in full precision (the compute dtype)."""
+
+    name: str
+    bits: int
+    kernel: str
+
+
+QUANT: dict[str, QuantDType] = {
+    "int8": QuantDType("int8", 8, "q8"),
+    "int4": QuantDType("int4", 4, "q4"),
+}
+# what --kv-dtype accepts: a full-precision dtype or a compressed block format
+KV_NAMES: tuple[str, ...] = NAMES + tuple(QUANT)
+
+
 def torch_dtype(name: str) -> torch.dtype:
     import torch
 
     return getattr(torch, DTYPES[name].name)
+
+
+def storage_torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype a KV slot of ``name`` is held in (a compressed block: its bytes, uint8)."""
+    import torch
+
+    return torch.uint8 if name in QUANT else torch_dtype(name)
 
 
 def name_of(dtype: torch.dtype) -> str:

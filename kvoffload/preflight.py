@@ -1,7 +1,8 @@
 """Checks that need no model weights, run before the (10-20 s) model load so that a wrong flag
 fails at once: the sparse policies' names, the KV tiers' names, the offload directory, Ray and
-the Ray cluster's address, each tier's budget against one KV chunk (from the checkpoint's
-header only), and the KV store directory."""
+the Ray cluster's address, the KV block format (a compressed KV's group size against the
+model's head dimension), each tier's budget against one KV chunk (from the checkpoint's header
+only), and the KV store directory."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from kvoffload.config import EngineConfig
 def preflight(config: EngineConfig, device_type: str, dtype: str) -> None:
     """Raise the one-line error the engine would raise after loading (``dtype``: the compute
     dtype in use, ``auto`` resolved)."""
+    from kvoffload.dtypes import QUANT
     from kvoffload.kv.layout import BlockLayout
     from kvoffload.kv.tiers.disk import check_offload_base
     from kvoffload.kv.tiers.protocol import TierSpec, chunk_capacity
@@ -29,9 +31,10 @@ def preflight(config: EngineConfig, device_type: str, dtype: str) -> None:
 
         BlockDir(config.store.kv_store, config.store.kv_store_budget, config.store.kv_store_fsync)
     kv = config.kv
-    if not kv.tiered:
+    stored = config.kv_dtype or dtype
+    if not kv.tiered and stored not in QUANT:
         return
-    tiers = kv.tier_list(device_type)
+    tiers = kv.tier_list(device_type) if kv.tiered else ()
     for name, budget in tiers:
         tier_class(name)
         if name == "disk" and budget != 0:
@@ -39,7 +42,7 @@ def preflight(config: EngineConfig, device_type: str, dtype: str) -> None:
         if name == "ray" and budget != 0:
             check_ray(kv.ray_address, kv.ray_timeout)
     cfg = read_config(resolve_model(config.model, config.cache_dir))        # the header only
-    lay = BlockLayout(kv.block_size, cfg.num_kv_heads, cfg.head_dim, config.kv_dtype or dtype, kv.chunk_blocks)
+    lay = BlockLayout.for_kv(kv, cfg.num_kv_heads, cfg.head_dim, stored)    # a bad format: its one-line error
     for name, budget in tiers:
         chunk_capacity(TierSpec(name, budget), tier_class(name).chunk_bytes(lay))
 

@@ -7,9 +7,11 @@ disk)."""
 
 from __future__ import annotations
 
+import torch
 from ray_cluster import available as ray_available
 
 from kvoffload.kv.tiers.registry import TIERS
+from kvoffload.model.interface import ForwardBatch, Logits, Phase
 
 GEOMETRY = dict(block_size=4, chunk_blocks=2)
 # the ray tier's actors merge partials in chunk order here (bit-identical; its default merges a
@@ -35,3 +37,22 @@ def uses_ray(name) -> bool:
     """Whether the placement called ``name`` puts KV on the ray tier."""
     tiers = str(PLACEMENTS.get(name, {}).get("kv_tiers", "")) if isinstance(name, str) else ""
     return any(t.split(":")[0] == "ray" for t in tiers.split(","))
+
+
+def forced_logits(engine, ids: list[int], prompt_len: int) -> torch.Tensor:
+    """Prefill ids[:prompt_len] in chunks, then decode the rest one token per step: ``[T, V]``."""
+    rows = []
+    sid = 10_000
+    kv = engine.kv
+    kv.allocate(sid, len(ids))
+    with torch.inference_mode():
+        chunk = engine.config.prefill_chunk
+        for s in range(0, prompt_len, chunk):
+            e = min(s + chunk, prompt_len)
+            batch = ForwardBatch(Phase.PREFILL, (sid,), torch.arange(s, e)[None], (s,), Logits.ALL)
+            rows.append(engine.model(torch.tensor([ids[s:e]]), batch, kv)[0])
+        for p in range(prompt_len, len(ids)):
+            batch = ForwardBatch(Phase.DECODE, (sid,), torch.tensor([[p]]), (p,))
+            rows.append(engine.model(torch.tensor([[ids[p]]]), batch, kv))
+    kv.free(sid)
+    return torch.cat(rows).float()

@@ -14,19 +14,28 @@ if TYPE_CHECKING:      # this package's __init__ stays light
 def make_backend(cfg: ModelConfig, config: EngineConfig, device: torch.device, dtype: str) -> KVManager:
     """Contiguous in-memory KV (:class:`DenseBackend`) unless KV tiers, a budget or an offload
     directory are configured, then the tiered store (:class:`TieredBackend`); either is handed
-    the sparse policy, if one is configured."""
+    the sparse policy, if one is configured. A compressed KV (``--kv-dtype int8/int4``) is always
+    the tiered store (its blocks compressed, its tails in the compute dtype): with no tier
+    configured, one unlimited tier in the compute device's memory."""
+    import dataclasses
+
     import torch
 
-    from kvoffload.dtypes import torch_dtype
+    from kvoffload.dtypes import QUANT, torch_dtype
     from kvoffload.sparse import make_policy
 
-    kv_dtype, act_dtype = torch_dtype(config.kv_dtype or dtype), torch_dtype(dtype)
+    stored = config.kv_dtype or dtype
+    quant = stored in QUANT
+    kv_dtype, act_dtype = torch_dtype(dtype if quant else stored), torch_dtype(dtype)
     policy = make_policy(config.sparse, cfg, config.kv.block_size, device)
     threads = torch.get_num_threads()
-    if config.kv.tiered:
+    if config.kv.tiered or quant:
         from kvoffload.attention.tiered import TieredBackend
 
-        return TieredBackend(cfg, config.kv, device, kv_dtype, act_dtype, threads, policy=policy)
+        kv = config.kv
+        if not kv.tiered:
+            kv = dataclasses.replace(kv, kv_tiers=(("device" if device.type == "cuda" else "host", None),))
+        return TieredBackend(cfg, kv, device, kv_dtype, act_dtype, threads, policy=policy, stored=stored)
     from kvoffload.attention.dense import DenseBackend
 
     return DenseBackend(cfg, device, kv_dtype, act_dtype, policy=policy, block_size=config.kv.block_size,

@@ -90,8 +90,8 @@ def tier_line(stats: KVStats, prefill: dict[str, dict[str, int]] | None = None, 
 class KVManager(AttentionBackend, Protocol):
     """An attention backend that owns each sequence's KV."""
 
-    kv_dtype: torch.dtype
-    layout: BlockLayout                 # block geometry and the slot format of read_slots / load_slots
+    kv_dtype: torch.dtype           # what k/v are written in (a compressed KV: the compute dtype)
+    layout: BlockLayout             # its blocks' layout (compressed for --kv-dtype int8 / int4): the slot format of read_slots / load_slots
 
     def allocate(self, seq_id: int, capacity: int) -> None:
         """Room for a sequence of up to ``capacity`` tokens."""

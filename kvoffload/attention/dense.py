@@ -106,6 +106,7 @@ class DenseBackend:
                  threads: int | None = None) -> None:
         self.cfg, self.device, self.kv_dtype = cfg, device, kv_dtype
         self.layout = lay = BlockLayout(block_size, cfg.num_kv_heads, cfg.head_dim, name_of(kv_dtype), chunk_blocks)
+        # (full precision only: a compressed KV is the tiered store's, attention/__init__.py)
         self.H, self.G = cfg.num_heads, cfg.num_heads // cfg.num_kv_heads
         self.threads = threads or torch.get_num_threads()
         usable = native and device.type == "cpu" and PagedAttention.available(lay.dtype, self.G, lay.head_dim, block_size)

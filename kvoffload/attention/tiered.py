@@ -15,6 +15,7 @@ does not depend on the placement either), then its k/v are handed to the store.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import numpy as np
@@ -104,10 +105,13 @@ class _LayerPlan:
 class TieredBackend:
     def __init__(self, cfg: ModelConfig, kv: KVConfig, device: torch.device, kv_dtype: torch.dtype,
                  act_dtype: torch.dtype, threads: int, native: bool = True,
-                 policy: SparsePolicy | None = None) -> None:
+                 policy: SparsePolicy | None = None, stored: str | None = None) -> None:
+        """kv_dtype: the dtype k/v are written in (the tails'); stored: the blocks' format
+        (``None``: kv_dtype's; ``int8`` / ``int4``: compressed, kv/layout.py)."""
         self.cfg, self.kvcfg, self.device, self.kv_dtype, self.act_dtype = cfg, kv, device, kv_dtype, act_dtype
         self.bs = kv.block_size
-        self.layout = lay = BlockLayout(kv.block_size, cfg.num_kv_heads, cfg.head_dim, name_of(kv_dtype), kv.chunk_blocks)
+        self.layout = lay = BlockLayout.for_kv(kv, cfg.num_kv_heads, cfg.head_dim, stored or name_of(kv_dtype))
+        self.tail_layout = tail = lay.full(name_of(kv_dtype))                 # the write-combining tails
         self.H, self.G, self.threads = cfg.num_heads, cfg.num_heads // cfg.num_kv_heads, threads
         ctx = TierContext(lay, self.G, device, threads, kv, native)
         specs = tuple(TierSpec(name, budget) for name, budget in kv.tier_list(device.type))
@@ -118,9 +122,9 @@ class TieredBackend:
         hot = frozenset(i for i in range(cfg.num_layers) if not policy.sparse(i)) if policy is not None else frozenset()
         # with a block cache on disk the sparse layers' sink and recent blocks are held there, block by block
         cached = frozenset(range(cfg.num_layers)) - hot if policy is not None and kv.disk_block_cache else frozenset()
-        self.store = BlockStore(tiers, ctx, cfg.num_layers, kv.kv_sink_tokens, kv.kv_recent_tokens, hot, cached)
+        self.store = BlockStore(tiers, ctx, cfg.num_layers, kv.kv_sink_tokens, kv.kv_recent_tokens, hot, cached, tail)
         self.tiers = tiers
-        self.kernel = paged_kernel(ctx, device)          # the tails' (and the merge's) native kernel
+        self.kernel = paged_kernel(dataclasses.replace(ctx, layout=tail), device)   # the tails' native kernel
         self.tail_counters = TierCounters()
         # seq -> (start, per layer (k, v) [H_kv, L, D]) of its last verify pass, until commit
         self._staged: dict[int, tuple[int, list]] = {}
@@ -240,7 +244,7 @@ class TieredBackend:
                     cols: np.ndarray | None = None) -> None:
         """Each sequence's tail block as one more item (``lens[b]`` tokens; 0: none), for its L
         query rows; decode appends the new token (``k_new`` ``[B, H_kv, D]`` at ``cols``) first."""
-        store, lay, seq_ids = self.store, self.layout, batch.seq_ids
+        store, lay, seq_ids = self.store, self.tail_layout, batch.seq_ids
         has = np.nonzero(lens > 0)[0]
         if len(has) == 0:
             return
@@ -321,7 +325,7 @@ class TieredBackend:
                 self.tiers[t].submit(req)
             self._prefetch_next(layer, batch, q_rows)
         plan.tail(q_rows, k_new, v_new)
-        self.tail_counters.read += int(self._step_state.last.sum()) * self.layout.token_bytes(1)
+        self.tail_counters.read += int(self._step_state.last.sum()) * self.tail_layout.token_bytes(1)
         os_, ls_ = [plan.tail.part_o[:B]], [plan.tail.part_lse[:B]]
         for t, req in reqs:
             if serial:

@@ -36,7 +36,8 @@ MiB = 2**20
 class AttentionBenchConfig:
     """num_kv_heads, group, head_dim: the geometry (default SmolLM2-135M: 3 KV heads, 3 query
     heads each, 64 dims). context, batch, layers: KV attended per step. block_size, dtype: the
-    KV layout. threads: CPU threads. disk_workers: processes for the disk tier. reps: timed
+    KV layout (dtype may be a compressed format: int8, int4; kv_group_size: its value group, 0 =
+    the whole head). threads: CPU threads. disk_workers: processes for the disk tier. reps: timed
     repetitions (median reported). offload_dir: where the disk files go. peak_bytes: size of
     the buffer / file used to measure the peaks. read_batch: a disk worker's read batch."""
 
@@ -48,6 +49,7 @@ class AttentionBenchConfig:
     layers: int = 30
     block_size: int = 16
     dtype: str = "bfloat16"
+    kv_group_size: int = 0
     threads: int = 2
     disk_workers: int = 2
     reps: int = 5
@@ -140,6 +142,14 @@ def _requests(cfg: AttentionBenchConfig, lay: BlockLayout, tier: Tier, q) -> lis
     return reqs
 
 
+def random_slots(lay: BlockLayout, n: int, gen: torch.Generator) -> torch.Tensor:
+    """``[n, slot_elems]`` slots of random KV (compressed ones quantised from random values)."""
+    if lay.quant:
+        shape = (lay.num_kv_heads, n * lay.block_size, lay.head_dim)
+        return lay.pack(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen))
+    return torch.randn(n, lay.slot_elems, generator=gen).to(torch_dtype(lay.dtype))
+
+
 def _time(tier: Tier, reqs: list[AttendRequest], reps: int) -> tuple[list[float], int]:
     times, read = [], 0
     for _ in range(reps + 1):
@@ -153,11 +163,11 @@ def _time(tier: Tier, reqs: list[AttendRequest], reps: int) -> tuple[list[float]
 
 
 def run(cfg: AttentionBenchConfig, progress=print) -> list[TierResult]:
-    lay = BlockLayout(cfg.block_size, cfg.num_kv_heads, cfg.head_dim, cfg.dtype)
+    lay = BlockLayout(cfg.block_size, cfg.num_kv_heads, cfg.head_dim, cfg.dtype, group=cfg.kv_group_size)
     if cfg.context % cfg.block_size:
         raise ConfigError("--context must be a multiple of --block-size")
     H = cfg.num_kv_heads * cfg.group
-    dt = torch_dtype(cfg.dtype)
+    dt = torch_dtype("bfloat16" if lay.quant else cfg.dtype)
     q = torch.randn(cfg.batch, 1, H, cfg.head_dim).to(dt).float()     # fp32 (the activations' values)
     gen = torch.Generator().manual_seed(0)
     results = []
@@ -167,7 +177,7 @@ def run(cfg: AttentionBenchConfig, progress=print) -> list[TierResult]:
         n_slots = sum(len(r.slots) for r in reqs)
         progress(f"host: filling {n_slots * lay.slot_bytes / MiB:.0f} MiB of KV blocks")
         for r in reqs:
-            tier.write(r.slots, torch.randn(len(r.slots), lay.slot_elems, generator=gen).to(dt))
+            tier.write(r.slots, random_slots(lay, len(r.slots), gen))
         peak = memory_peak(cfg.threads, cfg.peak_bytes, cfg.reps)
         times, read = _time(tier, reqs, cfg.reps)
         results.append(TierResult("host (RAM)", read, times, peak))
@@ -188,7 +198,7 @@ def run(cfg: AttentionBenchConfig, progress=print) -> list[TierResult]:
             for r in reqs:
                 for s in range(0, len(r.slots), 2048):
                     part = r.slots[s:s + 2048]
-                    tier.write(part, torch.randn(len(part), lay.slot_elems, generator=gen).to(dt))
+                    tier.write(part, random_slots(lay, len(part), gen))
                     tier.flush()
             tier.read(reqs[0].slots[:1])                        # every write is on disk
             times, read = _time(tier, reqs, cfg.reps)
@@ -201,7 +211,9 @@ def run(cfg: AttentionBenchConfig, progress=print) -> list[TierResult]:
 
 
 def markdown(cfg: AttentionBenchConfig, results: list[TierResult]) -> str:
-    lines = [f"decode attention, {cfg.batch} x {cfg.context} tokens x {cfg.layers} layers, "
+    lines = [f"### {cfg.dtype} KV: slot {BlockLayout(cfg.block_size, cfg.num_kv_heads, cfg.head_dim, cfg.dtype, group=cfg.kv_group_size).slot_bytes} bytes",
+             "",
+             f"decode attention, {cfg.batch} x {cfg.context} tokens x {cfg.layers} layers, "
              f"{cfg.num_kv_heads} KV heads x {cfg.group} x {cfg.head_dim} dims, {cfg.dtype}, "
              f"{cfg.threads} threads; median of {cfg.reps}",
              "",
@@ -211,3 +223,19 @@ def markdown(cfg: AttentionBenchConfig, results: list[TierResult]) -> str:
         lines.append(f"| {r.tier} | {r.kv_bytes / MiB:.0f} MiB | {statistics.median(r.seconds) * 1e3:.1f} ms "
                      f"| {r.gbs:.2f} | {r.peak_gbs:.2f} | {r.ratio:.2f} |")
     return "\n".join(lines)
+
+
+def markdown_runs(runs: list[tuple[AttentionBenchConfig, list[TierResult]]]) -> str:
+    """Each KV dtype's table, then the speed-up of each tier over the first dtype's (same run)."""
+    parts = [markdown(cfg, res) for cfg, res in runs]
+    if len(runs) > 1:
+        base = {r.tier: statistics.median(r.seconds) for r in runs[0][1]}
+        lines = [f"### speed-up over {runs[0][0].dtype} (time / step, same run)", "",
+                 "| KV dtype | tier | time / step | KV read / step | speed-up |", "|---|---|---|---|---|"]
+        for cfg, res in runs:
+            for r in res:
+                t = statistics.median(r.seconds)
+                lines.append(f"| {cfg.dtype} | {r.tier} | {t * 1e3:.1f} ms | {r.kv_bytes / MiB:.0f} MiB "
+                             f"| {base[r.tier] / t:.2f}x |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"

@@ -44,6 +44,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--disk-workers", type=int, default=2, help="disk worker processes")
     g.add_argument("--offload-dir", default=None, help="where disk files go (default: system temp dir)")
     g.add_argument("--tiers", default="host,disk", help="attention: tiers to measure")
+    g.add_argument("--kv-dtype", default="bfloat16", help="attention: KV dtypes measured side by side, the first the "
+                   "baseline of the speed-ups (comma-separated: bfloat16, float16, float32, int8, int4)")
+    g.add_argument("--kv-group-size", type=int, default=0, help="attention: value group of int8 / int4 blocks (0 = the whole head)")
+    g.add_argument("--block-size", type=int, default=16, help="attention: tokens per KV block")
     g.add_argument("--peak-size", default="1GiB", help="buffer / file size for measuring the peak bandwidths")
     g.add_argument("--no-variants", action="store_true", help="offload: skip the runs without each overlap")
     g.add_argument("--request-sizes", default="4KiB,12KiB,16KiB,64KiB,192KiB,1MiB", help="disk: request sizes")
@@ -193,15 +197,18 @@ def _run_kv(args: argparse.Namespace) -> int:
         bad = [t for t in args.tiers.split(",") if t not in ("host", "disk")]
         if bad:
             raise ConfigError(f"--tiers: unknown tier {bad[0]!r} (host, disk)")
-        cfg = attention.AttentionBenchConfig(
-            num_kv_heads=mc.num_kv_heads, group=mc.num_heads // mc.num_kv_heads, head_dim=mc.head_dim,
-            layers=mc.num_layers, context=args.context or 8192, batch=batch, threads=args.threads,
-            disk_workers=args.disk_workers, reps=args.reps, offload_dir=args.offload_dir,
-            tiers=tuple(args.tiers.split(",")), peak_bytes=_size(args.peak_size))
-        res = attention.run(cfg, progress)
-        _write(args.output, attention.markdown(cfg, res),
-               json.dumps({"config": asdict(cfg), "results": [dict(asdict(r), gbs=r.gbs, ratio=r.ratio) for r in res]},
-                          indent=1))
+        runs = []
+        for kv_dtype in args.kv_dtype.split(","):                 # side by side, the first the baseline
+            cfg = attention.AttentionBenchConfig(
+                num_kv_heads=mc.num_kv_heads, group=mc.num_heads // mc.num_kv_heads, head_dim=mc.head_dim,
+                layers=mc.num_layers, context=args.context or 8192, batch=batch, threads=args.threads,
+                disk_workers=args.disk_workers, reps=args.reps, offload_dir=args.offload_dir,
+                tiers=tuple(args.tiers.split(",")), peak_bytes=_size(args.peak_size), dtype=kv_dtype,
+                kv_group_size=args.kv_group_size, block_size=args.block_size)
+            runs.append((cfg, attention.run(cfg, progress)))
+        _write(args.output, attention.markdown_runs(runs),
+               json.dumps([{"config": asdict(cfg), "results": [dict(asdict(r), gbs=r.gbs, ratio=r.ratio) for r in res]}
+                           for cfg, res in runs], indent=1))
         return 0
     from kvoffload.bench import offload
     from kvoffload.model.loading import read_config

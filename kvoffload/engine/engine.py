@@ -122,15 +122,12 @@ class Engine:
     def _kv_chunk_limit(self) -> int | None:
         """Chunks the KV tier budgets hold in all; ``None`` when one is unbounded (the in-memory
         store, an unlimited tier, a disk tier sized by its free space)."""
-        from kvoffload.dtypes import name_of
-        from kvoffload.kv.layout import BlockLayout
         from kvoffload.kv.tiers.protocol import TierSpec, chunk_capacity
 
         kv = self.config.kv
         if not kv.tiered:
             return None
-        cfg = self.model.cfg
-        lay = BlockLayout(kv.block_size, cfg.num_kv_heads, cfg.head_dim, name_of(self.kv.kv_dtype), kv.chunk_blocks)
+        lay = self.kv.layout                                   # the blocks' (compressed, if they are)
         total = 0
         for name, budget in kv.tier_list(self.device.type):
             cap = chunk_capacity(TierSpec(name, budget), kv.chunk_blocks * (lay.disk_stride if name == "disk" else lay.slot_bytes))

@@ -169,7 +169,11 @@ def run(cfg: SweepConfig, engine_cfg: EngineConfig, progress: bool = True) -> li
     from tqdm import tqdm
 
     from kvoffload.api import LLM
+    from kvoffload.dtypes import QUANT
 
+    if engine_cfg.kv_dtype in QUANT:                   # its policies share one in-memory (dense) prefill
+        raise ConfigError(f"kvoffload sweep runs over an in-memory full-precision KV: --kv-dtype {engine_cfg.kv_dtype} "
+                          "is not supported there (compare it with kvoffload eval)")
     if "double_sparsity" in cfg.policies and not cfg.calibration:
         raise ConfigError("double_sparsity needs --sparse-calibration FILE (write one with `kvoffload calibrate`)")
     from kvoffload.sparse import policy_class

@@ -35,7 +35,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from kvoffload.dtypes import DTYPES
+from kvoffload.dtypes import DTYPES, QUANT
 from kvoffload.kernels.build import load
 from kvoffload.kernels.limits import (
     BS_MAX,
@@ -55,9 +55,9 @@ _ATTN_ARGTYPES = [_I, _I, _I, _I,                       # H_kv, G, D, bs
                   _I, _P, _L, _P, _P, _P, _P, _P, _F,   # items
                   _P, _P,                               # part_o, part_lse
                   _I, _P, _P, _P, _P,                   # merge
-                  _I]                                   # threads
+                  _I, _I]                               # threads, value group (compressed blocks)
 _MERGE_ARGTYPES = [_I, _I, _I, _P, _P, _P, _P, _P, _P, _I]
-_SUFFIX = {n: d.kernel for n, d in DTYPES.items()}
+_SUFFIX = {n: d.kernel for n, d in (*DTYPES.items(), *QUANT.items())}
 KERNEL_DTYPES = tuple(_SUFFIX)
 # dtype names a k/v array of each KV dtype may have: its own (a torch tensor) or its numpy
 # storage type (numpy has no bfloat16)
@@ -222,16 +222,29 @@ class Merge(NamedTuple):
 
 
 class PagedAttention:
-    """The native paged kernel for one KV dtype and geometry (``scale`` defaults to 1/sqrt(D))."""
+    """The native paged kernel for one KV dtype and geometry (``scale`` defaults to 1/sqrt(D));
+    a compressed dtype (``int8`` / ``int4``: kv/layout.py's blocks, values in groups of
+    ``group`` channels, 0 = the whole head) is read and dequantised in registers, and takes no
+    append (its blocks are written whole)."""
 
-    def __init__(self, dtype: str, H_kv: int, G: int, D: int, block_size: int, scale: float | None = None) -> None:
+    def __init__(self, dtype: str, H_kv: int, G: int, D: int, block_size: int, scale: float | None = None,
+                 group: int = 0) -> None:
         if not self.available(dtype, G, D, block_size, H_kv):
             raise RuntimeError(f"native paged attention unavailable for {dtype} H_kv={H_kv} G={G} D={D} bs={block_size}")
         self.dtype, self.H_kv, self.G, self.D, self.bs = dtype, H_kv, G, D, block_size
+        self.group = group or D
         self.H = H_kv * G
         self.scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
         self.fn = getattr(load("paged_attn"), f"kvo_paged_attn_{_SUFFIX[dtype]}")
         self.fn.argtypes, self.fn.restype = _ATTN_ARGTYPES, ctypes.c_int
+
+    @classmethod
+    def for_layout(cls, layout, G: int) -> PagedAttention | None:
+        """The kernel for a kv/layout.py BlockLayout's blocks, or None where unavailable."""
+        lay = layout
+        if not cls.available(lay.dtype, G, lay.head_dim, lay.block_size, lay.num_kv_heads):
+            return None
+        return cls(lay.dtype, lay.num_kv_heads, G, lay.head_dim, lay.block_size, group=lay.group)
 
     @staticmethod
     def available(dtype: str, G: int, D: int, block_size: int, H_kv: int = 1) -> bool:
@@ -258,6 +271,8 @@ class PagedAttention:
         if tm is not None and ((len(items.ptrs) and items.masks.shape[1] != self.H_kv) or self.bs > MASK_BS_MAX):
             raise ValueError(f"masks: [n_blocks, H_kv={self.H_kv}] and block_size <= {MASK_BS_MAX}")
         n_app, k_ptr, k_bs, v_ptr, v_bs, a_slot, a_col = 0, None, 0, None, 0, None, None
+        if append is not None and self.dtype in QUANT:
+            raise ValueError("a compressed KV block is written whole: no append")
         if append is not None:
             st = _STORAGE[self.dtype]
             k_ptr, n_app, k_bs = _rows(append.k, st, (self.H_kv, D), "append.k")
@@ -273,7 +288,7 @@ class PagedAttention:
                      n_app, k_ptr, k_bs, v_ptr, v_bs, a_slot, a_col,
                      N, q_ptr, q_rs, row, first, last, ptrs, tm, self.scale, po, pl,
                      R, None if rf is None else _ptr(rf), None if order is None else _ptr(order),
-                     o_ptr, l_ptr, threads)
+                     o_ptr, l_ptr, threads, self.group)
         if rc != 0:
             raise ValueError("native paged attention rejected its arguments: "
                              + {-1: "geometry", -2: "an item's block range or last_len",
@@ -297,6 +312,8 @@ class PreparedCall:
         self.part_o = np.empty((max(N, 1), H, D), np.float32)
         self.part_lse = np.empty((max(N, 1), H), np.float32)
         self.n_app = 0 if append_slots is None else len(append_slots)
+        if self.n_app and kern.dtype in QUANT:
+            raise ValueError("a compressed KV block is written whole: no append")
         self.app = None
         if append_slots is not None:
             self.app = (_i64(append_slots), _i64(append_cols))
@@ -312,7 +329,7 @@ class PreparedCall:
         # the argument list of kvo_paged_attn_*; None marks what each call fills in
         self.args = [kern.H_kv, kern.G, D, kern.bs, self.n_app, None, 0, None, 0, a_slot, a_col,
                      N, None, 0, row, first, last, ptrs, tm, kern.scale, _ptr(self.part_o), _ptr(self.part_lse),
-                     self.R, rf, None, None, None, threads]
+                     self.R, rf, None, None, None, threads, kern.group]
 
     def __call__(self, q, k_new=None, v_new=None, out=None, lse=None) -> None:
         """q ``[R_q, H, D]`` fp32; k_new / v_new ``[n_app, H_kv, D]`` (KV dtype) when prepared

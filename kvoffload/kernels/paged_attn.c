@@ -91,10 +91,42 @@ typedef struct {
     const int64_t *blk;
     const uint64_t *tm;      /* &tmask[first block][0] or NULL (stride H_kv) */
     int nb, n_last;
+    int vg;                  /* compressed blocks: channels per value group (kv/layout.py) */
     float *o, *lse;          /* part_o + i*H*D, part_lse + i*H */
 } item_job;
 
 typedef void (*item_fn)(const item_job *, int H_kv, int G, int D, int bs, float scale);
+
+/* One head's online softmax, shared by the portable and the compressed paths: a block whose max
+ * score bm raises the running max m rescales o (D floats) and l ... */
+static inline void rescale_to(float bm, float *m, float *l, float *o, int D) {
+    if (bm > *m) {
+        float alpha = *m == -INFINITY ? 0.f : exp_nonpos(*m - bm);
+        *m = bm;
+        *l *= alpha;
+        for (int d = 0; d < D; d++) o[d] *= alpha;
+    }
+}
+/* ... then the block's scores P[0..n) (-inf: a dead token) become its weights, summed into l */
+static inline void softmax_step(float *P, int n, float *m, float *l, float *o, int D) {
+    float bm = -INFINITY;
+    for (int t = 0; t < n; t++) bm = P[t] > bm ? P[t] : bm;
+    rescale_to(bm, m, l, o, D);
+    for (int t = 0; t < n; t++) {
+        P[t] = P[t] == -INFINITY ? 0.f : exp_nonpos(P[t] - *m);
+        *l += P[t];
+    }
+}
+/* a head's partial from its running (m, l): o /= l, lse = m + log l (nothing attended: 0, -inf) */
+static inline void finish_head(float *o, float m, float l, int D, float *lse) {
+    if (m == -INFINITY) {
+        memset(o, 0, sizeof(float) * D);
+        *lse = -INFINITY;
+        return;
+    }
+    for (int d = 0; d < D; d++) o[d] /= l;
+    *lse = m + logf(l);
+}
 
 /* ---------------------------------------------------------------------------------------------
  * Portable path (any even D, any bs; every shape without AVX-512): the same per-block online
@@ -116,24 +148,13 @@ static void NAME##_item_generic(const item_job *J, int H_kv, int G, int D, int b
             if (!mk) continue;                    /* head skips the block: nothing read */          \
             const KV_T *K = (const KV_T *)J->blk[j] + kofs, *V = (const KV_T *)J->blk[j] + vofs;    \
             for (int g = 0; g < G; g++) {                                                           \
-                float bm = -INFINITY;                                                               \
                 for (int t = 0; t < n; t++) {     /* scores */                                      \
                     float a = 0.f;                                                                  \
                     for (int d = 0; d < D; d++)                                                     \
                         a = fmaf(q[g * D + d], LOAD(K[(size_t)(d >> 1) * bs * 2 + 2 * t + (d & 1)]), a); \
                     P[g][t] = !tm || ((mk >> t) & 1) ? a * scale : -INFINITY;                       \
-                    bm = P[g][t] > bm ? P[g][t] : bm;                                               \
                 }                                                                                   \
-                if (bm > m[g]) {                  /* a new running max: rescale */                  \
-                    float alpha = m[g] == -INFINITY ? 0.f : exp_nonpos(m[g] - bm);                  \
-                    m[g] = bm;                                                                      \
-                    l[g] *= alpha;                                                                  \
-                    for (int d = 0; d < D; d++) o[(size_t)g * D + d] *= alpha;                      \
-                }                                                                                   \
-                for (int t = 0; t < n; t++) {     /* weights */                                     \
-                    P[g][t] = P[g][t] == -INFINITY ? 0.f : exp_nonpos(P[g][t] - m[g]);              \
-                    l[g] += P[g][t];                                                                \
-                }                                                                                   \
+                softmax_step(P[g], n, m + g, l + g, o + (size_t)g * D, D);                          \
             }                                                                                       \
             for (int t = 0; t < n; t++)           /* weighted V rows */                             \
                 for (int g = 0; g < G; g++) {                                                       \
@@ -141,16 +162,7 @@ static void NAME##_item_generic(const item_job *J, int H_kv, int G, int D, int b
                     for (int d = 0; d < D; d++) og[d] = fmaf(p, LOAD(V[(size_t)t * D + d]), og[d]); \
                 }                                                                                   \
         }                                                                                           \
-        for (int g = 0; g < G; g++) {                                                               \
-            float *og = o + (size_t)g * D;                                                          \
-            if (m[g] == -INFINITY) {                                                                \
-                memset(og, 0, sizeof(float) * D);                                                   \
-                J->lse[h * G + g] = -INFINITY;                                                      \
-                continue;                                                                           \
-            }                                                                                       \
-            for (int d = 0; d < D; d++) og[d] /= l[g];                                              \
-            J->lse[h * G + g] = m[g] + logf(l[g]);                                                  \
-        }                                                                                           \
+        for (int g = 0; g < G; g++) finish_head(o + (size_t)g * D, m[g], l[g], D, J->lse + h * G + g); \
     }                                                                                               \
 }
 DEFINE_GENERIC(f32, float, f32_id)
@@ -434,6 +446,238 @@ SPEC_ALL(f16)
 #endif
 
 /* ---------------------------------------------------------------------------------------------
+ * Compressed blocks (--kv-dtype int8 / int4; the byte layout is kv/layout.py's, its offsets
+ * BlockLayout.quant_offsets): per head, K codes channel-major [D, bs] with one (scale, min) per
+ * channel, V codes token-major [bs, D] with one (scale, min) per group of vg channels of a
+ * token; x = code * scale + min; int4: two codes a byte, the even one in the low nibble.
+ * Nothing is dequantised to memory: the key scales fold into the query (score = sum_d
+ * (q_d s_d) c_dt + sum_d q_d m_d), the value ones into the weights (o += (p s) c + p m), the
+ * codes are widened to fp32 in registers. Loops run along tokens (scores) and channels
+ * (values) with independent lanes, so the compiler vectorises them without reassociating
+ * anything: the bit-identity contract holds as for the other dtypes.
+ * ------------------------------------------------------------------------------------------- */
+#if defined(__F16C__)
+#include <immintrin.h>
+static inline float h2f(uint16_t x) { return _cvtsh_ss(x); }
+#else
+static inline float h2f(uint16_t x) { return f16_to_f32(x); }
+#endif
+
+/* codes [n] of one row (n even for int4) -> fp32 */
+static inline void widen_q8(const uint8_t *c, int n, float *out) {
+    for (int i = 0; i < n; i++) out[i] = (float)c[i];
+}
+static inline void widen_q4(const uint8_t *c, int n, float *out) {
+    for (int i = 0; i < n / 2; i++) {
+        out[2 * i] = (float)(c[i] & 15);
+        out[2 * i + 1] = (float)(c[i] >> 4);
+    }
+}
+
+#define DEFINE_QUANT(NAME, BITS)                                                                      \
+static void NAME##_item_generic(const item_job *J, int H_kv, int G, int D, int bs, float scale) {  \
+    float P[G_MAX][BS_MAX], S[G_MAX][BS_MAX], QS[G_MAX][D_MAX], C0[G_MAX], row[D_MAX > BS_MAX ? D_MAX : BS_MAX]; \
+    const int vg = J->vg, ng = D / vg;                                                              \
+    const size_t cb = (size_t)D * bs * BITS / 8;          /* one head's K (or V) codes */          \
+    const size_t v0 = (size_t)H_kv * cb, km = 2 * v0, vm = km + (size_t)H_kv * 4 * D;               \
+    for (int h = 0; h < H_kv; h++) {                                                                \
+        const float *q = J->q + (size_t)h * G * D;                                                  \
+        float m[G_MAX], l[G_MAX], *o = J->o + (size_t)h * G * D;                                    \
+        for (int g = 0; g < G; g++) { m[g] = -INFINITY; l[g] = 0.f; }                               \
+        memset(o, 0, sizeof(float) * G * D);                                                        \
+        for (int j = 0; j < J->nb; j++) {                                                           \
+            int n = j == J->nb - 1 ? J->n_last : bs;                                                \
+            const uint64_t *tm = J->tm ? J->tm + (size_t)j * H_kv + h : NULL;                       \
+            uint64_t mk = live_tokens(tm, n);                                                       \
+            if (!mk) continue;                    /* head skips the block: nothing read */          \
+            const uint8_t *B = (const uint8_t *)J->blk[j];                                          \
+            const uint8_t *KC = B + h * cb, *VC = B + v0 + h * cb;                                  \
+            const uint16_t *KM = (const uint16_t *)(B + km) + (size_t)h * 2 * D;                    \
+            const uint16_t *VM = (const uint16_t *)(B + vm) + (size_t)h * bs * ng * 2;              \
+            for (int g = 0; g < G; g++) C0[g] = 0.f;                                                \
+            for (int d = 0; d < D; d++) {         /* the key scales folded into q */                \
+                float ks = h2f(KM[d]), kmn = h2f(KM[D + d]);                                        \
+                for (int g = 0; g < G; g++) {                                                       \
+                    QS[g][d] = q[g * D + d] * ks;                                                   \
+                    C0[g] = fmaf(q[g * D + d], kmn, C0[g]);                                         \
+                }                                                                                   \
+            }                                                                                       \
+            for (int g = 0; g < G; g++)                                                             \
+                for (int t = 0; t < bs; t++) S[g][t] = 0.f;                                         \
+            for (int d = 0; d < D; d++) {         /* scores: one channel's codes x G heads */       \
+                widen_##NAME(KC + (size_t)d * bs * BITS / 8, bs, row);                              \
+                for (int g = 0; g < G; g++) {                                                       \
+                    float qs = QS[g][d], *sg = S[g];                                                \
+                    for (int t = 0; t < bs; t++) sg[t] = fmaf(qs, row[t], sg[t]);                   \
+                }                                                                                   \
+            }                                                                                       \
+            for (int g = 0; g < G; g++) {                                                           \
+                for (int t = 0; t < n; t++)                                                         \
+                    P[g][t] = !tm || ((mk >> t) & 1) ? (S[g][t] + C0[g]) * scale : -INFINITY;       \
+                softmax_step(P[g], n, m + g, l + g, o + (size_t)g * D, D);                          \
+            }                                                                                       \
+            for (int t = 0; t < n; t++) {         /* weighted V rows: the value scales in p */      \
+                if (tm && !((mk >> t) & 1)) continue;                                               \
+                widen_##NAME(VC + (size_t)t * D * BITS / 8, D, row);                                \
+                const uint16_t *vmt = VM + (size_t)t * ng * 2;                                      \
+                for (int c = 0; c < ng; c++) {                                                      \
+                    float vs = h2f(vmt[2 * c]), vmn = h2f(vmt[2 * c + 1]);                          \
+                    const float *rc = row + (size_t)c * vg;                                         \
+                    for (int g = 0; g < G; g++) {                                                   \
+                        float p = P[g][t], ps = p * vs, pz = p * vmn;                               \
+                        float *og = o + (size_t)g * D + (size_t)c * vg;                             \
+                        for (int d = 0; d < vg; d++) og[d] = fmaf(ps, rc[d], og[d] + pz);           \
+                    }                                                                               \
+                }                                                                                   \
+            }                                                                                       \
+        }                                                                                           \
+        for (int g = 0; g < G; g++) finish_head(o + (size_t)g * D, m[g], l[g], D, J->lse + h * G + g); \
+    }                                                                                               \
+}
+
+#ifdef __AVX512F__
+/* 16 codes (elements e .. e+15 of a row) -> fp32 lanes */
+static inline __m512 w16_q8(const uint8_t *row, int e) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + e))));
+}
+static inline __m512 w16_q4(const uint8_t *row, int e) {
+    __m128i b = _mm_loadl_epi64((const __m128i *)(row + e / 2)), m = _mm_set1_epi8(15);
+    __m128i lo = _mm_and_si128(b, m), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)));
+}
+/* AVX-512 (bs, D and the value group multiples of 16): 16 tokens' scores per step with the G
+ * heads' accumulators in registers; the softmax 16 tokens a vector; a block's weighted values
+ * accumulated in registers (G x D/16 vectors; the minima's share p * min summed per group
+ * apart) and added to o once per block. G and D are compile-time constants where they can be
+ * (_item_fast's switch), so the loops unroll and the accumulators stay in registers. */
+#define DEFINE_QUANT_V(NAME, BITS)                                                                    \
+static inline __attribute__((always_inline)) void NAME##_item_v(const item_job *J, int H_kv, const int G, \
+                                                                  const int D, int bs, float scale) { \
+    float P[G_MAX][BS_MAX] __attribute__((aligned(64))), QS[G_MAX][D_MAX] __attribute__((aligned(64))); \
+    float C0[G_MAX];                                                                                \
+    const int vg = J->vg, ng = D / vg, nd = D / 16;                                                 \
+    const size_t cb = (size_t)D * bs * BITS / 8;                                                    \
+    const size_t v0 = (size_t)H_kv * cb, km = 2 * v0, vm = km + (size_t)H_kv * 4 * D;               \
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);                                                  \
+    for (int h = 0; h < H_kv; h++) {                                                                \
+        const float *q = J->q + (size_t)h * G * D;                                                  \
+        float m[G_MAX], l[G_MAX], *o = J->o + (size_t)h * G * D;                                    \
+        for (int g = 0; g < G; g++) { m[g] = -INFINITY; l[g] = 0.f; }                               \
+        memset(o, 0, sizeof(float) * G * D);                                                        \
+        for (int j = 0; j < J->nb; j++) {                                                           \
+            int n = j == J->nb - 1 ? J->n_last : bs;                                                \
+            const uint64_t *tm = J->tm ? J->tm + (size_t)j * H_kv + h : NULL;                       \
+            uint64_t mk = live_tokens(tm, n);                                                       \
+            if (!mk) continue;                                                                      \
+            const uint8_t *B = (const uint8_t *)J->blk[j];                                          \
+            const uint8_t *KC = B + h * cb, *VC = B + v0 + h * cb;                                  \
+            const uint16_t *KM = (const uint16_t *)(B + km) + (size_t)h * 2 * D;                    \
+            const uint16_t *VM = (const uint16_t *)(B + vm) + (size_t)h * bs * ng * 2;              \
+            for (int g = 0; g < G; g++) {         /* the key scales folded into q */                \
+                __m512 c = _mm512_setzero_ps();                                                     \
+                for (int d = 0; d < D; d += 16) {                                                   \
+                    __m512 ks = ld_f16(KM + d), kmn = ld_f16(KM + D + d), qv = _mm512_loadu_ps(q + g * D + d); \
+                    _mm512_store_ps(QS[g] + d, _mm512_mul_ps(qv, ks));                              \
+                    c = _mm512_fmadd_ps(qv, kmn, c);                                                \
+                }                                                                                   \
+                C0[g] = _mm512_reduce_add_ps(c);                                                    \
+            }                                                                                       \
+            float bm[G_MAX];                                                                        \
+            for (int g = 0; g < G; g++) bm[g] = -INFINITY;                                          \
+            for (int t0 = 0; t0 < n; t0 += 16) {  /* scores of 16 tokens, dead ones -inf */         \
+                __m512 acc[G_MAX];                                                                  \
+                for (int g = 0; g < G; g++) acc[g] = _mm512_setzero_ps();                           \
+                for (int d = 0; d < D; d++) {                                                       \
+                    __m512 k = w16_##NAME(KC + (size_t)d * bs * BITS / 8, t0);                      \
+                    for (int g = 0; g < G; g++) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(QS[g][d]), k, acc[g]); \
+                }                                                                                   \
+                __mmask16 live = tm ? (__mmask16)(mk >> t0)     /* masks: bs <= 64 */             \
+                                    : (__mmask16)(n - t0 >= 16 ? 0xFFFF : (1u << (n - t0)) - 1);     \
+                for (int g = 0; g < G; g++) {                                                       \
+                    __m512 sc = _mm512_mul_ps(_mm512_add_ps(acc[g], _mm512_set1_ps(C0[g])), _mm512_set1_ps(scale)); \
+                    sc = _mm512_mask_blend_ps(live, ninf, sc);                                      \
+                    _mm512_store_ps(P[g] + t0, sc);                                                 \
+                    float x = _mm512_reduce_max_ps(sc);                                             \
+                    bm[g] = x > bm[g] ? x : bm[g];                                                  \
+                }                                                                                   \
+            }                                                                                       \
+            float zsum[G_MAX][D_MAX / 16];        /* sum of p * min per value group */             \
+            __m512 ov[G_MAX][D_MAX / 16];                                                           \
+            for (int g = 0; g < G; g++) {         /* the online softmax, 16 weights a vector */    \
+                rescale_to(bm[g], m + g, l + g, o + (size_t)g * D, D);                              \
+                __m512 mv = _mm512_set1_ps(m[g]), ls = _mm512_setzero_ps();                         \
+                for (int t0 = 0; t0 < n; t0 += 16) {                                                \
+                    __m512 sc = _mm512_load_ps(P[g] + t0);                                          \
+                    __mmask16 live = _mm512_cmp_ps_mask(sc, ninf, _CMP_NEQ_OQ);                     \
+                    __m512 p = _mm512_maskz_mov_ps(live, exp512_nonpos(_mm512_sub_ps(sc, mv)));     \
+                    _mm512_store_ps(P[g] + t0, p);                                                  \
+                    ls = _mm512_add_ps(ls, p);                                                      \
+                }                                                                                   \
+                l[g] += _mm512_reduce_add_ps(ls);                                                   \
+                for (int c = 0; c < ng; c++) zsum[g][c] = 0.f;                                      \
+                for (int e = 0; e < nd; e++) ov[g][e] = _mm512_setzero_ps();                        \
+            }                                                                                       \
+            for (int t = 0; t < n; t++) {         /* weighted V rows, accumulated in registers */   \
+                if (tm && !((mk >> t) & 1)) continue;                                               \
+                const uint8_t *vr = VC + (size_t)t * D * BITS / 8;                                  \
+                const uint16_t *vmt = VM + (size_t)t * ng * 2;                                      \
+                for (int c = 0; c < ng; c++) {                                                      \
+                    float vs = h2f(vmt[2 * c]), vmn = h2f(vmt[2 * c + 1]);                          \
+                    __m512 ps[G_MAX];                                                               \
+                    for (int g = 0; g < G; g++) {                                                   \
+                        ps[g] = _mm512_set1_ps(P[g][t] * vs);                                       \
+                        zsum[g][c] = fmaf(P[g][t], vmn, zsum[g][c]);                                \
+                    }                                                                               \
+                    for (int e = c * vg / 16; e < (c + 1) * vg / 16; e++) {                         \
+                        __m512 x = w16_##NAME(vr, e * 16);                                          \
+                        for (int g = 0; g < G; g++) ov[g][e] = _mm512_fmadd_ps(ps[g], x, ov[g][e]); \
+                    }                                                                               \
+                }                                                                                   \
+            }                                                                                       \
+            for (int g = 0; g < G; g++)                                                             \
+                for (int e = 0; e < nd; e++) {                                                      \
+                    float *og = o + (size_t)g * D + e * 16;                                         \
+                    __m512 z = _mm512_set1_ps(zsum[g][e * 16 / vg]);                                \
+                    _mm512_storeu_ps(og, _mm512_add_ps(_mm512_loadu_ps(og), _mm512_add_ps(ov[g][e], z))); \
+                }                                                                                   \
+        }                                                                                           \
+        for (int g = 0; g < G; g++) finish_head(o + (size_t)g * D, m[g], l[g], D, J->lse + h * G + g); \
+    }                                                                                               \
+}                                                                                                   \
+static inline __attribute__((always_inline)) void NAME##_item_g(const item_job *J, int H_kv, const int G, \
+                                                                  int D, int bs, float scale) {      \
+    if (D == 64) NAME##_item_v(J, H_kv, G, 64, bs, scale);                                          \
+    else if (D == 128) NAME##_item_v(J, H_kv, G, 128, bs, scale);                                   \
+    else NAME##_item_v(J, H_kv, G, D, bs, scale);                                                   \
+}                                                                                                   \
+static void NAME##_item_fast(const item_job *J, int H_kv, int G, int D, int bs, float scale) {      \
+    if (bs % 16 || D % 16 || J->vg % 16) { NAME##_item_generic(J, H_kv, G, D, bs, scale); return; } \
+    switch (G) {                           /* G a constant: the accumulators in registers */        \
+    case 1: NAME##_item_g(J, H_kv, 1, D, bs, scale); break;                                         \
+    case 2: NAME##_item_g(J, H_kv, 2, D, bs, scale); break;                                         \
+    case 3: NAME##_item_g(J, H_kv, 3, D, bs, scale); break;                                         \
+    case 4: NAME##_item_g(J, H_kv, 4, D, bs, scale); break;                                         \
+    case 5: NAME##_item_g(J, H_kv, 5, D, bs, scale); break;                                         \
+    case 6: NAME##_item_g(J, H_kv, 6, D, bs, scale); break;                                         \
+    case 7: NAME##_item_g(J, H_kv, 7, D, bs, scale); break;                                         \
+    case 8: NAME##_item_g(J, H_kv, 8, D, bs, scale); break;                                         \
+    default: NAME##_item_v(J, H_kv, G, D, bs, scale);                                               \
+    }                                                                                               \
+}
+#else
+#define DEFINE_QUANT_V(NAME, BITS)                                                                    \
+static void NAME##_item_fast(const item_job *J, int H_kv, int G, int D, int bs, float scale) {      \
+    NAME##_item_generic(J, H_kv, G, D, bs, scale);                                                  \
+}
+#endif
+DEFINE_QUANT(q8, 8)
+DEFINE_QUANT(q4, 4)
+DEFINE_QUANT_V(q8, 8)
+DEFINE_QUANT_V(q4, 4)
+static inline item_fn q8_pick(int G, int D, int bs) { (void)G; (void)D; (void)bs; return q8_item_fast; }
+static inline item_fn q4_pick(int G, int D, int bs) { (void)G; (void)D; (void)bs; return q4_item_fast; }
+
+/* ---------------------------------------------------------------------------------------------
  * Merge: the one function every merge of partials goes through (inside kvo_paged_attn_* and in
  * kvo_merge_parts). One (row, head): parts order[p0 .. p1) (or p0 .. p1 when order is NULL), in
  * that order. Parts with lse = -inf are skipped; none left: out = 0, lse = -inf.
@@ -502,15 +746,16 @@ void kvo_merge_parts(int R, int H, int D, const int64_t *row_first, const int64_
 /* ---------------------------------------------------------------------------------------------
  * Append (optional), items, merge (optional): one call.
  * ------------------------------------------------------------------------------------------- */
-#define DEFINE_DRIVER(NAME, KV_T)                                                                     \
+#define DEFINE_DRIVER(NAME, KV_T, APPEND_OK)                                                          \
 int kvo_paged_attn_##NAME(int H_kv, int G, int D, int bs,                                            \
         int n_app, const KV_T *k_new, int64_t k_bs, const KV_T *v_new, int64_t v_bs,                 \
         const int64_t *app_slot, const int64_t *app_col,                                             \
         int N, const float *q, int64_t q_rs, const int64_t *item_row, const int64_t *item_first,     \
         const int64_t *item_last, const int64_t *blk, const uint64_t *tmask, float scale,            \
         float *part_o, float *part_lse,                                                              \
-        int R, const int64_t *row_first, const int64_t *order, float *out, float *lse, int threads) { \
-    if (H_kv < 1 || G < 1 || G > G_MAX || D < 2 || D % 2 || D > D_MAX || bs < 1 || bs > BS_MAX ||    \
+        int R, const int64_t *row_first, const int64_t *order, float *out, float *lse, int threads,   \
+        int vgroup) {                                                                                \
+    if ((!APPEND_OK && n_app) || vgroup < 1 || D % vgroup || H_kv < 1 || G < 1 || G > G_MAX || D < 2 || D % 2 || D > D_MAX || bs < 1 || bs > BS_MAX ||    \
         H_kv * G > H_MAX || (tmask && bs > MASK_BS_MAX) || N < 0 || R < 0 || n_app < 0)              \
         return -1;                                                                                    \
     for (int i = 0; i < N; i++)                                                                      \
@@ -542,7 +787,7 @@ int kvo_paged_attn_##NAME(int H_kv, int G, int D, int bs,                       
             int64_t f = item_first[i];                                                               \
             item_job J = {.q = q + item_row[i] * q_rs, .blk = blk + f,                               \
                           .tm = tmask ? tmask + f * H_kv : NULL,                                     \
-                          .nb = (int)(item_first[i + 1] - f), .n_last = (int)item_last[i],           \
+                          .nb = (int)(item_first[i + 1] - f), .n_last = (int)item_last[i], .vg = vgroup, \
                           .o = part_o + (size_t)i * H * D, .lse = part_lse + (size_t)i * H};         \
             fn(&J, H_kv, G, D, bs, scale);                                                           \
         }                                                                                            \
@@ -552,9 +797,11 @@ int kvo_paged_attn_##NAME(int H_kv, int G, int D, int bs,                       
     }                                                                                                \
     return 0;                                                                                        \
 }
-DEFINE_DRIVER(f32, float)
-DEFINE_DRIVER(bf16, uint16_t)
-DEFINE_DRIVER(f16, uint16_t)
+DEFINE_DRIVER(f32, float, 1)
+DEFINE_DRIVER(bf16, uint16_t, 1)
+DEFINE_DRIVER(f16, uint16_t, 1)
+DEFINE_DRIVER(q8, uint8_t, 0)          /* compressed blocks are written whole: no append */
+DEFINE_DRIVER(q4, uint8_t, 0)
 
 /* Memory read bandwidth probe for `kvoffload bench attention`: sums n floats with `threads`
  * threads (AVX-512 where available), so the peak is measured the way the kernel reads. */

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kvoffload.kv.layout import BlockLayout
 from kvoffload.kv.placement import Move, Placement
 from kvoffload.kv.tiers.memory import Arena
 from kvoffload.kv.tiers.protocol import Tier, TierContext, TierSpec
@@ -39,11 +40,13 @@ def build_tiers(specs: tuple[TierSpec, ...], ctx: TierContext) -> list[Tier]:
 class BlockStore:
     def __init__(self, tiers: list[Tier], ctx: TierContext, num_layers: int, sink_tokens: int,
                  recent_tokens: int, hot_layers: frozenset[int] = frozenset(),
-                 cached_layers: frozenset[int] = frozenset()) -> None:
+                 cached_layers: frozenset[int] = frozenset(), tail: BlockLayout | None = None) -> None:
+        """tail: the write-combining tails' layout (full precision; default: the blocks')."""
         lay = ctx.layout
         self.tiers, self.ctx, self.layout, self.num_layers = tiers, ctx, lay, num_layers
+        self.tail_layout = tail or lay
         self.bs, self.cb = lay.block_size, lay.chunk_blocks
-        self.tails = Arena(lay, ctx.device, 1, ctx.kv.arena_segment_slots)
+        self.tails = Arena(self.tail_layout, ctx.device, 1, ctx.kv.arena_segment_slots)
         self.placement = Placement(tiers, self.cb, -(-sink_tokens // lay.chunk_tokens) if sink_tokens else 0,
                                    -(-recent_tokens // self.bs), hot_layers, cached_layers)
         self.tail_slot: dict[int, np.ndarray] = {}                 # seq -> [layers] tail slots
@@ -94,13 +97,13 @@ class BlockStore:
 
     # ---- writing ----
     def write(self, seq_id: int, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v ``[H_kv, L, D]`` (KV dtype) at positions ``start ..``: fill the tail, whole blocks
-        to their tiers."""
+        """k, v ``[H_kv, L, D]`` (the tails' dtype) at positions ``start ..``: fill the tail,
+        whole blocks to their tiers (packed: compressed, for a compressed layout)."""
         lay, bs = self.layout, self.bs
         L, pos, t = k.shape[1], 0, start % bs
         if t:
             n = min(bs - t, L)
-            lay.write_tokens(self.tail_view(seq_id, layer), t, k[:, :n], v[:, :n])
+            self.tail_layout.write_tokens(self.tail_view(seq_id, layer), t, k[:, :n], v[:, :n])
             pos = n
             if t + n == bs:
                 self.flush_tail(seq_id, layer)
@@ -111,7 +114,7 @@ class BlockStore:
                 self._place(seq_id, layer, packed[i])
             pos += full * bs
         if pos < L:
-            lay.write_tokens(self.tail_view(seq_id, layer), 0, k[:, pos:], v[:, pos:])
+            self.tail_layout.write_tokens(self.tail_view(seq_id, layer), 0, k[:, pos:], v[:, pos:])
         self._write_pending()
 
     def append_slots(self, seq_id: int, layer: int, slots: torch.Tensor) -> None:
@@ -122,8 +125,12 @@ class BlockStore:
         self._write_pending()
 
     def flush_tail(self, seq_id: int, layer: int) -> None:
-        """The (seq, layer)'s tail is full: it becomes a block."""
-        self._place(seq_id, layer, self.tail_view(seq_id, layer).clone())
+        """The (seq, layer)'s tail is full: it becomes a block (compressed now, if the blocks are)."""
+        tail = self.tail_view(seq_id, layer)
+        if self.tail_layout is self.layout:
+            self._place(seq_id, layer, tail.clone())
+        else:
+            self._place(seq_id, layer, self.layout.pack(*self.tail_layout.unpack(tail[None]))[0])
 
     def _place(self, seq_id: int, layer: int, data: torch.Tensor) -> None:
         moves, loc, i = self.placement.place_block(seq_id, layer)
@@ -151,23 +158,30 @@ class BlockStore:
             t.flush()
 
     # ---- reading back ----
-    def read_blocks(self, seq_id: int, layer: int, blocks: np.ndarray) -> torch.Tensor:
-        """``[n, slot_elems]``: the bytes of blocks ``blocks`` of (seq, layer), from whatever tier
-        holds them; a block index past the full ones is the tail."""
+    def read_kv(self, seq_id: int, layer: int, blocks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V ``[n, H_kv, bs, D]`` (the tails' dtype) of blocks ``blocks`` of (seq, layer), from
+        whatever tier holds them (exact bytes; a compressed block dequantised); a block index
+        past the full ones is the tail."""
         tiers, slots = self.table(seq_id, layer)
-        out = torch.empty(len(blocks), self.layout.slot_elems, dtype=self.tails.dtype, device=self.ctx.device)
+        tl = self.tail_layout
+        shape = (len(blocks), tl.num_kv_heads, self.bs, tl.head_dim)
+        K = torch.empty(shape, dtype=self.tails.dtype, device=self.ctx.device)
+        V = torch.empty_like(K)
         full = blocks < len(tiers)
         for t in np.unique(tiers[blocks[full]]):
             pick = np.nonzero(full)[0][tiers[blocks[full]] == t]
-            out[torch.from_numpy(pick).to(out.device)] = self.tiers[int(t)].read(slots[blocks[pick]])
+            at = torch.from_numpy(pick).to(K.device)
+            k, v = self.layout.unpack_blocks(self.tiers[int(t)].read(slots[blocks[pick]]))
+            K[at], V[at] = k.to(K.dtype), v.to(V.dtype)
         for j in np.nonzero(~full)[0]:
-            out[int(j)] = self.tail_view(seq_id, layer)
-        return out
+            K[int(j)], V[int(j)] = (x[0] for x in tl.unpack_blocks(self.tail_view(seq_id, layer)[None]))
+        return K, V
 
     def prefix(self, seq_id: int, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V ``[H_kv, length, D]``: the (seq, layer)'s first ``length`` tokens (exact bytes)."""
+        """K, V ``[H_kv, length, D]``: the (seq, layer)'s first ``length`` tokens (exact bytes;
+        compressed blocks dequantised)."""
         n = -(-length // self.bs)
-        return self.layout.unpack(self.read_blocks(seq_id, layer, np.arange(n, dtype=np.int64)), length)
+        return _tokens(*self.read_kv(seq_id, layer, np.arange(n, dtype=np.int64)), length)
 
     def gather(self, seq_id: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V ``[layers, H_kv, n, D]`` at token positions ``index`` ``[layers, H_kv, n]``
@@ -180,7 +194,7 @@ class BlockStore:
         V = torch.empty_like(K)
         for layer in range(nl):
             need = np.unique(idx[layer] // bs)
-            k_all, v_all = self.layout.unpack(self.read_blocks(seq_id, layer, need))       # [H_kv, nb*bs, D]
+            k_all, v_all = _tokens(*self.read_kv(seq_id, layer, need))                    # [H_kv, nb*bs, D]
             local = np.searchsorted(need, idx[layer] // bs) * bs + idx[layer] % bs
             li = torch.from_numpy(local).to(self.ctx.device)[..., None].expand(-1, -1, D)
             K[layer], V[layer] = k_all.gather(1, li), v_all.gather(1, li)
@@ -192,8 +206,9 @@ class BlockStore:
         keep, t = divmod(length, self.bs)
         for layer in range(self.num_layers):
             n = self.placement.blocks[seq_id][layer]
-            if t and n > keep:                      # the cut block becomes the tail again
-                self.tail_view(seq_id, layer).copy_(self.read_blocks(seq_id, layer, np.array([keep]))[0])
+            if t and n > keep:                      # the cut block becomes the tail again (dequantised)
+                k, v = self.read_kv(seq_id, layer, np.array([keep]))
+                self.tail_layout.write_tokens(self.tail_view(seq_id, layer), 0, k[0], v[0])
             self.placement.drop_from(seq_id, layer, min(n, keep))
 
     # ---- reporting ----
@@ -209,3 +224,10 @@ class BlockStore:
     def close(self) -> None:
         for t in self.tiers:
             t.close()
+
+
+def _tokens(k: torch.Tensor, v: torch.Tensor, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """K, V ``[n, H_kv, bs, D]`` blocks -> ``[H_kv, T, D]`` tokens (T = n*bs, or the first ``length``)."""
+    n, H, bs, D = k.shape
+    k, v = k.transpose(0, 1).reshape(H, n * bs, D), v.transpose(0, 1).reshape(H, n * bs, D)
+    return (k, v) if length is None else (k[:, :length], v[:, :length])

@@ -7,14 +7,13 @@ import os
 
 import pytest
 import torch
-from placements import GEOMETRY, PLACEMENTS
+from placements import GEOMETRY, PLACEMENTS, forced_logits
 
 from kvoffload import SamplingParams
 from kvoffload.api import LLM
 from kvoffload.attention.tiered import TieredBackend
 from kvoffload.config import KVConfig
 from kvoffload.engine.engine import Engine
-from kvoffload.model.interface import ForwardBatch, Logits, Phase
 
 PROMPTS = ["the quick brown fox jumps over the lazy dog " * 3, "hello", "a medium prompt for the tiers", "xyz " * 9]
 
@@ -47,25 +46,6 @@ def decode_with_fault(llm: LLM, params, fault, **kv) -> tuple[list[list[int]], l
         return ref, [eng.pop_finished(i).output_ids for i in ids], tier
     finally:
         eng.kv.close()
-
-
-def forced_logits(engine: Engine, ids: list[int], prompt_len: int) -> torch.Tensor:
-    """Prefill ids[:prompt_len] in chunks, then decode the rest one token per step: ``[T, V]``."""
-    rows = []
-    sid = 10_000
-    kv = engine.kv
-    kv.allocate(sid, len(ids))
-    with torch.inference_mode():
-        chunk = engine.config.prefill_chunk
-        for s in range(0, prompt_len, chunk):
-            e = min(s + chunk, prompt_len)
-            batch = ForwardBatch(Phase.PREFILL, (sid,), torch.arange(s, e)[None], (s,), Logits.ALL)
-            rows.append(engine.model(torch.tensor([ids[s:e]]), batch, kv)[0])
-        for p in range(prompt_len, len(ids)):
-            batch = ForwardBatch(Phase.DECODE, (sid,), torch.tensor([[p]]), (p,))
-            rows.append(engine.model(torch.tensor([[ids[p]]]), batch, kv))
-    kv.free(sid)
-    return torch.cat(rows).float()
 
 
 def report(name: str, got: torch.Tensor, ref: torch.Tensor) -> float:

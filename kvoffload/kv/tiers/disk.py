@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 import kvoffload
-from kvoffload.dtypes import torch_dtype
+from kvoffload.dtypes import storage_torch_dtype
 from kvoffload.errors import ConfigError, KvoffloadError
 from kvoffload.kv.layout import BlockLayout
 from kvoffload.kv.tiers.disk_worker import WorkerIO, WriteBlocks
@@ -461,7 +461,7 @@ class DiskTier(PooledChunks):
             raw = self.workers[w].collect()
             out[shard == w] = np.frombuffer(raw, np.uint8).reshape(-1, sb)
         self.counters.read += len(slots) * sb
-        return torch.from_numpy(out).view(torch_dtype(self.ctx.layout.dtype)).to(self.ctx.device)
+        return torch.from_numpy(out).view(storage_torch_dtype(self.ctx.layout.dtype)).to(self.ctx.device)
 
     # ---- attention ----
     def _per_shard(self, req: AttendRequest) -> list[tuple[int, np.ndarray, AttendRequest]]:

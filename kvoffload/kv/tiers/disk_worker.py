@@ -24,7 +24,6 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
-from kvoffload.dtypes import DTYPES, to_float32
 from kvoffload.errors import KvoffloadError
 from kvoffload.kernels import reference
 from kvoffload.kernels.aio import AioError, AioReader
@@ -363,9 +362,7 @@ class DiskWorkerServer:
         self.wbuf = aligned_buffer(self.batch_slots * layout.disk_stride)
         cache_slots = io.cache_bytes // layout.disk_stride
         self.cache = BlockCache(cache_slots, layout.disk_stride) if cache_slots else None
-        usable = native and PagedAttention.available(layout.dtype, group, layout.head_dim, layout.block_size)
-        self.kernel = PagedAttention(layout.dtype, layout.num_kv_heads, group, layout.head_dim,
-                                     layout.block_size) if usable else None
+        self.kernel = PagedAttention.for_layout(layout, group) if native else None
         self.read_blocks, self.io_bytes = io.read_blocks, io.io_bytes
         self._started = None                                          # an attend begun, not finished
 
@@ -515,7 +512,7 @@ class DiskWorkerServer:
                 addr = base + st * at_buf
             self.kernel(q_rows, Items(row, efirst, last, addr[idx], masks), out_o, out_l, self.threads)
             return
-        store = DTYPES[lay.dtype].storage
+        store = lay.storage
         data = np.empty((len(blk), lay.slot_elems), store)
         sources = [(~in_res, at_buf, buf)] + [(in_res & (res.src[at_res] == i), res.pos[at_res], r)
                                               for i, r in enumerate(res.bufs)]
@@ -523,7 +520,7 @@ class DiskWorkerServer:
             if mask.any():
                 arr = np.frombuffer(src, dtype=store).reshape(-1, st // lay.itemsize)
                 data[mask] = arr[at[mask], :lay.slot_elems]
-        k, v = lay.unpack_blocks(to_float32(data, lay.dtype))                              # [n, H_kv, bs, D]
+        k, v = lay.unpack_f32(data)                                                        # [n, H_kv, bs, D] fp32
         ob, lb = reference.attend_items(q_rows, k[idx], v[idx], row, efirst, last, masks)
         out_o[...], out_l[...] = ob, lb
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kvoffload.dtypes import torch_dtype
+from kvoffload.dtypes import storage_torch_dtype
 from kvoffload.kernels import reference
 from kvoffload.kernels.paged import Items, PagedAttention, PreparedCall
 from kvoffload.kv.layout import BlockLayout
@@ -37,7 +37,7 @@ class Arena:
     def __init__(self, layout: BlockLayout, device: torch.device, unit: int, segment_units: int,
                  capacity: int | None = None, pin: bool = False) -> None:
         self.layout, self.device, self.unit = layout, device, unit
-        self.dtype = torch_dtype(layout.dtype)
+        self.dtype = storage_torch_dtype(layout.dtype)
         self.pool = ChunkPool(capacity)
         self.segment_units, self.pin = segment_units, pin and device.type == "cpu"
         self.segments: list[torch.Tensor] = []                 # each [units * unit, slot_elems]
@@ -117,11 +117,9 @@ def attend_slots(layout: BlockLayout, kernel: PagedAttention | None, threads: in
 def paged_kernel(ctx: TierContext, device: torch.device) -> PagedAttention | None:
     """The native paged kernel for this geometry, or None (CUDA, no compiler, tests asking for
     the reference)."""
-    lay = ctx.layout
-    G = ctx.group
-    if not ctx.native or device.type != "cpu" or not PagedAttention.available(lay.dtype, G, lay.head_dim, lay.block_size):
+    if not ctx.native or device.type != "cpu":
         return None
-    return PagedAttention(lay.dtype, lay.num_kv_heads, G, lay.head_dim, lay.block_size)
+    return PagedAttention.for_layout(ctx.layout, ctx.group)
 
 
 class MemoryTier:
