@@ -43,6 +43,14 @@ def cmd(model: str, inp: str, out: str, *extra: str) -> list[str]:
             "--block-size", "4", "--max-num-seqs", "2", *extra]
 
 
+def complete_lines(path: str) -> int:
+    """Lines written whole so far (0 before the file exists)."""
+    try:
+        return open(path, "rb").read().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
 def results(path: str) -> dict[str, dict]:
     data = open(path, "rb").read()
     assert data.endswith(b"\n")
@@ -73,12 +81,18 @@ def test_batch_resumes_after_sigkill(tiny_hf, tmp_path):
     rng = random.Random(17)
     kills, resumed = 0, 0
     for attempt in range(16):
-        before = len(results(out)) if os.path.exists(out) else 0
+        before = complete_lines(out)                  # (a kill may have torn the last line)
         resumed += 0 < before < N
         p = subprocess.Popen(cmd(model, inp, out, "--kv-store", store, "--no-progress"), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE)
         if attempt < 10:
-            time.sleep(rng.uniform(0.2, whole))        # kills land in start-up, prefill, decode, writes
+            if attempt % 2 == 0:                      # in start-up or prefill, before a result
+                time.sleep(rng.uniform(0.2, 0.5 * whole))
+            else:                                     # just after a result is appended: mid-decode or mid-write
+                deadline = time.monotonic() + 300
+                while p.poll() is None and complete_lines(out) <= before and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                time.sleep(rng.uniform(0.0, 0.05))
             if p.poll() is None:
                 p.send_signal(signal.SIGKILL)
                 kills += 1

@@ -177,6 +177,21 @@ class BlockStore:
             K[int(j)], V[int(j)] = (x[0] for x in tl.unpack_blocks(self.tail_view(seq_id, layer)[None]))
         return K, V
 
+    def read_blocks(self, seq_id: int, layer: int, blocks: np.ndarray) -> torch.Tensor:
+        """``[n, slot_elems]``: the stored bytes (a compressed block as it is) of full blocks
+        ``blocks`` of (seq, layer), from whatever tier holds them (the persistent store's copy)."""
+        tiers, slots = self.table(seq_id, layer)
+        if len(blocks) and int(blocks.max()) >= len(tiers):
+            raise ValueError(f"read_blocks: block {int(blocks.max())} of sequence {seq_id} is not full")
+        out = None
+        for t in np.unique(tiers[blocks]):
+            pick = np.nonzero(tiers[blocks] == t)[0]
+            data = self.tiers[int(t)].read(slots[blocks[pick]])                      # [len(pick), slot_elems]
+            if out is None:
+                out = torch.empty((len(blocks), data.shape[1]), dtype=data.dtype, device=data.device)
+            out[torch.from_numpy(pick).to(out.device)] = data
+        return out
+
     def prefix(self, seq_id: int, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V ``[H_kv, length, D]``: the (seq, layer)'s first ``length`` tokens (exact bytes;
         compressed blocks dequantised)."""

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from kvoffload.dtypes import torch_dtype
+from kvoffload.dtypes import storage_torch_dtype
 from kvoffload.errors import ConfigError, KvoffloadError
 from kvoffload.kv.layout import BlockLayout
 from kvoffload.kv.tiers.disk import MAX_RESTARTS, make_offload_dir
@@ -384,7 +384,7 @@ class RayTier(PooledChunks):
                 raw = self._call(s, "read", local[shard == w])
             out[shard == w] = raw
         self.counters.read += len(slots) * sb
-        return torch.from_numpy(out).view(torch_dtype(self.ctx.layout.dtype)).to(self.ctx.device)
+        return torch.from_numpy(out).view(storage_torch_dtype(self.ctx.layout.dtype)).to(self.ctx.device)
 
     # ---- attention ----
     def submit(self, req: AttendRequest) -> None:

@@ -19,7 +19,6 @@ import weakref
 
 import numpy as np
 
-from kvoffload.dtypes import DTYPES, to_float32
 from kvoffload.kernels import reference
 from kvoffload.kernels.paged import Items, PagedAttention, merge_parts
 from kvoffload.kv.layout import BlockLayout
@@ -129,9 +128,7 @@ class ShardServer:
                                          WorkerIO(**io), native)
         else:
             self.mem = MemoryShard(lay, segment_slots)
-            usable = native and PagedAttention.available(lay.dtype, group, lay.head_dim, lay.block_size)
-            self.kernel = PagedAttention(lay.dtype, lay.num_kv_heads, group, lay.head_dim,
-                                         lay.block_size) if usable else None
+            self.kernel = PagedAttention.for_layout(lay, group) if native else None
 
     def where(self) -> dict:
         """Where this actor runs (for messages naming a node)."""
@@ -186,8 +183,7 @@ class ShardServer:
             lse = np.empty((N * L, H), np.float32)
             self.kernel(q_rows, Items(row, first, last, self.mem.addrs(slots), masks), o, lse, self.threads)
         else:
-            data = self.mem.gather(slots).view(DTYPES[lay.dtype].storage)
-            k, v = lay.unpack_blocks(to_float32(data, lay.dtype))                  # [n, H_kv, bs, D]
+            k, v = lay.unpack_f32(self.mem.gather(slots).view(lay.storage))        # [n, H_kv, bs, D] fp32
             o, lse = reference.attend_items(q_rows, k, v, row, first, last, masks)
         return AttendResult(o.reshape(N, L, H, D), lse.reshape(N, L, H), read_bytes(lay, len(req.slots), req.masks))
 
