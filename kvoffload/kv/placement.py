@@ -13,9 +13,8 @@ by access frequency, at chunk granularity). Chunks of *cached* layers (the spars
 the disk tier keeps a cache of the blocks they read) have no sink or recent-window protection
 and may be demoted while still being filled: a sparse step reads a few blocks of those chunks,
 which that cache holds block by block, so their room in the fast tier is better spent on the
-hot layers. If a tier has nothing left to demote, the new chunk
-goes to the next tier. When every tier is full the request cannot proceed
-(:class:`KVBudgetExceeded`).
+hot layers. If a tier has nothing left to demote, the new chunk goes to the next tier. When
+every tier is full the request cannot proceed (:class:`KVBudgetExceeded`).
 """
 
 from __future__ import annotations
@@ -119,7 +118,7 @@ class Placement:
         return self.sink_chunks, max(0, n - self.recent_blocks) // self.cb
 
     def _mark(self, seq_id: int, layer: int) -> None:
-        """Chunks that are complete, past the sinks and out of the recent window may be demoted."""
+        """Chunks past the sinks and before the recent window (:meth:`_pins`) may be demoted."""
         n = self.blocks[seq_id][layer]
         sink, ready = self._pins(layer, n)
         done = self._marked.get((seq_id, layer), sink)

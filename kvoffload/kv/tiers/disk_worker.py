@@ -237,6 +237,15 @@ class Reads:
             raise DiskIOError(f"read from {self.shard.path} failed: {e.strerror}") from None
 
 
+def find_sorted(keys: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per element of ``x``: whether it is in the sorted array ``keys``, and its index there
+    (meaningful where it is)."""
+    if not len(keys):
+        return np.zeros(len(x), bool), np.zeros(len(x), np.int64)
+    at = np.minimum(np.searchsorted(keys, x), len(keys) - 1)
+    return keys[at] == x, at
+
+
 class BlockCache:
     """Blocks of the shard that sparse attends read, kept in RAM for the next decode steps
     (consecutive tokens choose mostly the same blocks: SmolLM2 at 8K under Quest 1/16 reads
@@ -253,7 +262,6 @@ class BlockCache:
     def __init__(self, slots: int, stride: int) -> None:
         self.n, self.stride = slots, stride
         self.buf = aligned_buffer(slots * stride)
-        self.base = np.frombuffer(self.buf, dtype=np.uint8).ctypes.data
         self.key = np.full(slots, -1, np.int64)
         self.stamp = np.full(slots, -1, np.int64)
         self.clock = 0
@@ -274,10 +282,7 @@ class BlockCache:
 
     def lookup(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Sorted unique ``slots`` -> (those held, their positions), marked used now."""
-        if not len(self.keys) or not len(slots):
-            return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        at = np.minimum(np.searchsorted(self.keys, slots), len(self.keys) - 1)
-        hit = self.keys[at] == slots
+        hit, at = find_sorted(self.keys, slots)
         pos = self.pos[at[hit]]
         self.stamp[pos] = self.clock
         return slots[hit], pos
@@ -313,29 +318,31 @@ class BlockCache:
 @dataclass
 class _Resident:
     """Blocks an attend finds in RAM already (read ahead, or in the block cache): ``slots``
-    sorted, slot i at row ``pos[i]`` (at the stride) of buffer ``bufs[src[i]]``."""
+    sorted, slot i at row ``pos[i]`` (at the stride) of buffer ``bufs[src[i]]``, whose address
+    is ``addr[i]``."""
 
     slots: np.ndarray
     src: np.ndarray
     pos: np.ndarray
     bufs: list
+    addr: np.ndarray
 
     @classmethod
-    def of(cls, parts: list[tuple[np.ndarray, np.ndarray, object]]) -> _Resident:
+    def of(cls, parts: list[tuple[np.ndarray, np.ndarray, object]], stride: int) -> _Resident:
         """From (sorted slots, their rows, buffer) per source; the sources hold different slots."""
         if not parts:
-            return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), [])
+            empty = np.zeros(0, np.int64)
+            return cls(empty, empty, empty, [], empty)
         slots = np.concatenate([p[0] for p in parts])
         order = np.argsort(slots, kind="stable")
-        src = np.concatenate([np.full(len(p[0]), i, np.int64) for i, p in enumerate(parts)])
-        return cls(slots[order], src[order], np.concatenate([p[1] for p in parts])[order], [p[2] for p in parts])
+        src = np.concatenate([np.full(len(p[0]), i, np.int64) for i, p in enumerate(parts)])[order]
+        pos = np.concatenate([p[1] for p in parts])[order]
+        bases = np.array([np.frombuffer(p[2], dtype=np.uint8).ctypes.data for p in parts], np.int64)
+        return cls(slots[order], src, pos, [p[2] for p in parts], bases[src] + stride * pos)
 
     def find(self, blk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per block of ``blk``: whether it is resident, and its index in ``slots``."""
-        if not len(self.slots):
-            return np.zeros(len(blk), bool), np.zeros(len(blk), np.int64)
-        at = np.minimum(np.searchsorted(self.slots, blk), len(self.slots) - 1)
-        return self.slots[at] == blk, at
+        return find_sorted(self.slots, blk)
 
 
 @dataclass
@@ -460,7 +467,7 @@ class DiskWorkerServer:
             if len(held):
                 cache_src = len(parts)
                 parts.append((held, pos, self.cache.buf))
-        res = _Resident.of(parts)
+        res = _Resident.of(parts, self.layout.disk_stride)
         batches = self._batches(req, res.slots)
         pending = self._read_async(batches[0].slots, self.bufs[0]) if batches else None
         self._started = (req, read, res, cache_src, batches, pending)
@@ -505,11 +512,9 @@ class DiskWorkerServer:
         at_buf = np.searchsorted(bt.slots, blk)
         if self.kernel is not None:
             base = np.frombuffer(buf, dtype=np.uint8).ctypes.data
+            addr = base + st * at_buf
             if in_res.any():
-                bases = np.array([np.frombuffer(r, dtype=np.uint8).ctypes.data for r in res.bufs], np.int64)
-                addr = np.where(in_res, bases[res.src[at_res]] + st * res.pos[at_res], base + st * at_buf)
-            else:
-                addr = base + st * at_buf
+                addr = np.where(in_res, res.addr[at_res], addr)
             self.kernel(q_rows, Items(row, efirst, last, addr[idx], masks), out_o, out_l, self.threads)
             return
         store = lay.storage
