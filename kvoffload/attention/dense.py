@@ -24,10 +24,11 @@ from kvoffload.config import ModelConfig
 from kvoffload.dtypes import name_of
 from kvoffload.errors import ConfigError, InputError
 from kvoffload.kernels.paged import Append, Items, Merge, PagedAttention, PreparedCall
+from kvoffload.kernels.select import NativeSelect, SparseStep
 from kvoffload.kv.layout import BlockLayout
 from kvoffload.kv.tiers.memory import attend_slots
 from kvoffload.model.interface import ForwardBatch
-from kvoffload.sparse.base import Selection, SparseCounters, SparsePolicy
+from kvoffload.sparse.base import Selection, SparseCounters, SparsePolicy, mean_mix
 
 
 class DecodeItems:
@@ -115,6 +116,9 @@ class DenseBackend:
         self.policy, self.bs = policy, block_size
         self.sparse_stats = SparseCounters()
         self._memo: tuple[ForwardBatch, _DensePlan] | None = None
+        self._base_memo: tuple[ForwardBatch, np.ndarray] | None = None
+        self._step: SparseStep | None = None                   # a sparse layer's one native call
+        self.one_call = True           # False: a native sparse layer goes through DecodeItems (tests compare)
         self._plans: dict[tuple, _DensePlan] = {}
         self._staged: dict[int, tuple[int, list]] = {}         # seq -> (start, per layer (k, v)) of its last verify
         self.decode_tokens = 0
@@ -179,6 +183,12 @@ class DenseBackend:
         k_new, v_new = k[:, :, 0].to(kvd), v[:, :, 0].to(kvd)                   # [B, H_kv, D]
         chosen = None
         if self.policy is not None and self.policy.sparse(layer):
+            sel = self.policy.native_kernel(q[:, :, 0], k_new, v_new) if self.kernel and self.one_call else None
+            if sel is not None:
+                o = self._sparse_step(sel, layer, q[:, :, 0], k_new, v_new, batch)
+                if layer == self.cfg.num_layers - 1:
+                    self.decode_tokens += len(batch.seq_ids)
+                return o.unsqueeze(1).to(q.dtype)
             chosen = self.policy.select_batch(layer, batch.seq_ids, q[:, :, 0], batch.starts, k_new, v_new)
             items, base = DecodeItems(self.layout, batch.starts, chosen), self._bases(batch)
         else:
@@ -189,6 +199,34 @@ class DenseBackend:
         if layer == self.cfg.num_layers - 1:
             self.decode_tokens += len(batch.seq_ids)
         return o.unsqueeze(1).to(q.dtype)
+
+    def _sparse_step(self, sel: NativeSelect, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                     batch: ForwardBatch) -> torch.Tensor:
+        """A sparse decode layer in one native call (kernels/select.py's :class:`SparseStep`:
+        select, the items :class:`DecodeItems` would cut, append, attend, merge): q ``[B, H, D]``
+        (the model's dtype) -> ``[B, H, D]`` fp32, the same bits as the step through Python."""
+        pol, lay = self.policy, self.layout
+        if self._step is None or self._step.sel is not sel:
+            self._step = SparseStep(sel, self.kernel.driver(), self.G, lay.chunk_blocks, self.threads,
+                                    self.kernel.scale, lay.slot_bytes, self.kernel.group)
+        B, H, D = q.shape
+        out, lse = torch.empty(B, H, D), torch.empty(B, H)
+        info, alpha, vmean = self._step(batch.starts, q, k_new, v_new,
+                                        pol.native_table(layer, batch.seq_ids, batch.starts), pol.native_aux(layer),
+                                        self._layer_bases(batch)[layer], q.float(), out, lse)
+        sums = info.sum(axis=0)                                                  # [INFO_COLS]
+        self.sparse_stats.add_batch(batch.starts, int(sums[1]), int(sums[2]), self.cfg.num_kv_heads, self.bs,
+                                    lay.token_bytes(1) // self.cfg.num_kv_heads)
+        return out if alpha is None else mean_mix(out, alpha, vmean)
+
+    def _layer_bases(self, batch: ForwardBatch) -> np.ndarray:
+        """``[layers, B]``: the address of each sequence's slot 0 at every layer (per batch)."""
+        if self._base_memo is not None and self._base_memo[0] is batch:
+            return self._base_memo[1]
+        nb = np.array([self.seqs[sid].shape[1] for sid in batch.seq_ids], np.int64)
+        bases = self._bases(batch)[None] + np.arange(self.cfg.num_layers, dtype=np.int64)[:, None] * nb * self.layout.slot_bytes
+        self._base_memo = (batch, np.ascontiguousarray(bases))
+        return self._base_memo[1]
 
     def _bases(self, batch: ForwardBatch) -> np.ndarray:
         """Per sequence of the batch: the address of its layer-0 slot 0 (after checking room)."""

@@ -246,6 +246,13 @@ class PagedAttention:
             return None
         return cls(lay.dtype, lay.num_kv_heads, G, lay.head_dim, lay.block_size, group=lay.group)
 
+    def driver(self) -> int:
+        """The address of this dtype's kernel driver with untyped k/v (``kvo_paged_attn_v_*``):
+        what ``select.c``'s one-call sparse step calls (full-precision dtypes only)."""
+        if self.dtype in QUANT:
+            raise ValueError("a compressed KV block is written whole: no one-call sparse step")
+        return ctypes.cast(getattr(load("paged_attn"), f"kvo_paged_attn_v_{_SUFFIX[self.dtype]}"), ctypes.c_void_p).value
+
     @staticmethod
     def available(dtype: str, G: int, D: int, block_size: int, H_kv: int = 1) -> bool:
         """Whether the kernel takes this geometry (token masks also need block_size <= MASK_BS_MAX)."""

@@ -797,11 +797,30 @@ int kvo_paged_attn_##NAME(int H_kv, int G, int D, int bs,                       
     }                                                                                                \
     return 0;                                                                                        \
 }
+/* The same driver with untyped k_new / v_new: what select.c's kvo_sparse_step calls through a
+ * function pointer (its paged_driver type; the two sources are built apart). */
+#define DEFINE_UNTYPED(NAME, KV_T)                                                                    \
+int kvo_paged_attn_v_##NAME(int H_kv, int G, int D, int bs,                                          \
+        int n_app, const void *k_new, int64_t k_bs, const void *v_new, int64_t v_bs,                 \
+        const int64_t *app_slot, const int64_t *app_col,                                             \
+        int N, const float *q, int64_t q_rs, const int64_t *item_row, const int64_t *item_first,     \
+        const int64_t *item_last, const int64_t *blk, const uint64_t *tmask, float scale,            \
+        float *part_o, float *part_lse,                                                              \
+        int R, const int64_t *row_first, const int64_t *order, float *out, float *lse, int threads,   \
+        int vgroup) {                                                                                \
+    return kvo_paged_attn_##NAME(H_kv, G, D, bs, n_app, (const KV_T *)k_new, k_bs, (const KV_T *)v_new, \
+                                 v_bs, app_slot, app_col, N, q, q_rs, item_row, item_first, item_last,  \
+                                 blk, tmask, scale, part_o, part_lse, R, row_first, order, out, lse,    \
+                                 threads, vgroup);                                                   \
+}
 DEFINE_DRIVER(f32, float, 1)
 DEFINE_DRIVER(bf16, uint16_t, 1)
 DEFINE_DRIVER(f16, uint16_t, 1)
 DEFINE_DRIVER(q8, uint8_t, 0)          /* compressed blocks are written whole: no append */
 DEFINE_DRIVER(q4, uint8_t, 0)
+DEFINE_UNTYPED(f32, float)
+DEFINE_UNTYPED(bf16, uint16_t)
+DEFINE_UNTYPED(f16, uint16_t)
 
 /* Memory read bandwidth probe for `kvoffload bench attention`: sums n floats with `threads`
  * threads (AVX-512 where available), so the peak is measured the way the kernel reads. */

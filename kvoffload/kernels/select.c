@@ -1129,3 +1129,94 @@ int kvo_select(const sel_config *cf, int B, const int64_t *starts,
     free(cfirst);
     return 0;
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * A sparse decode layer of the in-memory backend in one call (attention/dense.py): the
+ * selection above, then each sequence's items over its contiguous slots -- the runs of its union
+ * that lie in one chunk of chunk_blocks blocks, then its tail block, whole (DecodeItems' cut, so
+ * the partials and their merge order, hence the bits, are the Python path's) -- then append +
+ * attend + merge by the paged kernel's driver for the KV dtype (paged_attn.c's
+ * kvo_paged_attn_v_*, passed in as a function pointer: the two sources are built apart).
+ * ------------------------------------------------------------------------------------------- */
+typedef int (*paged_driver)(int H_kv, int G, int D, int bs, int n_app, const void *k_new, int64_t k_bs,
+        const void *v_new, int64_t v_bs, const int64_t *app_slot, const int64_t *app_col, int N,
+        const float *q, int64_t q_rs, const int64_t *item_row, const int64_t *item_first,
+        const int64_t *item_last, const int64_t *blk, const uint64_t *tmask, float scale,
+        float *part_o, float *part_lse, int R, const int64_t *row_first, const int64_t *order,
+        float *out, float *lse, int threads, int vgroup);
+
+/* What stays between calls (select.py: _StepPlan, the same fields in the same order). The
+ * buffers hold cap_b sequences of up to NB full blocks each. */
+typedef struct {
+    const sel_config *cf;
+    void *attn;                          /* a paged_driver */
+    int32_t G, chunk_blocks, threads, vgroup;
+    float scale;
+    int32_t pad_;
+    int64_t slot_bytes, cap_b, NB;
+    int64_t *sel_out;                    /* kvo_select's out for cap_b sequences of NB blocks */
+    int64_t *row, *first, *last, *ptrs, *row_first, *app_slot, *app_col;   /* items, append */
+    uint64_t *masks;                     /* [items' blocks, H_kv] */
+    float *part_o, *part_lse;            /* [cap_b * (NB + 1), H, D], [.., H] */
+} step_plan;
+
+/* One call's arguments (select.py: STEP_CALL): int64 words, addresses as integers. */
+enum { SC_B, SC_STARTS, SC_Q, SC_Q_DT, SC_Q_SB, SC_Q_SH, SC_K, SC_V, SC_KV_DT, SC_K_SB, SC_K_SH, SC_V_SB,
+       SC_V_SH, SC_TABLE, SC_CHANNELS, SC_ALPHA, SC_VMEAN, SC_BASE, SC_QF, SC_QF_RS, SC_OUT, SC_LSE,
+       SC_ITEMS, SC_WORDS };
+
+int kvo_sparse_step_words(void) { return SC_WORDS; }
+
+/* 0, or kvo_select's / the driver's error (-5: buffers too small, -6: k / v heads not contiguous).
+ * c[SC_ITEMS] receives the number of items attended. */
+int kvo_sparse_step(const step_plan *P, int64_t *c) {
+    const sel_config *cf = P->cf;
+    const int B = (int)c[SC_B], H_kv = cf->H_kv, bs = cf->bs;
+    const int64_t *starts = (const int64_t *)c[SC_STARTS], *base = (const int64_t *)c[SC_BASE];
+    if (B < 1 || B > P->cap_b || !P->attn) return -1;
+    if (c[SC_K_SH] != cf->D || c[SC_V_SH] != cf->D) return -6;
+    for (int b = 0; b < B; b++)
+        if (starts[b] < 0 || starts[b] / bs > P->NB) return -5;
+    int rc = kvo_select(cf, B, starts, (const void *)c[SC_Q], (int)c[SC_Q_DT], c[SC_Q_SB], c[SC_Q_SH],
+                        (const void *)c[SC_K], (const void *)c[SC_V], (int)c[SC_KV_DT], c[SC_K_SB], c[SC_K_SH],
+                        c[SC_V_SB], c[SC_V_SH], (const int64_t *)c[SC_TABLE], (const int64_t *)c[SC_CHANNELS],
+                        P->NB, P->sel_out, (float *)c[SC_ALPHA], (float *)c[SC_VMEAN]);
+    if (rc) return rc;
+    const int64_t NB = P->NB, cb = P->chunk_blocks, sb = P->slot_bytes;
+    const int64_t *ublk = P->sel_out;                                          /* [B, NB] */
+    const uint64_t *umask = (const uint64_t *)(P->sel_out + (size_t)B * NB);  /* [B, NB, H_kv] */
+    const int64_t *info = P->sel_out + (size_t)B * NB * (1 + H_kv);           /* [B, INFO_COLS] */
+    const uint64_t full = bs >= 64 ? ~(uint64_t)0 : (((uint64_t)1 << bs) - 1);
+    int64_t N = 0, M = 0;                                                      /* items, their blocks */
+    for (int b = 0; b < B; b++) {
+        const int64_t s = starts[b], n = info[(size_t)b * INFO_COLS + INFO_NBLOCKS];
+        const int64_t *ub = ublk + (size_t)b * NB;
+        const uint64_t *um = umask + (size_t)b * NB * H_kv;
+        P->row_first[b] = N;
+        for (int64_t i = 0; i < n; i++) {
+            if (i == 0 || ub[i] / cb != ub[i - 1] / cb) {                      /* a run starts */
+                P->row[N] = b;
+                P->last[N] = bs;
+                P->first[N++] = M;
+            }
+            P->ptrs[M] = base[b] + ub[i] * sb;
+            memcpy(P->masks + (size_t)M * H_kv, um + (size_t)i * H_kv, sizeof(uint64_t) * (size_t)H_kv);
+            M++;
+        }
+        P->row[N] = b;                                                         /* the tail block */
+        P->last[N] = s % bs + 1;
+        P->first[N++] = M;
+        P->ptrs[M] = P->app_slot[b] = base[b] + (s / bs) * sb;
+        P->app_col[b] = s % bs;
+        for (int h = 0; h < H_kv; h++) P->masks[(size_t)M * H_kv + h] = full;
+        M++;
+    }
+    P->first[N] = M;
+    P->row_first[B] = N;
+    c[SC_ITEMS] = N;
+    return ((paged_driver)P->attn)(H_kv, P->G, cf->D, bs, B, (const void *)c[SC_K], c[SC_K_SB],
+                                   (const void *)c[SC_V], c[SC_V_SB], P->app_slot, P->app_col, (int)N,
+                                   (const float *)c[SC_QF], c[SC_QF_RS], P->row, P->first, P->last, P->ptrs,
+                                   P->masks, P->scale, P->part_o, P->part_lse, B, P->row_first, NULL,
+                                   (float *)c[SC_OUT], (float *)c[SC_LSE], P->threads, P->vgroup);
+}

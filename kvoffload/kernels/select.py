@@ -24,7 +24,7 @@ import numpy as np
 from kvoffload.dtypes import DTYPES
 from kvoffload.kernels.build import load
 
-__all__ = ["INFO_COLS", "POLICY_IDS", "ST_COLS", "TILE", "NativeSelect", "SelectOut"]
+__all__ = ["INFO_COLS", "POLICY_IDS", "ST_COLS", "TILE", "NativeSelect", "SelectOut", "SparseStep"]
 
 POLICY_IDS = {"streaming": 0, "quest": 1, "sparf": 2, "double_sparsity": 3, "shadowkv": 4, "retrieval": 5}
 ST_COLS = 6            # state table columns: a0, a1, a2, hdr (int64 counters), cap, unused
@@ -103,6 +103,7 @@ class NativeSelect:
         lib = lib if lib is not None else load("select")
         if lib is None:
             raise RuntimeError("native selection unavailable")
+        self.lib = lib
         self.fn = lib.kvo_select
         self.fn.argtypes, self.fn.restype = _ARGTYPES, ctypes.c_int
         lib.kvo_select_tile.restype = ctypes.c_int
@@ -140,6 +141,30 @@ class NativeSelect:
         self.ws_len = n
         self.cfg.ws, self.cfg.ws_stride, self.cfg.slots = _addr(self.ws), stride, slots
 
+    def _prepare(self, starts: tuple[int, ...]) -> int:
+        """Workspace and the starts buffer for a call over ``starts``; returns max(starts)."""
+        B, top = len(starts), max(starts)
+        cfg = self.cfg
+        if top >= self.ws_len or (B * self.H_kv > cfg.slots and cfg.ws_stride * (cfg.slots + 1) * 4 <= WS_MAX_BYTES):
+            self._workspace(top + 1, B * self.H_kv)
+        if B > len(self._starts):
+            self._starts = np.zeros(2 * B, np.int64)
+            self._starts_addr = _addr(self._starts)
+        self._starts[:B] = starts
+        return top
+
+    def _correction(self, B: int) -> tuple:
+        """SparF's (alpha ``[B, H]``, vmean ``[B, H_kv, D]``) outputs and their addresses (other
+        policies: Nones)."""
+        if not self.sparf:
+            return None, None, None, None
+        H_kv, D = self.H_kv, self.D
+        if self.new_tensor is None:
+            alpha, vmean = np.empty((B, H_kv * self.G), np.float32), np.empty((B, H_kv, D), np.float32)
+            return alpha, vmean, _addr(alpha), _addr(vmean)
+        alpha, vmean = self.new_tensor((B, H_kv * self.G)), self.new_tensor((B, H_kv, D))
+        return alpha, vmean, alpha.data_ptr(), vmean.data_ptr()
+
     def __call__(self, starts: tuple[int, ...], q, k, v, table: int, channels: int = 0) -> SelectOut:
         """starts: each sequence's new-token position (it then holds ``starts[b] + 1`` tokens).
         q ``[B, H, D]`` (fp32 / bf16 / fp16 CPU tensor, channels contiguous); k, v ``[B, H_kv, D]``
@@ -147,29 +172,14 @@ class NativeSelect:
         ``[B, ST_COLS]`` int64 state table; channels: the address of double_sparsity's
         ``[H_kv, r]`` int64 channels of the layer."""
         B = len(starts)
-        top = max(starts)
+        top = self._prepare(starts)
         H_kv = self.H_kv
-        cfg = self.cfg
-        if top >= self.ws_len or (B * H_kv > cfg.slots and cfg.ws_stride * (cfg.slots + 1) * 4 <= WS_MAX_BYTES):
-            self._workspace(top + 1, B * H_kv)
-        if B > len(self._starts):
-            self._starts = np.zeros(2 * B, np.int64)
-            self._starts_addr = _addr(self._starts)
-        self._starts[:B] = starts
         NB = max(1, top // self.bs)
         # out: blocks [B, NB] | masks [B, NB, H_kv] | info [B, INFO_COLS], one allocation
         n_blk = B * NB
         n_msk = n_blk * H_kv
         buf = np.empty(n_blk + n_msk + B * INFO_COLS, np.int64)
-        alpha = vmean = a_ptr = v_ptr = None
-        if self.sparf:
-            H, D = H_kv * self.G, self.D
-            if self.new_tensor is None:
-                alpha, vmean = np.empty((B, H), np.float32), np.empty((B, H_kv, D), np.float32)
-                a_ptr, v_ptr = _addr(alpha), _addr(vmean)
-            else:
-                alpha, vmean = self.new_tensor((B, H)), self.new_tensor((B, H_kv, D))
-                a_ptr, v_ptr = alpha.data_ptr(), vmean.data_ptr()
+        alpha, vmean, a_ptr, v_ptr = self._correction(B)
         qs = q.stride()
         if qs[2] != 1:                              # channels must be contiguous
             q = q.contiguous()
@@ -189,3 +199,94 @@ class NativeSelect:
             raise ValueError(f"native selection: {_ERRORS.get(rc, rc)}")
         return SelectOut(buf[:n_blk].reshape(B, NB), buf[n_blk:n_blk + n_msk].view(np.uint64).reshape(B, NB, H_kv),
                          buf[n_blk + n_msk:].reshape(B, INFO_COLS).tolist(), alpha, vmean)
+
+
+class _StepPlan(ctypes.Structure):
+    """select.c's step_plan (the same fields in the same order)."""
+
+    _fields_ = [("cf", _P), ("attn", _P), ("G", ctypes.c_int32), ("chunk_blocks", ctypes.c_int32),
+                ("threads", ctypes.c_int32), ("vgroup", ctypes.c_int32), ("scale", ctypes.c_float),
+                ("pad_", ctypes.c_int32), ("slot_bytes", _L), ("cap_b", _L), ("NB", _L),
+                ("sel_out", _P), ("row", _P), ("first", _P), ("last", _P), ("ptrs", _P), ("row_first", _P),
+                ("app_slot", _P), ("app_col", _P), ("masks", _P), ("part_o", _P), ("part_lse", _P)]
+
+
+# select.c's step-call words (its SC_* enum, in order): one int64 array filled per call
+STEP_CALL = ("B", "starts", "q", "q_dt", "q_sb", "q_sh", "k", "v", "kv_dt", "k_sb", "k_sh", "v_sb", "v_sh",
+             "table", "channels", "alpha", "vmean", "base", "qf", "qf_rs", "out", "lse", "items")
+_STEP_ERRORS = {-5: "buffers too small", -6: "k / v heads not contiguous"}
+
+
+class SparseStep:
+    """A sparse decode layer of the in-memory backend in ONE native call (``select.c``'s
+    ``kvo_sparse_step``): the selection of ``sel`` (a :class:`NativeSelect`), each sequence's
+    union cut into items over its contiguous slots -- the runs within one chunk of
+    ``chunk_blocks`` blocks, then the tail block (``attention/dense.py``'s ``DecodeItems``) -- and
+    the paged kernel's append + attend + merge through ``driver`` (the address of
+    ``paged_attn.c``'s ``kvo_paged_attn_v_<dtype>``, :meth:`PagedAttention.driver`). Same
+    items and merge order as the Python path: the same bits. Its buffers grow with the batch and
+    the context (by doubling)."""
+
+    def __init__(self, sel: NativeSelect, driver: int, G: int, chunk_blocks: int, threads: int, scale: float,
+                 slot_bytes: int, vgroup: int) -> None:
+        lib = sel.lib
+        if lib.kvo_sparse_step_words() != len(STEP_CALL):
+            raise RuntimeError(f"select.c takes {lib.kvo_sparse_step_words()} step words, select.py {len(STEP_CALL)}")
+        self.fn = lib.kvo_sparse_step
+        self.fn.argtypes, self.fn.restype = [_P, _P], ctypes.c_int
+        self.sel, self.G = sel, G
+        self.plan = _StepPlan(cf=sel._cfg, attn=driver, G=G, chunk_blocks=chunk_blocks, threads=max(1, threads),
+                              vgroup=vgroup, scale=scale, slot_bytes=slot_bytes)
+        self._plan = ctypes.addressof(self.plan)
+        self.call = np.zeros(len(STEP_CALL), np.int64)
+        self._call = _addr(self.call)
+        self.cap_b = self.NB = 0
+
+    def _grow(self, B: int, NB: int) -> None:
+        """Buffers for ``B`` sequences of up to ``NB`` full blocks (doubling)."""
+        self.cap_b = cap_b = max(B, self.cap_b)
+        self.NB = NB = max(NB, 2 * self.NB if NB > self.NB else self.NB, 64)
+        H_kv, D = self.sel.H_kv, self.sel.D
+        H = H_kv * self.G
+        n = cap_b * (NB + 1)                        # items (and their blocks): every block a run, + tails
+        self._bufs = {
+            "sel_out": np.empty(cap_b * NB * (1 + H_kv) + cap_b * INFO_COLS, np.int64),
+            "row": np.empty(n, np.int64), "first": np.empty(n + 1, np.int64), "last": np.empty(n, np.int64),
+            "ptrs": np.empty(n, np.int64), "row_first": np.empty(cap_b + 1, np.int64),
+            "app_slot": np.empty(cap_b, np.int64), "app_col": np.empty(cap_b, np.int64),
+            "masks": np.empty(n * H_kv, np.uint64), "part_o": np.empty(n * H * D, np.float32),
+            "part_lse": np.empty(n * H, np.float32)}
+        for name, buf in self._bufs.items():
+            setattr(self.plan, name, _addr(buf))
+        self.plan.cap_b, self.plan.NB = cap_b, NB
+
+    def __call__(self, starts: tuple[int, ...], q, k, v, table: int, channels: int, base: np.ndarray, qf,
+                 out, lse) -> tuple[np.ndarray, object, object]:
+        """starts: each sequence's new-token position; q ``[B, H, D]`` (the selection's query, as
+        :class:`NativeSelect` takes it); k, v ``[B, H_kv, D]`` (the KV dtype; heads contiguous);
+        table / channels: as :class:`NativeSelect`; base ``[B]`` int64: the address of each
+        sequence's slot 0 at this layer; qf ``[B, H, D]`` fp32 (heads contiguous): the attention's
+        query; out ``[B, H, D]`` / lse ``[B, H]`` fp32 contiguous: the merged result. Returns
+        (``[B, INFO_COLS]`` info as :class:`SelectOut`'s, SparF's alpha, vmean or Nones)."""
+        sel = self.sel
+        B = len(starts)
+        top = sel._prepare(starts)
+        if B > self.cap_b or top // sel.bs > self.NB:
+            self._grow(B, top // sel.bs)
+        alpha, vmean, a_ptr, v_ptr = sel._correction(B)
+        D = sel.D
+        if q.stride(2) != 1:
+            q = q.contiguous()
+        if k.stride()[1:] != (D, 1) or v.stride()[1:] != (D, 1):
+            k, v = k.contiguous(), v.contiguous()
+        if qf.stride()[1:] != (D, 1):
+            qf = qf.contiguous()
+        qs, ks, vs, fs = q.stride(), k.stride(), v.stride(), qf.stride()
+        self.call[:] = (B, sel._starts_addr, q.data_ptr(), _dtype_id(q), qs[0], qs[1], k.data_ptr(), v.data_ptr(),
+                        _dtype_id(k), ks[0], ks[1], vs[0], vs[1], table, channels, a_ptr or 0, v_ptr or 0,
+                        _addr(base), qf.data_ptr(), fs[0], out.data_ptr(), lse.data_ptr(), 0)
+        rc = self.fn(self._plan, self._call)
+        if rc != 0:
+            raise ValueError(f"native sparse step: {_STEP_ERRORS.get(rc) or _ERRORS.get(rc, rc)}")
+        at = B * self.NB * (1 + sel.H_kv)
+        return self._bufs["sel_out"][at:at + B * INFO_COLS].reshape(B, INFO_COLS), alpha, vmean

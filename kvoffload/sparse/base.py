@@ -101,11 +101,7 @@ class Selection:
 
     def corrected(self, o: torch.Tensor) -> torch.Tensor:
         """o ``[H, D]`` over the attended tokens -> the policy's output (SparF's mix with mean(V))."""
-        if self.alpha is None:
-            return o
-        a = self.alpha.to(o.device, o.dtype)[:, None]                          # [H, 1]
-        vbar = self.vmean.to(o.device, o.dtype).repeat_interleave(o.shape[0] // self.vmean.shape[0], 0)
-        return a * o + (1 - a) * vbar
+        return o if self.alpha is None else mean_mix(o, self.alpha, self.vmean)
 
     def chosen_tokens(self, bs: int) -> int:
         """Tokens chosen among the full blocks, summed over the heads."""
@@ -161,6 +157,14 @@ class Selection:
         return torch.from_numpy(idx), torch.from_numpy(valid)
 
 
+def mean_mix(o: torch.Tensor, alpha: torch.Tensor, vmean: torch.Tensor) -> torch.Tensor:
+    """SparF's output correction: o ``[..., H, D]`` (attention over the chosen tokens) ->
+    ``alpha * o + (1 - alpha) * mean(V)`` per query head; alpha ``[..., H]``, vmean ``[..., H_kv, D]``."""
+    a = alpha.to(o.device, o.dtype)[..., None]                                   # [..., H, 1]
+    vbar = vmean.to(o.device, o.dtype).repeat_interleave(o.shape[-2] // vmean.shape[-2], -2)   # [..., H, D]
+    return a * o + (1 - a) * vbar
+
+
 @dataclass
 class SparseCounters:
     """What sparse decode steps read, cumulative over (sequence, sparse layer) steps.
@@ -183,6 +187,18 @@ class SparseCounters:
         self.context += length * H_kv
         self.attended += sel.chosen_tokens(bs) + tail * H_kv
         self.read += sel.read_blocks() * bs + tail * H_kv
+        self.bytes_per_token = bytes_per_token
+
+    def add_batch(self, starts: tuple[int, ...], read_blocks: int, chosen: int, H_kv: int, bs: int,
+                  bytes_per_token: int) -> None:
+        """:meth:`add` for a batch's step at once: ``read_blocks`` / ``chosen`` summed over its
+        sequences (a native step's counts, kernels/select.py's info columns)."""
+        lengths = sum(starts) + len(starts)
+        tails = sum(s % bs for s in starts) + len(starts)                       # tail tokens, this one included
+        self.steps += len(starts)
+        self.context += lengths * H_kv
+        self.attended += chosen + tails * H_kv
+        self.read += read_blocks * bs + tails * H_kv
         self.bytes_per_token = bytes_per_token
 
     def finish(self, chosen: list[Selection], o: torch.Tensor, starts: tuple[int, ...], bs: int,
@@ -291,11 +307,21 @@ class SparsePolicy:
         batch (``kernels/select.c``) when available; else :meth:`select_batch_reference`."""
         if not seq_ids:
             return []
+        kern = self.native_kernel(q, k, v)
+        if kern is None:
+            return self.select_batch_reference(layer, seq_ids, q, starts, k, v)
+        return self._selections(kern(starts, q, k, v, self.native_table(layer, tuple(seq_ids), starts),
+                                     self.native_aux(layer)))
+
+    def native_kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> NativeSelect | None:
+        """The native selection for a step over these tensors (q ``[B, H, D]``, k/v ``[B, H_kv,
+        D]``), or None: the reference runs instead (``native`` off, no kernel, not CPU tensors
+        of a native dtype)."""
         kern = (self._kernel if self._kernel is not None else self._load_kernel()) if self.native else None
         if (not kern or not (q.is_cpu and k.is_cpu and v.is_cpu) or q.dtype not in _NATIVE_DTYPES
                 or k.dtype not in _NATIVE_DTYPES or v.dtype is not k.dtype):
-            return self.select_batch_reference(layer, seq_ids, q, starts, k, v)
-        return self._selections(kern(starts, q, k, v, self._table(layer, tuple(seq_ids), starts), self.native_aux(layer)))
+            return None
+        return kern
 
     def predict_batch(self, layer: int, seq_ids: tuple[int, ...], q: torch.Tensor,
                       starts: tuple[int, ...]) -> list[Selection]:
@@ -308,7 +334,7 @@ class SparsePolicy:
         kern = (self._kernel if self._kernel is not None else self._load_kernel()) if self.native else None
         if not kern or not q.is_cpu or q.dtype not in _NATIVE_DTYPES:
             return [self.select(layer, sid, q[b], s + 1) for b, (sid, s) in enumerate(zip(seq_ids, starts))]
-        return self._selections(kern(starts, q, None, None, self._table(layer, tuple(seq_ids), starts),
+        return self._selections(kern(starts, q, None, None, self.native_table(layer, tuple(seq_ids), starts),
                                      self.native_aux(layer)))
 
     def _selections(self, out) -> list[Selection]:
@@ -380,7 +406,7 @@ class SparsePolicy:
             self._kernel = False
         return self._kernel
 
-    def _table(self, layer: int, seq_ids: tuple[int, ...], starts: tuple[int, ...]) -> int:
+    def native_table(self, layer: int, seq_ids: tuple[int, ...], starts: tuple[int, ...]) -> int:
         """The address of the ``[B, ST_COLS]`` int64 native table of the batch's states at
         ``layer``, with room for each sequence's new token (cached per layer while the batch
         and the arrays stay)."""

@@ -114,6 +114,35 @@ def test_offloaded_sparse_equals_in_memory_sparse(tiny_path, calibration, policy
         off.close()
 
 
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_one_call_sparse_step_equals_the_python_items(tiny_path, calibration, policy):
+    """In memory, a native sparse layer in ONE call (kernels/select.py's SparseStep: select, cut
+    the union into items, append, attend, merge, all in C) gives the bits of the same selection
+    cut into DecodeItems in Python and attended by a second call: a ragged batch of three
+    sequences decoding across block and chunk boundaries, SparF's correction included."""
+    from kvoffload.config import SamplingParams
+
+    ids = LLM(tiny_path, dtype="float32").encode(TEXT)
+    prompts = [ids[:37], ids[:70], ids[:129]]
+    geometry = dict(sparse_dense_layers="0", block_size=8, chunk_blocks=2)
+    fast = sparse_llm(tiny_path, policy, "1/4", calibration, **geometry)
+    slow = sparse_llm(tiny_path, policy, "1/4", calibration, **geometry)
+    slow.engine.kv.one_call = False
+    params = SamplingParams(max_tokens=28, ignore_eos=True, logprobs=5)
+    try:
+        a, b = fast.generate(prompts, params), slow.generate(prompts, params)
+        assert fast.engine.kv._step is not None and slow.engine.kv._step is None      # each took its path
+        for x, y in zip(a, b):
+            assert x.token_ids == y.token_ids
+            assert [t.top for t in x.logprobs] == [t.top for t in y.logprobs]        # every digit
+        sa, sb = fast.engine.kv.stats().sparse, slow.engine.kv.stats().sparse
+        assert (sa.steps, sa.context, sa.attended, sa.read) == (sb.steps, sb.context, sb.attended, sb.read)
+        assert 0 < sa.read < sa.context
+    finally:
+        fast.close()
+        slow.close()
+
+
 def test_native_masked_kernel_equals_torch_fallback(tiny_path, calibration):
     """Token masks in the paged kernel vs the gather + masked-softmax path of the workers."""
     ids = LLM(tiny_path, dtype="float32").encode(TEXT)[:160]
