@@ -37,13 +37,15 @@ def dense(tiny_hf):
 def engine(llm: LLM, store: str | None, placement: str | None, fingerprint: str = FP, budget=None,
            **kv) -> Engine:
     """An engine over ``llm``'s model: the in-memory backend (``placement`` None) or a tiered one,
-    with a fresh view of the store directory ``store`` (its index rebuilt: a new process's)."""
+    with a fresh view of the store directory ``store`` (its index rebuilt: a new process's);
+    without prefix sharing between live sequences (tests/kv/test_sharing.py), so that every
+    prefix reused here comes from the store."""
     if placement is None:
         backend = DenseBackend(llm.model_config, llm.device, torch.float32, block_size=GEOMETRY["block_size"],
                                chunk_blocks=GEOMETRY["chunk_blocks"])
-        kvcfg = KVConfig(**GEOMETRY)
+        kvcfg = KVConfig(**GEOMETRY, prefix_sharing=False)
     else:
-        kvcfg = KVConfig(**{**GEOMETRY, **PLACEMENTS[placement], **kv})
+        kvcfg = KVConfig(**{**GEOMETRY, **PLACEMENTS[placement], "prefix_sharing": False, **kv})
         backend = TieredBackend(llm.model_config, kvcfg, llm.device, torch.float32, torch.float32, 2)
     prefix = None
     if store is not None:
@@ -112,7 +114,7 @@ def test_reuse_through_llm_api(tiny_hf, tmp_path):
     first's blocks; greedy output identical; the report line says so."""
     _, path = tiny_hf("qwen2")
     store = str(tmp_path / "s")
-    kw = dict(dtype="float32", prefill_chunk=16, **GEOMETRY)
+    kw = dict(dtype="float32", prefill_chunk=16, prefix_sharing=False, **GEOMETRY)
     ref = LLM(path, **kw).generate(QUESTIONS, PARAMS)
     a = LLM(path, kv_store=store, **kw)
     out_a = a.generate(QUESTIONS, PARAMS)
@@ -320,7 +322,7 @@ def test_reuse_with_policy_metadata(tiny_hf, tmp_path, extra):
         [rng.sample(range(D), D) for _ in range(cfg.num_key_value_heads)] for _ in range(cfg.num_hidden_layers)]}))
     if extra.get("sparse_policy") == "double_sparsity":
         extra = {**extra, "sparse_calibration": str(calib)}
-    kw = dict(dtype="float32", prefill_chunk=16, block_size=8, chunk_blocks=2, **extra)
+    kw = dict(dtype="float32", prefill_chunk=16, block_size=8, chunk_blocks=2, prefix_sharing=False, **extra)
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     ref = [o.token_ids for o in LLM(path, **kw).generate(QUESTIONS, params)]
     store = str(tmp_path / "s")
@@ -335,14 +337,14 @@ WRITER = """
 import sys, torch
 from kvoffload.kv.layout import BlockLayout
 from kvoffload.kv.persist.prefix import PrefixStore
-from kvoffload.kv.persist.store import BlockDir
+from kvoffload.kv.persist.store import BlockDir, chain_keys
 path, seed = sys.argv[1], int(sys.argv[2])
 lay = BlockLayout(4, 2, 16, "float32", 2)
 p = PrefixStore(BlockDir(path, budget=40 * (4096 + 3 * 4096), fsync="none"), "m", lay, 3)
 g = torch.Generator().manual_seed(0)
 for rep in range(20):
     tokens = [(rep * 7 + i) % 50 for i in range(32)]            # the same prompts in every process
-    keys = p.keys(tokens, 8)
+    keys = chain_keys(p.ns, tokens, 4, 8)
     slots = torch.randn(3, 8, lay.slot_elems, generator=g)
     p.save(tokens, keys, 0, slots)
     found = p.find(keys)
