@@ -9,7 +9,8 @@ import os
 
 import pytest
 import torch
-from placements import GEOMETRY, PLACEMENTS
+from placements import GEOMETRY, PLACEMENTS, step_all
+from policies import POLICY_CASES, POLICY_IDS, with_calibration
 
 from kvoffload import SamplingParams
 from kvoffload.api import LLM
@@ -48,18 +49,8 @@ def run(eng: Engine, prompts: list[str], llm: LLM, params=PARAMS, watch=None):
     """Greedy tokens, the logits each was sampled from (``[steps, V]`` per prompt) and the prompt
     tokens shared from a live sequence, per prompt (one engine step at a time; ``watch(eng)``
     after each)."""
-    ids = [eng.add_request(llm.encode(p), q) for p, q in zip(prompts, params)]
-    logits: dict[int, list[torch.Tensor]] = {i: [] for i in ids}
-    while eng.has_unfinished():
-        plan, _ = eng.scheduler.schedule()
-        ex = eng.execute(plan)
-        for sid, row in ex.logits.items():
-            logits[sid].append(row.float().clone())
-        eng.update(plan, ex)
-        if watch is not None:
-            watch(eng)
-    seqs = [eng.pop_finished(i) for i in ids]
-    return [s.output_ids for s in seqs], [torch.stack(logits[i]) for i in ids], [s.shared_tokens for s in seqs]
+    seqs, logits = step_all(eng, [(llm.encode(p), q) for p, q in zip(prompts, params)], watch)
+    return [s.output_ids for s in seqs], logits, [s.shared_tokens for s in seqs]
 
 
 @pytest.fixture(scope="module")
@@ -109,17 +100,24 @@ def test_shared_prefix_equals_each_alone(llm, alone, placement):
         eng.kv.close()
 
 
-def _peak(eng: Engine):
-    """A watch for :func:`run`: the most sequences running at once, and the fast tier's chunks
-    and the scheduler's reservation the first time that many decode (prefill-first scheduling:
-    right after the last prompt's prefill, each sequence one token in)."""
+def peak_run(llm: LLM, sharing: bool, **kv) -> tuple[dict, list[list[int]], list[int], int]:
+    """QUESTIONS through a tiered engine: the most sequences running at once, with the fast
+    tier's chunks and the scheduler's reservation the first time that many decode (prefill-first
+    scheduling: right after the last prompt's prefill, each sequence one token in); the greedy
+    tokens, the shared tokens, and the bytes of one of the tier's chunks."""
     seen = {"running": 0, "used": 0, "reserved": 0}
 
     def watch(e: Engine) -> None:
         running = e.scheduler.running
         if len(running) > seen["running"] and all(s.status is SeqStatus.DECODING for s in running):
             seen.update(running=len(running), used=e.kv.tiers[0].used, reserved=e.scheduler.kv_reserved)
-    return seen, watch
+
+    eng = engine(llm, None, sharing, kv_sink_tokens=0, kv_recent_tokens=0, **kv)
+    try:
+        tokens, _, shared = run(eng, QUESTIONS, llm, watch=watch)
+        return seen, tokens, shared, eng.kv.tiers[0].chunk_bytes(eng.kv.layout)
+    finally:
+        eng.kv.close()
 
 
 def test_shared_blocks_are_budgeted_once(llm, alone):
@@ -127,31 +125,17 @@ def test_shared_blocks_are_budgeted_once(llm, alone):
     chunk pool counts and what the scheduler reserves), so a budget that fits the document once
     plus each question's own blocks runs the four questions together; without sharing the same
     budget admits fewer at a time. Same tokens either way."""
-    free = dict(kv_tiers="host:none", kv_sink_tokens=0, kv_recent_tokens=0)
-    eng = engine(llm, None, **free)
-    seen, watch = _peak(eng)
-    tokens, _, shared = run(eng, QUESTIONS, llm, watch=watch)
-    eng.kv.close()
-    ref = engine(llm, None, sharing=False, **free)
-    seen_ref, watch_ref = _peak(ref)
-    run(ref, QUESTIONS, llm, watch=watch_ref)
-    ref.kv.close()
+    seen, tokens, shared, chunk_bytes = peak_run(llm, True, kv_tiers="host:none")
+    seen_ref, _, _, _ = peak_run(llm, False, kv_tiers="host:none")
     L, cb, bs = llm.model_config.num_layers, GEOMETRY["chunk_blocks"], GEOMETRY["block_size"]
     whole = [s // bs // cb for s in shared]                       # whole chunks each question shares
     assert seen["running"] == seen_ref["running"] == 4
     assert seen_ref["used"] - seen["used"] == L * sum(whole) > 0      # held once
     assert seen_ref["reserved"] - seen["reserved"] == L * sum(whole)   # reserved once
     # a budget of exactly what sharing reserves: all four at once with sharing, fewer without
-    chunk_bytes = eng.kv.tiers[0].chunk_bytes(eng.kv.layout)
-    tight = dict(kv_tiers=f"host:{seen['reserved'] * chunk_bytes}", kv_sink_tokens=0, kv_recent_tokens=0)
-    a = engine(llm, None, **tight)
-    seen_a, watch_a = _peak(a)
-    tok_a, _, _ = run(a, QUESTIONS, llm, watch=watch_a)
-    a.kv.close()
-    b = engine(llm, None, sharing=False, **tight)
-    seen_b, watch_b = _peak(b)
-    tok_b, _, _ = run(b, QUESTIONS, llm, watch=watch_b)
-    b.kv.close()
+    tight = f"host:{seen['reserved'] * chunk_bytes}"
+    seen_a, tok_a, _, _ = peak_run(llm, True, kv_tiers=tight)
+    seen_b, tok_b, _, _ = peak_run(llm, False, kv_tiers=tight)
     assert seen_a["running"] == 4 > seen_b["running"]
     assert tok_a == tok_b == tokens == alone[0]
 
@@ -185,32 +169,14 @@ def test_generate_prefills_the_document_once(tiny_hf):
     assert "prefix sharing:" in on.kv_report() and "prefix sharing:" not in (off.kv_report() or "")
 
 
-def _policies() -> list[str]:
-    from kvoffload.sparse.registry import POLICIES
-
-    return list(POLICIES)
-
-
 @pytest.mark.parametrize("tiered", [False, True], ids=["memory", "host-disk"])
-@pytest.mark.parametrize("extra", [*({"sparse_policy": p, "sparse_budget": "1/4"} for p in _policies()),
-                                   {"speculate": "self", "spec_draft_budget": 16}],
-                         ids=[*_policies(), "speculate-self"])
+@pytest.mark.parametrize("extra", POLICY_CASES, ids=POLICY_IDS)
 def test_sharing_with_policy_metadata(tiny_hf, tmp_path, extra, tiered):
     """A sparse policy's metadata (and the self-draft's) of a sharer is built from the shared
     blocks as from its own prefill: greedy tokens equal those without sharing. (Blocks of 8
     tokens: ShadowKV and retrieval score chunks of 8.)"""
-    import json
-    import random
-
     model, path = tiny_hf("qwen2")
-    cfg = model.config
-    D = cfg.hidden_size // cfg.num_attention_heads
-    rng = random.Random(0)
-    calib = tmp_path / "channels.json"
-    calib.write_text(json.dumps({"format": "kvoffload-channels/1", "channels": [
-        [rng.sample(range(D), D) for _ in range(cfg.num_key_value_heads)] for _ in range(cfg.num_hidden_layers)]}))
-    if extra.get("sparse_policy") == "double_sparsity":
-        extra = {**extra, "sparse_calibration": str(calib)}
+    extra = with_calibration(extra, model.config, tmp_path)
     if tiered:
         extra = {**extra, "kv_tiers": "host:8KiB,disk:none", "disk_workers": 1}
     kw = dict(dtype="float32", prefill_chunk=16, block_size=8, chunk_blocks=2, **extra)
