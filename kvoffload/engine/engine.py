@@ -59,6 +59,7 @@ class Engine:
         self.prefix = prefix              # the persistent KV store (None: every prompt is prefilled)
         # prefix sharing between live sequences (None: off), and the key chain's namespace
         self.live = LivePrefixes() if config.kv.prefix_sharing else None
+        self._pinned: dict[int, list[bytes]] = {}   # seq -> its prompt's keys pinned in the store (admitted)
         self._ns = prefix.ns if prefix is not None else namespace("this process", kv.layout)
         self.kv_chunk_limit = self._kv_chunk_limit()
         self.scheduler = Scheduler(config.max_num_seqs, config.prefill_chunk, config.scheduling == "prefill-first",
@@ -249,6 +250,7 @@ class Engine:
         if self.spec is not None:
             self.spec.allocate(seq.seq_id, seq.capacity)
         if self.prefix is not None and seq.block_keys:
+            self._pinned[seq.seq_id] = seq.block_keys
             self.prefix.pin(seq.block_keys)
         if not seq.block_keys or not self._shares(seq):
             return
@@ -293,9 +295,9 @@ class Engine:
         stored ones may be evicted (the store's budget is kept now)."""
         if self.live is not None:
             self.live.remove(seq.seq_id)
-        if self.prefix is not None and seq.block_keys:
-            self.prefix.unpin(seq.block_keys)
-            seq.block_keys = []
+        pinned = self._pinned.pop(seq.seq_id, None)
+        if pinned:
+            self.prefix.unpin(pinned)
             self.prefix.dir.enforce_budget()
 
     @torch.inference_mode()

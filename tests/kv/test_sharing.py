@@ -19,6 +19,8 @@ from kvoffload.attention.tiered import TieredBackend
 from kvoffload.config import KVConfig
 from kvoffload.engine.engine import Engine
 from kvoffload.engine.sequence import SeqStatus
+from kvoffload.kv.persist.prefix import PrefixStore
+from kvoffload.kv.persist.store import BlockDir
 from kvoffload.kv.sharing import LivePrefixes
 
 DOC = "the quick brown fox jumps over the lazy dog while the cat sleeps by the fire " * 3
@@ -34,15 +36,19 @@ def llm(tiny_hf):
     return LLM(path, dtype="float32", prefill_chunk=16, max_num_seqs=4, **GEOMETRY)
 
 
-def engine(llm: LLM, placement: str | None, sharing: bool = True, **kv) -> Engine:
-    """An engine over ``llm``'s model: the in-memory backend (``placement`` None) or a tiered one."""
+def engine(llm: LLM, placement: str | None, sharing: bool = True, store: str | None = None, **kv) -> Engine:
+    """An engine over ``llm``'s model: the in-memory backend (``placement`` None) or a tiered
+    one; with a persistent store in directory ``store``."""
     kvcfg = KVConfig(**{**GEOMETRY, **(PLACEMENTS[placement] if placement else {}), "prefix_sharing": sharing, **kv})
     if placement is None and not kv:
         backend = DenseBackend(llm.model_config, llm.device, torch.float32, block_size=kvcfg.block_size,
                                chunk_blocks=kvcfg.chunk_blocks)
     else:
         backend = TieredBackend(llm.model_config, kvcfg, llm.device, torch.float32, torch.float32, 2)
-    return Engine(llm.model, backend, llm.tokenizer, llm.config.replace(kv=kvcfg), llm.device)
+    prefix = None
+    if store is not None:
+        prefix = PrefixStore(BlockDir(store, fsync="none"), "fp", backend.layout, llm.model_config.num_layers)
+    return Engine(llm.model, backend, llm.tokenizer, llm.config.replace(kv=kvcfg), llm.device, prefix)
 
 
 def run(eng: Engine, prompts: list[str], llm: LLM, params=PARAMS, watch=None):
@@ -203,3 +209,23 @@ def test_sharing_and_the_store_together(tiny_hf, tmp_path):
     hits = b.engine.prefix.dir.counters.hits
     assert hits == outs[0].metrics.reused_tokens // GEOMETRY["block_size"] + sum(
         o.metrics.reused_tokens // GEOMETRY["block_size"] for o in outs[1:])
+
+
+def test_abort_releases_shared_blocks(llm, tmp_path):
+    """Sequences aborted while others share their blocks, or before they were admitted: every
+    tier chunk, index entry, reservation and store pin is released; the engine then runs the
+    questions as if nothing had happened."""
+    eng = engine(llm, "disk-in-process", store=str(tmp_path / "s"))
+    try:
+        ids = [eng.add_request(llm.encode(q), p) for q, p in zip(QUESTIONS, PARAMS)]
+        while sum(s.status is SeqStatus.DECODING for s in eng.seqs.values()) < 2:
+            eng.step()
+        assert eng.kv.store.placement.users and eng.prefix.dir.pinned
+        eng.abort(ids[:1])                        # the source first: the sharer keeps its blocks
+        eng.step()
+        eng.abort(ids[1:])                        # the rest, one of them never admitted
+        assert all(t.used == 0 for t in eng.kv.tiers) and not eng.kv.store.placement.users
+        assert not eng.live.holders and not eng.scheduler.key_refs and eng.scheduler.kv_reserved == 0
+        assert not eng.prefix.dir.pinned and not eng._pinned
+    finally:
+        eng.kv.close()
