@@ -60,10 +60,12 @@ class Engine:
         # prefix sharing between live sequences (None: off), and the key chain's namespace
         self.live = LivePrefixes() if config.kv.prefix_sharing else None
         self._pinned: dict[int, list[bytes]] = {}   # seq -> its prompt's keys pinned in the store (admitted)
+        self._finished: dict[int, Sequence] = {}    # finished in the last step, KV kept until the next admission
         self._ns = prefix.ns if prefix is not None else namespace("this process", kv.layout)
         self.kv_chunk_limit = self._kv_chunk_limit()
         self.scheduler = Scheduler(config.max_num_seqs, config.prefill_chunk, config.scheduling == "prefill-first",
-                                   self.kv_chunk_limit, on_admit=self._admit, key_chunks=model.cfg.num_layers)
+                                   self.kv_chunk_limit, on_admit=self._admit, key_chunks=model.cfg.num_layers,
+                                   after_admit=self._retire_finished)
         self.seqs: dict[int, Sequence] = {}
         self.times = StepTimes()
         self.driver: object | None = None    # the server loop that steps this engine (one at a time), if any
@@ -166,6 +168,7 @@ class Engine:
         ``generate`` leaves the engine as it found it)."""
         for sid in seq_ids:
             seq = self.seqs.pop(sid, None)
+            self._finished.pop(sid, None)
             if seq is None:
                 continue
             self.scheduler.remove(seq)
@@ -263,7 +266,8 @@ class Engine:
                 self.kv.share_prefix(seq.seq_id, source, n)
                 seq.shared_tokens = n * bs
                 self.shared_tokens += n * bs
-                seq.stored_blocks = min(n, self.seqs[source].stored_blocks)
+                holder = self.seqs.get(source) or self._finished[source]
+                seq.stored_blocks = min(n, holder.stored_blocks)
         if self.prefix is not None and n < limit:
             found = self.prefix.find(seq.block_keys[n:limit])
             if found is not None:
@@ -289,6 +293,21 @@ class Engine:
             if first + n < full:              # a failed write: later blocks could never be found past the hole
                 full = len(seq.block_keys)
         seq.stored_blocks = full
+
+    def _retire(self, seq: Sequence) -> None:
+        """A finished sequence leaves: its reservation, its blocks (shared ones with their last user)."""
+        self.scheduler.remove(seq)
+        self._release(seq)
+        self.kv.free(seq.seq_id)
+
+    def _retire_finished(self) -> None:
+        """After an admission (the scheduler's hook): the sequences that finished in the last step
+        leave. They were kept until now so that the sequence admitted next could share their
+        prompt's blocks (a request that ends at its first token — max_tokens 1, an end-of-text —
+        finishes in its own prefill step, before the next one is admitted)."""
+        for seq in list(self._finished.values()):
+            del self._finished[seq.seq_id]
+            self._retire(seq)
 
     def _release(self, seq: Sequence) -> None:
         """The sequence is done with its prompt's blocks: no longer offered to others, and the
@@ -427,11 +446,12 @@ class Engine:
                 seq.append(tok)
                 if seq.finish_reason is not None:
                     seq.finish()
-                    self.scheduler.remove(seq)
-                    self._release(seq)
-                    self.kv.free(sid)
                     if self.spec is not None:
                         self.spec.free(sid)
+                    if self.live is not None and self.scheduler.waiting:
+                        self._finished[sid] = seq      # its blocks may be shared by the next one admitted
+                    else:
+                        self._retire(seq)
                 outputs.append(StepOutput(sid, tok, seq.take_delta(), seq.finish_reason is not None, lp))
                 if seq.finish_reason is not None:
                     break

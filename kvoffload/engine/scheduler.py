@@ -41,7 +41,10 @@ class Scheduler:
 
     ``on_admit(seq)``: called as a sequence is admitted, before its first prompt chunk is
     planned (the engine allocates its KV there, shares a live prefix and loads a stored one:
-    ``seq.num_cached`` may move forward).
+    ``seq.num_cached`` may move forward). ``after_admit()``: called at every schedule once the
+    admission is decided (the engine releases sequences that finished in the last step, kept
+    for the admitted one to share from; they stay in ``running``, FINISHED, until ``remove``,
+    holding their reservation but no place in the batch).
 
     ``interleave``: decoding sequences keep generating while a new prompt is prefilled
     chunk by chunk (vLLM-style chunked prefill). ``prefill_first``: while a prompt is being
@@ -49,15 +52,16 @@ class Scheduler:
     """
 
     def __init__(self, max_num_seqs: int, prefill_chunk: int, prefill_first: bool = True,
-                 kv_limit: int | None = None, on_admit=None, key_chunks: int = 1) -> None:
+                 kv_limit: int | None = None, on_admit=None, key_chunks: int = 1, after_admit=None) -> None:
         self.max_num_seqs, self.prefill_chunk, self.prefill_first = max_num_seqs, prefill_chunk, prefill_first
         self.on_admit = on_admit               # called with a sequence as it is admitted, before its first chunk is planned
+        self.after_admit = after_admit         # called once the step's admission is decided
         self.kv_limit = kv_limit
         self.kv_reserved = 0                   # chunks of the admitted sequences (a shared one once)
         self.key_chunks = key_chunks           # KV chunks a shared chunk key stands for
         self.key_refs: dict[bytes, int] = {}   # shared chunk key -> admitted sequences naming it
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []      # admitted: PREFILLING or DECODING
+        self.running: list[Sequence] = []      # admitted: PREFILLING, DECODING (FINISHED until removed)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -69,7 +73,8 @@ class Scheduler:
         """The plan, and the sequences admitted by it (their KV must be allocated)."""
         admitted = []
         prefilling = next((s for s in self.running if s.status is SeqStatus.PREFILLING), None)
-        if prefilling is None and self.waiting and len(self.running) < self.max_num_seqs and self._fits(self.waiting[0]):
+        active = sum(s.status is not SeqStatus.FINISHED for s in self.running)
+        if prefilling is None and self.waiting and active < self.max_num_seqs and self._fits(self.waiting[0]):
             prefilling = self.waiting.popleft()
             prefilling.status = SeqStatus.PREFILLING
             self.running.append(prefilling)
@@ -79,6 +84,8 @@ class Scheduler:
             admitted.append(prefilling)
             if self.on_admit is not None:          # (its KV is allocated; a stored prefix may be loaded)
                 self.on_admit(prefilling)
+        if self.after_admit is not None:
+            self.after_admit()
         chunk = None
         if prefilling is not None:
             start = prefilling.num_cached

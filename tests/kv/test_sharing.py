@@ -146,6 +146,25 @@ def test_shared_blocks_are_budgeted_once(llm, alone):
     assert tok_a == tok_b == tokens == alone[0]
 
 
+@pytest.mark.parametrize("placement", [None, "disk-in-process"])
+def test_requests_that_end_at_their_first_token_share(llm, alone, placement):
+    """Requests that finish in their own prefill step (one token each) still share: a finished
+    sequence's blocks are kept until the next admission, so each question takes the document
+    from the one before; nothing is left held at the end."""
+    one = [SamplingParams(max_tokens=1, ignore_eos=True)] * len(QUESTIONS)
+    eng = engine(llm, placement)
+    try:
+        tokens, logits, shared = run(eng, QUESTIONS, llm, one)
+        assert shared == expected_shared(llm)
+        assert tokens == [t[:1] for t in alone[0]]
+        assert all((got[0] - ref[0]).abs().max().item() < 1e-4 for got, ref in zip(logits, alone[1]))
+        assert not eng._finished and not eng.live.holders and eng.scheduler.kv_reserved == 0
+        if placement is not None:
+            assert all(t.used == 0 for t in eng.kv.tiers)
+    finally:
+        eng.kv.close()
+
+
 def test_live_prefixes_index():
     live = LivePrefixes()
     live.add(5, [b"a", b"b"])
