@@ -168,7 +168,8 @@ class Engine:
         ``generate`` leaves the engine as it found it)."""
         for sid in seq_ids:
             seq = self.seqs.pop(sid, None)
-            self._finished.pop(sid, None)
+            finished = self._finished.pop(sid, None)        # (kept for sharing; maybe popped already)
+            seq = seq or finished
             if seq is None:
                 continue
             self.scheduler.remove(seq)
