@@ -29,6 +29,7 @@ class RequestMetrics:
     decode_s: float         # first token -> finish
     ttft_s: float = 0.0     # arrival -> first token (a stored prefix loaded, the rest prefilled, the first token)
     reused_tokens: int = 0  # prompt tokens whose KV came from the persistent store (not prefilled)
+    shared_tokens: int = 0  # prompt tokens whose KV was shared from a live sequence (prefix sharing; not prefilled)
     @property
     def prefill_tok_s(self) -> float:
         return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
@@ -100,6 +101,9 @@ class LLM:
             # the tiered store's traffic line, with the prefill's reported apart from the decode's
             kv_lines[-1:] = tier_line(stats, self.engine.prefill_kv, self.engine.prefill_tokens).split("\n")
         lines += kv_lines
+        if self.engine.shared_tokens:
+            lines.append(f"prefix sharing: {self.engine.shared_tokens} prompt tokens shared with live sequences "
+                         f"(not prefilled); {self.engine.prefill_tokens} prefilled")
         if self.engine.prefix is not None:
             lines.append(self.engine.prefix.report())
         return "\n".join(lines) or None
@@ -192,7 +196,8 @@ class LLM:
     def _output(seq: Sequence, prompt: str | None) -> RequestOutput:
         t = seq.times
         m = RequestMetrics(seq.prompt_len, len(seq.output_ids), t.prefill_s, t.decode_s,
-                           (t.first_token - t.arrival) if t.first_token is not None else 0.0, seq.reused_tokens)
+                           (t.first_token - t.arrival) if t.first_token is not None else 0.0, seq.reused_tokens,
+                           seq.shared_tokens)
         return RequestOutput(prompt, seq.prompt_ids, seq.text, seq.output_ids, seq.finish_reason or "", m,
                              seq.logprobs if seq.params.logprobs is not None else None,
                              seq.prompt_logprobs if seq.params.prompt_logprobs is not None else None)

@@ -278,6 +278,13 @@ class KVConfig:
     kv_group_size: channels per value group of a compressed KV block (``--kv-dtype int8/int4``;
         0 = the whole head: one scale and minimum per token and head); it must divide the head
         dimension. Keys are grouped per channel over the tokens of a block.
+    prefix_sharing: sequences whose prompts begin with the same full blocks (a batch of
+        questions about one document, a system prompt) share them: a sequence admitted while
+        another live one holds its prompt's leading blocks starts its prefill after them. In the
+        tiered store their whole chunks are referenced by each sequence's block table (held and
+        counted against the budgets once, freed when the last user is done; the blocks of a
+        partly shared chunk are copied); the in-memory backend (one buffer per sequence) copies
+        them. ``--no-prefix-sharing``: every prompt is prefilled in full.
     """
 
     block_size: int = cli_field(16, "tokens per KV block")
@@ -315,6 +322,8 @@ class KVConfig:
     ray_exact: bool = cli_field(False, "ray KV tier: merge every chunk's partial here in sequence order "
                                 "(bit-identical to in-memory; replies grow with the context)")
     kv_group_size: int = cli_field(0, "channels per value group of a compressed KV block (0 = the whole head)")
+    prefix_sharing: bool = cli_field(True, "sequences with a common prompt prefix share its KV blocks: prefilled once, "
+                                     "held once (default: on)")
 
     def __post_init__(self) -> None:
         check_types(self)

@@ -56,3 +56,20 @@ def forced_logits(engine, ids: list[int], prompt_len: int) -> torch.Tensor:
             rows.append(engine.model(torch.tensor([[ids[p]]]), batch, kv))
     kv.free(sid)
     return torch.cat(rows).float()
+
+
+def step_all(engine, requests, watch=None) -> tuple[list, list[torch.Tensor]]:
+    """Run ``requests`` ((prompt ids, SamplingParams) pairs) to the end one engine step at a
+    time (``watch(engine)`` after each): the finished sequences and the logits each sampled from
+    (``[steps, V]``), in request order."""
+    ids = [engine.add_request(p, params) for p, params in requests]
+    logits: dict[int, list[torch.Tensor]] = {i: [] for i in ids}
+    while engine.has_unfinished():
+        plan, _ = engine.scheduler.schedule()
+        ex = engine.execute(plan)
+        for sid, row in ex.logits.items():
+            logits[sid].append(row.float().clone())
+        engine.update(plan, ex)
+        if watch is not None:
+            watch(engine)
+    return [engine.pop_finished(i) for i in ids], [torch.stack(logits[i]) for i in ids]

@@ -1,10 +1,11 @@
 """A batch of questions over a few documents (``kvoffload batch``, OpenAI batch format): total
-wall time with an empty ``--kv-store`` against the same batch without a store; both start a new
-process, so each includes the model load.
+wall time and prompt tokens prefilled with prefix sharing between live sequences (the default),
+with an empty ``--kv-store`` too or instead, against the same batch with neither
+(``--no-prefix-sharing``); each run starts a new process, so each includes the model load.
 
     python benchmarks/store/batch.py --model smollm2-135m --docs 4 --questions 16 --doc-tokens 2000
 
-Prints one Markdown table; the two outputs are checked to hold the same texts (greedy).
+Prints one Markdown table; each run's answers are compared with the first's (greedy).
 """
 
 from __future__ import annotations
@@ -40,9 +41,13 @@ def main() -> None:
                 f.write(json.dumps({"custom_id": f"d{d}-q{q}", "method": "POST", "url": "/v1/completions",
                                     "body": {"prompt": f"{doc}\n\nQuestion {q}: what does line {q + 1} say?\nAnswer:",
                                              "max_tokens": args.max_tokens, "temperature": 0}}) + "\n")
-    times, texts = {}, {}
-    for name, flags in (("without a store", []), ("with --kv-store (empty at start)",
-                                                  ["--kv-store", os.path.join(work, "store")])):
+    runs = {"neither (--no-prefix-sharing, no store)": ["--no-prefix-sharing"],
+            "prefix sharing (default)": [],
+            "--kv-store (empty at start), --no-prefix-sharing": ["--no-prefix-sharing", "--kv-store",
+                                                                 os.path.join(work, "store-a")],
+            "prefix sharing and --kv-store (empty at start)": ["--kv-store", os.path.join(work, "store-b")]}
+    times, texts, prefilled = {}, {}, {}
+    for name, flags in runs.items():
         out = os.path.join(work, f"out-{len(times)}.jsonl")
         t0 = time.perf_counter()
         r = subprocess.run([sys.executable, "-m", "kvoffload.cli.main", "batch", inp, "-o", out, "-m", args.model,
@@ -50,20 +55,23 @@ def main() -> None:
         times[name] = time.perf_counter() - t0
         if r.returncode != 0:
             raise SystemExit(r.stderr)
-        print(r.stderr.strip().splitlines()[-1], file=sys.stderr)
+        print(name + ": " + " | ".join(r.stderr.strip().splitlines()[-3:]), file=sys.stderr)
         with open(out) as f:
-            texts[name] = {(row := json.loads(line))["custom_id"]: row["response"]["body"]["choices"][0]["text"]
-                           for line in f}
-    a, b = texts.values()
-    same = sum(a[k] == b[k] for k in a)
+            rows = [json.loads(line) for line in f]
+        if any(r["response"]["status_code"] != 200 for r in rows):
+            raise SystemExit(f"{name}: a request failed: {next(r for r in rows if r['response']['status_code'] != 200)}")
+        texts[name] = {r["custom_id"]: r["response"]["body"]["choices"][0]["text"] for r in rows}
+        usage = [r["response"]["body"]["usage"] for r in rows]
+        prefilled[name] = sum(u["prompt_tokens"] - u["prompt_tokens_details"]["cached_tokens"] for u in usage)
     n = args.docs * args.questions
+    base_name = next(iter(runs))
+    base, base_texts = times[base_name], texts[base_name]
     print(f"| {args.model}: {n} questions over {args.docs} documents of {args.doc_tokens} tokens, "
-          f"{args.max_tokens} tokens each | total s |")
-    print("|---|---|")
+          f"{args.max_tokens} tokens each | total s | prompt tokens prefilled | speed-up | answers as the first row's |")
+    print("|---|---|---|---|---|")
     for name, t in times.items():
-        print(f"| {name} | {t:.1f} |")
-    base = times["without a store"]
-    print(f"\nspeed-up {base / times['with --kv-store (empty at start)']:.1f}x; identical answers {same}/{n}")
+        same = sum(texts[name][k] == base_texts[k] for k in base_texts)
+        print(f"| {name} | {t:.1f} | {prefilled[name]} | {base / t:.1f}x | {same}/{n} |")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,9 @@ load time is not part of a TTFT (both engines measure from the request to the fi
 
     python benchmarks/store/ttft.py --model smollm2-135m --tokens 8000 --reps 3 [--llama-cpp GGUF]
 
+``--engines kvoffload`` or ``--engines llama.cpp`` runs one side only (a long document's runs
+split into two commands).
+
 Prints one Markdown table (medians over --reps, each rep with an empty store) and the raw runs
 as JSON lines on stderr.
 """
@@ -48,9 +51,9 @@ def kvo_ttft(model: str, prompt_file: str, store: str | None, extra: list[str]) 
 LLAMA_CPP = r"""
 import json, sys, time
 from llama_cpp import Llama, LlamaDiskCache
-gguf, prompt_file, cache_dir, threads = sys.argv[1:5]
+gguf, prompt_file, cache_dir, threads, n_ctx = sys.argv[1:6]
 prompt = open(prompt_file).read()
-llm = Llama(model_path=gguf, n_ctx=8448, n_threads=int(threads), n_batch=512, verbose=False)
+llm = Llama(model_path=gguf, n_ctx=int(n_ctx), n_threads=int(threads), n_batch=512, verbose=False)
 llm.set_cache(LlamaDiskCache(cache_dir=cache_dir, capacity_bytes=8 << 30))
 ids = llm.tokenize(prompt.encode())
 t0 = time.perf_counter()
@@ -59,8 +62,8 @@ print(json.dumps({"ttft_s": time.perf_counter() - t0, "prompt_tokens": len(ids)}
 """
 
 
-def llama_ttft(gguf: str, prompt_file: str, cache: str, threads: int) -> dict:
-    r = subprocess.run([sys.executable, "-c", LLAMA_CPP, gguf, prompt_file, cache, str(threads)],
+def llama_ttft(gguf: str, prompt_file: str, cache: str, threads: int, n_ctx: int) -> dict:
+    r = subprocess.run([sys.executable, "-c", LLAMA_CPP, gguf, prompt_file, cache, str(threads), str(n_ctx)],
                        capture_output=True, text=True, check=False)
     if r.returncode != 0:
         raise SystemExit(r.stderr[-2000:])
@@ -74,6 +77,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--llama-cpp", default=None, help="GGUF file for llama-cpp-python beside it (omit: skip)")
+    ap.add_argument("--engines", default="kvoffload,llama.cpp", help="which sides to run (comma-separated)")
     ap.add_argument("--extra", default="", help="more kvoffload generate flags, e.g. '--kv-host-budget 64MiB'")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="kvo-store-bench-")
@@ -85,19 +89,21 @@ def main() -> None:
             f.write(doc + q)
     extra = ["-t", str(args.threads), *args.extra.split()]
     rows: dict[str, list[float]] = {}
+    engines = args.engines.split(",")
     for rep in range(args.reps):
-        r = kvo_ttft(args.model, files[0], None, extra)
-        print(json.dumps({"engine": "kvoffload no store", "rep": rep, **r}), file=sys.stderr, flush=True)
-        rows.setdefault("kvoffload no store", []).append(r["ttft_s"])
-        store = os.path.join(work, f"store{rep}")
-        for i, name in enumerate(("kvoffload first", "kvoffload second")):
-            r = kvo_ttft(args.model, files[i], store, extra)
-            print(json.dumps({"engine": name, "rep": rep, **r}), file=sys.stderr, flush=True)
-            rows.setdefault(name, []).append(r["ttft_s"])
-        if args.llama_cpp:
+        if "kvoffload" in engines:
+            r = kvo_ttft(args.model, files[0], None, extra)
+            print(json.dumps({"engine": "kvoffload no store", "rep": rep, **r}), file=sys.stderr, flush=True)
+            rows.setdefault("kvoffload no store", []).append(r["ttft_s"])
+            store = os.path.join(work, f"store{rep}")
+            for i, name in enumerate(("kvoffload first", "kvoffload second")):
+                r = kvo_ttft(args.model, files[i], store, extra)
+                print(json.dumps({"engine": name, "rep": rep, **r}), file=sys.stderr, flush=True)
+                rows.setdefault(name, []).append(r["ttft_s"])
+        if args.llama_cpp and "llama.cpp" in engines:
             cache = os.path.join(work, f"llama{rep}")
             for i, name in enumerate(("llama.cpp first", "llama.cpp second")):
-                r = llama_ttft(args.llama_cpp, files[i], cache, args.threads)
+                r = llama_ttft(args.llama_cpp, files[i], cache, args.threads, args.tokens + 512)
                 print(json.dumps({"engine": name, "rep": rep, **r}), file=sys.stderr, flush=True)
                 rows.setdefault(name, []).append(r["ttft_s"])
     med = {k: statistics.median(v) for k, v in rows.items()}
@@ -108,7 +114,8 @@ def main() -> None:
         if f"{eng} first" in med:
             a, b = med[f"{eng} first"], med[f"{eng} second"]
             print(f"| {eng} | {a:.2f} | {b:.3f} | 1/{a / b:.0f} |")
-    print(f"\nkvoffload first question without a store (no block writes): {med['kvoffload no store']:.2f} s")
+    if "kvoffload no store" in med:
+        print(f"\nkvoffload first question without a store (no block writes): {med['kvoffload no store']:.2f} s")
 
 
 if __name__ == "__main__":

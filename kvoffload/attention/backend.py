@@ -123,6 +123,12 @@ class KVManager(AttentionBackend, Protocol):
         exactly ``first`` full blocks and no partial one), as if its prefill had written them."""
         ...
 
+    def share_prefix(self, seq_id: int, source: int, blocks: int) -> None:
+        """The first ``blocks`` full blocks of live sequence ``source`` become those of ``seq_id``
+        (allocated, holding nothing yet), as if its prefill had written them (prefix sharing:
+        referenced where the store has block tables, else copied)."""
+        ...
+
     def stats(self) -> KVStats: ...
 
     def report(self) -> list[str]:

@@ -378,6 +378,11 @@ class DenseBackend:
             for layer in range(self.cfg.num_layers):
                 self.policy.append(layer, seq_id, first * self.bs, *self.layout.unpack(slots[layer]))
 
+    def share_prefix(self, seq_id: int, source: int, blocks: int) -> None:
+        """The first ``blocks`` full blocks of sequence ``source`` become ``seq_id``'s, as if
+        prefilled: copied (each sequence here is one buffer; the tiered store shares them)."""
+        self.load_slots(seq_id, 0, self.seqs[source][:, :blocks])
+
     # ---- reporting ----
     def stats(self) -> KVStats:
         return KVStats(held={"memory": self.bytes_held()}, decode_tokens=self.decode_tokens,

@@ -423,6 +423,17 @@ class TieredBackend:
                     self.policy.append(layer, seq_id, first * self.bs, *self.layout.unpack(slots[layer]))
             self.store.send()
 
+    def share_prefix(self, seq_id: int, source: int, blocks: int) -> None:
+        """The first ``blocks`` full blocks of sequence ``source`` become ``seq_id``'s (which holds
+        none), as if prefilled: whole chunks referenced by both block tables (held once), the
+        rest copied; the policy's metadata built from them."""
+        with self._lock:
+            self.store.share(seq_id, source, blocks)
+            if self.policy is not None:
+                for layer in range(self.cfg.num_layers):
+                    self.policy.append(layer, seq_id, 0, *self.store.prefix(seq_id, layer, blocks * self.bs))
+            self.store.send()
+
     # ---- speculation: verify, commit / rollback, reading KV back ----
     def verify(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                batch: ForwardBatch) -> torch.Tensor:

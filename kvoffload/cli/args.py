@@ -36,8 +36,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, exclude: tupl
         tp = hints[f.name]
         names = [_flag(f)] + ([f.metadata["short"]] if f.metadata.get("short") else [])
         kw: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"], "default": argparse.SUPPRESS}
-        if tp is bool:
-            kw["action"] = "store_true"
+        if tp is bool:                 # a flag on by default is turned off by --no-NAME
+            kw["action"] = argparse.BooleanOptionalAction if f.default is True else "store_true"
         elif typing.get_origin(tp) is tuple:
             kw.update(action="append", type=_base_type(tp))
         else:

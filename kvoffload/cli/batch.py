@@ -236,7 +236,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _body(job: Job, seq, ids: list[int], model: str) -> dict:
     usage = {"prompt_tokens": len(ids), "completion_tokens": len(seq.output_ids),
-             "total_tokens": len(ids) + len(seq.output_ids)}
+             "total_tokens": len(ids) + len(seq.output_ids),
+             # prompt tokens not prefilled: shared from a live sequence or read from the KV store
+             "prompt_tokens_details": {"cached_tokens": seq.shared_tokens + seq.reused_tokens}}
     created = int(time.time())
     if job.url == URLS[0]:
         return {"id": f"cmpl-{job.line}", "object": "text_completion", "created": created, "model": model,

@@ -16,6 +16,8 @@ from kvoffload.engine.scheduler import PrefillChunk, Scheduler, StepPlan
 from kvoffload.engine.sequence import SeqStatus, Sequence, TokenLogprob
 from kvoffload.errors import InputError
 from kvoffload.kv.persist.prefix import PrefixStore
+from kvoffload.kv.persist.store import chain_keys, namespace
+from kvoffload.kv.sharing import LivePrefixes
 from kvoffload.model.interface import AttentionBackend, ForwardBatch, Logits, Phase
 from kvoffload.model.llama import Transformer
 from kvoffload.sampling import make_generator, sample, token_logprobs
@@ -55,14 +57,21 @@ class Engine:
                  device: torch.device, prefix: PrefixStore | None = None) -> None:
         self.model, self.kv, self.tokenizer, self.config, self.device = model, kv, tokenizer, config, device
         self.prefix = prefix              # the persistent KV store (None: every prompt is prefilled)
+        # prefix sharing between live sequences (None: off), and the key chain's namespace
+        self.live = LivePrefixes() if config.kv.prefix_sharing else None
+        self._pinned: dict[int, list[bytes]] = {}   # seq -> its prompt's keys pinned in the store (admitted)
+        self._finished: dict[int, Sequence] = {}    # finished in the last step, KV kept until the next admission
+        self._ns = prefix.ns if prefix is not None else namespace("this process", kv.layout)
         self.kv_chunk_limit = self._kv_chunk_limit()
         self.scheduler = Scheduler(config.max_num_seqs, config.prefill_chunk, config.scheduling == "prefill-first",
-                                   self.kv_chunk_limit, on_admit=self._admit)
+                                   self.kv_chunk_limit, on_admit=self._admit, key_chunks=model.cfg.num_layers,
+                                   after_admit=self._retire_finished)
         self.seqs: dict[int, Sequence] = {}
         self.times = StepTimes()
         self.driver: object | None = None    # the server loop that steps this engine (one at a time), if any
         self.prefill_kv: dict[str, dict[str, int]] = {}     # per tier, what its counters grew by in prompt forwards
-        self.prefill_tokens = 0
+        self.prefill_tokens = 0              # prompt tokens computed by prefill forwards
+        self.shared_tokens = 0               # prompt tokens shared from live sequences instead
         self._next_id = 0
         self._context = model.cfg.max_position
         self._pool: ThreadPoolExecutor | None = None
@@ -106,9 +115,27 @@ class Engine:
             capacity=capacity, stop_ids=self.tokenizer.eos_ids, detok=self.tokenizer.stream_decoder(),
             generator=make_generator(params, self.device), kv_chunks=chunks)
         self._next_id += 1
+        if self.prefix is not None or self.live is not None:
+            self._prefix_keys(seq)
         self.seqs[seq.seq_id] = seq
         self.scheduler.add(seq)
         return seq.seq_id
+
+    def _prefix_keys(self, seq: Sequence) -> None:
+        """The chain keys of the prompt's full blocks and, with prefix sharing, the keys the
+        scheduler counts its shareable chunks by (the key of each whole chunk's last block, for
+        the chunks before the block of the last prompt token, which is always computed)."""
+        bs, cb = self.config.kv.block_size, self.config.kv.chunk_blocks
+        seq.block_keys = chain_keys(self._ns, seq.prompt_ids, bs, seq.prompt_len // bs)
+        if self.live is not None and self._shares(seq):
+            whole = (seq.prompt_len - 1) // bs // cb
+            seq.kv_keys = [seq.block_keys[(c + 1) * cb - 1] for c in range(whole)]
+
+    @staticmethod
+    def _shares(seq: Sequence) -> bool:
+        """Whether the sequence may start after a prefix it did not prefill (prompt logprobs
+        need every prompt position's logits)."""
+        return seq.params.prompt_logprobs is None
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -141,10 +168,12 @@ class Engine:
         ``generate`` leaves the engine as it found it)."""
         for sid in seq_ids:
             seq = self.seqs.pop(sid, None)
+            finished = self._finished.pop(sid, None)        # (kept for sharing; maybe popped already)
+            seq = seq or finished
             if seq is None:
                 continue
             self.scheduler.remove(seq)
-            self._unpin(seq)
+            self._release(seq)
             for free in (self.kv.free, self.spec.free if self.spec is not None else None):
                 if free is not None:
                     try:
@@ -213,26 +242,44 @@ class Engine:
         self.times.update += time.perf_counter() - t2
         return out
 
-    # ------------------------------------------------------------------ the persistent store
+    # ------------------------------------------------------------------ prefixes: shared and stored
+    @torch.inference_mode()
     def _admit(self, seq: Sequence) -> None:
-        """A sequence is admitted: its KV is allocated, and the leading blocks of its prompt
-        that are in the persistent store are loaded instead of prefilled (at least the last
-        prompt token is always computed: its logits choose the first token)."""
+        """A sequence is admitted: its KV is allocated; the leading blocks of its prompt that a
+        live sequence holds are shared from it, the ones after them found in the persistent
+        store are loaded, and its prefill starts after them (at least the last prompt token is
+        always computed: its logits choose the first token). No sequence is being prefilled
+        now (the scheduler admits one at a time), so every live one holds its whole prompt."""
         self.kv.allocate(seq.seq_id, seq.capacity)
         if self.spec is not None:
             self.spec.allocate(seq.seq_id, seq.capacity)
-        if self.prefix is None or seq.params.prompt_logprobs is not None:   # (those need every prompt row)
+        if self.prefix is not None and seq.block_keys:
+            self._pinned[seq.seq_id] = seq.block_keys
+            self.prefix.pin(seq.block_keys)
+        if not seq.block_keys or not self._shares(seq):
             return
         bs = self.kv.layout.block_size
-        seq.block_keys = self.prefix.keys(seq.prompt_ids, seq.prompt_len // bs)
-        self.prefix.pin(seq.block_keys)
-        found = self.prefix.find(seq.block_keys[:(seq.prompt_len - 1) // bs])
-        if found is None:
-            return
-        self.kv.load_slots(seq.seq_id, 0, found.slots)
-        seq.num_cached = seq.reused_tokens = found.blocks * bs
-        seq.stored_blocks = found.blocks
-        if self.spec is not None:            # the draft's policy metadata, from the loaded prefix
+        limit = (seq.prompt_len - 1) // bs
+        n = 0
+        if self.live is not None:
+            source, n = self.live.longest(seq.block_keys[:limit])
+            if n:
+                self.kv.share_prefix(seq.seq_id, source, n)
+                seq.shared_tokens = n * bs
+                self.shared_tokens += n * bs
+                holder = self.seqs.get(source) or self._finished[source]
+                seq.stored_blocks = min(n, holder.stored_blocks)
+        if self.prefix is not None and n < limit:
+            found = self.prefix.find(seq.block_keys[n:limit])
+            if found is not None:
+                self.kv.load_slots(seq.seq_id, n, found.slots)
+                seq.reused_tokens = found.blocks * bs
+                n += found.blocks
+                seq.stored_blocks = n
+        seq.num_cached = n * bs
+        if self.live is not None:
+            self.live.add(seq.seq_id, seq.block_keys[:n])
+        if n and self.spec is not None:       # the draft's policy metadata, from the prefix it holds
             self.spec.reseed(seq.seq_id, seq.capacity, seq.num_cached)
 
     def _store_prompt(self, seq: Sequence, end: int) -> None:
@@ -248,11 +295,29 @@ class Engine:
                 full = len(seq.block_keys)
         seq.stored_blocks = full
 
-    def _unpin(self, seq: Sequence) -> None:
-        """The sequence is done with its stored blocks: they may be evicted (the budget is kept now)."""
-        if self.prefix is not None and seq.block_keys:
-            self.prefix.unpin(seq.block_keys)
-            seq.block_keys = []
+    def _retire(self, seq: Sequence) -> None:
+        """A finished sequence leaves: its reservation, its blocks (shared ones with their last user)."""
+        self.scheduler.remove(seq)
+        self._release(seq)
+        self.kv.free(seq.seq_id)
+
+    def _retire_finished(self) -> None:
+        """After an admission (the scheduler's hook): the sequences that finished in the last step
+        leave. They were kept until now so that the sequence admitted next could share their
+        prompt's blocks (a request that ends at its first token — max_tokens 1, an end-of-text —
+        finishes in its own prefill step, before the next one is admitted)."""
+        for seq in list(self._finished.values()):
+            del self._finished[seq.seq_id]
+            self._retire(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        """The sequence is done with its prompt's blocks: no longer offered to others, and the
+        stored ones may be evicted (the store's budget is kept now)."""
+        if self.live is not None:
+            self.live.remove(seq.seq_id)
+        pinned = self._pinned.pop(seq.seq_id, None)
+        if pinned:
+            self.prefix.unpin(pinned)
             self.prefix.dir.enforce_budget()
 
     @torch.inference_mode()
@@ -299,6 +364,8 @@ class Engine:
         self.prefill_tokens += c.end - c.start
         if self.prefix is not None and seq.block_keys:
             self._store_prompt(seq, c.end)
+        if self.live is not None and seq.block_keys:          # its blocks so far, offered to others
+            self.live.add(c.seq_id, seq.block_keys[:c.end // self.kv.layout.block_size])
         if c.last and self.spec is not None:
             self.spec.prefilled(c.seq_id, c.end)
         dt = time.perf_counter() - t0
@@ -380,11 +447,12 @@ class Engine:
                 seq.append(tok)
                 if seq.finish_reason is not None:
                     seq.finish()
-                    self.scheduler.remove(seq)
-                    self._unpin(seq)
-                    self.kv.free(sid)
                     if self.spec is not None:
                         self.spec.free(sid)
+                    if self.live is not None and self.scheduler.waiting:
+                        self._finished[sid] = seq      # its blocks may be shared by the next one admitted
+                    else:
+                        self._retire(seq)
                 outputs.append(StepOutput(sid, tok, seq.take_delta(), seq.finish_reason is not None, lp))
                 if seq.finish_reason is not None:
                     break

@@ -64,6 +64,8 @@ class Sequence:
     block_keys: list[bytes] = field(default_factory=list)   # persistent store: chain keys of the prompt's full blocks
     stored_blocks: int = 0             # of them, those known to be in the store (loaded or written)
     reused_tokens: int = 0             # prompt tokens whose KV came from the store (not prefilled)
+    shared_tokens: int = 0             # prompt tokens whose KV was shared from a live sequence (not prefilled)
+    kv_keys: list[bytes] = field(default_factory=list)      # prefix sharing: its shareable chunks' keys (scheduler)
 
     @property
     def prompt_len(self) -> int:

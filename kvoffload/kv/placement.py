@@ -15,6 +15,12 @@ and may be demoted while still being filled: a sparse step reads a few blocks of
 which that cache holds block by block, so their room in the fast tier is better spent on the
 hot layers. If a tier has nothing left to demote, the new chunk goes to the next tier. When
 every tier is full the request cannot proceed (:class:`KVBudgetExceeded`).
+
+Sequences with a common prompt prefix *share* its full chunks (:meth:`Placement.share`): each
+sharer's table refers to the same chunk of the same tier, which holds it (and counts against
+the tier's budget) once; it is demotable when any of its users marks it so, a demotion moves it
+for every user, and it is released when its last user is removed (a reference count: its list
+of users).
 """
 
 from __future__ import annotations
@@ -78,6 +84,9 @@ class Placement:
         self.evictable_hot: list[OrderedDict[Key, None]] = [OrderedDict() for _ in tiers]
         self._marked: dict[tuple[int, int], int] = {}       # (seq, layer) -> chunks made evictable
         self.stamp: dict[tuple[int, int], int] = {}         # (seq, layer) -> changes so far (caches)
+        # a chunk shared by several sequences: (tier, chunk) -> its users' keys (2 or more; the
+        # first is the one it is queued under, when it is demotable)
+        self.users: dict[tuple[int, int], list[Key]] = {}
 
     def _queue(self, tier: int, layer: int) -> OrderedDict[Key, None]:
         """Where a demotable chunk of ``layer`` in ``tier`` waits."""
@@ -90,11 +99,40 @@ class Placement:
     def remove_seq(self, seq_id: int) -> None:
         for layer, locs in enumerate(self.tables.pop(seq_id, [])):
             for c, loc in enumerate(locs):
-                self.tiers[loc.tier].release(loc.chunk)
-                self._queue(loc.tier, layer).pop((seq_id, layer, c), None)
+                self._release((seq_id, layer, c), loc)
             self.stamp.pop((seq_id, layer), None)
             self._marked.pop((seq_id, layer), None)
         self.blocks.pop(seq_id, None)
+
+    def share(self, seq_id: int, source: int, layer: int, chunks: int) -> None:
+        """The first ``chunks`` chunks of (source, layer) (full ones) become those of (seq,
+        layer), which holds nothing yet: referenced, not copied (no moves, no tier room)."""
+        locs = self.tables[seq_id][layer]
+        if locs or self.blocks[source][layer] < chunks * self.cb:
+            raise ValueError(f"share: sequence {seq_id} holds blocks, or sequence {source} has fewer than "
+                             f"{chunks} full chunks in layer {layer}")
+        for c, loc in enumerate(self.tables[source][layer][:chunks]):
+            self.users.setdefault((loc.tier, loc.chunk), [(source, layer, c)]).append((seq_id, layer, c))
+            locs.append(loc)
+        self.blocks[seq_id][layer] = chunks * self.cb
+        self._mark(seq_id, layer)
+        self._touch(seq_id, layer)
+
+    def _release(self, key: Key, loc: Loc) -> None:
+        """(seq, layer, c) no longer uses its chunk ``loc``: the tier's chunk is released unless
+        another sequence shares it (then it stays, demotable under another user's key if it was)."""
+        queue = self._queue(loc.tier, key[1])
+        users = self.users.get((loc.tier, loc.chunk))
+        if users is None:
+            self.tiers[loc.tier].release(loc.chunk)
+            queue.pop(key, None)
+            return
+        users.remove(key)
+        if key in queue:
+            del queue[key]
+            queue[users[0]] = None
+        if len(users) == 1:
+            del self.users[(loc.tier, loc.chunk)]
 
     def place_block(self, seq_id: int, layer: int) -> tuple[list[Move], Loc, int]:
         """The next full block of (seq, layer): the moves to complete first (in order), then the
@@ -124,7 +162,10 @@ class Placement:
         done = self._marked.get((seq_id, layer), sink)
         locs = self.tables[seq_id][layer]
         for c in range(max(done, sink), ready):
-            self._queue(locs[c].tier, layer)[(seq_id, layer, c)] = None
+            queue = self._queue(locs[c].tier, layer)
+            users = self.users.get((locs[c].tier, locs[c].chunk))
+            if users is None or not any(u in queue for u in users):      # a shared chunk is queued once
+                queue[(seq_id, layer, c)] = None
         self._marked[(seq_id, layer)] = max(done, ready)
 
     def drop_from(self, seq_id: int, layer: int, n: int) -> None:
@@ -134,9 +175,7 @@ class Placement:
         keep = -(-n // self.cb)
         while len(locs) > keep:
             c = len(locs) - 1
-            loc = locs.pop()
-            self.tiers[loc.tier].release(loc.chunk)
-            self._queue(loc.tier, layer).pop((seq_id, layer, c), None)
+            self._release((seq_id, layer, c), locs.pop())
         self.blocks[seq_id][layer] = n
         sink, ready = self._pins(layer, n)
         for c in range(ready, len(locs)):                   # back in the recent window
@@ -161,8 +200,12 @@ class Placement:
                 dst = self._room(t + 1, moves)               # deeper moves are listed first
                 placed = min(self.cb, self.blocks[vsid][vlayer] - vc * self.cb)   # a cached layer's may be partial
                 moves.append(Move(vkey, src, dst, placed))
-                self.tables[vsid][vlayer][vc] = dst
-                self._touch(vsid, vlayer)
+                users = self.users.pop((src.tier, src.chunk), None)
+                for usid, ulayer, uc in users or (vkey,):    # every sharer's table follows the move
+                    self.tables[usid][ulayer][uc] = dst
+                    self._touch(usid, ulayer)
+                if users is not None:
+                    self.users[(dst.tier, dst.chunk)] = users
                 tier.release(src.chunk)
                 self._queue(dst.tier, vlayer)[vkey] = None
                 return Loc(t, tier.alloc())

@@ -71,6 +71,17 @@ class BlockStore:
     def __contains__(self, seq_id: int) -> bool:
         return seq_id in self.tail_slot
 
+    def share(self, seq_id: int, source: int, blocks: int) -> None:
+        """The first ``blocks`` full blocks of ``source`` become those of ``seq_id`` (which holds
+        none, its tails empty): its whole chunks shared (kv/placement.py: referenced by both
+        tables, held once), the blocks of a partly shared chunk copied into one of its own."""
+        whole = blocks // self.cb * self.cb
+        rest = np.arange(whole, blocks, dtype=np.int64)
+        for layer in range(self.num_layers):
+            self.placement.share(seq_id, source, layer, whole // self.cb)
+            if len(rest):
+                self.append_slots(seq_id, layer, self.read_blocks(source, layer, rest))
+
     # ---- where blocks are ----
     def table(self, seq_id: int, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """(tier index, tier slot) of each full block of (seq, layer), in sequence order."""

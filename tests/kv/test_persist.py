@@ -9,7 +9,8 @@ import os
 
 import pytest
 import torch
-from placements import GEOMETRY, PLACEMENTS
+from placements import GEOMETRY, PLACEMENTS, step_all
+from policies import POLICY_CASES, POLICY_IDS, with_calibration
 
 from kvoffload import SamplingParams
 from kvoffload.api import LLM
@@ -37,13 +38,15 @@ def dense(tiny_hf):
 def engine(llm: LLM, store: str | None, placement: str | None, fingerprint: str = FP, budget=None,
            **kv) -> Engine:
     """An engine over ``llm``'s model: the in-memory backend (``placement`` None) or a tiered one,
-    with a fresh view of the store directory ``store`` (its index rebuilt: a new process's)."""
+    with a fresh view of the store directory ``store`` (its index rebuilt: a new process's);
+    without prefix sharing between live sequences (tests/kv/test_sharing.py), so that every
+    prefix reused here comes from the store."""
     if placement is None:
         backend = DenseBackend(llm.model_config, llm.device, torch.float32, block_size=GEOMETRY["block_size"],
                                chunk_blocks=GEOMETRY["chunk_blocks"])
-        kvcfg = KVConfig(**GEOMETRY)
+        kvcfg = KVConfig(**GEOMETRY, prefix_sharing=False)
     else:
-        kvcfg = KVConfig(**{**GEOMETRY, **PLACEMENTS[placement], **kv})
+        kvcfg = KVConfig(**{**GEOMETRY, **PLACEMENTS[placement], "prefix_sharing": False, **kv})
         backend = TieredBackend(llm.model_config, kvcfg, llm.device, torch.float32, torch.float32, 2)
     prefix = None
     if store is not None:
@@ -54,16 +57,8 @@ def engine(llm: LLM, store: str | None, placement: str | None, fingerprint: str 
 def run(eng: Engine, prompts: list[str], llm: LLM) -> tuple[list[list[int]], list[torch.Tensor], list[int]]:
     """Greedy tokens, the logits each was sampled from (``[steps, V]`` per prompt) and the prompt
     tokens reused from the store, per prompt (one engine step at a time)."""
-    ids = [eng.add_request(llm.encode(p), PARAMS) for p in prompts]
-    logits: dict[int, list[torch.Tensor]] = {i: [] for i in ids}
-    while eng.has_unfinished():
-        plan, _ = eng.scheduler.schedule()
-        ex = eng.execute(plan)
-        for sid, row in ex.logits.items():
-            logits[sid].append(row.float().clone())
-        eng.update(plan, ex)
-    seqs = [eng.pop_finished(i) for i in ids]
-    return [s.output_ids for s in seqs], [torch.stack(logits[i]) for i in ids], [s.reused_tokens for s in seqs]
+    seqs, logits = step_all(eng, [(llm.encode(p), PARAMS) for p in prompts])
+    return [s.output_ids for s in seqs], logits, [s.reused_tokens for s in seqs]
 
 
 def close(eng: Engine) -> None:
@@ -112,7 +107,7 @@ def test_reuse_through_llm_api(tiny_hf, tmp_path):
     first's blocks; greedy output identical; the report line says so."""
     _, path = tiny_hf("qwen2")
     store = str(tmp_path / "s")
-    kw = dict(dtype="float32", prefill_chunk=16, **GEOMETRY)
+    kw = dict(dtype="float32", prefill_chunk=16, prefix_sharing=False, **GEOMETRY)
     ref = LLM(path, **kw).generate(QUESTIONS, PARAMS)
     a = LLM(path, kv_store=store, **kw)
     out_a = a.generate(QUESTIONS, PARAMS)
@@ -295,32 +290,14 @@ def test_store_files_are_private(dense, tmp_path):
         assert os.stat(p).st_mode & 0o777 == 0o600
 
 
-def _policies() -> list[str]:
-    from kvoffload.sparse.registry import POLICIES
-
-    return list(POLICIES)
-
-
-@pytest.mark.parametrize("extra", [*({"sparse_policy": p, "sparse_budget": "1/4"} for p in _policies()),
-                                   {"speculate": "self", "spec_draft_budget": 16}],
-                         ids=[*_policies(), "speculate-self"])
+@pytest.mark.parametrize("extra", POLICY_CASES, ids=POLICY_IDS)
 def test_reuse_with_policy_metadata(tiny_hf, tmp_path, extra):
     """A sparse policy's metadata (and the self-draft's) is built from the loaded blocks as from a
     prefill: the greedy tokens equal those of the same engine without a store. (Blocks of 8
     tokens: ShadowKV and retrieval score chunks of 8.)"""
-    import json
-    import random
-
     model, path = tiny_hf("qwen2")
-    cfg = model.config
-    D = cfg.hidden_size // cfg.num_attention_heads
-    rng = random.Random(0)
-    calib = tmp_path / "channels.json"
-    calib.write_text(json.dumps({"format": "kvoffload-channels/1", "channels": [
-        [rng.sample(range(D), D) for _ in range(cfg.num_key_value_heads)] for _ in range(cfg.num_hidden_layers)]}))
-    if extra.get("sparse_policy") == "double_sparsity":
-        extra = {**extra, "sparse_calibration": str(calib)}
-    kw = dict(dtype="float32", prefill_chunk=16, block_size=8, chunk_blocks=2, **extra)
+    extra = with_calibration(extra, model.config, tmp_path)
+    kw = dict(dtype="float32", prefill_chunk=16, block_size=8, chunk_blocks=2, prefix_sharing=False, **extra)
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     ref = [o.token_ids for o in LLM(path, **kw).generate(QUESTIONS, params)]
     store = str(tmp_path / "s")
@@ -335,14 +312,14 @@ WRITER = """
 import sys, torch
 from kvoffload.kv.layout import BlockLayout
 from kvoffload.kv.persist.prefix import PrefixStore
-from kvoffload.kv.persist.store import BlockDir
+from kvoffload.kv.persist.store import BlockDir, chain_keys
 path, seed = sys.argv[1], int(sys.argv[2])
 lay = BlockLayout(4, 2, 16, "float32", 2)
 p = PrefixStore(BlockDir(path, budget=40 * (4096 + 3 * 4096), fsync="none"), "m", lay, 3)
 g = torch.Generator().manual_seed(0)
 for rep in range(20):
     tokens = [(rep * 7 + i) % 50 for i in range(32)]            # the same prompts in every process
-    keys = p.keys(tokens, 8)
+    keys = chain_keys(p.ns, tokens, 4, 8)
     slots = torch.randn(3, 8, lay.slot_elems, generator=g)
     p.save(tokens, keys, 0, slots)
     found = p.find(keys)

@@ -187,3 +187,30 @@ def test_cached_layers_give_their_room_to_hot_layers():
     p.add_seq(0, 2)
     moves = place(p, [1, 0, 0, 0, 1, 1])          # the cached chunk is demoted with 1 of its 2 blocks
     assert [m.blocks for m in moves] == [1] and [loc.tier for loc in p.tables[0][1]] == [1, 1]
+
+
+def test_shared_chunks_are_refcounted():
+    """A shared chunk (prefix sharing) is allocated once, stays while any user holds it (its
+    source removed first), is queued for demotion once, moves for every user when demoted, and
+    is released with its last user."""
+    host, disk = FakeTier("host", 6), FakeTier("disk", None)
+    p = Placement([host, disk], CB, 0, 0)
+    p.add_seq(0, 1)
+    for _ in range(3 * CB):                       # the source: 3 full chunks
+        p.place_block(0, 0)
+    for sid in (1, 2):
+        p.add_seq(sid, 1)
+        p.share(sid, 0, 0, 2)
+    assert host.used == 3 and p.tables[1][0] == p.tables[2][0] == p.tables[0][0][:2]
+    assert sorted(k for k in p.evictable[0]) == [(0, 0, 0), (0, 0, 1), (0, 0, 2)]     # each chunk once
+    with pytest.raises(ValueError):
+        p.share(1, 0, 0, 1)                       # a sequence that holds blocks already
+    p.remove_seq(0)
+    assert host.used == 2 and len(p.users) == 2   # the source's own chunk released, the shared kept
+    for _ in range(6 * CB):                       # sequence 1 grows past the host: the shared chunks go down
+        p.place_block(1, 0)
+    assert p.tables[1][0][:2] == p.tables[2][0] and all(loc.tier == 1 for loc in p.tables[2][0])
+    p.remove_seq(1)
+    assert disk.used == 2 and host.used == 0 and not p.users     # sequence 2 still holds them
+    p.remove_seq(2)
+    assert host.used == disk.used == 0 and not any(p.evictable)

@@ -1,5 +1,6 @@
 """Prompt prefixes in a persistent block store (:class:`~kvoffload.kv.persist.store.BlockDir`):
-the engine's side. A prompt's full blocks are keyed by chain (kv/persist/store.py); the leading
+the engine's side. A prompt's full blocks are keyed by chain (kv/persist/store.py's
+``chain_keys`` in this store's namespace ``ns``, computed by the engine); the leading
 blocks found in the store are handed to the KV manager as slots (its own format, byte for byte)
 and the prompt's prefill starts after them; the blocks a prefill computed are stored.
 """
@@ -19,7 +20,6 @@ from kvoffload.kv.persist.store import (
     BlockDir,
     BlockHeader,
     _checksum,
-    chain_keys,
     namespace,
 )
 
@@ -47,11 +47,6 @@ class PrefixStore:
         directory.note_namespace(self.ns, {"model": fingerprint, "source": source, "layers": num_layers, "block_size": layout.block_size,
                                            "kv_heads": layout.num_kv_heads, "head_dim": layout.head_dim,
                                            "kv_dtype": layout.dtype})
-
-    # ---- keys ----
-    def keys(self, token_ids: list[int], n_blocks: int) -> list[bytes]:
-        """Chain keys of the first ``n_blocks`` full blocks of a prompt."""
-        return chain_keys(self.ns, token_ids, self.layout.block_size, n_blocks)
 
     def _expect(self, h: BlockHeader) -> bool:
         lay = self.layout
