@@ -474,12 +474,22 @@ static inline void widen_q4(const uint8_t *c, int n, float *out) {
     }
 }
 
+/* One head's parts of a compressed block B (kv/layout.py's BlockLayout.quant_offsets, restated
+ * here once for C): its K codes, V codes, K (scale, min) rows and V (scale, min) pairs. */
+typedef struct { const uint8_t *kc, *vc; const uint16_t *km, *vm; } qhead;
+static inline qhead quant_head(const void *blk, int h, int H_kv, int D, int bs, int ng, int bits) {
+    const uint8_t *B = (const uint8_t *)blk;
+    const size_t cb = (size_t)D * bs * bits / 8;          /* one head's K (or V) codes */
+    const size_t v0 = (size_t)H_kv * cb, km = 2 * v0, vm = km + (size_t)H_kv * 4 * D;
+    qhead r = {B + h * cb, B + v0 + h * cb, (const uint16_t *)(B + km) + (size_t)h * 2 * D,
+               (const uint16_t *)(B + vm) + (size_t)h * bs * ng * 2};
+    return r;
+}
+
 #define DEFINE_QUANT(NAME, BITS)                                                                      \
 static void NAME##_item_generic(const item_job *J, int H_kv, int G, int D, int bs, float scale) {  \
     float P[G_MAX][BS_MAX], S[G_MAX][BS_MAX], QS[G_MAX][D_MAX], C0[G_MAX], row[D_MAX > BS_MAX ? D_MAX : BS_MAX]; \
     const int vg = J->vg, ng = D / vg;                                                              \
-    const size_t cb = (size_t)D * bs * BITS / 8;          /* one head's K (or V) codes */          \
-    const size_t v0 = (size_t)H_kv * cb, km = 2 * v0, vm = km + (size_t)H_kv * 4 * D;               \
     for (int h = 0; h < H_kv; h++) {                                                                \
         const float *q = J->q + (size_t)h * G * D;                                                  \
         float m[G_MAX], l[G_MAX], *o = J->o + (size_t)h * G * D;                                    \
@@ -490,10 +500,9 @@ static void NAME##_item_generic(const item_job *J, int H_kv, int G, int D, int b
             const uint64_t *tm = J->tm ? J->tm + (size_t)j * H_kv + h : NULL;                       \
             uint64_t mk = live_tokens(tm, n);                                                       \
             if (!mk) continue;                    /* head skips the block: nothing read */          \
-            const uint8_t *B = (const uint8_t *)J->blk[j];                                          \
-            const uint8_t *KC = B + h * cb, *VC = B + v0 + h * cb;                                  \
-            const uint16_t *KM = (const uint16_t *)(B + km) + (size_t)h * 2 * D;                    \
-            const uint16_t *VM = (const uint16_t *)(B + vm) + (size_t)h * bs * ng * 2;              \
+            const qhead Q = quant_head((const void *)J->blk[j], h, H_kv, D, bs, ng, BITS);          \
+            const uint8_t *KC = Q.kc, *VC = Q.vc;                                                   \
+            const uint16_t *KM = Q.km, *VM = Q.vm;                                                  \
             for (int g = 0; g < G; g++) C0[g] = 0.f;                                                \
             for (int d = 0; d < D; d++) {         /* the key scales folded into q */                \
                 float ks = h2f(KM[d]), kmn = h2f(KM[D + d]);                                        \
@@ -556,8 +565,6 @@ static inline __attribute__((always_inline)) void NAME##_item_v(const item_job *
     float P[G_MAX][BS_MAX] __attribute__((aligned(64))), QS[G_MAX][D_MAX] __attribute__((aligned(64))); \
     float C0[G_MAX];                                                                                \
     const int vg = J->vg, ng = D / vg, nd = D / 16;                                                 \
-    const size_t cb = (size_t)D * bs * BITS / 8;                                                    \
-    const size_t v0 = (size_t)H_kv * cb, km = 2 * v0, vm = km + (size_t)H_kv * 4 * D;               \
     const __m512 ninf = _mm512_set1_ps(-INFINITY);                                                  \
     for (int h = 0; h < H_kv; h++) {                                                                \
         const float *q = J->q + (size_t)h * G * D;                                                  \
@@ -569,10 +576,9 @@ static inline __attribute__((always_inline)) void NAME##_item_v(const item_job *
             const uint64_t *tm = J->tm ? J->tm + (size_t)j * H_kv + h : NULL;                       \
             uint64_t mk = live_tokens(tm, n);                                                       \
             if (!mk) continue;                                                                      \
-            const uint8_t *B = (const uint8_t *)J->blk[j];                                          \
-            const uint8_t *KC = B + h * cb, *VC = B + v0 + h * cb;                                  \
-            const uint16_t *KM = (const uint16_t *)(B + km) + (size_t)h * 2 * D;                    \
-            const uint16_t *VM = (const uint16_t *)(B + vm) + (size_t)h * bs * ng * 2;              \
+            const qhead Q = quant_head((const void *)J->blk[j], h, H_kv, D, bs, ng, BITS);          \
+            const uint8_t *KC = Q.kc, *VC = Q.vc;                                                   \
+            const uint16_t *KM = Q.km, *VM = Q.vm;                                                  \
             for (int g = 0; g < G; g++) {         /* the key scales folded into q */                \
                 __m512 c = _mm512_setzero_ps();                                                     \
                 for (int d = 0; d < D; d += 16) {                                                   \
