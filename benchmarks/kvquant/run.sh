@@ -1,30 +1,56 @@
 #!/usr/bin/env bash
 # Regenerates benchmarks/kvquant/*: compressed KV blocks (--kv-dtype int8 / int4, issue #14)
-# beside bf16 KV, on SmolLM2-135M (3 KV heads x 64 dims, 30 layers). Each command stays under
-# 10 minutes on a 2-core CPU; run each through /work/notes/bin/kvo-bench on a shared machine.
-#   capacity   : the context a fixed host budget holds, per KV dtype (from the block layout)
-#   attention  : decode attention per tier (host RAM, disk workers), bf16 / int8 / int4 side by side
-#   ram_8k     : decode, KV in RAM, 1 x 8K context: bf16 (dense store) vs int8 / int4 (block store)
-#   disk_8k    : decode, KV mostly on disk (host budget a tenth of each run's KV), 1 x 8K
-#   batch16_4k : decode, 16 x 4K, KV in RAM
-#   eval       : perplexity, agreement / KL against bf16 KV, niah_single (SmolLM2, 2K-8K)
+# beside bf16 KV, on SmolLM2-135M (3 KV heads x 64 dims, 30 layers). One step per call, each
+# under 10 minutes on a 2-core CPU (on a shared machine: /work/notes/bin/kvo-bench bash run.sh STEP);
+# no step: all of them in turn. The eval steps and llama.cpp append per sample and resume, so a
+# step cut off by its timeout is continued by running it again.
+#   capacity      the context a fixed budget holds, per KV dtype (the layout's arithmetic)
+#   attention     decode attention alone per tier (host RAM, disk workers), bf16 / int8 / int4
+#   ram_8k        decode, KV in RAM, 1 x 8K: bf16 (dense store, block store) vs int8 / int4
+#   disk_8k       decode, KV mostly on disk (host budget a tenth of each run's KV), 1 x 8K
+#   batch16_4k    decode, 16 x 4K, KV in RAM, bf16 vs int4
+#   eval_bf16 eval_int8 eval_int4 eval_blocks eval_int8_g32 eval_int4_g32
+#                 kvoffload eval (ppl, agreement / KL against bf16 KV, niah_single), 2K-8K x 3
+#   llamacpp      llama.cpp's f16 / q8_0 / q4_0 KV on the same ppl passages: ppl and speed
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=benchmarks/kvquant
 T=${THREADS:-2}
-python benchmarks/kvquant/capacity.py > "$OUT/capacity.md"
-kvoffload bench attention --context 8192 -b 1 -r 3 -t "$T" --peak-size 256MiB --kv-dtype bfloat16,int8,int4 -o "$OUT/attention"
-kvoffload bench -m smollm2-135m -p 0 -n 16 -d 8176 -b 1 -r 2 -t "$T" \
-  --config "int8:kv_dtype=int8" --config "int4:kv_dtype=int4" -o "$OUT/ram_8k"
-# KV of one 8K sequence: bf16 184 MiB, int8 106 MiB (slots of 7104 bytes), int4 60 MiB; the host
-# budget a tenth of each (the sinks and the recent window stay in RAM)
-kvoffload bench -m smollm2-135m -p 0 -n 16 -d 8176 -b 1 -r 2 -t "$T" \
-  --config "bf16-disk:kv_host_budget=18MiB" --config "int8-disk:kv_dtype=int8,kv_host_budget=11MiB" \
-  --config "int4-disk:kv_dtype=int4,kv_host_budget=6MiB" -o "$OUT/disk_8k"
-kvoffload bench -m smollm2-135m -p 0 -n 8 -d 4088 -b 16 -r 1 -t "$T" \
-  --config "int8:kv_dtype=int8" --config "int4:kv_dtype=int4" -o "$OUT/batch16_4k"
-for kv in int8 int4; do
-  kvoffload eval ppl,agreement,niah_single -m smollm2-135m -L 2k,4k,8k --samples 3 -t "$T" \
-    --kv-dtype "$kv" --reference kv_dtype=bfloat16 --label "$kv" -o "$OUT/eval" > /dev/null
-done
-kvoffload eval ppl,niah_single -m smollm2-135m -L 2k,4k,8k --samples 3 -t "$T" --label bf16 -o "$OUT/eval"
+LIMIT=${LIMIT:-570}                         # seconds per step (resumable steps continue on a rerun)
+EVAL=(-m smollm2-135m -L 2k,4k,8k --samples 3 -t "$T" --prefill-chunk 512 -o "$OUT/eval_smollm2")
+
+step() {
+  case "$1" in
+  capacity) python "$OUT/capacity.py" > "$OUT/capacity.md" ;;
+  attention) timeout "$LIMIT" kvoffload bench attention --context 8192 -b 1 -r 3 -t "$T" --peak-size 256MiB \
+      --kv-dtype bfloat16,int8,int4 -o "$OUT/attention" ;;
+  ram_8k) timeout "$LIMIT" kvoffload bench -m smollm2-135m -p 0 -n 16 -d 8176 -b 1 -r 3 -t "$T" \
+      --config "bf16-blocks:kv_host_budget=4GiB" --config "int8:kv_dtype=int8" --config "int4:kv_dtype=int4" \
+      -o "$OUT/ram_8k" ;;
+  # KV of one 8K sequence: bf16 180 MiB, int8 104 MiB, int4 59 MiB; the host budget a tenth of each
+  # (the sinks and the recent window stay in RAM)
+  disk_8k) timeout "$LIMIT" kvoffload bench -m smollm2-135m -p 0 -n 16 -d 8176 -b 1 -r 3 -t "$T" \
+      --config "bf16-disk:kv_host_budget=18MiB" --config "int8-disk:kv_dtype=int8,kv_host_budget=11MiB" \
+      --config "int4-disk:kv_dtype=int4,kv_host_budget=6MiB" -o "$OUT/disk_8k" ;;
+  batch16_4k) timeout "$LIMIT" kvoffload bench -m smollm2-135m -p 0 -n 8 -d 4088 -b 16 -r 2 -t "$T" \
+      --config "int4:kv_dtype=int4" -o "$OUT/batch16_4k" ;;
+  eval_bf16) timeout "$LIMIT" kvoffload eval ppl,niah_single "${EVAL[@]}" --kv-dtype bfloat16 --label bf16 > /dev/null ;;
+  eval_int8|eval_int4) kv=${1#eval_}
+      timeout "$LIMIT" kvoffload eval ppl,agreement,niah_single "${EVAL[@]}" --kv-dtype "$kv" \
+        --reference kv_dtype=bfloat16 --label "$kv" > /dev/null ;;
+  eval_blocks) timeout "$LIMIT" kvoffload eval agreement "${EVAL[@]}" --kv-dtype bfloat16 --kv-host-budget 4GiB \
+      --reference kv_dtype=bfloat16 --label bf16-blocks > /dev/null ;;
+  eval_int8_g32|eval_int4_g32) kv=${1#eval_}; kv=${kv%_g32}
+      timeout "$LIMIT" kvoffload eval ppl,agreement "${EVAL[@]}" --kv-dtype "$kv" --kv-group-size 32 \
+        --reference kv_dtype=bfloat16 --label "$kv-g32" > /dev/null ;;
+  llamacpp) timeout "$LIMIT" python "$OUT/llamacpp.py" -m smollm2-135m -L 2k,4k,8k --samples 3 -t "$T" \
+      -o "$OUT/llamacpp_smollm2" ;;
+  *) echo "unknown step $1" >&2; exit 2 ;;
+  esac
+}
+
+if [ $# -eq 0 ]; then
+  set -- capacity attention ram_8k disk_8k batch16_4k eval_bf16 eval_int8 eval_int4 eval_blocks \
+    eval_int8_g32 eval_int4_g32 llamacpp
+fi
+for s in "$@"; do step "$s" || echo "step $s: exit $? (an eval / llamacpp step resumes when run again)" >&2; done

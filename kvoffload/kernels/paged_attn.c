@@ -474,12 +474,22 @@ static inline void widen_q4(const uint8_t *c, int n, float *out) {
     }
 }
 
+/* One head's parts of a compressed block B (kv/layout.py's BlockLayout.quant_offsets, restated
+ * here once for C): its K codes, V codes, K (scale, min) rows and V (scale, min) pairs. */
+typedef struct { const uint8_t *kc, *vc; const uint16_t *km, *vm; } qhead;
+static inline qhead quant_head(const void *blk, int h, int H_kv, int D, int bs, int ng, int bits) {
+    const uint8_t *B = (const uint8_t *)blk;
+    const size_t cb = (size_t)D * bs * bits / 8;          /* one head's K (or V) codes */
+    const size_t v0 = (size_t)H_kv * cb, km = 2 * v0, vm = km + (size_t)H_kv * 4 * D;
+    qhead r = {B + h * cb, B + v0 + h * cb, (const uint16_t *)(B + km) + (size_t)h * 2 * D,
+               (const uint16_t *)(B + vm) + (size_t)h * bs * ng * 2};
+    return r;
+}
+
 #define DEFINE_QUANT(NAME, BITS)                                                                      \
 static void NAME##_item_generic(const item_job *J, int H_kv, int G, int D, int bs, float scale) {  \
     float P[G_MAX][BS_MAX], S[G_MAX][BS_MAX], QS[G_MAX][D_MAX], C0[G_MAX], row[D_MAX > BS_MAX ? D_MAX : BS_MAX]; \
     const int vg = J->vg, ng = D / vg;                                                              \
-    const size_t cb = (size_t)D * bs * BITS / 8;          /* one head's K (or V) codes */          \
-    const size_t v0 = (size_t)H_kv * cb, km = 2 * v0, vm = km + (size_t)H_kv * 4 * D;               \
     for (int h = 0; h < H_kv; h++) {                                                                \
         const float *q = J->q + (size_t)h * G * D;                                                  \
         float m[G_MAX], l[G_MAX], *o = J->o + (size_t)h * G * D;                                    \
@@ -490,10 +500,9 @@ static void NAME##_item_generic(const item_job *J, int H_kv, int G, int D, int b
             const uint64_t *tm = J->tm ? J->tm + (size_t)j * H_kv + h : NULL;                       \
             uint64_t mk = live_tokens(tm, n);                                                       \
             if (!mk) continue;                    /* head skips the block: nothing read */          \
-            const uint8_t *B = (const uint8_t *)J->blk[j];                                          \
-            const uint8_t *KC = B + h * cb, *VC = B + v0 + h * cb;                                  \
-            const uint16_t *KM = (const uint16_t *)(B + km) + (size_t)h * 2 * D;                    \
-            const uint16_t *VM = (const uint16_t *)(B + vm) + (size_t)h * bs * ng * 2;              \
+            const qhead Q = quant_head((const void *)J->blk[j], h, H_kv, D, bs, ng, BITS);          \
+            const uint8_t *KC = Q.kc, *VC = Q.vc;                                                   \
+            const uint16_t *KM = Q.km, *VM = Q.vm;                                                  \
             for (int g = 0; g < G; g++) C0[g] = 0.f;                                                \
             for (int d = 0; d < D; d++) {         /* the key scales folded into q */                \
                 float ks = h2f(KM[d]), kmn = h2f(KM[D + d]);                                        \
@@ -554,10 +563,11 @@ static inline __m512 w16_q4(const uint8_t *row, int e) {
 static inline __attribute__((always_inline)) void NAME##_item_v(const item_job *J, int H_kv, const int G, \
                                                                   const int D, int bs, float scale) { \
     float P[G_MAX][BS_MAX] __attribute__((aligned(64))), QS[G_MAX][D_MAX] __attribute__((aligned(64))); \
+    float PS[G_MAX][BS_MAX] __attribute__((aligned(64)));   /* p x the token's value scale */      \
     float C0[G_MAX];                                                                                \
+    const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30); \
+    const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));                                   \
     const int vg = J->vg, ng = D / vg, nd = D / 16;                                                 \
-    const size_t cb = (size_t)D * bs * BITS / 8;                                                    \
-    const size_t v0 = (size_t)H_kv * cb, km = 2 * v0, vm = km + (size_t)H_kv * 4 * D;               \
     const __m512 ninf = _mm512_set1_ps(-INFINITY);                                                  \
     for (int h = 0; h < H_kv; h++) {                                                                \
         const float *q = J->q + (size_t)h * G * D;                                                  \
@@ -569,10 +579,9 @@ static inline __attribute__((always_inline)) void NAME##_item_v(const item_job *
             const uint64_t *tm = J->tm ? J->tm + (size_t)j * H_kv + h : NULL;                       \
             uint64_t mk = live_tokens(tm, n);                                                       \
             if (!mk) continue;                                                                      \
-            const uint8_t *B = (const uint8_t *)J->blk[j];                                          \
-            const uint8_t *KC = B + h * cb, *VC = B + v0 + h * cb;                                  \
-            const uint16_t *KM = (const uint16_t *)(B + km) + (size_t)h * 2 * D;                    \
-            const uint16_t *VM = (const uint16_t *)(B + vm) + (size_t)h * bs * ng * 2;              \
+            const qhead Q = quant_head((const void *)J->blk[j], h, H_kv, D, bs, ng, BITS);          \
+            const uint8_t *KC = Q.kc, *VC = Q.vc;                                                   \
+            const uint16_t *KM = Q.km, *VM = Q.vm;                                                  \
             for (int g = 0; g < G; g++) {         /* the key scales folded into q */                \
                 __m512 c = _mm512_setzero_ps();                                                     \
                 for (int d = 0; d < D; d += 16) {                                                   \
@@ -614,23 +623,44 @@ static inline __attribute__((always_inline)) void NAME##_item_v(const item_job *
                     ls = _mm512_add_ps(ls, p);                                                      \
                 }                                                                                   \
                 l[g] += _mm512_reduce_add_ps(ls);                                                   \
-                for (int c = 0; c < ng; c++) zsum[g][c] = 0.f;                                      \
                 for (int e = 0; e < nd; e++) ov[g][e] = _mm512_setzero_ps();                        \
             }                                                                                       \
-            for (int t = 0; t < n; t++) {         /* weighted V rows, accumulated in registers */   \
-                if (tm && !((mk >> t) & 1)) continue;                                               \
-                const uint8_t *vr = VC + (size_t)t * D * BITS / 8;                                  \
-                const uint16_t *vmt = VM + (size_t)t * ng * 2;                                      \
-                for (int c = 0; c < ng; c++) {                                                      \
-                    float vs = h2f(vmt[2 * c]), vmn = h2f(vmt[2 * c + 1]);                          \
-                    __m512 ps[G_MAX];                                                               \
-                    for (int g = 0; g < G; g++) {                                                   \
-                        ps[g] = _mm512_set1_ps(P[g][t] * vs);                                       \
-                        zsum[g][c] = fmaf(P[g][t], vmn, zsum[g][c]);                                \
+            for (int c = 0; c < ng; c++) {        /* value group c: its scales folded into p */     \
+                __m512 za[G_MAX];                                                                   \
+                for (int g = 0; g < G; g++) za[g] = _mm512_setzero_ps();                            \
+                for (int t0 = 0; t0 < n; t0 += 16) {  /* 16 tokens' (scale, min) of group c */      \
+                    __mmask16 in = (__mmask16)(n - t0 >= 16 ? 0xFFFF : (1u << (n - t0)) - 1);       \
+                    __m512 vs, vz;                                                                  \
+                    if (ng == 1) {                /* the pairs of 16 tokens: 32 halves in a row */  \
+                        __m512 a = ld_f16(VM + 2 * t0), b = ld_f16(VM + 2 * t0 + 16);               \
+                        vs = _mm512_permutex2var_ps(a, ev, b);                                      \
+                        vz = _mm512_permutex2var_ps(a, od, b);                                      \
+                    } else {                                                                        \
+                        float s16[16] __attribute__((aligned(64))), z16[16] __attribute__((aligned(64))); \
+                        for (int i = 0; i < 16; i++) {                                              \
+                            const uint16_t *pr = VM + ((size_t)(t0 + i) * ng + c) * 2;              \
+                            s16[i] = h2f(pr[0]);                                                    \
+                            z16[i] = h2f(pr[1]);                                                    \
+                        }                                                                           \
+                        vs = _mm512_load_ps(s16);                                                   \
+                        vz = _mm512_load_ps(z16);                                                   \
                     }                                                                               \
+                    vs = _mm512_maskz_mov_ps(in, vs);                                               \
+                    vz = _mm512_maskz_mov_ps(in, vz);                                               \
+                    for (int g = 0; g < G; g++) {                                                   \
+                        __m512 p = _mm512_load_ps(P[g] + t0);                                       \
+                        _mm512_store_ps(PS[g] + t0, _mm512_mul_ps(p, vs));                          \
+                        za[g] = _mm512_fmadd_ps(p, vz, za[g]);                                      \
+                    }                                                                               \
+                }                                                                                   \
+                for (int g = 0; g < G; g++) zsum[g][c] = _mm512_reduce_add_ps(za[g]);               \
+                for (int t = 0; t < n; t++) {     /* weighted V rows, accumulated in registers */   \
+                    if (tm && !((mk >> t) & 1)) continue;                                           \
+                    const uint8_t *vr = VC + (size_t)t * D * BITS / 8;                              \
                     for (int e = c * vg / 16; e < (c + 1) * vg / 16; e++) {                         \
                         __m512 x = w16_##NAME(vr, e * 16);                                          \
-                        for (int g = 0; g < G; g++) ov[g][e] = _mm512_fmadd_ps(ps[g], x, ov[g][e]); \
+                        for (int g = 0; g < G; g++)                                                 \
+                            ov[g][e] = _mm512_fmadd_ps(_mm512_set1_ps(PS[g][t]), x, ov[g][e]);      \
                     }                                                                               \
                 }                                                                                   \
             }                                                                                       \
