@@ -219,6 +219,8 @@ class SparsePolicy:
     """
 
     name: ClassVar[str] = ""
+    native_name: ClassVar[str | None] = None   # the native selection it shares (default: its own name)
+    rebuilds_keys: ClassVar[bool] = False       # attends some chosen tokens with keys of its own (shadowkv_lowrank)
     dense_layers: ClassVar[tuple[int, ...]] = ()
     sink_tokens: ClassVar[int] = 0
     recent_tokens: ClassVar[int] = 0
@@ -367,13 +369,14 @@ class SparsePolicy:
         from kvoffload.sparse.registry import POLICIES
 
         cls = POLICIES.get(self.name)
+        kname = self.native_name or self.name
         self._kernel = False
-        if (cls is None or self.name not in POLICY_IDS or self.device.type != "cpu" or self.G > G_MAX or self.D > D_MAX
+        if (cls is None or kname not in POLICY_IDS or self.device.type != "cpu" or self.G > G_MAX or self.D > D_MAX
                 or any(getattr(type(self), f) is not getattr(cls, f)
                        for f in ("score", "update", "finish", "select", "geometry", "new_state"))):
             return False
         try:
-            self._kernel = NativeSelect(self.name, self.H_kv, self.G, self.D, self.bs, self.unit, self.sink,
+            self._kernel = NativeSelect(kname, self.H_kv, self.G, self.D, self.bs, self.unit, self.sink,
                                         self.recent, self.cfg._budget, threads=self.threads, lib=self.native_lib,
                                         new_tensor=lambda shape: torch.empty(shape), **self.native_args())
         except RuntimeError:
