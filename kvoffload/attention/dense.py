@@ -26,7 +26,7 @@ from kvoffload.errors import ConfigError, InputError
 from kvoffload.kernels.paged import Append, Items, Merge, PagedAttention, PreparedCall
 from kvoffload.kv.layout import BlockLayout
 from kvoffload.kv.tiers.memory import attend_slots
-from kvoffload.model.interface import ForwardBatch
+from kvoffload.model.interface import ForwardBatch, Logits
 from kvoffload.sparse.base import Selection, SparseCounters, SparsePolicy
 
 
@@ -170,6 +170,8 @@ class DenseBackend:
             self.layout.write_range(slots, start, kb, vb)
             if self.policy is not None:
                 self.policy.append(layer, sid, start, kb, vb)
+                if batch.logits is Logits.LAST:                  # the prompt is complete
+                    self.policy.prefilled(layer, sid, start + kb.shape[1])
         return torch.stack(outs)
 
     def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -38,7 +38,7 @@ from kvoffload.kv.tiers.protocol import (
     TierSpec,
     expand_rows,
 )
-from kvoffload.model.interface import ForwardBatch
+from kvoffload.model.interface import ForwardBatch, Logits
 from kvoffload.sparse.base import Selection, SparseCounters, SparsePolicy
 
 
@@ -406,6 +406,8 @@ class TieredBackend:
             self.store.write(sid, layer, start, kb, vb)
             if self.policy is not None:
                 self.policy.append(layer, sid, start, kb, vb)
+                if batch.logits is Logits.LAST:                  # the prompt is complete
+                    self.policy.prefilled(layer, sid, start + kb.shape[1])
         self.store.send()
         return torch.stack(outs)
 

@@ -272,6 +272,10 @@ class SparsePolicy:
     def update(self, state: object, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Fold appended tokens into ``state`` (default: no metadata)."""
 
+    def prefilled(self, layer: int, seq_id: int, length: int) -> None:
+        """The prompt's last chunk is appended (``length`` tokens): work a policy does once
+        over the prefill (shadowkv_lowrank: its SVD) can be done now, as prefill (default: none)."""
+
     # ---- the one scoring method ----
     def score(self, state: object, q: torch.Tensor, lo: int, hi: int, length: int) -> torch.Tensor:
         """Scores ``[H_kv, (hi-lo)*bs/unit]`` of the candidate units (of ``unit`` tokens) in the

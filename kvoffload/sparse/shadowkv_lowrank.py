@@ -2,9 +2,9 @@
 :mod:`kvoffload.sparse.shadowkv`, and the keys of the chosen chunks rebuilt from an SVD of the
 prefill's pre-RoPE keys, RoPE applied at use.
 
-At the first decode step of a sequence, each layer's prefill keys (every token appended before
-it: ``T0`` tokens) are taken back to pre-RoPE (the inverse rotation at their positions) and
-factored, all KV heads together as ShadowKV does (``[T0, H_kv*D]``, one SVD per layer):
+When the prompt's last chunk is appended (or at the first decode step, when the prefill was not
+seen ending: a shared prefix), each layer's prefill keys (``T0`` tokens) are taken back to
+pre-RoPE (the inverse rotation at their positions) and factored, all KV heads together as ShadowKV does (``[T0, H_kv*D]``, one SVD per layer):
 ``K_pre ~= C @ W`` with ``C = U_r S_r`` ``[T0, r]`` (the KV dtype) and ``W = V_r^T`` ``[r, H_kv*D]``
 (fp32), ``r`` = ``--sparse-rank`` (default ShadowKV's 160 of Llama-3-8B's 1024 key channels:
 5/32 of ``H_kv*D``, 30 for SmolLM2's 3x64, 20 for Qwen2.5-0.5B's 2x64). The factors are what RAM
@@ -105,6 +105,11 @@ class ShadowKVLowRank(ShadowKV):
         super().update(st, start, k, v)
         if st.T0 < 0:
             st.raw.append((start, k.detach().clone()))
+
+    def prefilled(self, layer: int, seq_id: int, length: int) -> None:
+        st = self.states[seq_id][layer]
+        if st is not None and st.T0 < 0:
+            self.factor(st, length)
 
     # ---- the factors ----
     def _rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
