@@ -214,27 +214,28 @@ class ShadowKVLowRank(ShadowKV):
         """The rebuilt chunks of :meth:`split_rebuilt`'s work, attended with their rebuilt keys
         and merged into o ``[B, H, D]`` (lse ``[B, H]``: the exact part's). q ``[B, H, D]`` fp32;
         ``values(b, blocks)`` -> V ``[n, H_kv, bs, D]`` of batch row b's full blocks."""
-        bs, G, D = self.bs, self.G, self.D
+        bs, G, D, H_kv = self.bs, self.G, self.D, self.H_kv
         scale = softmax_scale(D)
         o = o.clone()
         for b, st, blocks, masks in work:
             V = values(b, blocks)                                                       # [n, H_kv, bs, D]
             valid = masks_to_valid(masks, bs)                                           # [H_kv, n*bs]
-            toks = (blocks[:, None] * bs + np.arange(bs)).reshape(-1)                   # [n*bs]
-            o_r = torch.zeros(self.H_kv * G, D)
-            l_r = torch.full((self.H_kv * G,), float("-inf"))
-            for h in range(self.H_kv):
-                sel = valid[h]
-                if not sel.any():
-                    continue
-                pos = torch.from_numpy(toks[sel])
-                kh = self.keys(st, h, pos)                                              # [m, D]
-                vh = V[:, h].reshape(-1, D)[torch.from_numpy(np.nonzero(sel)[0])].float()   # [m, D]
-                s = (q[b, h * G:(h + 1) * G] @ kh.T) * scale                             # [G, m]
-                ls = torch.logsumexp(s, dim=-1)                                         # [G]
-                o_r[h * G:(h + 1) * G] = torch.exp(s - ls[:, None]) @ vh
-                l_r[h * G:(h + 1) * G] = ls
-                self.lowrank.rebuilt += int(sel.sum())
-            o[b], _ = merge_two(o[b], lse[b], o_r, l_r)
+            m = int(valid.sum(1).max())
+            # every head's rebuilt tokens first (in order), padded to the longest head
+            order = np.argsort(~valid, axis=1, kind="stable")[:, :m]                    # [H_kv, m]
+            ok = torch.from_numpy(np.take_along_axis(valid, order, 1))                  # [H_kv, m]
+            idx = torch.from_numpy(order)
+            pos = torch.from_numpy((blocks[:, None] * bs + np.arange(bs)).reshape(-1))[idx]   # [H_kv, m]
+            cos, sin = self._rope(pos.reshape(-1))
+            pre = torch.bmm(st.coef[pos].float(), st.basis)                             # [H_kv, m, D] pre-RoPE
+            k = self._rotate(pre, cos.view(H_kv, m, D), sin.view(H_kv, m, D))
+            v = V.transpose(0, 1).reshape(H_kv, -1, D).gather(1, idx[..., None].expand(-1, -1, D)).float()
+            s = torch.bmm(q[b].view(H_kv, G, D), k.transpose(1, 2)) * scale            # [H_kv, G, m]
+            s.masked_fill_(~ok[:, None], float("-inf"))
+            ls = torch.logsumexp(s, dim=-1)                                             # [H_kv, G] (-inf: none)
+            p = torch.exp(s - torch.where(torch.isinf(ls), 0.0, ls)[..., None])
+            o_r = torch.bmm(p, v).reshape(H_kv * G, D)
+            o[b], _ = merge_two(o[b], lse[b], o_r, ls.reshape(H_kv * G))
+            self.lowrank.rebuilt += int(valid.sum())
             self.lowrank.steps += 1
         return o

@@ -162,6 +162,11 @@ def test_rebuilt_attention_equals_one_softmax():
     print(f"rebuilt + exact vs one softmax: max {d.max():.2e} mean {d.mean():.2e}")
     assert d.max() < 1e-5
     assert pol.lowrank.rebuilt == int(rvalid.sum())
+    # a head with nothing rebuilt keeps its exact part bit for bit
+    none1 = masks.copy()
+    none1[:, 1] = 0
+    got1 = pol.attend_rebuilt([(0, st, blocks, none1)], q, o_e[None], l_e[None], values)[0]
+    assert torch.equal(got1[G:], o_e[G:]) and torch.allclose(got1[:G], got[:G], atol=1e-6)
 
 
 @pytest.fixture(scope="module")
