@@ -41,8 +41,11 @@ def main() -> None:
     for L in (int(x) for x in args.lengths.split(",")):
         llm = LLM(args.model, sparse_policy="shadowkv_lowrank", sparse_budget="1/16", threads=args.threads)
         ids = text_tokens(llm.tokenizer, L, 0, 0)
-        llm.generate(ids, SamplingParams(max_tokens=args.decode, ignore_eos=True))
-        kv, pol = llm.engine.kv, llm.engine.kv.policy
+        eng = llm.engine
+        sid = eng.add_request(ids, SamplingParams(max_tokens=args.decode + 8, ignore_eos=True))
+        while len(eng.seqs[sid].output_ids) < args.decode:      # (measured while the sequence is held)
+            eng.step()
+        kv, pol = eng.kv, eng.kv.policy
         st, lr = kv.stats().sparse, pol.lowrank
         held, exact = pol.factor_bytes()
         bpt = st.bytes_per_token                            # K+V bytes of a token of one head
@@ -59,7 +62,7 @@ def main() -> None:
         # energy kept per rank, from the same prefill keys (pre-RoPE, all heads of a layer together)
         ranks = [int(r) for r in args.ranks.split(",")]
         probe = make_policy(SparseConfig(sparse_policy="shadowkv_lowrank"), pol.model, pol.bs, torch.device("cpu"))
-        seq = next(iter(kv.seqs))
+        seq = sid
         energy = []
         for layer in range(pol.model.num_layers):
             k, _ = kv.layout.unpack(kv.seqs[seq][layer, :-(-L // pol.bs)], L)          # [H_kv, L, D] post-RoPE
@@ -72,6 +75,7 @@ def main() -> None:
                               for i, r in enumerate(ranks)}
         out.append(rec)
         print(json.dumps(rec))
+        eng.abort([sid])
         llm.close()
     if args.output:
         with open(args.output, "w") as f:
