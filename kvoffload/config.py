@@ -446,12 +446,15 @@ class SparseConfig:
         scores (``None``: the policy's default fraction of the head dim).
     sparse_calibration: ``double_sparsity``: the channel file written by ``kvoffload calibrate``.
     sparse_chunk: ``shadowkv`` / ``retrieval``: tokens per landmark chunk.
+    sparse_rank: ``shadowkv_lowrank``: rank of the low-rank pre-RoPE keys (one SVD per layer
+        over the KV heads' channels; ``None``: 5/32 of ``num_kv_heads * head_dim``, ShadowKV's
+        160 of Llama-3-8B's 1024; at or above ``num_kv_heads * head_dim``: full rank).
     sparse_prefetch: with KV in a tier that reads ahead (disk), guess the next sparse layer's
         blocks from this layer's query and its own metadata, and read them ahead (the layer
         then attends what its own selection chooses; missed blocks are read on demand).
     """
 
-    sparse_policy: str = cli_field("dense", "sparse decode attention policy: dense, streaming, quest, sparf, double_sparsity, shadowkv, retrieval")
+    sparse_policy: str = cli_field("dense", "sparse decode attention policy: dense, streaming, quest, sparf, double_sparsity, shadowkv, shadowkv_lowrank, retrieval")
     sparse_budget: str = cli_field("1/16", "KV per decode step and KV head: fraction of the context (1/16, 0.125) or tokens (512)",
                                    parse=parse_budget)
     sparse_dense_layers: tuple[int, ...] | None = cli_field(None, "layers kept dense, e.g. 0,1 or none (default: the policy's)", parse=parse_layers)
@@ -460,6 +463,7 @@ class SparseConfig:
     sparse_channels: int | None = cli_field(None, "sparf/double_sparsity: channels per head for approximate scores")
     sparse_calibration: str | None = cli_field(None, "double_sparsity: channel file from `kvoffload calibrate`")
     sparse_chunk: int = cli_field(8, "shadowkv/retrieval: tokens per landmark chunk")
+    sparse_rank: int | None = cli_field(None, "shadowkv_lowrank: rank of the low-rank pre-RoPE keys (default 5/32 of kv_heads x head_dim)")
     sparse_prefetch: bool = cli_field(False, "read ahead the next sparse layer's guessed blocks from disk")
 
     def __post_init__(self) -> None:
@@ -472,6 +476,8 @@ class SparseConfig:
                 raise ConfigError(f"{name} must be >= 0, got {v}")
         if self.sparse_channels is not None and self.sparse_channels < 1:
             raise ConfigError(f"sparse_channels must be >= 1, got {self.sparse_channels}")
+        if self.sparse_rank is not None and self.sparse_rank < 1:
+            raise ConfigError(f"sparse_rank must be >= 1, got {self.sparse_rank}")
         if self.sparse_chunk < 1:
             raise ConfigError(f"sparse_chunk must be >= 1, got {self.sparse_chunk}")
 

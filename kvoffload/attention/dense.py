@@ -27,7 +27,7 @@ from kvoffload.kernels.paged import Append, Items, Merge, PagedAttention, Prepar
 from kvoffload.kernels.select import NativeSelect, SparseStep
 from kvoffload.kv.layout import BlockLayout
 from kvoffload.kv.tiers.memory import attend_slots
-from kvoffload.model.interface import ForwardBatch
+from kvoffload.model.interface import ForwardBatch, Logits
 from kvoffload.sparse.base import Selection, SparseCounters, SparsePolicy, mean_mix
 
 
@@ -174,6 +174,8 @@ class DenseBackend:
             self.layout.write_range(slots, start, kb, vb)
             if self.policy is not None:
                 self.policy.append(layer, sid, start, kb, vb)
+                if batch.logits is Logits.LAST:                  # the prompt is complete
+                    self.policy.prefilled(layer, sid, start + kb.shape[1])
         return torch.stack(outs)
 
     def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -181,19 +183,26 @@ class DenseBackend:
         """q ``[B, H, 1, D]``, k/v ``[B, H_kv, 1, D]`` -> ``[B, 1, H, D]``."""
         kvd = self.kv_dtype
         k_new, v_new = k[:, :, 0].to(kvd), v[:, :, 0].to(kvd)                   # [B, H_kv, D]
-        chosen = None
+        chosen = rebuilt = None
         if self.policy is not None and self.policy.sparse(layer):
-            sel = self.policy.native_kernel(q[:, :, 0], k_new, v_new) if self.kernel and self.one_call else None
+            one = self.kernel and self.one_call and not self.policy.rebuilds_keys
+            sel = self.policy.native_kernel(q[:, :, 0], k_new, v_new) if one else None
             if sel is not None:
                 o = self._sparse_step(sel, layer, q[:, :, 0], k_new, v_new, batch)
                 if layer == self.cfg.num_layers - 1:
                     self.decode_tokens += len(batch.seq_ids)
                 return o.unsqueeze(1).to(q.dtype)
             chosen = self.policy.select_batch(layer, batch.seq_ids, q[:, :, 0], batch.starts, k_new, v_new)
+            if self.policy.rebuilds_keys:
+                chosen, rebuilt = self.policy.split_rebuilt(layer, batch.seq_ids, batch.starts, chosen)
             items, base = DecodeItems(self.layout, batch.starts, chosen), self._bases(batch)
         else:
             items = base = None
-        o = self._attend(layer, q[:, :, 0].float(), k_new, v_new, batch, items, base)          # [B, H, D]
+        q_rows = q[:, :, 0].float()                                                  # [B, H, D]
+        o, lse = self._attend(layer, q_rows, k_new, v_new, batch, items, base)       # [B, H, D], [B, H]
+        if rebuilt is not None:
+            o = self.policy.attend_rebuilt(rebuilt, q_rows, o, lse, lambda b, blocks: self.layout.unpack_blocks(
+                self.seqs[batch.seq_ids[b]][layer, torch.from_numpy(blocks).to(self.device)])[1])
         if chosen is not None:
             o = self.sparse_stats.finish(chosen, o, batch.starts, self.bs, self.layout.token_bytes(1) // self.cfg.num_kv_heads)
         if layer == self.cfg.num_layers - 1:
@@ -250,17 +259,18 @@ class DenseBackend:
         return plan
 
     def _attend(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
-                batch: ForwardBatch, items: DecodeItems | None, base: np.ndarray | None) -> torch.Tensor:
+                batch: ForwardBatch, items: DecodeItems | None, base: np.ndarray | None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append each sequence's new token to its tail block, then attend its items and merge:
-        q ``[B, H, D]`` fp32 -> ``[B, H, D]`` fp32. ``items`` None: the dense step's prepared
-        calls; else (sparse) these items over the sequences' slots at ``base``."""
+        q ``[B, H, D]`` fp32 -> o ``[B, H, D]``, lse ``[B, H]`` fp32. ``items`` None: the dense
+        step's prepared calls; else (sparse) these items over the sequences' slots at ``base``."""
         B, H, D = q.shape
         sb = self.layout.slot_bytes
         if self.kernel is not None:
             out, lse = torch.empty(B, H, D), torch.empty(B, H)
             if items is None:
                 self._plan(batch).calls[layer](q, k_new, v_new, out, lse)
-                return out
+                return out, lse
             nb = np.array([self.seqs[sid].shape[1] for sid in batch.seq_ids], np.int64)
             layer_base = base + layer * nb * sb                                    # [B]
             tails = np.array([s // self.bs for s in batch.starts], np.int64)
@@ -270,7 +280,7 @@ class DenseBackend:
                                  items.masks), part_o, part_lse, self.threads,
                         append=Append(k_new, v_new, layer_base + tails * sb, cols),
                         merge=Merge(items.row_first, None, out, lse))
-            return out
+            return out, lse
         if items is None:
             items = DecodeItems(self.layout, batch.starts, None)
         for b, (sid, s) in enumerate(zip(batch.seq_ids, batch.starts)):
@@ -281,7 +291,7 @@ class DenseBackend:
                               items.masks)
         parts = Parts(B, H, D, self.device, False, self.threads)
         parts.add(items.row, items.keys, o, lse)
-        return parts.merge()[0]
+        return parts.merge()
 
     # ---- speculation: verify, commit / rollback, reading KV back ----
     def verify(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -38,7 +38,7 @@ from kvoffload.kv.tiers.protocol import (
     TierSpec,
     expand_rows,
 )
-from kvoffload.model.interface import ForwardBatch
+from kvoffload.model.interface import ForwardBatch, Logits
 from kvoffload.sparse.base import Selection, SparseCounters, SparsePolicy
 
 
@@ -280,14 +280,16 @@ class TieredBackend:
         kvd = self.kv_dtype
         B, H, _, D = q.shape
         k_new, v_new = k[:, :, 0].to(kvd), v[:, :, 0].to(kvd)                   # [B, H_kv, D]
-        chosen = None
+        chosen = rebuilt = None
         if self.policy is not None and self.policy.sparse(layer):
             chosen = self.policy.select_batch(layer, batch.seq_ids, q[:, :, 0], batch.starts, k_new, v_new)
+            if self.policy.rebuilds_keys:
+                chosen, rebuilt = self.policy.split_rebuilt(layer, batch.seq_ids, batch.starts, chosen)
         q_rows = q[:, :, 0].float()                                              # [B, H, D]
         if chosen is None and self.kernel is not None:
             o = self._decode_dense(layer, q_rows, k_new, v_new, batch)
         else:
-            o = self._decode_items(layer, q_rows, k_new, v_new, batch, chosen)
+            o = self._decode_items(layer, q_rows, k_new, v_new, batch, chosen, rebuilt)
         for sid, s in zip(batch.seq_ids, batch.starts):
             if (s + 1) % self.bs == 0:                                          # the tail is full
                 self.store.flush_tail(sid, layer)
@@ -338,8 +340,10 @@ class TieredBackend:
         return out
 
     def _decode_items(self, layer: int, q_rows: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
-                      batch: ForwardBatch, chosen: list[Selection] | None) -> torch.Tensor:
-        """A decode layer item by item (sparse selections, or no native kernel) -> ``[B, H, D]``."""
+                      batch: ForwardBatch, chosen: list[Selection] | None, rebuilt: list | None = None,
+                      ) -> torch.Tensor:
+        """A decode layer item by item (sparse selections, or no native kernel) -> ``[B, H, D]``;
+        ``rebuilt``: the chunks the policy attends with keys of its own (their values read here)."""
         B, H, D = q_rows.shape
         reqs = self._requests(layer, batch.seq_ids, q_rows[:, None], chosen)
         parts = Parts(B, H, D, self.device, self.kernel is not None, self.threads)
@@ -351,7 +355,10 @@ class TieredBackend:
             self._tail_parts(layer, batch, q_rows, 1, starts % self.bs + 1, parts, k_new, v_new, starts % self.bs)
 
         self._attend_tiers(reqs, parts, 1, local)
-        o = parts.merge()[0]                                                     # [B, H, D]
+        o, lse = parts.merge()                                                   # [B, H, D], [B, H]
+        if rebuilt is not None:
+            o = self.policy.attend_rebuilt(rebuilt, q_rows, o, lse, lambda b, blocks: self.store.read_kv(
+                batch.seq_ids[b], layer, blocks)[1])
         if chosen is not None:
             o = self.sparse_stats.finish(chosen, o, batch.starts, self.bs, self.layout.token_bytes(1) // self.cfg.num_kv_heads)
         return o
@@ -399,6 +406,8 @@ class TieredBackend:
             self.store.write(sid, layer, start, kb, vb)
             if self.policy is not None:
                 self.policy.append(layer, sid, start, kb, vb)
+                if batch.logits is Logits.LAST:                  # the prompt is complete
+                    self.policy.prefilled(layer, sid, start + kb.shape[1])
         self.store.send()
         return torch.stack(outs)
 

@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-chat", action="store_true", help="plain-text prompts instead of the chat template")
     p.add_argument("--output", "-o", default=None, help="result directory (resumable)")
     add_dataclass_args(p, EngineConfig, include=("model", "dtype", "kv_dtype", "threads", "prefill_chunk",
-                                                  "cache_dir", "block_size", "sparse_calibration"))
+                                                  "cache_dir", "block_size", "sparse_calibration", "sparse_rank"))
     p.set_defaults(run=run)
 
 

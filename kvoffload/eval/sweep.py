@@ -20,6 +20,7 @@ Results go to ``DIR/sweep.jsonl`` (one line per sample and configuration; a reru
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -125,7 +126,9 @@ def run_sample(llm, cfg: SweepConfig, task_name: str, length: int, index: int, t
                ) -> list[dict]:
     """Every configuration in ``todo`` (and dense) on one sample."""
     task = get_task(task_name)
-    sparse = {c: SparseConfig(sparse_policy=c[0], sparse_budget=c[1], sparse_calibration=cfg.calibration) for c in todo}
+    # (the engine's other sparse settings, e.g. --sparse-rank, apply to every configuration)
+    sparse = {c: dataclasses.replace(llm.config.sparse, sparse_policy=c[0], sparse_budget=c[1],
+                                     sparse_calibration=cfg.calibration) for c in todo}
     out = []
     if task.kind == "generate":
         sample = make_sample(task, llm.tokenizer, length, index, cfg.seed, None, cfg.chat)

@@ -235,6 +235,8 @@ class SparsePolicy:
     """
 
     name: ClassVar[str] = ""
+    native_name: ClassVar[str | None] = None   # the native selection it shares (default: its own name)
+    rebuilds_keys: ClassVar[bool] = False       # attends some chosen tokens with keys of its own (shadowkv_lowrank)
     dense_layers: ClassVar[tuple[int, ...]] = ()
     sink_tokens: ClassVar[int] = 0
     recent_tokens: ClassVar[int] = 0
@@ -285,6 +287,10 @@ class SparsePolicy:
 
     def update(self, state: object, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Fold appended tokens into ``state`` (default: no metadata)."""
+
+    def prefilled(self, layer: int, seq_id: int, length: int) -> None:
+        """The prompt's last chunk is appended (``length`` tokens): work a policy does once
+        over the prefill (shadowkv_lowrank: its SVD) can be done now, as prefill (default: none)."""
 
     # ---- the one scoring method ----
     def score(self, state: object, q: torch.Tensor, lo: int, hi: int, length: int) -> torch.Tensor:
@@ -393,13 +399,14 @@ class SparsePolicy:
         from kvoffload.sparse.registry import POLICIES
 
         cls = POLICIES.get(self.name)
+        kname = self.native_name or self.name
         self._kernel = False
-        if (cls is None or self.name not in POLICY_IDS or self.device.type != "cpu" or self.G > G_MAX or self.D > D_MAX
+        if (cls is None or kname not in POLICY_IDS or self.device.type != "cpu" or self.G > G_MAX or self.D > D_MAX
                 or any(getattr(type(self), f) is not getattr(cls, f)
                        for f in ("score", "update", "finish", "select", "geometry", "new_state"))):
             return False
         try:
-            self._kernel = NativeSelect(self.name, self.H_kv, self.G, self.D, self.bs, self.unit, self.sink,
+            self._kernel = NativeSelect(kname, self.H_kv, self.G, self.D, self.bs, self.unit, self.sink,
                                         self.recent, self.cfg._budget, threads=self.threads, lib=self.native_lib,
                                         new_tensor=lambda shape: torch.empty(shape), **self.native_args())
         except RuntimeError:

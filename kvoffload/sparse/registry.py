@@ -7,6 +7,7 @@ from kvoffload.sparse.double_sparsity import DoubleSparsity
 from kvoffload.sparse.quest import Quest
 from kvoffload.sparse.retrieval import Retrieval
 from kvoffload.sparse.shadowkv import ShadowKV
+from kvoffload.sparse.shadowkv_lowrank import ShadowKVLowRank
 from kvoffload.sparse.sparf import SparF
 from kvoffload.sparse.streaming import Streaming
 
@@ -16,5 +17,6 @@ POLICIES: dict[str, type[SparsePolicy]] = {
     "sparf": SparF,
     "double_sparsity": DoubleSparsity,
     "shadowkv": ShadowKV,
+    "shadowkv_lowrank": ShadowKVLowRank,
     "retrieval": Retrieval,
 }

@@ -14,7 +14,8 @@ Departure: ShadowKV stores the keys as a low-rank SVD of the pre-RoPE keys (rank
 Llama-3-8B) and rebuilds the chosen chunks' keys on the fly, reading only their values from
 the offload tier. Our KV store keeps exact keys (the dense path and the other policies need
 them), so the chosen chunks are attended with their exact keys and a chosen chunk's block is
-read whole (K and V): the selection is ShadowKV's, the key compression is not implemented.
+read whole (K and V): the selection is ShadowKV's. The key compression is the ``shadowkv_lowrank`` policy
+(:mod:`kvoffload.sparse.shadowkv_lowrank`).
 """
 
 from __future__ import annotations
@@ -100,10 +101,14 @@ class ShadowKV(SparsePolicy):
         a, b = lo * per, hi * per                                         # candidate chunks
         s = torch.softmax(tiled_matmul(q, st.land, a, b) / self.D ** 0.5, dim=-1)
         score = group_max(s)                                              # [H_kv, n] in [0, 1]
-        n_out = min(b - a, round(self.outlier_share * self.cfg.budget_tokens(length) / self.unit))
-        if n_out:
-            # the lowest min-cosines, ties toward the lower chunk (as the native kernel: repeated
-            # chunks have equal landmarks)
-            out = st.mincos[:, a:b].sort(dim=-1, stable=True).indices[:, :n_out]
+        out = self.outliers(st, a, b, length)
+        if out.shape[1]:
             score.scatter_(1, out, 2.0)                                   # above any probability
         return score
+
+    def outliers(self, st: Landmarks, a: int, b: int, length: int) -> torch.Tensor:
+        """``[H_kv, n_out]`` the outlier chunks among candidate chunks ``a .. b-1`` (relative to
+        ``a``): the lowest min-cosines, ties toward the lower chunk (as the native kernel:
+        repeated chunks have equal landmarks)."""
+        n_out = min(b - a, round(self.outlier_share * self.cfg.budget_tokens(length) / self.unit))
+        return st.mincos[:, a:b].sort(dim=-1, stable=True).indices[:, :max(0, n_out)]

@@ -69,10 +69,15 @@ def diff(a: torch.Tensor, b: torch.Tensor, what: str) -> float:
 @pytest.mark.parametrize("policy", list(POLICIES))
 @pytest.mark.parametrize("where", ["memory", "disk"])
 def test_full_budget_equals_dense(dense, tiny_path, calibration, policy, where):
-    """Budget = the whole context: every policy reads everything and is dense attention."""
+    """Budget = the whole context: every policy reads everything and is dense attention. (A
+    policy that rebuilds keys from low-rank factors, shadowkv_lowrank, is approximate by design:
+    here at full rank, where the factors give the keys back up to fp32 rounding;
+    test_shadowkv_lowrank.py checks the low-rank error.)"""
     ids = dense.encode(TEXT)[:200]
     ref = forced(dense, ids, 60)
     tier = dict(kv_host_budget=0, disk_workers=1) if where == "disk" else {}
+    if POLICIES[policy].rebuilds_keys:
+        tier["sparse_rank"] = 1 << 20
     llm = sparse_llm(tiny_path, policy, "all", calibration, sparse_dense_layers="none", **tier)
     try:
         got = forced(llm, ids, 60)
@@ -131,7 +136,8 @@ def test_one_call_sparse_step_equals_the_python_items(tiny_path, calibration, po
     params = SamplingParams(max_tokens=28, ignore_eos=True, logprobs=5)
     try:
         a, b = fast.generate(prompts, params), slow.generate(prompts, params)
-        assert fast.engine.kv._step is not None and slow.engine.kv._step is None      # each took its path
+        one_call = not POLICIES[policy].rebuilds_keys          # (keys rebuilt from factors: the Python path)
+        assert (fast.engine.kv._step is not None) == one_call and slow.engine.kv._step is None
         for x, y in zip(a, b):
             assert x.token_ids == y.token_ids
             assert [t.top for t in x.logprobs] == [t.top for t in y.logprobs]        # every digit
