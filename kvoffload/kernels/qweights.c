@@ -212,6 +212,26 @@ int kvo_int4pack_dequant_t(const uint8_t *packed, const void *scale_zero, int sz
     return 0;
 }
 
+// Per-row int8 (Int8Linear: w = q * scale[n]) rows n0..n1 -> dst [n1-n0, K], bf16 (out_f32 = 0)
+// or fp32; scale bf16 or fp32 (sc_f32). The product is rounded once, as torch.mul rounds it.
+int kvo_int8_dequant(const int8_t *q, const void *scale, int sc_f32, int64_t K, int64_t n0, int64_t n1,
+                     void *dst, int out_f32, int threads) {
+    if (n0 < 0 || n0 > n1) return -1;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = n0; n < n1; n++) {
+        float s = sc_f32 ? ((const float *)scale)[n] : bf16_to_f32(((const uint16_t *)scale)[n]);
+        const int8_t *qr = q + n * K;
+        if (out_f32) {
+            float *d = (float *)dst + (n - n0) * K;
+            for (int64_t k = 0; k < K; k++) d[k] = (float)qr[k] * s;
+        } else {
+            uint16_t *d = (uint16_t *)dst + (n - n0) * K;
+            for (int64_t k = 0; k < K; k++) d[k] = f32_to_bf16((float)qr[k] * s);
+        }
+    }
+    return 0;
+}
+
 // GGUF Q4_0 / Q4_1 rows -> torch's CPU int4 pack without leaving the codes (N a multiple of 64).
 // Output row n is read from rows[n] (an address: fuses q/k/v, undoes a row permutation).
 // packed [N/64, K, 32] as above; scale_zero [K/32, N, 2] fp32: Q4_0 w = d·(q-8) -> (d, 0);

@@ -22,6 +22,7 @@ def _lib():
         lib.kvo_gguf_supported.argtypes = [_I]
         lib.kvo_gguf_gather.argtypes = [_I, _P, _L, _P, _L, _L, _P, _I]
         lib.kvo_int4pack_dequant_t.argtypes = [_P, _P, _I, _L, _L, _I, _L, _L, _P, _I, _I]
+        lib.kvo_int8_dequant.argtypes = [_P, _P, _I, _L, _L, _L, _P, _I, _I]
         lib.kvo_q4_pack.argtypes = [_I, _P, _L, _L, _P, _P, _I]
         lib.kvo_gguf_to_int8.argtypes = [_I, _P, _L, _L, _P, _P, _I]
         lib._typed = True
@@ -82,6 +83,22 @@ def int4pack_dequant_t(packed: torch.Tensor, scale_zero: torch.Tensor, group: in
     return lib.kvo_int4pack_dequant_t(packed.data_ptr(), scale_zero.data_ptr(), int(scale_zero.dtype == torch.float32),
                                       N, K, group, n0, n1, out.data_ptr(), int(out.dtype == torch.float32),
                                       threads or torch.get_num_threads()) == 0
+
+
+def int8_dequant(q: torch.Tensor, scale: torch.Tensor, n0: int, n1: int, out: torch.Tensor,
+                 threads: int | None = None) -> bool:
+    """Rows ``n0:n1`` of a per-row int8 weight (``q`` ``[N, K]``, ``scale`` ``[N]``) into ``out``
+    ``[n1-n0, K]`` (bf16 or fp32), as ``torch.mul(q[n0:n1], scale[n0:n1, None])`` (bit-identical);
+    False (nothing written) when the native kernel is unavailable or a layout is not one it reads."""
+    lib = _lib()
+    if (lib is None or q.dtype != torch.int8 or q.dim() != 2 or scale.shape != (q.shape[0],)
+            or out.dtype not in (torch.bfloat16, torch.float32) or scale.dtype not in (torch.bfloat16, torch.float32)
+            or not (q.is_contiguous() and scale.is_contiguous() and out.is_contiguous())
+            or not 0 <= n0 <= n1 <= q.shape[0] or tuple(out.shape) != (n1 - n0, q.shape[1])):
+        return False
+    return lib.kvo_int8_dequant(q.data_ptr(), scale.data_ptr(), int(scale.dtype == torch.float32), q.shape[1],
+                                n0, n1, out.data_ptr(), int(out.dtype == torch.float32),
+                                threads or torch.get_num_threads()) == 0
 
 
 def q4_pack(qtype: int, rows: np.ndarray, K: int, threads: int | None = None

@@ -78,6 +78,20 @@ def test_int4pack_dequant_matches_the_packed_kernel(dtype):
         assert diff.max() <= (0 if dtype == torch.bfloat16 else 1e-6 * ref.abs().max())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_dequant_matches_torch(dtype):
+    torch.manual_seed(0)
+    ql = Int8Linear.from_linear(torch.nn.Linear(96, 130), dtype, 8)
+    for n0, n1 in [(0, 130), (7, 64), (129, 130), (5, 5)]:
+        ref = ql.reference_rows(n0, n1, torch.empty(n1 - n0, 96, dtype=dtype))
+        out = torch.full((n1 - n0, 96), float("nan"), dtype=dtype)
+        assert qw.int8_dequant(ql.q, ql.scale, n0, n1, out)
+        diff = (out.float() - ref.float()).abs()
+        print(f"int8 {dtype} rows {n0}:{n1}: max {diff.max() if diff.numel() else 0:.2e}")
+        assert torch.equal(out, ref)                                   # one rounding, as torch.mul
+    assert not qw.int8_dequant(ql.q, ql.scale, 0, 131, torch.empty(131, 96, dtype=dtype))   # out of range
+
+
 @pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
 def test_prefill_path_is_a_dense_gemm_on_the_dequantised_weight(cls, monkeypatch):
     torch.manual_seed(0)
