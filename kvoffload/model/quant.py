@@ -112,13 +112,13 @@ class Int8Linear(QuantLinear):
     def dequantize_t(self, n0: int, n1: int, buf: torch.Tensor) -> torch.Tensor:
         out = buf.view(n1 - n0, self.in_features)                                   # [n, K]
         if not int8_dequant(self.q, self.scale, n0, n1, out):
-            self.reference_rows(n0, n1, out)
+            out.copy_(self.reference_rows(n0, n1))
         return out.T
 
-    def reference_rows(self, n0: int, n1: int, out: torch.Tensor) -> torch.Tensor:
-        """Rows ``n0:n1`` dequantised by PyTorch into ``out`` ``[n1-n0, K]``: the native kernel's
-        reference and fallback."""
-        return torch.mul(self.q[n0:n1], self.scale[n0:n1, None], out=out)
+    def reference_rows(self, n0: int, n1: int) -> torch.Tensor:
+        """Rows ``n0:n1`` ``[n1-n0, K]`` dequantised by PyTorch: the native kernel's reference
+        and fallback."""
+        return self.q[n0:n1] * self.scale[n0:n1, None]
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Dequantised rows ``idx`` (any shape) -> ``[*idx.shape, K]`` (an embedding lookup)."""
