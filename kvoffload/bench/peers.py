@@ -1,7 +1,8 @@
 """The engines a benchmark can run: kvoffload itself, HF transformers and llama.cpp.
 
 Each runner takes token-id prompts (the same ids for every engine: all of them read the
-same GGUF and its vocabulary) and returns tokens/s for one :class:`BenchTest`. A peer that
+same GGUF and its vocabulary) and returns a :class:`Sample` (tokens/s, and for prefill tests
+the time to the first token) for one :class:`BenchTest`. A peer that
 cannot be loaded raises :class:`PeerUnavailable` with the reason, reported as "skipped".
 """
 
@@ -13,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from kvoffload.bench.workloads import BenchTest
+from kvoffload.bench.workloads import BenchTest, Sample
 
 
 class PeerUnavailable(Exception):
@@ -24,7 +25,7 @@ class Runner(Protocol):
     name: str
     label: str          # how it runs batches, e.g. "sequential" for llama.cpp
 
-    def run(self, test: BenchTest, prompts: list[list[int]]) -> float: ...
+    def run(self, test: BenchTest, prompts: list[list[int]]) -> Sample: ...
 
 
 class Ours:
@@ -36,7 +37,7 @@ class Ours:
         self.name = name
         self.llm = LLM(model, threads=threads, **engine_kw)
 
-    def run(self, test: BenchTest, prompts: list[list[int]]) -> float:
+    def run(self, test: BenchTest, prompts: list[list[int]]) -> Sample:
         from kvoffload.config import SamplingParams
         from kvoffload.engine.sequence import SeqStatus
 
@@ -47,7 +48,8 @@ class Ours:
             while eng.has_unfinished():
                 eng.step()
             seqs = [eng.pop_finished(s) for s in sids]
-            return sum(s.prompt_len for s in seqs) / sum(s.times.prefill_s for s in seqs)
+            return Sample(sum(s.prompt_len for s in seqs) / sum(s.times.prefill_s for s in seqs),
+                          sum(s.times.first_token - s.times.arrival for s in seqs) / len(seqs))
         # tg: run until every prompt is in the cache (untimed), then time the decode steps
         while any(eng.seqs[s].status in (SeqStatus.WAITING, SeqStatus.PREFILLING) for s in sids):
             eng.step()
@@ -57,7 +59,7 @@ class Ours:
             eng.step()
         dt = time.perf_counter() - t0
         seqs = [eng.pop_finished(s) for s in sids]
-        return (sum(len(s.output_ids) for s in seqs) - before) / dt
+        return Sample((sum(len(s.output_ids) for s in seqs) - before) / dt)
 
 
 class Transformers:
@@ -76,21 +78,21 @@ class Transformers:
             raise PeerUnavailable(f"transformers cannot load the GGUF ({type(e).__name__}: {str(e)[:120]})") from None
 
     @torch.inference_mode()
-    def run(self, test: BenchTest, prompts: list[list[int]]) -> float:
+    def run(self, test: BenchTest, prompts: list[list[int]]) -> Sample:
         from transformers import DynamicCache
 
         ids = torch.tensor(prompts)                       # equal lengths: no padding needed
         t0 = time.perf_counter()
         out = self.model(ids, past_key_values=DynamicCache(), use_cache=True)
         t1 = time.perf_counter()
-        if test.kind == "pp":
-            return ids.numel() / (t1 - t0)
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        if test.kind == "pp":
+            return Sample(ids.numel() / (t1 - t0), time.perf_counter() - t0)
         t1 = time.perf_counter()
         for _ in range(test.n):
             out = self.model(tok, past_key_values=out.past_key_values, use_cache=True)
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
-        return len(prompts) * test.n / (time.perf_counter() - t1)
+        return Sample(len(prompts) * test.n / (time.perf_counter() - t1))
 
 
 class LlamaCpp:
@@ -121,20 +123,20 @@ class LlamaCpp:
         ptr = self._lib.llama_get_logits_ith(self.llm._ctx.ctx, -1)
         return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),))))
 
-    def run(self, test: BenchTest, prompts: list[list[int]]) -> float:
-        timed, tokens = 0.0, 0
+    def run(self, test: BenchTest, prompts: list[list[int]]) -> Sample:
+        timed, tokens, ttft = 0.0, 0, 0.0
         for p in prompts:
             self._clear()
             t0 = time.perf_counter()
             self.llm.eval(p)
             t1 = time.perf_counter()
-            if test.kind == "pp":
-                timed, tokens = timed + t1 - t0, tokens + len(p)
-                continue
             tok = self._argmax()
+            if test.kind == "pp":
+                timed, tokens, ttft = timed + t1 - t0, tokens + len(p), ttft + time.perf_counter() - t0
+                continue
             t1 = time.perf_counter()
             for _ in range(test.n):
                 self.llm.eval([tok])
                 tok = self._argmax()
             timed, tokens = timed + time.perf_counter() - t1, tokens + test.n
-        return tokens / timed
+        return Sample(tokens / timed, ttft / len(prompts) if test.kind == "pp" else None)

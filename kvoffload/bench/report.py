@@ -6,7 +6,7 @@ import json
 import statistics
 from dataclasses import asdict, dataclass, field
 
-from kvoffload.bench.workloads import BenchTest
+from kvoffload.bench.workloads import BenchTest, Sample
 from kvoffload.plotting import pyplot
 
 
@@ -17,6 +17,7 @@ class Cell:
     test: BenchTest
     engine: str
     samples: list[float] = field(default_factory=list)    # tokens/s per repetition
+    ttft: list[float] = field(default_factory=list)       # pp tests: seconds to the first token per repetition
 
     @property
     def median(self) -> float:
@@ -42,10 +43,13 @@ class Report:
     cells: dict[tuple[str, str], Cell] = field(default_factory=dict)   # (test name, engine)
     tests: list[BenchTest] = field(default_factory=list)
 
-    def add(self, test: BenchTest, engine: str, tok_s: float) -> None:
+    def add(self, test: BenchTest, engine: str, sample: Sample) -> None:
         if test not in self.tests:
             self.tests.append(test)
-        self.cells.setdefault((test.name, engine), Cell(test, engine)).samples.append(tok_s)
+        cell = self.cells.setdefault((test.name, engine), Cell(test, engine))
+        cell.samples.append(sample.tok_s)
+        if sample.ttft_s is not None:
+            cell.ttft.append(sample.ttft_s)
 
     def ratios(self, test: BenchTest, a: str, b: str) -> list[float]:
         """a / b pair by pair (repetition i of a against repetition i of b: same moment, same noise)."""
@@ -70,6 +74,17 @@ class Report:
                     r = self.ratios(t, first, p) if (t.name, p) in self.cells else []
                     row.append(f"{statistics.median(r):.2f} ({min(r):.2f}–{max(r):.2f})" if r else "—")
                 lines.append(f"| {t.name} | " + " | ".join(row) + " |")
+        timed = [t for t in self.tests if any(self.cells.get((t.name, e)) and self.cells[(t.name, e)].ttft
+                                              for e in self.engines)]
+        if timed:
+            lines += ["", "Time to first token (pp tests: submission to first token, ms; median (min–max)):", "",
+                      "| test | " + " | ".join(self.engines) + " |", "|---|" + "---|" * len(self.engines)]
+            for t in timed:
+                row = []
+                for e in self.engines:
+                    ms = [1e3 * s for s in self.cells[(t.name, e)].ttft] if (t.name, e) in self.cells else []
+                    row.append(f"{statistics.median(ms):.1f} ({min(ms):.1f}–{max(ms):.1f})" if ms else "—")
+                lines.append(f"| {t.name} | " + " | ".join(row) + " |")
         lines += ["", "| engine | load (s) | RSS added by loading (MiB; the first also carries the PyTorch runtime) |",
                   "|---|---|---|"]
         lines += [f"| {e} | {self.load_s.get(e, float('nan')):.2f} | {self.rss_mib.get(e, float('nan')):.0f} |"
@@ -84,7 +99,7 @@ class Report:
             "labels": self.labels, "skipped": self.skipped, "rss_mib": self.rss_mib, "peak_rss_mib": self.peak_rss_mib,
             "load_s": self.load_s,
             "results": [{"test": asdict(c.test), "name": c.test.name, "engine": c.engine, "tok_s": c.samples,
-                         "median": c.median} for c in self.cells.values()],
+                         "median": c.median, "ttft_s": c.ttft} for c in self.cells.values()],
         }, indent=1)
 
     def plot(self, path: str) -> str | None:

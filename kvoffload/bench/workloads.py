@@ -34,6 +34,20 @@ class BenchTest:
         return self.n if self.kind == "pp" else self.depth + self.n
 
 
+@dataclass(frozen=True)
+class Sample:
+    """One repetition of one test on one engine.
+
+    tok_s: tokens/s (pp: prompt tokens over the time prefilling them; tg: generated tokens
+        over the time generating them).
+    ttft_s: pp tests only: seconds from a prompt's submission to its first token (the prefill
+        plus sampling the first token; the mean over the batch's sequences), else None.
+    """
+
+    tok_s: float
+    ttft_s: float | None = None
+
+
 def parse_ints(text: str, what: str) -> list[int]:
     try:
         vals = [int(x) for x in text.split(",") if x.strip()]

@@ -171,36 +171,63 @@ int kvo_gguf_gather(int qtype, const uint8_t *src, int64_t row_stride, const int
 // torch's CPU int4 pack (torch._convert_weight_to_int4pack_for_cpu, N a multiple of 64):
 // packed [N/64, K, 32] bytes; byte (nb, k, j) holds row nb*64+j in its low nibble and row
 // nb*64+32+j in its high one. scale_zero [K/g, N, 2] (bf16 or fp32): w = (q - 8) * scale + zero.
-// Rows n0..n1 (multiples of 64) -> dst [n1-n0, K], bf16 (out_f32 = 0) or fp32.
-int kvo_int4pack_dequant(const uint8_t *packed, const void *scale_zero, int sz_f32, int64_t N, int64_t K,
-                         int group, int64_t n0, int64_t n1, void *dst, int out_f32, int threads) {
+// Rows n0..n1 (multiples of 64) -> dst [K, n1-n0] = W[n0:n1]^T, bf16 (out_f32 = 0) or fp32:
+// the transpose is the pack's own order (for one k, 32 bytes hold 64 consecutive rows), so a
+// block's row of 64 outputs comes from 32 contiguous bytes and vectorises; the GEMM reads W^T
+// as fast as W. Threads split the groups of k (each writes whole rows of dst).
+static inline void int4_row64(const uint8_t *pk, const float *s, const float *z, void *dst, int out_f32) {
+    float w[64];
+    for (int j = 0; j < 32; j++) {
+        w[j] = (float)((pk[j] & 0xf) - 8) * s[j] + z[j];
+        w[j + 32] = (float)((pk[j] >> 4) - 8) * s[j + 32] + z[j + 32];
+    }
+    if (out_f32) {
+        memcpy(dst, w, sizeof w);
+    } else {
+        uint16_t *d = dst;
+        for (int j = 0; j < 64; j++) d[j] = f32_to_bf16(w[j]);
+    }
+}
+
+int kvo_int4pack_dequant_t(const uint8_t *packed, const void *scale_zero, int sz_f32, int64_t N, int64_t K,
+                           int group, int64_t n0, int64_t n1, void *dst, int out_f32, int threads) {
     if (N % 64 || n0 % 64 || n1 % 64 || K % group || n0 < 0 || n1 > N || n0 > n1) return -1;
-    int64_t blocks = (n1 - n0) / 64, G = K / group;
-    #pragma omp parallel num_threads(threads)
-    {
-        float *s = malloc(sizeof(float) * 2 * 64 * G), *z = s + 64 * G;     // [G, 64] each
-        #pragma omp for schedule(static)
+    int64_t width = n1 - n0, blocks = width / 64, G = K / group;
+    size_t esz = out_f32 ? 4 : 2;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t g = 0; g < G; g++) {
+        float s[64], z[64];
         for (int64_t bi = 0; bi < blocks; bi++) {
-            int64_t nb = n0 / 64 + bi;
-            const uint8_t *p = packed + nb * K * 32;
-            for (int64_t g = 0; g < G; g++)
-                for (int j = 0; j < 64; j++) {
-                    int64_t at = (g * N + nb * 64 + j) * 2;
-                    s[g * 64 + j] = sz_f32 ? ((const float *)scale_zero)[at] : bf16_to_f32(((const uint16_t *)scale_zero)[at]);
-                    z[g * 64 + j] = sz_f32 ? ((const float *)scale_zero)[at + 1] : bf16_to_f32(((const uint16_t *)scale_zero)[at + 1]);
-                }
+            int64_t nb = n0 / 64 + bi, at = (g * N + nb * 64) * 2;
             for (int j = 0; j < 64; j++) {
-                int shift = j < 32 ? 0 : 4, jj = j & 31;
-                int64_t o = (bi * 64 + j) * K;
-                for (int64_t k = 0; k < K; k++) {
-                    int q = (p[k * 32 + jj] >> shift) & 0xf;
-                    float w = (float)(q - 8) * s[(k / group) * 64 + j] + z[(k / group) * 64 + j];
-                    if (out_f32) ((float *)dst)[o + k] = w;
-                    else ((uint16_t *)dst)[o + k] = f32_to_bf16(w);
-                }
+                s[j] = sz_f32 ? ((const float *)scale_zero)[at + 2 * j] : bf16_to_f32(((const uint16_t *)scale_zero)[at + 2 * j]);
+                z[j] = sz_f32 ? ((const float *)scale_zero)[at + 2 * j + 1]
+                              : bf16_to_f32(((const uint16_t *)scale_zero)[at + 2 * j + 1]);
             }
+            const uint8_t *p = packed + (nb * K + g * group) * 32;
+            for (int64_t kk = 0; kk < group; kk++)
+                int4_row64(p + kk * 32, s, z, (char *)dst + ((g * group + kk) * width + bi * 64) * esz, out_f32);
         }
-        free(s);
+    }
+    return 0;
+}
+
+// Per-row int8 (Int8Linear: w = q * scale[n]) rows n0..n1 -> dst [n1-n0, K], bf16 (out_f32 = 0)
+// or fp32; scale bf16 or fp32 (sc_f32). The product is rounded once, as torch.mul rounds it.
+int kvo_int8_dequant(const int8_t *q, const void *scale, int sc_f32, int64_t K, int64_t n0, int64_t n1,
+                     void *dst, int out_f32, int threads) {
+    if (n0 < 0 || n0 > n1) return -1;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = n0; n < n1; n++) {
+        float s = sc_f32 ? ((const float *)scale)[n] : bf16_to_f32(((const uint16_t *)scale)[n]);
+        const int8_t *qr = q + n * K;
+        if (out_f32) {
+            float *d = (float *)dst + (n - n0) * K;
+            for (int64_t k = 0; k < K; k++) d[k] = (float)qr[k] * s;
+        } else {
+            uint16_t *d = (uint16_t *)dst + (n - n0) * K;
+            for (int64_t k = 0; k < K; k++) d[k] = f32_to_bf16((float)qr[k] * s);
+        }
     }
     return 0;
 }

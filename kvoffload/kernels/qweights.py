@@ -21,7 +21,8 @@ def _lib():
     if lib is not None and not getattr(lib, "_typed", False):
         lib.kvo_gguf_supported.argtypes = [_I]
         lib.kvo_gguf_gather.argtypes = [_I, _P, _L, _P, _L, _L, _P, _I]
-        lib.kvo_int4pack_dequant.argtypes = [_P, _P, _I, _L, _L, _I, _L, _L, _P, _I, _I]
+        lib.kvo_int4pack_dequant_t.argtypes = [_P, _P, _I, _L, _L, _I, _L, _L, _P, _I, _I]
+        lib.kvo_int8_dequant.argtypes = [_P, _P, _I, _L, _L, _L, _P, _I, _I]
         lib.kvo_q4_pack.argtypes = [_I, _P, _L, _L, _P, _P, _I]
         lib.kvo_gguf_to_int8.argtypes = [_I, _P, _L, _L, _P, _P, _I]
         lib._typed = True
@@ -67,20 +68,37 @@ def gguf_gather(raw: np.ndarray, qtype: int, cols: int, idx: np.ndarray, threads
     return out
 
 
-def int4pack_dequant(packed: torch.Tensor, scale_zero: torch.Tensor, group: int, n0: int, n1: int,
-                     out: torch.Tensor, threads: int | None = None) -> bool:
-    """Rows ``n0:n1`` of a torch CPU int4-packed weight into ``out`` ``[n1-n0, K]`` (bf16 or fp32);
-    False (nothing written) when the native kernel is unavailable or the layout is not one it reads."""
+def int4pack_dequant_t(packed: torch.Tensor, scale_zero: torch.Tensor, group: int, n0: int, n1: int,
+                       out: torch.Tensor, threads: int | None = None) -> bool:
+    """Rows ``n0:n1`` of a torch CPU int4-packed weight, transposed, into ``out`` ``[K, n1-n0]``
+    (bf16 or fp32): the prefill GEMM's ``W[n0:n1]^T``. False (nothing written) when the native
+    kernel is unavailable or the layout is not one it reads."""
     lib = _lib()
     K, N = packed.shape[1] * 2, scale_zero.shape[1]
     if (lib is None or packed.dim() != 2 or packed.shape[0] != N or N % 64 or n0 % 64 or n1 % 64
             or out.dtype not in (torch.bfloat16, torch.float32) or scale_zero.dtype not in (torch.bfloat16, torch.float32)
             or not (packed.is_contiguous() and scale_zero.is_contiguous() and out.is_contiguous())
-            or tuple(out.shape) != (n1 - n0, K)):
+            or tuple(out.shape) != (K, n1 - n0)):
         return False
-    return lib.kvo_int4pack_dequant(packed.data_ptr(), scale_zero.data_ptr(), int(scale_zero.dtype == torch.float32),
-                                    N, K, group, n0, n1, out.data_ptr(), int(out.dtype == torch.float32),
-                                    threads or torch.get_num_threads()) == 0
+    return lib.kvo_int4pack_dequant_t(packed.data_ptr(), scale_zero.data_ptr(), int(scale_zero.dtype == torch.float32),
+                                      N, K, group, n0, n1, out.data_ptr(), int(out.dtype == torch.float32),
+                                      threads or torch.get_num_threads()) == 0
+
+
+def int8_dequant(q: torch.Tensor, scale: torch.Tensor, n0: int, n1: int, out: torch.Tensor,
+                 threads: int | None = None) -> bool:
+    """Rows ``n0:n1`` of a per-row int8 weight (``q`` ``[N, K]``, ``scale`` ``[N]``) into ``out``
+    ``[n1-n0, K]`` (bf16 or fp32), as ``torch.mul(q[n0:n1], scale[n0:n1, None])`` (bit-identical);
+    False (nothing written) when the native kernel is unavailable or a layout is not one it reads."""
+    lib = _lib()
+    if (lib is None or q.dtype != torch.int8 or q.dim() != 2 or scale.shape != (q.shape[0],)
+            or out.dtype not in (torch.bfloat16, torch.float32) or scale.dtype not in (torch.bfloat16, torch.float32)
+            or not (q.is_contiguous() and scale.is_contiguous() and out.is_contiguous())
+            or not 0 <= n0 <= n1 <= q.shape[0] or tuple(out.shape) != (n1 - n0, q.shape[1])):
+        return False
+    return lib.kvo_int8_dequant(q.data_ptr(), scale.data_ptr(), int(scale.dtype == torch.float32), q.shape[1],
+                                n0, n1, out.data_ptr(), int(out.dtype == torch.float32),
+                                threads or torch.get_num_threads()) == 0
 
 
 def q4_pack(qtype: int, rows: np.ndarray, K: int, threads: int | None = None

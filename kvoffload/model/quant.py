@@ -13,17 +13,19 @@ M=1 reads the SmolLM2 weights in ~6 ms vs ~17–20 ms for bf16/fp32, while at M=
 slower than a bf16 GEMM. So a call of more than ``max_rows`` rows (prefill) dequantises the
 weight, a slice of output channels at a time, into one scratch buffer shared by every layer
 (:func:`scratch`; at most :data:`SCRATCH_ELEMS` elements) and runs the dense GEMM on it; no
-dense copy is kept. (The model code is unchanged: modules are swapped after loading.)
+dense copy is kept. The native dequantisation (kernels/qweights.c) runs at memory speed
+(SmolLM2's 120 layer weights: 18 ms a forward; the first, strided version took 150 ms, most of
+the prefill slowdown #15 measured). (The model code is unchanged: modules are swapped after
+loading.)
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kvoffload.errors import ConfigError
-from kvoffload.kernels.qweights import int4pack_dequant
+from kvoffload.kernels.qweights import int4pack_dequant_t, int8_dequant
 
 INT4_GROUP = 32
 SCRATCH_ELEMS = 1 << 24          # the prefill's dense scratch: 32 MiB in bf16
@@ -59,28 +61,30 @@ class QuantLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
     def dense_mm(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ W.T`` with W dequantised slice by slice into the shared scratch."""
+        """``x @ W.T`` with ``W.T`` dequantised slice by slice into the shared scratch."""
         N, K = self.out_features, self.in_features
         step = max(self.slice_align, SCRATCH_ELEMS // K // self.slice_align * self.slice_align)
         if N <= step:
-            return F.linear(x, self.dequantize_into(0, N, scratch(N * K, self.dtype).view(N, K)))
+            return torch.mm(x, self.dequantize_t(0, N, scratch(N * K, self.dtype)))           # [rows, N]
         out = torch.empty(x.shape[0], N, dtype=x.dtype)
         for n0 in range(0, N, step):
             n1 = min(N, n0 + step)
-            w = self.dequantize_into(n0, n1, scratch((n1 - n0) * K, self.dtype).view(n1 - n0, K))
-            out[:, n0:n1] = F.linear(x, w)
+            out[:, n0:n1] = torch.mm(x, self.dequantize_t(n0, n1, scratch((n1 - n0) * K, self.dtype)))
         return out
 
     def dequantized(self) -> torch.Tensor:
-        """The whole weight ``[N, K]`` in the compute dtype (a new tensor; for tests and tools)."""
-        return self.dequantize_into(0, self.out_features, torch.empty(self.out_features, self.in_features,
-                                                                       dtype=self.dtype))
+        """The whole weight ``[N, K]`` in the compute dtype (a new tensor, transposed view; for
+        tests and tools)."""
+        N, K = self.out_features, self.in_features
+        return self.dequantize_t(0, N, torch.empty(N * K, dtype=self.dtype)).T
 
     def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def dequantize_into(self, n0: int, n1: int, out: torch.Tensor) -> torch.Tensor:
-        """Rows ``n0:n1`` of the weight into ``out`` ``[n1-n0, K]``; returns ``out``."""
+    def dequantize_t(self, n0: int, n1: int, buf: torch.Tensor) -> torch.Tensor:
+        """Rows ``n0:n1`` of the weight, transposed: ``W[n0:n1].T`` ``[K, n1-n0]`` written into the
+        flat ``buf`` (``(n1-n0)*K`` elements); a view of ``buf`` (the GEMM reads either layout
+        at the same speed, so each format writes the one it produces fastest)."""
         raise NotImplementedError
 
 
@@ -105,8 +109,16 @@ class Int8Linear(QuantLinear):
     def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
         return torch._weight_int8pack_mm(x, self.q, self.scale)
 
-    def dequantize_into(self, n0: int, n1: int, out: torch.Tensor) -> torch.Tensor:
-        return torch.mul(self.q[n0:n1], self.scale[n0:n1, None], out=out)
+    def dequantize_t(self, n0: int, n1: int, buf: torch.Tensor) -> torch.Tensor:
+        out = buf.view(n1 - n0, self.in_features)                                   # [n, K]
+        if not int8_dequant(self.q, self.scale, n0, n1, out):
+            out.copy_(self.reference_rows(n0, n1))
+        return out.T
+
+    def reference_rows(self, n0: int, n1: int) -> torch.Tensor:
+        """Rows ``n0:n1`` ``[n1-n0, K]`` dequantised by PyTorch: the native kernel's reference
+        and fallback."""
+        return self.q[n0:n1] * self.scale[n0:n1, None]
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Dequantised rows ``idx`` (any shape) -> ``[*idx.shape, K]`` (an embedding lookup)."""
@@ -151,9 +163,10 @@ class Int4Linear(QuantLinear):
     def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
         return torch._weight_int4pack_mm_for_cpu(x, self.packed, INT4_GROUP, self.scale_zero)
 
-    def dequantize_into(self, n0: int, n1: int, out: torch.Tensor) -> torch.Tensor:
-        if not int4pack_dequant(self.packed, self.scale_zero, INT4_GROUP, n0, n1, out):
-            out.copy_(self.reference_rows(n0, n1))
+    def dequantize_t(self, n0: int, n1: int, buf: torch.Tensor) -> torch.Tensor:
+        out = buf.view(self.in_features, n1 - n0)                                   # [K, n]
+        if not int4pack_dequant_t(self.packed, self.scale_zero, INT4_GROUP, n0, n1, out):
+            out.copy_(self.reference_rows(n0, n1).T)
         return out
 
     def reference_rows(self, n0: int, n1: int) -> torch.Tensor:

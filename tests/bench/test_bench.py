@@ -9,7 +9,7 @@ import pytest
 from kvoffload.bench.peers import LlamaCpp, PeerUnavailable
 from kvoffload.bench.report import Report
 from kvoffload.bench.runner import BenchConfig, build_engines
-from kvoffload.bench.workloads import BenchTest, make_tests, parse_ints
+from kvoffload.bench.workloads import BenchTest, Sample, make_tests, parse_ints
 from kvoffload.errors import ConfigError
 
 
@@ -19,11 +19,11 @@ def make_report() -> Report:
                rss_mib={"kvoffload": 300.0, "peer": 100.0}, peak_rss_mib=512.0)
     pp, tg = BenchTest("pp", 512), BenchTest("tg", 32, 4096, 16)
     for a, b in [(100.0, 50.0), (90.0, 30.0), (120.0, 40.0)]:
-        r.add(pp, "kvoffload", a)
-        r.add(pp, "peer", b)
+        r.add(pp, "kvoffload", Sample(a, 512 / a))
+        r.add(pp, "peer", Sample(b, 512 / b))
     for a, b in [(10.0, 5.0), (12.0, 4.0), (8.0, 8.0)]:
-        r.add(tg, "kvoffload", a)
-        r.add(tg, "peer", b)
+        r.add(tg, "kvoffload", Sample(a))
+        r.add(tg, "peer", Sample(b))
     return r
 
 
@@ -64,6 +64,28 @@ def test_markdown_and_json_formats():
     assert data["skipped"] == {"other": "not installed"}
     row = next(x for x in data["results"] if x["name"] == "tg32 @ d4096 ×16" and x["engine"] == "peer")
     assert row["tok_s"] == [5.0, 4.0, 8.0] and row["median"] == 5.0 and row["test"]["batch"] == 16
+    assert row["ttft_s"] == []
+    pp = next(x for x in data["results"] if x["name"] == "pp512" and x["engine"] == "peer")
+    assert pp["ttft_s"] == [512 / 50, 512 / 30, 512 / 40]
+
+
+def test_time_to_first_token_table():
+    md = make_report().markdown()
+    assert "Time to first token" in md
+    # median of 512/100, 512/90, 512/120 s and of 512/50, 512/30, 512/40 s, in ms
+    assert "| pp512 | 5120.0 (4266.7–5688.9) | 12800.0 (10240.0–17066.7) |" in md
+    assert "| tg32 @ d4096 ×16 | 10.0" not in md.split("Time to first token")[1]
+
+
+def test_ours_reports_time_to_first_token(tiny_gguf):
+    from kvoffload.bench.peers import Ours
+
+    _, path = tiny_gguf("qwen2")
+    ours = Ours("kvoffload", path, 1, dtype="float32")
+    s = ours.run(BenchTest("pp", 8), [list(range(3, 11))])
+    assert s.tok_s > 0 and s.ttft_s is not None
+    assert s.ttft_s >= 8 / s.tok_s             # the first token comes after the prefill it includes
+    assert ours.run(BenchTest("tg", 2, 4), [list(range(3, 7))]).ttft_s is None
 
 
 def test_plot_writes_png(tmp_path):

@@ -70,12 +70,26 @@ def test_int4pack_dequant_matches_the_packed_kernel(dtype):
     ql = Int4Linear.from_linear(torch.nn.Linear(96, 192), dtype, 8)
     ref = ql.reference_rows(0, 192).float()
     for n0, n1 in [(0, 192), (64, 128), (128, 192)]:
-        out = torch.empty(n1 - n0, 96, dtype=dtype)
-        assert qw.int4pack_dequant(ql.packed, ql.scale_zero, quant.INT4_GROUP, n0, n1, out)
-        diff = (out.float() - ref[n0:n1]).abs()
+        out = torch.empty(96, n1 - n0, dtype=dtype)                           # W[n0:n1].T
+        assert qw.int4pack_dequant_t(ql.packed, ql.scale_zero, quant.INT4_GROUP, n0, n1, out)
+        diff = (out.T.float() - ref[n0:n1]).abs()
         print(f"{dtype} rows {n0}:{n1}: max {diff.max():.2e} mean {diff.mean():.2e}")
         # the packed kernel fuses multiply-add (1 ulp in fp32); bf16 rounds both the same
         assert diff.max() <= (0 if dtype == torch.bfloat16 else 1e-6 * ref.abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_dequant_matches_torch(dtype):
+    torch.manual_seed(0)
+    ql = Int8Linear.from_linear(torch.nn.Linear(96, 130), dtype, 8)
+    for n0, n1 in [(0, 130), (7, 64), (129, 130), (5, 5)]:
+        ref = ql.reference_rows(n0, n1)
+        out = torch.full((n1 - n0, 96), float("nan"), dtype=dtype)
+        assert qw.int8_dequant(ql.q, ql.scale, n0, n1, out)
+        diff = (out.float() - ref.float()).abs()
+        print(f"int8 {dtype} rows {n0}:{n1}: max {diff.max() if diff.numel() else 0:.2e}")
+        assert torch.equal(out, ref)                                   # one rounding, as torch.mul
+    assert not qw.int8_dequant(ql.q, ql.scale, 0, 131, torch.empty(131, 96, dtype=dtype))   # out of range
 
 
 @pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
@@ -83,7 +97,7 @@ def test_prefill_path_is_a_dense_gemm_on_the_dequantised_weight(cls, monkeypatch
     torch.manual_seed(0)
     ql = cls.from_linear(torch.nn.Linear(64, 320, bias=True), torch.float32, max_rows=4)
     x = torch.randn(2, 5, 64)                                  # 10 rows > 4: dense path
-    ref = torch.nn.functional.linear(x, ql.dequantized(), ql.bias)
+    ref = x @ ql.dequantized().T + ql.bias                     # the GEMM on W.T as the scratch holds it
     assert torch.equal(ql(x), ref)
     monkeypatch.setattr(quant, "SCRATCH_ELEMS", 64 * 64 * 2)  # slices of 128 output channels
     assert torch.equal(ql(x), ref)
