@@ -776,15 +776,18 @@ void kvo_merge_parts(int R, int H, int D, const int64_t *row_first, const int64_
 /* ---------------------------------------------------------------------------------------------
  * Append (optional), items, merge (optional): one call.
  * ------------------------------------------------------------------------------------------- */
-#define DEFINE_DRIVER(NAME, KV_T, APPEND_OK)                                                          \
-int kvo_paged_attn_##NAME(int H_kv, int G, int D, int bs,                                            \
+/* The drivers' parameters, k_new / v_new of type KV_T (void: the untyped wrappers below) */
+#define DRIVER_PARAMS(KV_T)                                                                           \
+        int H_kv, int G, int D, int bs,                                                              \
         int n_app, const KV_T *k_new, int64_t k_bs, const KV_T *v_new, int64_t v_bs,                 \
         const int64_t *app_slot, const int64_t *app_col,                                             \
         int N, const float *q, int64_t q_rs, const int64_t *item_row, const int64_t *item_first,     \
         const int64_t *item_last, const int64_t *blk, const uint64_t *tmask, float scale,            \
         float *part_o, float *part_lse,                                                              \
         int R, const int64_t *row_first, const int64_t *order, float *out, float *lse, int threads,   \
-        int vgroup) {                                                                                \
+        int vgroup
+#define DEFINE_DRIVER(NAME, KV_T, APPEND_OK)                                                          \
+int kvo_paged_attn_##NAME(DRIVER_PARAMS(KV_T)) {                                                     \
     if ((!APPEND_OK && n_app) || vgroup < 1 || D % vgroup || H_kv < 1 || G < 1 || G > G_MAX || D < 2 || D % 2 || D > D_MAX || bs < 1 || bs > BS_MAX ||    \
         H_kv * G > H_MAX || (tmask && bs > MASK_BS_MAX) || N < 0 || R < 0 || n_app < 0)              \
         return -1;                                                                                    \
@@ -830,14 +833,7 @@ int kvo_paged_attn_##NAME(int H_kv, int G, int D, int bs,                       
 /* The same driver with untyped k_new / v_new: what select.c's kvo_sparse_step calls through a
  * function pointer (its paged_driver type; the two sources are built apart). */
 #define DEFINE_UNTYPED(NAME, KV_T)                                                                    \
-int kvo_paged_attn_v_##NAME(int H_kv, int G, int D, int bs,                                          \
-        int n_app, const void *k_new, int64_t k_bs, const void *v_new, int64_t v_bs,                 \
-        const int64_t *app_slot, const int64_t *app_col,                                             \
-        int N, const float *q, int64_t q_rs, const int64_t *item_row, const int64_t *item_first,     \
-        const int64_t *item_last, const int64_t *blk, const uint64_t *tmask, float scale,            \
-        float *part_o, float *part_lse,                                                              \
-        int R, const int64_t *row_first, const int64_t *order, float *out, float *lse, int threads,   \
-        int vgroup) {                                                                                \
+int kvo_paged_attn_v_##NAME(DRIVER_PARAMS(void)) {                                                   \
     return kvo_paged_attn_##NAME(H_kv, G, D, bs, n_app, (const KV_T *)k_new, k_bs, (const KV_T *)v_new, \
                                  v_bs, app_slot, app_col, N, q, q_rs, item_row, item_first, item_last,  \
                                  blk, tmask, scale, part_o, part_lse, R, row_first, order, out, lse,    \
