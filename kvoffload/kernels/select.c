@@ -1154,7 +1154,6 @@ typedef struct {
     float scale;
     int32_t pad_;
     int64_t slot_bytes, cap_b, NB;
-    int64_t par_min_blocks;              /* the attention runs on one thread below this many blocks */
     int64_t *sel_out;                    /* kvo_select's out for cap_b sequences of NB blocks */
     int64_t *row, *first, *last, *ptrs, *row_first, *app_slot, *app_col;   /* items, append */
     uint64_t *masks;                     /* [items' blocks, H_kv] */
@@ -1219,6 +1218,5 @@ int kvo_sparse_step(const step_plan *P, int64_t *c) {
                                    (const void *)c[SC_V], c[SC_V_SB], P->app_slot, P->app_col, (int)N,
                                    (const float *)c[SC_QF], c[SC_QF_RS], P->row, P->first, P->last, P->ptrs,
                                    P->masks, P->scale, P->part_o, P->part_lse, B, P->row_first, NULL,
-                                   (float *)c[SC_OUT], (float *)c[SC_LSE], M < P->par_min_blocks ? 1 : P->threads,
-                                   P->vgroup);
+                                   (float *)c[SC_OUT], (float *)c[SC_LSE], P->threads, P->vgroup);
 }

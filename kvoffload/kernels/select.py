@@ -36,9 +36,6 @@ PAR_MIN_WORK = 1 << 20
 # Workspace: one slot (logits, keys) per (sequence, KV head) in flight, at most this many bytes
 # in all (a bigger batch runs in waves).
 WS_MAX_BYTES = 64 << 20
-# The one-call sparse step attends on one thread below this many blocks (a chosen set is small:
-# an OpenMP team cost ~10 us more than it saved at 84 blocks, SmolLM2 8K at 1/16, 2-core dev box)
-PAR_MIN_BLOCKS = 256
 
 _DT_NAMES = {name: i for i, name in enumerate(DTYPES)}      # select.c's dtype codes: the table's order
 _DT: dict = {}                 # dtype object -> select.c's code (filled on first sight)
@@ -209,7 +206,7 @@ class _StepPlan(ctypes.Structure):
 
     _fields_ = [("cf", _P), ("attn", _P), ("G", ctypes.c_int32), ("chunk_blocks", ctypes.c_int32),
                 ("threads", ctypes.c_int32), ("vgroup", ctypes.c_int32), ("scale", ctypes.c_float),
-                ("pad_", ctypes.c_int32), ("slot_bytes", _L), ("cap_b", _L), ("NB", _L), ("par_min_blocks", _L),
+                ("pad_", ctypes.c_int32), ("slot_bytes", _L), ("cap_b", _L), ("NB", _L),
                 ("sel_out", _P), ("row", _P), ("first", _P), ("last", _P), ("ptrs", _P), ("row_first", _P),
                 ("app_slot", _P), ("app_col", _P), ("masks", _P), ("part_o", _P), ("part_lse", _P)]
 
@@ -239,7 +236,7 @@ class SparseStep:
         self.fn.argtypes, self.fn.restype = [_P, _P], ctypes.c_int
         self.sel, self.G = sel, G
         self.plan = _StepPlan(cf=sel._cfg, attn=driver, G=G, chunk_blocks=chunk_blocks, threads=max(1, threads),
-                              vgroup=vgroup, scale=scale, slot_bytes=slot_bytes, par_min_blocks=PAR_MIN_BLOCKS)
+                              vgroup=vgroup, scale=scale, slot_bytes=slot_bytes)
         self._plan = ctypes.addressof(self.plan)
         self.call = np.zeros(len(STEP_CALL), np.int64)
         self._call = _addr(self.call)
