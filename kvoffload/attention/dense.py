@@ -77,17 +77,16 @@ class _DensePlan:
     while each sequence's tail stays in one block; :meth:`update` moves the tail's token count."""
 
     def __init__(self, be: DenseBackend, batch: ForwardBatch, bases: np.ndarray) -> None:
+        """bases ``[layers, B]``: each sequence's slot 0 at every layer (:meth:`DenseBackend._layer_bases`)."""
         lay, sb = be.layout, be.layout.slot_bytes
         self.bs = lay.block_size
         items = DecodeItems(lay, batch.starts, None)
         self.last = items.last                                               # updated in place
         self.tail = np.nonzero(items.keys == TAIL_KEY)[0]
         self.cols = np.zeros(len(batch.seq_ids), np.int64)
-        nb = np.array([be.seqs[sid].shape[1] for sid in batch.seq_ids], np.int64)
         tails = np.array([s // lay.block_size for s in batch.starts], np.int64)
         self.calls = []
-        for layer in range(be.cfg.num_layers):
-            base = bases + layer * nb * sb                                   # [B] this layer's slot 0
+        for base in bases:                                                   # [B] each layer's slot 0
             self.calls.append(PreparedCall(be.kernel, Items(items.row, items.first, self.last,
                                                             base[items.seq] + items.block * sb),
                                            be.threads, base + tails * sb, self.cols, items.row_first))
@@ -195,7 +194,7 @@ class DenseBackend:
             chosen = self.policy.select_batch(layer, batch.seq_ids, q[:, :, 0], batch.starts, k_new, v_new)
             if self.policy.rebuilds_keys:
                 chosen, rebuilt = self.policy.split_rebuilt(layer, batch.seq_ids, batch.starts, chosen)
-            items, base = DecodeItems(self.layout, batch.starts, chosen), self._bases(batch)
+            items, base = DecodeItems(self.layout, batch.starts, chosen), self._layer_bases(batch)[layer]
         else:
             items = base = None
         q_rows = q[:, :, 0].float()                                                  # [B, H, D]
@@ -247,8 +246,8 @@ class DenseBackend:
         stays in the same block: the steps within a block only move the tail's token count)."""
         if self._memo is not None and self._memo[0] is batch:
             return self._memo[1]
-        bases = self._bases(batch)
-        key = (batch.seq_ids, tuple(s // self.bs for s in batch.starts), tuple(bases))
+        bases = self._layer_bases(batch)
+        key = (batch.seq_ids, tuple(s // self.bs for s in batch.starts), tuple(bases[0]))
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) >= 8:                  # (micro-batches alternate between a few)
@@ -263,7 +262,8 @@ class DenseBackend:
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append each sequence's new token to its tail block, then attend its items and merge:
         q ``[B, H, D]`` fp32 -> o ``[B, H, D]``, lse ``[B, H]`` fp32. ``items`` None: the dense
-        step's prepared calls; else (sparse) these items over the sequences' slots at ``base``."""
+        step's prepared calls; else (sparse) these items over the sequences' slots, ``base`` ``[B]``
+        each one's slot 0 at this layer."""
         B, H, D = q.shape
         sb = self.layout.slot_bytes
         if self.kernel is not None:
@@ -271,14 +271,12 @@ class DenseBackend:
             if items is None:
                 self._plan(batch).calls[layer](q, k_new, v_new, out, lse)
                 return out, lse
-            nb = np.array([self.seqs[sid].shape[1] for sid in batch.seq_ids], np.int64)
-            layer_base = base + layer * nb * sb                                    # [B]
             tails = np.array([s // self.bs for s in batch.starts], np.int64)
             cols = np.array([s % self.bs for s in batch.starts], np.int64)
             part_o, part_lse = np.empty((len(items.row), H, D), np.float32), np.empty((len(items.row), H), np.float32)
-            self.kernel(q, Items(items.row, items.first, items.last, layer_base[items.seq] + items.block * sb,
+            self.kernel(q, Items(items.row, items.first, items.last, base[items.seq] + items.block * sb,
                                  items.masks), part_o, part_lse, self.threads,
-                        append=Append(k_new, v_new, layer_base + tails * sb, cols),
+                        append=Append(k_new, v_new, base + tails * sb, cols),
                         merge=Merge(items.row_first, None, out, lse))
             return out, lse
         if items is None:

@@ -1167,7 +1167,7 @@ enum { SC_B, SC_STARTS, SC_Q, SC_Q_DT, SC_Q_SB, SC_Q_SH, SC_K, SC_V, SC_KV_DT, S
 
 int kvo_sparse_step_words(void) { return SC_WORDS; }
 
-/* 0, or kvo_select's / the driver's error (-5: buffers too small, -6: k / v heads not contiguous).
+/* 0, or kvo_select's / the driver's error (-6: k / v heads not contiguous).
  * c[SC_ITEMS] receives the number of items attended. */
 int kvo_sparse_step(const step_plan *P, int64_t *c) {
     const sel_config *cf = P->cf;
@@ -1175,8 +1175,7 @@ int kvo_sparse_step(const step_plan *P, int64_t *c) {
     const int64_t *starts = (const int64_t *)c[SC_STARTS], *base = (const int64_t *)c[SC_BASE];
     if (B < 1 || B > P->cap_b || !P->attn) return -1;
     if (c[SC_K_SH] != cf->D || c[SC_V_SH] != cf->D) return -6;
-    for (int b = 0; b < B; b++)
-        if (starts[b] < 0 || starts[b] / bs > P->NB) return -5;
+    /* (kvo_select refuses a sequence of more than NB full blocks: the item buffers hold them all) */
     int rc = kvo_select(cf, B, starts, (const void *)c[SC_Q], (int)c[SC_Q_DT], c[SC_Q_SB], c[SC_Q_SH],
                         (const void *)c[SC_K], (const void *)c[SC_V], (int)c[SC_KV_DT], c[SC_K_SB], c[SC_K_SH],
                         c[SC_V_SB], c[SC_V_SH], (const int64_t *)c[SC_TABLE], (const int64_t *)c[SC_CHANNELS],

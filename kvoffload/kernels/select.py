@@ -214,7 +214,7 @@ class _StepPlan(ctypes.Structure):
 # select.c's step-call words (its SC_* enum, in order): one int64 array filled per call
 STEP_CALL = ("B", "starts", "q", "q_dt", "q_sb", "q_sh", "k", "v", "kv_dt", "k_sb", "k_sh", "v_sb", "v_sh",
              "table", "channels", "alpha", "vmean", "base", "qf", "qf_rs", "out", "lse", "items")
-_STEP_ERRORS = {-5: "buffers too small", -6: "k / v heads not contiguous"}
+_STEP_ERRORS = {-6: "k / v heads not contiguous"}
 
 
 class SparseStep:

@@ -181,13 +181,7 @@ class SparseCounters:
     bytes_per_token: int = 0
 
     def add(self, sel: Selection, length: int, bs: int, bytes_per_token: int) -> None:
-        tail = length - (length - 1) // bs * bs
-        H_kv = sel.num_kv_heads
-        self.steps += 1
-        self.context += length * H_kv
-        self.attended += sel.chosen_tokens(bs) + tail * H_kv
-        self.read += sel.read_blocks() * bs + tail * H_kv
-        self.bytes_per_token = bytes_per_token
+        self.add_batch((length - 1,), sel.read_blocks(), sel.chosen_tokens(bs), sel.num_kv_heads, bs, bytes_per_token)
 
     def add_batch(self, starts: tuple[int, ...], read_blocks: int, chosen: int, H_kv: int, bs: int,
                   bytes_per_token: int) -> None:
