@@ -28,6 +28,7 @@ from kvoffload.config import KVConfig, ModelConfig
 from kvoffload.dtypes import name_of
 from kvoffload.errors import ConfigError
 from kvoffload.kernels.paged import Append, Items, PreparedCall, merge_parts
+from kvoffload.kernels.select import NativeSelect, SparseStep
 from kvoffload.kv.layout import BlockLayout
 from kvoffload.kv.store import BlockStore, build_tiers
 from kvoffload.kv.tiers.memory import attend_slots, paged_kernel
@@ -39,7 +40,7 @@ from kvoffload.kv.tiers.protocol import (
     expand_rows,
 )
 from kvoffload.model.interface import ForwardBatch, Logits
-from kvoffload.sparse.base import Selection, SparseCounters, SparsePolicy
+from kvoffload.sparse.base import Selection, SparseCounters, SparsePolicy, mean_mix
 
 
 class _Items:
@@ -136,6 +137,17 @@ class TieredBackend:
         self.decode_tokens = 0
         self.policy = policy                 # sparse decode: which blocks each step reads
         self.sparse_stats = SparseCounters()
+        # A sparse layer in native code when this process attends every tier's blocks by address
+        # (memory tiers, a disk shard read here: Tier.direct) and the blocks have the tails' format;
+        # at most one tier has blocks to read first (its "read tier").
+        reads = [i for i, t in enumerate(tiers) if t.direct and t.fetch is not None]
+        self._direct = (self.kernel is not None and lay.dtype == tail.dtype and all(t.direct for t in tiers)
+                        and len(reads) <= 1)
+        self._read_tier = reads[0] if reads else None
+        self._memory_tiers = [i for i, t in enumerate(tiers) if t.direct and t.fetch is None]
+        self.one_call = True       # False: a native sparse layer goes through per-tier requests (tests compare)
+        self._step: SparseStep | None = None
+        self._locs: dict[tuple[int, int], tuple[int, np.ndarray, np.ndarray]] = {}   # (seq, layer) -> (stamp, tiers, locs)
         # decode micro-batches call in from several threads: one at a time in here (their model
         # compute outside overlaps); tiers, placement and counters are not shared otherwise
         self._lock = threading.Lock()
@@ -152,6 +164,7 @@ class TieredBackend:
         self.store.free(seq_id)
         for layer in range(self.cfg.num_layers):
             self._items.pop((seq_id, layer), None)
+            self._locs.pop((seq_id, layer), None)
         self._staged.pop(seq_id, None)
         if self.policy is not None:
             self.policy.free(seq_id)
@@ -278,18 +291,24 @@ class TieredBackend:
     def _decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 batch: ForwardBatch) -> torch.Tensor:
         kvd = self.kv_dtype
-        B, H, _, D = q.shape
         k_new, v_new = k[:, :, 0].to(kvd), v[:, :, 0].to(kvd)                   # [B, H_kv, D]
-        chosen = rebuilt = None
+        sel = chosen = rebuilt = None
         if self.policy is not None and self.policy.sparse(layer):
-            chosen = self.policy.select_batch(layer, batch.seq_ids, q[:, :, 0], batch.starts, k_new, v_new)
-            if self.policy.rebuilds_keys:
-                chosen, rebuilt = self.policy.split_rebuilt(layer, batch.seq_ids, batch.starts, chosen)
-        q_rows = q[:, :, 0].float()                                              # [B, H, D]
-        if chosen is None and self.kernel is not None:
-            o = self._decode_dense(layer, q_rows, k_new, v_new, batch)
+            pol = self.policy
+            if self._direct and self.one_call and not pol.rebuilds_keys and not pol.cfg.sparse_prefetch:
+                sel = pol.native_kernel(q[:, :, 0], k_new, v_new)
+            if sel is None:
+                chosen = pol.select_batch(layer, batch.seq_ids, q[:, :, 0], batch.starts, k_new, v_new)
+                if pol.rebuilds_keys:
+                    chosen, rebuilt = pol.split_rebuilt(layer, batch.seq_ids, batch.starts, chosen)
+        if sel is not None:
+            o = self._sparse_direct(sel, layer, q[:, :, 0], k_new, v_new, batch)
         else:
-            o = self._decode_items(layer, q_rows, k_new, v_new, batch, chosen, rebuilt)
+            q_rows = q[:, :, 0].float()                                          # [B, H, D]
+            if chosen is None and self.kernel is not None:
+                o = self._decode_dense(layer, q_rows, k_new, v_new, batch)
+            else:
+                o = self._decode_items(layer, q_rows, k_new, v_new, batch, chosen, rebuilt)
         for sid, s in zip(batch.seq_ids, batch.starts):
             if (s + 1) % self.bs == 0:                                          # the tail is full
                 self.store.flush_tail(sid, layer)
@@ -297,6 +316,78 @@ class TieredBackend:
         if layer == self.cfg.num_layers - 1:
             self.decode_tokens += len(batch.seq_ids)
         return o.unsqueeze(1).to(q.dtype)
+
+    def _block_locs(self, seq_id: int, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tier index ``[n]``, location ``[max(n, 1)]``: Tier.locs) of each full block of
+        (seq, layer), kept until a chunk of it moves."""
+        stamp = self.store.placement.stamp.get((seq_id, layer), 0)
+        hit = self._locs.get((seq_id, layer))
+        if hit is not None and hit[0] == stamp:
+            return hit[1], hit[2]
+        tiers, slots = self.store.table(seq_id, layer)
+        locs = np.zeros(max(1, len(slots)), np.int64)
+        for t in np.unique(tiers):
+            pick = np.nonzero(tiers == t)[0]
+            locs[pick] = self.tiers[t].locs(slots[pick])
+        self._locs[(seq_id, layer)] = (stamp, tiers, locs)
+        return tiers, locs
+
+    def _sparse_direct(self, sel: NativeSelect, layer: int, q: torch.Tensor, k_new: torch.Tensor,
+                       v_new: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """A sparse decode layer over in-process tiers, in native code but for the reads: the
+        selection and the items with every block's address (kernels/select.py's
+        :meth:`SparseStep.plan`), the read tier's blocks not in RAM read (:meth:`Tier.fetch`),
+        then append + attend + merge (:meth:`SparseStep.attend`). The items, the kernel and the
+        merge order are those of the per-tier requests and of the in-memory backend: the same
+        bits. q ``[B, H, D]`` (the model's dtype) -> ``[B, H, D]`` fp32."""
+        pol, lay = self.policy, self.layout
+        if self._step is None or self._step.sel is not sel:
+            self._step = SparseStep(sel, self.kernel.driver(), self.G, lay.chunk_blocks, self.threads,
+                                    self.kernel.scale, lay.slot_bytes, self.kernel.group)
+        step, seq_ids, starts = self._step, batch.seq_ids, batch.starts
+        B, H, D = q.shape
+        tables = [self._block_locs(sid, layer) for sid in seq_ids]
+        locs = np.array([t[1].ctypes.data for t in tables], np.int64)
+        rt = self._read_tier
+        out, lse = torch.empty(B, H, D), torch.empty(B, H)
+        info, alpha, vmean = step.plan(starts, q, k_new, v_new, pol.native_table(layer, seq_ids, starts),
+                                       pol.native_aux(layer), locs, self._tail_addrs(batch)[layer],
+                                       None if rt is None else self.tiers[rt].resident, q.float(), out, lse)
+        refs, slots = step.refs
+        if len(refs):
+            self.tiers[rt].fetch(layer, slots, step.ptrs, refs)
+        if not self.kvcfg.kv_serial:
+            self._prefetch_next(layer, batch, None)               # (a dense next layer: its chunks are known)
+        step.attend()
+        self._count_direct(step, tables, info, len(refs))
+        bs, H_kv = self.bs, self.cfg.num_kv_heads
+        self.tail_counters.read += sum(s % bs + 1 for s in starts) * self.tail_layout.token_bytes(1)
+        sums = info.sum(axis=0)                                                  # [INFO_COLS]
+        self.sparse_stats.add_batch(starts, int(sums[1]), int(sums[2]), H_kv, bs, lay.token_bytes(1) // H_kv)
+        return out if alpha is None else mean_mix(out, alpha, vmean)
+
+    def _count_direct(self, step: SparseStep, tables: list, info: np.ndarray, n_read: int) -> None:
+        """The memory tiers' counters for a direct sparse layer (the read tier counts its own
+        in fetch): blocks attended, and bytes as a request reads them (only the KV heads' runs
+        some token of which is attended: protocol.read_bytes)."""
+        B, mem = len(tables), self._memory_tiers
+        sb, H_kv = self.layout.slot_bytes, self.cfg.num_kv_heads
+        if len(mem) == 1:                                         # one memory tier: all but the read tier's
+            c = self.tiers[mem[0]].counters
+            heads = int(info[:, 1].sum())                                       # (block, head) runs read
+            if n_read:
+                heads -= int(np.count_nonzero(step.masks_of(step.refs[0])))
+            c.blocks += int(info[:, 0].sum()) - n_read
+            c.read += heads * sb // H_kv
+            return
+        for b, (tiers, _) in enumerate(tables):
+            blocks, masks = step.union(b, B)
+            where = tiers[blocks]
+            for i in mem:
+                pick = where == i
+                c = self.tiers[i].counters
+                c.blocks += int(pick.sum())
+                c.read += int(np.count_nonzero(masks[pick])) * sb // H_kv
 
     def _plan(self, layer: int, batch: ForwardBatch) -> _LayerPlan:
         """The layer's prepared dense step (rebuilt when the batch changes or a chunk of it moved)."""
@@ -363,7 +454,7 @@ class TieredBackend:
             o = self.sparse_stats.finish(chosen, o, batch.starts, self.bs, self.layout.token_bytes(1) // self.cfg.num_kv_heads)
         return o
 
-    def _prefetch_next(self, layer: int, batch: ForwardBatch, q_rows: torch.Tensor) -> None:
+    def _prefetch_next(self, layer: int, batch: ForwardBatch, q_rows: torch.Tensor | None) -> None:
         """Tell the tiers the next layer's items (after the last layer: the next step's first
         layer's), so a disk tier reads them while this layer and the next one's projections
         compute: all its chunks when it is dense (known before its query is); when it is

@@ -1131,8 +1131,9 @@ int kvo_select(const sel_config *cf, int B, const int64_t *starts,
 }
 
 /* ---------------------------------------------------------------------------------------------
- * A sparse decode layer of the in-memory backend in one call (attention/dense.py): the
- * selection above, then each sequence's items over its contiguous slots -- the runs of its union
+ * A sparse decode layer in one call (the in-memory backend, attention/dense.py; the tiered one's
+ * in-process tiers in two, around the reads of the blocks not in RAM): the
+ * selection above, then each sequence's items over its slots -- the runs of its union
  * that lie in one chunk of chunk_blocks blocks, then its tail block, whole (DecodeItems' cut, so
  * the partials and their merge order, hence the bits, are the Python path's) -- then append +
  * attend + merge by the paged kernel's driver for the KV dtype (paged_attn.c's
@@ -1158,22 +1159,37 @@ typedef struct {
     int64_t *row, *first, *last, *ptrs, *row_first, *app_slot, *app_col;   /* items, append */
     uint64_t *masks;                     /* [items' blocks, H_kv] */
     float *part_o, *part_lse;            /* [cap_b * (NB + 1), H, D], [.., H] */
+    int64_t *dref, *dslot;               /* [items' blocks]: the read tier's item blocks (index into
+                                          * ptrs) and their slots */
 } step_plan;
 
-/* One call's arguments (select.py: STEP_CALL): int64 words, addresses as integers. */
+/* One call's arguments (select.py: STEP_CALL): int64 words, addresses as integers.
+ * Where the blocks are, one of two ways:
+ * - SC_BASE (SC_LOCS 0): [B] each sequence's slot 0, its blocks contiguous (the in-memory
+ *   backend); the tail block is slot starts[b] / bs;
+ * - SC_LOCS: [B] addresses of each sequence's int64 block locations (the tiered backend's
+ *   in-process tiers): loc >= 0 is the block's address; loc < 0 is slot -loc-1 of the read
+ *   tier (a disk shard read by this process), whose address is SC_RESIDENT[slot] when it is
+ *   held in RAM (0 or slot >= SC_NRES: not held: its ptr is left 0 for the caller to read and
+ *   fill, kvo_sparse_attend). SC_TAILS: [B] the tail blocks' addresses. */
 enum { SC_B, SC_STARTS, SC_Q, SC_Q_DT, SC_Q_SB, SC_Q_SH, SC_K, SC_V, SC_KV_DT, SC_K_SB, SC_K_SH, SC_V_SB,
        SC_V_SH, SC_TABLE, SC_CHANNELS, SC_ALPHA, SC_VMEAN, SC_BASE, SC_QF, SC_QF_RS, SC_OUT, SC_LSE,
-       SC_ITEMS, SC_WORDS };
+       SC_ITEMS, SC_LOCS, SC_TAILS, SC_RESIDENT, SC_NRES, SC_NREF, SC_WORDS };
 
 int kvo_sparse_step_words(void) { return SC_WORDS; }
 
-/* 0, or kvo_select's / the driver's error (-6: k / v heads not contiguous).
- * c[SC_ITEMS] receives the number of items attended. */
-int kvo_sparse_step(const step_plan *P, int64_t *c) {
+/* The selection and the items of a step; no attention yet. c[SC_ITEMS] receives the number of
+ * items; with SC_LOCS, c[SC_NREF] the number of item blocks of the read tier (their indices into
+ * ptrs in dref, their slots in dslot; those not held have ptr 0). 0, or kvo_select's error (-6: k / v heads not
+ * contiguous). */
+int kvo_sparse_plan(const step_plan *P, int64_t *c) {
     const sel_config *cf = P->cf;
     const int B = (int)c[SC_B], H_kv = cf->H_kv, bs = cf->bs;
     const int64_t *starts = (const int64_t *)c[SC_STARTS], *base = (const int64_t *)c[SC_BASE];
-    if (B < 1 || B > P->cap_b || !P->attn) return -1;
+    const int64_t *const *locs = (const int64_t *const *)c[SC_LOCS];
+    const int64_t *tails = (const int64_t *)c[SC_TAILS], *resident = (const int64_t *)c[SC_RESIDENT];
+    const int64_t nres = resident ? c[SC_NRES] : 0;
+    if (B < 1 || B > P->cap_b || !P->attn || (!locs && !base) || (locs && !tails)) return -1;
     if (c[SC_K_SH] != cf->D || c[SC_V_SH] != cf->D) return -6;
     /* (kvo_select refuses a sequence of more than NB full blocks: the item buffers hold them all) */
     int rc = kvo_select(cf, B, starts, (const void *)c[SC_Q], (int)c[SC_Q_DT], c[SC_Q_SB], c[SC_Q_SH],
@@ -1186,11 +1202,12 @@ int kvo_sparse_step(const step_plan *P, int64_t *c) {
     const uint64_t *umask = (const uint64_t *)(P->sel_out + (size_t)B * NB);  /* [B, NB, H_kv] */
     const int64_t *info = P->sel_out + (size_t)B * NB * (1 + H_kv);           /* [B, INFO_COLS] */
     const uint64_t full = bs >= 64 ? ~(uint64_t)0 : (((uint64_t)1 << bs) - 1);
-    int64_t N = 0, M = 0;                                                      /* items, their blocks */
+    int64_t N = 0, M = 0, R = 0;                                     /* items, their blocks, read refs */
     for (int b = 0; b < B; b++) {
         const int64_t s = starts[b], n = info[(size_t)b * INFO_COLS + INFO_NBLOCKS];
         const int64_t *ub = ublk + (size_t)b * NB;
         const uint64_t *um = umask + (size_t)b * NB * H_kv;
+        const int64_t *loc = locs ? locs[b] : NULL;
         P->row_first[b] = N;
         for (int64_t i = 0; i < n; i++) {
             if (i == 0 || ub[i] / cb != ub[i - 1] / cb) {                      /* a run starts */
@@ -1198,14 +1215,25 @@ int kvo_sparse_step(const step_plan *P, int64_t *c) {
                 P->last[N] = bs;
                 P->first[N++] = M;
             }
-            P->ptrs[M] = base[b] + ub[i] * sb;
+            if (!loc) {
+                P->ptrs[M] = base[b] + ub[i] * sb;
+            } else {
+                int64_t a = loc[ub[i]];
+                if (a < 0) {                                                   /* the read tier's slot */
+                    const int64_t slot = -a - 1;
+                    a = slot < nres ? resident[slot] : 0;
+                    P->dslot[R] = slot;
+                    P->dref[R++] = M;
+                }
+                P->ptrs[M] = a;
+            }
             memcpy(P->masks + (size_t)M * H_kv, um + (size_t)i * H_kv, sizeof(uint64_t) * (size_t)H_kv);
             M++;
         }
         P->row[N] = b;                                                         /* the tail block */
         P->last[N] = s % bs + 1;
         P->first[N++] = M;
-        P->ptrs[M] = P->app_slot[b] = base[b] + (s / bs) * sb;
+        P->ptrs[M] = P->app_slot[b] = loc ? tails[b] : base[b] + (s / bs) * sb;
         P->app_col[b] = s % bs;
         for (int h = 0; h < H_kv; h++) P->masks[(size_t)M * H_kv + h] = full;
         M++;
@@ -1213,9 +1241,27 @@ int kvo_sparse_step(const step_plan *P, int64_t *c) {
     P->first[N] = M;
     P->row_first[B] = N;
     c[SC_ITEMS] = N;
+    c[SC_NREF] = R;
+    return 0;
+}
+
+/* Append + attend + merge of the items kvo_sparse_plan made (every ptr filled: -7 if one is
+ * still 0), by the paged kernel's driver. 0, or the driver's error. */
+int kvo_sparse_attend(const step_plan *P, int64_t *c) {
+    const sel_config *cf = P->cf;
+    const int B = (int)c[SC_B], H_kv = cf->H_kv, bs = cf->bs;
+    const int64_t N = c[SC_ITEMS];
+    for (int64_t j = 0; j < c[SC_NREF]; j++)
+        if (!P->ptrs[P->dref[j]]) return -7;
     return ((paged_driver)P->attn)(H_kv, P->G, cf->D, bs, B, (const void *)c[SC_K], c[SC_K_SB],
                                    (const void *)c[SC_V], c[SC_V_SB], P->app_slot, P->app_col, (int)N,
                                    (const float *)c[SC_QF], c[SC_QF_RS], P->row, P->first, P->last, P->ptrs,
                                    P->masks, P->scale, P->part_o, P->part_lse, B, P->row_first, NULL,
                                    (float *)c[SC_OUT], (float *)c[SC_LSE], P->threads, P->vgroup);
+}
+
+/* kvo_sparse_plan, then kvo_sparse_attend: a sparse layer in one call (the blocks all held). */
+int kvo_sparse_step(const step_plan *P, int64_t *c) {
+    int rc = kvo_sparse_plan(P, c);
+    return rc ? rc : kvo_sparse_attend(P, c);
 }

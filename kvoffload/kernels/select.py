@@ -208,36 +208,46 @@ class _StepPlan(ctypes.Structure):
                 ("threads", ctypes.c_int32), ("vgroup", ctypes.c_int32), ("scale", ctypes.c_float),
                 ("pad_", ctypes.c_int32), ("slot_bytes", _L), ("cap_b", _L), ("NB", _L),
                 ("sel_out", _P), ("row", _P), ("first", _P), ("last", _P), ("ptrs", _P), ("row_first", _P),
-                ("app_slot", _P), ("app_col", _P), ("masks", _P), ("part_o", _P), ("part_lse", _P)]
+                ("app_slot", _P), ("app_col", _P), ("masks", _P), ("part_o", _P), ("part_lse", _P), ("dref", _P),
+                ("dslot", _P)]
 
 
 # select.c's step-call words (its SC_* enum, in order): one int64 array filled per call
 STEP_CALL = ("B", "starts", "q", "q_dt", "q_sb", "q_sh", "k", "v", "kv_dt", "k_sb", "k_sh", "v_sb", "v_sh",
-             "table", "channels", "alpha", "vmean", "base", "qf", "qf_rs", "out", "lse", "items")
-_STEP_ERRORS = {-6: "k / v heads not contiguous"}
+             "table", "channels", "alpha", "vmean", "base", "qf", "qf_rs", "out", "lse", "items",
+             "locs", "tails", "resident", "nres", "nref")
+_SC = {name: i for i, name in enumerate(STEP_CALL)}
+_STEP_ERRORS = {-6: "k / v heads not contiguous", -7: "a block of the read tier was not filled in"}
 
 
 class SparseStep:
-    """A sparse decode layer of the in-memory backend in ONE native call (``select.c``'s
-    ``kvo_sparse_step``): the selection of ``sel`` (a :class:`NativeSelect`), each sequence's
-    union cut into items over its contiguous slots -- the runs within one chunk of
-    ``chunk_blocks`` blocks, then the tail block (``attention/dense.py``'s ``DecodeItems``) -- and
-    the paged kernel's append + attend + merge through ``driver`` (the address of
-    ``paged_attn.c``'s ``kvo_paged_attn_v_<dtype>``, :meth:`PagedAttention.driver`). Same
-    items and merge order as the Python path: the same bits. Its buffers grow with the batch and
-    the context (by doubling)."""
+    """A sparse decode layer in ONE native call (``select.c``'s ``kvo_sparse_step``): the
+    selection of ``sel`` (a :class:`NativeSelect`), each sequence's union cut into items -- the
+    runs within one chunk of ``chunk_blocks`` blocks, then the tail block
+    (``attention/dense.py``'s ``DecodeItems``) -- and the paged kernel's append + attend + merge
+    through ``driver`` (the address of ``paged_attn.c``'s ``kvo_paged_attn_v_<dtype>``,
+    :meth:`PagedAttention.driver`). Same items and merge order as the Python path: the same
+    bits. Its buffers grow with the batch and the context (by doubling).
+
+    Two ways to say where the blocks are: :meth:`__call__` takes each sequence's slot 0 (its
+    blocks contiguous: the in-memory backend); :meth:`plan` takes per sequence an int64 array
+    of block locations (an address, or ``-(slot + 1)`` for a slot of a *read tier* whose
+    address is ``resident[slot]`` once in RAM; the tiered backend's in-process tiers), leaves
+    the read tier's blocks that are not held at address 0 (:attr:`refs`), and
+    :meth:`attend` runs the attention once the caller has read them and filled them in."""
 
     def __init__(self, sel: NativeSelect, driver: int, G: int, chunk_blocks: int, threads: int, scale: float,
                  slot_bytes: int, vgroup: int) -> None:
         lib = sel.lib
         if lib.kvo_sparse_step_words() != len(STEP_CALL):
             raise RuntimeError(f"select.c takes {lib.kvo_sparse_step_words()} step words, select.py {len(STEP_CALL)}")
-        self.fn = lib.kvo_sparse_step
-        self.fn.argtypes, self.fn.restype = [_P, _P], ctypes.c_int
+        self.fn, self.fn_plan, self.fn_attend = lib.kvo_sparse_step, lib.kvo_sparse_plan, lib.kvo_sparse_attend
+        for fn in (self.fn, self.fn_plan, self.fn_attend):
+            fn.argtypes, fn.restype = [_P, _P], ctypes.c_int
         self.sel, self.G = sel, G
-        self.plan = _StepPlan(cf=sel._cfg, attn=driver, G=G, chunk_blocks=chunk_blocks, threads=max(1, threads),
-                              vgroup=vgroup, scale=scale, slot_bytes=slot_bytes)
-        self._plan = ctypes.addressof(self.plan)
+        self.struct = _StepPlan(cf=sel._cfg, attn=driver, G=G, chunk_blocks=chunk_blocks, threads=max(1, threads),
+                               vgroup=vgroup, scale=scale, slot_bytes=slot_bytes)
+        self._plan = ctypes.addressof(self.struct)
         self.call = np.zeros(len(STEP_CALL), np.int64)
         self._call = _addr(self.call)
         self.cap_b = self.NB = 0
@@ -255,19 +265,16 @@ class SparseStep:
             "ptrs": np.empty(n, np.int64), "row_first": np.empty(cap_b + 1, np.int64),
             "app_slot": np.empty(cap_b, np.int64), "app_col": np.empty(cap_b, np.int64),
             "masks": np.empty(n * H_kv, np.uint64), "part_o": np.empty(n * H * D, np.float32),
-            "part_lse": np.empty(n * H, np.float32)}
+            "part_lse": np.empty(n * H, np.float32), "dref": np.empty(n, np.int64),
+            "dslot": np.empty(n, np.int64)}
         for name, buf in self._bufs.items():
-            setattr(self.plan, name, _addr(buf))
-        self.plan.cap_b, self.plan.NB = cap_b, NB
+            setattr(self.struct, name, _addr(buf))
+        self.struct.cap_b, self.struct.NB = cap_b, NB
+        self.ptrs, self.dref, self.dslot = self._bufs["ptrs"], self._bufs["dref"], self._bufs["dslot"]
 
-    def __call__(self, starts: tuple[int, ...], q, k, v, table: int, channels: int, base: np.ndarray, qf,
-                 out, lse) -> tuple[np.ndarray, object, object]:
-        """starts: each sequence's new-token position; q ``[B, H, D]`` (the selection's query, as
-        :class:`NativeSelect` takes it); k, v ``[B, H_kv, D]`` (the KV dtype; heads contiguous);
-        table / channels: as :class:`NativeSelect`; base ``[B]`` int64: the address of each
-        sequence's slot 0 at this layer; qf ``[B, H, D]`` fp32 (heads contiguous): the attention's
-        query; out ``[B, H, D]`` / lse ``[B, H]`` fp32 contiguous: the merged result. Returns
-        (``[B, INFO_COLS]`` info as :class:`SelectOut`'s, SparF's alpha, vmean or Nones)."""
+    def _fill(self, starts: tuple[int, ...], q, k, v, table: int, channels: int, qf, out, lse, base: int,
+              locs: int, tails: int, resident: np.ndarray | None) -> tuple:
+        """The call words; returns (B, alpha, vmean)."""
         sel = self.sel
         B = len(starts)
         top = sel._prepare(starts)
@@ -282,11 +289,66 @@ class SparseStep:
         if qf.stride()[1:] != (D, 1):
             qf = qf.contiguous()
         qs, ks, vs, fs = q.stride(), k.stride(), v.stride(), qf.stride()
+        res, nres = (0, 0) if resident is None or not len(resident) else (_addr(resident), len(resident))
         self.call[:] = (B, sel._starts_addr, q.data_ptr(), _dtype_id(q), qs[0], qs[1], k.data_ptr(), v.data_ptr(),
                         _dtype_id(k), ks[0], ks[1], vs[0], vs[1], table, channels, a_ptr or 0, v_ptr or 0,
-                        _addr(base), qf.data_ptr(), fs[0], out.data_ptr(), lse.data_ptr(), 0)
-        rc = self.fn(self._plan, self._call)
+                        base, qf.data_ptr(), fs[0], out.data_ptr(), lse.data_ptr(), 0, locs, tails, res, nres, 0)
+        self._keep = (q, k, v, qf)                  # alive until attend()
+        return B, alpha, vmean
+
+    def _check(self, rc: int) -> None:
         if rc != 0:
             raise ValueError(f"native sparse step: {_STEP_ERRORS.get(rc) or _ERRORS.get(rc, rc)}")
-        at = B * self.NB * (1 + sel.H_kv)
-        return self._bufs["sel_out"][at:at + B * INFO_COLS].reshape(B, INFO_COLS), alpha, vmean
+
+    def info(self, B: int) -> np.ndarray:
+        """``[B, INFO_COLS]``: the last call's per-sequence counts (:class:`SelectOut`'s info)."""
+        at = B * self.NB * (1 + self.sel.H_kv)
+        return self._bufs["sel_out"][at:at + B * INFO_COLS].reshape(B, INFO_COLS)
+
+    def union(self, b: int, B: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sequence ``b``'s union of the last call: (its blocks ``[n]``, masks ``[n, H_kv]``)."""
+        n = int(self.info(B)[b, 0])
+        NB, H_kv, out = self.NB, self.sel.H_kv, self._bufs["sel_out"]
+        masks = out[B * NB:B * NB * (1 + H_kv)].view(np.uint64).reshape(B, NB, H_kv)
+        return out[b * NB:b * NB + n], masks[b, :n]
+
+    def __call__(self, starts: tuple[int, ...], q, k, v, table: int, channels: int, base: np.ndarray, qf,
+                 out, lse) -> tuple[np.ndarray, object, object]:
+        """starts: each sequence's new-token position; q ``[B, H, D]`` (the selection's query, as
+        :class:`NativeSelect` takes it); k, v ``[B, H_kv, D]`` (the KV dtype; heads contiguous);
+        table / channels: as :class:`NativeSelect`; base ``[B]`` int64: the address of each
+        sequence's slot 0 at this layer; qf ``[B, H, D]`` fp32 (heads contiguous): the attention's
+        query; out ``[B, H, D]`` / lse ``[B, H]`` fp32 contiguous: the merged result. Returns
+        (``[B, INFO_COLS]`` info as :class:`SelectOut`'s, SparF's alpha, vmean or Nones)."""
+        B, alpha, vmean = self._fill(starts, q, k, v, table, channels, qf, out, lse, _addr(base), 0, 0, None)
+        self._check(self.fn(self._plan, self._call))
+        return self.info(B), alpha, vmean
+
+    def plan(self, starts: tuple[int, ...], q, k, v, table: int, channels: int, locs: np.ndarray, tails: np.ndarray,
+             resident: np.ndarray | None, qf, out, lse) -> tuple[np.ndarray, object, object]:
+        """The selection and the items, no attention yet: as :meth:`__call__`, with ``locs``
+        ``[B]`` int64 the addresses of each sequence's block-location arrays and ``tails`` ``[B]``
+        its tail block's address; ``resident``: the read tier's slot -> address (0: not held).
+        Then :attr:`refs` are the read tier's item blocks (indices into :attr:`ptrs`; 0 there:
+        to be read), and :meth:`attend` finishes the layer."""
+        B, alpha, vmean = self._fill(starts, q, k, v, table, channels, qf, out, lse, 0, _addr(locs), _addr(tails),
+                                     resident)
+        self._check(self.fn_plan(self._plan, self._call))
+        return self.info(B), alpha, vmean
+
+    @property
+    def refs(self) -> tuple[np.ndarray, np.ndarray]:
+        """The last :meth:`plan`'s read-tier item blocks: (their indices into :attr:`ptrs`, their
+        slots)."""
+        n = int(self.call[_SC["nref"]])
+        return self.dref[:n], self.dslot[:n]
+
+    def masks_of(self, at: np.ndarray) -> np.ndarray:
+        """``[len(at), H_kv]`` uint64: the token masks of the last call's item blocks ``at``
+        (indices into :attr:`ptrs`)."""
+        return self._bufs["masks"].reshape(-1, self.sel.H_kv)[at]
+
+    def attend(self) -> None:
+        """Append + attend + merge of the last :meth:`plan` (every read-tier block filled in)."""
+        self._check(self.fn_attend(self._plan, self._call))
+        self._keep = None

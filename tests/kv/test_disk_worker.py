@@ -199,3 +199,54 @@ def test_block_cache_keeps_the_current_steps_blocks():
     cache.start(0)                                   # a step later nothing is protected: LRU evicts
     cache.admit(np.array([7, 8], np.int64), src, np.array([5, 6], np.int64))
     assert len(cache.keys) == 4 and {7, 8} <= set(cache.keys.tolist())
+
+
+def resident_is_consistent(cache: BlockCache) -> None:
+    """``resident`` holds exactly the cached slots, each at its copy's address."""
+    want = np.zeros(max(len(cache.resident), 1), np.int64)
+    held = cache.key >= 0
+    want[cache.key[held]] = cache.base + cache.stride * np.nonzero(held)[0]
+    assert np.array_equal(cache.resident, want[:len(cache.resident)])
+    assert not want[len(cache.resident):].any()
+
+
+@pytest.mark.parametrize("cache_bytes", [0, 5 * LAYOUT.disk_stride, 40 * LAYOUT.disk_stride])
+def test_fetch_gives_the_bytes_of_plain_reads(tmp_path, cache_bytes):
+    """The direct sparse step's reads (DiskWorkerServer.fetch: a block's address from the cache's
+    ``resident`` array, else read into staging and filled in, then admitted): every address
+    holds the slot's bytes as read() returns them, over steps of several layers with a block
+    of two sequences, evictions and a rewritten slot; exactly the blocks not held are read, and
+    ``resident`` always mirrors the cache."""
+    import ctypes
+
+    s = server(tmp_path, "fetch", WorkerIO(cache_bytes=cache_bytes))
+    rng = np.random.default_rng(3)
+    sb, st = LAYOUT.slot_bytes, LAYOUT.disk_stride
+    hits = 0
+    for step in range(6):
+        for layer in range(3):
+            slots = rng.choice(WRITTEN, size=12, replace=False).astype(np.int64)
+            slots = np.concatenate([slots, slots[:2]])                  # a block of two sequences
+            ptrs = np.full(40, -1, np.int64)                              # (other items' addresses)
+            refs = np.sort(rng.choice(40, size=len(slots), replace=False)).astype(np.int64)
+            res = s.cache.resident if s.cache is not None else np.zeros(0, np.int64)
+            held = np.zeros(len(slots), np.int64)
+            inside = slots < len(res)
+            held[inside] = res[slots[inside]]
+            ptrs[refs] = held                                             # what kvo_sparse_plan writes
+            read, cached = s.fetch(layer, slots, ptrs, refs)
+            assert cached == int(np.count_nonzero(held))
+            assert read == len(np.unique(slots[held == 0])) * st
+            assert (ptrs[np.setdiff1d(np.arange(40), refs)] == -1).all()   # only the refs are touched
+            got = b"".join(ctypes.string_at(int(a), sb) for a in ptrs[refs])
+            assert got == s.read(slots)
+            hits += cached
+            if s.cache is not None:
+                resident_is_consistent(s.cache)
+        if step == 3 and s.cache is not None:                          # a cached slot rewritten: dropped
+            victim = int(s.cache.keys[0])
+            s.write(WriteBlocks(np.array([victim], np.int64), bytes(sb)))
+            assert s.cache.resident[victim] == 0
+            resident_is_consistent(s.cache)
+    assert (hits > 0) == (cache_bytes > 0)
+    s.shard.close()

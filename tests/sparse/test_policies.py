@@ -89,17 +89,22 @@ def test_full_budget_equals_dense(dense, tiny_path, calibration, policy, where):
 
 
 @pytest.mark.parametrize("policy", list(POLICIES))
-@pytest.mark.parametrize("read_blocks,workers,cache", [(1, 2, 0), (2, 2, 0), (1, 0, 0), (1, 0, 24), (2, 2, 48)])
-def test_offloaded_sparse_equals_in_memory_sparse(tiny_path, calibration, policy, read_blocks, workers, cache):
+@pytest.mark.parametrize("read_blocks,workers,cache,ahead", [(1, 2, 0, True), (2, 2, 0, True), (1, 0, 0, True),
+                                                            (1, 0, 24, True), (2, 2, 48, True), (1, 0, 0, False),
+                                                            (1, 0, 24, False)])
+def test_offloaded_sparse_equals_in_memory_sparse(tiny_path, calibration, policy, read_blocks, workers, cache, ahead):
     """The same policy at 1/4 over host + disk blocks (read through two workers or in this
     process, token masks in the native kernel, chosen blocks read alone or in aligned pairs, the
     next layer's blocks guessed and read ahead, a block cache of ``cache`` KiB carved from the
-    host budget) gives the logits of the contiguous in-memory reference path."""
+    host budget) gives the logits of the contiguous in-memory reference path. Without the guess
+    and with the disk read here, block by block, a native-selection policy takes the direct
+    step (TieredBackend._sparse_direct: addresses resolved in C, the misses read, one kernel
+    call): the same bits again."""
     ids = LLM(tiny_path, dtype="float32").encode(TEXT)[:220]
     geometry = dict(sparse_dense_layers="none", block_size=8, chunk_blocks=2)     # 4 KiB chunks
     mem = sparse_llm(tiny_path, policy, "1/4", calibration, **geometry)
     off = sparse_llm(tiny_path, policy, "1/4", calibration, kv_host_budget=f"{8 + cache}KiB", disk_workers=workers,
-                     kv_recent_tokens=16, kv_sink_tokens=0, disk_read_blocks=read_blocks, sparse_prefetch=True,
+                     kv_recent_tokens=16, kv_sink_tokens=0, disk_read_blocks=read_blocks, sparse_prefetch=ahead,
                      disk_block_cache=f"{cache}KiB", **geometry)
     try:
         a, b = forced(mem, ids, 70), forced(off, ids, 70)
@@ -108,28 +113,37 @@ def test_offloaded_sparse_equals_in_memory_sparse(tiny_path, calibration, policy
         sa, sb = mem.engine.kv.stats().sparse, off.engine.kv.stats().sparse
         assert (sa.read, sa.attended) == (sb.read, sb.attended)
         assert 0 < sb.attended / sb.context < 0.35 and sb.read <= sb.context
+        direct = not ahead and workers == 0 and read_blocks == 1 and not POLICIES[policy].rebuilds_keys
+        assert (off.engine.kv._step is not None) == direct
         tiers = off.engine.kv.stats().tiers
         assert tiers["disk"].read > 0
         d = tiers["disk"]
         print(f"disk blocks attended {d.blocks}, of them read ahead {d.ahead}, from the block cache {d.cached}")
-        assert 0 < d.ahead + d.cached <= d.blocks                    # the next layer's guess is read ahead
-        assert d.ahead > 0 and (d.cached > 0) == (cache > 0)
+        assert 0 < d.ahead + d.cached <= d.blocks or not ahead and not cache
+        assert (d.ahead > 0) == ahead and (d.cached > 0) == (cache > 0)
         assert sum(off.engine.kv.store.memory_held()[t] for t in ("host",)) <= 8 << 10    # the cache came out of it
     finally:
         off.close()
 
 
 @pytest.mark.parametrize("policy", list(POLICIES))
-def test_one_call_sparse_step_equals_the_python_items(tiny_path, calibration, policy):
+@pytest.mark.parametrize("where", ["memory", "disk", "device+disk"])
+def test_one_call_sparse_step_equals_the_python_items(tiny_path, calibration, policy, where):
     """In memory, a native sparse layer in ONE call (kernels/select.py's SparseStep: select, cut
     the union into items, append, attend, merge, all in C) gives the bits of the same selection
     cut into DecodeItems in Python and attended by a second call: a ragged batch of three
-    sequences decoding across block and chunk boundaries, SparF's correction included."""
+    sequences decoding across block and chunk boundaries, SparF's correction included. With the
+    KV over host RAM, a block cache and a disk shard read in this process, the direct step
+    (addresses resolved in C, the misses read between two native calls) gives the bits of the
+    per-tier requests."""
     from kvoffload.config import SamplingParams
 
     ids = LLM(tiny_path, dtype="float32").encode(TEXT)
     prompts = [ids[:37], ids[:70], ids[:129]]
     geometry = dict(sparse_dense_layers="0", block_size=8, chunk_blocks=2)
+    if where != "memory":             # (with a device tier on the CPU too: two memory tiers)
+        geometry |= dict(kv_host_budget="24KiB", disk_block_cache="8KiB", disk_workers=0, kv_recent_tokens=16,
+                         kv_sink_tokens=0, kv_device_budget="8KiB" if where == "device+disk" else None)
     fast = sparse_llm(tiny_path, policy, "1/4", calibration, **geometry)
     slow = sparse_llm(tiny_path, policy, "1/4", calibration, **geometry)
     slow.engine.kv.one_call = False
@@ -144,6 +158,14 @@ def test_one_call_sparse_step_equals_the_python_items(tiny_path, calibration, po
         sa, sb = fast.engine.kv.stats().sparse, slow.engine.kv.stats().sparse
         assert (sa.steps, sa.context, sa.attended, sa.read) == (sb.steps, sb.context, sb.attended, sb.read)
         assert 0 < sa.read < sa.context
+        if where != "memory":
+            ta, tb = fast.engine.kv.stats().tiers, slow.engine.kv.stats().tiers
+            for name in ("host", "disk") + (("device",) if where == "device+disk" else ()):
+                print(name, ta[name], tb[name])
+                assert (ta[name].blocks, ta[name].read > 0) == (tb[name].blocks, tb[name].read > 0)
+            assert ta["host"].read == tb["host"].read and ta["disk"].cached > 0
+            if where == "device+disk":
+                assert ta["device"].read == tb["device"].read > 0
     finally:
         fast.close()
         slow.close()

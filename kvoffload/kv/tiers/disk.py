@@ -428,6 +428,26 @@ class DiskTier(PooledChunks):
                                               per_worker, io, kv.disk_write_backlog, ctx.native, kv.disk_worker_timeout))
         self._writes: dict[int, list[tuple[np.ndarray, bytes]]] = {}
         self._split: list[tuple[int, np.ndarray]] | None = None      # the request in flight, per shard
+        # one shard read by this process, block by block: a sparse step reads its blocks here
+        # (aligned groups of read_blocks stay with the request path, which reads them)
+        self._local = self.workers[0].server if kv.disk_workers == 0 else None
+        self.direct = self._local is not None and kv.disk_read_blocks == 1
+
+    @property
+    def resident(self) -> np.ndarray | None:
+        cache = self._local.cache if self._local is not None else None
+        return cache.resident if cache is not None else None
+
+    def locs(self, slots: np.ndarray) -> np.ndarray:
+        return -(np.asarray(slots, np.int64) + 1)          # (one shard: its slots are the tier's)
+
+    def fetch(self, layer: int, slots: np.ndarray, ptrs: np.ndarray, refs: np.ndarray) -> None:
+        self.flush()
+        read, cached = self._local.fetch(layer, slots, ptrs, refs)        # (a DiskIOError, as collect's)
+        c = self.counters
+        c.read += read
+        c.blocks += len(slots)
+        c.cached += cached
 
     def _where(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Tier slots -> (shard, the shard's slot)."""

@@ -257,11 +257,16 @@ class BlockCache:
     for the same layer (i.e. within the last decode step) is never evicted: with a working set
     larger than the cache, plain LRU would evict every block just before its next use (decode
     cycles through the layers) and hit nothing; this way the cache keeps what fits and admits
-    fewer new blocks. The owner drops blocks whose slots are rewritten (:meth:`drop`)."""
+    fewer new blocks. The owner drops blocks whose slots are rewritten (:meth:`drop`).
+
+    ``resident``: shard slot -> the address of its cached copy (0: not cached), what a sparse
+    step attended in this process reads in native code (kernels/select.py's ``SparseStep.plan``)."""
 
     def __init__(self, slots: int, stride: int) -> None:
         self.n, self.stride = slots, stride
         self.buf = aligned_buffer(slots * stride)
+        self.base = np.frombuffer(self.buf, dtype=np.uint8).ctypes.data
+        self.resident = np.zeros(0, np.int64)
         self.key = np.full(slots, -1, np.int64)
         self.stamp = np.full(slots, -1, np.int64)
         self.clock = 0
@@ -287,6 +292,16 @@ class BlockCache:
         self.stamp[pos] = self.clock
         return slots[hit], pos
 
+    def touch(self, addrs: np.ndarray) -> None:
+        """Mark the cached blocks at these addresses (from :attr:`resident`) used now."""
+        self.stamp[(addrs - self.base) // self.stride] = self.clock
+
+    def _forget(self, pos: np.ndarray) -> None:
+        """Positions about to be reused or emptied: their slots are no longer resident."""
+        keys = self.key[pos]
+        keys = keys[(keys >= 0) & (keys < len(self.resident))]
+        self.resident[keys] = 0
+
     def admit(self, slots: np.ndarray, src, rows: np.ndarray) -> None:
         """Keep blocks ``slots`` (not held), whose bytes are rows ``rows`` of ``src`` (at the
         stride): into free positions, then in place of the least recently used blocks not used
@@ -302,15 +317,23 @@ class BlockCache:
         if k == 0:
             return
         pos, st = free[:k], self.stride
+        self._forget(pos)
         dst = np.frombuffer(self.buf, dtype=np.uint8, count=self.n * st).reshape(self.n, st)
         dst[pos] = np.frombuffer(src, dtype=np.uint8, count=(int(rows[:k].max()) + 1) * st).reshape(-1, st)[rows[:k]]
         self.key[pos], self.stamp[pos] = slots[:k], self.clock
+        top = int(slots[:k].max()) + 1
+        if top > len(self.resident):                  # (grown by doubling: slots come from the shard's extent)
+            grown = np.zeros(max(top, 2 * len(self.resident), 1024), np.int64)
+            grown[:len(self.resident)] = self.resident
+            self.resident = grown
+        self.resident[slots[:k]] = self.base + st * pos
         self._index()
 
     def drop(self, slots: np.ndarray) -> None:
         """Forget blocks whose slots are being rewritten."""
         if len(self.keys) and np.isin(slots, self.keys).any():
-            gone = np.isin(self.key, slots)
+            gone = np.nonzero(np.isin(self.key, slots))[0]
+            self._forget(gone)
             self.key[gone], self.stamp[gone] = -1, -1
             self._index()
 
@@ -372,6 +395,7 @@ class DiskWorkerServer:
         self.kernel = PagedAttention.for_layout(layout, group) if native else None
         self.read_blocks, self.io_bytes = io.read_blocks, io.io_bytes
         self._started = None                                          # an attend begun, not finished
+        self._staging: mmap.mmap | None = None                       # fetch()'s reads
 
     def write(self, w: WriteBlocks) -> None:
         slots = np.asarray(w.slots, dtype=np.int64)
@@ -528,6 +552,37 @@ class DiskWorkerServer:
         k, v = lay.unpack_f32(data)                                                        # [n, H_kv, bs, D] fp32
         ob, lb = reference.attend_items(q_rows, k[idx], v[idx], row, efirst, last, masks)
         out_o[...], out_l[...] = ob, lb
+
+    def fetch(self, layer: int, slots: np.ndarray, ptrs: np.ndarray, refs: np.ndarray) -> tuple[int, int]:
+        """A sparse step attended by this process (no request): ``slots`` (repeats allowed) are
+        the layer's chosen blocks of this shard, ``ptrs[refs]`` their addresses, 0 where the
+        block cache does not hold them (looked up in native code through
+        :attr:`BlockCache.resident`). Reads those (coalesced, many in flight) into a staging
+        buffer, fills their addresses in, marks the cached ones used and admits the read ones
+        (as :meth:`begin` / :meth:`finish` do for a request). Returns (bytes read, blocks from
+        the cache). The addresses stay valid until the next call."""
+        cache = self.cache
+        if cache is not None:
+            cache.start(layer)
+        addr = ptrs[refs]
+        miss = addr == 0
+        hits = len(addr) - int(np.count_nonzero(miss))
+        if cache is not None and hits:
+            cache.touch(addr[~miss])
+        if hits == len(addr):
+            return 0, hits
+        want = slots[miss]
+        need = np.unique(want)
+        st = self.layout.disk_stride
+        have = 0 if self._staging is None else len(self._staging) // st
+        if have < len(need):                                    # (grown by doubling)
+            self._staging = aligned_buffer(max(len(need), 2 * have) * st)
+        read = self._read_async(need, self._staging).wait()
+        base = np.frombuffer(self._staging, dtype=np.uint8).ctypes.data
+        ptrs[refs[miss]] = base + st * np.searchsorted(need, want)
+        if cache is not None:
+            cache.admit(need, self._staging, np.arange(len(need), dtype=np.int64))
+        return read, hits
 
     def prefetch(self, req: AttendRequest) -> None:
         """Start reading the blocks of the next request (the next layer's, known or guessed

@@ -127,6 +127,8 @@ class MemoryTier:
 
     medium = "memory"
     prefetches = False
+    resident = None                 # (direct: nothing to read, every block has its address)
+    fetch = None
 
     @staticmethod
     def chunk_bytes(layout: BlockLayout) -> int:
@@ -140,6 +142,7 @@ class MemoryTier:
         self.arena = Arena(lay, where, lay.chunk_blocks, max(1, ctx.kv.arena_segment_slots // lay.chunk_blocks),
                            self.capacity, pin=pin)
         self.kernel = paged_kernel(ctx, where)
+        self.direct = where.type == "cpu"                 # the native kernel reads the arena's addresses
         self.counters = TierCounters()
         self._job: AttendRequest | None = None
         self._prepared: dict = {}                      # request key -> (PreparedCall, bytes read)
@@ -220,6 +223,9 @@ class MemoryTier:
         self.counters.blocks += len(req.slots)
         N = req.num_items
         return AttendResult(call.part_o[:N * L].reshape(N, L, H, D), call.part_lse[:N * L].reshape(N, L, H), read)
+
+    def locs(self, slots: np.ndarray) -> np.ndarray:
+        return self.arena.addrs[slots]
 
     def bytes_held(self) -> int:
         return self.arena.bytes_held

@@ -118,6 +118,11 @@ class Tier(Protocol):
     name: str
     medium: str                     # what its bytes live on: "memory", "disk" (a bench's bandwidth bound)
     prefetches: bool                # whether prefetch hints are used (the backend skips building them otherwise)
+    # this process attends the tier's blocks by address (memory; a disk shard it reads itself):
+    # a sparse decode layer then resolves them in native code instead of sending a request
+    # (:meth:`locs`; a *read tier* -- one whose blocks must be read first -- also has
+    # :attr:`resident` and :meth:`fetch`)
+    direct: bool
     budget: int | None              # bytes
     capacity: int | None            # chunks the budget holds (None = unlimited)
     counters: TierCounters
@@ -156,6 +161,19 @@ class Tier(Protocol):
     def collect(self) -> AttendResult: ...
     def prefetch(self, req: AttendRequest) -> None:
         """Hint: the next request will attend these items (a tier may read them ahead)."""
+        ...
+
+    # ---- direct access (tiers with ``direct``) ----
+    def locs(self, slots: np.ndarray) -> np.ndarray:
+        """int64 per slot: its address (held in this process's memory), or ``-(slot + 1)`` (a read
+        tier's slot: its address is ``resident[slot]`` when held, else :meth:`fetch` reads it)."""
+        ...
+
+    resident: np.ndarray | None     # a read tier's slot -> address of a copy in RAM (0: none); else None
+
+    def fetch(self, layer: int, slots: np.ndarray, ptrs: np.ndarray, refs: np.ndarray) -> None:
+        """A read tier: ``slots`` of a sparse step's blocks, their addresses ``ptrs[refs]`` (0:
+        not held); read those and fill their addresses in (valid until the next call); counted."""
         ...
 
     def bytes_held(self) -> int:

@@ -199,6 +199,8 @@ class RayTier(PooledChunks):
     """Chunks on Ray actors (``--ray-shards``), each attending its shard where it lives."""
 
     prefetches = False
+    direct = False                  # (its blocks live in other processes)
+    resident = fetch = None
 
     @staticmethod
     def chunk_bytes(layout: BlockLayout) -> int:
