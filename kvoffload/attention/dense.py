@@ -213,18 +213,14 @@ class DenseBackend:
         """A sparse decode layer in one native call (kernels/select.py's :class:`SparseStep`:
         select, the items :class:`DecodeItems` would cut, append, attend, merge): q ``[B, H, D]``
         (the model's dtype) -> ``[B, H, D]`` fp32, the same bits as the step through Python."""
-        pol, lay = self.policy, self.layout
-        if self._step is None or self._step.sel is not sel:
-            self._step = SparseStep(sel, self.kernel.driver(), self.G, lay.chunk_blocks, self.threads,
-                                    self.kernel.scale, lay.slot_bytes, self.kernel.group)
+        pol, lay, H_kv = self.policy, self.layout, self.cfg.num_kv_heads
+        self._step = SparseStep.reuse(self._step, sel, self.kernel, lay, self.threads)
         B, H, D = q.shape
         out, lse = torch.empty(B, H, D), torch.empty(B, H)
         info, alpha, vmean = self._step(batch.starts, q, k_new, v_new,
                                         pol.native_table(layer, batch.seq_ids, batch.starts), pol.native_aux(layer),
                                         self._layer_bases(batch)[layer], q.float(), out, lse)
-        sums = info.sum(axis=0)                                                  # [INFO_COLS]
-        self.sparse_stats.add_batch(batch.starts, int(sums[1]), int(sums[2]), self.cfg.num_kv_heads, self.bs,
-                                    lay.token_bytes(1) // self.cfg.num_kv_heads)
+        self.sparse_stats.add_native(batch.starts, info, H_kv, self.bs, lay.token_bytes(1) // H_kv)
         return out if alpha is None else mean_mix(out, alpha, vmean)
 
     def _layer_bases(self, batch: ForwardBatch) -> np.ndarray:

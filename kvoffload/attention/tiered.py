@@ -28,7 +28,7 @@ from kvoffload.config import KVConfig, ModelConfig
 from kvoffload.dtypes import name_of
 from kvoffload.errors import ConfigError
 from kvoffload.kernels.paged import Append, Items, PreparedCall, merge_parts
-from kvoffload.kernels.select import NativeSelect, SparseStep
+from kvoffload.kernels.select import INFO_NBLOCKS, INFO_READ, NativeSelect, SparseStep
 from kvoffload.kv.layout import BlockLayout
 from kvoffload.kv.store import BlockStore, build_tiers
 from kvoffload.kv.tiers.memory import attend_slots, paged_kernel
@@ -147,7 +147,6 @@ class TieredBackend:
         self._memory_tiers = [i for i, t in enumerate(tiers) if t.direct and t.fetch is None]
         self.one_call = True       # False: a native sparse layer goes through per-tier requests (tests compare)
         self._step: SparseStep | None = None
-        self._locs: dict[tuple[int, int], tuple[int, np.ndarray, np.ndarray]] = {}   # (seq, layer) -> (stamp, tiers, locs)
         # decode micro-batches call in from several threads: one at a time in here (their model
         # compute outside overlaps); tiers, placement and counters are not shared otherwise
         self._lock = threading.Lock()
@@ -164,7 +163,6 @@ class TieredBackend:
         self.store.free(seq_id)
         for layer in range(self.cfg.num_layers):
             self._items.pop((seq_id, layer), None)
-            self._locs.pop((seq_id, layer), None)
         self._staged.pop(seq_id, None)
         if self.policy is not None:
             self.policy.free(seq_id)
@@ -317,21 +315,6 @@ class TieredBackend:
             self.decode_tokens += len(batch.seq_ids)
         return o.unsqueeze(1).to(q.dtype)
 
-    def _block_locs(self, seq_id: int, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        """(tier index ``[n]``, location ``[max(n, 1)]``: Tier.locs) of each full block of
-        (seq, layer), kept until a chunk of it moves."""
-        stamp = self.store.placement.stamp.get((seq_id, layer), 0)
-        hit = self._locs.get((seq_id, layer))
-        if hit is not None and hit[0] == stamp:
-            return hit[1], hit[2]
-        tiers, slots = self.store.table(seq_id, layer)
-        locs = np.zeros(max(1, len(slots)), np.int64)
-        for t in np.unique(tiers):
-            pick = np.nonzero(tiers == t)[0]
-            locs[pick] = self.tiers[t].locs(slots[pick])
-        self._locs[(seq_id, layer)] = (stamp, tiers, locs)
-        return tiers, locs
-
     def _sparse_direct(self, sel: NativeSelect, layer: int, q: torch.Tensor, k_new: torch.Tensor,
                        v_new: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """A sparse decode layer over in-process tiers, in native code but for the reads: the
@@ -340,13 +323,11 @@ class TieredBackend:
         then append + attend + merge (:meth:`SparseStep.attend`). The items, the kernel and the
         merge order are those of the per-tier requests and of the in-memory backend: the same
         bits. q ``[B, H, D]`` (the model's dtype) -> ``[B, H, D]`` fp32."""
-        pol, lay = self.policy, self.layout
-        if self._step is None or self._step.sel is not sel:
-            self._step = SparseStep(sel, self.kernel.driver(), self.G, lay.chunk_blocks, self.threads,
-                                    self.kernel.scale, lay.slot_bytes, self.kernel.group)
-        step, seq_ids, starts = self._step, batch.seq_ids, batch.starts
+        pol, lay, H_kv = self.policy, self.layout, self.cfg.num_kv_heads
+        step = self._step = SparseStep.reuse(self._step, sel, self.kernel, lay, self.threads)
+        seq_ids, starts = batch.seq_ids, batch.starts
         B, H, D = q.shape
-        tables = [self._block_locs(sid, layer) for sid in seq_ids]
+        tables = [self.store.locations(sid, layer) for sid in seq_ids]
         locs = np.array([t[1].ctypes.data for t in tables], np.int64)
         rt = self._read_tier
         out, lse = torch.empty(B, H, D), torch.empty(B, H)
@@ -359,25 +340,22 @@ class TieredBackend:
         if not self.kvcfg.kv_serial:
             self._prefetch_next(layer, batch, None)               # (a dense next layer: its chunks are known)
         step.attend()
-        self._count_direct(step, tables, info, len(refs))
-        bs, H_kv = self.bs, self.cfg.num_kv_heads
-        self.tail_counters.read += sum(s % bs + 1 for s in starts) * self.tail_layout.token_bytes(1)
-        sums = info.sum(axis=0)                                                  # [INFO_COLS]
-        self.sparse_stats.add_batch(starts, int(sums[1]), int(sums[2]), H_kv, bs, lay.token_bytes(1) // H_kv)
+        self._count_direct(step, tables, info, refs)
+        self.tail_counters.read += sum(s % self.bs + 1 for s in starts) * self.tail_layout.token_bytes(1)
+        self.sparse_stats.add_native(starts, info, H_kv, self.bs, lay.token_bytes(1) // H_kv)
         return out if alpha is None else mean_mix(out, alpha, vmean)
 
-    def _count_direct(self, step: SparseStep, tables: list, info: np.ndarray, n_read: int) -> None:
+    def _count_direct(self, step: SparseStep, tables: list, info: np.ndarray, refs: np.ndarray) -> None:
         """The memory tiers' counters for a direct sparse layer (the read tier counts its own
         in fetch): blocks attended, and bytes as a request reads them (only the KV heads' runs
-        some token of which is attended: protocol.read_bytes)."""
+        some token of which is attended: protocol.read_bytes). refs: the read tier's item blocks
+        (:attr:`SparseStep.refs`)."""
         B, mem = len(tables), self._memory_tiers
         sb, H_kv = self.layout.slot_bytes, self.cfg.num_kv_heads
         if len(mem) == 1:                                         # one memory tier: all but the read tier's
             c = self.tiers[mem[0]].counters
-            heads = int(info[:, 1].sum())                                       # (block, head) runs read
-            if n_read:
-                heads -= int(np.count_nonzero(step.masks_of(step.refs[0])))
-            c.blocks += int(info[:, 0].sum()) - n_read
+            heads = int(info[:, INFO_READ].sum()) - int(np.count_nonzero(step.masks_of(refs)))   # (block, head) runs
+            c.blocks += int(info[:, INFO_NBLOCKS].sum()) - len(refs)
             c.read += heads * sb // H_kv
             return
         for b, (tiers, _) in enumerate(tables):

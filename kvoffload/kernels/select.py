@@ -24,12 +24,14 @@ import numpy as np
 from kvoffload.dtypes import DTYPES
 from kvoffload.kernels.build import load
 
-__all__ = ["INFO_COLS", "POLICY_IDS", "ST_COLS", "TILE", "NativeSelect", "SelectOut", "SparseStep"]
+__all__ = ["INFO_CHOSEN", "INFO_COLS", "INFO_NBLOCKS", "INFO_READ", "POLICY_IDS", "ST_COLS", "TILE", "NativeSelect",
+           "SelectOut", "SparseStep"]
 
 POLICY_IDS = {"streaming": 0, "quest": 1, "sparf": 2, "double_sparsity": 3, "shadowkv": 4, "retrieval": 5}
 ST_COLS = 6            # state table columns: a0, a1, a2, hdr (int64 counters), cap, unused
 TILE = 128             # columns per tile of the tiled channel-major metadata (select.c's TILE)
 INFO_COLS = 3          # per sequence: union blocks, blocks read (over heads), tokens chosen (over heads)
+INFO_NBLOCKS, INFO_READ, INFO_CHOSEN = 0, 1, 2       # their columns (select.c's INFO_* enum)
 # One thread below this much scoring work (multiply-adds over the batch, select.c's estimate):
 # an OpenMP fork/join costs more than it saves (measured on the 2-core dev box).
 PAR_MIN_WORK = 1 << 20
@@ -252,6 +254,15 @@ class SparseStep:
         self._call = _addr(self.call)
         self.cap_b = self.NB = 0
 
+    @classmethod
+    def reuse(cls, step: SparseStep | None, sel: NativeSelect, kernel, layout, threads: int) -> SparseStep:
+        """``step`` when it runs ``sel``; else a new step of ``sel`` over ``kernel`` (a
+        :class:`~kvoffload.kernels.paged.PagedAttention` of ``layout``'s full-precision blocks)."""
+        if step is not None and step.sel is sel:
+            return step
+        return cls(sel, kernel.driver(), kernel.G, layout.chunk_blocks, threads, kernel.scale, layout.slot_bytes,
+                   kernel.group)
+
     def _grow(self, B: int, NB: int) -> None:
         """Buffers for ``B`` sequences of up to ``NB`` full blocks (doubling)."""
         self.cap_b = cap_b = max(B, self.cap_b)
@@ -307,7 +318,7 @@ class SparseStep:
 
     def union(self, b: int, B: int) -> tuple[np.ndarray, np.ndarray]:
         """Sequence ``b``'s union of the last call: (its blocks ``[n]``, masks ``[n, H_kv]``)."""
-        n = int(self.info(B)[b, 0])
+        n = int(self.info(B)[b, INFO_NBLOCKS])
         NB, H_kv, out = self.NB, self.sel.H_kv, self._bufs["sel_out"]
         masks = out[B * NB:B * NB * (1 + H_kv)].view(np.uint64).reshape(B, NB, H_kv)
         return out[b * NB:b * NB + n], masks[b, :n]

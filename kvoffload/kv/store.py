@@ -52,6 +52,8 @@ class BlockStore:
         self.tail_slot: dict[int, np.ndarray] = {}                 # seq -> [layers] tail slots
         # (seq, layer) -> (placement stamp, tier per block, tier slot per block)
         self._tables: dict[tuple[int, int], tuple[int, np.ndarray, np.ndarray]] = {}
+        # (seq, layer) -> (placement stamp, tier per block, location per block: :meth:`locations`)
+        self._locs: dict[tuple[int, int], tuple[int, np.ndarray, np.ndarray]] = {}
         self._pending: dict[int, list[tuple[int, torch.Tensor]]] = {}   # tier -> queued (slot, block)
 
     # ---- sequences ----
@@ -67,6 +69,7 @@ class BlockStore:
         self.placement.remove_seq(seq_id)
         for layer in range(self.num_layers):
             self._tables.pop((seq_id, layer), None)
+            self._locs.pop((seq_id, layer), None)
 
     def __contains__(self, seq_id: int) -> bool:
         return seq_id in self.tail_slot
@@ -98,6 +101,21 @@ class BlockStore:
         tiers, slots = tier[c], base[c] + b % self.cb
         self._tables[(seq_id, layer)] = (stamp, tiers, slots)
         return tiers, slots
+
+    def locations(self, seq_id: int, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tier index ``[n]``, location ``[max(n, 1)]``) of each full block of (seq, layer): its
+        tier's :meth:`Tier.locs` (every tier ``direct``), what a native sparse step reads."""
+        stamp = self.placement.stamp.get((seq_id, layer), 0)
+        hit = self._locs.get((seq_id, layer))
+        if hit is not None and hit[0] == stamp:
+            return hit[1], hit[2]
+        tiers, slots = self.table(seq_id, layer)
+        locs = np.zeros(max(1, len(slots)), np.int64)
+        for t in np.unique(tiers):
+            pick = np.nonzero(tiers == t)[0]
+            locs[pick] = self.tiers[t].locs(slots[pick])
+        self._locs[(seq_id, layer)] = (stamp, tiers, locs)
+        return tiers, locs
 
     def tail_addr(self, seq_id: int, layer: int) -> int:
         return int(self.tails.addrs[self.tail_slot[seq_id][layer]])

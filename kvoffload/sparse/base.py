@@ -33,7 +33,13 @@ from kvoffload.config import ModelConfig, SparseConfig
 from kvoffload.errors import ConfigError
 from kvoffload.kernels.limits import D_MAX, G_MAX
 from kvoffload.kernels.paged import masks_to_valid
-from kvoffload.kernels.select import POLICY_IDS, ST_COLS, NativeSelect
+from kvoffload.kernels.select import (
+    INFO_CHOSEN,
+    INFO_READ,
+    POLICY_IDS,
+    ST_COLS,
+    NativeSelect,
+)
 from kvoffload.kernels.select import TILE as SELECT_TILE
 
 
@@ -194,6 +200,12 @@ class SparseCounters:
         self.attended += chosen + tails * H_kv
         self.read += read_blocks * bs + tails * H_kv
         self.bytes_per_token = bytes_per_token
+
+    def add_native(self, starts: tuple[int, ...], info: np.ndarray, H_kv: int, bs: int, bytes_per_token: int) -> None:
+        """:meth:`add_batch` from a native step's per-sequence counts (info ``[B, INFO_COLS]``,
+        kernels/select.py)."""
+        sums = info.sum(axis=0)
+        self.add_batch(starts, int(sums[INFO_READ]), int(sums[INFO_CHOSEN]), H_kv, bs, bytes_per_token)
 
     def finish(self, chosen: list[Selection], o: torch.Tensor, starts: tuple[int, ...], bs: int,
                bytes_per_token: int) -> torch.Tensor:
