@@ -18,6 +18,7 @@
 #include "kvo_math.h"
 
 #define MAX_ROWS 8
+#define PF_ROWS 32              // int8: rows ahead whose first line is prefetched
 
 typedef struct {
     int kind;                 // 0 int4, 1 int8
@@ -64,32 +65,33 @@ static inline __m512 load_s16(const void *scale, int64_t at, int f32, __m512 *z)
 }
 
 // One int4 block of 64 output channels: y[m, nb*64 .. +64] = x[m] · W[block]. Inlined with a
-// constant M so that the accumulators live in registers.
-static inline __attribute__((always_inline)) void int4_block(const Linear *L, const float *x, const int M,
-                                                             float *y, int64_t nb) {
-    int64_t K = L->K, N = L->N;
-    const __m128i mask = _mm_set1_epi8(0xf);
+// constant M so that the accumulators live in registers. xsum[m * G + g]: the sum of x[m]
+// over group g (the same for every block, so computed once a call by gemv_rows).
+// A code becomes a float by a table lookup: vpermps reads the low 4 bits of each dword, so
+// one zero-extension serves both nibbles (the high one after a shift), 2 operations fewer per
+// 32 codes than mask + widen + convert twice; the values, hence the bits, are the same.
+static inline __attribute__((always_inline)) void int4_block(const Linear *L, const float *x, const float *xsum,
+                                                             const int M, float *y, int64_t nb) {
+    int64_t K = L->K, N = L->N, G = K / 32;
+    const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     __m512 acc[MAX_ROWS][4];
     for (int m = 0; m < M; m++)
         for (int i = 0; i < 4; i++) acc[m][i] = _mm512_setzero_ps();
     const uint8_t *p = (const uint8_t *)L->w + nb * K * 32;
-    for (int64_t g = 0; g < K / 32; g++) {
+    for (int64_t g = 0; g < G; g++) {
         __m512 gs[MAX_ROWS][4];
-        __m512 xs[MAX_ROWS];
-        for (int m = 0; m < M; m++) {
-            xs[m] = _mm512_setzero_ps();
+        for (int m = 0; m < M; m++)
             for (int i = 0; i < 4; i++) gs[m][i] = _mm512_setzero_ps();
-        }
         for (int64_t k = g * 32; k < g * 32 + 32; k++) {
             __m256i b = _mm256_loadu_si256((const __m256i *)(p + k * 32));
-            __m128i b0 = _mm256_castsi256_si128(b), b1 = _mm256_extracti128_si256(b, 1);
-            __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b0, mask)));
-            __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b1, mask)));
-            __m512 w2 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b0, 4), mask)));
-            __m512 w3 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b1, 4), mask)));
+            __m512i e0 = _mm512_cvtepu8_epi32(_mm256_castsi256_si128(b));
+            __m512i e1 = _mm512_cvtepu8_epi32(_mm256_extracti128_si256(b, 1));
+            __m512 w0 = _mm512_permutexvar_ps(e0, table);                             // rows 0..15
+            __m512 w1 = _mm512_permutexvar_ps(e1, table);                             // rows 16..31
+            __m512 w2 = _mm512_permutexvar_ps(_mm512_srli_epi32(e0, 4), table);       // rows 32..47
+            __m512 w3 = _mm512_permutexvar_ps(_mm512_srli_epi32(e1, 4), table);       // rows 48..63
             for (int m = 0; m < M; m++) {
                 __m512 xb = _mm512_set1_ps(x[m * K + k]);
-                xs[m] = _mm512_add_ps(xs[m], xb);
                 gs[m][0] = _mm512_fmadd_ps(w0, xb, gs[m][0]);
                 gs[m][1] = _mm512_fmadd_ps(w1, xb, gs[m][1]);
                 gs[m][2] = _mm512_fmadd_ps(w2, xb, gs[m][2]);
@@ -102,7 +104,7 @@ static inline __attribute__((always_inline)) void int4_block(const Linear *L, co
             __m512 c = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), s, z);
             for (int m = 0; m < M; m++) {
                 acc[m][i] = _mm512_fmadd_ps(s, gs[m][i], acc[m][i]);
-                acc[m][i] = _mm512_fmadd_ps(c, xs[m], acc[m][i]);
+                acc[m][i] = _mm512_fmadd_ps(c, _mm512_set1_ps(xsum[m * G + g]), acc[m][i]);
             }
         }
     }
@@ -115,6 +117,10 @@ static inline __attribute__((always_inline)) void int8_row(const Linear *L, cons
                                                            float *y, int64_t n) {
     int64_t K = L->K;
     const int8_t *row = (const int8_t *)L->w + n * K;
+    // A row (K bytes, often under a page) is too short for the hardware prefetcher to ramp up
+    // on its own; touching the start of a row PF_ROWS ahead keeps the stream going (SmolLM2 /
+    // Qwen shapes, cold weights on huge pages: 23 -> 38-40 GB/s, benchmarks/README.md).
+    if (n + PF_ROWS < L->N) _mm_prefetch((const char *)(row + PF_ROWS * K), _MM_HINT_T0);
     float s = ld(L->scale, n, L->scale_f32);
     __m512 a0[MAX_ROWS], a1[MAX_ROWS];
     for (int m = 0; m < M; m++) a0[m] = a1[m] = _mm512_setzero_ps();
@@ -141,7 +147,15 @@ static inline __attribute__((always_inline)) void int8_row(const Linear *L, cons
 // y[m, n0:n1] = x[m] · W[n0:n1]  (x fp32 [M, K]; y fp32 [M, N]); n0, n1 multiples of 64 for int4.
 static void gemv_rows(const Linear *L, const float *x, int M, float *y, int64_t n0, int64_t n1) {
     if (L->kind == 0) {
-#define INT4(MM) for (int64_t nb = n0 / 64; nb < n1 / 64; nb++) int4_block(L, x, MM, y, nb)
+        int64_t G = L->K / 32;
+        float xsum[M * G];
+        for (int m = 0; m < M; m++)
+            for (int64_t g = 0; g < G; g++) {
+                float t = 0;                         // in k order, as a running vector sum would
+                for (int64_t k = g * 32; k < g * 32 + 32; k++) t += x[m * L->K + k];
+                xsum[m * G + g] = t;
+            }
+#define INT4(MM) for (int64_t nb = n0 / 64; nb < n1 / 64; nb++) int4_block(L, x, xsum, MM, y, nb)
         FOR_M(M, INT4)
 #undef INT4
     } else {

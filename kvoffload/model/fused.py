@@ -109,6 +109,29 @@ class FusedBlock(nn.Module):
         return out
 
 
+class FusedLinear(nn.Module):
+    """A quantised linear layer (the LM head) whose few-row forwards run the native GEMV; its
+    output is rounded to the layer's dtype as the reference's is."""
+
+    def __init__(self, linear: QuantLinear, max_rows: int, threads: int) -> None:
+        super().__init__()
+        self.linear, self.max_rows, self.threads = linear, max_rows, threads
+        self.desc = _linear(linear)
+        self._gemv, self._ptr = _lib().kvo_gemv, ctypes.addressof(self.desc)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.linear
+        rows = x.numel() // m.in_features
+        if rows > self.max_rows:
+            return m(x)
+        x2 = x.reshape(rows, m.in_features).float().contiguous()                  # [rows, K]
+        y = torch.empty(rows, m.out_features)                                    # [rows, N] fp32
+        self._gemv(self._ptr, x2.data_ptr(), rows, y.data_ptr(), self.threads)
+        if m.bias is not None:
+            y += m.bias
+        return y.to(m.dtype).view(*x.shape[:-1], m.out_features)
+
+
 def layer_descriptor(block: Block) -> _Layer | None:
     """The native view of a block's tensors, or None when the kernel cannot run it."""
     a, m = block.attn, block.mlp
@@ -125,10 +148,14 @@ def layer_descriptor(block: Block) -> _Layer | None:
 
 
 def fuse_layers(model: nn.Module, max_rows: int, threads: int) -> int:
-    """Wrap every block the native kernels can run; returns how many were wrapped."""
+    """Wrap every block the native kernels can run, and the quantised LM head; returns how
+    many blocks were wrapped."""
     if _lib() is None:
         return 0
     done = 0
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, QuantLinear) and _linear(head) is not None:
+        model.lm_head = FusedLinear(head, min(max_rows, MAX_ROWS), threads)
     for i, block in enumerate(model.layers):
         desc = layer_descriptor(block)
         if desc is not None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kvoffload import hugepages
 from kvoffload.config import EngineConfig, ModelConfig
 from kvoffload.device import resolve_dtype
 from kvoffload.dtypes import torch_dtype
@@ -122,6 +123,8 @@ def load_model(cfg: EngineConfig, device: torch.device) -> tuple[Transformer, To
     del ckpt
     if quant != "none" and not prebuilt:
         quantize(model, quant, torch_dtype(dtype), device, cfg.quant_max_rows)
+    if device.type == "cpu":
+        hugepages.move_module_tensors(model)     # before the fused layers record addresses
     if quant != "none" and cfg.decode_kernel == "native":
         fuse_layers(model, cfg.quant_max_rows, cfg.threads or torch.get_num_threads())
     tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from kvoffload.model.fused import FusedBlock, fuse_layers
+from kvoffload.model.fused import FusedBlock, FusedLinear, fuse_layers
 from kvoffload.model.interface import ForwardBatch, Logits, Phase
 
 pytestmark = pytest.mark.skipif(fuse_layers.__module__ and __import__("kvoffload.model.fused", fromlist=["_lib"])._lib()
@@ -43,6 +43,7 @@ def test_fused_layers_match_the_reference_in_fp32(tiny_hf, arch, method, rows):
     fused = copy.deepcopy(model)
     assert fuse_layers(fused, max_rows=8, threads=2) == len(model.layers)
     assert all(isinstance(b, FusedBlock) for b in fused.layers)
+    assert isinstance(fused.lm_head, FusedLinear)
     B, L = rows
     g = torch.Generator().manual_seed(B * 10 + L)
     tokens = torch.randint(0, 256, (B, L), generator=g)
@@ -76,3 +77,26 @@ def test_many_rows_run_the_reference(tiny_hf):
     batch = ForwardBatch(Phase.PREFILL, (0,), torch.arange(3)[None], (3,), Logits.ALL)
     with torch.inference_mode():
         assert torch.equal(model(tokens, batch, EchoBackend()), fused(tokens, batch, EchoBackend()))
+
+
+@pytest.mark.parametrize("method", ["int4", "int8"])
+@pytest.mark.parametrize("rows", [1, 3, 9])
+def test_fused_head_matches_its_linear(method, rows):
+    from kvoffload.model.quant import QUANTIZERS
+
+    g = torch.Generator().manual_seed(rows)
+    lin = torch.nn.Linear(128, 320, bias=True)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(320, 128, generator=g))
+        lin.bias.copy_(torch.randn(320, generator=g))
+    m = QUANTIZERS[method].from_linear(lin, torch.float32, max_rows=8)
+    head = FusedLinear(m, max_rows=8, threads=2)
+    x = torch.randn(rows, 1, 128, generator=g)
+    ref, got = m(x), head(x)
+    assert got.shape == ref.shape == (rows, 1, 320) and got.dtype == ref.dtype
+    diff = (got - ref).abs()
+    print(f"{method} {rows} rows: max {diff.max():.2e} mean {diff.mean():.2e}")
+    if rows > 8:
+        assert torch.equal(got, ref)                                  # the reference itself
+    else:
+        assert diff.max() <= 1e-4 * ref.abs().max()
