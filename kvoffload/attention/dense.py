@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kvoffload import hugepages
 from kvoffload.attention.backend import KVStats, sparse_line
 from kvoffload.attention.merge import OWN_KEY, TAIL_KEY, Parts
 from kvoffload.attention.ops import attend_lse, own_attention, prefix_attention
@@ -125,8 +126,10 @@ class DenseBackend:
     # ---- sequence lifecycle ----
     def allocate(self, seq_id: int, capacity: int) -> None:
         nb = -(-max(capacity, 1) // self.bs)
-        self.seqs[seq_id] = torch.zeros(self.cfg.num_layers, nb, self.layout.slot_elems, dtype=self.kv_dtype,
-                                        device=self.device)
+        shape = (self.cfg.num_layers, nb, self.layout.slot_elems)
+        # on the CPU: lazily-touched huge pages (the decode kernels stream these blocks)
+        self.seqs[seq_id] = (hugepages.zeros(shape, self.kv_dtype) if self.device.type == "cpu"
+                             else torch.zeros(shape, dtype=self.kv_dtype, device=self.device))
         if self.policy is not None:
             self.policy.allocate(seq_id, capacity)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kvoffload import hugepages
 from kvoffload.dtypes import storage_torch_dtype
 from kvoffload.kernels import reference
 from kvoffload.kernels.paged import Items, PagedAttention, PreparedCall
@@ -60,7 +61,10 @@ class Arena:
         if cap is not None:
             units = max(1, min(units, cap - len(self.addrs) // self.unit))
         n = units * self.unit
-        seg = torch.zeros(n, self.layout.slot_elems, dtype=self.dtype, device=self.device, pin_memory=self.pin)
+        if self.device.type == "cpu" and not self.pin:          # lazily-touched huge pages
+            seg = hugepages.zeros((n, self.layout.slot_elems), self.dtype)
+        else:
+            seg = torch.zeros(n, self.layout.slot_elems, dtype=self.dtype, device=self.device, pin_memory=self.pin)
         self.segments.append(seg)
         stride = self.layout.slot_bytes
         self.addrs = np.concatenate([self.addrs, seg.data_ptr() + stride * np.arange(n, dtype=np.int64)])
