@@ -629,11 +629,14 @@ class EngineConfig:
         file's weights are 4-bit (e.g. GGUF Q4_1, re-packed without loss of its codes),
         ``int8`` for other quantised GGUFs (Q5_0, Q6_K, Q8_0 ...: 4 bits would lose), ``none``
         for dense checkpoints.
-    quant_max_rows: the packed kernels serve calls of at most this many rows (tokens in the
-        forward); larger calls (prefill, big decode batches) use the dense GEMM.
-    decode_kernel: with quantised weights, a forward of at most ``quant_max_rows`` rows runs
-        each layer's norm, projections, RoPE and MLP as two native calls (``native``:
-        kernels/decode.c) instead of ~20 PyTorch operators (``torch``, the reference).
+    quant_max_rows: in the PyTorch path (``--decode-kernel torch``, and layers the native
+        kernels cannot run), the packed kernels serve calls of at most this many rows (tokens
+        in the forward); larger calls (prefill, big decode batches) use the dense GEMM.
+    decode_kernel: with quantised weights, a forward of few rows runs each layer's norm,
+        projections, RoPE and MLP as two native calls, and the LM head as one (``native``:
+        kernels/decode.c), instead of ~20 PyTorch operators (``torch``, the reference). Few
+        rows: up to where the native GEMV beats the dense GEMM, per format (int4 32 rows, so a
+        short prompt's prefill too; int8 8; model/fused.py's ``FUSED_ROWS``).
     kv_dtype: KV cache dtype (``None`` = ``dtype``), or a compressed block format: ``int8`` /
         ``int4`` (keys quantised per channel over a block's tokens, values per token in groups of
         ``kv_group_size`` channels; scales inside the block; the partly filled last block stays
@@ -661,7 +664,7 @@ class EngineConfig:
     device: str = cli_field("auto", "auto, cpu, cuda or cuda:N")
     dtype: str = cli_field(AUTO, "compute dtype", choices=(AUTO, *DTYPES))
     quantization: str = cli_field(AUTO, "weight-only quantisation of linear layers for decode (CPU only)", choices=(AUTO, *QUANTIZATIONS), short="-q")
-    quant_max_rows: int = cli_field(8, "rows up to which the quantised kernels are used (more: dense GEMM)")
+    quant_max_rows: int = cli_field(8, "PyTorch path: rows up to which the packed kernels are used (more: dense GEMM)")
     decode_kernel: str = cli_field("native", "few-row forwards with quantised weights: fused native layer kernels or the PyTorch reference", choices=DECODE_KERNELS)
     kv_dtype: str | None = cli_field(None, "KV cache dtype (default: --dtype); int8 / int4: compressed blocks", choices=KV_NAMES)
     threads: int | None = cli_field(None, "CPU threads (default: physical cores)", short="-t")

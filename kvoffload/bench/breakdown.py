@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     if quant != "none":
         quantize(tiny, quant, dtype, torch.device("cpu"), llm.config.quant_max_rows)
         if args.decode_kernel == "native":
-            fuse_layers(tiny, llm.config.quant_max_rows, args.threads)
+            fuse_layers(tiny, args.threads)
     floor = time_decode(tiny, ZeroAttention(), 10, args.reps)
     ls = llm.load_stats
     print(f"{ls.source}: {ls.weight_type} file, {args.dtype}, quantization {ls.quantization}, decode kernel "

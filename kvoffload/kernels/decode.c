@@ -17,7 +17,8 @@
 
 #include "kvo_math.h"
 
-#define MAX_ROWS 8
+#define MAX_ROWS 8               // rows whose accumulators one pass keeps in registers
+#define MAX_CALL_ROWS 32         // rows one call takes (in passes of MAX_ROWS over each weight tile)
 #define PF_ROWS 32              // int8: rows ahead whose first line is prefetched
 
 typedef struct {
@@ -145,23 +146,41 @@ static inline __attribute__((always_inline)) void int8_row(const Linear *L, cons
     case 5: CALL(5); break; case 6: CALL(6); break; case 7: CALL(7); break; default: CALL(8); break; }
 
 // y[m, n0:n1] = x[m] · W[n0:n1]  (x fp32 [M, K]; y fp32 [M, N]); n0, n1 multiples of 64 for int4.
+// More than MAX_ROWS rows go in passes of MAX_ROWS over each weight tile (an int4 block of 64
+// output channels, an int8 row) while it is in L1, so the weights are read from memory once;
+// each row's result is the same bits as in a call of its own.
 static void gemv_rows(const Linear *L, const float *x, int M, float *y, int64_t n0, int64_t n1) {
+    const int64_t K = L->K, N = L->N;
     if (L->kind == 0) {
-        int64_t G = L->K / 32;
+        int64_t G = K / 32;
         float xsum[M * G];
         for (int m = 0; m < M; m++)
             for (int64_t g = 0; g < G; g++) {
                 float t = 0;                         // in k order, as a running vector sum would
-                for (int64_t k = g * 32; k < g * 32 + 32; k++) t += x[m * L->K + k];
+                for (int64_t k = g * 32; k < g * 32 + 32; k++) t += x[m * K + k];
                 xsum[m * G + g] = t;
             }
-#define INT4(MM) for (int64_t nb = n0 / 64; nb < n1 / 64; nb++) int4_block(L, x, xsum, MM, y, nb)
-        FOR_M(M, INT4)
+        for (int64_t nb = n0 / 64; nb < n1 / 64; nb++)
+            for (int m0 = 0; m0 < M; m0 += MAX_ROWS) {
+                const float *xm = x + m0 * K, *sm = xsum + m0 * G;
+                float *ym = y + m0 * N;
+#define INT4(MM) int4_block(L, xm, sm, MM, ym, nb)
+                FOR_M(M - m0, INT4)
 #undef INT4
-    } else {
+            }
+    } else if (M <= MAX_ROWS) {                // decode: the row count's switch outside the loop
 #define INT8(MM) for (int64_t n = n0; n < n1; n++) int8_row(L, x, MM, y, n)
         FOR_M(M, INT8)
 #undef INT8
+    } else {
+        for (int64_t n = n0; n < n1; n++)
+            for (int m0 = 0; m0 < M; m0 += MAX_ROWS) {
+                const float *xm = x + m0 * K;
+                float *ym = y + m0 * N;
+#define INT8(MM) int8_row(L, xm, MM, ym, n)
+                FOR_M(M - m0, INT8)
+#undef INT8
+            }
     }
 }
 
@@ -183,6 +202,9 @@ static void rmsnorm(const float *x, const void *w, float eps, int d, int f32, fl
     float r = 1.0f / sqrtf(ss / (float)d + eps);
     for (int i = 0; i < d; i++) out[i] = rnd(x[i] * r * ld(w, i, f32), f32);
 }
+
+// The most rows one call takes (kvoffload/model/fused.py reads it).
+int kvo_decode_max_rows(void) { return MAX_CALL_ROWS; }
 
 // Whether a layer's projections fit this kernel (int4 needs N a multiple of 64, K of 32).
 int kvo_decode_supported(const Layer *Ly) {

@@ -2,7 +2,7 @@
 
 :func:`fuse_layers` wraps each :class:`~kvoffload.model.llama.Block` whose projections are
 :class:`~kvoffload.model.quant.Int4Linear` / :class:`~kvoffload.model.quant.Int8Linear` in a
-:class:`FusedBlock`: a forward of at most :data:`MAX_ROWS` rows runs ``kvo_attn_in`` (norm,
+:class:`FusedBlock`: a forward of at most its formats' :data:`FUSED_ROWS` rows runs ``kvo_attn_in`` (norm,
 qkv projection, bias, RoPE), the attention backend as usual, then ``kvo_attn_out`` (o
 projection, residual, norm, gate/up, SiLU, down, residual); larger forwards run the block
 itself (the PyTorch reference, which the tests compare with at fp32 tolerance).
@@ -20,7 +20,12 @@ from kvoffload.model.interface import AttentionBackend, ForwardBatch
 from kvoffload.model.llama import Block, Rot
 from kvoffload.model.quant import Int4Linear, Int8Linear, QuantLinear
 
-MAX_ROWS = 8                     # MAX_ROWS of decode.c
+# Rows up to which a format's native GEMV beats dequantising into the scratch + the dense GEMM
+# (the PyTorch path of more rows). Measured on SmolLM2's int4 / Qwen's int8 layers (2 cores,
+# benchmarks/README.md): int4 at 16 rows 23 against 34 ms, even at 32, 88 against 65 ms at 64;
+# int8 49 against 64 ms at 8 rows, 94 against 81 at 16. So a short prompt's prefill (a chat
+# turn) runs natively under int4 too.
+FUSED_ROWS = {Int4Linear: 32, Int8Linear: 8}
 
 
 class _Linear(ctypes.Structure):
@@ -40,6 +45,7 @@ def _lib():
     if lib is not None and not getattr(lib, "_typed", False):
         P, I = ctypes.c_void_p, ctypes.c_int
         lib.kvo_decode_supported.argtypes = [P]
+        lib.kvo_decode_max_rows.argtypes = []
         lib.kvo_attn_in.argtypes = [P, P, I, P, P, P, I, P, I]
         lib.kvo_attn_out.argtypes = [P, P, P, I, P, I, P, I]
         lib.kvo_gemv.argtypes = [P, P, I, P, I]
@@ -59,8 +65,18 @@ def _linear(m: QuantLinear) -> _Linear | None:
     return None
 
 
+def max_call_rows() -> int:
+    """The most rows one native call takes (decode.c's MAX_CALL_ROWS)."""
+    return _lib().kvo_decode_max_rows()
+
+
+def fused_rows(*linears: QuantLinear) -> int:
+    """Rows up to which layers in these formats run natively."""
+    return min(max_call_rows(), *(FUSED_ROWS[type(m)] for m in linears))
+
+
 def gemv(m: QuantLinear, x: torch.Tensor, threads: int = 1) -> torch.Tensor:
-    """``x`` fp32 ``[M, K]`` (M <= :data:`MAX_ROWS`) times a quantised weight through the native
+    """``x`` fp32 ``[M, K]`` (M <= :func:`max_call_rows`) times a quantised weight through the native
     kernel -> fp32 ``[M, N]`` (no bias)."""
     desc, x = _linear(m), x.float().contiguous()
     y = torch.empty(x.shape[0], m.out_features)
@@ -147,18 +163,22 @@ def layer_descriptor(block: Block) -> _Layer | None:
     return desc if _lib().kvo_decode_supported(ctypes.byref(desc)) else None
 
 
-def fuse_layers(model: nn.Module, max_rows: int, threads: int) -> int:
-    """Wrap every block the native kernels can run, and the quantised LM head; returns how
-    many blocks were wrapped."""
+def fuse_layers(model: nn.Module, threads: int, max_rows: int | None = None) -> int:
+    """Wrap every block the native kernels can run, and the quantised LM head, each running
+    natively up to its formats' :func:`fused_rows` (at most ``max_rows`` when given); returns
+    how many blocks were wrapped."""
     if _lib() is None:
         return 0
+    cap = max_call_rows() if max_rows is None else max_rows
     done = 0
     head = getattr(model, "lm_head", None)
     if isinstance(head, QuantLinear) and _linear(head) is not None:
-        model.lm_head = FusedLinear(head, min(max_rows, MAX_ROWS), threads)
+        model.lm_head = FusedLinear(head, min(cap, fused_rows(head)), threads)
     for i, block in enumerate(model.layers):
         desc = layer_descriptor(block)
         if desc is not None:
-            model.layers[i] = FusedBlock(block, desc, min(max_rows, MAX_ROWS), threads)
+            a, m = block.attn, block.mlp
+            rows = fused_rows(a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)
+            model.layers[i] = FusedBlock(block, desc, min(cap, rows), threads)
             done += 1
     return done

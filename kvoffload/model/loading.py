@@ -126,7 +126,7 @@ def load_model(cfg: EngineConfig, device: torch.device) -> tuple[Transformer, To
     if device.type == "cpu":
         hugepages.move_module_tensors(model)     # before the fused layers record addresses
     if quant != "none" and cfg.decode_kernel == "native":
-        fuse_layers(model, cfg.quant_max_rows, cfg.threads or torch.get_num_threads())
+        fuse_layers(model, cfg.threads or torch.get_num_threads())
     tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
     weight_bytes = (sum(t.nbytes for t in tensors.values()) - model.rope.cos.nbytes - model.rope.sin_signed.nbytes
                     + mapped)
