@@ -32,7 +32,10 @@ def _map(nbytes: int) -> tuple[mmap.mmap, int]:
     m = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     base = torch.frombuffer(m, dtype=torch.uint8, count=1).data_ptr()
     off = (-base) % HUGE_PAGE
-    m.madvise(mmap.MADV_HUGEPAGE, off, nbytes)
+    try:
+        m.madvise(mmap.MADV_HUGEPAGE, off, nbytes)
+    except OSError:              # a kernel built without THP: plain pages, same contents
+        pass
     return m, off
 
 

@@ -21,10 +21,10 @@ from kvoffload.model.llama import Block, Rot
 from kvoffload.model.quant import Int4Linear, Int8Linear, QuantLinear
 
 # Rows up to which a format's native GEMV beats dequantising into the scratch + the dense GEMM
-# (the PyTorch path of more rows). Measured on SmolLM2's int4 / Qwen's int8 layers (2 cores,
-# benchmarks/README.md): int4 at 16 rows 23 against 34 ms, even at 32, 88 against 65 ms at 64;
-# int8 49 against 64 ms at 8 rows, 94 against 81 at 16. So a short prompt's prefill (a chat
-# turn) runs natively under int4 too.
+# (the PyTorch path of more rows). Measured on SmolLM2's int4 / Qwen's int8 layer shapes
+# (benchmarks/ab/gemv_rows.py, 2 cores; benchmarks/README.md): int4 at 16 rows 22 against 34 ms,
+# at 32 46 against 42; int8 at 8 rows 51 against 64, at 16 94 against 81. So a short prompt's
+# prefill (a chat turn) runs natively under int4 too.
 FUSED_ROWS = {Int4Linear: 32, Int8Linear: 8}
 
 
@@ -65,6 +65,14 @@ def _linear(m: QuantLinear) -> _Linear | None:
     return None
 
 
+def _native(m: QuantLinear) -> bool:
+    """Whether the native GEMV reads this layer (int4 needs N a multiple of 64, K of 32:
+    kvo_decode_supported's rule)."""
+    if type(m) is Int4Linear:
+        return m.out_features % 64 == 0 and m.in_features % 32 == 0
+    return type(m) is Int8Linear
+
+
 def max_call_rows() -> int:
     """The most rows one native call takes (decode.c's MAX_CALL_ROWS)."""
     return _lib().kvo_decode_max_rows()
@@ -78,6 +86,8 @@ def fused_rows(*linears: QuantLinear) -> int:
 def gemv(m: QuantLinear, x: torch.Tensor, threads: int = 1) -> torch.Tensor:
     """``x`` fp32 ``[M, K]`` (M <= :func:`max_call_rows`) times a quantised weight through the native
     kernel -> fp32 ``[M, N]`` (no bias)."""
+    if x.shape[0] > max_call_rows():
+        raise ValueError(f"gemv: at most {max_call_rows()} rows a call, got {x.shape[0]}")
     desc, x = _linear(m), x.float().contiguous()
     y = torch.empty(x.shape[0], m.out_features)
     _lib().kvo_gemv(ctypes.byref(desc), x.data_ptr(), x.shape[0], y.data_ptr(), threads)
@@ -138,7 +148,7 @@ class FusedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.linear
         rows = x.numel() // m.in_features
-        if rows > self.max_rows:
+        if rows > self.max_rows or x.dtype != m.dtype:
             return m(x)
         x2 = x.reshape(rows, m.in_features).float().contiguous()                  # [rows, K]
         y = torch.empty(rows, m.out_features)                                    # [rows, N] fp32
@@ -172,7 +182,7 @@ def fuse_layers(model: nn.Module, threads: int, max_rows: int | None = None) -> 
     cap = max_call_rows() if max_rows is None else max_rows
     done = 0
     head = getattr(model, "lm_head", None)
-    if isinstance(head, QuantLinear) and _linear(head) is not None:
+    if isinstance(head, QuantLinear) and _native(head):
         model.lm_head = FusedLinear(head, min(cap, fused_rows(head)), threads)
     for i, block in enumerate(model.layers):
         desc = layer_descriptor(block)
