@@ -636,7 +636,7 @@ class EngineConfig:
         projections, RoPE and MLP as two native calls, and the LM head as one (``native``:
         kernels/decode.c), instead of ~20 PyTorch operators (``torch``, the reference). Few
         rows: up to where the native GEMV beats the dense GEMM, per format (int4 32 rows, so a
-        short prompt's prefill too; int8 8; model/fused.py's ``FUSED_ROWS``).
+        short prompt's prefill too; int8 16; model/fused.py's ``FUSED_ROWS``).
     kv_dtype: KV cache dtype (``None`` = ``dtype``), or a compressed block format: ``int8`` /
         ``int4`` (keys quantised per channel over a block's tokens, values per token in groups of
         ``kv_group_size`` channels; scales inside the block; the partly filled last block stays

@@ -6,7 +6,7 @@ kvoffload/model/fused.py comes from this).
 
 Random weights of the model's layer shapes in the decode format, on huge pages as loading puts
 them; for each row count, the median milliseconds of one pass over every layer: the native GEMV
-(one call per matrix) against ``QuantLinear.dense_mm`` (dequantise into the scratch, bf16 GEMM).
+(one call per matrix, bf16 activations as in a bf16 model) against ``QuantLinear.dense_mm`` (dequantise into the scratch, bf16 GEMM).
 """
 
 from __future__ import annotations
@@ -49,9 +49,9 @@ def main() -> None:
     for M in (int(r) for r in a.rows.split(",")):
         if M > max_call_rows():
             raise SystemExit(f"--rows: at most {max_call_rows()} rows a native call")
-        x = {K: torch.randn(M, K) for _, K in shapes}
-        xb = {K: v.bfloat16() for K, v in x.items()}
-        native = median_ms(lambda: [gemv(m, x[m.in_features], a.threads) for m in mods])
+        xb = {K: torch.randn(M, K).bfloat16() for _, K in shapes}
+        x = {K: v.float() for K, v in xb.items()}                  # bf16 numbers, as in the model
+        native = median_ms(lambda: [gemv(m, x[m.in_features], a.threads, x_bf16=True) for m in mods])
         dense = median_ms(lambda: [m.dense_mm(xb[m.in_features]) for m in mods])
         print(f"{a.format} {M} rows: native GEMV {native:.1f} ms, dequantise + GEMM {dense:.1f} ms")
 

@@ -141,6 +141,63 @@ static inline __attribute__((always_inline)) void int8_row(const Linear *L, cons
     }
 }
 
+#if defined(__AVX512BF16__)
+#define BF16_ROWS 16             // rows one bf16-dot pass keeps in registers
+#include <stdlib.h>
+
+// x [n] fp32 whose values are bf16 numbers (the fused layers round every activation to bf16)
+// -> bf16, in a buffer of this thread's (exact: only zero bits are dropped).
+static const uint16_t *bf16_rows(const float *x, int64_t n) {
+    static __thread uint16_t *buf;
+    static __thread int64_t cap;
+    if (cap < n) {
+        free(buf);
+        cap = (n + 31) / 32 * 32;
+        buf = aligned_alloc(64, cap * 2);
+    }
+    for (int64_t i = 0; i < n; i++) buf[i] = f32_to_bf16(x[i]);
+    return buf;
+}
+
+// One int8 output channel for M rows of bf16 x by bf16 dot products (vdpbf16ps: 32 products a
+// row a step, against 2 FMAs of 16 in int8_row): the codes are widened once per 32 and shared
+// by the M rows. Products are exact in fp32 (8-bit x 8-bit significands); the sums round in
+// another order than int8_row's, so this serves only calls of more than MAX_ROWS rows (prefill
+// of a short prompt), not decode.
+static inline __attribute__((always_inline)) void int8_row_bf16(const Linear *L, const uint16_t *xb, const int M,
+                                                                float *y, int64_t n) {
+    int64_t K = L->K;
+    const int8_t *row = (const int8_t *)L->w + n * K;
+    if (n + PF_ROWS < L->N) _mm_prefetch((const char *)(row + PF_ROWS * K), _MM_HINT_T0);
+    float s = ld(L->scale, n, L->scale_f32);
+    __m512 acc[BF16_ROWS];
+    for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + k))));
+        __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + k + 16))));
+        __m512bh w = _mm512_cvtne2ps_pbh(hi, lo);          // elements k .. k+31 in order
+        for (int m = 0; m < M; m++)
+            acc[m] = _mm512_dpbf16_ps(acc[m], w, (__m512bh)_mm512_loadu_si512((const void *)(xb + m * K + k)));
+    }
+    for (int m = 0; m < M; m++) {
+        float t = _mm512_reduce_add_ps(acc[m]);
+        for (int64_t j = k; j < K; j++) t += (float)row[j] * bf16_to_f32(xb[m * K + j]);
+        y[m * L->N + n] = t * s;
+    }
+}
+
+static void int8_rows_bf16(const Linear *L, const float *x, int M, float *y, int64_t n0, int64_t n1) {
+    const int64_t K = L->K, N = L->N;
+    const uint16_t *xb = bf16_rows(x, (int64_t)M * K);
+    for (int64_t n = n0; n < n1; n++)
+        for (int m0 = 0; m0 < M; m0 += BF16_ROWS) {
+            if (M - m0 >= BF16_ROWS) int8_row_bf16(L, xb + m0 * K, BF16_ROWS, y + m0 * N, n);
+            else int8_row_bf16(L, xb + m0 * K, M - m0, y + m0 * N, n);
+        }
+}
+#endif
+
 #define FOR_M(M, CALL) switch (M) { \
     case 1: CALL(1); break; case 2: CALL(2); break; case 3: CALL(3); break; case 4: CALL(4); break; \
     case 5: CALL(5); break; case 6: CALL(6); break; case 7: CALL(7); break; default: CALL(8); break; }
@@ -149,7 +206,7 @@ static inline __attribute__((always_inline)) void int8_row(const Linear *L, cons
 // More than MAX_ROWS rows go in passes of MAX_ROWS over each weight tile (an int4 block of 64
 // output channels, an int8 row) while it is in L1, so the weights are read from memory once;
 // each row's result is the same bits as in a call of its own.
-static void gemv_rows(const Linear *L, const float *x, int M, float *y, int64_t n0, int64_t n1) {
+static void gemv_rows(const Linear *L, const float *x, int M, float *y, int64_t n0, int64_t n1, int xbf) {
     const int64_t K = L->K, N = L->N;
     if (L->kind == 0) {
         int64_t G = K / 32;
@@ -173,6 +230,12 @@ static void gemv_rows(const Linear *L, const float *x, int M, float *y, int64_t 
         FOR_M(M, INT8)
 #undef INT8
     } else {
+#if defined(__AVX512BF16__)
+        if (xbf) {                                 // bf16 activations: one widening, M dot products
+            int8_rows_bf16(L, x, M, y, n0, n1);
+            return;
+        }
+#endif
         for (int64_t n = n0; n < n1; n++)
             for (int m0 = 0; m0 < M; m0 += MAX_ROWS) {
                 const float *xm = x + m0 * K;
@@ -185,11 +248,11 @@ static void gemv_rows(const Linear *L, const float *x, int M, float *y, int64_t 
 }
 
 // Work split of a GEMV over the team: output channels in units of 64 (int4 blocks).
-static void gemv(const Linear *L, const float *x, int M, float *y, int tid, int nth) {
+static void gemv(const Linear *L, const float *x, int M, float *y, int tid, int nth, int xbf) {
     int64_t units = (L->N + 63) / 64;
     int64_t u0 = units * tid / nth, u1 = units * (tid + 1) / nth;
     int64_t n0 = u0 * 64, n1 = u1 * 64 < L->N ? u1 * 64 : L->N;
-    if (n0 < n1) gemv_rows(L, x, M, y, n0, n1);
+    if (n0 < n1) gemv_rows(L, x, M, y, n0, n1, xbf);
 }
 
 static inline float x_cos_plus(float x, float c, float sw, float s, int f32) {
@@ -231,7 +294,7 @@ void kvo_attn_in(const Layer *Ly, const void *x, int M, const void *cos, const v
             for (int i = 0; i < d; i++) row[i] = ld(x, (int64_t)m * d + i, f32);
             rmsnorm(row, Ly->norm1, Ly->eps1, d, f32, xn + m * d);
         }
-        gemv(&Ly->qkv, xn, M, y, omp_get_thread_num(), omp_get_num_threads());
+        gemv(&Ly->qkv, xn, M, y, omp_get_thread_num(), omp_get_num_threads(), !f32);
         #pragma omp barrier
         #pragma omp for
         for (int m = 0; m < M; m++) {
@@ -268,7 +331,7 @@ void kvo_attn_out(const Layer *Ly, const void *o, const void *x, int M, void *ou
         int tid = omp_get_thread_num(), nth = omp_get_num_threads();
         #pragma omp for
         for (int64_t i = 0; i < (int64_t)M * HD; i++) of[i] = ld(o, i, f32);
-        gemv(&Ly->o, of, M, a, tid, nth);
+        gemv(&Ly->o, of, M, a, tid, nth, !f32);
         #pragma omp barrier
         #pragma omp for
         for (int m = 0; m < M; m++) {
@@ -276,7 +339,7 @@ void kvo_attn_out(const Layer *Ly, const void *o, const void *x, int M, void *ou
                 x1[m * d + i] = rnd(ld(x, (int64_t)m * d + i, f32) + rnd(a[m * d + i], f32), f32);
             rmsnorm(x1 + m * d, Ly->norm2, Ly->eps2, d, f32, h + m * d);
         }
-        gemv(&Ly->gate_up, h, M, gu, tid, nth);
+        gemv(&Ly->gate_up, h, M, gu, tid, nth, !f32);
         #pragma omp barrier
         #pragma omp for
         for (int64_t i = 0; i < (int64_t)M * F; i++) {
@@ -284,15 +347,17 @@ void kvo_attn_out(const Layer *Ly, const void *o, const void *x, int M, void *ou
             float g = rnd(gu[m * 2 * F + j], f32), u = rnd(gu[m * 2 * F + F + j], f32);
             act[i] = rnd(rnd(g / (1.0f + expf(-g)), f32) * u, f32);
         }
-        gemv(&Ly->down, act, M, dn, tid, nth);
+        gemv(&Ly->down, act, M, dn, tid, nth, !f32);
         #pragma omp barrier
         #pragma omp for
         for (int64_t i = 0; i < (int64_t)M * d; i++) st(out, i, x1[i] + rnd(dn[i], f32), f32);
     }
 }
 
-// y [M, N] fp32 = x [M, K] fp32 · W^T: one projection alone (tests, measurements).
-void kvo_gemv(const Linear *L, const float *x, int M, float *y, int threads) {
+// y [M, N] fp32 = x [M, K] fp32 · W^T: one projection alone (the LM head, tests, measurements).
+// x_bf16: the caller vouches that every x is a bf16 number (int8 may then use bf16 dot products
+// for more than MAX_ROWS rows).
+void kvo_gemv(const Linear *L, const float *x, int M, float *y, int x_bf16, int threads) {
     #pragma omp parallel num_threads(threads)
-    gemv(L, x, M, y, omp_get_thread_num(), omp_get_num_threads());
+    gemv(L, x, M, y, omp_get_thread_num(), omp_get_num_threads(), x_bf16);
 }

@@ -23,9 +23,9 @@ from kvoffload.model.quant import Int4Linear, Int8Linear, QuantLinear
 # Rows up to which a format's native GEMV beats dequantising into the scratch + the dense GEMM
 # (the PyTorch path of more rows). Measured on SmolLM2's int4 / Qwen's int8 layer shapes
 # (benchmarks/ab/gemv_rows.py, 2 cores; benchmarks/README.md): int4 at 16 rows 22 against 34 ms,
-# at 32 46 against 42; int8 at 8 rows 51 against 64, at 16 94 against 81. So a short prompt's
-# prefill (a chat turn) runs natively under int4 too.
-FUSED_ROWS = {Int4Linear: 32, Int8Linear: 8}
+# at 32 46 against 42; int8 (bf16 dot products above 8 rows) at 16 rows 61 against 83, at 32 130
+# against 108. So a short prompt's prefill (a chat turn) runs natively.
+FUSED_ROWS = {Int4Linear: 32, Int8Linear: 16}
 
 
 class _Linear(ctypes.Structure):
@@ -48,7 +48,7 @@ def _lib():
         lib.kvo_decode_max_rows.argtypes = []
         lib.kvo_attn_in.argtypes = [P, P, I, P, P, P, I, P, I]
         lib.kvo_attn_out.argtypes = [P, P, P, I, P, I, P, I]
-        lib.kvo_gemv.argtypes = [P, P, I, P, I]
+        lib.kvo_gemv.argtypes = [P, P, I, P, I, I]
         lib.kvo_attn_in.restype = lib.kvo_attn_out.restype = lib.kvo_gemv.restype = None
         lib._typed = True
     return lib
@@ -83,14 +83,15 @@ def fused_rows(*linears: QuantLinear) -> int:
     return min(max_call_rows(), *(FUSED_ROWS[type(m)] for m in linears))
 
 
-def gemv(m: QuantLinear, x: torch.Tensor, threads: int = 1) -> torch.Tensor:
+def gemv(m: QuantLinear, x: torch.Tensor, threads: int = 1, x_bf16: bool = False) -> torch.Tensor:
     """``x`` fp32 ``[M, K]`` (M <= :func:`max_call_rows`) times a quantised weight through the native
-    kernel -> fp32 ``[M, N]`` (no bias)."""
+    kernel -> fp32 ``[M, N]`` (no bias). ``x_bf16``: every x is a bf16 number (int8 may then use
+    bf16 dot products above 8 rows)."""
     if x.shape[0] > max_call_rows():
         raise ValueError(f"gemv: at most {max_call_rows()} rows a call, got {x.shape[0]}")
     desc, x = _linear(m), x.float().contiguous()
     y = torch.empty(x.shape[0], m.out_features)
-    _lib().kvo_gemv(ctypes.byref(desc), x.data_ptr(), x.shape[0], y.data_ptr(), threads)
+    _lib().kvo_gemv(ctypes.byref(desc), x.data_ptr(), x.shape[0], y.data_ptr(), int(x_bf16), threads)
     return y
 
 
@@ -152,7 +153,7 @@ class FusedLinear(nn.Module):
             return m(x)
         x2 = x.reshape(rows, m.in_features).float().contiguous()                  # [rows, K]
         y = torch.empty(rows, m.out_features)                                    # [rows, N] fp32
-        self._gemv(self._ptr, x2.data_ptr(), rows, y.data_ptr(), self.threads)
+        self._gemv(self._ptr, x2.data_ptr(), rows, y.data_ptr(), int(m.dtype == torch.bfloat16), self.threads)
         if m.bias is not None:
             y += m.bias
         return y.to(m.dtype).view(*x.shape[:-1], m.out_features)

@@ -56,16 +56,19 @@ def test_fused_layers_match_the_reference_in_fp32(tiny_hf, arch, method, rows):
     assert diff.max() <= 1e-4 * max(1.0, ref.abs().max().item())
 
 
-def test_fused_layers_in_bf16_stay_close(tiny_hf):
-    model = tiny_model(tiny_hf, "qwen2", "int4", torch.bfloat16)
+@pytest.mark.parametrize("method", ["int4", "int8"])
+@pytest.mark.parametrize("L", [1, 16])
+def test_fused_layers_in_bf16_stay_close(tiny_hf, method, L):
+    model = tiny_model(tiny_hf, "qwen2", method, torch.bfloat16)
     fused = copy.deepcopy(model)
     fuse_layers(fused, threads=2)
-    tokens = torch.tensor([[17]])
-    batch = ForwardBatch(Phase.DECODE, (0,), torch.tensor([[7]]), (1,), Logits.ALL)
+    tokens = torch.arange(17, 17 + L)[None]
+    batch = ForwardBatch(Phase.DECODE if L == 1 else Phase.PREFILL, (0,), torch.arange(7, 7 + L)[None], (L,),
+                         Logits.ALL)
     with torch.inference_mode():
         ref, got = model(tokens, batch, EchoBackend()), fused(tokens, batch, EchoBackend())
     diff = (got - ref).abs()
-    print(f"bf16: max {diff.max():.2e} mean {diff.mean():.2e} (logits up to {ref.abs().max():.1f})")
+    print(f"bf16 {method} {L} rows: max {diff.max():.2e} mean {diff.mean():.2e} (logits up to {ref.abs().max():.1f})")
     assert diff.max() <= 0.05 * ref.abs().max()                  # bf16 rounding at a few points differs
 
 
@@ -123,3 +126,24 @@ def test_gemv_rows_in_passes_match_the_reference_and_single_rows(method):
     diff = (got - ref).abs()
     print(f"{method} {M} rows: max {diff.max():.2e} mean {diff.mean():.2e}")
     assert diff.max() <= 1e-4 * ref.abs().max()
+
+
+@pytest.mark.parametrize("rows", [9, 16, 32])
+def test_int8_bf16_dot_products_match_fp32(rows):
+    """Above 8 rows of bf16 activations, int8 takes bf16 dot products (exact products, sums in
+    another order): close to the fp32 kernel and to x @ W^T."""
+    from kvoffload.model.fused import gemv
+    from kvoffload.model.quant import Int8Linear
+
+    g = torch.Generator().manual_seed(rows)
+    lin = torch.nn.Linear(4864 // 8, 256, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(256, 608, generator=g))
+    m = Int8Linear.from_linear(lin, torch.bfloat16, max_rows=64)
+    x = torch.randn(rows, 608, generator=g).bfloat16().float()           # bf16 numbers
+    got, f32 = gemv(m, x, threads=2, x_bf16=True), gemv(m, x, threads=2)
+    ref = x.double() @ (m.q.double() * m.scale.double()[:, None]).T
+    for name, y in (("bf16 dot", got), ("fp32", f32)):
+        diff = (y.double() - ref).abs()
+        print(f"{rows} rows, {name}: max {diff.max():.2e} mean {diff.mean():.2e}")
+        assert diff.max() <= 1e-5 * ref.abs().max()
