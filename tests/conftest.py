@@ -101,19 +101,22 @@ def _llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(model, path: str, arch: str, qtype: str | None = None) -> None:
+def write_tiny_gguf(model, path: str, arch: str, qtype: str | None = None,
+                    tensor_types: dict[str, str] | None = None) -> None:
     """An F32 GGUF of a tiny HF model, named and permuted as llama.cpp's converter would; with
-    ``qtype`` (``"Q4_1"``, ``"Q5_0"``, ...) its matrices are stored in that ggml type."""
+    ``qtype`` (``"Q4_1"``, ``"Q5_0"``, ...) its matrices are stored in that ggml type, and a
+    matrix whose name contains a key of ``tensor_types`` in that key's type (a mixed file)."""
     import gguf
     from gguf.constants import GGMLQuantizationType
     from gguf.quants import quantize
 
     def add(name: str, t: np.ndarray) -> None:
         t = np.ascontiguousarray(t, dtype=np.float32)
-        if qtype is None or t.ndim != 2:
+        own = next((v for k, v in (tensor_types or {}).items() if k in name), qtype)
+        if own is None or t.ndim != 2:
             w.add_tensor(name, t)
         else:
-            kind = GGMLQuantizationType[qtype]
+            kind = GGMLQuantizationType[own]
             w.add_tensor(name, quantize(t, kind), raw_dtype=kind)
 
     cfg = model.config

@@ -107,6 +107,41 @@ def test_prefill_path_is_a_dense_gemm_on_the_dequantised_weight(cls, monkeypatch
     assert diff.max() < 1e-4
 
 
+def test_q4k_codes_are_the_files():
+    """Q4_K -> Int4Linear's codes, scales and zeros: the file's values (fp32 scales)."""
+    from kvoffload.model.loader.gguf_loader import _q4k_codes
+
+    raw = random_blocks("Q4_K", 64, 512, seed=3)
+    ref = torch.from_numpy(qw.gguf_reference(raw, GGMLQuantizationType["Q4_K"].value, 512))
+    q, scale, zero = _q4k_codes(raw)
+    assert q.shape == (64, 512) and int(q.min()) >= 0 and int(q.max()) <= 15
+    own = (q.float() - 8) * scale.repeat_interleave(32, 1) + zero.repeat_interleave(32, 1)
+    ql = Int4Linear.from_codes(q, scale, zero, None, torch.float32, 8)
+    for name, got in (("codes", own), ("Int4Linear", ql.dequantized())):
+        diff = (got - ref).abs()
+        print(f"Q4_K -> {name}: max {diff.max():.2e} mean {diff.mean():.2e}")
+        assert diff.max() <= 1e-6 * ref.abs().max()
+
+
+def test_int8_keeps_a_four_bit_layer_as_its_own_int4_codes(tiny_hf, write_gguf, tmp_path):
+    """A mixed file (Q8_0, ffn_down in Q4_0): under int8 the 4-bit layer loads as int4 with the
+    file's codes, the others as int8."""
+    from kvoffload.model.loader.gguf_loader import load_gguf
+    from kvoffload.model.loading import build_model
+
+    hf, _ = tiny_hf("qwen2")
+    path = str(tmp_path / "mixed.gguf")
+    write_gguf(hf, path, "qwen2", "Q8_0", tensor_types={"ffn_down": "Q4_0"})
+    dense = build_model(load_gguf(path, torch.float32), torch.device("cpu"))
+    fast = build_model(load_gguf(path, torch.float32, "int8", max_rows=8), torch.device("cpu"))
+    for i in range(len(fast.layers)):
+        down, w = fast.layers[i].mlp.down_proj, dense.layers[i].mlp.down_proj.weight
+        assert isinstance(down, Int4Linear)
+        assert (down.dequantized() - w).abs().max() <= 1e-6 * w.abs().max()
+        assert isinstance(fast.layers[i].mlp.gate_up_proj, Int8Linear)
+        assert isinstance(fast.layers[i].attn.qkv_proj, Int8Linear)
+
+
 @pytest.mark.parametrize("qtype,method", [("Q4_1", "int4"), ("Q4_0", "int4"), ("Q5_0", "int8"), ("Q8_0", "int8"),
                                           ("Q5_1", "int8")])
 @pytest.mark.parametrize("arch", ["llama-linear-rope", "qwen2"])   # tied + permuted q/k; untied + biases

@@ -209,6 +209,27 @@ def _q4_codes(f: GGUFFile, name: str) -> tuple[torch.Tensor, torch.Tensor, torch
     return q, d, m + 8 * d
 
 
+def _q4k_codes(raw: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_K blocks ``[n, row bytes]`` (rows of 256-value super-blocks: fp16 d and dmin, twelve
+    bytes of 6-bit sub-block scales and minima, 128 bytes of codes) -> codes 0..15 ``[n, cols]``
+    int32, scale and zero ``[n, cols/32]`` fp32 in :class:`Int4Linear`'s terms: a sub-block of 32
+    is one of its groups, w = d·sc·q − dmin·m = (q − 8)·scale + zero with scale = d·sc and
+    zero = 8·d·sc − dmin·m. The codes are the file's."""
+    n = raw.shape[0]
+    b = np.ascontiguousarray(raw).reshape(n, -1, 144)                                # [n, supers, 144]
+    d = b[..., 0:2].copy().view(np.float16).astype(np.float32)                       # [n, S, 1]
+    dmin = b[..., 2:4].copy().view(np.float16).astype(np.float32)
+    sb = b[..., 4:16]                                                                # [n, S, 12]
+    lo, hi, top = sb[..., 0:4], sb[..., 4:8], sb[..., 8:12]
+    sc = np.concatenate([lo & 0x3F, (top & 0x0F) | ((lo >> 2) & 0x30)], -1)          # [n, S, 8]
+    mn = np.concatenate([hi & 0x3F, (top >> 4) | ((hi >> 2) & 0x30)], -1)
+    qs = b[..., 16:].reshape(n, -1, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1)
+    q = (qs & 0x0F).reshape(n, -1).astype(np.int32)                                  # sub-block 2j: low nibbles
+    scale = (d * sc).reshape(n, -1)                                                  # [n, cols/32]
+    zero = (8 * scale.reshape(n, -1, 8) - dmin * mn).reshape(n, -1)
+    return torch.from_numpy(q), torch.from_numpy(scale), torch.from_numpy(zero)
+
+
 def _int4_linear(f: GGUFFile, names: list[str], perms: list[int | None], bias: torch.Tensor | None,
                  dtype: torch.dtype, max_rows: int):
     from kvoffload.kernels.qweights import q4_pack
@@ -227,6 +248,8 @@ def _int4_linear(f: GGUFFile, names: list[str], perms: list[int | None], bias: t
         info = f.tensors[name]
         if info.qtype in (Q4_0, Q4_1):
             codes = _q4_codes(f, name)
+        elif info.qtype == Q4_K:
+            codes = _q4k_codes(f.raw(name))
         else:                                    # other types: min/max groups of the dequantised rows
             codes = int4_codes(_rows_fp32(f, name, 0, info.rows_cols[0]))
         if perm is not None:
@@ -237,7 +260,8 @@ def _int4_linear(f: GGUFFile, names: list[str], perms: list[int | None], bias: t
     return Int4Linear.from_codes(q, scale, zero, bias, dtype, max_rows)
 
 
-Q4_0, Q4_1 = 2, 3                # ggml type ids
+Q4_0, Q4_1, Q4_K = 2, 3, 12        # ggml type ids
+INT4_CODES = (Q4_0, Q4_1, Q4_K)   # types whose codes Int4Linear holds as they are (no re-quantising)
 
 
 def _quantized_modules(f: GGUFFile, cfg: ModelConfig, quant: str, dtype: torch.dtype,
@@ -258,16 +282,23 @@ def _quantized_modules(f: GGUFFile, cfg: ModelConfig, quant: str, dtype: torch.d
             return None
         return torch.cat([torch.from_numpy(f.dequantize(f"blk.{i}.attn_{n}.bias")).reshape(-1) for n in "qkv"])
 
+    def layer(names: list[str], perms: list[int | None], b: torch.Tensor | None) -> torch.nn.Module:
+        """int8 keeps a layer the file holds in 4 bits as int4, its own codes (smaller, and no
+        further from the file: Qwen2.5-Coder-0.5B's Q4_K ffn_down in half its layers)."""
+        infos = [f.tensors[n] for n in names]
+        own_codes = all(t.qtype in INT4_CODES for t in infos) and sum(t.rows_cols[0] for t in infos) % 64 == 0 \
+            and infos[0].rows_cols[1] % 32 == 0
+        return (_int4_linear if quant == "int8" and own_codes else build[quant])(f, names, perms, b, dtype, max_rows)
+
     out: dict[str, torch.nn.Module] = {}
     for i in range(cfg.num_layers):
         b = f"blk.{i}."
         qkv = [b + f"attn_{n}.weight" for n in "qkv"]
-        out[f"layers.{i}.attn.qkv_proj"] = build[quant](
-            f, qkv, [_permutation(cfg, p) for p in ("attn_q", "attn_k", "attn_v")], bias(i), dtype, max_rows)
-        out[f"layers.{i}.attn.o_proj"] = build[quant](f, [b + "attn_output.weight"], [None], None, dtype, max_rows)
-        out[f"layers.{i}.mlp.gate_up_proj"] = build[quant](f, [b + "ffn_gate.weight", b + "ffn_up.weight"],
-                                                           [None, None], None, dtype, max_rows)
-        out[f"layers.{i}.mlp.down_proj"] = build[quant](f, [b + "ffn_down.weight"], [None], None, dtype, max_rows)
+        out[f"layers.{i}.attn.qkv_proj"] = layer(qkv, [_permutation(cfg, p) for p in ("attn_q", "attn_k", "attn_v")],
+                                                 bias(i))
+        out[f"layers.{i}.attn.o_proj"] = layer([b + "attn_output.weight"], [None], None)
+        out[f"layers.{i}.mlp.gate_up_proj"] = layer([b + "ffn_gate.weight", b + "ffn_up.weight"], [None, None], None)
+        out[f"layers.{i}.mlp.down_proj"] = layer([b + "ffn_down.weight"], [None], None)
     head_name = "token_embd.weight" if cfg.tie_embeddings else "output.weight"
     out["lm_head"] = build[HEAD_METHOD[quant]](f, [head_name], [None], None, dtype, max_rows)
     if cfg.tie_embeddings and HEAD_METHOD[quant] == "int8":
