@@ -13,6 +13,8 @@ memory). Where ``mmap.madvise`` is missing (not Linux) :func:`zeros` is ``torch.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import mmap
 
 import torch
@@ -20,6 +22,7 @@ import torch
 HUGE_PAGE = 2 << 20              # x86-64 / aarch64 (4 KiB base pages) PMD size
 MIN_BYTES = 1 << 20              # smaller buffers stay on the ordinary allocator
 ALIGN = 64                       # each tensor packed into a shared map starts on a cache line
+TRIM_BYTES = 64 << 20            # move_module_tensors hands freed heap pages back every this many bytes
 
 
 def supported() -> bool:
@@ -94,7 +97,7 @@ def move_module_tensors(model: torch.nn.Module, min_bytes: int = MIN_BYTES) -> i
                 sizes[t.data_ptr()] = Packer.size(t)
     if not owners:
         return 0
-    packer, moved = Packer(sum(sizes.values())), 0
+    packer, moved, untrimmed = Packer(sum(sizes.values())), 0, 0
     for refs in owners.values():
         mod, name, is_param = refs[0]
         new = packer.copy((mod._parameters if is_param else mod._buffers)[name])
@@ -104,4 +107,22 @@ def move_module_tensors(model: torch.nn.Module, min_bytes: int = MIN_BYTES) -> i
             else:
                 mod._buffers[name] = new
         moved += new.nbytes
+        untrimmed += new.nbytes
+        if untrimmed >= TRIM_BYTES:          # old homes on the C heap stay resident until trimmed
+            trim_heap()
+            untrimmed = 0
+    trim_heap()
     return moved
+
+
+def trim_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc ``malloc_trim``; elsewhere a no-op).
+    Loading frees many mid-sized buffers (codes being converted, the weights' first homes before
+    :func:`move_module_tensors`); once glibc's adaptive mmap threshold has risen, those live on
+    the heap, and their pages stay resident after ``free``. Qwen2.5-Coder-0.5B (whose Q4_K
+    layers' int32 codes raise the threshold): RSS after loading 1066 MiB untrimmed, 802 trimmed
+    every :data:`TRIM_BYTES` moved (peak of the load 987 → 710 MiB)."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
