@@ -113,22 +113,35 @@ static inline __attribute__((always_inline)) void int4_block(const Linear *L, co
         for (int i = 0; i < 4; i++) _mm512_storeu_ps(y + m * N + nb * 64 + i * 16, acc[m][i]);
 }
 
+// int8 output channel n: its codes, and its scale in *s. A row (K bytes, often under a page) is
+// too short for the hardware prefetcher to ramp up on its own; touching the start of the row
+// PF_ROWS ahead keeps the stream going (SmolLM2 / Qwen shapes, cold weights on huge pages:
+// 23 -> 38-40 GB/s, benchmarks/README.md).
+static inline const int8_t *int8_row_start(const Linear *L, int64_t n, float *s) {
+    const int8_t *row = (const int8_t *)L->w + n * L->K;
+    if (n + PF_ROWS < L->N) _mm_prefetch((const char *)(row + PF_ROWS * L->K), _MM_HINT_T0);
+    *s = ld(L->scale, n, L->scale_f32);
+    return row;
+}
+
+// 32 int8 codes -> two vectors of fp32 (elements 0..15 and 16..31)
+static inline void int8_widen32(const int8_t *p, __m512 *lo, __m512 *hi) {
+    *lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+    *hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 16))));
+}
+
 // One int8 output channel for M rows.
 static inline __attribute__((always_inline)) void int8_row(const Linear *L, const float *x, const int M,
                                                            float *y, int64_t n) {
     int64_t K = L->K;
-    const int8_t *row = (const int8_t *)L->w + n * K;
-    // A row (K bytes, often under a page) is too short for the hardware prefetcher to ramp up
-    // on its own; touching the start of a row PF_ROWS ahead keeps the stream going (SmolLM2 /
-    // Qwen shapes, cold weights on huge pages: 23 -> 38-40 GB/s, benchmarks/README.md).
-    if (n + PF_ROWS < L->N) _mm_prefetch((const char *)(row + PF_ROWS * K), _MM_HINT_T0);
-    float s = ld(L->scale, n, L->scale_f32);
+    float s;
+    const int8_t *row = int8_row_start(L, n, &s);
     __m512 a0[MAX_ROWS], a1[MAX_ROWS];
     for (int m = 0; m < M; m++) a0[m] = a1[m] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 32 <= K; k += 32) {
-        __m512 v0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + k))));
-        __m512 v1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + k + 16))));
+        __m512 v0, v1;
+        int8_widen32(row + k, &v0, &v1);
         for (int m = 0; m < M; m++) {
             a0[m] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(x + m * K + k), a0[m]);
             a1[m] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(x + m * K + k + 16), a1[m]);
@@ -167,15 +180,14 @@ static const uint16_t *bf16_rows(const float *x, int64_t n) {
 static inline __attribute__((always_inline)) void int8_row_bf16(const Linear *L, const uint16_t *xb, const int M,
                                                                 float *y, int64_t n) {
     int64_t K = L->K;
-    const int8_t *row = (const int8_t *)L->w + n * K;
-    if (n + PF_ROWS < L->N) _mm_prefetch((const char *)(row + PF_ROWS * K), _MM_HINT_T0);
-    float s = ld(L->scale, n, L->scale_f32);
+    float s;
+    const int8_t *row = int8_row_start(L, n, &s);
     __m512 acc[BF16_ROWS];
     for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 32 <= K; k += 32) {
-        __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + k))));
-        __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + k + 16))));
+        __m512 lo, hi;
+        int8_widen32(row + k, &lo, &hi);
         __m512bh w = _mm512_cvtne2ps_pbh(hi, lo);          // elements k .. k+31 in order
         for (int m = 0; m < M; m++)
             acc[m] = _mm512_dpbf16_ps(acc[m], w, (__m512bh)_mm512_loadu_si512((const void *)(xb + m * K + k)));
