@@ -346,3 +346,26 @@ def test_several_processes_share_a_store(tmp_path):
     assert d.index and d.bytes_held <= 40 * (4096 + 3 * 4096)
     assert all(d.check(k) is None for k in d.index)
     assert os.listdir(os.path.join(store, "tmp")) == []
+
+
+def test_found_blocks_are_a_writable_copy_without_warnings(tmp_path):
+    """Slots of a whole number of pages (no padding on disk, as SmolLM2's 12 KiB bf16 slots):
+    what `find` returns is a writable copy, made without torch's read-only-array warning."""
+    import warnings
+
+    from kvoffload.kv.layout import BlockLayout
+    from kvoffload.kv.persist.store import chain_keys
+
+    lay = BlockLayout(16, 2, 32, "float32", 2)
+    assert lay.slot_bytes == lay.disk_stride                       # 8 KiB: no page padding
+    p = PrefixStore(BlockDir(str(tmp_path / "s"), fsync="none"), "m", lay, 3)
+    tokens = list(range(64))
+    keys = chain_keys(p.ns, tokens, 16, 4)
+    slots = torch.randn(3, 4, lay.slot_elems, generator=torch.Generator().manual_seed(0))
+    p.save(tokens, keys, 0, slots)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        found = p.find(keys)
+    assert found is not None and found.blocks == 4 and torch.equal(found.slots, slots)
+    found.slots.add_(1)                                            # its own memory
+    assert torch.equal(p.find(keys).slots, slots)

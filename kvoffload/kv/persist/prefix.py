@@ -58,7 +58,7 @@ class PrefixStore:
         """The longest run of leading blocks in the store (a damaged one ends it: it is dropped
         and recomputed); None when the first is missing. The blocks found are touched (LRU)."""
         lay = self.layout
-        got: list[torch.Tensor] = []
+        got: list[np.ndarray] = []
         hexes = [k.hex() for k in keys]
         for key in hexes:
             r = self.dir.read(key, self._expect)
@@ -66,13 +66,14 @@ class PrefixStore:
                 break
             _, raw = r
             payload = np.frombuffer(raw, np.uint8, offset=HEADER).reshape(self.num_layers, lay.disk_stride)
-            got.append(torch.from_numpy(np.ascontiguousarray(payload[:, :lay.slot_bytes])).view(self.dtype))
+            got.append(payload[:, :lay.slot_bytes])                    # a read-only view of the file's bytes
         if not got:
             return None
         self.dir.touch(hexes[:len(got)])
         self.dir.counters.hits += len(got)
         self.dir.counters.hit_tokens += len(got) * lay.block_size
-        return Found(torch.stack(got, dim=1))                          # [layers, n, slot_elems]
+        # one copy into a writable array (torch warns on read-only numpy memory)
+        return Found(torch.from_numpy(np.stack(got, axis=1)).view(self.dtype))   # [layers, n, slot_elems]
 
     def missing(self, keys: list[bytes]) -> int:
         """Index of the first of ``keys`` without a block file (len(keys): all there)."""
