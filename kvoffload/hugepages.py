@@ -14,7 +14,8 @@ memory). Where ``mmap.madvise`` is missing (not Linux) :func:`zeros` is ``torch.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
+import math
 import mmap
 
 import torch
@@ -42,17 +43,16 @@ def _map(nbytes: int) -> tuple[mmap.mmap, int]:
     return m, off
 
 
-def zeros(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    """A zero CPU tensor, on huge pages when it is at least :data:`MIN_BYTES` (fresh anonymous
-    pages read as zeros: no fill pass, and untouched pages cost no memory)."""
-    numel = 1
-    for s in shape:
-        numel *= s
-    nbytes = numel * dtype.itemsize
-    if nbytes < MIN_BYTES or not supported():
-        return torch.zeros(shape, dtype=dtype)
-    m, off = _map(nbytes)
-    return torch.frombuffer(m, dtype=torch.uint8, count=nbytes, offset=off).view(dtype).view(shape)
+def zeros(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device | None = None,
+          pin: bool = False) -> torch.Tensor:
+    """A zero tensor; on the CPU, unpinned and of at least :data:`MIN_BYTES`, on huge pages
+    (fresh anonymous pages read as zeros: no fill pass, and untouched pages cost no memory).
+    Otherwise ``torch.zeros`` on ``device`` (pinned if asked)."""
+    device = torch.device("cpu") if device is None else device
+    nbytes = math.prod(shape) * dtype.itemsize
+    if device.type != "cpu" or pin or nbytes < MIN_BYTES or not supported():
+        return torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin)
+    return Packer(nbytes).take(shape, dtype)
 
 
 class Packer:
@@ -67,14 +67,18 @@ class Packer:
     def size(t: torch.Tensor) -> int:
         return -(-t.nbytes // ALIGN) * ALIGN
 
+    def take(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """The next ``shape`` x ``dtype`` of the map, as a tensor (zeros until written)."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        if self.off + nbytes > self.end:
+            raise ValueError("huge-page map full")
+        v = torch.frombuffer(self.map, dtype=torch.uint8, count=nbytes, offset=self.off).view(dtype).view(shape)
+        self.off += -(-nbytes // ALIGN) * ALIGN
+        return v
+
     def copy(self, t: torch.Tensor) -> torch.Tensor:
         """A copy of ``t`` (contiguous, CPU) in the map."""
-        if self.off + self.size(t) > self.end:
-            raise ValueError("huge-page map full")
-        v = torch.frombuffer(self.map, dtype=torch.uint8, count=t.nbytes, offset=self.off).view(t.dtype).view(t.shape)
-        v.copy_(t)
-        self.off += self.size(t)
-        return v
+        return self.take(t.shape, t.dtype).copy_(t)
 
 
 def move_module_tensors(model: torch.nn.Module, min_bytes: int = MIN_BYTES) -> int:
@@ -122,7 +126,15 @@ def trim_heap() -> None:
     the heap, and their pages stay resident after ``free``. Qwen2.5-Coder-0.5B (whose Q4_K
     layers' int32 codes raise the threshold): RSS after loading 1066 MiB untrimmed, 802 trimmed
     every :data:`TRIM_BYTES` moved (peak of the load 987 → 710 MiB)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim`` from the process's own symbols (resolved once), or None."""
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        return ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
-        pass
+        return None

@@ -126,10 +126,9 @@ class DenseBackend:
     # ---- sequence lifecycle ----
     def allocate(self, seq_id: int, capacity: int) -> None:
         nb = -(-max(capacity, 1) // self.bs)
-        shape = (self.cfg.num_layers, nb, self.layout.slot_elems)
         # on the CPU: lazily-touched huge pages (the decode kernels stream these blocks)
-        self.seqs[seq_id] = (hugepages.zeros(shape, self.kv_dtype) if self.device.type == "cpu"
-                             else torch.zeros(shape, dtype=self.kv_dtype, device=self.device))
+        self.seqs[seq_id] = hugepages.zeros((self.cfg.num_layers, nb, self.layout.slot_elems), self.kv_dtype,
+                                            self.device)
         if self.policy is not None:
             self.policy.allocate(seq_id, capacity)
 

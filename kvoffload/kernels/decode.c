@@ -304,13 +304,16 @@ static void rmsnorm(const float *x, const void *w, float eps, int d, int f32, fl
 // The most rows one call takes (kvoffload/model/fused.py reads it).
 int kvo_decode_max_rows(void) { return MAX_CALL_ROWS; }
 
-// Whether a layer's projections fit this kernel (int4 needs N a multiple of 64, K of 32).
+// Whether a projection / a layer's projections fit this kernel (int4 needs N a multiple of 64, K of 32).
+int kvo_linear_supported(const Linear *L) {
+    if (L->kind == 0) return L->N % 64 == 0 && L->K % 32 == 0;
+    return L->kind == 1;
+}
+
 int kvo_decode_supported(const Layer *Ly) {
     const Linear *ls[4] = {&Ly->qkv, &Ly->o, &Ly->gate_up, &Ly->down};
-    for (int i = 0; i < 4; i++) {
-        if (ls[i]->kind == 0 && (ls[i]->N % 64 || ls[i]->K % 32)) return 0;
-        if (ls[i]->kind != 0 && ls[i]->kind != 1) return 0;
-    }
+    for (int i = 0; i < 4; i++)
+        if (!kvo_linear_supported(ls[i])) return 0;
     return 1;
 }
 

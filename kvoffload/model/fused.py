@@ -44,7 +44,7 @@ def _lib():
     lib = load("decode")
     if lib is not None and not getattr(lib, "_typed", False):
         P, I = ctypes.c_void_p, ctypes.c_int
-        lib.kvo_decode_supported.argtypes = [P]
+        lib.kvo_decode_supported.argtypes = lib.kvo_linear_supported.argtypes = [P]
         lib.kvo_decode_max_rows.argtypes = []
         lib.kvo_attn_in.argtypes = [P, P, I, P, P, P, I, P, I]
         lib.kvo_attn_out.argtypes = [P, P, P, I, P, I, P, I]
@@ -66,11 +66,9 @@ def _linear(m: QuantLinear) -> _Linear | None:
 
 
 def _native(m: QuantLinear) -> bool:
-    """Whether the native GEMV reads this layer (int4 needs N a multiple of 64, K of 32:
-    kvo_decode_supported's rule)."""
-    if type(m) is Int4Linear:
-        return m.out_features % 64 == 0 and m.in_features % 32 == 0
-    return type(m) is Int8Linear
+    """Whether the native GEMV reads this layer (decode.c's kvo_linear_supported)."""
+    desc = _linear(m)
+    return desc is not None and bool(_lib().kvo_linear_supported(ctypes.byref(desc)))
 
 
 def max_call_rows() -> int:

@@ -61,10 +61,7 @@ class Arena:
         if cap is not None:
             units = max(1, min(units, cap - len(self.addrs) // self.unit))
         n = units * self.unit
-        if self.device.type == "cpu" and not self.pin:          # lazily-touched huge pages
-            seg = hugepages.zeros((n, self.layout.slot_elems), self.dtype)
-        else:
-            seg = torch.zeros(n, self.layout.slot_elems, dtype=self.dtype, device=self.device, pin_memory=self.pin)
+        seg = hugepages.zeros((n, self.layout.slot_elems), self.dtype, self.device, self.pin)   # CPU: huge pages
         self.segments.append(seg)
         stride = self.layout.slot_bytes
         self.addrs = np.concatenate([self.addrs, seg.data_ptr() + stride * np.arange(n, dtype=np.int64)])

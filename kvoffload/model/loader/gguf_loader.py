@@ -271,7 +271,7 @@ def _quantized_modules(f: GGUFFile, cfg: ModelConfig, quant: str, dtype: torch.d
     :data:`~kvoffload.model.quant.HEAD_METHOD`. The token embedding reads the file's own
     blocks on use (:class:`GGUFEmbedding`), or the int8 head when tied. Returns the modules and
     the bytes left in the map."""
-    from kvoffload.model.quant import HEAD_METHOD, Int8Embedding
+    from kvoffload.model.quant import HEAD_METHOD, INT4_GROUP, Int4Linear, Int8Embedding
 
     build = {"int4": _int4_linear, "int8": _int8_linear}
     if quant not in build:
@@ -286,8 +286,8 @@ def _quantized_modules(f: GGUFFile, cfg: ModelConfig, quant: str, dtype: torch.d
         """int8 keeps a layer the file holds in 4 bits as int4, its own codes (smaller, and no
         further from the file: Qwen2.5-Coder-0.5B's Q4_K ffn_down in half its layers)."""
         infos = [f.tensors[n] for n in names]
-        own_codes = all(t.qtype in INT4_CODES for t in infos) and sum(t.rows_cols[0] for t in infos) % 64 == 0 \
-            and infos[0].rows_cols[1] % 32 == 0
+        own_codes = (all(t.qtype in INT4_CODES for t in infos) and infos[0].rows_cols[1] % INT4_GROUP == 0
+                     and sum(t.rows_cols[0] for t in infos) % Int4Linear.slice_align == 0)
         return (_int4_linear if quant == "int8" and own_codes else build[quant])(f, names, perms, b, dtype, max_rows)
 
     out: dict[str, torch.nn.Module] = {}
