@@ -84,7 +84,8 @@ class LLM:
 
         # what the KV depends on besides the layout: the weights, how they are computed with, and where
         fingerprint = (f"weights={weights_fingerprint(self.load_stats.source)};dtype={self.dtype};"
-                       f"quantization={self.quantization};device={self.device.type}")
+                       f"quantization={self.quantization};formats={self.load_stats.weight_formats};"
+                       f"device={self.device.type}")
         return PrefixStore(BlockDir(st.kv_store, st.kv_store_budget, st.kv_store_fsync), fingerprint, kv.layout,
                            self.model_config.num_layers, source=self.load_stats.source)
 

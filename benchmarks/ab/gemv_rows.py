@@ -3,6 +3,7 @@ kvoffload/model/fused.py comes from this).
 
     python benchmarks/ab/gemv_rows.py int4      # SmolLM2-135M's layer shapes x 30
     python benchmarks/ab/gemv_rows.py int8      # Qwen2.5-Coder-0.5B's layer shapes x 24
+    python benchmarks/ab/gemv_rows.py q5        # the same in Q5_0's own codes
 
 Random weights of the model's layer shapes in the decode format, on huge pages as loading puts
 them; for each row count, the median milliseconds of one pass over every layer: the native GEMV
@@ -19,10 +20,12 @@ import torch
 
 from kvoffload import hugepages
 from kvoffload.model.fused import gemv, max_call_rows
-from kvoffload.model.quant import QUANTIZERS
+from kvoffload.model.quant import QUANTIZERS, Q5Linear
 
 SHAPES = {"int4": (30, [(960, 576), (576, 576), (3072, 576), (576, 1536)]),       # SmolLM2-135M
           "int8": (24, [(1152, 896), (896, 896), (9728, 896), (896, 4864)])}     # Qwen2.5-Coder-0.5B
+SHAPES["q5"] = SHAPES["int8"]
+FORMATS = {**QUANTIZERS, "q5": Q5Linear}
 
 
 def median_ms(f, reps: int = 7) -> float:
@@ -43,7 +46,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     layers, shapes = SHAPES[a.format]
-    mods = torch.nn.ModuleList(QUANTIZERS[a.format].from_linear(torch.nn.Linear(K, N, bias=False), torch.bfloat16, 8)
+    mods = torch.nn.ModuleList(FORMATS[a.format].from_linear(torch.nn.Linear(K, N, bias=False), torch.bfloat16, 8)
                                for _ in range(layers) for N, K in shapes)
     hugepages.move_module_tensors(mods)
     for M in (int(r) for r in a.rows.split(",")):

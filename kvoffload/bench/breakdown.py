@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             fuse_layers(tiny, args.threads)
     floor = time_decode(tiny, ZeroAttention(), 10, args.reps)
     ls = llm.load_stats
-    print(f"{ls.source}: {ls.weight_type} file, {args.dtype}, quantization {ls.quantization}, decode kernel "
+    print(f"{ls.source}: {ls.weight_type} file, {args.dtype}, quantization {ls.quantization} [{ls.weight_formats}], decode kernel "
           f"{args.decode_kernel}, {args.threads} threads, "
           f"load {ls.seconds:.2f} s, weights {ls.weight_bytes / 2**20:.0f} MiB; ms per decoded token (median)")
     print("| context | step | attention | linears+norms | overhead floor |")

@@ -74,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
                           "prefill_tok_s": m.prefill_tok_s, "decode_tok_s": m.decode_tok_s, "ttft_s": m.ttft_s,
                           "reused_tokens": m.reused_tokens}))
     ls = llm.load_stats
-    print(f"load {ls.seconds:.2f} s ({ls.weight_type} file; {ls.dtype}, quantization {ls.quantization}, "
+    formats = f" [{ls.weight_formats}]" if ls.weight_formats else ""
+    print(f"load {ls.seconds:.2f} s ({ls.weight_type} file; {ls.dtype}, quantization {ls.quantization}{formats}, "
           f"{ls.weight_bytes / 2**20:.0f} MiB weights, {llm.device}); "
           f"prompt {m.prompt_tokens} tok{f' ({m.reused_tokens} from the KV store)' if m.reused_tokens else ''}, prefill {m.prefill_s:.3f} s ({m.prefill_tok_s:.1f} tok/s); "
           f"generated {m.generated_tokens} tok, decode {m.decode_s:.3f} s ({m.decode_tok_s:.1f} tok/s); "

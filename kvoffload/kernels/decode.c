@@ -9,25 +9,33 @@
 //         byte (nb, k, j), row nb*64+32+j in its high nibble; scale_zero [K/32, N, 2]:
 //         w = (q - 8)·scale + zero)
 //   int8: codes [N, K], one scale per output row.
+//   q5:   GGUF Q5_0's own codes (w = d·(q - 16), q in 0..31, d fp16 per 32 inputs), repacked
+//         for bf16 dot products over pairs of inputs: codes [N/32, K/2, 32] bytes, byte
+//         (b, p, j) holding in its low nibble the code of row 32b + j/2 at input 2p + j%2 and in
+//         its high nibble that of row 32b + 16 + j/2; hbits [N/32, K/2] uint64, bit j / 32 + j
+//         the fifth bit of the low / high nibble's code; scale [K/32, N] fp16.
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "kvo_math.h"
+#include "kvo_q5.h"
 
 #define MAX_ROWS 8               // rows whose accumulators one pass keeps in registers
 #define MAX_CALL_ROWS 32         // rows one call takes (in passes of MAX_ROWS over each weight tile)
 #define PF_ROWS 32              // int8: rows ahead whose first line is prefetched
 
 typedef struct {
-    int kind;                 // 0 int4, 1 int8
+    int kind;                 // 0 int4, 1 int8, 2 q5
     int N, K;
-    const void *w;            // packed bytes / int8 codes
-    const void *scale;        // int4: scale_zero [K/32, N, 2]; int8: [N]
-    int scale_f32;            // scales stored as fp32 (else bf16)
+    const void *w;            // packed bytes / int8 codes / q5 codes
+    const void *scale;        // int4: scale_zero [K/32, N, 2]; int8: [N]; q5: [K/32, N] fp16
+    int scale_f32;            // int4 / int8 scales stored as fp32 (else bf16)
     const void *bias;         // [N] in the activation dtype, or NULL
+    const uint64_t *hbits;    // q5: the codes' fifth bits, else NULL
 } Linear;
 
 typedef struct {
@@ -156,8 +164,6 @@ static inline __attribute__((always_inline)) void int8_row(const Linear *L, cons
 
 #if defined(__AVX512BF16__)
 #define BF16_ROWS 16             // rows one bf16-dot pass keeps in registers
-#include <stdlib.h>
-
 // x [n] fp32 whose values are bf16 numbers (the fused layers round every activation to bf16)
 // -> bf16, in a buffer of this thread's (exact: only zero bits are dropped).
 static const uint16_t *bf16_rows(const float *x, int64_t n) {
@@ -210,6 +216,55 @@ static void int8_rows_bf16(const Linear *L, const float *x, int M, float *y, int
 }
 #endif
 
+#if defined(__AVX512BW__)
+// One q5 block of 32 output channels: y[m, nb*32 .. +32] = x[m] · W[block]. The weights are
+// exact in bf16, so with bf16 activations (xp: x[m] as bf16 pairs, [M, K/2] uint32) a vdpbf16ps
+// takes 32 products (each exact in fp32); with fp32 activations (x) the pair is split and
+// multiplied by fmas. A group's 32 inputs are summed per row, then scaled by its d.
+static inline __attribute__((always_inline)) void q5_block(const Linear *L, const float *x, const uint32_t *xp,
+                                                           const int M, float *y, int64_t nb) {
+    const int64_t K = L->K, N = L->N, K2 = K / 2, G = K / 32;
+    const __m512i table = _mm512_loadu_si512((const void *)Q5_BF16), odd = _mm512_set1_epi32((int)0xffff0000u);
+    const uint8_t *c = (const uint8_t *)L->w + nb * K2 * 32;
+    const uint64_t *hb = L->hbits + nb * K2;
+    const uint16_t *sc = (const uint16_t *)L->scale + nb * 32;
+    __m512 acc[MAX_ROWS][2];
+    for (int m = 0; m < M; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        __m512 gs[MAX_ROWS][2];
+        for (int m = 0; m < M; m++) gs[m][0] = gs[m][1] = _mm512_setzero_ps();
+        for (int64_t p = g * 16; p < g * 16 + 16; p++) {
+            __m512i w[2];
+            q5_pair(c + p * 32, hb[p], table, &w[0], &w[1]);
+#if defined(__AVX512BF16__)
+            if (xp) {
+                for (int m = 0; m < M; m++) {
+                    __m512bh xb = (__m512bh)_mm512_set1_epi32((int)xp[m * K2 + p]);
+                    gs[m][0] = _mm512_dpbf16_ps(gs[m][0], (__m512bh)w[0], xb);
+                    gs[m][1] = _mm512_dpbf16_ps(gs[m][1], (__m512bh)w[1], xb);
+                }
+                continue;
+            }
+#endif
+            for (int i = 0; i < 2; i++) {
+                __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(w[i], 16)), wo = _mm512_castsi512_ps(_mm512_and_si512(w[i], odd));
+                for (int m = 0; m < M; m++) {
+                    gs[m][i] = _mm512_fmadd_ps(we, _mm512_set1_ps(x[m * K + 2 * p]), gs[m][i]);
+                    gs[m][i] = _mm512_fmadd_ps(wo, _mm512_set1_ps(x[m * K + 2 * p + 1]), gs[m][i]);
+                }
+            }
+        }
+        for (int i = 0; i < 2; i++) {
+            __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + g * N + i * 16)));
+            for (int m = 0; m < M; m++) acc[m][i] = _mm512_fmadd_ps(s, gs[m][i], acc[m][i]);
+        }
+    }
+    for (int m = 0; m < M; m++)
+        for (int i = 0; i < 2; i++) _mm512_storeu_ps(y + m * N + nb * 32 + i * 16, acc[m][i]);
+}
+
+#endif
+
 #define FOR_M(M, CALL) switch (M) { \
     case 1: CALL(1); break; case 2: CALL(2); break; case 3: CALL(3); break; case 4: CALL(4); break; \
     case 5: CALL(5); break; case 6: CALL(6); break; case 7: CALL(7); break; default: CALL(8); break; }
@@ -220,6 +275,24 @@ static void int8_rows_bf16(const Linear *L, const float *x, int M, float *y, int
 // each row's result is the same bits as in a call of its own.
 static void gemv_rows(const Linear *L, const float *x, int M, float *y, int64_t n0, int64_t n1, int xbf) {
     const int64_t K = L->K, N = L->N;
+#if defined(__AVX512BW__)
+    if (L->kind == 2) {
+        const uint32_t *xp = NULL;
+#if defined(__AVX512BF16__)
+        if (xbf) xp = (const uint32_t *)bf16_rows(x, (int64_t)M * K);
+#endif
+        for (int64_t nb = n0 / 32; nb < n1 / 32; nb++)
+            for (int m0 = 0; m0 < M; m0 += MAX_ROWS) {
+                const float *xm = x + m0 * K;
+                const uint32_t *pm = xp ? xp + m0 * K / 2 : NULL;
+                float *ym = y + m0 * N;
+#define Q5(MM) q5_block(L, xm, pm, MM, ym, nb)
+                FOR_M(M - m0, Q5)
+#undef Q5
+            }
+        return;
+    }
+#endif
     if (L->kind == 0) {
         int64_t G = K / 32;
         float xsum[M * G];
@@ -259,7 +332,7 @@ static void gemv_rows(const Linear *L, const float *x, int M, float *y, int64_t 
     }
 }
 
-// Work split of a GEMV over the team: output channels in units of 64 (int4 blocks).
+// Work split of a GEMV over the team: output channels in units of 64 (int4 blocks, two q5 blocks).
 static void thread_rows(const Linear *L, int tid, int nth, int64_t *n0, int64_t *n1) {
     int64_t units = (L->N + 63) / 64;
     int64_t u0 = units * tid / nth, u1 = units * (tid + 1) / nth;
@@ -274,8 +347,8 @@ static void prefetch_next(const Linear *next, int tid, int nth) {
     int64_t n0, n1;
     thread_rows(next, tid, nth, &n0, &n1);
     if (n0 >= n1) return;
-    if (next->kind == 0) {                         // int4: the first 2 KiB of its first block
-        const char *p = (const char *)next->w + (n0 / 64) * next->K * 32;
+    if (next->kind != 1) {                         // int4 / q5: the first 2 KiB of its first block
+        const char *p = (const char *)next->w + (next->kind == 0 ? (n0 / 64) * next->K * 32 : (n0 / 32) * next->K * 16);
         for (int i = 0; i < 2048; i += 64) _mm_prefetch(p + i, _MM_HINT_T0);
     } else {                                       // int8: the first line of its first PF_ROWS rows
         for (int64_t n = n0; n < n1 && n < n0 + PF_ROWS; n++)
@@ -304,9 +377,13 @@ static void rmsnorm(const float *x, const void *w, float eps, int d, int f32, fl
 // The most rows one call takes (kvoffload/model/fused.py reads it).
 int kvo_decode_max_rows(void) { return MAX_CALL_ROWS; }
 
-// Whether a projection / a layer's projections fit this kernel (int4 needs N a multiple of 64, K of 32).
+// Whether a projection / a layer's projections fit this kernel (int4 needs N a multiple of 64,
+// q5 of 32, both K of 32; q5 needs AVX512BW).
 int kvo_linear_supported(const Linear *L) {
     if (L->kind == 0) return L->N % 64 == 0 && L->K % 32 == 0;
+#if defined(__AVX512BW__)
+    if (L->kind == 2) return L->N % 32 == 0 && L->K % 32 == 0 && L->hbits != NULL;
+#endif
     return L->kind == 1;
 }
 

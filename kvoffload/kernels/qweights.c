@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "kvo_math.h"
+#include "kvo_q5.h"
 
 // ggml type ids
 enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };
@@ -297,6 +298,110 @@ int kvo_gguf_to_int8(int qtype, const int64_t *rows, int64_t N, int64_t cols, in
             }
         }
         free(w);
+    }
+    return 0;
+}
+
+// ---- q5 (Q5Linear, kvoffload/model/quant.py): GGUF Q5_0's codes for bf16 pair dot products ----
+// codes [N/32, K/2, 32] bytes: byte (b, p, j) holds in its low nibble the low 4 bits of the code
+// of row 32b + j/2 at input 2p + j%2, in its high nibble that of row 32b + 16 + j/2; hbits
+// [N/32, K/2] uint64: bit j / 32 + j the fifth bit of the low / high nibble's code; scale
+// [K/32, N] fp16 (the file's d): w = d·(q - 16).
+
+// GGUF Q5_0 rows -> q5 (N, K multiples of 32). Output row n is read from rows[n] (an address).
+int kvo_q5_pack(const int64_t *rows, int64_t N, int64_t K, uint8_t *codes, uint64_t *hbits, uint16_t *scale,
+                int threads) {
+    if (N % 32 || K % 32) return -1;
+    int64_t G = K / 32, K2 = K / 2;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t nb = 0; nb < N / 32; nb++) {
+        for (int64_t g = 0; g < G; g++) {
+            uint8_t code[32][32];                   // [row in block, input in group]
+            for (int r = 0; r < 32; r++) {
+                int64_t n = nb * 32 + r;
+                const uint8_t *b = (const uint8_t *)(intptr_t)rows[n] + g * 22;
+                uint32_t qh;
+                memcpy(&qh, b + 2, 4);
+                memcpy(&scale[g * N + n], b, 2);
+                for (int j = 0; j < 16; j++) {
+                    code[r][j] = (uint8_t)((b[6 + j] & 0xf) | (((qh >> j) & 1) << 4));
+                    code[r][j + 16] = (uint8_t)((b[6 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4));
+                }
+            }
+            for (int pp = 0; pp < 16; pp++) {
+                int64_t p = g * 16 + pp;
+                uint8_t *dst = codes + (nb * K2 + p) * 32;
+                uint64_t h = 0;
+                for (int j = 0; j < 32; j++) {
+                    uint8_t a = code[j / 2][2 * pp + j % 2], c = code[16 + j / 2][2 * pp + j % 2];
+                    dst[j] = (uint8_t)((a & 0xf) | (c << 4));
+                    h |= (uint64_t)(a >> 4) << j | (uint64_t)(c >> 4) << (32 + j);
+                }
+                hbits[nb * K2 + p] = h;
+            }
+        }
+    }
+    return 0;
+}
+
+// q5 rows n0..n1 (multiples of 32) -> dst [K, n1-n0] = W[n0:n1]^T, bf16 (out_f32 = 0) or fp32,
+// as the reference's (q - 16) * d rounded once to the dtype (the product is exact in fp32). For
+// one input pair a block gives 32 consecutive outputs of two rows of dst: vectorised with
+// the GEMV's own unpacking where AVX512BW is there, else element by element.
+#if defined(__AVX512BW__)
+static inline void q5_store16(void *dst, int64_t at, __m512 w, int out_f32) {
+    if (out_f32) {
+        _mm512_storeu_ps((float *)dst + at, w);
+        return;
+    }
+    __m512i u = _mm512_castps_si512(w);      // round to nearest even, as f32_to_bf16 (no NaN here)
+    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    _mm256_storeu_si256((__m256i *)((uint16_t *)dst + at), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+}
+#endif
+
+int kvo_q5_dequant_t(const uint8_t *codes, const uint64_t *hbits, const uint16_t *scale, int64_t N, int64_t K,
+                     int64_t n0, int64_t n1, void *dst, int out_f32, int threads) {
+    if (N % 32 || K % 32 || n0 % 32 || n1 % 32 || n0 < 0 || n1 > N || n0 > n1) return -1;
+    int64_t width = n1 - n0, K2 = K / 2, G = K / 32;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t g = 0; g < G; g++) {
+        for (int64_t nb = n0 / 32; nb < n1 / 32; nb++) {
+#if defined(__AVX512BW__)
+            const __m512i table = _mm512_loadu_si512((const void *)Q5_BF16), odd = _mm512_set1_epi32((int)0xffff0000u);
+            __m512 s[2];
+            for (int i = 0; i < 2; i++) s[i] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scale + g * N + nb * 32 + i * 16)));
+            for (int64_t p = g * 16; p < g * 16 + 16; p++) {
+                __m512i w[2];
+                q5_pair(codes + (nb * K2 + p) * 32, hbits[nb * K2 + p], table, &w[0], &w[1]);
+                for (int i = 0; i < 2; i++) {
+                    __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(w[i], 16)), wo = _mm512_castsi512_ps(_mm512_and_si512(w[i], odd));
+                    int64_t at = 2 * p * width + nb * 32 - n0 + i * 16;
+                    q5_store16(dst, at, _mm512_mul_ps(we, s[i]), out_f32);
+                    q5_store16(dst, at + width, _mm512_mul_ps(wo, s[i]), out_f32);
+                }
+            }
+#else
+            float s[32];
+            for (int r = 0; r < 32; r++) s[r] = f16_to_f32(scale[g * N + nb * 32 + r]);
+            for (int64_t p = g * 16; p < g * 16 + 16; p++) {
+                const uint8_t *c = codes + (nb * K2 + p) * 32;
+                uint64_t h = hbits[nb * K2 + p];
+                float w[2][32];                     // [input 2p + e, row in block]
+                for (int j = 0; j < 32; j++) {
+                    int a = (c[j] & 0xf) | (int)((h >> j) & 1) << 4, b = (c[j] >> 4) | (int)((h >> (32 + j)) & 1) << 4;
+                    w[j % 2][j / 2] = (float)(a - 16) * s[j / 2];
+                    w[j % 2][16 + j / 2] = (float)(b - 16) * s[16 + j / 2];
+                }
+                for (int e = 0; e < 2; e++) {
+                    int64_t at = (2 * p + e) * width + (nb * 32 - n0);
+                    if (out_f32) memcpy((float *)dst + at, w[e], sizeof w[e]);
+                    else
+                        for (int r = 0; r < 32; r++) ((uint16_t *)dst)[at + r] = f32_to_bf16(w[e][r]);
+                }
+            }
+#endif
+        }
     }
     return 0;
 }

@@ -18,19 +18,20 @@ from torch import nn
 from kvoffload.kernels.build import load
 from kvoffload.model.interface import AttentionBackend, ForwardBatch
 from kvoffload.model.llama import Block, Rot
-from kvoffload.model.quant import Int4Linear, Int8Linear, QuantLinear
+from kvoffload.model.quant import Int4Linear, Int8Linear, Q5Linear, QuantLinear
 
 # Rows up to which a format's native GEMV beats dequantising into the scratch + the dense GEMM
 # (the PyTorch path of more rows). Measured on SmolLM2's int4 / Qwen's int8 layer shapes
 # (benchmarks/ab/gemv_rows.py, 2 cores; benchmarks/README.md): int4 at 16 rows 22 against 34 ms,
 # at 32 46 against 42; int8 (bf16 dot products above 8 rows) at 16 rows 61 against 83, at 32 130
 # against 108. So a short prompt's prefill (a chat turn) runs natively.
-FUSED_ROWS = {Int4Linear: 32, Int8Linear: 16}
+FUSED_ROWS = {Int4Linear: 32, Int8Linear: 16, Q5Linear: 32}
 
 
 class _Linear(ctypes.Structure):
     _fields_ = [("kind", ctypes.c_int), ("N", ctypes.c_int), ("K", ctypes.c_int), ("w", ctypes.c_void_p),
-                ("scale", ctypes.c_void_p), ("scale_f32", ctypes.c_int), ("bias", ctypes.c_void_p)]
+                ("scale", ctypes.c_void_p), ("scale_f32", ctypes.c_int), ("bias", ctypes.c_void_p),
+                ("hbits", ctypes.c_void_p)]
 
 
 class _Layer(ctypes.Structure):
@@ -62,6 +63,9 @@ def _linear(m: QuantLinear) -> _Linear | None:
     if type(m) is Int8Linear:
         return _Linear(1, m.out_features, m.in_features, m.q.data_ptr(), m.scale.data_ptr(),
                        int(m.scale.dtype == torch.float32), bias)
+    if type(m) is Q5Linear:
+        return _Linear(2, m.out_features, m.in_features, m.codes.data_ptr(), m.scale.data_ptr(), 0, bias,
+                       m.hbits.data_ptr())
     return None
 
 
@@ -69,6 +73,15 @@ def _native(m: QuantLinear) -> bool:
     """Whether the native GEMV reads this layer (decode.c's kvo_linear_supported)."""
     desc = _linear(m)
     return desc is not None and bool(_lib().kvo_linear_supported(ctypes.byref(desc)))
+
+
+def q5_native() -> bool:
+    """Whether the native GEMV reads q5 (:class:`~kvoffload.model.quant.Q5Linear`; AVX512BW)."""
+    if _lib() is None:
+        return False
+    one = ctypes.c_uint64(0)
+    desc = _Linear(2, 32, 32, None, None, 0, None, ctypes.addressof(one))
+    return bool(_lib().kvo_linear_supported(ctypes.byref(desc)))
 
 
 def max_call_rows() -> int:

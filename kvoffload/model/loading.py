@@ -16,7 +16,7 @@ from kvoffload.config import EngineConfig, ModelConfig
 from kvoffload.device import resolve_dtype
 from kvoffload.dtypes import torch_dtype
 from kvoffload.errors import ConfigError, ModelLoadError
-from kvoffload.model.fused import fuse_layers
+from kvoffload.model.fused import fuse_layers, q5_native
 from kvoffload.model.llama import Transformer
 from kvoffload.model.loader.common import LoadedCheckpoint, decode_format
 from kvoffload.model.loader.gguf_file import GGUFFile
@@ -26,7 +26,7 @@ from kvoffload.model.loader.gguf_loader import (
     read_gguf_config,
 )
 from kvoffload.model.loader.hf_loader import load_hf_dir, read_hf_config
-from kvoffload.model.quant import quantize
+from kvoffload.model.quant import quantize, weight_formats
 from kvoffload.model.registry import resolve_model
 from kvoffload.model.tokenizer import Tokenizer
 from kvoffload.paths import set_cache_dir
@@ -42,6 +42,7 @@ class LoadStats:
     seconds: float
     peak_rss_bytes: int
     weight_bytes: int         # resident weight tensors + bytes read from the file's map on use
+    weight_formats: str = ""  # decode formats of the linear layers and their counts ("int8 25, q5 60")
 
 
 def peak_rss_bytes() -> int:
@@ -114,7 +115,8 @@ def load_model(cfg: EngineConfig, device: torch.device) -> tuple[Transformer, To
         quant = resolve_quantization(cfg.quantization, device, dtype, layer_weight_type(f))
         if quant != "none" and device.type != "cpu":
             raise ConfigError(f"{quant} weights use a CPU kernel; on CUDA run without --quantization")
-        ckpt = load_gguf(f, torch_dtype(dtype), quant, cfg.quant_max_rows)
+        ckpt = load_gguf(f, torch_dtype(dtype), quant, cfg.quant_max_rows,
+                         q5=cfg.decode_kernel == "native" and q5_native())
     tokenizer = (Tokenizer.from_hf_dir(ckpt.tokenizer_source) if isinstance(ckpt.tokenizer_source, str)
                  else Tokenizer.from_gguf_metadata(ckpt.tokenizer_source))
     model = build_model(ckpt, device)
@@ -131,7 +133,7 @@ def load_model(cfg: EngineConfig, device: torch.device) -> tuple[Transformer, To
     weight_bytes = (sum(t.nbytes for t in tensors.values()) - model.rope.cos.nbytes - model.rope.sin_signed.nbytes
                     + mapped)
     stats = LoadStats(path, file_format, weight_type, dtype, quant, time.perf_counter() - t0,
-                      peak_rss_bytes(), weight_bytes)
+                      peak_rss_bytes(), weight_bytes, weight_formats(model))
     return model, tokenizer, stats
 
 

@@ -7,6 +7,10 @@
   (w = d·(q - 8)) and Q4_1 (w = d·q + m) blocks map onto it without loss of the codes
   (:meth:`Int4Linear.from_codes`: scale = d, zero = m + 8d; the scales round to the compute
   dtype).
+* ``q5`` (:class:`Q5Linear`): GGUF Q5_0's own 5-bit codes and fp16 scales (w = d·(q - 16), groups
+  of 32 inputs), ~0.69 byte per weight, repacked for the native kernel's bf16 dot products over
+  pairs of inputs. Not a ``--quantization`` of its own: ``int8`` loads a Q5_0 layer this way (the
+  file's weights exactly, in 5.5 of 8 bits; Qwen2.5-Coder-0.5B).
 
 The packed kernels win only for a few rows (decode at small batch): on this CPU int4 at
 M=1 reads the SmolLM2 weights in ~6 ms vs ~17–20 ms for bf16/fp32, while at M=512 it is ~7x
@@ -21,11 +25,12 @@ loading.)
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
 from kvoffload.errors import ConfigError
-from kvoffload.kernels.qweights import int4pack_dequant_t, int8_dequant
+from kvoffload.kernels.qweights import int4pack_dequant_t, int8_dequant, q5_dequant_t
 
 INT4_GROUP = 32
 SCRATCH_ELEMS = 1 << 24          # the prefill's dense scratch: 32 MiB in bf16
@@ -45,6 +50,7 @@ class QuantLinear(nn.Module):
     """Packed weight ``[N, K]``: the packed kernel for few rows, dequantised slices for many."""
 
     slice_align = 1              # output channels a dequantised slice starts at a multiple of
+    format = ""                  # the format's name (load reports, the KV store's fingerprint)
 
     def __init__(self, out_features: int, in_features: int, bias: torch.Tensor | None, dtype: torch.dtype,
                  max_rows: int) -> None:
@@ -95,6 +101,8 @@ def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Int8Linear(QuantLinear):
+    format = "int8"
+
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
                  max_rows: int) -> None:
         super().__init__(q.shape[0], q.shape[1], bias, dtype, max_rows)
@@ -138,6 +146,7 @@ def int4_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 
 class Int4Linear(QuantLinear):
+    format = "int4"
     slice_align = 64             # torch's CPU int4 pack keeps output channels in blocks of 64
 
     def __init__(self, packed: torch.Tensor, scale_zero: torch.Tensor, bias: torch.Tensor | None,
@@ -176,6 +185,83 @@ class Int4Linear(QuantLinear):
         return torch._weight_int4pack_mm_for_cpu(eye, self.packed, INT4_GROUP, self.scale_zero)[:, n0:n1].T
 
 
+Q5_GROUP = 32                    # inputs per scale (GGUF Q5_0's block)
+
+
+class Q5Linear(QuantLinear):
+    """GGUF Q5_0's codes q (0..31) and scales d: w = d·(q - 16). Layout (kernels/decode.c and
+    qweights.c read it): ``codes`` ``[N/32, K/2, 32]`` uint8, byte (b, p, j) holding in its low
+    nibble the low 4 bits of the code of row 32b + j/2 at input 2p + j%2 and in its high nibble
+    that of row 32b + 16 + j/2; ``hbits`` ``[N/32, K/2]`` (uint64 bits in int64), bit j / 32 + j
+    the fifth bit of the low / high nibble's code; ``scale`` ``[K/32, N]`` fp16. So one input pair
+    of 32 rows is 32 bytes + 8, and its 64 weights two vectors of 32 bf16 for vdpbf16ps. Few rows
+    run natively only (:mod:`kvoffload.model.fused`); the PyTorch path dequantises."""
+
+    format = "q5"
+    slice_align = 32
+
+    def __init__(self, codes: torch.Tensor, hbits: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 dtype: torch.dtype, max_rows: int) -> None:
+        super().__init__(scale.shape[1], scale.shape[0] * Q5_GROUP, bias, dtype, max_rows)
+        self.register_buffer("codes", codes)                                       # [N/32, K/2, 32] uint8
+        self.register_buffer("hbits", hbits)                                       # [N/32, K/2] int64
+        self.register_buffer("scale", scale)                                       # [K/32, N] fp16
+
+    @staticmethod
+    def check_shape(N: int, K: int) -> None:
+        if N % 32 or K % Q5_GROUP:
+            raise ConfigError(f"q5 needs out_features and in_features divisible by 32, got {N} x {K}")
+
+    @classmethod
+    def from_codes(cls, q: torch.Tensor, d: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                   max_rows: int) -> Q5Linear:
+        """codes 0..31 ``[N, K]``, scales ``[N, K/32]`` (fp16 values): the PyTorch packing (the
+        native one, :func:`kvoffload.kernels.qweights.q5_pack`, reads GGUF blocks)."""
+        N, K = q.shape
+        cls.check_shape(N, K)
+        qb = q.to(torch.uint8).view(N // 32, 2, 16, K // 2, 2).permute(0, 3, 1, 2, 4).reshape(N // 32, K // 2, 2, 32)
+        codes = ((qb[:, :, 0] & 15) | ((qb[:, :, 1] & 15) << 4)).contiguous()        # [N/32, K/2, 32]
+        bits = (qb >> 4).reshape(N // 32, K // 2, 64).numpy()                      # [.., half * 32 + j]
+        hbits = torch.from_numpy(np.packbits(bits, axis=-1, bitorder="little").view("<i8")[..., 0].copy())
+        return cls(codes, hbits, d.T.to(torch.float16).contiguous(), bias, dtype, max_rows)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, dtype: torch.dtype, max_rows: int) -> Q5Linear:
+        """Symmetric groups of 32 (d = max|w| / 15 in fp16, q = round(w / d) + 16): for tests and
+        measurements; checkpoints bring their own Q5_0 codes."""
+        w = linear.weight.detach().float()
+        N, K = w.shape
+        cls.check_shape(N, K)
+        wg = w.view(N, K // Q5_GROUP, Q5_GROUP)
+        d = (wg.abs().amax(-1) / 15).to(torch.float16).float()                     # [N, K/32]
+        q = (torch.round(wg / d.clamp(min=1e-30)[..., None]) + 16).clamp(0, 31).view(N, K)
+        return cls.from_codes(q, d, linear.bias, dtype, max_rows)
+
+    def codes_of(self) -> torch.Tensor:
+        """The codes 0..31 ``[N, K]`` int32 (the layout's reference reading)."""
+        N, K = self.out_features, self.in_features
+        c = self.codes.to(torch.int32)                                             # [N/32, K/2, 32]
+        bits = np.unpackbits(self.hbits.numpy().view(np.uint8).reshape(N // 32, K // 2, 8), axis=-1, bitorder="little")
+        bits = torch.from_numpy(bits.astype(np.int32)).view(N // 32, K // 2, 2, 32)
+        q = torch.stack([c & 15, c >> 4], 2) | (bits << 4)                           # [N/32, K/2, half, j]
+        return q.view(N // 32, K // 2, 2, 16, 2).permute(0, 2, 3, 1, 4).reshape(N, K)
+
+    def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense_mm(x)
+
+    def dequantize_t(self, n0: int, n1: int, buf: torch.Tensor) -> torch.Tensor:
+        out = buf.view(self.in_features, n1 - n0)                                   # [K, n]
+        if not q5_dequant_t(self.codes, self.hbits, self.scale, n0, n1, out):
+            out.copy_(self.reference_rows(n0, n1).T)
+        return out
+
+    def reference_rows(self, n0: int, n1: int) -> torch.Tensor:
+        """Rows ``n0:n1`` ``[n1-n0, K]`` dequantised by PyTorch ((q - 16)·d, rounded once to the
+        dtype): the native kernel's reference and fallback."""
+        d = self.scale.T[n0:n1].float().repeat_interleave(Q5_GROUP, 1)              # [n, K]
+        return ((self.codes_of()[n0:n1] - 16).float() * d).to(self.dtype)
+
+
 class Int8Embedding(nn.Module):
     """Token embeddings read from an int8 LM head whose weight they share (tied checkpoints)."""
 
@@ -187,13 +273,23 @@ class Int8Embedding(nn.Module):
         return self.head.rows(tokens)                                              # [*tokens.shape, d]
 
 
-QUANTIZERS = {"int8": Int8Linear, "int4": Int4Linear}
+QUANTIZERS = {"int8": Int8Linear, "int4": Int4Linear}          # the ``--quantization`` choices
+FORMATS = {**QUANTIZERS, "q5": Q5Linear}                        # every decode format (tests run over it)
 
 
 # The LM head (often tied to the embedding) is kept at 8 bits even under int4: checkpoints
 # store it at higher precision (SmolLM2's GGUF: Q8_0), and int4 there alone cost SmolLM2
 # +5.3% perplexity on pydoc text, against +0.9% with an int8 head (benchmarks/quality.md).
-HEAD_METHOD = {"int8": "int8", "int4": "int8"}
+HEAD_METHOD = {"int8": "int8", "int4": "int8", "q5": "int8"}
+
+
+def weight_formats(model: nn.Module) -> str:
+    """The decode formats of a model's linear layers and how many of each (``"int8 25, q5 60"``;
+    ``""`` when none is quantised)."""
+    from collections import Counter
+
+    n = Counter(m.format for m in model.modules() if isinstance(m, QuantLinear))
+    return ", ".join(f"{k} {v}" for k, v in sorted(n.items()))
 
 
 def quantize(model: nn.Module, method: str, dtype: torch.dtype, device: torch.device, max_rows: int) -> None:
@@ -206,7 +302,7 @@ def quantize(model: nn.Module, method: str, dtype: torch.dtype, device: torch.de
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                cls = QUANTIZERS[HEAD_METHOD[method] if child is head else method]
+                cls = FORMATS[HEAD_METHOD[method] if child is head else method]
                 setattr(module, name, cls.from_linear(child, dtype, max_rows))
     if tied:
         model.embed = Int8Embedding(model.lm_head)

@@ -9,6 +9,7 @@ import torch
 
 from kvoffload.model.fused import FusedBlock, FusedLinear, fuse_layers
 from kvoffload.model.interface import ForwardBatch, Logits, Phase
+from kvoffload.model.quant import FORMATS
 
 pytestmark = pytest.mark.skipif(fuse_layers.__module__ and __import__("kvoffload.model.fused", fromlist=["_lib"])._lib()
                                 is None, reason="native kernels unavailable")
@@ -35,7 +36,7 @@ def tiny_model(tiny_hf, arch: str, method: str, dtype: torch.dtype):
     return model
 
 
-@pytest.mark.parametrize("method", ["int4", "int8"])
+@pytest.mark.parametrize("method", sorted(FORMATS))
 @pytest.mark.parametrize("arch", ["qwen2", "mistral"])
 @pytest.mark.parametrize("rows", [(1, 1), (3, 1), (2, 4), (2, 8), (1, 30)])
 def test_fused_layers_match_the_reference_in_fp32(tiny_hf, arch, method, rows):
@@ -56,7 +57,7 @@ def test_fused_layers_match_the_reference_in_fp32(tiny_hf, arch, method, rows):
     assert diff.max() <= 1e-4 * max(1.0, ref.abs().max().item())
 
 
-@pytest.mark.parametrize("method", ["int4", "int8"])
+@pytest.mark.parametrize("method", sorted(FORMATS))
 @pytest.mark.parametrize("L", [1, 16])
 def test_fused_layers_in_bf16_stay_close(tiny_hf, method, L):
     model = tiny_model(tiny_hf, "qwen2", method, torch.bfloat16)
@@ -82,17 +83,15 @@ def test_many_rows_run_the_reference(tiny_hf):
         assert torch.equal(model(tokens, batch, EchoBackend()), fused(tokens, batch, EchoBackend()))
 
 
-@pytest.mark.parametrize("method", ["int4", "int8"])
+@pytest.mark.parametrize("method", sorted(FORMATS))
 @pytest.mark.parametrize("rows", [1, 3, 9])
 def test_fused_head_matches_its_linear(method, rows):
-    from kvoffload.model.quant import QUANTIZERS
-
     g = torch.Generator().manual_seed(rows)
     lin = torch.nn.Linear(128, 320, bias=True)
     with torch.no_grad():
         lin.weight.copy_(torch.randn(320, 128, generator=g))
         lin.bias.copy_(torch.randn(320, generator=g))
-    m = QUANTIZERS[method].from_linear(lin, torch.float32, max_rows=8)
+    m = FORMATS[method].from_linear(lin, torch.float32, max_rows=8)
     head = FusedLinear(m, max_rows=8, threads=2)
     x = torch.randn(rows, 1, 128, generator=g)
     ref, got = m(x), head(x)
@@ -105,18 +104,16 @@ def test_fused_head_matches_its_linear(method, rows):
         assert diff.max() <= 1e-4 * ref.abs().max()
 
 
-@pytest.mark.parametrize("method", ["int4", "int8"])
+@pytest.mark.parametrize("method", sorted(FORMATS))
 def test_gemv_rows_in_passes_match_the_reference_and_single_rows(method):
     """More rows than one register pass (8) go in passes over each weight tile: each row is the
     same bits as the row alone, and all are close to the PyTorch reference."""
     from kvoffload.model.fused import gemv, max_call_rows
-    from kvoffload.model.quant import QUANTIZERS
-
     g = torch.Generator().manual_seed(7)
     lin = torch.nn.Linear(192, 256, bias=False)
     with torch.no_grad():
         lin.weight.copy_(torch.randn(256, 192, generator=g))
-    m = QUANTIZERS[method].from_linear(lin, torch.float32, max_rows=64)
+    m = FORMATS[method].from_linear(lin, torch.float32, max_rows=64)
     M = max_call_rows()
     x = torch.randn(M, 192, generator=g)
     got = gemv(m, x, threads=2)                                           # [M, 256]
@@ -147,3 +144,31 @@ def test_int8_bf16_dot_products_match_fp32(rows):
         diff = (y.double() - ref).abs()
         print(f"{rows} rows, {name}: max {diff.max():.2e} mean {diff.mean():.2e}")
         assert diff.max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize("rows", [1, 8, 9, 32])
+def test_q5_matches_the_exact_weights_in_bf16_and_fp32(rows):
+    """q5 with bf16 activations takes bf16 dot products of the exact codes (q - 16) and scales
+    the sums by d; with fp32 activations fmas. Both within fp32 rounding of x @ W^T in fp64 with
+    W = d·(q - 16) exactly (not the bf16-rounded weight the dense path uses), and every row the
+    same bits as the row alone."""
+    from kvoffload.model.fused import gemv, q5_native
+    from kvoffload.model.quant import Q5Linear
+
+    if not q5_native():
+        pytest.skip("the q5 kernel needs AVX512BW")
+    g = torch.Generator().manual_seed(rows)
+    lin = torch.nn.Linear(896, 192, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(192, 896, generator=g))
+    m = Q5Linear.from_linear(lin, torch.bfloat16, max_rows=8)
+    exact = (m.codes_of().double() - 16) * m.scale.T.double().repeat_interleave(32, 1)      # [N, K]
+    x = torch.randn(rows, 896, generator=g).bfloat16().float()           # bf16 numbers
+    ref = x.double() @ exact.T
+    for name, bf in (("bf16 dot", True), ("fp32", False)):
+        y = gemv(m, x, threads=2, x_bf16=bf)
+        alone = torch.cat([gemv(m, x[i:i + 1], threads=2, x_bf16=bf) for i in range(rows)])
+        diff = (y.double() - ref).abs()
+        print(f"q5 {rows} rows, {name}: max {diff.max():.2e} mean {diff.mean():.2e}")
+        assert diff.max() <= 1e-5 * ref.abs().max()
+        assert torch.equal(y, alone)

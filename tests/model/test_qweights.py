@@ -10,7 +10,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from kvoffload.kernels import qweights as qw
 from kvoffload.model import quant
-from kvoffload.model.quant import Int4Linear, Int8Linear, int8_rows
+from kvoffload.model.quant import Int4Linear, Int8Linear, Q5Linear, int8_rows
 
 NATIVE = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
 pytestmark = pytest.mark.skipif(not qw.native_gguf(2), reason="native kernels unavailable")
@@ -92,7 +92,34 @@ def test_int8_dequant_matches_torch(dtype):
     assert not qw.int8_dequant(ql.q, ql.scale, 0, 131, torch.empty(131, 96, dtype=dtype))   # out of range
 
 
-@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
+def test_q5_pack_keeps_the_files_codes_and_scales():
+    """Q5_0 blocks -> q5 natively: the dequantised weight is gguf.quants' bit for bit (d·(q - 16)
+    is exact in fp32), and the PyTorch packing of the same codes gives the same bytes."""
+    kind = GGMLQuantizationType["Q5_0"].value
+    raw = random_blocks("Q5_0", 96, 128, seed=4)
+    order = np.arange(96)[::-1].copy()                       # rows in any order
+    got = qw.q5_pack(raw.ctypes.data + raw.strides[0] * order, 128)
+    ql = Q5Linear(*got, None, torch.float32, 8)
+    ref = torch.from_numpy(qw.gguf_reference(raw, kind, 128))[order.tolist()]
+    assert torch.equal(ql.dequantized(), ref)
+    again = Q5Linear.from_codes(ql.codes_of(), ql.scale.T.float(), None, torch.float32, 8)
+    assert torch.equal(again.codes, ql.codes) and torch.equal(again.hbits, ql.hbits) and torch.equal(again.scale, ql.scale)
+    assert qw.q5_pack(raw.ctypes.data + raw.strides[0] * np.arange(80), 128) is None        # 80 rows: not whole blocks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_q5_dequant_matches_the_reference(dtype):
+    torch.manual_seed(0)
+    ql = Q5Linear.from_linear(torch.nn.Linear(96, 160), dtype, 8)
+    ref = ql.reference_rows(0, 160)
+    for n0, n1 in [(0, 160), (32, 64), (128, 160), (64, 64)]:
+        out = torch.full((96, n1 - n0), float("nan"), dtype=dtype)           # W[n0:n1].T
+        assert qw.q5_dequant_t(ql.codes, ql.hbits, ql.scale, n0, n1, out)
+        assert torch.equal(out.T, ref[n0:n1])                              # one rounding, as the reference
+    assert not qw.q5_dequant_t(ql.codes, ql.hbits, ql.scale, 16, 48, torch.empty(96, 32, dtype=dtype))   # not a block
+
+
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear, Q5Linear])
 def test_prefill_path_is_a_dense_gemm_on_the_dequantised_weight(cls, monkeypatch):
     torch.manual_seed(0)
     ql = cls.from_linear(torch.nn.Linear(64, 320, bias=True), torch.float32, max_rows=4)
@@ -140,6 +167,31 @@ def test_int8_keeps_a_four_bit_layer_as_its_own_int4_codes(tiny_hf, write_gguf, 
         assert (down.dequantized() - w).abs().max() <= 1e-6 * w.abs().max()
         assert isinstance(fast.layers[i].mlp.gate_up_proj, Int8Linear)
         assert isinstance(fast.layers[i].attn.qkv_proj, Int8Linear)
+
+
+def test_int8_keeps_a_q5_0_layer_as_its_own_codes(tiny_hf, write_gguf, tmp_path):
+    """With ``q5`` (the native decode kernel runs), a Q5_0 layer loads as q5, the file's weights
+    exactly; one with a Q8_0 part (qkv with v in Q8_0, as in Qwen2.5-Coder's GGUF) stays int8;
+    without ``q5`` every layer is int8."""
+    from kvoffload.model.loader.gguf_loader import load_gguf
+    from kvoffload.model.loading import build_model
+    from kvoffload.model.quant import weight_formats
+
+    hf, _ = tiny_hf("qwen2")
+    path = str(tmp_path / "q5.gguf")
+    write_gguf(hf, path, "qwen2", "Q5_0", tensor_types={"attn_v": "Q8_0"})
+    dense = build_model(load_gguf(path, torch.float32), torch.device("cpu"))
+    fast = build_model(load_gguf(path, torch.float32, "int8", max_rows=8, q5=True), torch.device("cpu"))
+    for i in range(len(fast.layers)):
+        for name in ("attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+            mod, w = fast.layers[i].get_submodule(name), dense.layers[i].get_submodule(name).weight
+            assert isinstance(mod, Q5Linear), name
+            assert torch.equal(mod.dequantized(), w), name
+        assert isinstance(fast.layers[i].attn.qkv_proj, Int8Linear)
+    n = len(fast.layers)
+    assert weight_formats(fast) == f"int8 {n + 1}, q5 {3 * n}"
+    plain = build_model(load_gguf(path, torch.float32, "int8", max_rows=8), torch.device("cpu"))
+    assert weight_formats(plain) == f"int8 {4 * n + 1}"
 
 
 @pytest.mark.parametrize("qtype,method", [("Q4_1", "int4"), ("Q4_0", "int4"), ("Q5_0", "int8"), ("Q8_0", "int8"),

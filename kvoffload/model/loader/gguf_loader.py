@@ -114,10 +114,13 @@ def read_gguf_config(path: str) -> ModelConfig:
     return model_config(GGUFFile(path))
 
 
-def load_gguf(path: str | GGUFFile, dtype: torch.dtype, quant: str = "none", max_rows: int = 8) -> LoadedCheckpoint:
+def load_gguf(path: str | GGUFFile, dtype: torch.dtype, quant: str = "none", max_rows: int = 8,
+              q5: bool = False) -> LoadedCheckpoint:
     """Dense tensors in ``dtype`` (``quant`` ``none``), or the linear layers built straight
     in their decode format (``int4`` / ``int8``) one tensor at a time, with no dense copy of
-    the model (see :func:`_quantized_modules`)."""
+    the model (see :func:`_quantized_modules`). ``q5``: under ``int8``, Q5_0 layers keep their
+    own codes (:class:`~kvoffload.model.quant.Q5Linear`; only the native decode kernel reads them
+    fast, so the caller says whether it runs)."""
     f = path if isinstance(path, GGUFFile) else GGUFFile(path)
     cfg = model_config(f)
     by_hf = {h: name for name in f.tensors if (h := _hf_name(name)) is not None}
@@ -136,7 +139,7 @@ def load_gguf(path: str | GGUFFile, dtype: torch.dtype, quant: str = "none", max
     if quant == "none":
         sd = build_state_dict(cfg, get, dtype, f.path)
         return LoadedCheckpoint(cfg, sd, f.metadata, f.path, "gguf", layer_weight_type(f))
-    modules, mapped = _quantized_modules(f, cfg, quant, dtype, max_rows)
+    modules, mapped = _quantized_modules(f, cfg, quant, dtype, max_rows, q5)
     sd = {"norm.weight": get("model.norm.weight").to(dtype)}
     for i in range(cfg.num_layers):
         p, o = f"model.layers.{i}.", f"layers.{i}."
@@ -260,18 +263,41 @@ def _int4_linear(f: GGUFFile, names: list[str], perms: list[int | None], bias: t
     return Int4Linear.from_codes(q, scale, zero, bias, dtype, max_rows)
 
 
-Q4_0, Q4_1, Q4_K = 2, 3, 12        # ggml type ids
+def _q5_linear(f: GGUFFile, names: list[str], perms: list[int | None], bias: torch.Tensor | None,
+               dtype: torch.dtype, max_rows: int):
+    """Q5_0 tensors -> :class:`~kvoffload.model.quant.Q5Linear` with the file's codes and scales;
+    int8 when the native packing is unavailable."""
+    from kvoffload.kernels.qweights import q5_pack
+    from kvoffload.model.quant import Q5Linear
+
+    rows = np.concatenate([_row_addresses(f, n, p) for n, p in zip(names, perms)])
+    got = q5_pack(rows, f.tensors[names[0]].rows_cols[1])
+    if got is None:
+        return _int8_linear(f, names, perms, bias, dtype, max_rows)
+    for name in names:
+        f.release(name)
+    return Q5Linear(*got, bias, dtype, max_rows)
+
+
+Q4_0, Q4_1, Q5_0, Q4_K = 2, 3, 6, 12  # ggml type ids
 INT4_CODES = (Q4_0, Q4_1, Q4_K)   # types whose codes Int4Linear holds as they are (no re-quantising)
 
 
 def _quantized_modules(f: GGUFFile, cfg: ModelConfig, quant: str, dtype: torch.dtype,
-                       max_rows: int) -> tuple[dict[str, torch.nn.Module], int]:
+                       max_rows: int, q5: bool = False) -> tuple[dict[str, torch.nn.Module], int]:
     """Every linear layer built from its GGUF tensors one at a time (int8: a chunk of rows at
     a time), each tensor's pages released from RSS after use; the LM head per
     :data:`~kvoffload.model.quant.HEAD_METHOD`. The token embedding reads the file's own
     blocks on use (:class:`GGUFEmbedding`), or the int8 head when tied. Returns the modules and
     the bytes left in the map."""
-    from kvoffload.model.quant import HEAD_METHOD, INT4_GROUP, Int4Linear, Int8Embedding
+    from kvoffload.model.quant import (
+        HEAD_METHOD,
+        INT4_GROUP,
+        Q5_GROUP,
+        Int4Linear,
+        Int8Embedding,
+        Q5Linear,
+    )
 
     build = {"int4": _int4_linear, "int8": _int8_linear}
     if quant not in build:
@@ -284,11 +310,18 @@ def _quantized_modules(f: GGUFFile, cfg: ModelConfig, quant: str, dtype: torch.d
 
     def layer(names: list[str], perms: list[int | None], b: torch.Tensor | None) -> torch.nn.Module:
         """int8 keeps a layer the file holds in 4 bits as int4, its own codes (smaller, and no
-        further from the file: Qwen2.5-Coder-0.5B's Q4_K ffn_down in half its layers)."""
+        further from the file: Qwen2.5-Coder-0.5B's Q4_K ffn_down in half its layers), and with
+        ``q5`` a Q5_0 layer as q5 (its own codes in 5.5 bits, not re-quantised to 8)."""
         infos = [f.tensors[n] for n in names]
-        own_codes = (all(t.qtype in INT4_CODES for t in infos) and infos[0].rows_cols[1] % INT4_GROUP == 0
-                     and sum(t.rows_cols[0] for t in infos) % Int4Linear.slice_align == 0)
-        return (_int4_linear if quant == "int8" and own_codes else build[quant])(f, names, perms, b, dtype, max_rows)
+        K, N = infos[0].rows_cols[1], sum(t.rows_cols[0] for t in infos)
+        build_as = build[quant]
+        if quant == "int8" and all(t.qtype in INT4_CODES for t in infos) and K % INT4_GROUP == 0 \
+                and N % Int4Linear.slice_align == 0:
+            build_as = _int4_linear
+        elif quant == "int8" and q5 and all(t.qtype == Q5_0 for t in infos) and K % Q5_GROUP == 0 \
+                and N % Q5Linear.slice_align == 0:
+            build_as = _q5_linear
+        return build_as(f, names, perms, b, dtype, max_rows)
 
     out: dict[str, torch.nn.Module] = {}
     for i in range(cfg.num_layers):
