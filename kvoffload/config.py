@@ -628,15 +628,16 @@ class EngineConfig:
         into the format (no dense copy). ``auto`` on the CPU in bfloat16: ``int4`` when the
         file's weights are 4-bit (e.g. GGUF Q4_1, re-packed without loss of its codes),
         ``int8`` for other quantised GGUFs (Q5_0, Q6_K, Q8_0 ...: 4 bits would lose), ``none``
-        for dense checkpoints.
+        for dense checkpoints. Under ``int8`` a GGUF layer in 4 bits keeps its codes as int4,
+        and with ``decode_kernel`` native a Q5_0 layer its own 5-bit codes (``q5``).
     quant_max_rows: in the PyTorch path (``--decode-kernel torch``, and layers the native
         kernels cannot run), the packed kernels serve calls of at most this many rows (tokens
         in the forward); larger calls (prefill, big decode batches) use the dense GEMM.
     decode_kernel: with quantised weights, a forward of few rows runs each layer's norm,
         projections, RoPE and MLP as two native calls, and the LM head as one (``native``:
         kernels/decode.c), instead of ~20 PyTorch operators (``torch``, the reference). Few
-        rows: up to where the native GEMV beats the dense GEMM, per format (int4 32 rows, so a
-        short prompt's prefill too; int8 16; model/fused.py's ``FUSED_ROWS``).
+        rows: up to where the native GEMV beats the dense GEMM, per format (int4 and q5 32 rows,
+        so a short prompt's prefill too; int8 16; model/fused.py's ``FUSED_ROWS``).
     kv_dtype: KV cache dtype (``None`` = ``dtype``), or a compressed block format: ``int8`` /
         ``int4`` (keys quantised per channel over a block's tokens, values per token in groups of
         ``kv_group_size`` channels; scales inside the block; the partly filled last block stays

@@ -1,8 +1,8 @@
 """A decoder layer run as two native calls for a few rows (kernels/decode.c).
 
 :func:`fuse_layers` wraps each :class:`~kvoffload.model.llama.Block` whose projections are
-:class:`~kvoffload.model.quant.Int4Linear` / :class:`~kvoffload.model.quant.Int8Linear` in a
-:class:`FusedBlock`: a forward of at most its formats' :data:`FUSED_ROWS` rows runs ``kvo_attn_in`` (norm,
+:class:`~kvoffload.model.quant.Int4Linear` / :class:`~kvoffload.model.quant.Int8Linear` /
+:class:`~kvoffload.model.quant.Q5Linear` in a :class:`FusedBlock`: a forward of at most its formats' :data:`FUSED_ROWS` rows runs ``kvo_attn_in`` (norm,
 qkv projection, bias, RoPE), the attention backend as usual, then ``kvo_attn_out`` (o
 projection, residual, norm, gate/up, SiLU, down, residual); larger forwards run the block
 itself (the PyTorch reference, which the tests compare with at fp32 tolerance).
@@ -21,10 +21,11 @@ from kvoffload.model.llama import Block, Rot
 from kvoffload.model.quant import Int4Linear, Int8Linear, Q5Linear, QuantLinear
 
 # Rows up to which a format's native GEMV beats dequantising into the scratch + the dense GEMM
-# (the PyTorch path of more rows). Measured on SmolLM2's int4 / Qwen's int8 layer shapes
+# (the PyTorch path of more rows). Measured on SmolLM2's int4 / Qwen's int8 and q5 layer shapes
 # (benchmarks/ab/gemv_rows.py, 2 cores; benchmarks/README.md): int4 at 16 rows 22 against 34 ms,
 # at 32 46 against 42; int8 (bf16 dot products above 8 rows) at 16 rows 61 against 83, at 32 130
-# against 108. So a short prompt's prefill (a chat turn) runs natively.
+# against 108; q5 at 16 rows 42 against 110, at 32 83 against 147. So a short prompt's prefill
+# runs natively.
 FUSED_ROWS = {Int4Linear: 32, Int8Linear: 16, Q5Linear: 32}
 
 
