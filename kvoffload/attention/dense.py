@@ -119,6 +119,7 @@ class DenseBackend:
         self._base_memo: tuple[ForwardBatch, np.ndarray] | None = None
         self._step: SparseStep | None = None                   # a sparse layer's one native call
         self.one_call = True           # False: a native sparse layer goes through DecodeItems (tests compare)
+        self.native_hook = True        # False: fused layers call decode() (tests compare)
         self._plans: dict[tuple, _DensePlan] = {}
         self._staged: dict[int, tuple[int, list]] = {}         # seq -> (start, per layer (k, v)) of its last verify
         self.decode_tokens = 0
@@ -209,6 +210,19 @@ class DenseBackend:
         if layer == self.cfg.num_layers - 1:
             self.decode_tokens += len(batch.seq_ids)
         return o.unsqueeze(1).to(q.dtype)
+
+    def native_decode(self, layer: int, batch: ForwardBatch, dtype: torch.dtype) -> int | None:
+        """A dense decode layer's attention as a native hook (the address of a ``kvo_attn_hook``,
+        kernels/kvo_hook.h: the step's prepared call, appending the new tokens' k/v where
+        :meth:`decode` would), for a fused layer to run in the same native call as its
+        projections; None where :meth:`decode` must run (no kernel, a sparse layer, k/v to be
+        converted from ``dtype``). The same bits as :meth:`decode`."""
+        if (self.kernel is None or not self.native_hook or dtype != self.kv_dtype
+                or (self.policy is not None and self.policy.sparse(layer))):
+            return None
+        if layer == self.cfg.num_layers - 1:
+            self.decode_tokens += len(batch.seq_ids)
+        return self._plan(batch).calls[layer].hook()
 
     def _sparse_step(self, sel: NativeSelect, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                      batch: ForwardBatch) -> torch.Tensor:

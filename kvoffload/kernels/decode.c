@@ -21,6 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kvo_hook.h"
 #include "kvo_math.h"
 #include "kvo_q5.h"
 
@@ -467,6 +468,36 @@ void kvo_attn_out(const Layer *Ly, const void *o, const void *x, int M, void *ou
         #pragma omp for
         for (int64_t i = 0; i < (int64_t)M * d; i++) st(out, i, x1[i] + rnd(dn[i], f32), f32);
     }
+}
+
+// Floats of kvo_layer_decode's workspace for M rows.
+int64_t kvo_layer_ws(const Layer *Ly, int M) {
+    int64_t d = Ly->d, HD = (int64_t)Ly->H * Ly->D, nq = (int64_t)(Ly->H + 2 * Ly->H_kv) * Ly->D, F = Ly->ffn;
+    int64_t halves = d + nq > HD + 4 * d + 3 * F ? d + nq : HD + 4 * d + 3 * F;
+    return M * (halves + nq + 3 * HD + Ly->H);
+}
+
+// A whole decode layer in one call: kvo_attn_in, the attention through hook (the new tokens'
+// k/v appended and attended where the KV lives: kvoffload/attention/dense.py's prepared call),
+// kvo_attn_out. x [M, d] -> out [M, d] in the activation dtype, as FusedBlock's three steps
+// give (q handed over in fp32 from its rounded value, o rounded to the dtype): the same bits.
+// The KV dtype must be the activation dtype. ws: kvo_layer_ws(Ly, M) floats. 0, or the hook's
+// error.
+int kvo_layer_decode(const Layer *Ly, const void *x, int M, const void *cos, const void *sin, void *out, int f32,
+                     float *ws, int threads, const kvo_attn_hook *hook) {
+    const int64_t d = Ly->d, HD = (int64_t)Ly->H * Ly->D, nq = (int64_t)(Ly->H + 2 * Ly->H_kv) * Ly->D, F = Ly->ffn;
+    const int64_t halves = d + nq > HD + 4 * d + 3 * F ? d + nq : HD + 4 * d + 3 * F;
+    float *qkv = ws + M * halves, *qf = qkv + M * nq, *of = qf + M * HD, *lse = of + M * HD, *o = lse + M * Ly->H;
+    const size_t es = f32 ? 4 : 2;
+    kvo_attn_in(Ly, x, M, cos, sin, qkv, f32, ws, threads);
+    for (int m = 0; m < M; m++)
+        for (int64_t i = 0; i < HD; i++) qf[m * HD + i] = ld(qkv, m * nq + i, f32);
+    const char *k = (const char *)qkv + HD * es;
+    int rc = hook->fn(hook->ctx, M, qf, HD, k, k + Ly->H_kv * Ly->D * es, nq, of, lse);
+    if (rc) return rc;
+    for (int64_t i = 0; i < M * HD; i++) st(o, i, of[i], f32);
+    kvo_attn_out(Ly, o, x, M, out, f32, ws, threads);
+    return 0;
 }
 
 // y [M, N] fp32 = x [M, K] fp32 · W^T: one projection alone (the LM head, tests, measurements).

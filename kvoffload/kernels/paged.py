@@ -302,6 +302,20 @@ class PagedAttention:
                                 -3: "merge row_first / order outside this call's parts"}.get(rc, str(rc)))
 
 
+class _PagedCall(ctypes.Structure):
+    """kvo_hook.h's kvo_paged_call (the same fields in the same order)."""
+    _fields_ = [("driver", _P), *((n, ctypes.c_int32) for n in ("H_kv", "G", "D", "bs", "n_app", "N", "R", "threads",
+                                                               "vgroup")),
+                ("scale", ctypes.c_float),
+                *((n, _P) for n in ("app_slot", "app_col", "item_row", "item_first", "item_last", "blk", "tmask",
+                                    "part_o", "part_lse", "row_first", "order"))]
+
+
+class _AttnHook(ctypes.Structure):
+    """kvo_hook.h's kvo_attn_hook."""
+    _fields_ = [("fn", _P), ("ctx", _P)]
+
+
 class PreparedCall:
     """One kernel call set up once and repeated (a decode step's layers, the steps within one
     block): its items, part buffers, append targets and merge rows are checked and resolved to
@@ -337,6 +351,23 @@ class PreparedCall:
         self.args = [kern.H_kv, kern.G, D, kern.bs, self.n_app, None, 0, None, 0, a_slot, a_col,
                      N, None, 0, row, first, last, ptrs, tm, kern.scale, _ptr(self.part_o), _ptr(self.part_lse),
                      self.R, rf, None, None, None, threads, kern.group]
+        self._hook = None
+
+    def hook(self) -> int:
+        """The address of a ``kvo_attn_hook`` (kvo_hook.h) running this call with the q, k/v,
+        out and lse its caller passes (decode.c's kvo_layer_decode): the prepared items, append
+        targets and merge rows, read where they are (in-place updates of ``items.last`` and
+        ``append_cols`` still count). Full-precision KV only; kept alive by this object."""
+        if self._hook is None:
+            kern, a = self.kern, self.args
+            if kern.dtype in QUANT or not self.R or self.n_app != self.R:
+                raise ValueError("a hook needs an append and a merge row per new token (full-precision KV)")
+            lib = load("paged_attn")
+            self._ctx = _PagedCall(kern.driver(), kern.H_kv, kern.G, kern.D, kern.bs, self.n_app, a[11], self.R,
+                                   self.threads, kern.group, kern.scale, a[9], a[10], *a[14:19], a[20], a[21], a[23],
+                                   None)
+            self._hook = _AttnHook(ctypes.cast(lib.kvo_paged_hook, ctypes.c_void_p).value, ctypes.addressof(self._ctx))
+        return ctypes.addressof(self._hook)
 
     def __call__(self, q, k_new=None, v_new=None, out=None, lse=None) -> None:
         """q ``[R_q, H, D]`` fp32; k_new / v_new ``[n_app, H_kv, D]`` (KV dtype) when prepared

@@ -57,6 +57,7 @@
 #error "token masks are one uint64 per (block, head)"
 #endif
 
+#include "kvo_hook.h"
 #include "kvo_math.h"
 
 /* A fixed floating-point mode while the kernel computes (round to nearest, denormals flushed and
@@ -847,6 +848,17 @@ DEFINE_DRIVER(q4, uint8_t, 0)
 DEFINE_UNTYPED(f32, float)
 DEFINE_UNTYPED(bf16, uint16_t)
 DEFINE_UNTYPED(f16, uint16_t)
+
+/* kvo_attn_fn over a prepared call (kvo_hook.h): the new tokens' k/v rows and q, out, lse of
+ * this call, the rest as prepared. */
+int kvo_paged_hook(const void *ctx, int M, const float *q, int64_t q_rs, const void *k, const void *v,
+                   int64_t kv_rs, float *out, float *lse) {
+    const kvo_paged_call *c = (const kvo_paged_call *)ctx;
+    if (M < c->n_app || (c->R && M < c->R)) return -4;
+    return c->driver(c->H_kv, c->G, c->D, c->bs, c->n_app, k, kv_rs, v, kv_rs, c->app_slot, c->app_col, c->N, q,
+                     q_rs, c->item_row, c->item_first, c->item_last, c->blk, c->tmask, c->scale, c->part_o,
+                     c->part_lse, c->R, c->row_first, c->order, out, lse, c->threads, c->vgroup);
+}
 
 /* Memory read bandwidth probe for `kvoffload bench attention`: sums n floats with `threads`
  * threads (AVX-512 where available), so the peak is measured the way the kernel reads. */

@@ -57,6 +57,7 @@
 #error "D_MAX is defined by kvoffload/kernels/limits.py (passed by build.py)"
 #endif
 
+#include "kvo_hook.h"
 #include "kvo_math.h"
 
 enum { SEL_STREAMING = 0, SEL_QUEST = 1, SEL_SPARF = 2, SEL_DOUBLE_SPARSITY = 3, SEL_SHADOWKV = 4,
@@ -1139,18 +1140,11 @@ int kvo_select(const sel_config *cf, int B, const int64_t *starts,
  * attend + merge by the paged kernel's driver for the KV dtype (paged_attn.c's
  * kvo_paged_attn_v_*, passed in as a function pointer: the two sources are built apart).
  * ------------------------------------------------------------------------------------------- */
-typedef int (*paged_driver)(int H_kv, int G, int D, int bs, int n_app, const void *k_new, int64_t k_bs,
-        const void *v_new, int64_t v_bs, const int64_t *app_slot, const int64_t *app_col, int N,
-        const float *q, int64_t q_rs, const int64_t *item_row, const int64_t *item_first,
-        const int64_t *item_last, const int64_t *blk, const uint64_t *tmask, float scale,
-        float *part_o, float *part_lse, int R, const int64_t *row_first, const int64_t *order,
-        float *out, float *lse, int threads, int vgroup);
-
 /* What stays between calls (select.py: _StepPlan, the same fields in the same order). The
  * buffers hold cap_b sequences of up to NB full blocks each. */
 typedef struct {
     const sel_config *cf;
-    void *attn;                          /* a paged_driver */
+    void *attn;                          /* a kvo_paged_driver */
     int32_t G, chunk_blocks, threads, vgroup;
     float scale;
     int32_t pad_;
@@ -1253,7 +1247,7 @@ int kvo_sparse_attend(const step_plan *P, int64_t *c) {
     const int64_t N = c[SC_ITEMS];
     for (int64_t j = 0; j < c[SC_NREF]; j++)
         if (!P->ptrs[P->dref[j]]) return -7;
-    return ((paged_driver)P->attn)(H_kv, P->G, cf->D, bs, B, (const void *)c[SC_K], c[SC_K_SB],
+    return ((kvo_paged_driver)P->attn)(H_kv, P->G, cf->D, bs, B, (const void *)c[SC_K], c[SC_K_SB],
                                    (const void *)c[SC_V], c[SC_V_SB], P->app_slot, P->app_col, (int)N,
                                    (const float *)c[SC_QF], c[SC_QF_RS], P->row, P->first, P->last, P->ptrs,
                                    P->masks, P->scale, P->part_o, P->part_lse, B, P->row_first, NULL,

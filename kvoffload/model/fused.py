@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from kvoffload.kernels.build import load
-from kvoffload.model.interface import AttentionBackend, ForwardBatch
+from kvoffload.model.interface import AttentionBackend, ForwardBatch, Phase
 from kvoffload.model.llama import Block, Rot
 from kvoffload.model.quant import Int4Linear, Int8Linear, Q5Linear, QuantLinear
 
@@ -51,6 +51,9 @@ def _lib():
         lib.kvo_attn_in.argtypes = [P, P, I, P, P, P, I, P, I]
         lib.kvo_attn_out.argtypes = [P, P, P, I, P, I, P, I]
         lib.kvo_gemv.argtypes = [P, P, I, P, I, I]
+        lib.kvo_layer_decode.argtypes = [P, P, I, P, P, P, I, P, I, P]
+        lib.kvo_layer_ws.argtypes = [P, I]
+        lib.kvo_layer_ws.restype = ctypes.c_int64
         lib.kvo_attn_in.restype = lib.kvo_attn_out.restype = lib.kvo_gemv.restype = None
         lib._typed = True
     return lib
@@ -123,6 +126,8 @@ class FusedBlock(nn.Module):
         self.ws_out = a.heads * a.head_dim + 4 * d + 3 * f
         lib = _lib()
         self._in, self._out, self._ptr = lib.kvo_attn_in, lib.kvo_attn_out, ctypes.addressof(desc)
+        self._layer = lib.kvo_layer_decode
+        self._layer_ws = {M: lib.kvo_layer_ws(self._ptr, M) for M in range(1, max_rows + 1)}
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, rot: Rot, backend: AttentionBackend) -> torch.Tensor:
         B, L, d = x.shape
@@ -131,6 +136,16 @@ class FusedBlock(nn.Module):
             return self.block(x, batch, rot, backend)
         x = x.contiguous()
         cos, sin = (t.contiguous() for t in rot)                         # [B, L, 1, D]
+        native = getattr(backend, "native_decode", None) if batch.phase is Phase.DECODE else None
+        hook = native(self.layer, batch, self.dtype) if native is not None else None
+        if hook:                                     # the whole layer, attention included, in one call
+            out = torch.empty_like(x)
+            ws = torch.empty(self._layer_ws[rows], dtype=torch.float32)
+            rc = self._layer(self._ptr, x.data_ptr(), rows, cos.data_ptr(), sin.data_ptr(), out.data_ptr(), self.f32,
+                             ws.data_ptr(), self.threads, hook)
+            if rc:
+                raise RuntimeError(f"native decode layer {self.layer}: attention failed (rc {rc})")
+            return out
         ws = torch.empty(rows * max(self.ws_in, self.ws_out), dtype=torch.float32)
         qkv = torch.empty(B, L, self.qkv_cols, dtype=x.dtype)
         self._in(self._ptr, x.data_ptr(), rows, cos.data_ptr(), sin.data_ptr(), qkv.data_ptr(), self.f32,

@@ -73,3 +73,7 @@ class AttentionBackend(Protocol):
         """L query tokens per sequence over its committed KV and, causally, over each other;
         their k/v are staged, not stored, until ``commit`` (speculative decoding)."""
         ...
+
+    # Optional: ``native_decode(layer, batch, dtype) -> int | None``, a decode layer's attention
+    # as a native hook (kernels/kvo_hook.h) that a fused layer calls inside its own native call,
+    # with the same result as ``decode``; None (or no such method): call ``decode``.

@@ -172,3 +172,56 @@ def test_q5_matches_the_exact_weights_in_bf16_and_fp32(rows):
         print(f"q5 {rows} rows, {name}: max {diff.max():.2e} mean {diff.mean():.2e}")
         assert diff.max() <= 1e-5 * ref.abs().max()
         assert torch.equal(y, alone)
+
+
+@pytest.mark.parametrize("method", sorted(FORMATS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_in_one_call_with_the_backends_hook_equals_the_three_steps(tiny_hf, method, dtype):
+    """With the in-memory backend's native hook a fused decode layer is one native call (its
+    attention inside); a ragged batch of 3 decoding across a block boundary gives the same
+    logits, bit for bit, as the fused layer's two calls around ``backend.decode``, and the same
+    KV."""
+    from kvoffload.attention.dense import DenseBackend
+    from kvoffload.model import fused
+
+    model = tiny_model(tiny_hf, "qwen2", method, dtype)
+    fuse_layers(model, threads=2)
+    calls = []
+    real = fused.FusedBlock.forward
+
+    def spy(self, x, batch, rot, backend):
+        calls.append(backend.native_decode(self.layer, batch, self.dtype) if batch.phase is Phase.DECODE else None)
+        if calls[-1] is not None and self.layer == len(model.layers) - 1:
+            backend.decode_tokens -= len(batch.seq_ids)          # (the spy's own call counted them)
+        return real(self, x, batch, rot, backend)
+
+    lens = (13, 16, 30)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 256, (1, n), generator=g) for n in lens]
+    outs, kvs = [], []
+    for hook in (True, False):
+        be = DenseBackend(model.cfg, torch.device("cpu"), dtype, block_size=16)
+        be.native_hook = hook
+        for i, p in enumerate(prompts):
+            be.allocate(i, 64)
+            with torch.inference_mode():
+                model(p, ForwardBatch(Phase.PREFILL, (i,), torch.arange(p.shape[1])[None], (0,), Logits.LAST), be)
+        starts, logits = list(lens), []
+        fused.FusedBlock.forward = spy
+        try:
+            for step in range(5):
+                tok = torch.tensor([[7 + step], [100 + step], [200 - step]])
+                batch = ForwardBatch(Phase.DECODE, (0, 1, 2), torch.tensor(starts)[:, None], tuple(starts), Logits.ALL)
+                with torch.inference_mode():
+                    logits.append(model(tok, batch, be))
+                starts = [s + 1 for s in starts]
+        finally:
+            fused.FusedBlock.forward = real
+        assert (calls[-1] is not None) == hook and be.decode_tokens == 15
+        calls.clear()
+        outs.append(torch.stack(logits))
+        kvs.append([be.seqs[i].clone() for i in range(3)])
+    diff = (outs[0].float() - outs[1].float()).abs()
+    print(f"{method} {dtype}: hook vs decode(): max {diff.max():.2e}")
+    assert torch.equal(outs[0], outs[1])
+    assert all(torch.equal(a, b) for a, b in zip(*kvs))

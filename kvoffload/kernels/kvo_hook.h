@@ -1,0 +1,39 @@
+/* Calls between the separately built kernels (each source is its own shared object):
+ *   - kvo_paged_driver: paged_attn.c's kvo_paged_attn_v_* (untyped k/v), called by select.c's
+ *     one-call sparse step and by kvo_paged_hook below;
+ *   - kvo_attn_hook: a decode layer's attention as decode.c's kvo_layer_decode calls it between
+ *     its two halves, so that a dense decode layer is one call from Python (the in-memory
+ *     backend's prepared call: kvo_paged_hook over a kvo_paged_call, kernels/paged.py). */
+#ifndef KVO_HOOK_H
+#define KVO_HOOK_H
+#include <stdint.h>
+
+typedef int (*kvo_paged_driver)(int H_kv, int G, int D, int bs, int n_app, const void *k_new, int64_t k_bs,
+        const void *v_new, int64_t v_bs, const int64_t *app_slot, const int64_t *app_col, int N,
+        const float *q, int64_t q_rs, const int64_t *item_row, const int64_t *item_first,
+        const int64_t *item_last, const int64_t *blk, const uint64_t *tmask, float scale,
+        float *part_o, float *part_lse, int R, const int64_t *row_first, const int64_t *order,
+        float *out, float *lse, int threads, int vgroup);
+
+/* q [M, H, D] fp32 (row stride q_rs floats); k / v: the M new tokens' [H_kv, D] in the KV dtype
+ * (row stride kv_rs elements), appended before attending; -> out [M, H, D], lse [M, H] fp32,
+ * contiguous. 0, or the callee's error code. */
+typedef int (*kvo_attn_fn)(const void *ctx, int M, const float *q, int64_t q_rs, const void *k, const void *v,
+                           int64_t kv_rs, float *out, float *lse);
+typedef struct {
+    kvo_attn_fn fn;
+    const void *ctx;
+} kvo_attn_hook;
+
+/* A prepared paged-kernel call (kernels/paged.py's PreparedCall: _PagedCall, the same fields
+ * in the same order): everything but the per-call q, k/v, out and lse. */
+typedef struct {
+    kvo_paged_driver driver;
+    int32_t H_kv, G, D, bs, n_app, N, R, threads, vgroup;
+    float scale;
+    const int64_t *app_slot, *app_col, *item_row, *item_first, *item_last, *blk;
+    const uint64_t *tmask;
+    float *part_o, *part_lse;
+    const int64_t *row_first, *order;
+} kvo_paged_call;
+#endif
