@@ -114,7 +114,8 @@ class DenseBackend:
         self.kernel = PagedAttention(lay.dtype, lay.num_kv_heads, self.G, lay.head_dim, block_size) if usable else None
         self.seqs: dict[int, torch.Tensor] = {}                # seq -> [layers, blocks, slot_elems]
         self.policy, self.bs = policy, block_size
-        self.sparse_stats = SparseCounters()
+        self._sparse_stats = SparseCounters()
+        self._pending: tuple | None = None   # a hooked sparse step's (starts, B), counted at the next entry
         self._memo: tuple[ForwardBatch, _DensePlan] | None = None
         self._base_memo: tuple[ForwardBatch, np.ndarray] | None = None
         self._step: SparseStep | None = None                   # a sparse layer's one native call
@@ -163,6 +164,7 @@ class DenseBackend:
     def prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 batch: ForwardBatch) -> torch.Tensor:
         """q ``[B, H, L, D]``, k/v ``[B, H_kv, L, D]`` -> ``[B, L, H, D]``."""
+        self._count_pending()
         outs = []
         L = batch.num_tokens
         for b, (sid, start) in enumerate(zip(batch.seq_ids, batch.starts)):
@@ -183,6 +185,7 @@ class DenseBackend:
     def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                batch: ForwardBatch) -> torch.Tensor:
         """q ``[B, H, 1, D]``, k/v ``[B, H_kv, 1, D]`` -> ``[B, 1, H, D]``."""
+        self._count_pending()
         kvd = self.kv_dtype
         k_new, v_new = k[:, :, 0].to(kvd), v[:, :, 0].to(kvd)                   # [B, H_kv, D]
         chosen = rebuilt = None
@@ -206,23 +209,50 @@ class DenseBackend:
             o = self.policy.attend_rebuilt(rebuilt, q_rows, o, lse, lambda b, blocks: self.layout.unpack_blocks(
                 self.seqs[batch.seq_ids[b]][layer, torch.from_numpy(blocks).to(self.device)])[1])
         if chosen is not None:
-            o = self.sparse_stats.finish(chosen, o, batch.starts, self.bs, self.layout.token_bytes(1) // self.cfg.num_kv_heads)
+            o = self._sparse_stats.finish(chosen, o, batch.starts, self.bs, self.layout.token_bytes(1) // self.cfg.num_kv_heads)
         if layer == self.cfg.num_layers - 1:
             self.decode_tokens += len(batch.seq_ids)
         return o.unsqueeze(1).to(q.dtype)
 
+    @property
+    def sparse_stats(self) -> SparseCounters:
+        self._count_pending()
+        return self._sparse_stats
+
+    def _count_pending(self) -> None:
+        """Count the last hooked sparse step (its info is overwritten by the next step)."""
+        if self._pending is not None:
+            starts, B = self._pending
+            self._pending = None
+            H_kv = self.cfg.num_kv_heads
+            self._sparse_stats.add_native(starts, self._step.info(B), H_kv, self.bs, self.layout.token_bytes(1) // H_kv)
+
     def native_decode(self, layer: int, batch: ForwardBatch, dtype: torch.dtype) -> int | None:
-        """A dense decode layer's attention as a native hook (the address of a ``kvo_attn_hook``,
-        kernels/kvo_hook.h: the step's prepared call, appending the new tokens' k/v where
-        :meth:`decode` would), for a fused layer to run in the same native call as its
-        projections; None where :meth:`decode` must run (no kernel, a sparse layer, k/v to be
-        converted from ``dtype``). The same bits as :meth:`decode`."""
-        if (self.kernel is None or not self.native_hook or dtype != self.kv_dtype
-                or (self.policy is not None and self.policy.sparse(layer))):
+        """A decode layer's attention as a native hook (the address of a ``kvo_attn_hook``,
+        kernels/kvo_hook.h) for a fused layer to run in the same native call as its
+        projections: a dense layer's prepared call, or a sparse layer's one-call step (selection
+        included), appending the new tokens' k/v where :meth:`decode` would. None where
+        :meth:`decode` must run (no kernel, k/v to be converted from ``dtype``, a sparse policy
+        without a native step or with an output correction). The same bits as :meth:`decode`."""
+        self._count_pending()
+        if self.kernel is None or not self.native_hook or dtype != self.kv_dtype:
             return None
+        pol = self.policy
+        if pol is not None and pol.sparse(layer):
+            sel = pol.native_kernel_for(dtype, self.kv_dtype) if self.one_call and not pol.rebuilds_keys else None
+            if sel is None:
+                return None
+            self._step = SparseStep.reuse(self._step, sel, self.kernel, self.layout, self.threads)
+            hook = self._step.hook(batch.starts, pol.native_table(layer, batch.seq_ids, batch.starts),
+                                   pol.native_aux(layer), self._layer_bases(batch)[layer], self.kv_dtype)
+            if not hook:
+                return None
+            self._pending = (batch.starts, len(batch.seq_ids))
+        else:
+            hook = self._plan(batch).calls[layer].hook()
         if layer == self.cfg.num_layers - 1:
             self.decode_tokens += len(batch.seq_ids)
-        return self._plan(batch).calls[layer].hook()
+        return hook
 
     def _sparse_step(self, sel: NativeSelect, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                      batch: ForwardBatch) -> torch.Tensor:
@@ -236,7 +266,7 @@ class DenseBackend:
         info, alpha, vmean = self._step(batch.starts, q, k_new, v_new,
                                         pol.native_table(layer, batch.seq_ids, batch.starts), pol.native_aux(layer),
                                         self._layer_bases(batch)[layer], q.float(), out, lse)
-        self.sparse_stats.add_native(batch.starts, info, H_kv, self.bs, lay.token_bytes(1) // H_kv)
+        self._sparse_stats.add_native(batch.starts, info, H_kv, self.bs, lay.token_bytes(1) // H_kv)
         return out if alpha is None else mean_mix(out, alpha, vmean)
 
     def _layer_bases(self, batch: ForwardBatch) -> np.ndarray:
@@ -310,6 +340,7 @@ class DenseBackend:
         tokens over its committed KV (the chunks and the tail block, as decode attends them)
         merged with the tokens over each other (causal). Their k/v are written past the
         committed tokens and stay only as far as :meth:`commit` says."""
+        self._count_pending()
         B, H, L, D = q.shape
         kb, vb = k.to(self.kv_dtype), v.to(self.kv_dtype)                        # [B, H_kv, L, D]
         parts = Parts(B * L, H, D, self.device, self.kernel is not None, self.threads)

@@ -37,6 +37,7 @@ import numpy as np
 
 from kvoffload.dtypes import DTYPES, QUANT
 from kvoffload.kernels.build import load
+from kvoffload.kernels.hook import AttnHook
 from kvoffload.kernels.limits import (
     BS_MAX,
     D_MAX,
@@ -311,11 +312,6 @@ class _PagedCall(ctypes.Structure):
                                     "part_o", "part_lse", "row_first", "order"))]
 
 
-class _AttnHook(ctypes.Structure):
-    """kvo_hook.h's kvo_attn_hook."""
-    _fields_ = [("fn", _P), ("ctx", _P)]
-
-
 class PreparedCall:
     """One kernel call set up once and repeated (a decode step's layers, the steps within one
     block): its items, part buffers, append targets and merge rows are checked and resolved to
@@ -366,7 +362,7 @@ class PreparedCall:
             self._ctx = _PagedCall(kern.driver(), kern.H_kv, kern.G, kern.D, kern.bs, self.n_app, a[11], self.R,
                                    self.threads, kern.group, kern.scale, a[9], a[10], *a[14:19], a[20], a[21], a[23],
                                    None)
-            self._hook = _AttnHook(ctypes.cast(lib.kvo_paged_hook, ctypes.c_void_p).value, ctypes.addressof(self._ctx))
+            self._hook = AttnHook.of(lib, "kvo_paged_hook", self._ctx)
         return ctypes.addressof(self._hook)
 
     def __call__(self, q, k_new=None, v_new=None, out=None, lse=None) -> None:

@@ -1259,3 +1259,32 @@ int kvo_sparse_step(const step_plan *P, int64_t *c) {
     int rc = kvo_sparse_plan(P, c);
     return rc ? rc : kvo_sparse_attend(P, c);
 }
+
+/* kvo_attn_fn (kvo_hook.h) over a prepared step: a fused decode layer's sparse attention in its
+ * own native call (decode.c's kvo_layer_decode). The call words hold all but the per-call
+ * pointers, which are set here: q fp32 [M, H, D] is both the selection's query and the
+ * attention's (the same values as the model-dtype query the Python path passes), k / v the
+ * new tokens' rows. select.py: SparseStep.hook. */
+typedef struct {
+    const step_plan *P;
+    int64_t *c;
+} sparse_hook_ctx;
+
+int kvo_sparse_hook(const void *ctx, int M, const float *q, int64_t q_rs, const void *k, const void *v,
+                    int64_t kv_rs, float *out, float *lse) {
+    const sparse_hook_ctx *h = (const sparse_hook_ctx *)ctx;
+    int64_t *c = h->c;
+    const int64_t D = h->P->cf->D;
+    if (M != c[SC_B]) return -8;
+    c[SC_Q] = c[SC_QF] = (int64_t)(intptr_t)q;
+    c[SC_Q_DT] = DT_F32;
+    c[SC_Q_SB] = c[SC_QF_RS] = q_rs;
+    c[SC_Q_SH] = D;
+    c[SC_K] = (int64_t)(intptr_t)k;
+    c[SC_V] = (int64_t)(intptr_t)v;
+    c[SC_K_SB] = c[SC_V_SB] = kv_rs;
+    c[SC_K_SH] = c[SC_V_SH] = D;
+    c[SC_OUT] = (int64_t)(intptr_t)out;
+    c[SC_LSE] = (int64_t)(intptr_t)lse;
+    return kvo_sparse_step(h->P, c);
+}

@@ -23,6 +23,7 @@ import numpy as np
 
 from kvoffload.dtypes import DTYPES
 from kvoffload.kernels.build import load
+from kvoffload.kernels.hook import AttnHook
 
 __all__ = ["INFO_CHOSEN", "INFO_COLS", "INFO_NBLOCKS", "INFO_READ", "POLICY_IDS", "ST_COLS", "TILE", "NativeSelect",
            "SelectOut", "SparseStep"]
@@ -222,6 +223,11 @@ _SC = {name: i for i, name in enumerate(STEP_CALL)}
 _STEP_ERRORS = {-6: "k / v heads not contiguous", -7: "a block of the read tier was not filled in"}
 
 
+class _SparseHookCtx(ctypes.Structure):
+    """select.c's sparse_hook_ctx: the step's plan and call words."""
+    _fields_ = [("plan", _P), ("call", _P)]
+
+
 class SparseStep:
     """A sparse decode layer in ONE native call (``select.c``'s ``kvo_sparse_step``): the
     selection of ``sel`` (a :class:`NativeSelect`), each sequence's union cut into items -- the
@@ -252,6 +258,7 @@ class SparseStep:
         self._plan = ctypes.addressof(self.struct)
         self.call = np.zeros(len(STEP_CALL), np.int64)
         self._call = _addr(self.call)
+        self._hook = None
         self.cap_b = self.NB = 0
 
     @classmethod
@@ -306,6 +313,29 @@ class SparseStep:
                         base, qf.data_ptr(), fs[0], out.data_ptr(), lse.data_ptr(), 0, locs, tails, res, nres, 0)
         self._keep = (q, k, v, qf)                  # alive until attend()
         return B, alpha, vmean
+
+    def hook(self, starts: tuple[int, ...], table: int, channels: int, base: np.ndarray, kv_dtype) -> int:
+        """The address of a ``kvo_attn_hook`` (kernels/kvo_hook.h; select.c's kvo_sparse_hook)
+        running this step inside a fused decode layer's native call, which passes q (fp32: the
+        selection's and the attention's query), the new tokens' k / v (``kv_dtype``), out and
+        lse; the rest as :meth:`__call__` takes it. 0 for a policy with an output correction
+        (SparF: :meth:`__call__` only). After the call, :meth:`info` holds its counts."""
+        sel = self.sel
+        if sel.sparf:
+            return 0
+        B = len(starts)
+        top = sel._prepare(starts)
+        if B > self.cap_b or top // sel.bs > self.NB:
+            self._grow(B, top // sel.bs)
+        self.call[:] = 0
+        c, ix = self.call, STEP_CALL.index
+        c[ix("B")], c[ix("starts")], c[ix("kv_dt")] = B, sel._starts_addr, _DT_NAMES[str(kv_dtype).rpartition(".")[2]]
+        c[ix("table")], c[ix("channels")], c[ix("base")] = table, channels, _addr(base)
+        if self._hook is None:
+            lib = self.sel.lib
+            self._hook_ctx = _SparseHookCtx(self._plan, self._call)
+            self._hook = AttnHook.of(lib, "kvo_sparse_hook", self._hook_ctx)
+        return ctypes.addressof(self._hook)
 
     def _check(self, rc: int) -> None:
         if rc != 0:

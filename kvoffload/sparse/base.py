@@ -329,9 +329,14 @@ class SparsePolicy:
         """The native selection for a step over these tensors (q ``[B, H, D]``, k/v ``[B, H_kv,
         D]``), or None: the reference runs instead (``native`` off, no kernel, not CPU tensors
         of a native dtype)."""
+        if not (q.is_cpu and k.is_cpu and v.is_cpu) or v.dtype is not k.dtype:
+            return None
+        return self.native_kernel_for(q.dtype, k.dtype)
+
+    def native_kernel_for(self, q_dtype: torch.dtype, kv_dtype: torch.dtype) -> NativeSelect | None:
+        """:meth:`native_kernel` for CPU tensors of these dtypes."""
         kern = (self._kernel if self._kernel is not None else self._load_kernel()) if self.native else None
-        if (not kern or not (q.is_cpu and k.is_cpu and v.is_cpu) or q.dtype not in _NATIVE_DTYPES
-                or k.dtype not in _NATIVE_DTYPES or v.dtype is not k.dtype):
+        if not kern or q_dtype not in _NATIVE_DTYPES or kv_dtype not in _NATIVE_DTYPES:
             return None
         return kern
 

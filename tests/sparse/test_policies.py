@@ -171,6 +171,47 @@ def test_one_call_sparse_step_equals_the_python_items(tiny_path, calibration, po
         slow.close()
 
 
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_fused_layers_take_the_sparse_step_inside_their_native_call(tiny_path, calibration, policy):
+    """With quantised weights (fused native layers) and the KV in memory, a sparse layer's
+    one-call step runs inside the layer's own native call (the backend's native hook: selection,
+    items, append, attention, merge): the same tokens, every logprob digit and the same sparse
+    counters as the layer calling ``backend.decode``; SparF (an output correction) and the
+    policies that rebuild keys keep ``decode``."""
+    from kvoffload.attention.dense import DenseBackend
+    from kvoffload.config import SamplingParams
+
+    ids = LLM(tiny_path, dtype="float32").encode(TEXT)
+    prompts = [ids[:37], ids[:70], ids[:129]]
+    kw = dict(sparse_dense_layers="0", block_size=8, chunk_blocks=2, quantization="int8")
+    fast = sparse_llm(tiny_path, policy, "1/4", calibration, **kw)
+    slow = sparse_llm(tiny_path, policy, "1/4", calibration, **kw)
+    slow.engine.kv.native_hook = False
+    hooked = []
+    real = DenseBackend.native_decode
+
+    def spy(self, layer, batch, dtype):
+        got = real(self, layer, batch, dtype)
+        hooked.append(bool(got) and self.policy.sparse(layer))
+        return got
+
+    params = SamplingParams(max_tokens=28, ignore_eos=True, logprobs=5)
+    try:
+        DenseBackend.native_decode = spy
+        a, b = fast.generate(prompts, params), slow.generate(prompts, params)
+    finally:
+        DenseBackend.native_decode = real
+        fast.close()
+        slow.close()
+    assert any(hooked) == (policy != "sparf" and not POLICIES[policy].rebuilds_keys)
+    for x, y in zip(a, b):
+        assert x.token_ids == y.token_ids
+        assert [t.top for t in x.logprobs] == [t.top for t in y.logprobs]              # every digit
+    sa, sb = fast.engine.kv.stats().sparse, slow.engine.kv.stats().sparse
+    assert (sa.steps, sa.context, sa.attended, sa.read) == (sb.steps, sb.context, sb.attended, sb.read)
+    assert 0 < sa.read < sa.context
+
+
 def test_native_masked_kernel_equals_torch_fallback(tiny_path, calibration):
     """Token masks in the paged kernel vs the gather + masked-softmax path of the workers."""
     ids = LLM(tiny_path, dtype="float32").encode(TEXT)[:160]
