@@ -1,11 +1,14 @@
-"""A decoder layer run as two native calls for a few rows (kernels/decode.c).
+"""A decoder layer run as two native calls for a few rows (kernels/decode.c), or as one.
 
 :func:`fuse_layers` wraps each :class:`~kvoffload.model.llama.Block` whose projections are
 :class:`~kvoffload.model.quant.Int4Linear` / :class:`~kvoffload.model.quant.Int8Linear` /
-:class:`~kvoffload.model.quant.Q5Linear` in a :class:`FusedBlock`: a forward of at most its formats' :data:`FUSED_ROWS` rows runs ``kvo_attn_in`` (norm,
-qkv projection, bias, RoPE), the attention backend as usual, then ``kvo_attn_out`` (o
-projection, residual, norm, gate/up, SiLU, down, residual); larger forwards run the block
-itself (the PyTorch reference, which the tests compare with at fp32 tolerance).
+:class:`~kvoffload.model.quant.Q5Linear` in a :class:`FusedBlock`: a forward of at most its
+formats' :data:`FUSED_ROWS` rows runs ``kvo_attn_in`` (norm, qkv projection, bias, RoPE), the
+attention backend as usual, then ``kvo_attn_out`` (o projection, residual, norm, gate/up, SiLU,
+down, residual). A decode forward whose backend offers its attention as a native hook
+(``native_decode``: the in-memory backend) is ONE call, ``kvo_layer_decode``, with the same
+bits. Larger forwards run the block itself (the PyTorch reference, which the tests compare
+with at fp32 tolerance).
 """
 
 from __future__ import annotations

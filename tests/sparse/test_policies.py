@@ -60,6 +60,17 @@ def forced(llm: LLM, ids: list[int], prefill: int) -> torch.Tensor:
     return llm.engine.teacher_forced_logits(ids, prefill)
 
 
+def same_run(fast: LLM, slow: LLM, a: list, b: list) -> None:
+    """Two generations of the same prompts: the same tokens, every top-5 logprob digit for digit,
+    and the same sparse counters (and some reading skipped)."""
+    for x, y in zip(a, b):
+        assert x.token_ids == y.token_ids
+        assert [t.top for t in x.logprobs] == [t.top for t in y.logprobs]
+    sa, sb = fast.engine.kv.stats().sparse, slow.engine.kv.stats().sparse
+    assert (sa.steps, sa.context, sa.attended, sa.read) == (sb.steps, sb.context, sb.attended, sb.read)
+    assert 0 < sa.read < sa.context
+
+
 def diff(a: torch.Tensor, b: torch.Tensor, what: str) -> float:
     d = (a - b).abs()
     print(f"{what}: max {d.max().item():.2e} mean {d.mean().item():.2e}")
@@ -152,12 +163,7 @@ def test_one_call_sparse_step_equals_the_python_items(tiny_path, calibration, po
         a, b = fast.generate(prompts, params), slow.generate(prompts, params)
         one_call = not POLICIES[policy].rebuilds_keys          # (keys rebuilt from factors: the Python path)
         assert (fast.engine.kv._step is not None) == one_call and slow.engine.kv._step is None
-        for x, y in zip(a, b):
-            assert x.token_ids == y.token_ids
-            assert [t.top for t in x.logprobs] == [t.top for t in y.logprobs]        # every digit
-        sa, sb = fast.engine.kv.stats().sparse, slow.engine.kv.stats().sparse
-        assert (sa.steps, sa.context, sa.attended, sa.read) == (sb.steps, sb.context, sb.attended, sb.read)
-        assert 0 < sa.read < sa.context
+        same_run(fast, slow, a, b)
         if where != "memory":
             ta, tb = fast.engine.kv.stats().tiers, slow.engine.kv.stats().tiers
             for name in ("host", "disk") + (("device",) if where == "device+disk" else ()):
@@ -204,12 +210,7 @@ def test_fused_layers_take_the_sparse_step_inside_their_native_call(tiny_path, c
         fast.close()
         slow.close()
     assert any(hooked) == (policy != "sparf" and not POLICIES[policy].rebuilds_keys)
-    for x, y in zip(a, b):
-        assert x.token_ids == y.token_ids
-        assert [t.top for t in x.logprobs] == [t.top for t in y.logprobs]              # every digit
-    sa, sb = fast.engine.kv.stats().sparse, slow.engine.kv.stats().sparse
-    assert (sa.steps, sa.context, sa.attended, sa.read) == (sb.steps, sb.context, sb.attended, sb.read)
-    assert 0 < sa.read < sa.context
+    same_run(fast, slow, a, b)
 
 
 def test_native_masked_kernel_equals_torch_fallback(tiny_path, calibration):
