@@ -24,6 +24,7 @@ from kvoffload.attention.ops import attend_lse, own_attention, prefix_attention
 from kvoffload.config import ModelConfig
 from kvoffload.dtypes import name_of
 from kvoffload.errors import ConfigError, InputError
+from kvoffload.kernels.hook import AttnHook
 from kvoffload.kernels.paged import Append, Items, Merge, PagedAttention, PreparedCall
 from kvoffload.kernels.select import NativeSelect, SparseStep
 from kvoffload.kv.layout import BlockLayout
@@ -227,9 +228,9 @@ class DenseBackend:
             H_kv = self.cfg.num_kv_heads
             self._sparse_stats.add_native(starts, self._step.info(B), H_kv, self.bs, self.layout.token_bytes(1) // H_kv)
 
-    def native_decode(self, layer: int, batch: ForwardBatch, dtype: torch.dtype) -> int | None:
-        """A decode layer's attention as a native hook (the address of a ``kvo_attn_hook``,
-        kernels/kvo_hook.h) for a fused layer to run in the same native call as its
+    def native_decode(self, layer: int, batch: ForwardBatch, dtype: torch.dtype) -> AttnHook | None:
+        """A decode layer's attention as a native hook (a ``kvo_attn_hook``, kernels/kvo_hook.h,
+        which keeps what it reads alive while held) for a fused layer to run in the same native call as its
         projections: a dense layer's prepared call, or a sparse layer's one-call step (selection
         included), appending the new tokens' k/v where :meth:`decode` would. None where
         :meth:`decode` must run (no kernel, k/v to be converted from ``dtype``, a sparse policy
@@ -245,7 +246,7 @@ class DenseBackend:
             self._step = SparseStep.reuse(self._step, sel, self.kernel, self.layout, self.threads)
             hook = self._step.hook(batch.starts, pol.native_table(layer, batch.seq_ids, batch.starts),
                                    pol.native_aux(layer), self._layer_bases(batch)[layer], self.kv_dtype)
-            if not hook:
+            if hook is None:
                 return None
             self._pending = (batch.starts, len(batch.seq_ids))
         else:

@@ -470,11 +470,18 @@ void kvo_attn_out(const Layer *Ly, const void *o, const void *x, int M, void *ou
     }
 }
 
-// Floats of kvo_layer_decode's workspace for M rows.
+// Floats a row of kvo_attn_in's / kvo_attn_out's workspace takes, whichever is larger.
+static int64_t halves_ws(const Layer *Ly) {
+    const int64_t d = Ly->d, HD = (int64_t)Ly->H * Ly->D, nq = (int64_t)(Ly->H + 2 * Ly->H_kv) * Ly->D;
+    const int64_t in = d + nq, out = HD + 4 * d + 3 * (int64_t)Ly->ffn;
+    return in > out ? in : out;
+}
+
+// Floats of kvo_layer_decode's workspace for M rows: the halves', then qkv, q fp32, o fp32,
+// lse and o in the dtype.
 int64_t kvo_layer_ws(const Layer *Ly, int M) {
-    int64_t d = Ly->d, HD = (int64_t)Ly->H * Ly->D, nq = (int64_t)(Ly->H + 2 * Ly->H_kv) * Ly->D, F = Ly->ffn;
-    int64_t halves = d + nq > HD + 4 * d + 3 * F ? d + nq : HD + 4 * d + 3 * F;
-    return M * (halves + nq + 3 * HD + Ly->H);
+    const int64_t HD = (int64_t)Ly->H * Ly->D, nq = (int64_t)(Ly->H + 2 * Ly->H_kv) * Ly->D;
+    return M * (halves_ws(Ly) + nq + 3 * HD + Ly->H);
 }
 
 // A whole decode layer in one call: kvo_attn_in, the attention through hook (the new tokens'
@@ -485,9 +492,8 @@ int64_t kvo_layer_ws(const Layer *Ly, int M) {
 // error.
 int kvo_layer_decode(const Layer *Ly, const void *x, int M, const void *cos, const void *sin, void *out, int f32,
                      float *ws, int threads, const kvo_attn_hook *hook) {
-    const int64_t d = Ly->d, HD = (int64_t)Ly->H * Ly->D, nq = (int64_t)(Ly->H + 2 * Ly->H_kv) * Ly->D, F = Ly->ffn;
-    const int64_t halves = d + nq > HD + 4 * d + 3 * F ? d + nq : HD + 4 * d + 3 * F;
-    float *qkv = ws + M * halves, *qf = qkv + M * nq, *of = qf + M * HD, *lse = of + M * HD, *o = lse + M * Ly->H;
+    const int64_t HD = (int64_t)Ly->H * Ly->D, nq = (int64_t)(Ly->H + 2 * Ly->H_kv) * Ly->D;
+    float *qkv = ws + M * halves_ws(Ly), *qf = qkv + M * nq, *of = qf + M * HD, *lse = of + M * HD, *o = lse + M * Ly->H;
     const size_t es = f32 ? 4 : 2;
     kvo_attn_in(Ly, x, M, cos, sin, qkv, f32, ws, threads);
     for (int m = 0; m < M; m++)

@@ -13,6 +13,10 @@ class AttnHook(ctypes.Structure):
     _fields_ = [("fn", ctypes.c_void_p), ("ctx", ctypes.c_void_p)]
 
     @classmethod
-    def of(cls, lib: ctypes.CDLL, fn: str, ctx: ctypes.Structure) -> AttnHook:
-        """The hook calling ``lib``'s ``fn`` with ``ctx`` (which the caller keeps alive)."""
-        return cls(ctypes.cast(getattr(lib, fn), ctypes.c_void_p).value, ctypes.addressof(ctx))
+    def of(cls, lib: ctypes.CDLL, fn: str, ctx: ctypes.Structure, owner: object) -> AttnHook:
+        """The hook calling ``lib``'s ``fn`` with ``ctx``. It keeps ``owner`` (what holds
+        ``ctx`` and the buffers it points to) alive: whoever holds the hook through a native
+        call holds everything the call reads (another thread may drop the owner meanwhile)."""
+        hook = cls(ctypes.cast(getattr(lib, fn), ctypes.c_void_p).value, ctypes.addressof(ctx))
+        hook.owner = owner
+        return hook

@@ -349,8 +349,8 @@ class PreparedCall:
                      self.R, rf, None, None, None, threads, kern.group]
         self._hook = None
 
-    def hook(self) -> int:
-        """The address of a ``kvo_attn_hook`` (kvo_hook.h) running this call with the q, k/v,
+    def hook(self) -> AttnHook:
+        """A ``kvo_attn_hook`` (kvo_hook.h) running this call with the q, k/v,
         out and lse its caller passes (decode.c's kvo_layer_decode): the prepared items, append
         targets and merge rows, read where they are (in-place updates of ``items.last`` and
         ``append_cols`` still count). Full-precision KV only; kept alive by this object."""
@@ -362,8 +362,8 @@ class PreparedCall:
             self._ctx = _PagedCall(kern.driver(), kern.H_kv, kern.G, kern.D, kern.bs, self.n_app, a[11], self.R,
                                    self.threads, kern.group, kern.scale, a[9], a[10], *a[14:19], a[20], a[21], a[23],
                                    None)
-            self._hook = AttnHook.of(lib, "kvo_paged_hook", self._ctx)
-        return ctypes.addressof(self._hook)
+            self._hook = AttnHook.of(lib, "kvo_paged_hook", self._ctx, self)
+        return self._hook
 
     def __call__(self, q, k_new=None, v_new=None, out=None, lse=None) -> None:
         """q ``[R_q, H, D]`` fp32; k_new / v_new ``[n_app, H_kv, D]`` (KV dtype) when prepared

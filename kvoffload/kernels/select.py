@@ -314,15 +314,15 @@ class SparseStep:
         self._keep = (q, k, v, qf)                  # alive until attend()
         return B, alpha, vmean
 
-    def hook(self, starts: tuple[int, ...], table: int, channels: int, base: np.ndarray, kv_dtype) -> int:
-        """The address of a ``kvo_attn_hook`` (kernels/kvo_hook.h; select.c's kvo_sparse_hook)
+    def hook(self, starts: tuple[int, ...], table: int, channels: int, base: np.ndarray, kv_dtype) -> AttnHook | None:
+        """A ``kvo_attn_hook`` (kernels/kvo_hook.h; select.c's kvo_sparse_hook)
         running this step inside a fused decode layer's native call, which passes q (fp32: the
         selection's and the attention's query), the new tokens' k / v (``kv_dtype``), out and
-        lse; the rest as :meth:`__call__` takes it. 0 for a policy with an output correction
+        lse; the rest as :meth:`__call__` takes it. None for a policy with an output correction
         (SparF: :meth:`__call__` only). After the call, :meth:`info` holds its counts."""
         sel = self.sel
         if sel.sparf:
-            return 0
+            return None
         B = len(starts)
         top = sel._prepare(starts)
         if B > self.cap_b or top // sel.bs > self.NB:
@@ -334,8 +334,8 @@ class SparseStep:
         if self._hook is None:
             lib = self.sel.lib
             self._hook_ctx = _SparseHookCtx(self._plan, self._call)
-            self._hook = AttnHook.of(lib, "kvo_sparse_hook", self._hook_ctx)
-        return ctypes.addressof(self._hook)
+            self._hook = AttnHook.of(lib, "kvo_sparse_hook", self._hook_ctx, self)
+        return self._hook
 
     def _check(self, rc: int) -> None:
         if rc != 0:

@@ -141,11 +141,11 @@ class FusedBlock(nn.Module):
         cos, sin = (t.contiguous() for t in rot)                         # [B, L, 1, D]
         native = getattr(backend, "native_decode", None) if batch.phase is Phase.DECODE else None
         hook = native(self.layer, batch, self.dtype) if native is not None else None
-        if hook:                                     # the whole layer, attention included, in one call
+        if hook is not None:                         # the whole layer, attention included, in one call
             out = torch.empty_like(x)
             ws = torch.empty(self._layer_ws[rows], dtype=torch.float32)
             rc = self._layer(self._ptr, x.data_ptr(), rows, cos.data_ptr(), sin.data_ptr(), out.data_ptr(), self.f32,
-                             ws.data_ptr(), self.threads, hook)
+                             ws.data_ptr(), self.threads, ctypes.byref(hook))
             if rc:
                 raise RuntimeError(f"native decode layer {self.layer}: attention failed (rc {rc})")
             return out

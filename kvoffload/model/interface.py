@@ -74,6 +74,6 @@ class AttentionBackend(Protocol):
         their k/v are staged, not stored, until ``commit`` (speculative decoding)."""
         ...
 
-    # Optional: ``native_decode(layer, batch, dtype) -> int | None``, a decode layer's attention
-    # as a native hook (kernels/kvo_hook.h) that a fused layer calls inside its own native call,
-    # with the same result as ``decode``; None (or no such method): call ``decode``.
+    # Optional: ``native_decode(layer, batch, dtype)``, a decode layer's attention as a native
+    # hook (kernels/hook.py's AttnHook, kernels/kvo_hook.h) that a fused layer calls inside its
+    # own native call, with the same result as ``decode``; None (or no such method): ``decode``.
