@@ -223,6 +223,10 @@ _SC = {name: i for i, name in enumerate(STEP_CALL)}
 _STEP_ERRORS = {-6: "k / v heads not contiguous", -7: "a block of the read tier was not filled in"}
 
 
+# the call words SparseStep.hook sets (the layer's kvo_sparse_hook sets q, k, v, out, lse)
+_HOOK_WORDS = [STEP_CALL.index(w) for w in ("B", "starts", "kv_dt", "table", "channels", "base")]
+
+
 class _SparseHookCtx(ctypes.Structure):
     """select.c's sparse_hook_ctx: the step's plan and call words."""
     _fields_ = [("plan", _P), ("call", _P)]
@@ -327,10 +331,9 @@ class SparseStep:
         top = sel._prepare(starts)
         if B > self.cap_b or top // sel.bs > self.NB:
             self._grow(B, top // sel.bs)
-        self.call[:] = 0
-        c, ix = self.call, STEP_CALL.index
-        c[ix("B")], c[ix("starts")], c[ix("kv_dt")] = B, sel._starts_addr, _DT_NAMES[str(kv_dtype).rpartition(".")[2]]
-        c[ix("table")], c[ix("channels")], c[ix("base")] = table, channels, _addr(base)
+        c = self.call
+        c[:] = 0
+        c[_HOOK_WORDS] = (B, sel._starts_addr, _DT_NAMES[str(kv_dtype).rpartition(".")[2]], table, channels, _addr(base))
         if self._hook is None:
             lib = self.sel.lib
             self._hook_ctx = _SparseHookCtx(self._plan, self._call)
