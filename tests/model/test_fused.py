@@ -225,3 +225,29 @@ def test_layer_in_one_call_with_the_backends_hook_equals_the_three_steps(tiny_hf
     print(f"{method} {dtype}: hook vs decode(): max {diff.max():.2e}")
     assert torch.equal(outs[0], outs[1])
     assert all(torch.equal(a, b) for a, b in zip(*kvs))
+
+
+@pytest.mark.parametrize("rows", [1, 8, 9, 32])
+def test_int4_bf16_pair_dot_products_match_fp32(rows):
+    """int4 with bf16 activations takes bf16 dot products over pairs of inputs (the codes
+    interleaved from the pack, exact in bf16): within fp32 rounding of x @ W^T in fp64 and of
+    the fp32 kernel, every row the same bits as alone."""
+    from kvoffload.model.fused import gemv, q5_native
+    from kvoffload.model.quant import Int4Linear
+
+    if not q5_native():
+        pytest.skip("the pair kernel needs AVX512BW")
+    g = torch.Generator().manual_seed(rows)
+    lin = torch.nn.Linear(576, 192, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(192, 576, generator=g))
+    m = Int4Linear.from_linear(lin, torch.float32, max_rows=8)              # fp32 scales and zeros
+    x = torch.randn(rows, 576, generator=g).bfloat16().float()               # bf16 numbers
+    ref = x.double() @ m.dequantized().double().T
+    got, f32 = gemv(m, x, threads=2, x_bf16=True), gemv(m, x, threads=2)
+    alone = torch.cat([gemv(m, x[i:i + 1], threads=2, x_bf16=True) for i in range(rows)])
+    for name, y in (("bf16 pairs", got), ("fp32", f32)):
+        diff = (y.double() - ref).abs()
+        print(f"int4 {rows} rows, {name}: max {diff.max():.2e} mean {diff.mean():.2e}")
+        assert diff.max() <= 1e-5 * ref.abs().max()
+    assert torch.equal(got, alone)
