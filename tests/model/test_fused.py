@@ -146,34 +146,6 @@ def test_int8_bf16_dot_products_match_fp32(rows):
         assert diff.max() <= 1e-5 * ref.abs().max()
 
 
-@pytest.mark.parametrize("rows", [1, 8, 9, 32])
-def test_q5_matches_the_exact_weights_in_bf16_and_fp32(rows):
-    """q5 with bf16 activations takes bf16 dot products of the exact codes (q - 16) and scales
-    the sums by d; with fp32 activations fmas. Both within fp32 rounding of x @ W^T in fp64 with
-    W = d·(q - 16) exactly (not the bf16-rounded weight the dense path uses), and every row the
-    same bits as the row alone."""
-    from kvoffload.model.fused import gemv, q5_native
-    from kvoffload.model.quant import Q5Linear
-
-    if not q5_native():
-        pytest.skip("the q5 kernel needs AVX512BW")
-    g = torch.Generator().manual_seed(rows)
-    lin = torch.nn.Linear(896, 192, bias=False)
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(192, 896, generator=g))
-    m = Q5Linear.from_linear(lin, torch.bfloat16, max_rows=8)
-    exact = (m.codes_of().double() - 16) * m.scale.T.double().repeat_interleave(32, 1)      # [N, K]
-    x = torch.randn(rows, 896, generator=g).bfloat16().float()           # bf16 numbers
-    ref = x.double() @ exact.T
-    for name, bf in (("bf16 dot", True), ("fp32", False)):
-        y = gemv(m, x, threads=2, x_bf16=bf)
-        alone = torch.cat([gemv(m, x[i:i + 1], threads=2, x_bf16=bf) for i in range(rows)])
-        diff = (y.double() - ref).abs()
-        print(f"q5 {rows} rows, {name}: max {diff.max():.2e} mean {diff.mean():.2e}")
-        assert diff.max() <= 1e-5 * ref.abs().max()
-        assert torch.equal(y, alone)
-
-
 @pytest.mark.parametrize("method", sorted(FORMATS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_layer_in_one_call_with_the_backends_hook_equals_the_three_steps(tiny_hf, method, dtype):
@@ -227,27 +199,34 @@ def test_layer_in_one_call_with_the_backends_hook_equals_the_three_steps(tiny_hf
     assert all(torch.equal(a, b) for a, b in zip(*kvs))
 
 
+@pytest.mark.parametrize("method", ["int4", "q5"])
 @pytest.mark.parametrize("rows", [1, 8, 9, 32])
-def test_int4_bf16_pair_dot_products_match_fp32(rows):
-    """int4 with bf16 activations takes bf16 dot products over pairs of inputs (the codes
-    interleaved from the pack, exact in bf16): within fp32 rounding of x @ W^T in fp64 and of
-    the fp32 kernel, every row the same bits as alone."""
+def test_pair_dot_products_match_the_exact_weights(method, rows):
+    """int4 and q5 with bf16 activations take bf16 dot products over pairs of inputs (codes looked
+    up as exact bf16; int4's interleaved from torch's pack, q5's packed so), fp32 activations
+    FMAs. Both within fp32 rounding of x @ W^T in fp64 with the format's own weights (q5: d·(q -
+    16) exactly, not the bf16-rounded weight its dense path uses; int4: fp32 scales and zeros),
+    and every row the same bits as the row alone."""
     from kvoffload.model.fused import gemv, q5_native
-    from kvoffload.model.quant import Int4Linear
 
     if not q5_native():
-        pytest.skip("the pair kernel needs AVX512BW")
+        pytest.skip("the pair kernels need AVX512BW")
     g = torch.Generator().manual_seed(rows)
-    lin = torch.nn.Linear(576, 192, bias=False)
+    lin = torch.nn.Linear(896, 192, bias=False)
     with torch.no_grad():
-        lin.weight.copy_(torch.randn(192, 576, generator=g))
-    m = Int4Linear.from_linear(lin, torch.float32, max_rows=8)              # fp32 scales and zeros
-    x = torch.randn(rows, 576, generator=g).bfloat16().float()               # bf16 numbers
-    ref = x.double() @ m.dequantized().double().T
-    got, f32 = gemv(m, x, threads=2, x_bf16=True), gemv(m, x, threads=2)
-    alone = torch.cat([gemv(m, x[i:i + 1], threads=2, x_bf16=True) for i in range(rows)])
-    for name, y in (("bf16 pairs", got), ("fp32", f32)):
+        lin.weight.copy_(torch.randn(192, 896, generator=g))
+    if method == "q5":
+        m = FORMATS[method].from_linear(lin, torch.bfloat16, max_rows=8)
+        exact = (m.codes_of().double() - 16) * m.scale.T.double().repeat_interleave(32, 1)   # [N, K]
+    else:
+        m = FORMATS[method].from_linear(lin, torch.float32, max_rows=8)       # fp32 scales and zeros
+        exact = m.dequantized().double()
+    x = torch.randn(rows, 896, generator=g).bfloat16().float()               # bf16 numbers
+    ref = x.double() @ exact.T
+    for name, bf in (("bf16 pairs", True), ("fp32", False)):
+        y = gemv(m, x, threads=2, x_bf16=bf)
+        alone = torch.cat([gemv(m, x[i:i + 1], threads=2, x_bf16=bf) for i in range(rows)])
         diff = (y.double() - ref).abs()
-        print(f"int4 {rows} rows, {name}: max {diff.max():.2e} mean {diff.mean():.2e}")
+        print(f"{method} {rows} rows, {name}: max {diff.max():.2e} mean {diff.mean():.2e}")
         assert diff.max() <= 1e-5 * ref.abs().max()
-    assert torch.equal(got, alone)
+        assert torch.equal(y, alone)
