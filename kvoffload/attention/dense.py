@@ -225,8 +225,19 @@ class DenseBackend:
         if self._pending is not None:
             starts, B = self._pending
             self._pending = None
-            H_kv = self.cfg.num_kv_heads
-            self._sparse_stats.add_native(starts, self._step.info(B), H_kv, self.bs, self.layout.token_bytes(1) // H_kv)
+            self._count_native(starts, self._step.info(B))
+
+    def _count_native(self, starts: tuple[int, ...], info: np.ndarray) -> None:
+        """A native sparse step's per-sequence counts into the sparse counters."""
+        H_kv = self.cfg.num_kv_heads
+        self._sparse_stats.add_native(starts, info, H_kv, self.bs, self.layout.token_bytes(1) // H_kv)
+
+    def _step_args(self, sel: NativeSelect, layer: int, batch: ForwardBatch) -> tuple[int, int, np.ndarray]:
+        """The one-call sparse step for ``sel`` (reused while it runs ``sel``) and the layer's
+        arguments to it: the policy's state table, its per-layer array, each sequence's slot 0."""
+        pol = self.policy
+        self._step = SparseStep.reuse(self._step, sel, self.kernel, self.layout, self.threads)
+        return pol.native_table(layer, batch.seq_ids, batch.starts), pol.native_aux(layer), self._layer_bases(batch)[layer]
 
     def native_decode(self, layer: int, batch: ForwardBatch, dtype: torch.dtype) -> AttnHook | None:
         """A decode layer's attention as a native hook (a ``kvo_attn_hook``, kernels/kvo_hook.h,
@@ -243,9 +254,8 @@ class DenseBackend:
             sel = pol.native_kernel_for(dtype, self.kv_dtype) if self.one_call and not pol.rebuilds_keys else None
             if sel is None:
                 return None
-            self._step = SparseStep.reuse(self._step, sel, self.kernel, self.layout, self.threads)
-            hook = self._step.hook(batch.starts, pol.native_table(layer, batch.seq_ids, batch.starts),
-                                   pol.native_aux(layer), self._layer_bases(batch)[layer], self.kv_dtype)
+            table, aux, base = self._step_args(sel, layer, batch)                 # (sets self._step)
+            hook = self._step.hook(batch.starts, table, aux, base, self.kv_dtype)
             if hook is None:
                 return None
             self._pending = (batch.starts, len(batch.seq_ids))
@@ -260,14 +270,11 @@ class DenseBackend:
         """A sparse decode layer in one native call (kernels/select.py's :class:`SparseStep`:
         select, the items :class:`DecodeItems` would cut, append, attend, merge): q ``[B, H, D]``
         (the model's dtype) -> ``[B, H, D]`` fp32, the same bits as the step through Python."""
-        pol, lay, H_kv = self.policy, self.layout, self.cfg.num_kv_heads
-        self._step = SparseStep.reuse(self._step, sel, self.kernel, lay, self.threads)
+        table, aux, base = self._step_args(sel, layer, batch)
         B, H, D = q.shape
         out, lse = torch.empty(B, H, D), torch.empty(B, H)
-        info, alpha, vmean = self._step(batch.starts, q, k_new, v_new,
-                                        pol.native_table(layer, batch.seq_ids, batch.starts), pol.native_aux(layer),
-                                        self._layer_bases(batch)[layer], q.float(), out, lse)
-        self._sparse_stats.add_native(batch.starts, info, H_kv, self.bs, lay.token_bytes(1) // H_kv)
+        info, alpha, vmean = self._step(batch.starts, q, k_new, v_new, table, aux, base, q.float(), out, lse)
+        self._count_native(batch.starts, info)
         return out if alpha is None else mean_mix(out, alpha, vmean)
 
     def _layer_bases(self, batch: ForwardBatch) -> np.ndarray:

@@ -590,8 +590,8 @@ int kvo_layer_decode(const Layer *Ly, const void *x, int M, const void *cos, con
 }
 
 // y [M, N] fp32 = x [M, K] fp32 · W^T: one projection alone (the LM head, tests, measurements).
-// x_bf16: the caller vouches that every x is a bf16 number (int8 may then use bf16 dot products
-// for more than MAX_ROWS rows).
+// x_bf16: the caller vouches that every x is a bf16 number (int4 and q5 then take bf16 dot
+// products, int8 for more than MAX_ROWS rows).
 void kvo_gemv(const Linear *L, const float *x, int M, float *y, int x_bf16, int threads) {
     #pragma omp parallel num_threads(threads)
     gemv(L, x, M, y, omp_get_thread_num(), omp_get_num_threads(), x_bf16, NULL);

@@ -294,14 +294,18 @@ class SparseStep:
         self.struct.cap_b, self.struct.NB = cap_b, NB
         self.ptrs, self.dref, self.dslot = self._bufs["ptrs"], self._bufs["dref"], self._bufs["dslot"]
 
+    def _ready(self, starts: tuple[int, ...]) -> int:
+        """The selection's workspace and starts, and buffers for a call over ``starts``; returns B."""
+        B, top = len(starts), self.sel._prepare(starts)
+        if B > self.cap_b or top // self.sel.bs > self.NB:
+            self._grow(B, top // self.sel.bs)
+        return B
+
     def _fill(self, starts: tuple[int, ...], q, k, v, table: int, channels: int, qf, out, lse, base: int,
               locs: int, tails: int, resident: np.ndarray | None) -> tuple:
         """The call words; returns (B, alpha, vmean)."""
         sel = self.sel
-        B = len(starts)
-        top = sel._prepare(starts)
-        if B > self.cap_b or top // sel.bs > self.NB:
-            self._grow(B, top // sel.bs)
+        B = self._ready(starts)
         alpha, vmean, a_ptr, v_ptr = sel._correction(B)
         D = sel.D
         if q.stride(2) != 1:
@@ -327,10 +331,7 @@ class SparseStep:
         sel = self.sel
         if sel.sparf:
             return None
-        B = len(starts)
-        top = sel._prepare(starts)
-        if B > self.cap_b or top // sel.bs > self.NB:
-            self._grow(B, top // sel.bs)
+        B = self._ready(starts)
         c = self.call
         c[:] = 0
         c[_HOOK_WORDS] = (B, sel._starts_addr, _DT_NAMES[str(kv_dtype).rpartition(".")[2]], table, channels, _addr(base))

@@ -103,8 +103,8 @@ def fused_rows(*linears: QuantLinear) -> int:
 
 def gemv(m: QuantLinear, x: torch.Tensor, threads: int = 1, x_bf16: bool = False) -> torch.Tensor:
     """``x`` fp32 ``[M, K]`` (M <= :func:`max_call_rows`) times a quantised weight through the native
-    kernel -> fp32 ``[M, N]`` (no bias). ``x_bf16``: every x is a bf16 number (int8 may then use
-    bf16 dot products above 8 rows)."""
+    kernel -> fp32 ``[M, N]`` (no bias). ``x_bf16``: every x is a bf16 number (int4 and q5 then
+    take bf16 dot products, int8 above 8 rows)."""
     if x.shape[0] > max_call_rows():
         raise ValueError(f"gemv: at most {max_call_rows()} rows a call, got {x.shape[0]}")
     desc, x = _linear(m), x.float().contiguous()

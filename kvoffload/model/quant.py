@@ -237,14 +237,20 @@ class Q5Linear(QuantLinear):
         q = (torch.round(wg / d.clamp(min=1e-30)[..., None]) + 16).clamp(0, 31).view(N, K)
         return cls.from_codes(q, d, linear.bias, dtype, max_rows)
 
-    def codes_of(self) -> torch.Tensor:
-        """The codes 0..31 ``[N, K]`` int32 (the layout's reference reading)."""
+    def codes_of(self, n0: int = 0, n1: int | None = None) -> torch.Tensor:
+        """The codes 0..31 of rows ``n0:n1`` (default all) ``[n1-n0, K]`` int32 (the layout's
+        reference reading; only the blocks holding those rows are unpacked)."""
         N, K = self.out_features, self.in_features
-        c = self.codes.to(torch.int32)                                             # [N/32, K/2, 32]
-        bits = np.unpackbits(self.hbits.numpy().view(np.uint8).reshape(N // 32, K // 2, 8), axis=-1, bitorder="little")
-        bits = torch.from_numpy(bits.astype(np.int32)).view(N // 32, K // 2, 2, 32)
-        q = torch.stack([c & 15, c >> 4], 2) | (bits << 4)                           # [N/32, K/2, half, j]
-        return q.view(N // 32, K // 2, 2, 16, 2).permute(0, 2, 3, 1, 4).reshape(N, K)
+        n1 = N if n1 is None else n1
+        b0, b1 = n0 // 32, -(-n1 // 32)
+        nb = b1 - b0
+        c = self.codes[b0:b1].to(torch.int32)                                      # [nb, K/2, 32]
+        bits = np.unpackbits(self.hbits[b0:b1].numpy().view(np.uint8).reshape(nb, K // 2, 8), axis=-1,
+                             bitorder="little")
+        bits = torch.from_numpy(bits.astype(np.int32)).view(nb, K // 2, 2, 32)
+        q = torch.stack([c & 15, c >> 4], 2) | (bits << 4)                           # [nb, K/2, half, j]
+        q = q.view(nb, K // 2, 2, 16, 2).permute(0, 2, 3, 1, 4).reshape(nb * 32, K)
+        return q[n0 - 32 * b0:n1 - 32 * b0]
 
     def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
         return self.dense_mm(x)
@@ -259,7 +265,7 @@ class Q5Linear(QuantLinear):
         """Rows ``n0:n1`` ``[n1-n0, K]`` dequantised by PyTorch ((q - 16)·d, rounded once to the
         dtype): the native kernel's reference and fallback."""
         d = self.scale.T[n0:n1].float().repeat_interleave(Q5_GROUP, 1)              # [n, K]
-        return ((self.codes_of()[n0:n1] - 16).float() * d).to(self.dtype)
+        return ((self.codes_of(n0, n1) - 16).float() * d).to(self.dtype)
 
 
 class Int8Embedding(nn.Module):
