@@ -10,10 +10,9 @@
 //         w = (q - 8)·scale + zero)
 //   int8: codes [N, K], one scale per output row.
 //   q5:   GGUF Q5_0's own codes (w = d·(q - 16), q in 0..31, d fp16 per 32 inputs), repacked
-//         for bf16 dot products over pairs of inputs: codes [N/32, K/2, 32] bytes, byte
-//         (b, p, j) holding in its low nibble the code of row 32b + j/2 at input 2p + j%2 and in
-//         its high nibble that of row 32b + 16 + j/2; hbits [N/32, K/2] uint64, bit j / 32 + j
-//         the fifth bit of the low / high nibble's code; scale [K/32, N] fp16.
+//         for bf16 dot products over pairs of inputs: codes [N/32, K/4, 64] bytes and hbits
+//         [N/32, K/4, 2] uint64, one (block of 32 rows, quad of inputs) as kvo_q5.h lays it out
+//         (unpacked to bf16 128 + q by byte interleaving, no table); scale [K/32, N] fp16.
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -217,6 +216,10 @@ static void int8_rows_bf16(const Linear *L, const float *x, int M, float *y, int
 }
 
 #if defined(__AVX512BW__)
+// bf16(q) for q = 0..15, the table int4_block_bf16's vpermw reads a nibble's value from.
+static const uint16_t INT4_BF16[16] = {0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,
+                                       0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};
+
 // int4_block with bf16 activations (xp: x[m] as bf16 pairs [M, K/2]): the codes of inputs k and
 // k+1 are interleaved byte by byte (the pack keeps one input's 64 rows in 32 bytes), widened
 // once, and their nibbles looked up as bf16(q) (exact) by vpermw, so a vdpbf16ps takes 32
@@ -228,7 +231,7 @@ static inline __attribute__((always_inline)) void int4_block_bf16(const Linear *
                                                                   const float *xsum, const int M, float *y,
                                                                   int64_t nb) {
     const int64_t K = L->K, N = L->N, G = K / 32, K2 = K / 2;
-    const __m512i table = _mm512_maskz_loadu_epi16(0xFFFF, Q5_BF16 + 16);       // bf16(0..15)
+    const __m512i table = _mm512_maskz_loadu_epi16(0xFFFF, INT4_BF16);          // bf16(0..15)
     const __m512i ia = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
     const __m512i ic = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
     __m512 acc[MAX_ROWS][4];                   // rows {0..7, 16..23}, 32 + those, {8..15, 24..31}, 32 + those
@@ -286,50 +289,58 @@ static inline __attribute__((always_inline)) void int4_block_bf16(const Linear *
 #endif
 
 #if defined(__AVX512BW__)
-// One q5 block of 32 output channels: y[m, nb*32 .. +32] = x[m] · W[block]. The weights are
-// exact in bf16, so with bf16 activations (xp: x[m] as bf16 pairs, [M, K/2] uint32) a vdpbf16ps
-// takes 32 products (each exact in fp32); with fp32 activations (x) the pair is split and
-// multiplied by fmas. A group's 32 inputs are summed per row, then scaled by its d.
+// One q5 block of 32 output channels: y[m, nb*32 .. +32] = x[m] · W[block]. The unpacked weights
+// are bf16 (128 + q), exact (kvo_q5.h), so with bf16 activations (xp: x[m] as bf16 pairs, [M,
+// K/2] uint32) a vdpbf16ps takes 32 products (each exact in fp32); with fp32 activations (x) the
+// pair is split and multiplied by fmas. A group's 32 inputs are summed per row, less Q5_OFFSET
+// times the group's sum of x (xsum[m * G + g]), then scaled by its d.
 static inline __attribute__((always_inline)) void q5_block(const Linear *L, const float *x, const uint32_t *xp,
-                                                           const int M, float *y, int64_t nb) {
+                                                           const float *xsum, const int M, float *y, int64_t nb) {
     const int64_t K = L->K, N = L->N, K2 = K / 2, G = K / 32;
-    const __m512i table = _mm512_loadu_si512((const void *)Q5_BF16), odd = _mm512_set1_epi32((int)0xffff0000u);
-    const uint8_t *c = (const uint8_t *)L->w + nb * K2 * 32;
-    const uint64_t *hb = L->hbits + nb * K2;
+    const __m512i odd = _mm512_set1_epi32((int)0xffff0000u);
+    const uint8_t *c = (const uint8_t *)L->w + nb * K * 16;          // K/4 quads of 64 bytes
+    const uint64_t *hb = L->hbits + nb * (K / 2);                      // two words a quad
     const uint16_t *sc = (const uint16_t *)L->scale + nb * 32;
-    __m512 acc[MAX_ROWS][2];
-    for (int m = 0; m < M; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    // the running sums live in y (a group's loads and stores are few against its 64 dot products
+    // a row): 8 rows x 2 vectors of group sums, the quad and the broadcasts fill the registers
     for (int64_t g = 0; g < G; g++) {
         __m512 gs[MAX_ROWS][2];
         for (int m = 0; m < M; m++) gs[m][0] = gs[m][1] = _mm512_setzero_ps();
-        for (int64_t p = g * 16; p < g * 16 + 16; p++) {
-            __m512i w[2];
-            q5_pair(c + p * 32, hb[p], table, &w[0], &w[1]);
+#pragma GCC unroll 1
+        for (int64_t t = g * 8; t < g * 8 + 8; t++) {
+            __m512i w[4];
+            q5_quad(c + t * 64, hb + 2 * t, w);
 #if defined(__AVX512BF16__)
             if (xp) {
                 for (int m = 0; m < M; m++) {
-                    __m512bh xb = (__m512bh)_mm512_set1_epi32((int)xp[m * K2 + p]);
-                    gs[m][0] = _mm512_dpbf16_ps(gs[m][0], (__m512bh)w[0], xb);
-                    gs[m][1] = _mm512_dpbf16_ps(gs[m][1], (__m512bh)w[1], xb);
+                    __m512bh x0 = (__m512bh)_mm512_set1_epi32((int)xp[m * K2 + 2 * t]);
+                    __m512bh x1 = (__m512bh)_mm512_set1_epi32((int)xp[m * K2 + 2 * t + 1]);
+                    gs[m][0] = _mm512_dpbf16_ps(gs[m][0], (__m512bh)w[0], x0);
+                    gs[m][1] = _mm512_dpbf16_ps(gs[m][1], (__m512bh)w[1], x0);
+                    gs[m][0] = _mm512_dpbf16_ps(gs[m][0], (__m512bh)w[2], x1);
+                    gs[m][1] = _mm512_dpbf16_ps(gs[m][1], (__m512bh)w[3], x1);
                 }
                 continue;
             }
 #endif
-            for (int i = 0; i < 2; i++) {
+            for (int i = 0; i < 4; i++) {
+                const int64_t k = 4 * t + 2 * (i / 2);
                 __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(w[i], 16)), wo = _mm512_castsi512_ps(_mm512_and_si512(w[i], odd));
                 for (int m = 0; m < M; m++) {
-                    gs[m][i] = _mm512_fmadd_ps(we, _mm512_set1_ps(x[m * K + 2 * p]), gs[m][i]);
-                    gs[m][i] = _mm512_fmadd_ps(wo, _mm512_set1_ps(x[m * K + 2 * p + 1]), gs[m][i]);
+                    gs[m][i % 2] = _mm512_fmadd_ps(we, _mm512_set1_ps(x[m * K + k]), gs[m][i % 2]);
+                    gs[m][i % 2] = _mm512_fmadd_ps(wo, _mm512_set1_ps(x[m * K + k + 1]), gs[m][i % 2]);
                 }
             }
         }
         for (int i = 0; i < 2; i++) {
             __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + g * N + i * 16)));
-            for (int m = 0; m < M; m++) acc[m][i] = _mm512_fmadd_ps(s, gs[m][i], acc[m][i]);
+            for (int m = 0; m < M; m++) {
+                __m512 q = _mm512_fnmadd_ps(_mm512_set1_ps(Q5_OFFSET), _mm512_set1_ps(xsum[m * G + g]), gs[m][i]);
+                float *ym = y + m * N + nb * 32 + i * 16;
+                _mm512_storeu_ps(ym, g ? _mm512_fmadd_ps(s, q, _mm512_loadu_ps(ym)) : _mm512_mul_ps(s, q));
+            }
         }
     }
-    for (int m = 0; m < M; m++)
-        for (int i = 0; i < 2; i++) _mm512_storeu_ps(y + m * N + nb * 32 + i * 16, acc[m][i]);
 }
 
 #endif
@@ -343,7 +354,15 @@ static inline __attribute__((always_inline)) void q5_block(const Linear *L, cons
 // output channels, an int8 row) while it is in L1, so the weights are read from memory once;
 // each row's result is the same bits as in a call of its own.
 static void gemv_rows(const Linear *L, const float *x, int M, float *y, int64_t n0, int64_t n1, int xbf) {
-    const int64_t K = L->K, N = L->N;
+    const int64_t K = L->K, N = L->N, G = K / 32;
+    float xsum[L->kind == 1 ? 1 : M * G];          // int4 / q5: each group's sum of x
+    if (L->kind != 1)
+        for (int m = 0; m < M; m++)
+            for (int64_t g = 0; g < G; g++) {
+                float t = 0;                         // in k order, as a running vector sum would
+                for (int64_t k = g * 32; k < g * 32 + 32; k++) t += x[m * K + k];
+                xsum[m * G + g] = t;
+            }
 #if defined(__AVX512BW__)
     if (L->kind == 2) {
         const uint32_t *xp = NULL;
@@ -354,8 +373,9 @@ static void gemv_rows(const Linear *L, const float *x, int M, float *y, int64_t 
             for (int m0 = 0; m0 < M; m0 += MAX_ROWS) {
                 const float *xm = x + m0 * K;
                 const uint32_t *pm = xp ? xp + m0 * K / 2 : NULL;
+                const float *sm = xsum + m0 * G;
                 float *ym = y + m0 * N;
-#define Q5(MM) q5_block(L, xm, pm, MM, ym, nb)
+#define Q5(MM) q5_block(L, xm, pm, sm, MM, ym, nb)
                 FOR_M(M - m0, Q5)
 #undef Q5
             }
@@ -363,14 +383,6 @@ static void gemv_rows(const Linear *L, const float *x, int M, float *y, int64_t 
     }
 #endif
     if (L->kind == 0) {
-        int64_t G = K / 32;
-        float xsum[M * G];
-        for (int m = 0; m < M; m++)
-            for (int64_t g = 0; g < G; g++) {
-                float t = 0;                         // in k order, as a running vector sum would
-                for (int64_t k = g * 32; k < g * 32 + 32; k++) t += x[m * K + k];
-                xsum[m * G + g] = t;
-            }
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
         if (xbf) {                                 // bf16 activations: pair dot products
             const uint32_t *xp = (const uint32_t *)bf16_rows(x, (int64_t)M * K);

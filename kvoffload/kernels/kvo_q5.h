@@ -1,27 +1,35 @@
 /* The q5 weight format (kvoffload/model/quant.py's Q5Linear), shared by decode.c (the GEMV)
- * and qweights.c (the prefill's dequantisation): 64 codes of one (block, input pair) -> two
- * vectors of 32 bf16 weights, q - 16 exactly. Needs AVX512BW (vpermw). */
+ * and qweights.c (the prefill's dequantisation): 128 codes of one (block of 32 rows, quad of
+ * inputs) -> four vectors of 32 bf16 weights, each 128 + q exactly (Q5_OFFSET - 16 = 128:
+ * w = d·(q - 16) = d·((128 + q) - Q5_OFFSET)). Needs AVX512BW.
+ *
+ * Layout of a quad (64 bytes + two uint64): byte i = 16·l + e (l the 128-bit lane) holds in its
+ * low nibble the low 4 bits of the code at input 4t + e % 2 of row r(i), in its high nibble that
+ * at input 4t + 2 + e % 2, where r(i) = 4·l + (e % 8) / 2, + 16 when e >= 8; bit i of the first
+ * / second uint64 is the fifth bit of the low / high nibble's code. Then vpunpck{l,h}bw of the
+ * nibbles with 0x43 (bf16 0x4300 = 128, its 7 mantissa bits the code) gives, per 32-bit lane j,
+ * row j (+16) at an input pair: no table lookup, no widening. */
 #ifndef KVO_Q5_H
 #define KVO_Q5_H
 #if defined(__AVX512BW__)
 #include <immintrin.h>
 #include <stdint.h>
 
-// q5: bf16(q - 16) for q = 0..31, the table vpermw reads a code's value from (5 index bits).
-static const uint16_t Q5_BF16[32] = {
-    0xc180, 0xc170, 0xc160, 0xc150, 0xc140, 0xc130, 0xc120, 0xc110, 0xc100, 0xc0e0, 0xc0c0, 0xc0a0, 0xc080, 0xc040,
-    0xc000, 0xbf80, 0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0, 0x4100, 0x4110, 0x4120, 0x4130,
-    0x4140, 0x4150, 0x4160, 0x4170};
+#define Q5_OFFSET 144.0f      /* the bf16 weights are 128 + q = (q - 16) + 144 */
 
-// 64 codes of one (block, input pair) -> two vectors of 32 bf16 weights, q - 16 exactly: *lo rows
-// 0..15 of the block, *hi rows 16..31, word 2i / 2i+1 the row's weight at input 2p / 2p+1.
-static inline void q5_pair(const uint8_t *c, uint64_t h, __m512i table, __m512i *lo, __m512i *hi) {
-    __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)c));
-    __m512i a = _mm512_and_si512(v, _mm512_set1_epi16(15)), b = _mm512_srli_epi16(v, 4), sixteen = _mm512_set1_epi16(16);
-    a = _mm512_mask_add_epi16(a, (__mmask32)h, a, sixteen);
-    b = _mm512_mask_add_epi16(b, (__mmask32)(h >> 32), b, sixteen);
-    *lo = _mm512_permutexvar_epi16(a, table);
-    *hi = _mm512_permutexvar_epi16(b, table);
+// One quad -> w[0] rows 0..15 at inputs (4t, 4t+1), w[1] rows 16..31 at them, w[2] / w[3] the
+// same at inputs (4t+2, 4t+3): 32-bit lane j of w[i] holds row j (+16) as bf16 (128 + q) pairs.
+static inline void q5_quad(const uint8_t *c, const uint64_t *h, __m512i w[4]) {
+    const __m512i b = _mm512_loadu_si512((const void *)c), lo4 = _mm512_set1_epi8(15);
+    const __m512i e = _mm512_set1_epi8(0x43), sixteen = _mm512_set1_epi8(16);
+    __m512i lo = _mm512_and_si512(b, lo4);
+    __m512i hi = _mm512_srli_epi16(_mm512_xor_si512(b, lo), 4);     // the high nibbles, no carry across bytes
+    lo = _mm512_mask_add_epi8(lo, (__mmask64)h[0], lo, sixteen);
+    hi = _mm512_mask_add_epi8(hi, (__mmask64)h[1], hi, sixteen);
+    w[0] = _mm512_unpacklo_epi8(lo, e);
+    w[1] = _mm512_unpackhi_epi8(lo, e);
+    w[2] = _mm512_unpacklo_epi8(hi, e);
+    w[3] = _mm512_unpackhi_epi8(hi, e);
 }
 
 #endif

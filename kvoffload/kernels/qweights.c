@@ -303,16 +303,18 @@ int kvo_gguf_to_int8(int qtype, const int64_t *rows, int64_t N, int64_t cols, in
 }
 
 // ---- q5 (Q5Linear, kvoffload/model/quant.py): GGUF Q5_0's codes for bf16 pair dot products ----
-// codes [N/32, K/2, 32] bytes: byte (b, p, j) holds in its low nibble the low 4 bits of the code
-// of row 32b + j/2 at input 2p + j%2, in its high nibble that of row 32b + 16 + j/2; hbits
-// [N/32, K/2] uint64: bit j / 32 + j the fifth bit of the low / high nibble's code; scale
-// [K/32, N] fp16 (the file's d): w = d·(q - 16).
+// codes [N/32, K/4, 64] bytes and hbits [N/32, K/4, 2] uint64: one (block of 32 rows, quad of
+// inputs) as kvo_q5.h lays it out; scale [K/32, N] fp16 (the file's d): w = d·(q - 16).
+
+// byte i of a quad: its row in the block, and the input (of the quad's four) of its low nibble
+static inline int q5_row(int i) { return 4 * (i / 16) + (i % 8) / 2 + (i % 16 >= 8 ? 16 : 0); }
+static inline int q5_input(int i) { return i % 2; }
 
 // GGUF Q5_0 rows -> q5 (N, K multiples of 32). Output row n is read from rows[n] (an address).
 int kvo_q5_pack(const int64_t *rows, int64_t N, int64_t K, uint8_t *codes, uint64_t *hbits, uint16_t *scale,
                 int threads) {
     if (N % 32 || K % 32) return -1;
-    int64_t G = K / 32, K2 = K / 2;
+    int64_t G = K / 32, K4 = K / 4;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t nb = 0; nb < N / 32; nb++) {
         for (int64_t g = 0; g < G; g++) {
@@ -328,16 +330,19 @@ int kvo_q5_pack(const int64_t *rows, int64_t N, int64_t K, uint8_t *codes, uint6
                     code[r][j + 16] = (uint8_t)((b[6 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4));
                 }
             }
-            for (int pp = 0; pp < 16; pp++) {
-                int64_t p = g * 16 + pp;
-                uint8_t *dst = codes + (nb * K2 + p) * 32;
-                uint64_t h = 0;
-                for (int j = 0; j < 32; j++) {
-                    uint8_t a = code[j / 2][2 * pp + j % 2], c = code[16 + j / 2][2 * pp + j % 2];
-                    dst[j] = (uint8_t)((a & 0xf) | (c << 4));
-                    h |= (uint64_t)(a >> 4) << j | (uint64_t)(c >> 4) << (32 + j);
+            for (int tt = 0; tt < 8; tt++) {
+                int64_t t = g * 8 + tt;
+                uint8_t *dst = codes + (nb * K4 + t) * 64;
+                uint64_t h0 = 0, h1 = 0;
+                for (int i = 0; i < 64; i++) {
+                    int r = q5_row(i), k = 4 * tt + q5_input(i);
+                    uint8_t a = code[r][k], c = code[r][k + 2];
+                    dst[i] = (uint8_t)((a & 0xf) | (c << 4));
+                    h0 |= (uint64_t)(a >> 4) << i;
+                    h1 |= (uint64_t)(c >> 4) << i;
                 }
-                hbits[nb * K2 + p] = h;
+                hbits[(nb * K4 + t) * 2] = h0;
+                hbits[(nb * K4 + t) * 2 + 1] = h1;
             }
         }
     }
@@ -363,38 +368,42 @@ static inline void q5_store16(void *dst, int64_t at, __m512 w, int out_f32) {
 int kvo_q5_dequant_t(const uint8_t *codes, const uint64_t *hbits, const uint16_t *scale, int64_t N, int64_t K,
                      int64_t n0, int64_t n1, void *dst, int out_f32, int threads) {
     if (N % 32 || K % 32 || n0 % 32 || n1 % 32 || n0 < 0 || n1 > N || n0 > n1) return -1;
-    int64_t width = n1 - n0, K2 = K / 2, G = K / 32;
+    int64_t width = n1 - n0, K4 = K / 4, G = K / 32;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t g = 0; g < G; g++) {
         for (int64_t nb = n0 / 32; nb < n1 / 32; nb++) {
 #if defined(__AVX512BW__)
-            const __m512i table = _mm512_loadu_si512((const void *)Q5_BF16), odd = _mm512_set1_epi32((int)0xffff0000u);
-            __m512 s[2];
-            for (int i = 0; i < 2; i++) s[i] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scale + g * N + nb * 32 + i * 16)));
-            for (int64_t p = g * 16; p < g * 16 + 16; p++) {
-                __m512i w[2];
-                q5_pair(codes + (nb * K2 + p) * 32, hbits[nb * K2 + p], table, &w[0], &w[1]);
-                for (int i = 0; i < 2; i++) {
+            const __m512i odd = _mm512_set1_epi32((int)0xffff0000u);
+            __m512 s[2], c[2];                   // d, and -Q5_OFFSET·d (exact: 144 = 9·16)
+            for (int i = 0; i < 2; i++) {
+                s[i] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scale + g * N + nb * 32 + i * 16)));
+                c[i] = _mm512_mul_ps(_mm512_set1_ps(-Q5_OFFSET), s[i]);
+            }
+            for (int64_t t = g * 8; t < g * 8 + 8; t++) {
+                __m512i w[4];
+                q5_quad(codes + (nb * K4 + t) * 64, hbits + (nb * K4 + t) * 2, w);
+                for (int i = 0; i < 4; i++) {       // (128 + q)·d - 144·d: (q - 16)·d exactly, one rounding
                     __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(w[i], 16)), wo = _mm512_castsi512_ps(_mm512_and_si512(w[i], odd));
-                    int64_t at = 2 * p * width + nb * 32 - n0 + i * 16;
-                    q5_store16(dst, at, _mm512_mul_ps(we, s[i]), out_f32);
-                    q5_store16(dst, at + width, _mm512_mul_ps(wo, s[i]), out_f32);
+                    int64_t at = (4 * t + 2 * (i / 2)) * width + nb * 32 - n0 + (i % 2) * 16;
+                    q5_store16(dst, at, _mm512_fmadd_ps(we, s[i % 2], c[i % 2]), out_f32);
+                    q5_store16(dst, at + width, _mm512_fmadd_ps(wo, s[i % 2], c[i % 2]), out_f32);
                 }
             }
 #else
             float s[32];
             for (int r = 0; r < 32; r++) s[r] = f16_to_f32(scale[g * N + nb * 32 + r]);
-            for (int64_t p = g * 16; p < g * 16 + 16; p++) {
-                const uint8_t *c = codes + (nb * K2 + p) * 32;
-                uint64_t h = hbits[nb * K2 + p];
-                float w[2][32];                     // [input 2p + e, row in block]
-                for (int j = 0; j < 32; j++) {
-                    int a = (c[j] & 0xf) | (int)((h >> j) & 1) << 4, b = (c[j] >> 4) | (int)((h >> (32 + j)) & 1) << 4;
-                    w[j % 2][j / 2] = (float)(a - 16) * s[j / 2];
-                    w[j % 2][16 + j / 2] = (float)(b - 16) * s[16 + j / 2];
+            for (int64_t t = g * 8; t < g * 8 + 8; t++) {
+                const uint8_t *c = codes + (nb * K4 + t) * 64;
+                const uint64_t h0 = hbits[(nb * K4 + t) * 2], h1 = hbits[(nb * K4 + t) * 2 + 1];
+                float w[4][32];                     // [input 4t + e, row in block]
+                for (int i = 0; i < 64; i++) {
+                    int r = q5_row(i), e = q5_input(i);
+                    int a = (c[i] & 0xf) | (int)((h0 >> i) & 1) << 4, b = (c[i] >> 4) | (int)((h1 >> i) & 1) << 4;
+                    w[e][r] = (float)(a - 16) * s[r];
+                    w[e + 2][r] = (float)(b - 16) * s[r];
                 }
-                for (int e = 0; e < 2; e++) {
-                    int64_t at = (2 * p + e) * width + (nb * 32 - n0);
+                for (int e = 0; e < 4; e++) {
+                    int64_t at = (4 * t + e) * width + (nb * 32 - n0);
                     if (out_f32) memcpy((float *)dst + at, w[e], sizeof w[e]);
                     else
                         for (int r = 0; r < 32; r++) ((uint16_t *)dst)[at + r] = f32_to_bf16(w[e][r]);

@@ -135,15 +135,15 @@ def gguf_to_int8(qtype: int, rows: np.ndarray, q: torch.Tensor, scale: torch.Ten
 def q5_pack(rows: np.ndarray, K: int, threads: int | None = None
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """GGUF Q5_0 rows (``rows[n]``: the address of output row n's blocks) -> the q5 layout of
-    :class:`kvoffload.model.quant.Q5Linear` (codes ``[N/32, K/2, 32]`` uint8, hbits ``[N/32, K/2]``
+    :class:`kvoffload.model.quant.Q5Linear` (codes ``[N/32, K/4, 64]`` uint8, hbits ``[N/32, K/4, 2]``
     int64, scale ``[K/32, N]`` fp16), the file's codes and scales as they are; None when the
     native kernel is unavailable or N, K are not multiples of 32."""
     lib, N = _lib(), len(rows)
     if lib is None or N % 32 or K % 32:
         return None
     rows = np.ascontiguousarray(rows, dtype=np.int64)
-    codes = torch.empty(N // 32, K // 2, 32, dtype=torch.uint8)
-    hbits = torch.empty(N // 32, K // 2, dtype=torch.int64)
+    codes = torch.empty(N // 32, K // 4, 64, dtype=torch.uint8)
+    hbits = torch.empty(N // 32, K // 4, 2, dtype=torch.int64)
     scale = torch.empty(K // 32, N, dtype=torch.float16)
     if lib.kvo_q5_pack(rows.ctypes.data, N, K, codes.data_ptr(), hbits.data_ptr(), scale.data_ptr(),
                        threads or torch.get_num_threads()):
@@ -159,7 +159,7 @@ def q5_dequant_t(codes: torch.Tensor, hbits: torch.Tensor, scale: torch.Tensor, 
     lib = _lib()
     K, N = scale.shape[0] * 32, scale.shape[1]
     if (lib is None or scale.dtype != torch.float16 or codes.dtype != torch.uint8 or hbits.dtype != torch.int64
-            or tuple(codes.shape) != (N // 32, K // 2, 32) or tuple(hbits.shape) != (N // 32, K // 2)
+            or tuple(codes.shape) != (N // 32, K // 4, 64) or tuple(hbits.shape) != (N // 32, K // 4, 2)
             or out.dtype not in (torch.bfloat16, torch.float32) or n0 % 32 or n1 % 32 or not 0 <= n0 <= n1 <= N
             or not (codes.is_contiguous() and hbits.is_contiguous() and scale.is_contiguous() and out.is_contiguous())
             or tuple(out.shape) != (K, n1 - n0)):

@@ -189,13 +189,15 @@ Q5_GROUP = 32                    # inputs per scale (GGUF Q5_0's block)
 
 
 class Q5Linear(QuantLinear):
-    """GGUF Q5_0's codes q (0..31) and scales d: w = d·(q - 16). Layout (kernels/decode.c and
-    qweights.c read it): ``codes`` ``[N/32, K/2, 32]`` uint8, byte (b, p, j) holding in its low
-    nibble the low 4 bits of the code of row 32b + j/2 at input 2p + j%2 and in its high nibble
-    that of row 32b + 16 + j/2; ``hbits`` ``[N/32, K/2]`` (uint64 bits in int64), bit j / 32 + j
-    the fifth bit of the low / high nibble's code; ``scale`` ``[K/32, N]`` fp16. So one input pair
-    of 32 rows is 32 bytes + 8, and its 64 weights two vectors of 32 bf16 for vdpbf16ps. Few rows
-    run natively only (:mod:`kvoffload.model.fused`); the PyTorch path dequantises."""
+    """GGUF Q5_0's codes q (0..31) and scales d: w = d·(q - 16). Layout (kernels/kvo_q5.h, read
+    by decode.c and qweights.c): per block of 32 rows and quad of inputs 4t..4t+3, ``codes``
+    ``[N/32, K/4, 64]`` uint8 and ``hbits`` ``[N/32, K/4, 2]`` (uint64 bits in int64). Byte
+    i = 16·l + e holds in its low nibble the low 4 bits of the code of row 4·l + (e % 8)/2 (+16
+    when e >= 8) at input 4t + e % 2, in its high nibble that at input 4t + 2 + e % 2; bit i of
+    hbits' first / second word is the fifth bit of the low / high nibble's code. ``scale``
+    ``[K/32, N]`` fp16. So a quad of 32 rows is 64 bytes + 16, and its 128 weights four vectors
+    of 32 bf16 (128 + q) for vdpbf16ps, unpacked with no table. Few rows run natively only
+    (:mod:`kvoffload.model.fused`); the PyTorch path dequantises."""
 
     format = "q5"
     slice_align = 32
@@ -203,8 +205,8 @@ class Q5Linear(QuantLinear):
     def __init__(self, codes: torch.Tensor, hbits: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                  dtype: torch.dtype, max_rows: int) -> None:
         super().__init__(scale.shape[1], scale.shape[0] * Q5_GROUP, bias, dtype, max_rows)
-        self.register_buffer("codes", codes)                                       # [N/32, K/2, 32] uint8
-        self.register_buffer("hbits", hbits)                                       # [N/32, K/2] int64
+        self.register_buffer("codes", codes)                                       # [N/32, K/4, 64] uint8
+        self.register_buffer("hbits", hbits)                                       # [N/32, K/4, 2] int64
         self.register_buffer("scale", scale)                                       # [K/32, N] fp16
 
     @staticmethod
@@ -219,10 +221,12 @@ class Q5Linear(QuantLinear):
         native one, :func:`kvoffload.kernels.qweights.q5_pack`, reads GGUF blocks)."""
         N, K = q.shape
         cls.check_shape(N, K)
-        qb = q.to(torch.uint8).view(N // 32, 2, 16, K // 2, 2).permute(0, 3, 1, 2, 4).reshape(N // 32, K // 2, 2, 32)
-        codes = ((qb[:, :, 0] & 15) | ((qb[:, :, 1] & 15) << 4)).contiguous()        # [N/32, K/2, 32]
-        bits = (qb >> 4).reshape(N // 32, K // 2, 64).numpy()                      # [.., half * 32 + j]
-        hbits = torch.from_numpy(np.packbits(bits, axis=-1, bitorder="little").view("<i8")[..., 0].copy())
+        # row 32b + 16·half + 4·l + j, input 4t + 2·nib + e  ->  nibble nib of byte 16·l + 8·half + 2·j + e
+        qb = q.to(torch.uint8).view(N // 32, 2, 4, 4, K // 4, 2, 2).permute(0, 4, 5, 2, 1, 3, 6)
+        qb = qb.reshape(N // 32, K // 4, 2, 64)                                     # [b, t, nib, byte]
+        codes = ((qb[:, :, 0] & 15) | ((qb[:, :, 1] & 15) << 4)).contiguous()        # [N/32, K/4, 64]
+        bits = (qb >> 4).numpy()
+        hbits = torch.from_numpy(np.packbits(bits, axis=-1, bitorder="little").view("<i8")[..., 0].copy())   # [N/32, K/4, 2]
         return cls(codes, hbits, d.T.to(torch.float16).contiguous(), bias, dtype, max_rows)
 
     @classmethod
@@ -244,12 +248,12 @@ class Q5Linear(QuantLinear):
         n1 = N if n1 is None else n1
         b0, b1 = n0 // 32, -(-n1 // 32)
         nb = b1 - b0
-        c = self.codes[b0:b1].to(torch.int32)                                      # [nb, K/2, 32]
-        bits = np.unpackbits(self.hbits[b0:b1].numpy().view(np.uint8).reshape(nb, K // 2, 8), axis=-1,
+        c = self.codes[b0:b1].to(torch.int32)                                      # [nb, K/4, 64]
+        bits = np.unpackbits(self.hbits[b0:b1].numpy().view(np.uint8).reshape(nb, K // 4, 2, 8), axis=-1,
                              bitorder="little")
-        bits = torch.from_numpy(bits.astype(np.int32)).view(nb, K // 2, 2, 32)
-        q = torch.stack([c & 15, c >> 4], 2) | (bits << 4)                           # [nb, K/2, half, j]
-        q = q.view(nb, K // 2, 2, 16, 2).permute(0, 2, 3, 1, 4).reshape(nb * 32, K)
+        bits = torch.from_numpy(bits.astype(np.int32))                              # [nb, K/4, nib, 64]
+        q = torch.stack([c & 15, c >> 4], 2) | (bits << 4)                           # [nb, K/4, nib, byte]
+        q = q.view(nb, K // 4, 2, 4, 2, 4, 2).permute(0, 4, 3, 5, 1, 2, 6).reshape(nb * 32, K)
         return q[n0 - 32 * b0:n1 - 32 * b0]
 
     def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
