@@ -216,25 +216,25 @@ static void int8_rows_bf16(const Linear *L, const float *x, int M, float *y, int
 }
 
 #if defined(__AVX512BW__)
-// bf16(q) for q = 0..15, the table int4_block_bf16's vpermw reads a nibble's value from.
-static const uint16_t INT4_BF16[16] = {0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,
-                                       0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};
-
-// int4_block with bf16 activations (xp: x[m] as bf16 pairs [M, K/2]): the codes of inputs k and
-// k+1 are interleaved byte by byte (the pack keeps one input's 64 rows in 32 bytes), widened
-// once, and their nibbles looked up as bf16(q) (exact) by vpermw, so a vdpbf16ps takes 32
-// products (each exact in fp32) where int4_block's FMA takes 16: ~18 vector operations per 128
-// weights against ~24. The unpack works within 128-bit lanes, so accumulator i holds the rows
-// of ROWS_A / ROWS_C (and 32 + those): the scales are permuted to it per group, the sums back
-// at the end.
+// int4_block with bf16 activations (xp: x[m] as bf16 pairs [M, K/2]): the 32 code bytes of
+// inputs k and k+1 are interleaved byte by byte (two in-lane unpacks of the broadcast rows), the
+// nibbles split, and each nibble interleaved with 0x43, which makes it bf16 128 + q exactly (no
+// table, no widening): a vdpbf16ps then takes 32 products (each exact in fp32), ~13 vector
+// operations per 128 weights against ~24 by FMAs. The unpacks work within 128-bit lanes, so
+// accumulator i holds the rows ROWS_A (i even) or ROWS_B (i odd) of its half (+32 for i >= 2):
+// the scales are permuted to it per group, the sums back at the end. The 128 per code is taken
+// off with the zero term: sum_k w x = scale · sum_k (128 + q) x + (zero - 136 scale) · sum_k x.
 static inline __attribute__((always_inline)) void int4_block_bf16(const Linear *L, const uint32_t *xp,
                                                                   const float *xsum, const int M, float *y,
                                                                   int64_t nb) {
     const int64_t K = L->K, N = L->N, G = K / 32, K2 = K / 2;
-    const __m512i table = _mm512_maskz_loadu_epi16(0xFFFF, INT4_BF16);          // bf16(0..15)
-    const __m512i ia = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
-    const __m512i ic = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-    __m512 acc[MAX_ROWS][4];                   // rows {0..7, 16..23}, 32 + those, {8..15, 24..31}, 32 + those
+    // ROWS_A: rows {0..3, 16..19, 8..11, 24..27} of 32 in the lanes of an even accumulator,
+    // ROWS_B: {4..7, 20..23, 12..15, 28..31}; as indices into (rows 0..15 | rows 16..31)
+    const __m512i ia = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
+    const __m512i ib = _mm512_setr_epi32(4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+    const __m512i lo4 = _mm512_set1_epi8(15), e43 = _mm512_set1_epi8(0x43);
+    const __mmask64 upper = 0xFFFFFFFF00000000ull;
+    __m512 acc[MAX_ROWS][4];                   // ROWS_A, ROWS_B, 32 + ROWS_A, 32 + ROWS_B
     for (int m = 0; m < M; m++)
         for (int i = 0; i < 4; i++) acc[m][i] = _mm512_setzero_ps();
     const uint8_t *pk = (const uint8_t *)L->w + nb * K * 32;
@@ -243,30 +243,29 @@ static inline __attribute__((always_inline)) void int4_block_bf16(const Linear *
         for (int m = 0; m < M; m++)
             for (int i = 0; i < 4; i++) gs[m][i] = _mm512_setzero_ps();
         for (int64_t p = g * 16; p < g * 16 + 16; p++) {
-            __m256i a = _mm256_loadu_si256((const __m256i *)(pk + 2 * p * 32));
-            __m256i b = _mm256_loadu_si256((const __m256i *)(pk + (2 * p + 1) * 32));
-            __m512i u[2] = {_mm512_cvtepu8_epi16(_mm256_unpacklo_epi8(a, b)), _mm512_cvtepu8_epi16(_mm256_unpackhi_epi8(a, b))};
-            __m512i w[4];
-            for (int h = 0; h < 2; h++) {
-                w[2 * h] = _mm512_permutexvar_epi16(_mm512_and_si512(u[h], _mm512_set1_epi16(15)), table);
-                w[2 * h + 1] = _mm512_permutexvar_epi16(_mm512_srli_epi16(u[h], 4), table);
-            }
+            // lanes of u: byte pairs (input 2p, 2p+1) of rows 0..7 | 16..23 | 8..15 | 24..31 (low
+            // nibbles; the high nibbles are rows 32 + those)
+            const __m512i a = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(pk + 2 * p * 32)));
+            const __m512i b = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(pk + (2 * p + 1) * 32)));
+            const __m512i u = _mm512_mask_unpackhi_epi8(_mm512_unpacklo_epi8(a, b), upper, a, b);
+            const __m512i lo = _mm512_and_si512(u, lo4), hi = _mm512_srli_epi16(_mm512_xor_si512(u, lo), 4);
+            const __m512i w[4] = {_mm512_unpacklo_epi8(lo, e43), _mm512_unpackhi_epi8(lo, e43),
+                                  _mm512_unpacklo_epi8(hi, e43), _mm512_unpackhi_epi8(hi, e43)};
             for (int m = 0; m < M; m++) {
                 __m512bh xb = (__m512bh)_mm512_set1_epi32((int)xp[m * K2 + p]);
                 for (int i = 0; i < 4; i++) gs[m][i] = _mm512_dpbf16_ps(gs[m][i], (__m512bh)w[i], xb);
             }
         }
-        // sum_k w x = scale · sum_k q x + (zero - 8 scale) · sum_k x, in the accumulators' row order
-        __m512 sv[4], cv[4];
+        __m512 sv[4], cv[4];                   // rows 0..15, 16..31, 32..47, 48..63 in order
         for (int i = 0; i < 4; i++) {
             __m512 z, s = load_s16(L->scale, (g * N + nb * 64 + i * 16) * 2, L->scale_f32, &z);
             sv[i] = s;
-            cv[i] = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), s, z);
+            cv[i] = _mm512_fnmadd_ps(_mm512_set1_ps(136.0f), s, z);
         }
-        const __m512 s4[4] = {_mm512_permutex2var_ps(sv[0], ia, sv[1]), _mm512_permutex2var_ps(sv[2], ia, sv[3]),
-                              _mm512_permutex2var_ps(sv[0], ic, sv[1]), _mm512_permutex2var_ps(sv[2], ic, sv[3])};
-        const __m512 c4[4] = {_mm512_permutex2var_ps(cv[0], ia, cv[1]), _mm512_permutex2var_ps(cv[2], ia, cv[3]),
-                              _mm512_permutex2var_ps(cv[0], ic, cv[1]), _mm512_permutex2var_ps(cv[2], ic, cv[3])};
+        const __m512 s4[4] = {_mm512_permutex2var_ps(sv[0], ia, sv[1]), _mm512_permutex2var_ps(sv[0], ib, sv[1]),
+                              _mm512_permutex2var_ps(sv[2], ia, sv[3]), _mm512_permutex2var_ps(sv[2], ib, sv[3])};
+        const __m512 c4[4] = {_mm512_permutex2var_ps(cv[0], ia, cv[1]), _mm512_permutex2var_ps(cv[0], ib, cv[1]),
+                              _mm512_permutex2var_ps(cv[2], ia, cv[3]), _mm512_permutex2var_ps(cv[2], ib, cv[3])};
         for (int m = 0; m < M; m++) {
             const __m512 xs = _mm512_set1_ps(xsum[m * G + g]);
             for (int i = 0; i < 4; i++) {
@@ -275,13 +274,13 @@ static inline __attribute__((always_inline)) void int4_block_bf16(const Linear *
             }
         }
     }
-    // back to row order: rows 0..15 = (acc0 lanes 0..7, acc2 lanes 0..7), rows 16..31 = their
-    // lanes 8..15; rows 32..63 the same from acc1 / acc3
+    // back to row order: rows 0..15 = (A lanes 0..3, B lanes 0..3, A lanes 8..11, B lanes 8..11)
+    // = permute(A, ia, B), rows 16..31 = permute(A, ib, B); rows 32..63 the same from acc 2 / 3
     for (int m = 0; m < M; m++) {
         float *ym = y + m * N + nb * 64;
         for (int h = 0; h < 2; h++) {
-            _mm512_storeu_ps(ym + 32 * h, _mm512_permutex2var_ps(acc[m][h], ia, acc[m][2 + h]));
-            _mm512_storeu_ps(ym + 32 * h + 16, _mm512_permutex2var_ps(acc[m][h], ic, acc[m][2 + h]));
+            _mm512_storeu_ps(ym + 32 * h, _mm512_permutex2var_ps(acc[m][2 * h], ia, acc[m][2 * h + 1]));
+            _mm512_storeu_ps(ym + 32 * h + 16, _mm512_permutex2var_ps(acc[m][2 * h], ib, acc[m][2 * h + 1]));
         }
     }
 }
