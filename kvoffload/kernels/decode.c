@@ -27,6 +27,9 @@
 #define MAX_ROWS 8               // rows whose accumulators one pass keeps in registers
 #define MAX_CALL_ROWS 32         // rows one call takes (in passes of MAX_ROWS over each weight tile)
 #define PF_ROWS 32              // int8: rows ahead whose first line is prefetched
+#define PF_BYTES 4096            // every stream: bytes ahead of the current line prefetched (this
+                                 // Xeon's hardware prefetcher alone left the int4 / q5 / int8 GEMVs at
+                                 // ~13 GB/s of its 26: 1.3-1.6x slower, benchmarks/README.md)
 
 typedef struct {
     int kind;                 // 0 int4, 1 int8, 2 q5
@@ -92,6 +95,7 @@ static inline __attribute__((always_inline)) void int4_block(const Linear *L, co
         for (int m = 0; m < M; m++)
             for (int i = 0; i < 4; i++) gs[m][i] = _mm512_setzero_ps();
         for (int64_t k = g * 32; k < g * 32 + 32; k++) {
+            if (!(k & 1)) _mm_prefetch((const char *)(p + k * 32 + PF_BYTES), _MM_HINT_T0);
             __m256i b = _mm256_loadu_si256((const __m256i *)(p + k * 32));
             __m512i e0 = _mm512_cvtepu8_epi32(_mm256_castsi256_si128(b));
             __m512i e1 = _mm512_cvtepu8_epi32(_mm256_extracti128_si256(b, 1));
@@ -149,6 +153,7 @@ static inline __attribute__((always_inline)) void int8_row(const Linear *L, cons
     int64_t k = 0;
     for (; k + 32 <= K; k += 32) {
         __m512 v0, v1;
+        if (!(k & 63)) _mm_prefetch((const char *)(row + k + PF_BYTES), _MM_HINT_T0);
         int8_widen32(row + k, &v0, &v1);
         for (int m = 0; m < M; m++) {
             a0[m] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(x + m * K + k), a0[m]);
@@ -193,6 +198,7 @@ static inline __attribute__((always_inline)) void int8_row_bf16(const Linear *L,
     int64_t k = 0;
     for (; k + 32 <= K; k += 32) {
         __m512 lo, hi;
+        if (!(k & 63)) _mm_prefetch((const char *)(row + k + PF_BYTES), _MM_HINT_T0);
         int8_widen32(row + k, &lo, &hi);
         __m512bh w = _mm512_cvtne2ps_pbh(hi, lo);          // elements k .. k+31 in order
         for (int m = 0; m < M; m++)
@@ -243,6 +249,7 @@ static inline __attribute__((always_inline)) void int4_block_bf16(const Linear *
         for (int m = 0; m < M; m++)
             for (int i = 0; i < 4; i++) gs[m][i] = _mm512_setzero_ps();
         for (int64_t p = g * 16; p < g * 16 + 16; p++) {
+            _mm_prefetch((const char *)(pk + 2 * p * 32 + PF_BYTES), _MM_HINT_T0);
             // lanes of u: byte pairs (input 2p, 2p+1) of rows 0..7 | 16..23 | 8..15 | 24..31 (low
             // nibbles; the high nibbles are rows 32 + those)
             const __m512i a = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(pk + 2 * p * 32)));
@@ -308,6 +315,8 @@ static inline __attribute__((always_inline)) void q5_block(const Linear *L, cons
 #pragma GCC unroll 1
         for (int64_t t = g * 8; t < g * 8 + 8; t++) {
             __m512i w[4];
+            _mm_prefetch((const char *)(c + t * 64 + PF_BYTES), _MM_HINT_T0);
+            if (!(t & 3)) _mm_prefetch((const char *)(hb + 2 * t) + PF_BYTES / 4, _MM_HINT_T0);   // 16 B a quad
             q5_quad(c + t * 64, hb + 2 * t, w);
 #if defined(__AVX512BF16__)
             if (xp) {
