@@ -167,6 +167,38 @@ static inline __attribute__((always_inline)) void int8_row(const Linear *L, cons
     }
 }
 
+// Two int8 output channels n, n+1 for one row of x: each channel's sums in exactly int8_row's
+// order (the same bits), the two channels' FMA chains interleaved so that one's latency hides
+// behind the other's (one row alone is latency-bound: two chains of K/32 dependent FMAs).
+static inline void int8_row_pair(const Linear *L, const float *x, float *y, int64_t n) {
+    int64_t K = L->K;
+    float s0, s1;
+    const int8_t *r0 = int8_row_start(L, n, &s0), *r1 = int8_row_start(L, n + 1, &s1);
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        __m512 v0, v1, w0, w1;
+        if (!(k & 63)) {
+            _mm_prefetch((const char *)(r0 + k + PF_BYTES), _MM_HINT_T0);
+            _mm_prefetch((const char *)(r1 + k + PF_BYTES), _MM_HINT_T0);
+        }
+        int8_widen32(r0 + k, &v0, &v1);
+        int8_widen32(r1 + k, &w0, &w1);
+        const __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
+        a0 = _mm512_fmadd_ps(v0, x0, a0);
+        a1 = _mm512_fmadd_ps(v1, x1, a1);
+        b0 = _mm512_fmadd_ps(w0, x0, b0);
+        b1 = _mm512_fmadd_ps(w1, x1, b1);
+    }
+    float t0 = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)), t1 = _mm512_reduce_add_ps(_mm512_add_ps(b0, b1));
+    for (int64_t j = k; j < K; j++) {
+        t0 += (float)r0[j] * x[j];
+        t1 += (float)r1[j] * x[j];
+    }
+    y[n] = t0 * s0;
+    y[n + 1] = t1 * s1;
+}
+
 #if defined(__AVX512BF16__)
 #define BF16_ROWS 16             // rows one bf16-dot pass keeps in registers
 // x [n] fp32 whose values are bf16 numbers (the fused layers round every activation to bf16)
@@ -414,7 +446,11 @@ static void gemv_rows(const Linear *L, const float *x, int M, float *y, int64_t 
                 FOR_M(M - m0, INT4)
 #undef INT4
             }
-    } else if (M <= MAX_ROWS) {                // decode: the row count's switch outside the loop
+    } else if (M == 1) {                       // decode of one sequence: channels in pairs
+        int64_t n = n0;
+        for (; n + 1 < n1; n += 2) int8_row_pair(L, x, y, n);
+        if (n < n1) int8_row(L, x, 1, y, n);
+    } else if (M <= MAX_ROWS) {                // the row count's switch outside the loop
 #define INT8(MM) for (int64_t n = n0; n < n1; n++) int8_row(L, x, MM, y, n)
         FOR_M(M, INT8)
 #undef INT8
