@@ -11,6 +11,13 @@
  * row j (+16) at an input pair: no table lookup, no widening. */
 #ifndef KVO_Q5_H
 #define KVO_Q5_H
+
+// Byte i of a quad: its row in the block (the layout above), and the input of the quad's four
+// that its low nibble holds (its high nibble: that + 2). The packing and the scalar paths read
+// these; the unpack below is their vector form.
+static inline int q5_row(int i) { return 4 * (i / 16) + (i % 8) / 2 + (i % 16 >= 8 ? 16 : 0); }
+static inline int q5_input(int i) { return i % 2; }
+
 #if defined(__AVX512BW__)
 #include <immintrin.h>
 #include <stdint.h>

@@ -306,10 +306,6 @@ int kvo_gguf_to_int8(int qtype, const int64_t *rows, int64_t N, int64_t cols, in
 // codes [N/32, K/4, 64] bytes and hbits [N/32, K/4, 2] uint64: one (block of 32 rows, quad of
 // inputs) as kvo_q5.h lays it out; scale [K/32, N] fp16 (the file's d): w = d·(q - 16).
 
-// byte i of a quad: its row in the block, and the input (of the quad's four) of its low nibble
-static inline int q5_row(int i) { return 4 * (i / 16) + (i % 8) / 2 + (i % 16 >= 8 ? 16 : 0); }
-static inline int q5_input(int i) { return i % 2; }
-
 // GGUF Q5_0 rows -> q5 (N, K multiples of 32). Output row n is read from rows[n] (an address).
 int kvo_q5_pack(const int64_t *rows, int64_t N, int64_t K, uint8_t *codes, uint64_t *hbits, uint16_t *scale,
                 int threads) {
