@@ -27,7 +27,8 @@ from kvoffload.attention.ops import attend_lse, own_attention, prefix_attention
 from kvoffload.config import KVConfig, ModelConfig
 from kvoffload.dtypes import name_of
 from kvoffload.errors import ConfigError
-from kvoffload.kernels.paged import Append, Items, PreparedCall, merge_parts
+from kvoffload.kernels.hook import AttnHook
+from kvoffload.kernels.paged import Append, Items, PairedCall, PreparedCall, merge_parts
 from kvoffload.kernels.select import INFO_NBLOCKS, INFO_READ, NativeSelect, SparseStep
 from kvoffload.kv.layout import BlockLayout
 from kvoffload.kv.store import BlockStore, build_tiers
@@ -38,6 +39,7 @@ from kvoffload.kv.tiers.protocol import (
     TierCounters,
     TierSpec,
     expand_rows,
+    read_bytes,
 )
 from kvoffload.model.interface import ForwardBatch, Logits
 from kvoffload.sparse.base import Selection, SparseCounters, SparsePolicy, mean_mix
@@ -83,7 +85,8 @@ class _StepState:
 class _LayerPlan:
     """A dense decode layer of one batch, prepared while its chunks stay where they are: per
     tier the request's items (q filled in per step), the tail blocks' prepared kernel call
-    (append + attend), and the fixed merge order of the parts (tails, then the tiers')."""
+    (append + attend), and the fixed merge order of the parts (tails, then the tiers'). When
+    every chunk is in a memory tier, the same calls and merge as one native hook (:meth:`hook`)."""
 
     def __init__(self, be: TieredBackend, layer: int, seq_ids: tuple[int, ...], step: _StepState, key: tuple) -> None:
         B = len(seq_ids)
@@ -92,15 +95,42 @@ class _LayerPlan:
                      (r for r in be._requests(layer, seq_ids, None, None) if r is not None)]
         for _, req, _ in self.reqs:
             req.key = (layer, seq_ids, key)
-        self.tail = None
+        self.tail = self.pair = None
+        self._hook: AttnHook | None = None
         if be.kernel is not None:
+            # the tails' parts and the blocks' back to back: a share each of one pair's buffers
+            self.pair = PairedCall(be.H, be.cfg.head_dim, B, sum(req.num_items for _, req, _ in self.reqs))
             addrs = be.store.tails.addrs[np.array([be.store.tail_slot[sid][layer] for sid in seq_ids], np.int64)]
             items = Items(np.arange(B, dtype=np.int64), np.arange(B + 1, dtype=np.int64), step.last, addrs)
-            self.tail = PreparedCall(be.kernel, items, 1 if B < 8 else be.threads, addrs, step.cols)
+            self.tail = PreparedCall(be.kernel, items, 1 if B < 8 else be.threads, addrs, step.cols,
+                                     parts=self.pair.share(0))
         rows = np.concatenate([np.arange(B, dtype=np.int64)] + [req.seq for _, req, _ in self.reqs])
         keys = np.concatenate([np.full(B, TAIL_KEY, np.int64)] + [k for _, _, k in self.reqs])
         self.order = np.lexsort((keys, rows)).astype(np.int64)
         self.row_first = np.searchsorted(rows[self.order], np.arange(B + 1)).astype(np.int64)
+        # what a hooked step counts (a step through the tiers counts the same at collect)
+        self.reads = [(t, read_bytes(be.layout, len(req.slots), None), len(req.slots)) for t, req, _ in self.reqs]
+
+    def hook(self, be: TieredBackend) -> AttnHook | None:
+        """The layer as one native hook (kernels/paged.py's :class:`PairedCall`): the tails'
+        call, one call over the memory tiers' blocks by address (the items each tier's call
+        would attend, in the same order), the merge in :attr:`order` — the bits of
+        :meth:`TieredBackend._decode_dense`. None when a chunk is on another kind of tier."""
+        if self._hook is None:
+            if self.tail is None or be.block_kernel is None or any(t not in be._memory_tiers for t, _, _ in self.reqs):
+                return None
+            reqs = [(t, req) for t, req, _ in self.reqs]
+            blocks = None
+            if reqs:
+                N = sum(req.num_items for _, req in reqs)
+                first = np.zeros(N + 1, np.int64)
+                np.cumsum(np.concatenate([np.diff(req.first) for _, req in reqs]), out=first[1:])
+                items = Items(np.concatenate([req.seq for _, req in reqs]), first,
+                              np.full(N, be.bs, np.int64),
+                              np.concatenate([be.tiers[t].locs(req.slots) for t, req in reqs]))
+                blocks = PreparedCall(be.block_kernel, items, be.threads, parts=self.pair.share(1))
+            self._hook = self.pair.hook(self.tail, blocks, self.row_first, self.order, 1)
+        return self._hook
 
 
 class TieredBackend:
@@ -126,6 +156,7 @@ class TieredBackend:
         self.store = BlockStore(tiers, ctx, cfg.num_layers, kv.kv_sink_tokens, kv.kv_recent_tokens, hot, cached, tail)
         self.tiers = tiers
         self.kernel = paged_kernel(dataclasses.replace(ctx, layout=tail), device)   # the tails' native kernel
+        self.block_kernel = paged_kernel(ctx, device)                            # the blocks' (stored dtype)
         self.tail_counters = TierCounters()
         # seq -> (start, per layer (k, v) [H_kv, L, D]) of its last verify pass, until commit
         self._staged: dict[int, tuple[int, list]] = {}
@@ -146,6 +177,7 @@ class TieredBackend:
         self._read_tier = reads[0] if reads else None
         self._memory_tiers = [i for i, t in enumerate(tiers) if t.direct and t.fetch is None]
         self.one_call = True       # False: a native sparse layer goes through per-tier requests (tests compare)
+        self.native_hook = True    # False: fused layers call decode() (tests compare)
         self._step: SparseStep | None = None
         # decode micro-batches call in from several threads: one at a time in here (their model
         # compute outside overlaps); tiers, placement and counters are not shared otherwise
@@ -285,6 +317,35 @@ class TieredBackend:
         """q ``[B, H, 1, D]``, k/v ``[B, H_kv, 1, D]`` -> ``[B, 1, H, D]``."""
         with self._lock:
             return self._decode(layer, q, k, v, batch)
+
+    def native_decode(self, layer: int, batch: ForwardBatch, dtype: torch.dtype) -> AttnHook | None:
+        """A dense decode layer whose chunks are all in memory tiers, as a native hook
+        (kernels/kvo_hook.h) that the fused layer runs inside its own call: what :meth:`decode`
+        runs through :meth:`_decode_dense` (append to the tails, the tails' and the blocks'
+        calls, the merge), the same bits, without the trip through Python. None (``decode``
+        runs) where a layer does more: a sparse policy; a chunk on a tier that is read or
+        attended elsewhere (disk); a tail that fills this step (it becomes a block after the
+        layer); another forward at the same time (decode micro-batches: the tiers' placement
+        is shared); k/v in another dtype than the tails'."""
+        if (self.kernel is None or self.block_kernel is None or not self.native_hook or dtype != self.kv_dtype
+                or self.policy is not None or batch.concurrent or any((s + 1) % self.bs == 0 for s in batch.starts)):
+            return None
+        with self._lock:
+            plan = self._plan(layer, batch)
+            hook = plan.hook(self)
+            if hook is None:
+                return None
+            if not self.kvcfg.kv_serial:
+                self._prefetch_next(layer, batch, None)                          # (a dense next layer's chunks)
+            for t, read, n in plan.reads:
+                c = self.tiers[t].counters
+                c.read += read
+                c.blocks += n
+            self.tail_counters.read += int(self._step_state.last.sum()) * self.tail_layout.token_bytes(1)
+            self.store.send()
+            if layer == self.cfg.num_layers - 1:
+                self.decode_tokens += len(batch.seq_ids)
+        return hook
 
     def _decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 batch: ForwardBatch) -> torch.Tensor:

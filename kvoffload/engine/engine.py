@@ -385,7 +385,7 @@ class Engine:
         else:       # one forward per micro-batch, in threads: one's attention waits on the KV
             if self._pool is None:        # workers while another computes (Lamina's rotation)
                 self._pool = ThreadPoolExecutor(self.config.decode_microbatches, thread_name_prefix="microbatch")
-            outs = list(self._pool.map(self._decode, groups))
+            outs = list(self._pool.map(lambda g: self._decode(g, concurrent=True), groups))
         return {sid: out[i] for group, out in zip(groups, outs) for i, sid in enumerate(group)}
 
     def _speculate(self, seq_ids: tuple[int, ...]) -> dict[int, list[int]]:
@@ -397,13 +397,15 @@ class Engine:
         return dict(zip(seq_ids, out))
 
     @torch.inference_mode()
-    def _decode(self, seq_ids: tuple[int, ...]) -> torch.Tensor:
-        """One decode forward over these sequences -> ``[B, V]`` logits."""
+    def _decode(self, seq_ids: tuple[int, ...], concurrent: bool = False) -> torch.Tensor:
+        """One decode forward over these sequences -> ``[B, V]`` logits (``concurrent``: other
+        micro-batches' forwards run meanwhile)."""
         seqs = [self.seqs[i] for i in seq_ids]
         starts = tuple(s.num_cached for s in seqs)
         tokens = torch.tensor([[s.last_token] for s in seqs], device=self.device)        # [B, 1]
         positions = torch.tensor(starts, device=self.device)[:, None]                   # [B, 1]
-        return self.model(tokens, ForwardBatch(Phase.DECODE, seq_ids, positions, starts), self.kv)
+        return self.model(tokens, ForwardBatch(Phase.DECODE, seq_ids, positions, starts, concurrent=concurrent),
+                          self.kv)
 
     def _prefill(self, seq_id: int, token_ids: list[int], start: int, logits: Logits,
                  backend: AttentionBackend | None = None) -> torch.Tensor | None:

@@ -3,7 +3,8 @@
  *     one-call sparse step and by kvo_paged_hook below;
  *   - kvo_attn_hook: a decode layer's attention as decode.c's kvo_layer_decode calls it between
  *     its two halves, so that a dense decode layer is one call from Python (the in-memory
- *     backend's prepared call: kvo_paged_hook over a kvo_paged_call, kernels/paged.py). */
+ *     backend's prepared call: kvo_paged_hook over a kvo_paged_call, kernels/paged.py; the tiered
+ *     backend's layer over RAM: kvo_paged_pair_hook over a kvo_paged_pair). */
 #ifndef KVO_HOOK_H
 #define KVO_HOOK_H
 #include <stdint.h>
@@ -36,4 +37,15 @@ typedef struct {
     float *part_o, *part_lse;
     const int64_t *row_first, *order;
 } kvo_paged_call;
+
+/* Two prepared calls and one merge (kernels/paged.py's PairedCall): `first` appends the new
+ * tokens (its parts: rows [0, first->N) of part_o / part_lse), `second` (NULL: none; no append)
+ * attends other blocks, possibly of another dtype (rows [first->N, first->N + second->N)); then
+ * rows row_first[r] .. row_first[r+1] of `order` merge into output row r (R rows, H heads x D). */
+typedef struct {
+    const kvo_paged_call *first, *second;
+    int32_t R, H, D, threads;
+    const int64_t *row_first, *order;
+    const float *part_o, *part_lse;
+} kvo_paged_pair;
 #endif

@@ -249,9 +249,8 @@ class PagedAttention:
 
     def driver(self) -> int:
         """The address of this dtype's kernel driver with untyped k/v (``kvo_paged_attn_v_*``):
-        what ``select.c``'s one-call sparse step calls (full-precision dtypes only)."""
-        if self.dtype in QUANT:
-            raise ValueError("a compressed KV block is written whole: no one-call sparse step")
+        what ``select.c``'s one-call sparse step and the prepared calls' hooks call (a compressed
+        dtype's driver appends nothing: it rejects a call with new tokens)."""
         return ctypes.cast(getattr(load("paged_attn"), f"kvo_paged_attn_v_{_SUFFIX[self.dtype]}"), ctypes.c_void_p).value
 
     @staticmethod
@@ -321,13 +320,21 @@ class PreparedCall:
     shapes and the other arrays must stay as they were."""
 
     def __init__(self, kern: PagedAttention, items: Items, threads: int, append_slots: np.ndarray | None = None,
-                 append_cols: np.ndarray | None = None, merge_rows: np.ndarray | None = None) -> None:
+                 append_cols: np.ndarray | None = None, merge_rows: np.ndarray | None = None,
+                 parts: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """parts: the buffers the items' partials go to (``[N, H, D]`` / ``[N, H]`` fp32,
+        contiguous: e.g. a share of a :class:`PairedCall`'s), else buffers of its own."""
         H, D, N = kern.H, kern.D, items.n
         if items.masks is not None and ((len(items.ptrs) and items.masks.shape[1] != kern.H_kv) or kern.bs > MASK_BS_MAX):
             raise ValueError(f"masks: [n_blocks, H_kv={kern.H_kv}] and block_size <= {MASK_BS_MAX}")
         self.kern, self.items, self.threads = kern, items, threads
-        self.part_o = np.empty((max(N, 1), H, D), np.float32)
-        self.part_lse = np.empty((max(N, 1), H), np.float32)
+        if parts is None:
+            parts = np.empty((max(N, 1), H, D), np.float32), np.empty((max(N, 1), H), np.float32)
+        po, pl = parts
+        if (po.dtype != np.float32 or pl.dtype != np.float32 or po.shape[1:] != (H, D) or pl.shape[1:] != (H,)
+                or len(po) < N or len(pl) < N or not (po.flags.c_contiguous and pl.flags.c_contiguous)):
+            raise ValueError(f"parts: [>= {N}, {H}, {D}] / [>= {N}, {H}] fp32 contiguous")
+        self.part_o, self.part_lse = po, pl
         self.n_app = 0 if append_slots is None else len(append_slots)
         if self.n_app and kern.dtype in QUANT:
             raise ValueError("a compressed KV block is written whole: no append")
@@ -355,15 +362,17 @@ class PreparedCall:
         targets and merge rows, read where they are (in-place updates of ``items.last`` and
         ``append_cols`` still count). Full-precision KV only; kept alive by this object."""
         if self._hook is None:
-            kern, a = self.kern, self.args
-            if kern.dtype in QUANT or not self.R or self.n_app != self.R:
+            if self.kern.dtype in QUANT or not self.R or self.n_app != self.R:
                 raise ValueError("a hook needs an append and a merge row per new token (full-precision KV)")
-            lib = load("paged_attn")
-            self._ctx = _PagedCall(kern.driver(), kern.H_kv, kern.G, kern.D, kern.bs, self.n_app, a[11], self.R,
-                                   self.threads, kern.group, kern.scale, a[9], a[10], *a[14:19], a[20], a[21], a[23],
-                                   None)
-            self._hook = AttnHook.of(lib, "kvo_paged_hook", self._ctx, self)
+            self._ctx = self.struct()
+            self._hook = AttnHook.of(load("paged_attn"), "kvo_paged_hook", self._ctx, self)
         return self._hook
+
+    def struct(self) -> _PagedCall:
+        """This call as kvo_hook.h's kvo_paged_call (pointing at this object's arrays: keep it alive)."""
+        kern, a = self.kern, self.args
+        return _PagedCall(kern.driver(), kern.H_kv, kern.G, kern.D, kern.bs, self.n_app, a[11], self.R,
+                          self.threads, kern.group, kern.scale, a[9], a[10], *a[14:19], a[20], a[21], a[23], None)
 
     def __call__(self, q, k_new=None, v_new=None, out=None, lse=None) -> None:
         """q ``[R_q, H, D]`` fp32; k_new / v_new ``[n_app, H_kv, D]`` (KV dtype) when prepared
@@ -388,6 +397,56 @@ class PreparedCall:
         rc = kern.fn(*a)
         if rc != 0:
             raise ValueError(f"native paged attention rejected its arguments (rc {rc})")
+
+
+class _PairCall(ctypes.Structure):
+    """kvo_hook.h's kvo_paged_pair (the same fields in the same order)."""
+    _fields_ = [("first", _P), ("second", _P), *((n, ctypes.c_int32) for n in ("R", "H", "D", "threads")),
+                *((n, _P) for n in ("row_first", "order", "part_o", "part_lse"))]
+
+
+class PairedCall:
+    """Two prepared calls and one merge, as one native hook (kvo_hook.h's kvo_paged_pair): the
+    tiered backend's decode layer over RAM (the tails' call, which appends the new tokens, and
+    the blocks' call, of the stored dtype), run the way it runs them one by one -- each call's
+    items into its share of one part buffer (rows ``[0, N1)``, then ``[N1, N1 + N2)``), then
+    :func:`merge_parts` of those rows in ``order`` -- so it gives the same bits. Make the two
+    calls with ``parts=`` :meth:`share` of this object's buffers."""
+
+    def __init__(self, H: int, D: int, n_first: int, n_second: int) -> None:
+        self.n = (n_first, n_second)
+        self.part_o = np.empty((max(n_first + n_second, 1), H, D), np.float32)
+        self.part_lse = np.empty((max(n_first + n_second, 1), H), np.float32)
+        self.H, self.D, self._hook = H, D, None
+
+    def share(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Call ``i``'s (0 or 1) rows of the part buffers."""
+        a = 0 if i == 0 else self.n[0]
+        return self.part_o[a:a + max(self.n[i], 1)], self.part_lse[a:a + max(self.n[i], 1)]
+
+    def hook(self, first: PreparedCall, second: PreparedCall | None, row_first: np.ndarray, order: np.ndarray,
+             threads: int) -> AttnHook:
+        """The hook: ``first`` (appending one token per merge row), ``second`` (None when
+        ``n_second`` is 0), then the merge of output row r from parts ``order[row_first[r]:
+        row_first[r+1]]``. Kept alive, with both calls and the arrays, by the hook."""
+        R = len(row_first) - 1
+        if first.n_app != R or (second is not None and second.n_app):
+            raise ValueError("a paired call appends one token per merge row, in its first call only")
+        if (first.items.n, 0 if second is None else second.items.n) != self.n:
+            raise ValueError("the calls' items disagree with the part buffers' shares")
+        P = sum(self.n)
+        self._rf, self._order = _i64(row_first), _i64(order)
+        if (R < 0 or self._rf[0] != 0 or np.any(np.diff(self._rf) < 0) or self._rf[-1] > len(self._order)
+                or (len(self._order) and (self._order.min() < 0 or self._order.max() >= P))):
+            raise ValueError("merge rows / order outside the paired call's parts")
+        self._calls = (first, second)
+        self._structs = (first.struct(), None if second is None else second.struct())
+        self._ctx = _PairCall(ctypes.addressof(self._structs[0]),
+                              None if second is None else ctypes.addressof(self._structs[1]),
+                              R, self.H, self.D, threads, _ptr(self._rf), _ptr(self._order),
+                              _ptr(self.part_o), _ptr(self.part_lse))
+        self._hook = AttnHook.of(load("paged_attn"), "kvo_paged_pair_hook", self._ctx, self)
+        return self._hook
 
 
 def _merge_args(merge: Merge, H: int, D: int):

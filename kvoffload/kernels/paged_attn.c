@@ -848,6 +848,8 @@ DEFINE_DRIVER(q4, uint8_t, 0)
 DEFINE_UNTYPED(f32, float)
 DEFINE_UNTYPED(bf16, uint16_t)
 DEFINE_UNTYPED(f16, uint16_t)
+DEFINE_UNTYPED(q8, uint8_t)            /* (no append: a pair's second call, below) */
+DEFINE_UNTYPED(q4, uint8_t)
 
 /* kvo_attn_fn over a prepared call (kvo_hook.h): the new tokens' k/v rows and q, out, lse of
  * this call, the rest as prepared. */
@@ -858,6 +860,21 @@ int kvo_paged_hook(const void *ctx, int M, const float *q, int64_t q_rs, const v
     return c->driver(c->H_kv, c->G, c->D, c->bs, c->n_app, k, kv_rs, v, kv_rs, c->app_slot, c->app_col, c->N, q,
                      q_rs, c->item_row, c->item_first, c->item_last, c->blk, c->tmask, c->scale, c->part_o,
                      c->part_lse, c->R, c->row_first, c->order, out, lse, c->threads, c->vgroup);
+}
+
+/* kvo_attn_fn over a prepared pair (kvo_hook.h's kvo_paged_pair): the first call appends the
+ * new tokens and attends their blocks, the second (if any) attends other blocks over the same q,
+ * each into its share of one part buffer; then the merge of those parts in the prepared order --
+ * the calls and the merge a tiered decode layer over RAM makes one by one, in one native call. */
+int kvo_paged_pair_hook(const void *ctx, int M, const float *q, int64_t q_rs, const void *k, const void *v,
+                        int64_t kv_rs, float *out, float *lse) {
+    const kvo_paged_pair *c = (const kvo_paged_pair *)ctx;
+    if (M < c->R) return -4;
+    int rc = kvo_paged_hook(c->first, M, q, q_rs, k, v, kv_rs, NULL, NULL);
+    if (!rc && c->second) rc = kvo_paged_hook(c->second, M, q, q_rs, NULL, NULL, 0, NULL, NULL);
+    if (rc) return rc;
+    kvo_merge_parts(c->R, c->H, c->D, c->row_first, c->order, c->part_o, c->part_lse, out, lse, c->threads);
+    return 0;
 }
 
 /* Memory read bandwidth probe for `kvoffload bench attention`: sums n floats with `threads`

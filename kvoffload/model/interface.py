@@ -42,6 +42,9 @@ class ForwardBatch:
     starts: per sequence, tokens already in its KV cache before this pass (host ints,
         so backends need no device sync); this pass writes positions ``starts[b] .. starts[b]+L-1``.
     logits: which positions the LM head runs on.
+    concurrent: other forwards over the same backend may run at the same time (decode
+        micro-batches, in threads): a backend then hands out no native hook that reads state
+        another forward may change meanwhile.
     """
 
     phase: Phase
@@ -49,6 +52,7 @@ class ForwardBatch:
     positions: torch.Tensor
     starts: tuple[int, ...]
     logits: Logits = Logits.LAST
+    concurrent: bool = False
 
     @property
     def num_tokens(self) -> int:

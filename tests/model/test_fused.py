@@ -203,6 +203,80 @@ def test_layer_in_one_call_with_the_backends_hook_equals_the_three_steps(tiny_hf
     assert all(torch.equal(a, b) for a, b in zip(*kvs))
 
 
+@pytest.mark.parametrize("stored", [None, "int8", "int4"])
+@pytest.mark.parametrize("tiers", ["host:none", "host:none,disk:none", "host:1KiB,disk:none"])
+def test_tiered_layer_in_one_call_equals_the_steps_through_python(tiny_hf, stored, tiers):
+    """The tiered backend's hook (a dense layer whose chunks are all in RAM: the tails' call, the
+    blocks' call by address, the merge, inside the fused layer's native call) gives the same
+    logits, bit for bit, as its layer through Python (``decode``), and the same stored KV and
+    counters; full-precision and compressed blocks, a disk tier present but unused, and chunks
+    on disk (no hook for those layers). A ragged batch of 3 decoding across block boundaries:
+    a step where a tail fills (it becomes a block after the layer) goes through ``decode``."""
+    from kvoffload.attention.tiered import TieredBackend
+    from kvoffload.config import KVConfig
+    from kvoffload.model import fused
+
+    dtype = torch.bfloat16
+    model = tiny_model(tiny_hf, "qwen2", "int8", dtype)
+    fuse_layers(model, threads=2)
+    calls = []
+    real = fused.FusedBlock.forward
+
+    def spy(self, x, batch, rot, backend):
+        if batch.phase is Phase.DECODE:
+            calls.append(backend.native_decode(self.layer, batch, self.dtype))
+            if calls[-1] is not None:        # (undo what the spy's own call counted)
+                for t, read, n in backend._plans[self.layer].reads:
+                    backend.tiers[t].counters.read -= read
+                    backend.tiers[t].counters.blocks -= n
+                backend.tail_counters.read -= int(backend._step_state.last.sum()) * backend.tail_layout.token_bytes(1)
+                if self.layer == len(model.layers) - 1:
+                    backend.decode_tokens -= len(batch.seq_ids)
+        return real(self, x, batch, rot, backend)
+
+    lens = (13, 16, 47)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 256, (1, n), generator=g) for n in lens]
+    kvcfg = KVConfig(block_size=4, chunk_blocks=2, kv_tiers=tiers, disk_workers=0, kv_sink_tokens=0, kv_recent_tokens=0)
+    outs, kvs, counters, hooked = [], [], [], []
+    for hook in (True, False):
+        be = TieredBackend(model.cfg, kvcfg, torch.device("cpu"), dtype, dtype, 2, stored=stored)
+        be.native_hook = hook
+        try:
+            for i, p in enumerate(prompts):
+                be.allocate(i, 64)
+                with torch.inference_mode():
+                    model(p, ForwardBatch(Phase.PREFILL, (i,), torch.arange(p.shape[1])[None], (0,), Logits.LAST), be)
+            starts, logits = list(lens), []
+            fused.FusedBlock.forward = spy
+            try:
+                for step in range(6):
+                    tok = torch.tensor([[7 + step], [100 + step], [200 - step]])
+                    batch = ForwardBatch(Phase.DECODE, (0, 1, 2), torch.tensor(starts)[:, None], tuple(starts), Logits.ALL)
+                    with torch.inference_mode():
+                        logits.append(model(tok, batch, be))
+                    starts = [s + 1 for s in starts]
+            finally:
+                fused.FusedBlock.forward = real
+            hooked.append(sum(c is not None for c in calls))
+            calls.clear()
+            assert be.decode_tokens == 18
+            outs.append(torch.stack(logits))
+            L = len(model.layers)
+            kvs.append([torch.cat(be.store.read_kv(i, layer, torch.arange(-(-(lens[i] + 6) // 4)).numpy()))
+                        for i in range(3) for layer in (0, L - 1)])
+            counters.append([(t.counters.read, t.counters.blocks) for t in be.tiers] + [be.tail_counters.read])
+        finally:
+            be.close()
+    print(f"{stored} {tiers}: {hooked[0]} of {6 * len(model.layers)} layers hooked; counters {counters[0]}")
+    # every step but those where some tail fills (4-token blocks: here steps 1 and 5), unless on disk
+    calm = sum(all((s + step + 1) % 4 for s in lens) for step in range(6))
+    assert hooked[1] == 0 and hooked[0] == (0 if "1KiB" in tiers else calm * len(model.layers)) and calm == 2
+    assert torch.equal(outs[0], outs[1])
+    assert all(torch.equal(a, b) for a, b in zip(*kvs))
+    assert counters[0] == counters[1]
+
+
 @pytest.mark.parametrize("method", ["int4", "q5"])
 @pytest.mark.parametrize("rows", [1, 8, 9, 32])
 def test_pair_dot_products_match_the_exact_weights(method, rows):
