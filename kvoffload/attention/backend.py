@@ -118,6 +118,10 @@ class KVManager(AttentionBackend, Protocol):
         format of kv/layout.py (exact bytes, KV dtype)."""
         ...
 
+    # Optional: ``slot_buffer(seq_id, first, n)``, a writable view ``[layers, n, slot_elems]`` of
+    # where blocks ``first ..`` will live (None: not contiguous there), which the persistent
+    # store fills directly before ``load_slots`` is handed that view.
+
     def load_slots(self, seq_id: int, first: int, slots: torch.Tensor) -> None:
         """Blocks ``[layers, n, slot_elems]`` become the sequence's blocks ``first ..`` (it holds
         exactly ``first`` full blocks and no partial one), as if its prefill had written them."""

@@ -428,11 +428,21 @@ class DenseBackend:
         """``[layers, n, slot_elems]``: full blocks ``first .. first+n-1`` of every layer, as stored."""
         return self._slots(seq_id, (first + n) * self.bs)[:, first:first + n].clone()
 
+    def slot_buffer(self, seq_id: int, first: int, n: int) -> torch.Tensor | None:
+        """``[layers, n, slot_elems]``: where blocks ``first ..`` of the sequence live (a view,
+        CPU only: the persistent store reads its blocks straight into it), else None."""
+        if self.device.type != "cpu":
+            return None
+        return self._slots(seq_id, (first + n) * self.bs)[:, first:first + n]
+
     def load_slots(self, seq_id: int, first: int, slots: torch.Tensor) -> None:
         """Blocks ``[layers, n, slot_elems]`` become the sequence's blocks ``first ..``, as if
-        prefilled (the policy's metadata built)."""
+        prefilled (the policy's metadata built); already in place when ``slots`` is a view of
+        :meth:`slot_buffer`."""
         n = slots.shape[1]
-        self._slots(seq_id, (first + n) * self.bs)[:, first:first + n] = slots.to(self.device)
+        dst = self._slots(seq_id, (first + n) * self.bs)[:, first:first + n]
+        if not (slots.data_ptr() == dst.data_ptr() and slots.stride() == dst.stride()):
+            dst.copy_(slots.to(self.device))
         if self.policy is not None:
             for layer in range(self.cfg.num_layers):
                 self.policy.append(layer, seq_id, first * self.bs, *self.layout.unpack(slots[layer]))

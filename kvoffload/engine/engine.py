@@ -270,7 +270,8 @@ class Engine:
                 holder = self.seqs.get(source) or self._finished[source]
                 seq.stored_blocks = min(n, holder.stored_blocks)
         if self.prefix is not None and n < limit:
-            found = self.prefix.find(seq.block_keys[n:limit])
+            into = getattr(self.kv, "slot_buffer", None)              # (read straight into the KV's memory)
+            found = self.prefix.find(seq.block_keys[n:limit], None if into is None else into(seq.seq_id, n, limit - n))
             if found is not None:
                 self.kv.load_slots(seq.seq_id, n, found.slots)
                 seq.reused_tokens = found.blocks * bs

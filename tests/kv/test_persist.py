@@ -102,6 +102,25 @@ def test_reuse_equals_fresh_prefill(dense, fresh, tmp_path, placement):
     assert tok1[0] == ref_tokens[0] and tok2 == ref_tokens
 
 
+@pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
+def test_reuse_of_compressed_blocks(tiny_hf, tmp_path, kv_dtype):
+    """A compressed KV (``--kv-dtype int8 / int4``) is stored and reused as its compressed
+    blocks; with one block a prefill chunk (so that a fresh prefill attends the same compressed
+    prefix the reuse does, whatever the boundary), greedy output identical to the runs without
+    a store, the second run reusing the first's blocks."""
+    _, path = tiny_hf("qwen2")
+    store = str(tmp_path / "s")
+    kw = dict(dtype="float32", kv_dtype=kv_dtype, prefill_chunk=GEOMETRY["block_size"], prefix_sharing=False,
+              **GEOMETRY)
+    ref = LLM(path, **kw).generate(QUESTIONS, PARAMS)
+    outs = []
+    for _ in range(2):
+        llm = LLM(path, kv_store=store, **kw)
+        outs.append(llm.generate(QUESTIONS, PARAMS))
+    assert llm.engine.prefix.dir.counters.hits > 0 and "blocks reused" in llm.kv_report()
+    assert [o.token_ids for o in outs[0]] == [o.token_ids for o in outs[1]] == [o.token_ids for o in ref]
+
+
 def test_reuse_through_llm_api(tiny_hf, tmp_path):
     """``LLM(kv_store=...)``: the second LLM (new fingerprint computation, new index) reuses the
     first's blocks; greedy output identical; the report line says so."""
@@ -369,3 +388,33 @@ def test_found_blocks_are_a_writable_copy_without_warnings(tmp_path):
     assert found is not None and found.blocks == 4 and torch.equal(found.slots, slots)
     found.slots.add_(1)                                            # its own memory
     assert torch.equal(p.find(keys).slots, slots)
+
+
+@pytest.mark.parametrize("head_dim", [32, 24])
+def test_found_blocks_read_straight_into_the_kv_memory(tmp_path, head_dim):
+    """`find(keys, into=view)` (the in-memory backend's `slot_buffer`) fills the view itself —
+    the bytes `find` returns otherwise, with padding on disk (head_dim 24: 3 KiB slots) or
+    without — and stops at a damaged block with the blocks before it in place and nothing
+    written past them."""
+    from kvoffload.kv.layout import BlockLayout
+    from kvoffload.kv.persist.store import chain_keys
+
+    lay = BlockLayout(16, 2, head_dim, "bfloat16", 2)
+    p = PrefixStore(BlockDir(str(tmp_path / "s"), fsync="none"), "m", lay, 3)
+    tokens = list(range(80))
+    keys = chain_keys(p.ns, tokens, 16, 5)
+    g = torch.Generator().manual_seed(1)
+    raw = torch.randint(0, 255, (3, 5, lay.slot_bytes), dtype=torch.uint8, generator=g)
+    assert p.save(tokens, keys, 0, raw.view(p.dtype)) == 5
+    kv = torch.zeros(3, 8, lay.slot_elems, dtype=p.dtype)                # a sequence's slots, every layer
+    found = p.find(keys, into=kv[:, 1:6])
+    assert found.blocks == 5 and found.slots.data_ptr() == kv[:, 1:6].data_ptr()
+    b = kv.view(torch.uint8)
+    assert torch.equal(b[:, 1:6], raw) and torch.equal(p.find(keys).slots.view(torch.uint8), raw)
+    assert not b[:, [0, 6, 7]].any()
+    with open(p.dir.file_of(keys[3].hex()), "r+b") as f:                 # block 3 damaged
+        f.seek(4096 + 5)
+        f.write(bytes(3) if raw[0, 3, 5:8].any() else b"\x01\x02\x03")
+    kv.zero_()
+    found = p.find(keys, into=kv[:, 1:6])
+    assert found.blocks == 3 and torch.equal(b[:, 1:4], raw[:, :3]) and not b[:, 4:].any()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kvoffload.dtypes import torch_dtype
+from kvoffload.dtypes import storage_torch_dtype
 from kvoffload.kv.layout import BlockLayout
 from kvoffload.kv.persist.store import (
     HEADER,
@@ -43,7 +43,7 @@ class PrefixStore:
                  source: str = "") -> None:
         self.dir, self.layout, self.num_layers = directory, layout, num_layers
         self.ns = namespace(fingerprint, layout)
-        self.dtype = torch_dtype(layout.dtype)
+        self.dtype = storage_torch_dtype(layout.dtype)          # (a compressed KV's slots: bytes)
         directory.note_namespace(self.ns, {"model": fingerprint, "source": source, "layers": num_layers, "block_size": layout.block_size,
                                            "kv_heads": layout.num_kv_heads, "head_dim": layout.head_dim,
                                            "kv_dtype": layout.dtype})
@@ -54,26 +54,37 @@ class PrefixStore:
                 and h.stride == lay.disk_stride and h.block_size == lay.block_size)
 
     # ---- reading ----
-    def find(self, keys: list[bytes]) -> Found | None:
+    def find(self, keys: list[bytes], into: torch.Tensor | None = None) -> Found | None:
         """The longest run of leading blocks in the store (a damaged one ends it: it is dropped
-        and recomputed); None when the first is missing. The blocks found are touched (LRU)."""
-        lay = self.layout
-        got: list[np.ndarray] = []
+        and recomputed); None when the first is missing. The blocks found are touched (LRU).
+        ``into``: where the slots go (``[layers, >= len(keys), slot_elems]``, KV dtype, CPU: the
+        KV manager's own memory, :meth:`KVManager.slot_buffer`); else a new array."""
+        lay, L = self.layout, self.num_layers
         hexes = [k.hex() for k in keys]
+        # each file is read into one reused buffer, checked, and its slots copied once to their
+        # place: no fresh memory a block (first touches of fresh pages dominate this path)
+        if into is None:
+            out = np.empty((L, len(keys), lay.slot_bytes), np.uint8)       # [layers, n, slot_bytes]
+        else:
+            out = into.view(torch.uint8).numpy()
+            if out.shape[0] != L or out.shape[1] < len(keys) or out.shape[2] != lay.slot_bytes:
+                raise ValueError(f"into: [{L}, >= {len(keys)}, {lay.slot_bytes} bytes], got {tuple(out.shape)}")
+        buf, n = bytearray(), 0
         for key in hexes:
-            r = self.dir.read(key, self._expect)
+            r = self.dir.read(key, self._expect, buf=buf)
             if r is None:
                 break
-            _, raw = r
-            payload = np.frombuffer(raw, np.uint8, offset=HEADER).reshape(self.num_layers, lay.disk_stride)
-            got.append(payload[:, :lay.slot_bytes])                    # a read-only view of the file's bytes
-        if not got:
+            payload = np.frombuffer(r[1], np.uint8, count=L * lay.disk_stride, offset=HEADER)
+            out[:, n] = payload.reshape(L, lay.disk_stride)[:, :lay.slot_bytes]
+            n += 1
+        if not n:
             return None
-        self.dir.touch(hexes[:len(got)])
-        self.dir.counters.hits += len(got)
-        self.dir.counters.hit_tokens += len(got) * lay.block_size
-        # one copy into a writable array (torch warns on read-only numpy memory)
-        return Found(torch.from_numpy(np.stack(got, axis=1)).view(self.dtype))   # [layers, n, slot_elems]
+        self.dir.touch(hexes[:n])
+        self.dir.counters.hits += n
+        self.dir.counters.hit_tokens += n * lay.block_size
+        if into is not None:
+            return Found(into[:, :n])
+        return Found(torch.from_numpy(out[:, :n]).view(self.dtype))     # [layers, n, slot_elems]
 
     def missing(self, keys: list[bytes]) -> int:
         """Index of the first of ``keys`` without a block file (len(keys): all there)."""
@@ -93,15 +104,19 @@ class PrefixStore:
         n = slots.shape[1]
         raw = slots.detach().cpu().contiguous().view(torch.uint8).numpy()   # [layers, n, slot_bytes]
         written = []
+        # one file image reused for every block (header, then each layer's slot at its page-aligned
+        # stride; the padding stays zero): no fresh memory a block
+        image = bytearray(HEADER + self.num_layers * lay.disk_stride)
+        payload = np.frombuffer(image, np.uint8, offset=HEADER).reshape(self.num_layers, lay.disk_stride)
         for i in range(n):
             b = first + i
-            payload = np.zeros((self.num_layers, lay.disk_stride), np.uint8)
             payload[:, :lay.slot_bytes] = raw[:, i]
             parent = keys[b - 1] if b else ROOT
             tokens = np.asarray(token_ids[b * bs:(b + 1) * bs], np.int64)
             h = BlockHeader(self.num_layers, lay.slot_bytes, lay.disk_stride, bs, _checksum(payload), keys[b],
                             parent, self.ns, tokens)
-            if not self.dir.write(keys[b].hex(), h.pack() + payload.tobytes()):
+            image[:HEADER] = h.pack()
+            if not self.dir.write(keys[b].hex(), image):
                 break
             written.append(keys[b].hex())
         self.dir.sync_dirs(written)

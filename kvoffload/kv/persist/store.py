@@ -266,14 +266,29 @@ class BlockDir:
 
     # ---- reading ----
     def read(self, key: str, expect: Callable[[BlockHeader], bool],
-             report: Callable[[str], None] | None = None) -> tuple[BlockHeader, bytes] | None:
+             report: Callable[[str], None] | None = None,
+             buf: bytearray | None = None) -> tuple[BlockHeader, bytes | memoryview] | None:
         """The block's header and payload, or None: absent (a miss), or damaged / not what
         ``expect`` accepts (then deleted, with a one-line warning; with ``report``, only
-        reported to it, and kept)."""
+        reported to it, and kept). ``buf``: the file is read into it (grown to fit) and the
+        result is a view of it, valid until the next read into it (no fresh memory a block:
+        reading a long prefix's blocks then faults no new pages)."""
         path = self.file_of(key)
         try:
-            with open(path, "rb") as f:
-                raw = f.read()
+            with open(path, "rb", buffering=0) as f:
+                if buf is None:
+                    raw = f.readall()
+                else:
+                    size = os.fstat(f.fileno()).st_size
+                    if len(buf) < size:
+                        buf.extend(bytes(size - len(buf)))
+                    view, got = memoryview(buf), 0
+                    while got < size:
+                        k = f.readinto(view[got:size])
+                        if not k:
+                            break                          # shorter than its size said: judged below
+                        got += k
+                    raw = view[:got]
         except FileNotFoundError:
             self.index.pop(key, None)
             return None
@@ -319,7 +334,7 @@ class BlockDir:
                 self.index[key] = Entry(key, self.index[key].bytes, t)
 
     # ---- writing ----
-    def write(self, key: str, data: bytes) -> bool:
+    def write(self, key: str, data: bytes | bytearray) -> bool:
         """Store one block file atomically; False (one warning) when the disk is full or the
         write fails otherwise. An existing block (another process wrote it) is kept."""
         path = self.file_of(key)
