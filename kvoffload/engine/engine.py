@@ -270,12 +270,19 @@ class Engine:
                 holder = self.seqs.get(source) or self._finished[source]
                 seq.stored_blocks = min(n, holder.stored_blocks)
         if self.prefix is not None and n < limit:
-            into = getattr(self.kv, "slot_buffer", None)              # (read straight into the KV's memory)
-            found = self.prefix.find(seq.block_keys[n:limit], None if into is None else into(seq.seq_id, n, limit - n))
-            if found is not None:
-                self.kv.load_slots(seq.seq_id, n, found.slots)
-                seq.reused_tokens = found.blocks * bs
-                n += found.blocks
+            keys = seq.block_keys[n:limit]
+            into = getattr(self.kv, "slot_buffer", None)
+            into = None if into is None else into(seq.seq_id, n, limit - n)
+            if into is not None:                                   # read straight into the KV's memory
+                found = self.prefix.find(keys, into)
+                got = 0 if found is None else found.blocks
+                if got:
+                    self.kv.load_slots(seq.seq_id, n, found.slots)
+            else:                                                  # placed a batch of blocks at a time
+                got = self.prefix.load(keys, lambda i, slots, first=n: self.kv.load_slots(seq.seq_id, first + i, slots))
+            if got:
+                seq.reused_tokens = got * bs
+                n += got
                 seq.stored_blocks = n
         seq.num_cached = n * bs
         if self.live is not None:

@@ -394,8 +394,8 @@ def test_found_blocks_are_a_writable_copy_without_warnings(tmp_path):
 def test_found_blocks_read_straight_into_the_kv_memory(tmp_path, head_dim):
     """`find(keys, into=view)` (the in-memory backend's `slot_buffer`) fills the view itself —
     the bytes `find` returns otherwise, with padding on disk (head_dim 24: 3 KiB slots) or
-    without — and stops at a damaged block with the blocks before it in place and nothing
-    written past them."""
+    without — and `load` hands them on a few at a time; both stop at a damaged block with the
+    blocks before it in place and nothing written past them."""
     from kvoffload.kv.layout import BlockLayout
     from kvoffload.kv.persist.store import chain_keys
 
@@ -412,9 +412,15 @@ def test_found_blocks_read_straight_into_the_kv_memory(tmp_path, head_dim):
     b = kv.view(torch.uint8)
     assert torch.equal(b[:, 1:6], raw) and torch.equal(p.find(keys).slots.view(torch.uint8), raw)
     assert not b[:, [0, 6, 7]].any()
+    placed = []                                  # load(): a few blocks at a time through one buffer
+    assert p.load(keys, lambda i, s: placed.append((i, s.view(torch.uint8).clone())), batch=2) == 5
+    assert [i for i, _ in placed] == [0, 2, 4] and torch.equal(torch.cat([s for _, s in placed], 1), raw)
     with open(p.dir.file_of(keys[3].hex()), "r+b") as f:                 # block 3 damaged
         f.seek(4096 + 5)
         f.write(bytes(3) if raw[0, 3, 5:8].any() else b"\x01\x02\x03")
     kv.zero_()
     found = p.find(keys, into=kv[:, 1:6])
     assert found.blocks == 3 and torch.equal(b[:, 1:4], raw[:, :3]) and not b[:, 4:].any()
+    placed.clear()
+    assert p.load(keys, lambda i, s: placed.append((i, s.view(torch.uint8).clone())), batch=2) == 3
+    assert [i for i, _ in placed] == [0, 2] and torch.equal(torch.cat([s for _, s in placed], 1), raw[:, :3])

@@ -7,6 +7,7 @@ and the prompt's prefill starts after them; the blocks a prefill computed are st
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,32 +60,51 @@ class PrefixStore:
         and recomputed); None when the first is missing. The blocks found are touched (LRU).
         ``into``: where the slots go (``[layers, >= len(keys), slot_elems]``, KV dtype, CPU: the
         KV manager's own memory, :meth:`KVManager.slot_buffer`); else a new array."""
-        lay, L = self.layout, self.num_layers
-        hexes = [k.hex() for k in keys]
-        # each file is read into one reused buffer, checked, and its slots copied once to their
-        # place: no fresh memory a block (first touches of fresh pages dominate this path)
+        L, sb = self.num_layers, self.layout.slot_bytes
         if into is None:
-            out = np.empty((L, len(keys), lay.slot_bytes), np.uint8)       # [layers, n, slot_bytes]
+            out = np.empty((L, len(keys), sb), np.uint8)                   # [layers, n, slot_bytes]
         else:
             out = into.view(torch.uint8).numpy()
-            if out.shape[0] != L or out.shape[1] < len(keys) or out.shape[2] != lay.slot_bytes:
-                raise ValueError(f"into: [{L}, >= {len(keys)}, {lay.slot_bytes} bytes], got {tuple(out.shape)}")
-        buf, n = bytearray(), 0
+            if out.shape[0] != L or out.shape[1] < len(keys) or out.shape[2] != sb:
+                raise ValueError(f"into: [{L}, >= {len(keys)}, {sb} bytes], got {tuple(out.shape)}")
+        n = self._scan(keys, out, None)
+        if not n:
+            return None
+        return Found(into[:, :n] if into is not None else torch.from_numpy(out[:, :n]).view(self.dtype))
+
+    def load(self, keys: list[bytes], place: Callable[[int, torch.Tensor], None], batch: int = 64) -> int:
+        """:meth:`find` for a KV manager that copies blocks to their place anyway (the tiered
+        store): the blocks found, ``batch`` at a time, go to ``place(i, slots)`` (blocks ``i ..``,
+        ``[layers, k, slot_elems]``, a view of one reused buffer valid during the call); returns
+        how many. (One buffer of ``batch`` blocks, not a fresh array of the whole prefix.)"""
+        out = np.empty((self.num_layers, min(batch, len(keys)), self.layout.slot_bytes), np.uint8)
+        return self._scan(keys, out, lambda i, k: place(i, torch.from_numpy(out[:, :k]).view(self.dtype)))
+
+    def _scan(self, keys: list[bytes], out: np.ndarray, full: Callable[[int, int], None] | None) -> int:
+        """Blocks of ``keys`` read in order until one is missing or damaged, their slots copied
+        into ``out`` ``[layers, cap, slot_bytes]`` (``full``: round robin, ``full(i, k)`` called
+        with each ``k`` blocks ``i ..`` held there; None: ``out`` holds them all). Each file is
+        read into one reused buffer and checked first: no fresh memory a block (first touches of
+        fresh pages dominate this path). The blocks found are touched (LRU) and counted."""
+        lay, L = self.layout, self.num_layers
+        hexes = [k.hex() for k in keys]
+        buf, n, cap = bytearray(), 0, out.shape[1]
         for key in hexes:
             r = self.dir.read(key, self._expect, buf=buf)
             if r is None:
                 break
             payload = np.frombuffer(r[1], np.uint8, count=L * lay.disk_stride, offset=HEADER)
-            out[:, n] = payload.reshape(L, lay.disk_stride)[:, :lay.slot_bytes]
+            out[:, n % cap] = payload.reshape(L, lay.disk_stride)[:, :lay.slot_bytes]
             n += 1
-        if not n:
-            return None
-        self.dir.touch(hexes[:n])
-        self.dir.counters.hits += n
-        self.dir.counters.hit_tokens += n * lay.block_size
-        if into is not None:
-            return Found(into[:, :n])
-        return Found(torch.from_numpy(out[:, :n]).view(self.dtype))     # [layers, n, slot_elems]
+            if full is not None and n % cap == 0:
+                full(n - cap, cap)
+        if full is not None and n % cap:
+            full(n - n % cap, n % cap)
+        if n:
+            self.dir.touch(hexes[:n])
+            self.dir.counters.hits += n
+            self.dir.counters.hit_tokens += n * lay.block_size
+        return n
 
     def missing(self, keys: list[bytes]) -> int:
         """Index of the first of ``keys`` without a block file (len(keys): all there)."""
