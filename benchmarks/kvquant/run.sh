@@ -8,7 +8,8 @@
 #   attention     decode attention alone per tier (host RAM, disk workers), bf16 / int8 / int4
 #   ram_8k        decode, KV in RAM, 1 x 8K: bf16 (dense store, block store) vs int8 / int4
 #   disk_8k       decode, KV mostly on disk (host budget a tenth of each run's KV), 1 x 8K
-#   batch16_4k    decode, 16 x 4K, KV in RAM, bf16 vs int4
+#   disk_8k_inproc  the same, the disk read in this process (--disk-workers 0)
+#   batch16_4k    decode, 16 x 4K, KV in RAM: bf16 (dense store, block store) vs int8 / int4
 #   eval_bf16 eval_int8 eval_int4 eval_blocks eval_int8_g32 eval_int4_g32
 #                 kvoffload eval (ppl, agreement / KL against bf16 KV, niah_single), 2K-8K x 3
 #   llamacpp      llama.cpp's f16 / q8_0 / q4_0 KV on the same ppl passages: ppl and speed
@@ -33,7 +34,13 @@ step() {
       --config "bf16-disk:kv_host_budget=18MiB" --config "int8-disk:kv_dtype=int8,kv_host_budget=11MiB" \
       --config "int4-disk:kv_dtype=int4,kv_host_budget=6MiB" -o "$OUT/disk_8k" ;;
   batch16_4k) timeout "$LIMIT" kvoffload bench -m smollm2-135m -p 0 -n 8 -d 4088 -b 16 -r 2 -t "$T" \
-      --config "int4:kv_dtype=int4" -o "$OUT/batch16_4k" ;;
+      --config "bf16-blocks:kv_host_budget=8GiB" --config "int8:kv_dtype=int8" --config "int4:kv_dtype=int4" \
+      -o "$OUT/batch16_4k" ;;
+  # the disk read and attended in this process (no worker round trips)
+  disk_8k_inproc) timeout "$LIMIT" kvoffload bench -m smollm2-135m -p 0 -n 16 -d 8176 -b 1 -r 3 -t "$T" \
+      --config "bf16-disk:kv_host_budget=18MiB,disk_workers=0" \
+      --config "int8-disk:kv_dtype=int8,kv_host_budget=11MiB,disk_workers=0" \
+      --config "int4-disk:kv_dtype=int4,kv_host_budget=6MiB,disk_workers=0" -o "$OUT/disk_8k_inproc" ;;
   eval_bf16) timeout "$LIMIT" kvoffload eval ppl,niah_single "${EVAL[@]}" --kv-dtype bfloat16 --label bf16 > /dev/null ;;
   eval_int8|eval_int4) kv=${1#eval_}
       timeout "$LIMIT" kvoffload eval ppl,agreement,niah_single "${EVAL[@]}" --kv-dtype "$kv" \
@@ -50,7 +57,7 @@ step() {
 }
 
 if [ $# -eq 0 ]; then
-  set -- capacity attention ram_8k disk_8k batch16_4k eval_bf16 eval_int8 eval_int4 eval_blocks \
+  set -- capacity attention ram_8k disk_8k disk_8k_inproc batch16_4k eval_bf16 eval_int8 eval_int4 eval_blocks \
     eval_int8_g32 eval_int4_g32 llamacpp
 fi
 for s in "$@"; do step "$s" || echo "step $s: exit $? (an eval / llamacpp step resumes when run again)" >&2; done

@@ -150,6 +150,28 @@ def test_int8_bf16_dot_products_match_fp32(rows):
         assert diff.max() <= 1e-5 * ref.abs().max()
 
 
+def ragged_decode(model, be, prompts: list[torch.Tensor], steps: int, spy) -> torch.Tensor:
+    """Prefill prompt i into ``be`` as sequence i, then ``steps`` decode steps of the ragged
+    batch of 3 with the fused layers' forward replaced by ``spy``: the logits ``[steps, 3, 1, V]``."""
+    for i, p in enumerate(prompts):
+        be.allocate(i, 64)
+        with torch.inference_mode():
+            model(p, ForwardBatch(Phase.PREFILL, (i,), torch.arange(p.shape[1])[None], (0,), Logits.LAST), be)
+    starts, logits = [p.shape[1] for p in prompts], []
+    real = fused_lib.FusedBlock.forward
+    fused_lib.FusedBlock.forward = spy
+    try:
+        for step in range(steps):
+            tok = torch.tensor([[7 + step], [100 + step], [200 - step]])
+            batch = ForwardBatch(Phase.DECODE, (0, 1, 2), torch.tensor(starts)[:, None], tuple(starts), Logits.ALL)
+            with torch.inference_mode():
+                logits.append(model(tok, batch, be))
+            starts = [s + 1 for s in starts]
+    finally:
+        fused_lib.FusedBlock.forward = real
+    return torch.stack(logits)
+
+
 @pytest.mark.parametrize("method", NATIVE_FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_layer_in_one_call_with_the_backends_hook_equals_the_three_steps(tiny_hf, method, dtype):
@@ -178,24 +200,9 @@ def test_layer_in_one_call_with_the_backends_hook_equals_the_three_steps(tiny_hf
     for hook in (True, False):
         be = DenseBackend(model.cfg, torch.device("cpu"), dtype, block_size=16)
         be.native_hook = hook
-        for i, p in enumerate(prompts):
-            be.allocate(i, 64)
-            with torch.inference_mode():
-                model(p, ForwardBatch(Phase.PREFILL, (i,), torch.arange(p.shape[1])[None], (0,), Logits.LAST), be)
-        starts, logits = list(lens), []
-        fused.FusedBlock.forward = spy
-        try:
-            for step in range(5):
-                tok = torch.tensor([[7 + step], [100 + step], [200 - step]])
-                batch = ForwardBatch(Phase.DECODE, (0, 1, 2), torch.tensor(starts)[:, None], tuple(starts), Logits.ALL)
-                with torch.inference_mode():
-                    logits.append(model(tok, batch, be))
-                starts = [s + 1 for s in starts]
-        finally:
-            fused.FusedBlock.forward = real
+        outs.append(ragged_decode(model, be, prompts, 5, spy))
         assert (calls[-1] is not None) == hook and be.decode_tokens == 15
         calls.clear()
-        outs.append(torch.stack(logits))
         kvs.append([be.seqs[i].clone() for i in range(3)])
     diff = (outs[0].float() - outs[1].float()).abs()
     print(f"{method} {dtype}: hook vs decode(): max {diff.max():.2e}")
@@ -243,25 +250,10 @@ def test_tiered_layer_in_one_call_equals_the_steps_through_python(tiny_hf, store
         be = TieredBackend(model.cfg, kvcfg, torch.device("cpu"), dtype, dtype, 2, stored=stored)
         be.native_hook = hook
         try:
-            for i, p in enumerate(prompts):
-                be.allocate(i, 64)
-                with torch.inference_mode():
-                    model(p, ForwardBatch(Phase.PREFILL, (i,), torch.arange(p.shape[1])[None], (0,), Logits.LAST), be)
-            starts, logits = list(lens), []
-            fused.FusedBlock.forward = spy
-            try:
-                for step in range(6):
-                    tok = torch.tensor([[7 + step], [100 + step], [200 - step]])
-                    batch = ForwardBatch(Phase.DECODE, (0, 1, 2), torch.tensor(starts)[:, None], tuple(starts), Logits.ALL)
-                    with torch.inference_mode():
-                        logits.append(model(tok, batch, be))
-                    starts = [s + 1 for s in starts]
-            finally:
-                fused.FusedBlock.forward = real
+            outs.append(ragged_decode(model, be, prompts, 6, spy))
             hooked.append(sum(c is not None for c in calls))
             calls.clear()
             assert be.decode_tokens == 18
-            outs.append(torch.stack(logits))
             L = len(model.layers)
             kvs.append([torch.cat(be.store.read_kv(i, layer, torch.arange(-(-(lens[i] + 6) // 4)).numpy()))
                         for i in range(3) for layer in (0, L - 1)])
