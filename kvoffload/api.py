@@ -110,9 +110,11 @@ class LLM:
         return "\n".join(lines) or None
 
     def close(self) -> None:
-        """Release the KV store's workers and files now (otherwise done at exit). The LLM
-        cannot generate afterwards."""
+        """Release the KV store's workers and files now (otherwise done at exit), after the
+        persistent store's queued writes. The LLM cannot generate afterwards."""
         self.closed = True
+        if self.engine.prefix is not None:
+            self.engine.prefix.flush()
         self.engine.kv.close()
 
     def _check_open(self) -> None:

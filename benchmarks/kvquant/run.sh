@@ -10,7 +10,7 @@
 #   disk_8k       decode, KV mostly on disk (host budget a tenth of each run's KV), 1 x 8K
 #   disk_8k_inproc  the same, the disk read in this process (--disk-workers 0)
 #   batch16_4k    decode, 16 x 4K, KV in RAM: bf16 (dense store, block store) vs int8 / int4
-#   eval_bf16 eval_int8 eval_int4 eval_blocks eval_int8_g32 eval_int4_g32
+#   eval_bf16 eval_int8 eval_int4 eval_blocks eval_int8_g32 eval_int4_g32 eval_floor
 #                 kvoffload eval (ppl, agreement / KL against bf16 KV, niah_single), 2K-8K x 3
 #   llamacpp      llama.cpp's f16 / q8_0 / q4_0 KV on the same ppl passages: ppl and speed
 set -euo pipefail
@@ -47,6 +47,9 @@ step() {
         --reference kv_dtype=bfloat16 --label "$kv" > /dev/null ;;
   eval_blocks) timeout "$LIMIT" kvoffload eval agreement "${EVAL[@]}" --kv-dtype bfloat16 --kv-host-budget 4GiB \
       --reference kv_dtype=bfloat16 --label bf16-blocks > /dev/null ;;
+  # the noise floor of the agreement metric: the model in fp32 against the same bf16 reference
+  eval_floor) timeout "$LIMIT" kvoffload eval agreement "${EVAL[@]}" --dtype float32 \
+      --reference dtype=bfloat16 --reference kv_dtype=bfloat16 --label fp32-compute > /dev/null ;;
   eval_int8_g32|eval_int4_g32) kv=${1#eval_}; kv=${kv%_g32}
       timeout "$LIMIT" kvoffload eval ppl,agreement "${EVAL[@]}" --kv-dtype "$kv" --kv-group-size 32 \
         --reference kv_dtype=bfloat16 --label "$kv-g32" > /dev/null ;;
@@ -58,6 +61,6 @@ step() {
 
 if [ $# -eq 0 ]; then
   set -- capacity attention ram_8k disk_8k disk_8k_inproc batch16_4k eval_bf16 eval_int8 eval_int4 eval_blocks \
-    eval_int8_g32 eval_int4_g32 llamacpp
+    eval_int8_g32 eval_int4_g32 eval_floor llamacpp
 fi
 for s in "$@"; do step "$s" || echo "step $s: exit $? (an eval / llamacpp step resumes when run again)" >&2; done

@@ -326,7 +326,7 @@ class Engine:
         pinned = self._pinned.pop(seq.seq_id, None)
         if pinned:
             self.prefix.unpin(pinned)
-            self.prefix.dir.enforce_budget()
+            self.prefix.enforce_budget()
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> Executed:
@@ -457,6 +457,8 @@ class Engine:
                 seq.append(tok)
                 if seq.finish_reason is not None:
                     seq.finish()
+                    if self.prefix is not None:       # a request ends with its prompt's blocks stored
+                        self.prefix.flush()
                     if self.spec is not None:
                         self.spec.free(sid)
                     if self.live is not None and self.scheduler.waiting:

@@ -424,3 +424,43 @@ def test_found_blocks_read_straight_into_the_kv_memory(tmp_path, head_dim):
     placed.clear()
     assert p.load(keys, lambda i, s: placed.append((i, s.view(torch.uint8).clone())), batch=2) == 3
     assert [i for i, _ in placed] == [0, 2] and torch.equal(torch.cat([s for _, s in placed], 1), raw[:, :3])
+
+
+def test_writes_behind_the_model_in_chain_order(tmp_path, monkeypatch, capfd):
+    """`save` queues its blocks for the writer thread and returns: a queued block counts as
+    present (`missing`), a lookup waits for the writes; a write that fails (a full disk) ends
+    its prompt's chain — the later blocks, also those of a later `save` of the same prompt, are
+    not written — while another prompt's chain is written whole. One warning."""
+    import threading
+
+    from kvoffload.kv.layout import BlockLayout
+    from kvoffload.kv.persist.store import chain_keys
+
+    lay = BlockLayout(16, 2, 32, "float32", 2)
+    p = PrefixStore(BlockDir(str(tmp_path / "s"), fsync="none"), "m", lay, 3)
+    g = torch.Generator().manual_seed(2)
+    a, b = list(range(80)), list(range(100, 180))
+    ka, kb = chain_keys(p.ns, a, 16, 5), chain_keys(p.ns, b, 16, 5)
+    sa, sb_ = torch.randn(3, 5, lay.slot_elems, generator=g), torch.randn(3, 5, lay.slot_elems, generator=g)
+    gate, real, calls = threading.Event(), store_mod._write_all, {"n": 0}
+
+    def slow_then_full(fd, data):                    # (the writer thread) holds until released
+        gate.wait(10)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, data)
+
+    monkeypatch.setattr(store_mod, "_write_all", slow_then_full)
+    capfd.readouterr()
+    assert p.save(a, ka, 0, sa[:, :3]) == 3 and p.save(a, ka, 3, sa[:, 3:]) == 2   # prompt a, two chunks
+    assert p.missing(ka) == 5 and not os.listdir(os.path.join(p.dir.path, "blocks"))  # queued, none written yet
+    gate.set()
+    assert p.save(b, kb, 0, sb_) == 5
+    found = p.find(ka)                               # waits for the writes first
+    assert found is not None and found.blocks == 1 and torch.equal(found.slots, sa[:, :1])
+    assert p.missing(ka) == 1                        # block 1 failed; 2-4 never written (past the hole)
+    assert torch.equal(p.find(kb).slots, sb_)        # the other prompt: whole
+    err = capfd.readouterr().err
+    assert err.count("could not be written") == 1 and "disk is full" in err, err
+    assert not os.listdir(os.path.join(p.dir.path, "tmp"))       # nothing half-written
