@@ -12,6 +12,8 @@
 #   batch16_4k    decode, 16 x 4K, KV in RAM: bf16 (dense store, block store) vs int8 / int4
 #   eval_bf16 eval_int8 eval_int4 eval_blocks eval_int8_g32 eval_int4_g32 eval_floor
 #                 kvoffload eval (ppl, agreement / KL against bf16 KV, niah_single), 2K-8K x 3
+#   qwen_bf16 qwen_int8 qwen_int4
+#                 the same on Qwen2.5-Coder-0.5B, 2K-8K x 2 (16K does not fit a 10-minute step)
 #   llamacpp      llama.cpp's f16 / q8_0 / q4_0 KV on the same ppl passages: ppl and speed
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -19,6 +21,7 @@ OUT=benchmarks/kvquant
 T=${THREADS:-2}
 LIMIT=${LIMIT:-570}                         # seconds per step (resumable steps continue on a rerun)
 EVAL=(-m smollm2-135m -L 2k,4k,8k --samples 3 -t "$T" --prefill-chunk 512 -o "$OUT/eval_smollm2")
+QWEN=(-m qwen2.5-coder-0.5b -L 2k,4k,8k --samples 2 -t "$T" --prefill-chunk 512 -o "$OUT/eval_qwen")
 
 step() {
   case "$1" in
@@ -53,6 +56,11 @@ step() {
   eval_int8_g32|eval_int4_g32) kv=${1#eval_}; kv=${kv%_g32}
       timeout "$LIMIT" kvoffload eval ppl,agreement "${EVAL[@]}" --kv-dtype "$kv" --kv-group-size 32 \
         --reference kv_dtype=bfloat16 --label "$kv-g32" > /dev/null ;;
+  # Qwen2.5-Coder-0.5B (2 KV heads x 64 dims, 7 query heads per KV head), 2K-8K x 2 samples
+  qwen_bf16) timeout "$LIMIT" kvoffload eval ppl,niah_single "${QWEN[@]}" --kv-dtype bfloat16 --label bf16 > /dev/null ;;
+  qwen_int8|qwen_int4) kv=${1#qwen_}
+      timeout "$LIMIT" kvoffload eval ppl,agreement,niah_single "${QWEN[@]}" --kv-dtype "$kv" \
+        --reference kv_dtype=bfloat16 --label "$kv" > /dev/null ;;
   llamacpp) timeout "$LIMIT" python "$OUT/llamacpp.py" -m smollm2-135m -L 2k,4k,8k --samples 3 -t "$T" \
       -o "$OUT/llamacpp_smollm2" ;;
   *) echo "unknown step $1" >&2; exit 2 ;;
@@ -61,6 +69,6 @@ step() {
 
 if [ $# -eq 0 ]; then
   set -- capacity attention ram_8k disk_8k disk_8k_inproc batch16_4k eval_bf16 eval_int8 eval_int4 eval_blocks \
-    eval_int8_g32 eval_int4_g32 eval_floor llamacpp
+    eval_int8_g32 eval_int4_g32 eval_floor qwen_bf16 qwen_int8 qwen_int4 llamacpp
 fi
 for s in "$@"; do step "$s" || echo "step $s: exit $? (an eval / llamacpp step resumes when run again)" >&2; done
