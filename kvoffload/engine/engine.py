@@ -297,10 +297,8 @@ class Engine:
         if full <= first:
             return
         first += self.prefix.missing(seq.block_keys[first:full])
-        if first < full:
-            n = self.prefix.save(seq.prompt_ids, seq.block_keys, first, self.kv.read_slots(seq.seq_id, first, full - first))
-            if first + n < full:              # a failed write: later blocks could never be found past the hole
-                full = len(seq.block_keys)
+        if first < full:                      # (queued: written behind the model, PrefixStore.save)
+            self.prefix.save(seq.prompt_ids, seq.block_keys, first, self.kv.read_slots(seq.seq_id, first, full - first))
         seq.stored_blocks = full
 
     def _retire(self, seq: Sequence) -> None:
