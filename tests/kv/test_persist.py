@@ -161,7 +161,7 @@ def _block_files(store: str) -> list[str]:
     return sorted(p for _, p in BlockDir(store).files())
 
 
-@pytest.mark.parametrize("damage", ["bitflip-payload", "bitflip-header", "truncate", "empty"])
+@pytest.mark.parametrize("damage", ["bitflip-payload", "bitflip-header", "truncate", "extend", "empty"])
 def test_damaged_block_is_dropped_and_recomputed(dense, tmp_path, capfd, damage):
     """A damaged block is deleted with a one-line warning and recomputed: the answer is the
     fresh prefill's, the store holds a good copy again."""
@@ -176,6 +176,8 @@ def test_damaged_block_is_dropped_and_recomputed(dense, tmp_path, capfd, damage)
         data[100] ^= 0x01                                 # inside the parent key
     elif damage == "truncate":
         data = data[:len(data) - 512]
+    elif damage == "extend":                              # longer than its blocks: read, then refused
+        data += bytes(5000)
     else:
         data = bytearray()
     open(victim, "wb").write(bytes(data))
@@ -454,7 +456,7 @@ def test_writes_behind_the_model_in_chain_order(tmp_path, monkeypatch, capfd):
     monkeypatch.setattr(store_mod, "_write_all", slow_then_full)
     capfd.readouterr()
     assert p.save(a, ka, 0, sa[:, :3]) == 3 and p.save(a, ka, 3, sa[:, 3:]) == 2   # prompt a, two chunks
-    assert p.missing(ka) == 5 and not os.listdir(os.path.join(p.dir.path, "blocks"))  # queued, none written yet
+    assert p.missing(ka) == 5 and not list(p.dir.files())          # queued, none written yet
     gate.set()
     assert p.save(b, kb, 0, sb_) == 5
     found = p.find(ka)                               # waits for the writes first

@@ -270,18 +270,19 @@ class BlockDir:
              buf: bytearray | None = None) -> tuple[BlockHeader, bytes | memoryview] | None:
         """The block's header and payload, or None: absent (a miss), or damaged / not what
         ``expect`` accepts (then deleted, with a one-line warning; with ``report``, only
-        reported to it, and kept). ``buf``: the file is read into it (grown to fit) and the
-        result is a view of it, valid until the next read into it (no fresh memory a block:
-        reading a long prefix's blocks then faults no new pages)."""
+        reported to it, and kept). ``buf``: the file is read into it (an empty one is sized by
+        the first file; a larger file is read apart) and the result is a view of it, valid until
+        the next read into it (no fresh memory a block: reading a long prefix's blocks then
+        faults no new pages)."""
         path = self.file_of(key)
         try:
             with open(path, "rb", buffering=0) as f:
-                if buf is None:
+                size = os.fstat(f.fileno()).st_size
+                if buf is not None and not buf:
+                    buf.extend(bytes(size))                # sized by the first block read
+                if buf is None or size > len(buf):         # (a block of another size: read apart)
                     raw = f.readall()
                 else:
-                    size = os.fstat(f.fileno()).st_size
-                    if len(buf) < size:
-                        buf.extend(bytes(size - len(buf)))
                     view, got = memoryview(buf), 0
                     while got < size:
                         k = f.readinto(view[got:size])
