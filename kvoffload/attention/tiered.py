@@ -322,13 +322,13 @@ class TieredBackend:
         """A dense decode layer whose chunks are all in memory tiers, as a native hook
         (kernels/kvo_hook.h) that the fused layer runs inside its own call: what :meth:`decode`
         runs through :meth:`_decode_dense` (append to the tails, the tails' and the blocks'
-        calls, the merge), the same bits, without the trip through Python. None (``decode``
-        runs) where a layer does more: a sparse policy; a chunk on a tier that is read or
-        attended elsewhere (disk); a tail that fills this step (it becomes a block after the
-        layer); another forward at the same time (decode micro-batches: the tiers' placement
-        is shared); k/v in another dtype than the tails'."""
+        calls, the merge), the same bits, without the trip through Python; a tail that fills
+        this step becomes a block after the call (:meth:`native_done`). None (``decode`` runs)
+        where a layer does more: a sparse policy; a chunk on a tier that is read or attended
+        elsewhere (disk); another forward at the same time (decode micro-batches: the tiers'
+        placement is shared); k/v in another dtype than the tails'."""
         if (self.kernel is None or self.block_kernel is None or not self.native_hook or dtype != self.kv_dtype
-                or self.policy is not None or batch.concurrent or any((s + 1) % self.bs == 0 for s in batch.starts)):
+                or self.policy is not None or batch.concurrent):
             return None
         with self._lock:
             plan = self._plan(layer, batch)
@@ -342,10 +342,22 @@ class TieredBackend:
                 c.read += read
                 c.blocks += n
             self.tail_counters.read += int(self._step_state.last.sum()) * self.tail_layout.token_bytes(1)
-            self.store.send()
             if layer == self.cfg.num_layers - 1:
                 self.decode_tokens += len(batch.seq_ids)
         return hook
+
+    def native_done(self, layer: int, batch: ForwardBatch) -> None:
+        """After a hooked layer's call: what :meth:`decode` does after its attention — each tail
+        that the new token filled becomes a block (placed, compressed if the blocks are), the
+        queued writes go out."""
+        with self._lock:
+            self._tails_filled(layer, batch)
+
+    def _tails_filled(self, layer: int, batch: ForwardBatch) -> None:
+        for sid, s in zip(batch.seq_ids, batch.starts):
+            if (s + 1) % self.bs == 0:                                          # the tail is full
+                self.store.flush_tail(sid, layer)
+        self.store.send()
 
     def _decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 batch: ForwardBatch) -> torch.Tensor:
@@ -368,10 +380,7 @@ class TieredBackend:
                 o = self._decode_dense(layer, q_rows, k_new, v_new, batch)
             else:
                 o = self._decode_items(layer, q_rows, k_new, v_new, batch, chosen, rebuilt)
-        for sid, s in zip(batch.seq_ids, batch.starts):
-            if (s + 1) % self.bs == 0:                                          # the tail is full
-                self.store.flush_tail(sid, layer)
-        self.store.send()
+        self._tails_filled(layer, batch)
         if layer == self.cfg.num_layers - 1:
             self.decode_tokens += len(batch.seq_ids)
         return o.unsqueeze(1).to(q.dtype)

@@ -148,6 +148,9 @@ class FusedBlock(nn.Module):
                              ws.data_ptr(), self.threads, ctypes.byref(hook))
             if rc:
                 raise RuntimeError(f"native decode layer {self.layer}: attention failed (rc {rc})")
+            done = getattr(backend, "native_done", None)       # the hook's second phase, if any
+            if done is not None:
+                done(self.layer, batch)
             return out
         ws = torch.empty(rows * max(self.ws_in, self.ws_out), dtype=torch.float32)
         qkv = torch.empty(B, L, self.qkv_cols, dtype=x.dtype)

@@ -81,3 +81,5 @@ class AttentionBackend(Protocol):
     # Optional: ``native_decode(layer, batch, dtype)``, a decode layer's attention as a native
     # hook (kernels/hook.py's AttnHook, kernels/kvo_hook.h) that a fused layer calls inside its
     # own native call, with the same result as ``decode``; None (or no such method): ``decode``.
+    # Optional with it: ``native_done(layer, batch)``, called after a hooked layer's native call
+    # (what ``decode`` does after its attention: e.g. a tail block that filled becomes a block).
