@@ -110,15 +110,17 @@ class _LayerPlan:
         self.row_first = np.searchsorted(rows[self.order], np.arange(B + 1)).astype(np.int64)
         # what a hooked step counts (a step through the tiers counts the same at collect)
         self.reads = [(t, read_bytes(be.layout, len(req.slots), None), len(req.slots)) for t, req, _ in self.reqs]
+        self.hookable = (self.tail is not None and be.block_kernel is not None
+                         and all(t in be._memory_tiers for t, _, _ in self.reqs))
 
     def hook(self, be: TieredBackend) -> AttnHook | None:
         """The layer as one native hook (kernels/paged.py's :class:`PairedCall`): the tails'
         call, one call over the memory tiers' blocks by address (the items each tier's call
         would attend, in the same order), the merge in :attr:`order` — the bits of
         :meth:`TieredBackend._decode_dense`. None when a chunk is on another kind of tier."""
+        if not self.hookable:
+            return None
         if self._hook is None:
-            if self.tail is None or be.block_kernel is None or any(t not in be._memory_tiers for t, _, _ in self.reqs):
-                return None
             reqs = [(t, req) for t, req, _ in self.reqs]
             blocks = None
             if reqs:

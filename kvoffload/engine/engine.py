@@ -270,16 +270,10 @@ class Engine:
                 holder = self.seqs.get(source) or self._finished[source]
                 seq.stored_blocks = min(n, holder.stored_blocks)
         if self.prefix is not None and n < limit:
-            keys = seq.block_keys[n:limit]
-            into = getattr(self.kv, "slot_buffer", None)
-            into = None if into is None else into(seq.seq_id, n, limit - n)
-            if into is not None:                                   # read straight into the KV's memory
-                found = self.prefix.find(keys, into)
-                got = 0 if found is None else found.blocks
-                if got:
-                    self.kv.load_slots(seq.seq_id, n, found.slots)
-            else:                                                  # placed a batch of blocks at a time
-                got = self.prefix.load(keys, lambda i, slots, first=n: self.kv.load_slots(seq.seq_id, first + i, slots))
+            into = getattr(self.kv, "slot_buffer", None)              # (read straight into the KV's memory)
+            got = self.prefix.load(seq.block_keys[n:limit],
+                                   lambda i, slots, first=n: self.kv.load_slots(seq.seq_id, first + i, slots),
+                                   into=None if into is None else into(seq.seq_id, n, limit - n))
             if got:
                 seq.reused_tokens = got * bs
                 n += got

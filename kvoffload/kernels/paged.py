@@ -345,8 +345,8 @@ class PreparedCall:
                 raise ValueError("append: slots and cols disagree in length")
         self.R = 0 if merge_rows is None else len(merge_rows) - 1
         self.merge_rows = None if merge_rows is None else _i64(merge_rows)
-        if self.R and (self.merge_rows[-1] > N or np.any(np.diff(self.merge_rows) < 0)):
-            raise ValueError("merge rows outside this call's parts")
+        if self.R:
+            check_merge_rows(self.merge_rows, None, N)
         row, first, last, ptrs, tm = items._addr
         a_slot, a_col = (None, None) if self.app is None else (_ptr(self.app[0]), _ptr(self.app[1]))
         rf = None if self.merge_rows is None else _ptr(self.merge_rows)
@@ -434,11 +434,8 @@ class PairedCall:
             raise ValueError("a paired call appends one token per merge row, in its first call only")
         if (first.items.n, 0 if second is None else second.items.n) != self.n:
             raise ValueError("the calls' items disagree with the part buffers' shares")
-        P = sum(self.n)
         self._rf, self._order = _i64(row_first), _i64(order)
-        if (R < 0 or self._rf[0] != 0 or np.any(np.diff(self._rf) < 0) or self._rf[-1] > len(self._order)
-                or (len(self._order) and (self._order.min() < 0 or self._order.max() >= P))):
-            raise ValueError("merge rows / order outside the paired call's parts")
+        check_merge_rows(self._rf, self._order, sum(self.n))
         self._calls = (first, second)
         self._structs = (first.struct(), None if second is None else second.struct())
         self._ctx = _PairCall(ctypes.addressof(self._structs[0]),
@@ -466,6 +463,19 @@ def _merge_args(merge: Merge, H: int, D: int):
     return row_first, order, o_ptr, l_ptr, R
 
 
+def check_merge_rows(row_first: np.ndarray, order: np.ndarray | None, n_parts: int) -> None:
+    """The merge's indices (int64): ``row_first`` non-decreasing from >= 0, and every part a
+    row names — ``order[row_first[0]:row_first[-1]]``, or those indices themselves when
+    ``order`` is None — within ``[0, n_parts)`` (what the C merge reads, unchecked)."""
+    if len(row_first) < 2:
+        return
+    lo, hi = row_first[0], row_first[-1]
+    bad = lo < 0 or np.any(row_first[1:] < row_first[:-1]) or (order is not None and hi > len(order))
+    idx = np.arange(lo, hi) if order is None else order[lo:hi]
+    if bad or (len(idx) and (idx.min() < 0 or idx.max() >= n_parts)):
+        raise ValueError("merge: row_first / order outside the parts")
+
+
 def merge_parts(row_first, order, part_o, part_lse, out, lse, threads: int = 1) -> None:
     """Row r of ``out`` ``[R, H, D]`` / ``lse`` ``[R, H]`` := the merge of the parts
     ``order[row_first[r]:row_first[r+1]]`` (``order=None``: in index order) of ``part_o``
@@ -487,11 +497,7 @@ def merge_parts(row_first, order, part_o, part_lse, out, lse, threads: int = 1) 
     if n_po != n_pl:
         raise ValueError("part_o and part_lse disagree in length")
     rf, order, o_ptr, l_ptr, R = _merge_args(Merge(row_first, order, out, lse), H, D)
-    if R:
-        used = rf[-1] - rf[0]
-        idx = np.arange(rf[0], rf[-1]) if order is None else order[rf[0]:rf[-1]]
-        if rf[0] < 0 or np.any(rf[1:] < rf[:-1]) or (used > 0 and (idx.min() < 0 or idx.max() >= n_po)):
-            raise ValueError("merge: row_first / order outside the parts")
+    check_merge_rows(rf, order, n_po)
     fn(R, H, D, _ptr(rf), None if order is None else _ptr(order), po, pl, o_ptr, l_ptr, threads)
 
 

@@ -394,10 +394,10 @@ def test_found_blocks_are_a_writable_copy_without_warnings(tmp_path):
 
 @pytest.mark.parametrize("head_dim", [32, 24])
 def test_found_blocks_read_straight_into_the_kv_memory(tmp_path, head_dim):
-    """`find(keys, into=view)` (the in-memory backend's `slot_buffer`) fills the view itself —
-    the bytes `find` returns otherwise, with padding on disk (head_dim 24: 3 KiB slots) or
-    without — and `load` hands them on a few at a time; both stop at a damaged block with the
-    blocks before it in place and nothing written past them."""
+    """`load(keys, place, into=view)` (the in-memory backend's `slot_buffer`) fills the view
+    itself and hands it on once — the bytes `find` returns, with padding on disk (head_dim 24:
+    3 KiB slots) or without — and without `into` hands them on a few at a time; both stop at a
+    damaged block with the blocks before it in place and nothing written past them."""
     from kvoffload.kv.layout import BlockLayout
     from kvoffload.kv.persist.store import chain_keys
 
@@ -409,8 +409,9 @@ def test_found_blocks_read_straight_into_the_kv_memory(tmp_path, head_dim):
     raw = torch.randint(0, 255, (3, 5, lay.slot_bytes), dtype=torch.uint8, generator=g)
     assert p.save(tokens, keys, 0, raw.view(p.dtype)) == 5
     kv = torch.zeros(3, 8, lay.slot_elems, dtype=p.dtype)                # a sequence's slots, every layer
-    found = p.find(keys, into=kv[:, 1:6])
-    assert found.blocks == 5 and found.slots.data_ptr() == kv[:, 1:6].data_ptr()
+    handed = []
+    assert p.load(keys, lambda i, s: handed.append((i, s)), into=kv[:, 1:6]) == 5
+    assert [(i, s.shape[1], s.data_ptr()) for i, s in handed] == [(0, 5, kv[:, 1:6].data_ptr())]
     b = kv.view(torch.uint8)
     assert torch.equal(b[:, 1:6], raw) and torch.equal(p.find(keys).slots.view(torch.uint8), raw)
     assert not b[:, [0, 6, 7]].any()
@@ -421,8 +422,10 @@ def test_found_blocks_read_straight_into_the_kv_memory(tmp_path, head_dim):
         f.seek(4096 + 5)
         f.write(bytes(3) if raw[0, 3, 5:8].any() else b"\x01\x02\x03")
     kv.zero_()
-    found = p.find(keys, into=kv[:, 1:6])
-    assert found.blocks == 3 and torch.equal(b[:, 1:4], raw[:, :3]) and not b[:, 4:].any()
+    handed.clear()
+    assert p.load(keys, lambda i, s: handed.append((i, s)), into=kv[:, 1:6]) == 3
+    assert [(i, s.shape[1]) for i, s in handed] == [(0, 3)]
+    assert torch.equal(b[:, 1:4], raw[:, :3]) and not b[:, 4:].any()
     placed.clear()
     assert p.load(keys, lambda i, s: placed.append((i, s.view(torch.uint8).clone())), batch=2) == 3
     assert [i for i, _ in placed] == [0, 2] and torch.equal(torch.cat([s for _, s in placed], 1), raw[:, :3])

@@ -65,32 +65,35 @@ class PrefixStore:
                 and h.stride == lay.disk_stride and h.block_size == lay.block_size)
 
     # ---- reading ----
-    def find(self, keys: list[bytes], into: torch.Tensor | None = None) -> Found | None:
+    def find(self, keys: list[bytes]) -> Found | None:
         """The longest run of leading blocks in the store (a damaged one ends it: it is dropped
-        and recomputed); None when the first is missing. The blocks found are touched (LRU).
-        ``into``: where the slots go (``[layers, >= len(keys), slot_elems]``, KV dtype, CPU: the
-        KV manager's own memory, :meth:`KVManager.slot_buffer`); else a new array."""
+        and recomputed), in a new array; None when the first is missing. The blocks found are
+        touched (LRU)."""
         self.flush()
-        L, sb = self.num_layers, self.layout.slot_bytes
-        if into is None:
-            out = np.empty((L, len(keys), sb), np.uint8)                   # [layers, n, slot_bytes]
-        else:
-            out = into.view(torch.uint8).numpy()
-            if out.shape[0] != L or out.shape[1] < len(keys) or out.shape[2] != sb:
-                raise ValueError(f"into: [{L}, >= {len(keys)}, {sb} bytes], got {tuple(out.shape)}")
+        out = np.empty((self.num_layers, len(keys), self.layout.slot_bytes), np.uint8)   # [layers, n, slot_bytes]
         n = self._scan(keys, out, None)
-        if not n:
-            return None
-        return Found(into[:, :n] if into is not None else torch.from_numpy(out[:, :n]).view(self.dtype))
+        return Found(torch.from_numpy(out[:, :n]).view(self.dtype)) if n else None
 
-    def load(self, keys: list[bytes], place: Callable[[int, torch.Tensor], None], batch: int = 64) -> int:
-        """:meth:`find` for a KV manager that copies blocks to their place anyway (the tiered
-        store): the blocks found, ``batch`` at a time, go to ``place(i, slots)`` (blocks ``i ..``,
-        ``[layers, k, slot_elems]``, a view of one reused buffer valid during the call); returns
-        how many. (One buffer of ``batch`` blocks, not a fresh array of the whole prefix.)"""
+    def load(self, keys: list[bytes], place: Callable[[int, torch.Tensor], None], batch: int = 64,
+             into: torch.Tensor | None = None) -> int:
+        """:meth:`find` handing the blocks to ``place(i, slots)`` (blocks ``i ..``, ``[layers, k,
+        slot_elems]``); returns how many. ``into`` (``[layers, >= len(keys), slot_elems]``, KV
+        dtype, CPU: the KV manager's own memory, :meth:`KVManager.slot_buffer`): the blocks are
+        read straight into it and handed on once, as a view of it. Else ``batch`` at a time
+        through one reused buffer (valid during each call): a KV manager that copies blocks to
+        their place anyway (the tiered store) needs no fresh array of the whole prefix."""
         self.flush()
-        out = np.empty((self.num_layers, min(batch, len(keys)), self.layout.slot_bytes), np.uint8)
-        return self._scan(keys, out, lambda i, k: place(i, torch.from_numpy(out[:, :k]).view(self.dtype)))
+        if into is None:
+            out = np.empty((self.num_layers, min(batch, len(keys)), self.layout.slot_bytes), np.uint8)
+            return self._scan(keys, out, lambda i, k: place(i, torch.from_numpy(out[:, :k]).view(self.dtype)))
+        out = into.view(torch.uint8).numpy()
+        L, sb = self.num_layers, self.layout.slot_bytes
+        if out.shape[0] != L or out.shape[1] < len(keys) or out.shape[2] != sb:
+            raise ValueError(f"into: [{L}, >= {len(keys)}, {sb} bytes], got {tuple(out.shape)}")
+        n = self._scan(keys, out, None)
+        if n:
+            place(0, into[:, :n])
+        return n
 
     def _scan(self, keys: list[bytes], out: np.ndarray, full: Callable[[int, int], None] | None) -> int:
         """Blocks of ``keys`` read in order until one is missing or damaged, their slots copied
