@@ -2,8 +2,8 @@
 registered tier alone, all of them at once (small budgets so that chunks spill through every
 tier), several disk workers, and the disk read in-process (no workers); the ray tier when Ray is
 installed (its actors on a local two-node cluster: tests/ray_cluster.py). Block size 4 and 2-block
-chunks, so a tiny prompt spans many chunks (an fp32 slot of the tiny models is 1 KiB, 4 KiB on
-disk)."""
+chunks, so a tiny prompt spans many chunks (an fp32 slot of the tiny models is 1 KiB, on disk
+too: kv/layout.py DIRECT_ALIGN)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,10 @@ def placements() -> dict[str, dict]:
     # the ray tier needs Ray (tests of a placement with it get the session's local cluster: conftest.py)
     names = [n for n in TIERS if n != "ray" or ray_available()]
     out = {f"all-{n}": dict(kv_tiers=f"{n}:none", disk_workers=1) for n in names}
-    out["mixed"] = dict(kv_tiers=",".join(f"{n}:{'none' if i == len(names) - 1 else '16KiB'}" for i, n in enumerate(names)),
+    # 16 KiB a tier (4 KiB of disk: two chunks of a layer), the last one unbounded: chunks reach every tier
+    budget = {"disk": "4KiB"}
+    out["mixed"] = dict(kv_tiers=",".join(f"{n}:{'none' if i == len(names) - 1 else budget.get(n, '16KiB')}"
+                                          for i, n in enumerate(names)),
                         kv_sink_tokens=4, kv_recent_tokens=8)
     out["disk-3-workers"] = dict(kv_tiers="host:2KiB,disk:none", disk_workers=3, kv_recent_tokens=0, kv_sink_tokens=0)
     out["disk-in-process"] = dict(kv_tiers="host:2KiB,disk:none", disk_workers=0, kv_recent_tokens=0, kv_sink_tokens=0)

@@ -46,6 +46,12 @@ from kvoffload.dtypes import DTYPES, QUANT
 from kvoffload.errors import ConfigError
 
 PAGE = 4096
+# A disk tier's slots are O_DIRECT reads and writes: their offsets and lengths must be multiples
+# of the filesystem's direct-I/O alignment, the device's logical block (512 bytes on most disks;
+# a 4 KiB-sector device needs PAGE, and its shards then fall back to buffered I/O:
+# kv/tiers/disk_worker.py DiskShard). Slots padded to this, not to whole pages, keep a compressed
+# block's saving on disk (SmolLM2's int8 slot: 7104 bytes -> 7168, not 8192).
+DIRECT_ALIGN = 512
 
 
 def torch_stack(a, b):
@@ -144,7 +150,13 @@ class BlockLayout:
 
     @property
     def disk_stride(self) -> int:
-        """Bytes between consecutive slots in a disk file (page-aligned)."""
+        """Bytes between consecutive slots in a disk tier's file (:data:`DIRECT_ALIGN`-aligned; a
+        chunk of a multiple of 8 blocks then starts on a page)."""
+        return -(-self.slot_bytes // DIRECT_ALIGN) * DIRECT_ALIGN
+
+    @property
+    def page_stride(self) -> int:
+        """Bytes between a store file's slots (kv/persist/store.py: whole pages, its format)."""
         return -(-self.slot_bytes // PAGE) * PAGE
 
     @property

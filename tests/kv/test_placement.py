@@ -128,6 +128,34 @@ def test_disk_shard_roundtrip(tmp_path):
     assert oct(__import__("os").stat(tmp_path / "s.kv").st_mode & 0o777) == "0o600"
 
 
+@pytest.mark.parametrize("probe", ["real", "refused"])
+def test_compressed_slots_on_disk_unpadded(tmp_path, monkeypatch, probe):
+    """An int8 block (7104 bytes for SmolLM2) takes 7168 bytes on disk, not two pages: its slots
+    are O_DIRECT-aligned, not page-aligned (what this filesystem's probe says decides O_DIRECT;
+    a filesystem that refuses it, as a 4 KiB-sector disk would, gets buffered I/O), and read back
+    exactly, alone (scattered, as sparse decode reads) and in runs (as dense decode does)."""
+    import kvoffload.kv.tiers.disk_worker as dw
+
+    lay = BlockLayout(16, 3, 64, "int8")
+    assert (lay.slot_bytes, lay.disk_stride, lay.page_stride) == (7104, 7168, 8192)
+    if probe == "refused":
+        monkeypatch.setattr(dw, "direct_io_at", lambda directory, align: False)
+    shard = DiskShard(str(tmp_path / "s.kv"), lay)
+    print(f"O_DIRECT: {shard.direct} ({probe})")
+    assert shard.direct == (probe == "real" and dw.direct_io_at(str(tmp_path), 1024))
+    n, st = 40, lay.disk_stride
+    data = np.random.default_rng(1).integers(0, 256, size=(n, lay.slot_bytes), dtype=np.uint8)
+    slots = np.random.default_rng(2).permutation(n)
+    shard.write(slots, memoryview(data.tobytes()), aligned_buffer(n * st))
+    assert shard.extent() == n
+    inv = np.argsort(slots)                                   # slot s holds data[inv[s]]
+    for want in (np.array([3]), np.array([0, 5, 6, 7, 21, 39]), np.arange(n)):
+        buf = aligned_buffer(len(want) * st)
+        assert shard.read(want, buf, max_bytes=3 * st) == len(want) * st
+        got = np.frombuffer(buf, np.uint8, count=len(want) * st).reshape(len(want), st)[:, :lay.slot_bytes]
+        assert np.array_equal(got, data[inv[want]])
+
+
 def test_layout_pack_roundtrip_torch_and_numpy():
     """The one slot transform: pack / unpack / write_range agree, on torch tensors and numpy arrays."""
     import torch

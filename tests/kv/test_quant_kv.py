@@ -72,6 +72,7 @@ def test_layout_sizes():
     print(f"slot bytes: bf16 {bf.slot_bytes} int8 {i8.slot_bytes} int4 {i4.slot_bytes}")
     assert bf.slot_bytes / i8.slot_bytes > 1.7 and bf.slot_bytes / i4.slot_bytes > 3.0
     assert i4.disk_stride == 4096 and bf.disk_stride == 3 * 4096
+    assert i8.disk_stride == 7168                     # O_DIRECT-aligned, not padded to 2 pages
 
 
 @pytest.mark.parametrize("bad, msg", [

@@ -62,7 +62,7 @@ class PrefixStore:
     def _expect(self, h: BlockHeader) -> bool:
         lay = self.layout
         return (h.namespace == self.ns and h.layers == self.num_layers and h.slot_bytes == lay.slot_bytes
-                and h.stride == lay.disk_stride and h.block_size == lay.block_size)
+                and h.stride == lay.page_stride and h.block_size == lay.block_size)
 
     # ---- reading ----
     def find(self, keys: list[bytes]) -> Found | None:
@@ -108,8 +108,8 @@ class PrefixStore:
             r = self.dir.read(key, self._expect, buf=buf)
             if r is None:
                 break
-            payload = np.frombuffer(r[1], np.uint8, count=L * lay.disk_stride, offset=HEADER)
-            out[:, n % cap] = payload.reshape(L, lay.disk_stride)[:, :lay.slot_bytes]
+            payload = np.frombuffer(r[1], np.uint8, count=L * lay.page_stride, offset=HEADER)
+            out[:, n % cap] = payload.reshape(L, lay.page_stride)[:, :lay.slot_bytes]
             n += 1
             if full is not None and n % cap == 0:
                 full(n - cap, cap)
@@ -183,12 +183,12 @@ class PrefixStore:
         written = []
         # one file image reused for every block (header, then each layer's slot at its page-aligned
         # stride; the padding stays zero): no fresh memory a block
-        image = bytearray(HEADER + L * lay.disk_stride)
-        payload = np.frombuffer(image, np.uint8, offset=HEADER).reshape(L, lay.disk_stride)
+        image = bytearray(HEADER + L * lay.page_stride)
+        payload = np.frombuffer(image, np.uint8, offset=HEADER).reshape(L, lay.page_stride)
         for i, key in enumerate(chain):
             payload[:, :lay.slot_bytes] = raw[:, i]
             parent = keys[i] if first else (chain[i - 1] if i else ROOT)
-            h = BlockHeader(L, lay.slot_bytes, lay.disk_stride, bs, _checksum(payload), key, parent, self.ns,
+            h = BlockHeader(L, lay.slot_bytes, lay.page_stride, bs, _checksum(payload), key, parent, self.ns,
                             np.asarray(tokens[i * bs:(i + 1) * bs], np.int64))
             image[:HEADER] = h.pack()
             if not self.dir.write(key.hex(), image):

@@ -8,10 +8,10 @@ dtype, slot format). So a key names one prefix of one prompt under one model and
 shared by several models or layouts just holds disjoint chains. blake2b is in the standard
 library and collision-resistant, so two prefixes never share a key by accident.
 
-**File format** (``blocks/<2 hex>/<64 hex key>.kvb``, the disk tier's page-aligned slot format):
+**File format** (``blocks/<2 hex>/<64 hex key>.kvb``, page-aligned slots):
 a 4096-byte header (magic, format version, geometry, the block's key, its parent key, the
 namespace, the token ids, an xxh3-64 checksum of the payload and one of the header), then the
-block's slot of every layer, each at a page-aligned stride (``layout.disk_stride``). A header
+block's slot of every layer, each at a page-aligned stride (``layout.page_stride``). A header
 that does not re-derive its own key from (namespace, parent, tokens), or a payload whose
 checksum fails, is *damaged*: the block is deleted and recomputed, never attended.
 

@@ -1,5 +1,5 @@
 """The disk tier's worker process — the emulated computational-storage engine of InstInfer. It
-owns one shard file of page-aligned slots; a request brings the queries and the items to
+owns one shard file of aligned slots (``BlockLayout.disk_stride``); a request brings the queries and the items to
 attend; the worker reads their blocks (aligned, O_DIRECT) in batches, attends each batch while
 the next is read, and sends back only the items' partial outputs and their log-sum-exps.
 
@@ -89,10 +89,33 @@ def aligned_buffer(nbytes: int) -> mmap.mmap:
     return mmap.mmap(-1, max(PAGE, -(-nbytes // PAGE) * PAGE))
 
 
+def direct_io_at(directory: str, align: int) -> bool:
+    """Whether O_DIRECT reads and writes of ``align`` bytes at an ``align``-aligned offset work in
+    ``directory`` (the filesystem's direct-I/O alignment is at most ``align``): a probe file is
+    written, read back and removed."""
+    if align % PAGE == 0:
+        return True
+    path = os.path.join(directory, f".dio-probe.{os.getpid()}.{os.urandom(4).hex()}")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o600)
+    except OSError:
+        return False
+    buf = aligned_buffer(PAGE)
+    try:
+        view = memoryview(buf)[:align]
+        return os.pwrite(fd, view, align) == align and os.preadv(fd, [view], align) == align
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
 class DiskShard:
-    """One file of page-aligned slots, read and written with O_DIRECT where the filesystem
-    allows it (so the page cache neither flatters reads nor holds a second copy of the KV in
-    RAM), buffered I/O otherwise. Slot numbers are decided by the main process; a shard only
+    """One file of slots at the layout's ``disk_stride``, read and written with O_DIRECT where
+    the filesystem allows it at that alignment (so the page cache neither flatters reads nor
+    holds a second copy of the KV in RAM), buffered I/O otherwise (tmpfs; a compressed slot
+    stride on a filesystem whose direct I/O needs whole pages). Slot numbers are decided by the main process; a shard only
     moves bytes. The file is created private to the user (0600). Reads go in groups
     (:meth:`read_async`), through native AIO or a thread pool (``reader``, see :class:`WorkerIO`)."""
 
@@ -102,7 +125,7 @@ class DiskShard:
         self.path, self.layout, self.stride = path, layout, layout.disk_stride
         flags = os.O_RDWR | os.O_CREAT
         self.direct = False
-        if direct and hasattr(os, "O_DIRECT"):
+        if direct and hasattr(os, "O_DIRECT") and direct_io_at(os.path.dirname(path) or ".", min(PAGE, self.stride & -self.stride)):
             try:
                 self.fd = os.open(path, flags | os.O_DIRECT, 0o600)
                 self.direct = True
