@@ -25,6 +25,10 @@ class LocalCluster:
         from ray.cluster_utils import Cluster
 
         self.ray = ray
+        if ray.is_initialized():
+            # a test ran the ray tier without asking for this cluster (not marked ``ray``): the
+            # tier started a local Ray of its own, which would refuse this one's ray.init
+            ray.shutdown()
         self.cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 0, "include_dashboard": False, "_system_config": SYSTEM})
         try:

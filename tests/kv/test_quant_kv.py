@@ -129,6 +129,7 @@ def test_attention_over_compressed_blocks_vs_full_precision(llm, stored, native)
     assert mx > 0                                                            # it was compressed
 
 
+@pytest.mark.ray                     # every placement, the ray tier's too
 @pytest.mark.parametrize("stored", list(QUANT))
 def test_every_placement_bit_identical(llm, stored):
     """Compressed blocks over every placement (each tier alone, spilled through all, several disk
