@@ -1,7 +1,8 @@
 """The disk tier's worker process — the emulated computational-storage engine of InstInfer. It
-owns one shard file of aligned slots (``BlockLayout.disk_stride``); a request brings the queries and the items to
-attend; the worker reads their blocks (aligned, O_DIRECT) in batches, attends each batch while
-the next is read, and sends back only the items' partial outputs and their log-sum-exps.
+owns one shard file of aligned slots (``BlockLayout.disk_stride``); a request brings the
+queries and the items to attend; the worker reads their blocks (aligned, O_DIRECT) in batches,
+attends each batch while the next is read, and sends back only the items' partial outputs and
+their log-sum-exps.
 
 This module runs inside the worker (an isolated interpreter, ``python -I``, started by
 kv/tiers/disk.py, which calls :func:`main`): it imports numpy and the native kernel's binding,
@@ -13,6 +14,7 @@ that dies is restarted from its file and the lost request replayed (kv/tiers/dis
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import mmap
@@ -108,15 +110,16 @@ def direct_io_at(directory: str, align: int) -> bool:
         return False
     finally:
         os.close(fd)
-        os.unlink(path)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 class DiskShard:
     """One file of slots at the layout's ``disk_stride``, read and written with O_DIRECT where
     the filesystem allows it at that alignment (so the page cache neither flatters reads nor
     holds a second copy of the KV in RAM), buffered I/O otherwise (tmpfs; a compressed slot
-    stride on a filesystem whose direct I/O needs whole pages). Slot numbers are decided by the main process; a shard only
-    moves bytes. The file is created private to the user (0600). Reads go in groups
+    stride on a filesystem whose direct I/O needs whole pages). Slot numbers are decided by the
+    main process; a shard only moves bytes. The file is created private to the user (0600). Reads go in groups
     (:meth:`read_async`), through native AIO or a thread pool (``reader``, see :class:`WorkerIO`)."""
 
     def __init__(self, path: str, layout: BlockLayout, direct: bool = True, reader: str = "auto") -> None:
@@ -125,7 +128,8 @@ class DiskShard:
         self.path, self.layout, self.stride = path, layout, layout.disk_stride
         flags = os.O_RDWR | os.O_CREAT
         self.direct = False
-        if direct and hasattr(os, "O_DIRECT") and direct_io_at(os.path.dirname(path) or ".", min(PAGE, self.stride & -self.stride)):
+        align = min(PAGE, self.stride & -self.stride)             # the stride's largest power of 2
+        if direct and hasattr(os, "O_DIRECT") and direct_io_at(os.path.dirname(path) or ".", align):
             try:
                 self.fd = os.open(path, flags | os.O_DIRECT, 0o600)
                 self.direct = True
