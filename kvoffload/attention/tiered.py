@@ -340,10 +340,8 @@ class TieredBackend:
             if not self.kvcfg.kv_serial:
                 self._prefetch_next(layer, batch, None)                          # (a dense next layer's chunks)
             for t, read, n in plan.reads:
-                c = self.tiers[t].counters
-                c.read += read
-                c.blocks += n
-            self.tail_counters.read += int(self._step_state.last.sum()) * self.tail_layout.token_bytes(1)
+                self.tiers[t].counters.attended(read, n)
+            self._count_tails()
             if layer == self.cfg.num_layers - 1:
                 self.decode_tokens += len(batch.seq_ids)
         return hook
@@ -425,19 +423,15 @@ class TieredBackend:
         B, mem = len(tables), self._memory_tiers
         sb, H_kv = self.layout.slot_bytes, self.cfg.num_kv_heads
         if len(mem) == 1:                                         # one memory tier: all but the read tier's
-            c = self.tiers[mem[0]].counters
             heads = int(info[:, INFO_READ].sum()) - int(np.count_nonzero(step.masks_of(refs)))   # (block, head) runs
-            c.blocks += int(info[:, INFO_NBLOCKS].sum()) - len(refs)
-            c.read += heads * sb // H_kv
+            self.tiers[mem[0]].counters.attended(heads * sb // H_kv, int(info[:, INFO_NBLOCKS].sum()) - len(refs))
             return
         for b, (tiers, _) in enumerate(tables):
             blocks, masks = step.union(b, B)
             where = tiers[blocks]
             for i in mem:
                 pick = where == i
-                c = self.tiers[i].counters
-                c.blocks += int(pick.sum())
-                c.read += int(np.count_nonzero(masks[pick])) * sb // H_kv
+                self.tiers[i].counters.attended(int(np.count_nonzero(masks[pick])) * sb // H_kv, int(pick.sum()))
 
     def _plan(self, layer: int, batch: ForwardBatch) -> _LayerPlan:
         """The layer's prepared dense step (rebuilt when the batch changes or a chunk of it moved)."""
@@ -468,7 +462,7 @@ class TieredBackend:
                 self.tiers[t].submit(req)
             self._prefetch_next(layer, batch, q_rows)
         plan.tail(q_rows, k_new, v_new)
-        self.tail_counters.read += int(self._step_state.last.sum()) * self.tail_layout.token_bytes(1)
+        self._count_tails()
         os_, ls_ = [plan.tail.part_o[:B]], [plan.tail.part_lse[:B]]
         for t, req in reqs:
             if serial:
@@ -479,6 +473,10 @@ class TieredBackend:
         out, lse = torch.empty(B, H, D), torch.empty(B, H)
         merge_parts(plan.row_first, plan.order, np.concatenate(os_), np.concatenate(ls_), out, lse, 1)
         return out
+
+    def _count_tails(self) -> None:
+        """A dense step's tails read (each sequence's tokens in its tail block, the new one included)."""
+        self.tail_counters.read += int(self._step_state.last.sum()) * self.tail_layout.token_bytes(1)
 
     def _decode_items(self, layer: int, q_rows: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                       batch: ForwardBatch, chosen: list[Selection] | None, rebuilt: list | None = None,

@@ -444,10 +444,8 @@ class DiskTier(PooledChunks):
     def fetch(self, layer: int, slots: np.ndarray, ptrs: np.ndarray, refs: np.ndarray) -> None:
         self.flush()
         read, cached = self._local.fetch(layer, slots, ptrs, refs)        # (a DiskIOError, as collect's)
-        c = self.counters
-        c.read += read
-        c.blocks += len(slots)
-        c.cached += cached
+        self.counters.attended(read, len(slots))
+        self.counters.cached += cached
 
     def _where(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Tier slots -> (shard, the shard's slot)."""
@@ -516,10 +514,9 @@ class DiskTier(PooledChunks):
             sent += request_bytes(sub)
             back += r.o.nbytes + r.lse.nbytes
         c = self.counters
-        c.read += read
+        c.attended(read, len(req.slots))
         c.to_worker += sent
         c.from_worker += back
-        c.blocks += len(req.slots)
         c.ahead += ahead
         c.cached += cached
         return AttendResult(torch.from_numpy(o), torch.from_numpy(lse), read, sent, back, ahead, cached)

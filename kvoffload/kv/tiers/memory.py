@@ -199,8 +199,7 @@ class MemoryTier:
             o, lse = attend_slots(lay, None, self.ctx.threads, q, row, first, last, None,
                                   self.arena.gather(slots), masks)
         read = read_bytes(lay, len(req.slots), req.masks)
-        self.counters.read += read
-        self.counters.blocks += len(req.slots)
+        self.counters.attended(read, len(req.slots))
         N = req.num_items
         return AttendResult(o.view(N, L, H, D), lse.view(N, L, H), read)
 
@@ -220,8 +219,7 @@ class MemoryTier:
         call, read = hit
         B, L, H, D = req.q.shape
         call(req.q.reshape(B * L, H, D))
-        self.counters.read += read
-        self.counters.blocks += len(req.slots)
+        self.counters.attended(read, len(req.slots))
         N = req.num_items
         return AttendResult(call.part_o[:N * L].reshape(N, L, H, D), call.part_lse[:N * L].reshape(N, L, H), read)
 

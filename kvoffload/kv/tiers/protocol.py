@@ -43,6 +43,12 @@ class TierCounters:
     ahead: int = 0
     cached: int = 0
 
+    def attended(self, read: int, blocks: int) -> None:
+        """An attend read ``read`` KV bytes of ``blocks`` blocks (however it ran: a tier's call,
+        a prepared call, the backend's native hook)."""
+        self.read += read
+        self.blocks += blocks
+
 
 @dataclass(frozen=True)
 class TierSpec:

@@ -425,10 +425,9 @@ class RayTier(PooledChunks):
             back += o_w.nbytes + lse_w.nbytes + (0 if first is None else first.nbytes)
             self._drain(s, wait=False)
         c = self.counters
-        c.read += read
+        c.attended(read, len(req.slots))
         c.to_worker += sent
         c.from_worker += back
-        c.blocks += len(req.slots)
         return AttendResult(torch.from_numpy(o), torch.from_numpy(lse), read, sent, back)
 
     def sync(self) -> None:
