@@ -11,7 +11,8 @@ A *slot* holds one block — ``block_size`` tokens — for every KV head of one 
 
 so each (layer, KV head) block is one contiguous run of ``block_size * D`` elements (16 x 128
 x fp16 = 4 KiB, InstInfer's flash page) and K and V are stored separately. Slots on disk are
-padded to a multiple of the page size so every read and write is page-aligned (O_DIRECT).
+padded to a multiple of :data:`DIRECT_ALIGN` (512 bytes) so every read and write is aligned for
+O_DIRECT; a chunk of 16 slots then starts on a page; the store's files pad to whole pages.
 
 A *compressed* block (``dtype`` ``int8`` / ``int4``, kvoffload/dtypes.py's ``QUANT``; FlexGen's
 group-wise KV, KIVI's per-channel keys) is one contiguous run of bytes holding its codes and the

@@ -406,7 +406,7 @@ class DiskTier(PooledChunks):
 
     @staticmethod
     def chunk_bytes(layout: BlockLayout) -> int:
-        """Bytes one chunk takes of the budget (page-aligned slots)."""
+        """Bytes one chunk takes of the budget (slots at the disk stride)."""
         return layout.chunk_blocks * layout.disk_stride
 
     def __init__(self, spec: TierSpec, ctx: TierContext) -> None:

@@ -276,7 +276,7 @@ def find_sorted(keys: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray
 class BlockCache:
     """Blocks of the shard that sparse attends read, kept in RAM for the next decode steps
     (consecutive tokens choose mostly the same blocks: SmolLM2 at 8K under Quest 1/16 reads
-    ~1,100 blocks a step, of which ~75% again the next step). ``slots`` page-aligned positions
+    ~1,100 blocks a step, of which ~75% again the next step). ``slots`` aligned positions
     at the shard's stride; each holds one shard slot (``key``, -1 = free) and the request count
     of its last use (``stamp``).
 
