@@ -423,6 +423,7 @@ class DiskWorkerServer:
         self.read_blocks, self.io_bytes = io.read_blocks, io.io_bytes
         self._started = None                                          # an attend begun, not finished
         self._staging: mmap.mmap | None = None                       # fetch()'s reads
+        self._read_buf: mmap.mmap | None = None                      # read()'s
 
     def write(self, w: WriteBlocks) -> None:
         slots = np.asarray(w.slots, dtype=np.int64)
@@ -440,7 +441,10 @@ class DiskWorkerServer:
         slots = np.asarray(slots, dtype=np.int64)
         uniq, inv = np.unique(slots, return_inverse=True)
         st, sb = self.layout.disk_stride, self.layout.slot_bytes
-        buf = aligned_buffer(max(1, len(uniq)) * st)
+        have = 0 if self._read_buf is None else len(self._read_buf) // st
+        if have < len(uniq):                # one buffer, grown by doubling: no fresh pages a call
+            self._read_buf = aligned_buffer(max(len(uniq), 2 * have) * st)
+        buf = self._read_buf
         self.shard.read(uniq, buf, self.io_bytes, self.opts.depth(self.io_bytes))
         raw = np.frombuffer(buf, dtype=np.uint8, count=len(uniq) * st).reshape(len(uniq), st)[:, :sb]
         return raw[inv].tobytes()
