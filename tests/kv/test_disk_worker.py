@@ -106,6 +106,29 @@ def test_read_past_the_end_is_a_disk_error(tmp_path, reader):
         s.shard.close()
 
 
+def test_whole_reads_reuse_one_buffer_and_return_their_own_bytes(tmp_path):
+    """``read`` (the prefill's read-back, gather) reads into one buffer kept between calls,
+    grown when a read needs more: each call's bytes are its slots' (repeats and any order), a
+    smaller read after a larger one and a larger one after it included, and an earlier result
+    is not changed by a later read."""
+    s = server(tmp_path, "reuse", WorkerIO())
+    rng = np.random.default_rng(3)
+    sb = LAYOUT.slot_bytes
+    whole = s.read(np.arange(WRITTEN, dtype=np.int64))                 # every slot, in order
+    try:
+        first = None
+        for n in (3, 40, 2, WRITTEN, 17):
+            slots = rng.integers(0, WRITTEN, size=n).astype(np.int64)
+            got = s.read(slots)
+            want = b"".join(whole[i * sb:(i + 1) * sb] for i in slots)
+            assert got == want, n
+            if first is None:
+                first, first_want = got, want
+        assert first == first_want                                     # earlier results are copies
+    finally:
+        s.shard.close()
+
+
 def test_auto_reader_and_unknown_reader(tmp_path):
     """auto: AIO on an O_DIRECT file, threads on a buffered one (AIO would run synchronously)."""
     aio_or_skip()
