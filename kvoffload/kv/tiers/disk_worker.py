@@ -119,8 +119,9 @@ class DiskShard:
     the filesystem allows it at that alignment (so the page cache neither flatters reads nor
     holds a second copy of the KV in RAM), buffered I/O otherwise (tmpfs; a compressed slot
     stride on a filesystem whose direct I/O needs whole pages). Slot numbers are decided by the
-    main process; a shard only moves bytes. The file is created private to the user (0600). Reads go in groups
-    (:meth:`read_async`), through native AIO or a thread pool (``reader``, see :class:`WorkerIO`)."""
+    main process; a shard only moves bytes. The file is created private to the user (0600).
+    Reads go in groups (:meth:`read_async`), through native AIO or a thread pool (``reader``,
+    see :class:`WorkerIO`)."""
 
     def __init__(self, path: str, layout: BlockLayout, direct: bool = True, reader: str = "auto") -> None:
         if reader not in READERS:
@@ -441,13 +442,17 @@ class DiskWorkerServer:
         slots = np.asarray(slots, dtype=np.int64)
         uniq, inv = np.unique(slots, return_inverse=True)
         st, sb = self.layout.disk_stride, self.layout.slot_bytes
-        have = 0 if self._read_buf is None else len(self._read_buf) // st
-        if have < len(uniq):                # one buffer, grown by doubling: no fresh pages a call
-            self._read_buf = aligned_buffer(max(len(uniq), 2 * have) * st)
-        buf = self._read_buf
+        buf = self._read_buf = self._holding(self._read_buf, max(1, len(uniq)))   # (no fresh pages a call)
         self.shard.read(uniq, buf, self.io_bytes, self.opts.depth(self.io_bytes))
         raw = np.frombuffer(buf, dtype=np.uint8, count=len(uniq) * st).reshape(len(uniq), st)[:, :sb]
         return raw[inv].tobytes()
+
+    def _holding(self, buf: mmap.mmap | None, slots: int) -> mmap.mmap:
+        """``buf`` if it holds ``slots`` slots at the stride, else a new one grown by doubling
+        (a buffer kept between calls: reads into it fault no fresh pages)."""
+        st = self.layout.disk_stride
+        have = 0 if buf is None else len(buf) // st
+        return buf if have >= slots else aligned_buffer(max(slots, 2 * have) * st)
 
     def _read_async(self, slots: np.ndarray, buf) -> Reads:
         """Issue the batch's reads (coalesced runs), as many in flight as suit their size."""
@@ -605,9 +610,7 @@ class DiskWorkerServer:
         want = slots[miss]
         need = np.unique(want)
         st = self.layout.disk_stride
-        have = 0 if self._staging is None else len(self._staging) // st
-        if have < len(need):                                    # (grown by doubling)
-            self._staging = aligned_buffer(max(len(need), 2 * have) * st)
+        self._staging = self._holding(self._staging, len(need))
         read = self._read_async(need, self._staging).wait()
         base = np.frombuffer(self._staging, dtype=np.uint8).ctypes.data
         ptrs[refs[miss]] = base + st * np.searchsorted(need, want)
