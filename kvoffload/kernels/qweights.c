@@ -1,5 +1,6 @@
 // Weight (de)quantisation kernels: GGUF blocks -> fp32 rows, and the decode formats
-// (torch's CPU int4 pack, per-channel int8) -> dense rows for prefill GEMMs.
+// (the int4 layout of kvoffload.model.quant.int4_pack, per-channel int8) -> dense rows for
+// prefill GEMMs.
 //
 // Built with -ffp-contract=off: every value is computed with the same float operations,
 // in the same order, as the references (gguf.quants for the GGUF types, the PyTorch
@@ -169,7 +170,7 @@ int kvo_gguf_gather(int qtype, const uint8_t *src, int64_t row_stride, const int
 
 // ---- decode formats -> dense rows (prefill scratch) ----
 
-// torch's CPU int4 pack (torch._convert_weight_to_int4pack_for_cpu, N a multiple of 64):
+// The int4 layout (kvoffload.model.quant.int4_pack; PyTorch's AVX-512 pack; N a multiple of 64):
 // packed [N/64, K, 32] bytes; byte (nb, k, j) holds row nb*64+j in its low nibble and row
 // nb*64+32+j in its high one. scale_zero [K/g, N, 2] (bf16 or fp32): w = (q - 8) * scale + zero.
 // Rows n0..n1 (multiples of 64) -> dst [K, n1-n0] = W[n0:n1]^T, bf16 (out_f32 = 0) or fp32:
@@ -233,7 +234,7 @@ int kvo_int8_dequant(const int8_t *q, const void *scale, int sc_f32, int64_t K, 
     return 0;
 }
 
-// GGUF Q4_0 / Q4_1 rows -> torch's CPU int4 pack without leaving the codes (N a multiple of 64).
+// GGUF Q4_0 / Q4_1 rows -> the int4 layout without leaving the codes (N a multiple of 64).
 // Output row n is read from rows[n] (an address: fuses q/k/v, undoes a row permutation).
 // packed [N/64, K, 32] as above; scale_zero [K/32, N, 2] fp32: Q4_0 w = d·(q-8) -> (d, 0);
 // Q4_1 w = d·q + m -> (d, m + 8·d).

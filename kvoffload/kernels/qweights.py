@@ -72,7 +72,7 @@ def gguf_gather(raw: np.ndarray, qtype: int, cols: int, idx: np.ndarray, threads
 
 def int4pack_dequant_t(packed: torch.Tensor, scale_zero: torch.Tensor, group: int, n0: int, n1: int,
                        out: torch.Tensor, threads: int | None = None) -> bool:
-    """Rows ``n0:n1`` of a torch CPU int4-packed weight, transposed, into ``out`` ``[K, n1-n0]``
+    """Rows ``n0:n1`` of an int4 weight (:func:`kvoffload.model.quant.int4_pack`'s layout), transposed, into ``out`` ``[K, n1-n0]``
     (bf16 or fp32): the prefill GEMM's ``W[n0:n1]^T``. False (nothing written) when the native
     kernel is unavailable or the layout is not one it reads."""
     lib = _lib()
@@ -105,8 +105,8 @@ def int8_dequant(q: torch.Tensor, scale: torch.Tensor, n0: int, n1: int, out: to
 
 def q4_pack(qtype: int, rows: np.ndarray, K: int, threads: int | None = None
             ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Q4_0 / Q4_1 rows (``rows[n]``: the address of output row n's blocks) -> (torch's CPU int4
-    pack ``[N, K/2]`` uint8, scale_zero ``[K/32, N, 2]`` fp32), the codes kept as they are;
+    """Q4_0 / Q4_1 rows (``rows[n]``: the address of output row n's blocks) -> (the int4 layout
+    (:func:`kvoffload.model.quant.int4_pack`) ``[N, K/2]`` uint8, scale_zero ``[K/32, N, 2]`` fp32), the codes kept as they are;
     None when the native kernel is unavailable or N is not a multiple of 64."""
     lib, N = _lib(), len(rows)
     if lib is None or N % 64 or K % 32:

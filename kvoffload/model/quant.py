@@ -25,6 +25,8 @@ loading.)
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from torch import nn
@@ -145,15 +147,58 @@ def int4_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return q, scale, lo + 8 * scale
 
 
+INT4_BLOCK = 64                  # output channels a block of the int4 layout holds
+
+
+def int4_pack(q: torch.Tensor) -> torch.Tensor:
+    """Codes 0..15 ``[N, K]`` -> the int4 layout ``[N, K/2]`` uint8 that the native kernels read
+    (decode.c, qweights.c) and ``torch._weight_int4pack_mm_for_cpu`` reads where PyTorch runs its
+    AVX-512 kernels: blocks of 64 output channels ``[N/64, K, 32]``, row ``64·nb + j`` in the low
+    nibble of byte ``(nb, k, j)`` and row ``64·nb + 32 + j`` in its high nibble; a last block of
+    16, 32 or 48 rows ``[K, rows/2]`` in pairs (row 2i low, 2i + 1 high). PyTorch's own packing
+    (``_convert_weight_to_int4pack_for_cpu``) follows the CPU it runs on (blocks of 32 under
+    AVX2, plain pairs without either), so it is not used for the stored copy."""
+    N, K = q.shape
+    if N % 16 or K % 2:
+        raise ConfigError(f"int4 needs out_features divisible by 16 and even in_features, got {N} x {K}")
+    q = q.to(torch.uint8)
+    full = N // INT4_BLOCK * INT4_BLOCK
+    b = q[:full].view(full // INT4_BLOCK, 2, INT4_BLOCK // 2, K)                  # [nb, nibble, j, k]
+    parts = [(b[:, 0] | (b[:, 1] << 4)).transpose(1, 2).reshape(-1)]              # [nb, K, 32]
+    t = q[full:].view(-1, 2, K)                                                     # [rows/2, pair, k]
+    parts.append((t[:, 0] | (t[:, 1] << 4)).T.reshape(-1))                          # [K, rows/2]
+    return torch.cat(parts).view(N, K // 2)
+
+
+def int4_unpack(packed: torch.Tensor) -> torch.Tensor:
+    """:func:`int4_pack`'s inverse: ``[N, K/2]`` uint8 -> codes ``[N, K]`` int32."""
+    N, K = packed.shape[0], packed.shape[1] * 2
+    full = N // INT4_BLOCK * INT4_BLOCK
+    flat = packed.reshape(-1).to(torch.int32)
+    b = flat[:full * K // 2].view(full // INT4_BLOCK, K, INT4_BLOCK // 2).transpose(1, 2)   # [nb, j, k]
+    t = flat[full * K // 2:].view(K, (N - full) // 2).T                                      # [rows/2, k]
+    return torch.cat([torch.stack([b & 15, b >> 4], 1).reshape(full, K),
+                      torch.stack([t & 15, t >> 4], 1).reshape(N - full, K)])
+
+
+@functools.cache
+def torch_packs_int4_alike() -> bool:
+    """Whether this PyTorch, on this CPU, packs int4 as :func:`int4_pack` does (its AVX-512
+    kernels): then its packed matmul reads the stored copy directly."""
+    q = torch.randint(0, 16, (80, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    return torch.equal(torch._convert_weight_to_int4pack_for_cpu(q, 2), int4_pack(q))
+
+
 class Int4Linear(QuantLinear):
     format = "int4"
-    slice_align = 64             # torch's CPU int4 pack keeps output channels in blocks of 64
+    slice_align = INT4_BLOCK     # the layout keeps output channels in blocks of 64
 
     def __init__(self, packed: torch.Tensor, scale_zero: torch.Tensor, bias: torch.Tensor | None,
                  dtype: torch.dtype, max_rows: int) -> None:
         super().__init__(scale_zero.shape[1], scale_zero.shape[0] * INT4_GROUP, bias, dtype, max_rows)
-        self.register_buffer("packed", packed)                                     # torch's CPU int4 pack
+        self.register_buffer("packed", packed)                                     # int4_pack's layout
         self.register_buffer("scale_zero", scale_zero)                             # [K/g, N, 2]
+        self._torch_packed: torch.Tensor | None = None
 
     @classmethod
     def from_codes(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None,
@@ -161,7 +206,7 @@ class Int4Linear(QuantLinear):
         """codes 0..15 ``[N, K]``, scale and zero ``[N, K/g]``: w = (q - 8)·scale + zero."""
         if q.shape[1] % INT4_GROUP:
             raise ConfigError(f"int4 needs in_features divisible by {INT4_GROUP}, got {q.shape[1]}")
-        packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2)
+        packed = int4_pack(q)
         scale_zero = torch.stack([scale.T, zero.T], -1).to(dtype).contiguous()     # [K/g, N, 2]
         return cls(packed, scale_zero, bias, dtype, max_rows)
 
@@ -169,8 +214,18 @@ class Int4Linear(QuantLinear):
     def from_linear(cls, linear: nn.Linear, dtype: torch.dtype, max_rows: int) -> Int4Linear:
         return cls.from_codes(*int4_codes(linear.weight.detach().float()), linear.bias, dtype, max_rows)
 
+    def torch_packed(self) -> torch.Tensor:
+        """The weight in the layout PyTorch's packed matmul reads on this CPU: the stored copy
+        where the two agree, else a repacked copy made at first use (the PyTorch fallback and
+        the reference only: the native kernels read the stored one)."""
+        if torch_packs_int4_alike():
+            return self.packed
+        if self._torch_packed is None:
+            self._torch_packed = torch._convert_weight_to_int4pack_for_cpu(int4_unpack(self.packed), 2)
+        return self._torch_packed
+
     def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
-        return torch._weight_int4pack_mm_for_cpu(x, self.packed, INT4_GROUP, self.scale_zero)
+        return torch._weight_int4pack_mm_for_cpu(x, self.torch_packed(), INT4_GROUP, self.scale_zero)
 
     def dequantize_t(self, n0: int, n1: int, buf: torch.Tensor) -> torch.Tensor:
         out = buf.view(self.in_features, n1 - n0)                                   # [K, n]
@@ -182,7 +237,7 @@ class Int4Linear(QuantLinear):
         """Rows ``n0:n1`` through the packed kernel itself (an identity matrix times W.T): the
         reference the native dequantisation is tested against, and its fallback."""
         eye = torch.eye(self.in_features, dtype=self.dtype)
-        return torch._weight_int4pack_mm_for_cpu(eye, self.packed, INT4_GROUP, self.scale_zero)[:, n0:n1].T
+        return torch._weight_int4pack_mm_for_cpu(eye, self.torch_packed(), INT4_GROUP, self.scale_zero)[:, n0:n1].T
 
 
 Q5_GROUP = 32                    # inputs per scale (GGUF Q5_0's block)

@@ -6,7 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from kvoffload.model.quant import INT4_GROUP, Int4Linear, Int8Linear
+from kvoffload.model.quant import (
+    INT4_GROUP,
+    Int4Linear,
+    Int8Linear,
+    int4_pack,
+    int4_unpack,
+    torch_packs_int4_alike,
+)
 
 
 def q4_1_like_linear(N: int = 48, K: int = 128, seed: int = 0) -> nn.Linear:
@@ -19,6 +26,28 @@ def q4_1_like_linear(N: int = 48, K: int = 128, seed: int = 0) -> nn.Linear:
     lin = nn.Linear(K, N, bias=False)
     lin.weight.data = (d * q + m).view(N, K)
     return lin
+
+
+@pytest.mark.parametrize("N", [64, 80, 128, 176])
+def test_int4_layout_is_the_same_on_every_cpu(N):
+    """The stored int4 layout is kvoffload's own (PyTorch packs by the CPU it runs on: the layouts
+    differed under AVX2, and prefill on the dequantised weight read garbage): it round-trips, puts
+    each code where the native kernels look, and PyTorch's packed matmul reads the same weight."""
+    K = 96
+    q = torch.randint(0, 16, (N, K), dtype=torch.int32, generator=torch.Generator().manual_seed(N))
+    packed = int4_pack(q)
+    assert packed.shape == (N, K // 2) and torch.equal(int4_unpack(packed), q)
+    flat = packed.reshape(-1)
+    for n, k in [(0, 0), (5, 7), (33, 95), (63, 40)]:       # block 0: byte (0, k, n % 32), nibble n // 32
+        assert (flat[k * 32 + n % 32] >> (4 * (n // 32))) & 15 == q[n, k]
+    if torch_packs_int4_alike():
+        assert torch.equal(packed, torch._convert_weight_to_int4pack_for_cpu(q, 2))
+    g = K // INT4_GROUP                                     # w = (q - 8)·1 + 8 = q
+    ql = Int4Linear.from_codes(q, torch.ones(N, g), torch.full((N, g), 8.0), None, torch.float32, 8)
+    assert torch.equal(ql.reference_rows(0, N), q.float())                 # through PyTorch's kernel
+    assert torch.equal(ql.dequantized(), q.float())                         # the native dequantisation
+    x = torch.randn(3, K, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(ql(x), x @ q.float().T, rtol=1e-5, atol=1e-4)    # few rows: packed
 
 
 def test_int4_repacks_q4_1_losslessly_in_fp32():
