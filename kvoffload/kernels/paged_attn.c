@@ -442,6 +442,197 @@ SPEC_ALL(f32)
 SPEC_ALL(bf16)
 SPEC_ALL(f16)
 #define PICK(NAME) NAME##_pick(G, D, bs)
+#elif defined(__AVX2__) && defined(__FMA__)
+/* ---------------------------------------------------------------------------------------------
+ * AVX2 + FMA (CPUs without AVX-512: most desktop and laptop x86, AMD before Zen 4): the
+ * AVX-512 path's algorithm in 8 lanes. Scores 8 tokens a step, a broadcast (q[2i], q[2i+1])
+ * pair times 4 tokens x 2 channels per vector, the parities added at the end; the softmax 8
+ * tokens a vector; the V rows widened in channel order (no even/odd split), G x NT
+ * accumulators of 8 channels in the 16 registers. Same contract: the code for an item is
+ * chosen from (dtype, G, D, bs) alone. D % 16 == 0 and bs % 8 == 0, else the portable path.
+ * ------------------------------------------------------------------------------------------- */
+#include <immintrin.h>
+
+static inline __m256 ld8_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+static inline __m256 ld8_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+static inline __m256 ld8_f32(const float *p) { return _mm256_loadu_ps(p); }
+static inline float hsum8(__m256 v) {          /* fixed order: halves, then pairs, then the two */
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+static inline float hmax8(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+/* lanes t of an 8-token step whose bit t of lm is set */
+static inline __m256 lane_mask8(unsigned lm) {
+    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)lm), bit), bit));
+}
+
+/* Scores of 8 tokens (t0..t0+7 of a block) for G query heads, K channel-pair-major: lanes of lo
+ * (tokens t0..t0+3) and hi (t0+4..t0+7) hold (token, parity) sums; the parities are added and
+ * the even lanes gathered in token order. */
+#define DEFINE_SCORE8(NAME, KV_T, LD8)                                                               \
+static inline __attribute__((always_inline)) void NAME(const KV_T *K, int t0, int bs, int D,       \
+                                                       const float *qh, int G, __m256 *s) {        \
+    __m256 lo[G_MAX], hi[G_MAX];                                                                   \
+    for (int g = 0; g < G; g++) lo[g] = hi[g] = _mm256_setzero_ps();                               \
+    for (int dp = 0; dp < D / 2; dp++) {                                                           \
+        const KV_T *r = K + (size_t)dp * bs * 2 + 2 * t0;                                          \
+        const __m256 k0 = LD8(r), k1 = LD8(r + 8);                                                 \
+        for (int g = 0; g < G; g++) {                                                              \
+            const __m256 qp = _mm256_castpd_ps(_mm256_broadcast_sd((const double *)(qh + (size_t)g * D + 2 * dp))); \
+            lo[g] = _mm256_fmadd_ps(qp, k0, lo[g]);                                                \
+            hi[g] = _mm256_fmadd_ps(qp, k1, hi[g]);                                                \
+        }                                                                                          \
+    }                                                                                              \
+    for (int g = 0; g < G; g++) {                                                                  \
+        __m256 a = _mm256_add_ps(lo[g], _mm256_permute_ps(lo[g], 0xB1));                           \
+        __m256 b = _mm256_add_ps(hi[g], _mm256_permute_ps(hi[g], 0xB1));                           \
+        /* (t0 t1 t4 t5 | t2 t3 t6 t7) -> tokens in order */                                       \
+        s[g] = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xD8)); \
+    }                                                                                              \
+}
+DEFINE_SCORE8(score8_f32, float, ld8_f32)
+DEFINE_SCORE8(score8_bf16, uint16_t, ld8_bf16)
+DEFINE_SCORE8(score8_f16, uint16_t, ld8_f16)
+
+/* One item, slot by slot in address order, as the AVX-512 body: 1. the scores of every head
+ * (scaled; -inf where not attended), 2. per query head one online-softmax step, 3. the V rows
+ * times the weights into J->o, NT x 8 channels a pass (o * alpha on entry). G_C, NV_C:
+ * compile-time G and D/8 (0 = runtime). */
+#define DEFINE_AVX2(NAME, KV_T, SCORE, LD8)                                                          \
+static inline __attribute__((always_inline)) void NAME##_item_body(const item_job *J, int H_kv, int G, \
+        int D, int bs, float scale, const int G_C, const int NV_C, const int NT_C) {               \
+    enum { NT_MAX = 4 };                                                                           \
+    if (G_C) G = G_C;                                                                              \
+    if (NV_C) D = 8 * NV_C;                                                                        \
+    const int nv = D / 8, NT = NT_C, H = H_kv * G;                                                 \
+    const size_t kblock = (size_t)D * bs;                                                          \
+    float P[H * bs] __attribute__((aligned(32)));         /* a block's scores, then weights */     \
+    float m[H], alpha[H];                                                                          \
+    __m256 lsum[H];                                                                                \
+    uint64_t live[H_kv];                                                                           \
+    const __m256 ninf = _mm256_set1_ps(-INFINITY);                                                 \
+    for (int i = 0; i < H; i++) { m[i] = -INFINITY; lsum[i] = _mm256_setzero_ps(); }               \
+    memset(J->o, 0, sizeof(float) * H * D);                                                        \
+    for (int j = 0; j < J->nb; j++) {                                                              \
+        const KV_T *slot = (const KV_T *)J->blk[j];                                                \
+        int n = j == J->nb - 1 ? J->n_last : bs;                                                   \
+        for (int h = 0; h < H_kv; h++) {                                                           \
+            const uint64_t *tm = J->tm ? J->tm + (size_t)j * H_kv + h : NULL;                      \
+            live[h] = live_tokens(tm, n);                                                          \
+            if (!live[h]) continue;                                                                \
+            const KV_T *K = slot + h * kblock;                                                     \
+            float *Ph = P + (size_t)h * G * bs;                                                    \
+            __m256 bmx[G_MAX];                                                                     \
+            for (int g = 0; g < G; g++) bmx[g] = ninf;                                             \
+            for (int t0 = 0; t0 < n; t0 += 8) {                                                    \
+                unsigned lm = tm ? (unsigned)(t0 < 64 ? (live[h] >> t0) & 0xffu : 0u) : 0xffu;     \
+                if (n - t0 < 8) lm &= (1u << (n - t0)) - 1u;                                       \
+                __m256 sc[G_MAX];                                                                  \
+                if (lm) SCORE(K, t0, bs, D, J->q + (size_t)h * G * D, G, sc);                      \
+                const __m256 keep = lane_mask8(lm);                                                \
+                for (int g = 0; g < G; g++) {                                                      \
+                    __m256 sv = lm ? _mm256_blendv_ps(ninf, _mm256_mul_ps(sc[g], _mm256_set1_ps(scale)), keep) : ninf; \
+                    bmx[g] = _mm256_max_ps(bmx[g], sv);                                            \
+                    _mm256_store_ps(Ph + g * bs + t0, sv);                                         \
+                }                                                                                  \
+            }                                                                                      \
+            for (int g = 0; g < G; g++) {                                                          \
+                int i = h * G + g;                                                                 \
+                float *Pi = Ph + g * bs;                                                           \
+                alpha[i] = 1.f;                                                                    \
+                if (_mm256_movemask_ps(_mm256_cmp_ps(bmx[g], _mm256_set1_ps(m[i]), _CMP_GT_OQ))) {  \
+                    float bm = hmax8(bmx[g]);                     /* a new running max: rescale */ \
+                    alpha[i] = m[i] == -INFINITY ? 0.f : exp_nonpos(m[i] - bm);                    \
+                    m[i] = bm;                                                                     \
+                    lsum[i] = _mm256_mul_ps(lsum[i], _mm256_set1_ps(alpha[i]));                    \
+                }                                                                                  \
+                const __m256 mv = _mm256_set1_ps(m[i]);                                            \
+                for (int t = 0; t < n; t += 8) {                                                   \
+                    __m256 x = _mm256_load_ps(Pi + t);                                             \
+                    __m256 fin = _mm256_cmp_ps(x, ninf, _CMP_NEQ_OQ);                              \
+                    __m256 e = _mm256_and_ps(fin, exp256_nonpos(_mm256_sub_ps(x, mv)));            \
+                    lsum[i] = _mm256_add_ps(lsum[i], e);                                           \
+                    _mm256_store_ps(Pi + t, e);                                                    \
+                }                                                                                  \
+            }                                                                                      \
+        }                                                                                          \
+        for (int h = 0; h < H_kv; h++) {                                                           \
+            if (!live[h]) continue;                                                                \
+            const KV_T *V = slot + (H_kv + h) * kblock;                                            \
+            const float *Ph = P + (size_t)h * G * bs;                                              \
+            float *oh = J->o + (size_t)h * G * D;                                                  \
+            for (int v0 = 0; v0 < nv; v0 += NT) {                                                  \
+                __m256 acc[G_MAX][NT_MAX];                                                         \
+                for (int g = 0; g < G; g++) {                                                      \
+                    __m256 a = _mm256_set1_ps(alpha[h * G + g]);                                   \
+                    for (int k = 0; k < NT; k++)                                                   \
+                        acc[g][k] = _mm256_mul_ps(_mm256_loadu_ps(oh + (size_t)g * D + 8 * (v0 + k)), a); \
+                }                                                                                  \
+                for (int t = 0; t < n; t++) {                                                      \
+                    const KV_T *vr = V + (size_t)t * D + 8 * v0;                                   \
+                    for (int k = 0; k < NT; k++) {                                                 \
+                        const __m256 vv = LD8(vr + 8 * k);                                         \
+                        for (int g = 0; g < G; g++)                                                \
+                            acc[g][k] = _mm256_fmadd_ps(_mm256_broadcast_ss(Ph + g * bs + t), vv, acc[g][k]); \
+                    }                                                                              \
+                }                                                                                  \
+                for (int g = 0; g < G; g++)                                                        \
+                    for (int k = 0; k < NT; k++) _mm256_storeu_ps(oh + (size_t)g * D + 8 * (v0 + k), acc[g][k]); \
+            }                                                                                      \
+        }                                                                                          \
+    }                                                                                              \
+    for (int i = 0; i < H; i++) {                          /* o / l; lse = m + log l */            \
+        float *o = J->o + (size_t)i * D;                                                           \
+        if (m[i] == -INFINITY) {                                                                   \
+            memset(o, 0, sizeof(float) * D);                                                       \
+            J->lse[i] = -INFINITY;                                                                 \
+            continue;                                                                              \
+        }                                                                                          \
+        float l = hsum8(lsum[i]);                                                                  \
+        const __m256 L = _mm256_set1_ps(l);                                                        \
+        for (int v = 0; v < nv; v++) _mm256_storeu_ps(o + 8 * v, _mm256_div_ps(_mm256_loadu_ps(o + 8 * v), L)); \
+        J->lse[i] = m[i] + logf(l);                                                                \
+    }                                                                                              \
+}
+DEFINE_AVX2(f32, float, score8_f32, ld8_f32)
+DEFINE_AVX2(bf16, uint16_t, score8_bf16, ld8_bf16)
+DEFINE_AVX2(f16, uint16_t, score8_f16, ld8_f16)
+
+/* V channels per pass: G x NT accumulators within 12 of the 16 registers */
+#define NT8_FOR(G) ((G) <= 3 ? 4 : (G) <= 6 ? 2 : 1)
+#define SPEC8(NAME, GC, NVC)                                                                         \
+static void NAME##_item_g##GC##_nv##NVC(const item_job *J, int H_kv, int G, int D, int bs, float scale) { \
+    NAME##_item_body(J, H_kv, G, D, bs, scale, GC, NVC, NT8_FOR(GC));                                \
+}
+#define SPEC8_NV(NAME, GC) SPEC8(NAME, GC, 8) SPEC8(NAME, GC, 16)
+#define SPEC8_ALL(NAME)                                                                              \
+static void NAME##_item_any(const item_job *J, int H_kv, int G, int D, int bs, float scale) {      \
+    NAME##_item_body(J, H_kv, G, D, bs, scale, 0, 0, 1);                                             \
+}                                                                                                    \
+SPEC8_NV(NAME, 1) SPEC8_NV(NAME, 2) SPEC8_NV(NAME, 3) SPEC8_NV(NAME, 4) SPEC8_NV(NAME, 5)            \
+SPEC8_NV(NAME, 6) SPEC8_NV(NAME, 7) SPEC8_NV(NAME, 8)                                                \
+static item_fn NAME##_pick(int G, int D, int bs) {                                                   \
+    if (D % 16 || bs % 8) return NAME##_item_generic;                                                \
+    static const item_fn tab[8][2] = {                                                               \
+        {NAME##_item_g1_nv8, NAME##_item_g1_nv16}, {NAME##_item_g2_nv8, NAME##_item_g2_nv16},        \
+        {NAME##_item_g3_nv8, NAME##_item_g3_nv16}, {NAME##_item_g4_nv8, NAME##_item_g4_nv16},        \
+        {NAME##_item_g5_nv8, NAME##_item_g5_nv16}, {NAME##_item_g6_nv8, NAME##_item_g6_nv16},        \
+        {NAME##_item_g7_nv8, NAME##_item_g7_nv16}, {NAME##_item_g8_nv8, NAME##_item_g8_nv16}};       \
+    int c = D == 64 ? 0 : D == 128 ? 1 : -1;                                                         \
+    return G <= 8 && c >= 0 ? tab[G - 1][c] : NAME##_item_any;                                       \
+}
+SPEC8_ALL(f32)
+SPEC8_ALL(bf16)
+SPEC8_ALL(f16)
+#define PICK(NAME) NAME##_pick(G, D, bs)
 #else
 #define PICK(NAME) NAME##_item_generic
 #endif
