@@ -886,6 +886,162 @@ static void NAME##_item_fast(const item_job *J, int H_kv, int G, int D, int bs, 
     default: NAME##_item_v(J, H_kv, G, D, bs, scale);                                               \
     }                                                                                               \
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+/* 8 codes (elements e .. e+7 of a row) -> fp32 lanes */
+static inline __m256 w8_q8(const uint8_t *row, int e) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(row + e))));
+}
+static inline __m256 w8_q4(const uint8_t *row, int e) {
+    int32_t w;
+    memcpy(&w, row + e / 2, 4);
+    __m128i b = _mm_cvtsi32_si128(w), m = _mm_set1_epi8(15);
+    __m128i lo = _mm_and_si128(b, m), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)));
+}
+/* AVX2 (bs, D multiples of 8; the value group of 8 x NE): the AVX-512 body in 8 lanes. Scores 8
+ * tokens a step, the channel sum in U chains (U = 2 while 2G accumulators fit the 16
+ * registers: a lone chain per head waits on the FMA latency); the weighted values NE x 8
+ * channels a pass (G x NE accumulators), the minima's share summed per group apart. */
+#define QNE_FOR(G) ((G) <= 3 ? 4 : (G) <= 6 ? 2 : 1)
+#define DEFINE_QUANT_V(NAME, BITS)                                                                    \
+static inline __attribute__((always_inline)) void NAME##_item_v(const item_job *J, int H_kv, const int G, \
+                                                                  const int D, int bs, float scale) { \
+    enum { U = 2, NE_MAX = 4 };                                                                     \
+    const int u = G <= 4 ? 2 : 1, NE = QNE_FOR(G);                                                  \
+    float P[G_MAX][BS_MAX] __attribute__((aligned(32))), QS[G_MAX][D_MAX] __attribute__((aligned(32))); \
+    float PS[G_MAX][BS_MAX] __attribute__((aligned(32)));   /* p x the token's value scale */      \
+    float C0[G_MAX];                                                                                \
+    const int vg = J->vg, ng = D / vg;                                                              \
+    const __m256 ninf = _mm256_set1_ps(-INFINITY);                                                  \
+    for (int h = 0; h < H_kv; h++) {                                                                \
+        const float *q = J->q + (size_t)h * G * D;                                                  \
+        float m[G_MAX], l[G_MAX], *o = J->o + (size_t)h * G * D;                                    \
+        for (int g = 0; g < G; g++) { m[g] = -INFINITY; l[g] = 0.f; }                               \
+        memset(o, 0, sizeof(float) * G * D);                                                        \
+        for (int j = 0; j < J->nb; j++) {                                                           \
+            int n = j == J->nb - 1 ? J->n_last : bs;                                                \
+            const uint64_t *tm = J->tm ? J->tm + (size_t)j * H_kv + h : NULL;                       \
+            uint64_t mk = live_tokens(tm, n);                                                       \
+            if (!mk) continue;                                                                      \
+            const qhead Q = quant_head((const void *)J->blk[j], h, H_kv, D, bs, ng, BITS);          \
+            const uint8_t *KC = Q.kc, *VC = Q.vc;                                                   \
+            const uint16_t *KM = Q.km, *VM = Q.vm;                                                  \
+            for (int g = 0; g < G; g++) {         /* the key scales folded into q */                \
+                __m256 c = _mm256_setzero_ps();                                                     \
+                for (int d = 0; d < D; d += 8) {                                                    \
+                    __m256 ks = ld8_f16(KM + d), kmn = ld8_f16(KM + D + d), qv = _mm256_loadu_ps(q + g * D + d); \
+                    _mm256_store_ps(QS[g] + d, _mm256_mul_ps(qv, ks));                              \
+                    c = _mm256_fmadd_ps(qv, kmn, c);                                                \
+                }                                                                                   \
+                C0[g] = hsum8(c);                                                                   \
+            }                                                                                       \
+            float bm[G_MAX];                                                                        \
+            for (int g = 0; g < G; g++) bm[g] = -INFINITY;                                          \
+            for (int t0 = 0; t0 < n; t0 += 8) {   /* scores of 8 tokens, dead ones -inf */          \
+                __m256 acc[G_MAX][U];                                                               \
+                for (int g = 0; g < G; g++) acc[g][0] = acc[g][1] = _mm256_setzero_ps();           \
+                for (int d = 0; d < D; d += u)                                                      \
+                    for (int i = 0; i < u; i++) {                                                   \
+                        __m256 k = w8_##NAME(KC + (size_t)(d + i) * bs * BITS / 8, t0);             \
+                        for (int g = 0; g < G; g++)                                                 \
+                            acc[g][i] = _mm256_fmadd_ps(_mm256_broadcast_ss(QS[g] + d + i), k, acc[g][i]); \
+                    }                                                                               \
+                unsigned lv = tm ? (unsigned)(mk >> t0) & 0xffu : 0xffu;     /* masks: bs <= 64 */  \
+                if (n - t0 < 8) lv &= (1u << (n - t0)) - 1u;                                        \
+                const __m256 keep = lane_mask8(lv);                                                 \
+                for (int g = 0; g < G; g++) {                                                       \
+                    __m256 a = u == 2 ? _mm256_add_ps(acc[g][0], acc[g][1]) : acc[g][0];           \
+                    __m256 sc = _mm256_mul_ps(_mm256_add_ps(a, _mm256_set1_ps(C0[g])), _mm256_set1_ps(scale)); \
+                    sc = _mm256_blendv_ps(ninf, sc, keep);                                          \
+                    _mm256_store_ps(P[g] + t0, sc);                                                 \
+                    float x = hmax8(sc);                                                            \
+                    bm[g] = x > bm[g] ? x : bm[g];                                                  \
+                }                                                                                   \
+            }                                                                                       \
+            for (int g = 0; g < G; g++) {         /* the online softmax, 8 weights a vector */     \
+                rescale_to(bm[g], m + g, l + g, o + (size_t)g * D, D);                              \
+                __m256 mv = _mm256_set1_ps(m[g]), ls = _mm256_setzero_ps();                         \
+                for (int t0 = 0; t0 < n; t0 += 8) {                                                 \
+                    __m256 sc = _mm256_load_ps(P[g] + t0);                                          \
+                    __m256 p = _mm256_and_ps(_mm256_cmp_ps(sc, ninf, _CMP_NEQ_OQ), exp256_nonpos(_mm256_sub_ps(sc, mv))); \
+                    _mm256_store_ps(P[g] + t0, p);                                                  \
+                    ls = _mm256_add_ps(ls, p);                                                      \
+                }                                                                                   \
+                l[g] += hsum8(ls);                                                                  \
+            }                                                                                       \
+            for (int c = 0; c < ng; c++) {        /* value group c: its scales folded into p */     \
+                __m256 za[G_MAX];                                                                   \
+                for (int g = 0; g < G; g++) za[g] = _mm256_setzero_ps();                            \
+                for (int t0 = 0; t0 < n; t0 += 8) {   /* 8 tokens' (scale, min) of group c */       \
+                    const __m256 in = lane_mask8(n - t0 >= 8 ? 0xffu : (1u << (n - t0)) - 1u);     \
+                    __m256 vs, vz;                                                                  \
+                    if (ng == 1) {                /* the pairs of 8 tokens: 16 halves in a row */   \
+                        __m256 a = ld8_f16(VM + 2 * t0), b = ld8_f16(VM + 2 * t0 + 8);              \
+                        vs = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xD8)); \
+                        vz = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xDD)), 0xD8)); \
+                    } else {                                                                        \
+                        float s8[8] __attribute__((aligned(32))), z8[8] __attribute__((aligned(32))); \
+                        for (int i = 0; i < 8; i++) {                                               \
+                            const uint16_t *pr = VM + ((size_t)(t0 + i) * ng + c) * 2;              \
+                            s8[i] = h2f(pr[0]);                                                     \
+                            z8[i] = h2f(pr[1]);                                                     \
+                        }                                                                           \
+                        vs = _mm256_load_ps(s8);                                                    \
+                        vz = _mm256_load_ps(z8);                                                    \
+                    }                                                                               \
+                    vs = _mm256_and_ps(in, vs);                                                     \
+                    vz = _mm256_and_ps(in, vz);                                                     \
+                    for (int g = 0; g < G; g++) {                                                   \
+                        __m256 p = _mm256_load_ps(P[g] + t0);                                       \
+                        _mm256_store_ps(PS[g] + t0, _mm256_mul_ps(p, vs));                          \
+                        za[g] = _mm256_fmadd_ps(p, vz, za[g]);                                      \
+                    }                                                                               \
+                }                                                                                   \
+                float zs[G_MAX];                                                                    \
+                for (int g = 0; g < G; g++) zs[g] = hsum8(za[g]);                                   \
+                for (int e0 = c * vg / 8; e0 < (c + 1) * vg / 8; e0 += NE) {  /* NE x 8 channels */ \
+                    __m256 ov[G_MAX][NE_MAX];                                                       \
+                    for (int g = 0; g < G; g++)                                                     \
+                        for (int k = 0; k < NE; k++) ov[g][k] = _mm256_setzero_ps();                \
+                    for (int t = 0; t < n; t++) { /* weighted V rows, accumulated in registers */   \
+                        if (tm && !((mk >> t) & 1)) continue;                                       \
+                        const uint8_t *vr = VC + (size_t)t * D * BITS / 8;                          \
+                        for (int k = 0; k < NE; k++) {                                              \
+                            __m256 x = w8_##NAME(vr, (e0 + k) * 8);                                 \
+                            for (int g = 0; g < G; g++)                                             \
+                                ov[g][k] = _mm256_fmadd_ps(_mm256_broadcast_ss(PS[g] + t), x, ov[g][k]); \
+                        }                                                                           \
+                    }                                                                               \
+                    for (int g = 0; g < G; g++)                                                     \
+                        for (int k = 0; k < NE; k++) {                                              \
+                            float *og = o + (size_t)g * D + (e0 + k) * 8;                           \
+                            _mm256_storeu_ps(og, _mm256_add_ps(_mm256_loadu_ps(og), _mm256_add_ps(ov[g][k], _mm256_set1_ps(zs[g])))); \
+                        }                                                                           \
+                }                                                                                   \
+            }                                                                                       \
+        }                                                                                           \
+        for (int g = 0; g < G; g++) finish_head(o + (size_t)g * D, m[g], l[g], D, J->lse + h * G + g); \
+    }                                                                                               \
+}                                                                                                   \
+static inline __attribute__((always_inline)) void NAME##_item_g(const item_job *J, int H_kv, const int G, \
+                                                                  int D, int bs, float scale) {      \
+    if (D == 64) NAME##_item_v(J, H_kv, G, 64, bs, scale);                                          \
+    else if (D == 128) NAME##_item_v(J, H_kv, G, 128, bs, scale);                                   \
+    else NAME##_item_v(J, H_kv, G, D, bs, scale);                                                   \
+}                                                                                                   \
+static void NAME##_item_fast(const item_job *J, int H_kv, int G, int D, int bs, float scale) {      \
+    if (bs % 8 || D % 8 || G > 8 || J->vg % (8 * QNE_FOR(G))) { NAME##_item_generic(J, H_kv, G, D, bs, scale); return; } \
+    switch (G) {                           /* G a constant: the accumulators in registers */        \
+    case 1: NAME##_item_g(J, H_kv, 1, D, bs, scale); break;                                         \
+    case 2: NAME##_item_g(J, H_kv, 2, D, bs, scale); break;                                         \
+    case 3: NAME##_item_g(J, H_kv, 3, D, bs, scale); break;                                         \
+    case 4: NAME##_item_g(J, H_kv, 4, D, bs, scale); break;                                         \
+    case 5: NAME##_item_g(J, H_kv, 5, D, bs, scale); break;                                         \
+    case 6: NAME##_item_g(J, H_kv, 6, D, bs, scale); break;                                         \
+    case 7: NAME##_item_g(J, H_kv, 7, D, bs, scale); break;                                         \
+    default: NAME##_item_g(J, H_kv, 8, D, bs, scale);                                               \
+    }                                                                                               \
+}
 #else
 #define DEFINE_QUANT_V(NAME, BITS)                                                                    \
 static void NAME##_item_fast(const item_job *J, int H_kv, int G, int D, int bs, float scale) {      \
