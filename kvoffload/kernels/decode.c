@@ -5,14 +5,18 @@
 // One call and one OpenMP region each, instead of ~10 PyTorch operators each. Activations are
 // read and written in the model's dtype (bf16 or fp32) and computed in fp32 in between.
 // Weights in the decode formats of kvoffload/model/quant.py:
-//   int4: torch's CPU int4 pack (packed [N/64, K, 32] bytes, row nb*64+j in the low nibble of
-//         byte (nb, k, j), row nb*64+32+j in its high nibble; scale_zero [K/32, N, 2]:
+//   int4: kvoffload.model.quant.int4_pack's layout (packed [N/64, K, 32] bytes, row nb*64+j in
+//         the low nibble of byte (nb, k, j), row nb*64+32+j in its high nibble; scale_zero
+//         [K/32, N, 2]:
 //         w = (q - 8)·scale + zero)
 //   int8: codes [N, K], one scale per output row.
 //   q5:   GGUF Q5_0's own codes (w = d·(q - 16), q in 0..31, d fp16 per 32 inputs), repacked
 //         for bf16 dot products over pairs of inputs: codes [N/32, K/4, 64] bytes and hbits
 //         [N/32, K/4, 2] uint64, one (block of 32 rows, quad of inputs) as kvo_q5.h lays it out
 //         (unpacked to bf16 128 + q by byte interleaving, no table); scale [K/32, N] fp16.
+// Vector code for AVX-512F, or AVX2 + FMA: the int4 / int8 GEMVs have a variant for each (the
+// same math; int8's sums in another order under AVX2, so other bits than AVX-512's); q5 and the
+// bf16 dot products need AVX-512 (BW, BF16), and without them bf16 activations take the FMAs.
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -23,6 +27,10 @@
 #include "kvo_hook.h"
 #include "kvo_math.h"
 #include "kvo_q5.h"
+
+#if !defined(__AVX512F__) && !(defined(__AVX2__) && defined(__FMA__))
+#error "decode.c needs AVX-512F or AVX2 + FMA"
+#endif
 
 #define MAX_ROWS 8               // rows whose accumulators one pass keeps in registers
 #define MAX_CALL_ROWS 32         // rows one call takes (in passes of MAX_ROWS over each weight tile)
@@ -62,6 +70,7 @@ static inline void st(void *p, int64_t i, float v, int f32) {
 // same points (a no-op in fp32), so that bf16 results stay close to the PyTorch path.
 static inline float rnd(float v, int f32) { return f32 ? v : bf16_to_f32(f32_to_bf16(v)); }
 
+#if defined(__AVX512F__)
 static inline __m512 load_s16(const void *scale, int64_t at, int f32, __m512 *z) {
     // 16 (scale, zero) pairs from [.., 2] -> scales and zeros of 16 rows
     if (f32) {
@@ -124,6 +133,70 @@ static inline __attribute__((always_inline)) void int4_block(const Linear *L, co
     for (int m = 0; m < M; m++)
         for (int i = 0; i < 4; i++) _mm512_storeu_ps(y + m * N + nb * 64 + i * 16, acc[m][i]);
 }
+#else
+static inline __m256 load_s8(const void *scale, int64_t at, int f32, __m256 *z) {
+    // 8 (scale, zero) pairs from [.., 2] -> scales and zeros of 8 rows
+    if (f32) {
+        __m256 a = _mm256_loadu_ps((const float *)scale + at), b = _mm256_loadu_ps((const float *)scale + at + 8);
+        // in-lane picks give rows (0, 1, 4, 5 | 2, 3, 6, 7); a permute of 64-bit pairs orders them
+        *z = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xDD)), 0xD8));
+        return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xD8));
+    }
+    __m256i u = _mm256_loadu_si256((const __m256i *)((const uint16_t *)scale + at));    // 8 x (s | z << 16)
+    *z = _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32((int)0xffff0000u)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+}
+
+// Vector u (0..7) of an int4 block at one input (p: its 32 code bytes) as 8 floats: the low
+// (u even) or high (u odd) nibbles of bytes 8(u / 2) ..: rows int4_row(u) .. +8. So a pass over
+// an even count of vectors loads each byte once.
+static inline int int4_row(int u) { return 8 * (u / 2) + 32 * (u % 2); }
+
+static inline __m256 int4_w8(const uint8_t *p, int u) {
+    __m256i e = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8 * (u / 2))));
+    e = u % 2 ? _mm256_srli_epi32(e, 4) : _mm256_and_si256(e, _mm256_set1_epi32(15));
+    return _mm256_cvtepi32_ps(e);
+}
+
+// One int4 block of 64 output channels (AVX2): y[m, nb*64 .. +64] = x[m] · W[block], the same
+// math as the AVX-512 version, each row's sums in its order. 16 registers hold M·C group sums of
+// 8 rows, so the block is taken in passes over C of its 8 vectors (C = 4 for up to two rows, 2
+// for three or four, 1 for more; later passes read its K·32 bytes from L1 / L2), the passes
+// outermost so that no row's sum of x stays in a register across them; the running sums live
+// in y.
+static inline __attribute__((always_inline)) void int4_block(const Linear *L, const float *x, const float *xsum,
+                                                             const int M, float *y, int64_t nb) {
+    const int64_t K = L->K, N = L->N, G = K / 32;
+    const int C = M <= 2 ? 4 : M <= 4 ? 2 : 1;
+    const uint8_t *p = (const uint8_t *)L->w + nb * K * 32;
+#pragma GCC unroll 8
+    for (int v0 = 0; v0 < 8; v0 += C)
+        for (int64_t g = 0; g < G; g++) {
+            __m256 gs[MAX_ROWS][4];
+            for (int m = 0; m < M; m++)
+                for (int c = 0; c < C; c++) gs[m][c] = _mm256_setzero_ps();
+            for (int64_t k = g * 32; k < g * 32 + 32; k++) {
+                if (!v0 && !(k & 1)) _mm_prefetch((const char *)(p + k * 32 + PF_BYTES), _MM_HINT_T0);
+                __m256 w[4];
+                for (int c = 0; c < C; c++) w[c] = int4_w8(p + k * 32, v0 + c);
+                for (int m = 0; m < M; m++) {
+                    const __m256 xb = _mm256_set1_ps(x[m * K + k]);
+                    for (int c = 0; c < C; c++) gs[m][c] = _mm256_fmadd_ps(w[c], xb, gs[m][c]);
+                }
+            }
+            // sum_k w x = scale · sum_k q x + (zero - 8 scale) · sum_k x, added to y's running sums
+            for (int c = 0; c < C; c++) {
+                __m256 z, s = load_s8(L->scale, (g * N + nb * 64 + int4_row(v0 + c)) * 2, L->scale_f32, &z);
+                __m256 zc = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), s, z);
+                for (int m = 0; m < M; m++) {
+                    float *ym = y + m * N + nb * 64 + int4_row(v0 + c);
+                    __m256 a = _mm256_fmadd_ps(s, gs[m][c], g ? _mm256_loadu_ps(ym) : _mm256_setzero_ps());
+                    _mm256_storeu_ps(ym, _mm256_fmadd_ps(zc, _mm256_set1_ps(xsum[m * G + g]), a));
+                }
+            }
+        }
+}
+#endif
 
 // int8 output channel n: its codes, and its scale in *s. A row (K bytes, often under a page) is
 // too short for the hardware prefetcher to ramp up on its own; touching the start of the row
@@ -136,6 +209,7 @@ static inline const int8_t *int8_row_start(const Linear *L, int64_t n, float *s)
     return row;
 }
 
+#if defined(__AVX512F__)
 // 32 int8 codes -> two vectors of fp32 (elements 0..15 and 16..31)
 static inline void int8_widen32(const int8_t *p, __m512 *lo, __m512 *hi) {
     *lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
@@ -198,6 +272,83 @@ static inline void int8_row_pair(const Linear *L, const float *x, float *y, int6
     y[n] = t0 * s0;
     y[n + 1] = t1 * s1;
 }
+#else
+// 8 int8 codes -> 8 fp32
+static inline __m256 int8_widen8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+// An int8 channel's four partial sums (of its inputs k % 32 in [0, 8), [8, 16), [16, 24),
+// [24, 32)) -> their total, always in this order
+static inline float int8_sum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
+// One int8 output channel for M rows (AVX2). A row's sum is four partial sums in k order,
+// totalled by int8_sum4: the same bits for every M and in int8_row_pair. They are taken JP at a
+// time over the whole row (the next pass reads it from L1), so that the M·JP accumulators stay
+// in registers.
+static inline __attribute__((always_inline)) void int8_row(const Linear *L, const float *x, const int M,
+                                                           float *y, int64_t n) {
+    const int64_t K = L->K, K32 = K / 32 * 32;
+    const int JP = M <= 2 ? 4 : M <= 4 ? 2 : 1;
+    float s;
+    const int8_t *row = int8_row_start(L, n, &s);
+    __m256 part[4][MAX_ROWS];
+#pragma GCC unroll 4
+    for (int j0 = 0; j0 < 4; j0 += JP) {
+        __m256 a[4][MAX_ROWS];
+        for (int j = 0; j < JP; j++)
+            for (int m = 0; m < M; m++) a[j][m] = _mm256_setzero_ps();
+        for (int64_t k = 0; k < K32; k += 32) {
+            if (!j0 && !(k & 63)) _mm_prefetch((const char *)(row + k + PF_BYTES), _MM_HINT_T0);
+            for (int j = 0; j < JP; j++) {
+                const __m256 w = int8_widen8(row + k + 8 * (j0 + j));
+                for (int m = 0; m < M; m++)
+                    a[j][m] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + m * K + k + 8 * (j0 + j)), a[j][m]);
+            }
+        }
+        for (int j = 0; j < JP; j++)
+            for (int m = 0; m < M; m++) part[j0 + j][m] = a[j][m];
+    }
+    for (int m = 0; m < M; m++) {
+        float t = int8_sum4(part[0][m], part[1][m], part[2][m], part[3][m]);
+        for (int64_t j = K32; j < K; j++) t += (float)row[j] * x[m * K + j];
+        y[m * L->N + n] = t * s;
+    }
+}
+
+// Two int8 output channels n, n+1 for one row of x (AVX2): each channel's sums in exactly
+// int8_row's order (the same bits), the eight FMA chains interleaved to hide their latency.
+static inline void int8_row_pair(const Linear *L, const float *x, float *y, int64_t n) {
+    const int64_t K = L->K, K32 = K / 32 * 32;
+    float s0, s1;
+    const int8_t *r0 = int8_row_start(L, n, &s0), *r1 = int8_row_start(L, n + 1, &s1);
+    __m256 a[4], b[4];
+    for (int j = 0; j < 4; j++) a[j] = b[j] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K32; k += 32) {
+        if (!(k & 63)) {
+            _mm_prefetch((const char *)(r0 + k + PF_BYTES), _MM_HINT_T0);
+            _mm_prefetch((const char *)(r1 + k + PF_BYTES), _MM_HINT_T0);
+        }
+        for (int j = 0; j < 4; j++) {
+            const __m256 xj = _mm256_loadu_ps(x + k + 8 * j);
+            a[j] = _mm256_fmadd_ps(int8_widen8(r0 + k + 8 * j), xj, a[j]);
+            b[j] = _mm256_fmadd_ps(int8_widen8(r1 + k + 8 * j), xj, b[j]);
+        }
+    }
+    float t0 = int8_sum4(a[0], a[1], a[2], a[3]), t1 = int8_sum4(b[0], b[1], b[2], b[3]);
+    for (int64_t j = K32; j < K; j++) {
+        t0 += (float)r0[j] * x[j];
+        t1 += (float)r1[j] * x[j];
+    }
+    y[n] = t0 * s0;
+    y[n + 1] = t1 * s1;
+}
+#endif
 
 #if defined(__AVX512BF16__)
 #define BF16_ROWS 16             // rows one bf16-dot pass keeps in registers
