@@ -622,10 +622,12 @@ class EngineConfig:
     dtype: activation / compute dtype. ``auto``: bfloat16 where the hardware computes it
         natively (CPUs with AVX512-BF16/AMX, CUDA GPUs that support it), else float32.
     quantization: weight-only quantisation of the linear layers: ``none``, ``int8`` (per
-        output channel) or ``int4`` (groups of 32). CPU packed kernels, fast only with
-        bfloat16 activations. The packed weights are the only copy: prefill dequantises a
-        layer's weights into a shared scratch buffer before its GEMMs. A GGUF loads straight
-        into the format (no dense copy). ``auto`` on the CPU in bfloat16: ``int4`` when the
+        output channel) or ``int4`` (groups of 32). CPU packed kernels: PyTorch's are fast
+        only with bfloat16 activations, the fused native layer (AVX-512 or AVX2) with fp32
+        too. The packed weights are the only copy: prefill dequantises a layer's weights into
+        a shared scratch buffer before its GEMMs. A GGUF loads straight
+        into the format (no dense copy). ``auto`` on the CPU in bfloat16, or in float32 where
+        the fused native layer runs (CPUs without native bf16, e.g. AVX2): ``int4`` when the
         file's weights are 4-bit (e.g. GGUF Q4_1, re-packed without loss of its codes),
         ``int8`` for other quantised GGUFs (Q5_0, Q6_K, Q8_0 ...: 4 bits would lose), ``none``
         for dense checkpoints. Under ``int8`` a GGUF layer in 4 bits keeps its codes as int4,

@@ -82,6 +82,12 @@ def _native(m: QuantLinear) -> bool:
     return desc is not None and bool(_lib().kvo_linear_supported(ctypes.byref(desc)))
 
 
+def fused_available() -> bool:
+    """Whether the native decode layer (kernels/decode.c) built on this machine (AVX-512F or
+    AVX2 + FMA and a C compiler)."""
+    return _lib() is not None
+
+
 def q5_native() -> bool:
     """Whether the native GEMV reads q5 (:class:`~kvoffload.model.quant.Q5Linear`; AVX512BW)."""
     if _lib() is None:

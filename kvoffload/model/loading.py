@@ -16,7 +16,7 @@ from kvoffload.config import EngineConfig, ModelConfig
 from kvoffload.device import resolve_dtype
 from kvoffload.dtypes import torch_dtype
 from kvoffload.errors import ConfigError, ModelLoadError
-from kvoffload.model.fused import fuse_layers, q5_native
+from kvoffload.model.fused import fuse_layers, fused_available, q5_native
 from kvoffload.model.llama import Transformer
 from kvoffload.model.loader.common import LoadedCheckpoint, decode_format
 from kvoffload.model.loader.gguf_file import GGUFFile
@@ -94,12 +94,17 @@ def build_model(ckpt: LoadedCheckpoint, device: torch.device) -> Transformer:
     return model.to(device).eval().requires_grad_(False)
 
 
-def resolve_quantization(name: str, device: torch.device, dtype: str, weight_type: str) -> str:
-    """``auto``: on CPU with bf16 activations, the decode format of the file's weight type
-    (:func:`~kvoffload.model.loader.common.decode_format`), else none."""
+def resolve_quantization(name: str, device: torch.device, dtype: str, weight_type: str, fused: bool = False) -> str:
+    """``auto``: on the CPU, the decode format of the file's weight type
+    (:func:`~kvoffload.model.loader.common.decode_format`) with bf16 activations, or with fp32
+    ones where the fused native decode layer runs (``fused``: CPUs without native bf16, e.g.
+    AVX2 ones, where fp32 is the compute dtype: SmolLM2 decodes 6.9x faster in int4 than from
+    dense fp32 weights, Qwen2.5-Coder-0.5B 5.1x in int8); else none."""
     if name != "auto":
         return name
-    return decode_format(weight_type) if device.type == "cpu" and dtype == "bfloat16" else "none"
+    if device.type == "cpu" and (dtype == "bfloat16" or (dtype == "float32" and fused)):
+        return decode_format(weight_type)
+    return "none"
 
 
 def load_model(cfg: EngineConfig, device: torch.device) -> tuple[Transformer, Tokenizer, LoadStats]:
@@ -107,12 +112,13 @@ def load_model(cfg: EngineConfig, device: torch.device) -> tuple[Transformer, To
     set_cache_dir(cfg.cache_dir)                 # assembled models and compiled kernels go there
     path = resolve_model(cfg.model, cfg.cache_dir)
     dtype = resolve_dtype(cfg.dtype, device)
+    fused = cfg.decode_kernel == "native" and fused_available()
     if _is_hf_dir(path):
         ckpt = load_hf_dir(path, torch_dtype(dtype))
-        quant = resolve_quantization(cfg.quantization, device, dtype, ckpt.weight_type)
+        quant = resolve_quantization(cfg.quantization, device, dtype, ckpt.weight_type, fused)
     else:
         f = GGUFFile(path)
-        quant = resolve_quantization(cfg.quantization, device, dtype, layer_weight_type(f))
+        quant = resolve_quantization(cfg.quantization, device, dtype, layer_weight_type(f), fused)
         if quant != "none" and device.type != "cpu":
             raise ConfigError(f"{quant} weights use a CPU kernel; on CUDA run without --quantization")
         ckpt = load_gguf(f, torch_dtype(dtype), quant, cfg.quant_max_rows,

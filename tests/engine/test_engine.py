@@ -118,7 +118,10 @@ def test_auto_dtype_and_quantization_resolution(tiny_gguf):
     assert resolve_quantization("auto", cpu, "bfloat16", "Q4_K") == "int4"
     for wt in ("Q5_0", "Q5_1", "Q6_K", "Q8_0"):                               # 4 bits would lose: int8
         assert resolve_quantization("auto", cpu, "bfloat16", wt) == "int8"
-    assert resolve_quantization("auto", cpu, "float32", "Q4_1") == "none"   # int kernels want bf16 activations
+    assert resolve_quantization("auto", cpu, "float32", "Q4_1") == "none"   # PyTorch's int kernels want bf16
+    assert resolve_quantization("auto", cpu, "float32", "Q4_1", fused=True) == "int4"   # the fused layer: fp32 too
+    assert resolve_quantization("auto", cpu, "float32", "Q5_0", fused=True) == "int8"
+    assert resolve_quantization("auto", cpu, "float32", "F32", fused=True) == "none"
     assert resolve_quantization("auto", torch.device("cuda"), "bfloat16", "Q4_1") == "none"
     assert resolve_quantization("int8", cpu, "float32", "F32") == "int8"
 
