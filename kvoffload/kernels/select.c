@@ -60,6 +60,34 @@
 #include "kvo_hook.h"
 #include "kvo_math.h"
 
+/* CPUs without AVX-512 (most desktop x86): AVX2 + FMA variants of the vector loops, the same
+ * algorithms in 8 lanes (the portable loops are for other CPUs: gcc turned cm_dot's into
+ * emulated gathers here, ~10x slower). */
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#define SEL_AVX2 1
+#include <immintrin.h>
+/* the 8 lanes' total / max in a fixed order: halves, pairs, the two */
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+static inline float hmax256(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+/* lanes below n (n < 8) as a mask for maskload / maskstore */
+static inline __m256i lanes_below(int64_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+/* f2key on 8 lanes: negative -> ~u, else u | sign; the all-ones key kept free */
+static inline __m256i f2key256(__m256i u) {
+    __m256i k = _mm256_xor_si256(u, _mm256_or_si256(_mm256_srai_epi32(u, 31), _mm256_set1_epi32((int)0x80000000u)));
+    return _mm256_min_epu32(k, _mm256_set1_epi32((int)0xFFFFFFFEu));
+}
+#endif
+
 enum { SEL_STREAMING = 0, SEL_QUEST = 1, SEL_SPARF = 2, SEL_DOUBLE_SPARSITY = 3, SEL_SHADOWKV = 4,
        SEL_RETRIEVAL = 5 };
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
@@ -138,6 +166,12 @@ static inline int64_t count_ge(const uint32_t *key, int64_t n, uint32_t t) {
     }
     for (; i + 16 <= n; i += 16)
         c += __builtin_popcount(_mm512_cmpge_epu32_mask(_mm512_loadu_si512(key + i), tv));
+#elif defined(SEL_AVX2)
+    const __m256i tv = _mm256_set1_epi32((int)t);
+    for (; i + 8 <= n; i += 8) {            /* x >= t <=> max(x, t) == x */
+        __m256i x = _mm256_loadu_si256((const __m256i *)(key + i));
+        c += __builtin_popcount(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_max_epu32(x, tv), x))));
+    }
 #endif
     for (; i < n; i++) c += key[i] >= t;
     return c;
@@ -156,6 +190,22 @@ static inline void key_range(const uint32_t *key, int64_t n, uint32_t *lo, uint3
         }
         a = _mm512_reduce_min_epu32(va);
         b = _mm512_reduce_max_epu32(vb);
+    }
+#elif defined(SEL_AVX2)
+    if (n >= 8) {
+        __m256i va = _mm256_set1_epi32(-1), vb = _mm256_setzero_si256();
+        for (; i + 8 <= n; i += 8) {
+            __m256i x = _mm256_loadu_si256((const __m256i *)(key + i));
+            va = _mm256_min_epu32(va, x);
+            vb = _mm256_max_epu32(vb, x);
+        }
+        uint32_t la[8], lb[8];
+        _mm256_storeu_si256((__m256i *)la, va);
+        _mm256_storeu_si256((__m256i *)lb, vb);
+        for (int l = 0; l < 8; l++) {
+            a = la[l] < a ? la[l] : a;
+            b = lb[l] > b ? lb[l] : b;
+        }
     }
 #endif
     for (; i < n; i++) {
@@ -342,6 +392,80 @@ static void cm_dot(int G, int C, const float *w, const float *const *rows, int64
         }
     }
 }
+#elif defined(SEL_AVX2)
+/* AVX2: the AVX-512 cm_dot in 8 lanes, GN x VT accumulators within 12 of the 16 registers */
+static inline __attribute__((always_inline)) void cm_dot_group(const int GN, const int VT, int C, const float *w,
+                                                               const float *const *rows, int64_t tstride, int64_t j0,
+                                                               int64_t j1, float *out, int64_t os, const float *scale,
+                                                               int max_only, int first) {
+    __m256 acc[8][8];
+    int64_t j = j0;
+    for (; j + 8 * VT <= j1; j += 8 * VT) {       /* whole register tiles (8 * VT divides TILE) */
+        const int64_t ofs = TILE_OFS(j, tstride);
+        for (int g = 0; g < GN; g++)
+            for (int v = 0; v < VT; v++) acc[g][v] = _mm256_setzero_ps();
+        for (int c = 0; c < C; c++)
+            for (int g = 0; g < GN; g++) {
+                const float *p = rows[g * C + c] + ofs;
+                const __m256 wv = _mm256_broadcast_ss(w + g * C + c);
+                for (int v = 0; v < VT; v++) acc[g][v] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(p + 8 * v), acc[g][v]);
+            }
+        if (max_only) {
+            for (int v = 0; v < VT; v++) {
+                __m256 b = acc[0][v];
+                for (int g = 1; g < GN; g++) b = _mm256_max_ps(b, acc[g][v]);
+                if (!first) b = _mm256_max_ps(b, _mm256_loadu_ps(out + j + 8 * v));
+                _mm256_storeu_ps(out + j + 8 * v, b);
+            }
+        } else {
+            for (int g = 0; g < GN; g++) {
+                const __m256 sv = _mm256_broadcast_ss(scale + g);
+                for (int v = 0; v < VT; v++) _mm256_storeu_ps(out + g * os + j + 8 * v, _mm256_mul_ps(acc[g][v], sv));
+            }
+        }
+    }
+    for (; j < j1; j += 8) {                      /* the last columns, a vector at a time */
+        const __m256i mk = lanes_below(j1 - j >= 8 ? 8 : j1 - j);
+        const int64_t ofs = TILE_OFS(j, tstride);
+        __m256 a[8];
+        for (int g = 0; g < GN; g++) a[g] = _mm256_setzero_ps();
+        for (int c = 0; c < C; c++)
+            for (int g = 0; g < GN; g++)
+                a[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(w + g * C + c), _mm256_maskload_ps(rows[g * C + c] + ofs, mk), a[g]);
+        if (max_only) {
+            __m256 b = a[0];
+            for (int g = 1; g < GN; g++) b = _mm256_max_ps(b, a[g]);
+            if (!first) b = _mm256_max_ps(b, _mm256_maskload_ps(out + j, mk));
+            _mm256_maskstore_ps(out + j, mk, b);
+        } else {
+            for (int g = 0; g < GN; g++)
+                _mm256_maskstore_ps(out + g * os + j, mk, _mm256_mul_ps(a[g], _mm256_broadcast_ss(scale + g)));
+        }
+    }
+}
+
+static void cm_dot(int G, int C, const float *w, const float *const *rows, int64_t tstride, int64_t j0, int64_t j1,
+                   int64_t obase, const float *scale, float *out, int64_t os, int max_only) {
+    out -= obase;                                  /* indexed by column */
+    for (int g0 = 0; g0 < G; g0 += 8) {
+        int gn = G - g0 < 8 ? G - g0 : 8;
+        const float *wg = w + (size_t)g0 * C;
+        const float *const *rg = rows + (size_t)g0 * C;
+        const float *sg = scale ? scale + g0 : NULL;
+        float *og = max_only ? out : out + (size_t)g0 * os;
+        int first = g0 == 0;
+        switch (gn) {   /* constant sizes: the accumulators stay in registers (at most 12) */
+        case 1: cm_dot_group(1, 8, C, wg, rg, tstride, j0, j1, og, os, sg, max_only, first); break;
+        case 2: cm_dot_group(2, 4, C, wg, rg, tstride, j0, j1, og, os, sg, max_only, first); break;
+        case 3: cm_dot_group(3, 4, C, wg, rg, tstride, j0, j1, og, os, sg, max_only, first); break;
+        case 4: cm_dot_group(4, 2, C, wg, rg, tstride, j0, j1, og, os, sg, max_only, first); break;
+        case 5: cm_dot_group(5, 2, C, wg, rg, tstride, j0, j1, og, os, sg, max_only, first); break;
+        case 6: cm_dot_group(6, 2, C, wg, rg, tstride, j0, j1, og, os, sg, max_only, first); break;
+        case 7: cm_dot_group(7, 1, C, wg, rg, tstride, j0, j1, og, os, sg, max_only, first); break;
+        default: cm_dot_group(8, 1, C, wg, rg, tstride, j0, j1, og, os, sg, max_only, first); break;
+        }
+    }
+}
 #else
 /* portable: 64-column pieces (half a tile), one query head at a time (the inner loops vectorise) */
 static void cm_dot(int G, int C, const float *w, const float *const *rows, int64_t tstride, int64_t j0, int64_t j1,
@@ -400,6 +524,25 @@ static void rows_dot(int C, const float *w, const float *const *rows, int64_t j0
             for (int c = 0; c < cn; c++) a = _mm512_fmadd_ps(wv[c], _mm512_maskz_loadu_ps(mk, rows[c0 + c] + j), a);
             _mm512_mask_storeu_ps(out + j, mk, _mm512_mul_ps(a, sv));
         }
+#elif defined(SEL_AVX2)
+        __m256 wv[8];
+        for (int c = 0; c < cn; c++) wv[c] = _mm256_broadcast_ss(w + c0 + c);
+        const __m256 sv = _mm256_set1_ps(last ? scale : 1.0f);
+        for (; j + 32 <= j1; j += 32) {
+            __m256 a[4];
+            for (int v = 0; v < 4; v++) a[v] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(out + j + 8 * v);
+            for (int c = 0; c < cn; c++) {
+                const float *p = rows[c0 + c] + j;
+                for (int v = 0; v < 4; v++) a[v] = _mm256_fmadd_ps(wv[c], _mm256_loadu_ps(p + 8 * v), a[v]);
+            }
+            for (int v = 0; v < 4; v++) _mm256_storeu_ps(out + j + 8 * v, _mm256_mul_ps(a[v], sv));
+        }
+        for (; j < j1; j += 8) {
+            const __m256i mk = lanes_below(j1 - j >= 8 ? 8 : j1 - j);
+            __m256 a = first ? _mm256_setzero_ps() : _mm256_maskload_ps(out + j, mk);
+            for (int c = 0; c < cn; c++) a = _mm256_fmadd_ps(wv[c], _mm256_maskload_ps(rows[c0 + c] + j, mk), a);
+            _mm256_maskstore_ps(out + j, mk, _mm256_mul_ps(a, sv));
+        }
 #else
         const float sc = last ? scale : 1.0f;
         for (; j < j1; j++) {
@@ -419,6 +562,10 @@ static inline float vmax(const float *x, int64_t n) {
     __m512 mv = _mm512_set1_ps(-INFINITY);
     for (; j + 16 <= n; j += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(x + j));
     m = _mm512_reduce_max_ps(mv);
+#elif defined(SEL_AVX2)
+    __m256 mv = _mm256_set1_ps(-INFINITY);
+    for (; j + 8 <= n; j += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(x + j));
+    m = hmax256(mv);
 #endif
     for (; j < n; j++) m = x[j] > m ? x[j] : m;
     return m;
@@ -458,6 +605,24 @@ static inline __m512 exp2_512(__m512 t) {
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
     return _mm512_scalef_ps(p, n);
 }
+#elif defined(SEL_AVX2)
+static inline __m256 exp2_256(__m256 t) {      /* t >= -150 (clamped by the callers' use) */
+    t = _mm256_max_ps(t, _mm256_set1_ps(-150.f));
+    __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 f = _mm256_sub_ps(t, n);
+    __m256 p = _mm256_set1_ps(EXP2_C6);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(EXP2_C5));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(EXP2_C4));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(EXP2_C3));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(EXP2_C2));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(EXP2_C1));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    /* 2^n in two normal factors (n >= -150, each half >= -75), as ldexpf's denormals */
+    __m256i ni = _mm256_cvtps_epi32(n), h = _mm256_srai_epi32(ni, 1);
+    __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h, _mm256_set1_epi32(127)), 23));
+    __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, h), _mm256_set1_epi32(127)), 23));
+    return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+}
 #endif
 
 /* sum_j 2^(x[j] - m), j in [0, n) */
@@ -475,6 +640,18 @@ static inline float sum_exp2(const float *x, int64_t n, float m) {
         acc = _mm512_mask_add_ps(acc, mk, acc, exp2_512(_mm512_maskz_sub_ps(mk, _mm512_maskz_loadu_ps(mk, x + j), mv)));
     }
     s = _mm512_reduce_add_ps(_mm512_add_ps(acc, acc2));
+#elif defined(SEL_AVX2)
+    __m256 acc = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps(), mv = _mm256_set1_ps(m);
+    for (; j + 16 <= n; j += 16) {
+        acc = _mm256_add_ps(acc, exp2_256(_mm256_sub_ps(_mm256_loadu_ps(x + j), mv)));
+        acc2 = _mm256_add_ps(acc2, exp2_256(_mm256_sub_ps(_mm256_loadu_ps(x + j + 8), mv)));
+    }
+    for (; j < n; j += 8) {
+        const __m256i mk = lanes_below(n - j >= 8 ? 8 : n - j);
+        __m256 e = exp2_256(_mm256_sub_ps(_mm256_maskload_ps(x + j, mk), mv));
+        acc = _mm256_add_ps(acc, _mm256_and_ps(e, _mm256_castsi256_ps(mk)));
+    }
+    s = hsum256(_mm256_add_ps(acc, acc2));
 #endif
     for (; j < n; j++) s += exp2_nonpos(x[j] - m);
     return s;
@@ -494,6 +671,13 @@ static inline void group_max_keys(const float *x, int64_t os, int G, const float
         u = _mm512_mask_xor_epi32(_mm512_or_si512(u, sign), neg, u, _mm512_set1_epi32(-1));
         u = _mm512_min_epu32(u, _mm512_set1_epi32((int)0xFFFFFFFEu));
         _mm512_storeu_si512(key + j, u);
+    }
+#elif defined(SEL_AVX2)
+    for (; j + 8 <= n; j += 8) {
+        __m256 b = _mm256_sub_ps(_mm256_loadu_ps(x + j), _mm256_set1_ps(lz[0]));
+        for (int g = 1; g < G; g++)
+            b = _mm256_max_ps(b, _mm256_sub_ps(_mm256_loadu_ps(x + g * os + j), _mm256_set1_ps(lz[g])));
+        _mm256_storeu_si256((__m256i *)(key + j), f2key256(_mm256_castps_si256(b)));
     }
 #endif
     for (; j < n; j++) {
@@ -516,6 +700,9 @@ static inline void to_keys(const float *x, int64_t n, uint32_t *key) {
         u = _mm512_mask_xor_epi32(_mm512_or_si512(u, sign), neg, u, _mm512_set1_epi32(-1));
         _mm512_storeu_si512(key + j, _mm512_min_epu32(u, _mm512_set1_epi32((int)0xFFFFFFFEu)));
     }
+#elif defined(SEL_AVX2)
+    for (; j + 8 <= n; j += 8)
+        _mm256_storeu_si256((__m256i *)(key + j), f2key256(_mm256_loadu_si256((const __m256i *)(x + j))));
 #endif
     for (; j < n; j++) key[j] = f2key(x[j]);
 }
