@@ -458,16 +458,6 @@ static inline __m256 ld8_bf16(const uint16_t *p) {
 }
 static inline __m256 ld8_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
 static inline __m256 ld8_f32(const float *p) { return _mm256_loadu_ps(p); }
-static inline float hsum8(__m256 v) {          /* fixed order: halves, then pairs, then the two */
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-static inline float hmax8(__m256 v) {
-    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
-}
 /* lanes t of an 8-token step whose bit t of lm is set */
 static inline __m256 lane_mask8(unsigned lm) {
     const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
@@ -549,7 +539,7 @@ static inline __attribute__((always_inline)) void NAME##_item_body(const item_jo
                 float *Pi = Ph + g * bs;                                                           \
                 alpha[i] = 1.f;                                                                    \
                 if (_mm256_movemask_ps(_mm256_cmp_ps(bmx[g], _mm256_set1_ps(m[i]), _CMP_GT_OQ))) {  \
-                    float bm = hmax8(bmx[g]);                     /* a new running max: rescale */ \
+                    float bm = hmax256(bmx[g]);                     /* a new running max: rescale */ \
                     alpha[i] = m[i] == -INFINITY ? 0.f : exp_nonpos(m[i] - bm);                    \
                     m[i] = bm;                                                                     \
                     lsum[i] = _mm256_mul_ps(lsum[i], _mm256_set1_ps(alpha[i]));                    \
@@ -596,7 +586,7 @@ static inline __attribute__((always_inline)) void NAME##_item_body(const item_jo
             J->lse[i] = -INFINITY;                                                                 \
             continue;                                                                              \
         }                                                                                          \
-        float l = hsum8(lsum[i]);                                                                  \
+        float l = hsum256(lsum[i]);                                                                  \
         const __m256 L = _mm256_set1_ps(l);                                                        \
         for (int v = 0; v < nv; v++) _mm256_storeu_ps(o + 8 * v, _mm256_div_ps(_mm256_loadu_ps(o + 8 * v), L)); \
         J->lse[i] = m[i] + logf(l);                                                                \
@@ -933,7 +923,7 @@ static inline __attribute__((always_inline)) void NAME##_item_v(const item_job *
                     _mm256_store_ps(QS[g] + d, _mm256_mul_ps(qv, ks));                              \
                     c = _mm256_fmadd_ps(qv, kmn, c);                                                \
                 }                                                                                   \
-                C0[g] = hsum8(c);                                                                   \
+                C0[g] = hsum256(c);                                                                   \
             }                                                                                       \
             float bm[G_MAX];                                                                        \
             for (int g = 0; g < G; g++) bm[g] = -INFINITY;                                          \
@@ -954,7 +944,7 @@ static inline __attribute__((always_inline)) void NAME##_item_v(const item_job *
                     __m256 sc = _mm256_mul_ps(_mm256_add_ps(a, _mm256_set1_ps(C0[g])), _mm256_set1_ps(scale)); \
                     sc = _mm256_blendv_ps(ninf, sc, keep);                                          \
                     _mm256_store_ps(P[g] + t0, sc);                                                 \
-                    float x = hmax8(sc);                                                            \
+                    float x = hmax256(sc);                                                            \
                     bm[g] = x > bm[g] ? x : bm[g];                                                  \
                 }                                                                                   \
             }                                                                                       \
@@ -967,7 +957,7 @@ static inline __attribute__((always_inline)) void NAME##_item_v(const item_job *
                     _mm256_store_ps(P[g] + t0, p);                                                  \
                     ls = _mm256_add_ps(ls, p);                                                      \
                 }                                                                                   \
-                l[g] += hsum8(ls);                                                                  \
+                l[g] += hsum256(ls);                                                                  \
             }                                                                                       \
             for (int c = 0; c < ng; c++) {        /* value group c: its scales folded into p */     \
                 __m256 za[G_MAX];                                                                   \
@@ -998,7 +988,7 @@ static inline __attribute__((always_inline)) void NAME##_item_v(const item_job *
                     }                                                                               \
                 }                                                                                   \
                 float zs[G_MAX];                                                                    \
-                for (int g = 0; g < G; g++) zs[g] = hsum8(za[g]);                                   \
+                for (int g = 0; g < G; g++) zs[g] = hsum256(za[g]);                                   \
                 for (int e0 = c * vg / 8; e0 < (c + 1) * vg / 8; e0 += NE) {  /* NE x 8 channels */ \
                     __m256 ov[G_MAX][NE_MAX];                                                       \
                     for (int g = 0; g < G; g++)                                                     \
