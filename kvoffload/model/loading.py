@@ -112,7 +112,7 @@ def load_model(cfg: EngineConfig, device: torch.device) -> tuple[Transformer, To
     set_cache_dir(cfg.cache_dir)                 # assembled models and compiled kernels go there
     path = resolve_model(cfg.model, cfg.cache_dir)
     dtype = resolve_dtype(cfg.dtype, device)
-    fused = cfg.decode_kernel == "native" and fused_available()
+    fused = device.type == "cpu" and cfg.decode_kernel == "native" and fused_available()
     if _is_hf_dir(path):
         ckpt = load_hf_dir(path, torch_dtype(dtype))
         quant = resolve_quantization(cfg.quantization, device, dtype, ckpt.weight_type, fused)
