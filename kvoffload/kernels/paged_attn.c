@@ -726,6 +726,31 @@ static void NAME##_item_generic(const item_job *J, int H_kv, int G, int D, int b
     }                                                                                               \
 }
 
+/* The vector bodies' entry (either ISA): the portable path where the geometry is not the body's
+ * (UNFIT), else the body with G, and D where it is 64 or 128, compile-time constants (the loops
+ * unroll and the accumulators stay in registers). */
+#define DEFINE_QUANT_FAST(NAME, UNFIT)                                                                \
+static inline __attribute__((always_inline)) void NAME##_item_g(const item_job *J, int H_kv, const int G, \
+                                                                  int D, int bs, float scale) {      \
+    if (D == 64) NAME##_item_v(J, H_kv, G, 64, bs, scale);                                          \
+    else if (D == 128) NAME##_item_v(J, H_kv, G, 128, bs, scale);                                   \
+    else NAME##_item_v(J, H_kv, G, D, bs, scale);                                                   \
+}                                                                                                   \
+static void NAME##_item_fast(const item_job *J, int H_kv, int G, int D, int bs, float scale) {      \
+    if (UNFIT) { NAME##_item_generic(J, H_kv, G, D, bs, scale); return; }                           \
+    switch (G) {                           /* G a constant: the accumulators in registers */        \
+    case 1: NAME##_item_g(J, H_kv, 1, D, bs, scale); break;                                         \
+    case 2: NAME##_item_g(J, H_kv, 2, D, bs, scale); break;                                         \
+    case 3: NAME##_item_g(J, H_kv, 3, D, bs, scale); break;                                         \
+    case 4: NAME##_item_g(J, H_kv, 4, D, bs, scale); break;                                         \
+    case 5: NAME##_item_g(J, H_kv, 5, D, bs, scale); break;                                         \
+    case 6: NAME##_item_g(J, H_kv, 6, D, bs, scale); break;                                         \
+    case 7: NAME##_item_g(J, H_kv, 7, D, bs, scale); break;                                         \
+    case 8: NAME##_item_g(J, H_kv, 8, D, bs, scale); break;                                         \
+    default: NAME##_item_v(J, H_kv, G, D, bs, scale);                                               \
+    }                                                                                               \
+}
+
 #ifdef __AVX512F__
 /* 16 codes (elements e .. e+15 of a row) -> fp32 lanes */
 static inline __m512 w16_q8(const uint8_t *row, int e) {
@@ -856,26 +881,7 @@ static inline __attribute__((always_inline)) void NAME##_item_v(const item_job *
         for (int g = 0; g < G; g++) finish_head(o + (size_t)g * D, m[g], l[g], D, J->lse + h * G + g); \
     }                                                                                               \
 }                                                                                                   \
-static inline __attribute__((always_inline)) void NAME##_item_g(const item_job *J, int H_kv, const int G, \
-                                                                  int D, int bs, float scale) {      \
-    if (D == 64) NAME##_item_v(J, H_kv, G, 64, bs, scale);                                          \
-    else if (D == 128) NAME##_item_v(J, H_kv, G, 128, bs, scale);                                   \
-    else NAME##_item_v(J, H_kv, G, D, bs, scale);                                                   \
-}                                                                                                   \
-static void NAME##_item_fast(const item_job *J, int H_kv, int G, int D, int bs, float scale) {      \
-    if (bs % 16 || D % 16 || J->vg % 16) { NAME##_item_generic(J, H_kv, G, D, bs, scale); return; } \
-    switch (G) {                           /* G a constant: the accumulators in registers */        \
-    case 1: NAME##_item_g(J, H_kv, 1, D, bs, scale); break;                                         \
-    case 2: NAME##_item_g(J, H_kv, 2, D, bs, scale); break;                                         \
-    case 3: NAME##_item_g(J, H_kv, 3, D, bs, scale); break;                                         \
-    case 4: NAME##_item_g(J, H_kv, 4, D, bs, scale); break;                                         \
-    case 5: NAME##_item_g(J, H_kv, 5, D, bs, scale); break;                                         \
-    case 6: NAME##_item_g(J, H_kv, 6, D, bs, scale); break;                                         \
-    case 7: NAME##_item_g(J, H_kv, 7, D, bs, scale); break;                                         \
-    case 8: NAME##_item_g(J, H_kv, 8, D, bs, scale); break;                                         \
-    default: NAME##_item_v(J, H_kv, G, D, bs, scale);                                               \
-    }                                                                                               \
-}
+DEFINE_QUANT_FAST(NAME, bs % 16 || D % 16 || J->vg % 16)
 #elif defined(__AVX2__) && defined(__FMA__)
 /* 8 codes (elements e .. e+7 of a row) -> fp32 lanes */
 static inline __m256 w8_q8(const uint8_t *row, int e) {
@@ -1013,25 +1019,7 @@ static inline __attribute__((always_inline)) void NAME##_item_v(const item_job *
         for (int g = 0; g < G; g++) finish_head(o + (size_t)g * D, m[g], l[g], D, J->lse + h * G + g); \
     }                                                                                               \
 }                                                                                                   \
-static inline __attribute__((always_inline)) void NAME##_item_g(const item_job *J, int H_kv, const int G, \
-                                                                  int D, int bs, float scale) {      \
-    if (D == 64) NAME##_item_v(J, H_kv, G, 64, bs, scale);                                          \
-    else if (D == 128) NAME##_item_v(J, H_kv, G, 128, bs, scale);                                   \
-    else NAME##_item_v(J, H_kv, G, D, bs, scale);                                                   \
-}                                                                                                   \
-static void NAME##_item_fast(const item_job *J, int H_kv, int G, int D, int bs, float scale) {      \
-    if (bs % 8 || D % 8 || G > 8 || J->vg % (8 * QNE_FOR(G))) { NAME##_item_generic(J, H_kv, G, D, bs, scale); return; } \
-    switch (G) {                           /* G a constant: the accumulators in registers */        \
-    case 1: NAME##_item_g(J, H_kv, 1, D, bs, scale); break;                                         \
-    case 2: NAME##_item_g(J, H_kv, 2, D, bs, scale); break;                                         \
-    case 3: NAME##_item_g(J, H_kv, 3, D, bs, scale); break;                                         \
-    case 4: NAME##_item_g(J, H_kv, 4, D, bs, scale); break;                                         \
-    case 5: NAME##_item_g(J, H_kv, 5, D, bs, scale); break;                                         \
-    case 6: NAME##_item_g(J, H_kv, 6, D, bs, scale); break;                                         \
-    case 7: NAME##_item_g(J, H_kv, 7, D, bs, scale); break;                                         \
-    default: NAME##_item_g(J, H_kv, 8, D, bs, scale);                                               \
-    }                                                                                               \
-}
+DEFINE_QUANT_FAST(NAME, bs % 8 || D % 8 || G > 8 || J->vg % (8 * QNE_FOR(G)))
 #else
 #define DEFINE_QUANT_V(NAME, BITS)                                                                    \
 static void NAME##_item_fast(const item_job *J, int H_kv, int G, int D, int bs, float scale) {      \

@@ -359,28 +359,8 @@ static inline __attribute__((always_inline)) void cm_dot_group(const int GN, con
     }
 }
 
-static void cm_dot(int G, int C, const float *w, const float *const *rows, int64_t tstride, int64_t j0, int64_t j1,
-                   int64_t obase, const float *scale, float *out, int64_t os, int max_only) {
-    out -= obase;                                  /* indexed by column */
-    for (int g0 = 0; g0 < G; g0 += 8) {
-        int gn = G - g0 < 8 ? G - g0 : 8;
-        const float *wg = w + (size_t)g0 * C;
-        const float *const *rg = rows + (size_t)g0 * C;
-        const float *sg = scale ? scale + g0 : NULL;
-        float *og = max_only ? out : out + (size_t)g0 * os;
-        int first = g0 == 0;
-        switch (gn) {   /* constant sizes: the accumulators stay in registers (at most 28) */
-        case 1: cm_dot_group(1, 8, C, wg, rg, tstride, j0, j1, og, os, sg, max_only, first); break;
-        case 2: cm_dot_group(2, 8, C, wg, rg, tstride, j0, j1, og, os, sg, max_only, first); break;
-        case 3: cm_dot_group(3, 8, C, wg, rg, tstride, j0, j1, og, os, sg, max_only, first); break;
-        case 4: cm_dot_group(4, 4, C, wg, rg, tstride, j0, j1, og, os, sg, max_only, first); break;
-        case 5: cm_dot_group(5, 4, C, wg, rg, tstride, j0, j1, og, os, sg, max_only, first); break;
-        case 6: cm_dot_group(6, 4, C, wg, rg, tstride, j0, j1, og, os, sg, max_only, first); break;
-        case 7: cm_dot_group(7, 4, C, wg, rg, tstride, j0, j1, og, os, sg, max_only, first); break;
-        default: cm_dot_group(8, 2, C, wg, rg, tstride, j0, j1, og, os, sg, max_only, first); break;
-        }
-    }
-}
+/* register tiles per query-head count: GN x CM_VT(GN) accumulators, at most 28 */
+#define CM_VT(GN) ((GN) <= 3 ? 8 : (GN) <= 7 ? 4 : 2)
 #elif defined(SEL_AVX2)
 /* AVX2: the AVX-512 cm_dot in 8 lanes, GN x VT accumulators within 12 of the 16 registers */
 static inline __attribute__((always_inline)) void cm_dot_group(const int GN, const int VT, int C, const float *w,
@@ -433,28 +413,8 @@ static inline __attribute__((always_inline)) void cm_dot_group(const int GN, con
     }
 }
 
-static void cm_dot(int G, int C, const float *w, const float *const *rows, int64_t tstride, int64_t j0, int64_t j1,
-                   int64_t obase, const float *scale, float *out, int64_t os, int max_only) {
-    out -= obase;                                  /* indexed by column */
-    for (int g0 = 0; g0 < G; g0 += 8) {
-        int gn = G - g0 < 8 ? G - g0 : 8;
-        const float *wg = w + (size_t)g0 * C;
-        const float *const *rg = rows + (size_t)g0 * C;
-        const float *sg = scale ? scale + g0 : NULL;
-        float *og = max_only ? out : out + (size_t)g0 * os;
-        int first = g0 == 0;
-        switch (gn) {   /* constant sizes: the accumulators stay in registers (at most 12) */
-        case 1: cm_dot_group(1, 8, C, wg, rg, tstride, j0, j1, og, os, sg, max_only, first); break;
-        case 2: cm_dot_group(2, 4, C, wg, rg, tstride, j0, j1, og, os, sg, max_only, first); break;
-        case 3: cm_dot_group(3, 4, C, wg, rg, tstride, j0, j1, og, os, sg, max_only, first); break;
-        case 4: cm_dot_group(4, 2, C, wg, rg, tstride, j0, j1, og, os, sg, max_only, first); break;
-        case 5: cm_dot_group(5, 2, C, wg, rg, tstride, j0, j1, og, os, sg, max_only, first); break;
-        case 6: cm_dot_group(6, 2, C, wg, rg, tstride, j0, j1, og, os, sg, max_only, first); break;
-        case 7: cm_dot_group(7, 1, C, wg, rg, tstride, j0, j1, og, os, sg, max_only, first); break;
-        default: cm_dot_group(8, 1, C, wg, rg, tstride, j0, j1, og, os, sg, max_only, first); break;
-        }
-    }
-}
+/* GN x CM_VT(GN) accumulators, at most 12 of the 16 registers */
+#define CM_VT(GN) ((GN) == 1 ? 8 : (GN) <= 3 ? 4 : (GN) <= 6 ? 2 : 1)
 #else
 /* portable: 64-column pieces (half a tile), one query head at a time (the inner loops vectorise) */
 static void cm_dot(int G, int C, const float *w, const float *const *rows, int64_t tstride, int64_t j0, int64_t j1,
@@ -481,6 +441,31 @@ static void cm_dot(int G, int C, const float *w, const float *const *rows, int64
                 float *o = out + (size_t)g * os + jb, sc = scale[g];
                 for (int jj = 0; jj < m; jj++) o[jj] = acc[jj] * sc;
             }
+        }
+    }
+}
+#endif
+
+#ifdef CM_VT
+static void cm_dot(int G, int C, const float *w, const float *const *rows, int64_t tstride, int64_t j0, int64_t j1,
+                   int64_t obase, const float *scale, float *out, int64_t os, int max_only) {
+    out -= obase;                                  /* indexed by column */
+    for (int g0 = 0; g0 < G; g0 += 8) {
+        int gn = G - g0 < 8 ? G - g0 : 8;
+        const float *wg = w + (size_t)g0 * C;
+        const float *const *rg = rows + (size_t)g0 * C;
+        const float *sg = scale ? scale + g0 : NULL;
+        float *og = max_only ? out : out + (size_t)g0 * os;
+        int first = g0 == 0;
+        switch (gn) {   /* constant sizes: GN x CM_VT(GN) accumulators stay in registers */
+        case 1: cm_dot_group(1, CM_VT(1), C, wg, rg, tstride, j0, j1, og, os, sg, max_only, first); break;
+        case 2: cm_dot_group(2, CM_VT(2), C, wg, rg, tstride, j0, j1, og, os, sg, max_only, first); break;
+        case 3: cm_dot_group(3, CM_VT(3), C, wg, rg, tstride, j0, j1, og, os, sg, max_only, first); break;
+        case 4: cm_dot_group(4, CM_VT(4), C, wg, rg, tstride, j0, j1, og, os, sg, max_only, first); break;
+        case 5: cm_dot_group(5, CM_VT(5), C, wg, rg, tstride, j0, j1, og, os, sg, max_only, first); break;
+        case 6: cm_dot_group(6, CM_VT(6), C, wg, rg, tstride, j0, j1, og, os, sg, max_only, first); break;
+        case 7: cm_dot_group(7, CM_VT(7), C, wg, rg, tstride, j0, j1, og, os, sg, max_only, first); break;
+        default: cm_dot_group(8, CM_VT(8), C, wg, rg, tstride, j0, j1, og, os, sg, max_only, first); break;
         }
     }
 }
