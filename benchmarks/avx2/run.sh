@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Twelfth session: an AVX2-only CPU (AMD EPYC, no AVX-512). Regenerate with
 #   bash benchmarks/avx2/run.sh STEP        (on a shared machine: /work/notes/bin/kvo-bench bash ...)
-# STEP: kernels (attention alone, before / after, trees alternated), smollm2, qwen, kvquant_ram,
-# kvquant_batch. BASE: the tree before the AVX2 kernels (a git worktree of 51ce22f).
+# STEP: kernels (attention alone, before / after, trees alternated), smollm2, qwen_8k, qwen_16k,
+# kvquant_ram (TAG=_s13: the thirteenth session's file), kvquant_batch. BASE: the tree before
+# the AVX2 kernels (a git worktree of 51ce22f).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=benchmarks/avx2
@@ -31,15 +32,16 @@ case "${1:?step}" in
       --config "quest:sparse_policy=quest,sparse_budget=1/16" \
       --config "shadowkv:sparse_policy=shadowkv,sparse_budget=1/16" \
       --vs llama.cpp -o "$OUT/smollm2" ;;
-  qwen)      # Qwen2.5-Coder-0.5B (auto: int8 weights, fp32), 8K / 16K: over 40 minutes on 2 AVX2 cores
-    kvoffload bench -m qwen2.5-coder-0.5b -p 0 -n 32 -d 8176,16368 -b 1 -r 2 -t "$T" \
+  qwen_8k|qwen_16k)   # Qwen2.5-Coder-0.5B (auto: int8 weights, fp32), one depth a step: 12 / 37 minutes
+    DEPTH=$([ "$1" = qwen_8k ] && echo 8176 || echo 16368)
+    kvoffload bench -m qwen2.5-coder-0.5b -p 0 -n 32 -d "$DEPTH" -b 1 -r 2 -t "$T" \
       --config "quest:sparse_policy=quest,sparse_budget=1/16" \
       --config "shadowkv:sparse_policy=shadowkv,sparse_budget=1/16" \
-      --vs llama.cpp -o "$OUT/qwen" ;;
+      --vs llama.cpp -o "$OUT/$1" ;;
   kvquant_ram)   # issue #14: compressed KV in RAM at 8K against bf16 and fp32 KV
     kvoffload bench -m smollm2-135m -p 0 -n 16 -d 8176 -b 1 -r 3 -t "$T" \
       --config "bf16:kv_dtype=bfloat16" --config "bf16-blocks:kv_dtype=bfloat16,kv_host_budget=4GiB" \
-      --config "int8:kv_dtype=int8" --config "int4:kv_dtype=int4" -o "$OUT/kvquant_ram_8k" ;;
+      --config "int8:kv_dtype=int8" --config "int4:kv_dtype=int4" -o "$OUT/kvquant_ram_8k${TAG:-}" ;;
   kvquant_batch) # issue #14: batch 16 x 4K, int4 against bf16: ~28 minutes on 2 AVX2 cores
     kvoffload bench -m smollm2-135m -p 0 -n 8 -d 4088 -b 16 -r 2 -t "$T" \
       --config "bf16-blocks:kv_dtype=bfloat16,kv_host_budget=8GiB" --config "int8:kv_dtype=int8" \
