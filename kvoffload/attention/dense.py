@@ -243,12 +243,11 @@ class DenseBackend:
         """A decode layer's attention as a native hook (a ``kvo_attn_hook``, kernels/kvo_hook.h,
         which keeps what it reads alive while held) for a fused layer to run in the same native call as its
         projections: a dense layer's prepared call, or a sparse layer's one-call step (selection
-        included), appending the new tokens' k/v where :meth:`decode` would (rounded from
-        ``dtype`` to the KV dtype, as :meth:`decode` rounds, by the fused layer). None where
-        :meth:`decode` must run (no kernel, a sparse policy without a native step or with an
-        output correction). The same bits as :meth:`decode`."""
+        included), appending the new tokens' k/v where :meth:`decode` would. None where
+        :meth:`decode` must run (no kernel, k/v to be converted from ``dtype``, a sparse policy
+        without a native step or with an output correction). The same bits as :meth:`decode`."""
         self._count_pending()
-        if self.kernel is None or not self.native_hook:
+        if self.kernel is None or not self.native_hook or dtype != self.kv_dtype:
             return None
         pol = self.policy
         if pol is not None and pol.sparse(layer):

@@ -328,9 +328,8 @@ class TieredBackend:
         this step becomes a block after the call (:meth:`native_done`). None (``decode`` runs)
         where a layer does more: a sparse policy; a chunk on a tier that is read or attended
         elsewhere (disk); another forward at the same time (decode micro-batches: the tiers'
-        placement is shared). The new k/v reach the tails rounded from ``dtype`` to theirs, as
-        :meth:`decode` rounds them (by the fused layer)."""
-        if (self.kernel is None or self.block_kernel is None or not self.native_hook
+        placement is shared); k/v in another dtype than the tails'."""
+        if (self.kernel is None or self.block_kernel is None or not self.native_hook or dtype != self.kv_dtype
                 or self.policy is not None or batch.concurrent):
             return None
         with self._lock:

@@ -28,8 +28,8 @@
 #include "kvo_math.h"
 #include "kvo_q5.h"
 
-#if !defined(__AVX512F__) && !(defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
-#error "decode.c needs AVX-512F or AVX2 + FMA + F16C"
+#if !defined(__AVX512F__) && !(defined(__AVX2__) && defined(__FMA__))
+#error "decode.c needs AVX-512F or AVX2 + FMA"
 #endif
 
 #define MAX_ROWS 8               // rows whose accumulators one pass keeps in registers
@@ -767,50 +767,28 @@ static int64_t halves_ws(const Layer *Ly) {
 }
 
 // Floats of kvo_layer_decode's workspace for M rows: the halves', then qkv, q fp32, o fp32,
-// lse, o in the dtype, and k / v in the KV dtype.
+// lse and o in the dtype.
 int64_t kvo_layer_ws(const Layer *Ly, int M) {
     const int64_t HD = (int64_t)Ly->H * Ly->D, nq = (int64_t)(Ly->H + 2 * Ly->H_kv) * Ly->D;
-    return M * (halves_ws(Ly) + nq + 3 * HD + Ly->H + 2 * (int64_t)Ly->H_kv * Ly->D);
-}
-
-// The M new tokens' k / v (2 H_kv D values a row from src, row stride rs, in the activation
-// dtype) rounded to the KV dtype kvdt (kvo_hook.h's codes) into dst: as torch's .to() rounds
-// (to nearest even). Rows of 2 H_kv D elements.
-static void kv_to(const void *src, int64_t rs, int f32, int M, int64_t n, int kvdt, void *dst) {
-    for (int m = 0; m < M; m++)
-        for (int64_t i = 0; i < n; i++) {
-            const float x = ld(src, m * rs + i, f32);
-            if (kvdt == KVO_DT_F32) ((float *)dst)[m * n + i] = x;
-            else if (kvdt == KVO_DT_BF16) ((uint16_t *)dst)[m * n + i] = f32_to_bf16(x);
-            else ((uint16_t *)dst)[m * n + i] = _cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT);
-        }
+    return M * (halves_ws(Ly) + nq + 3 * HD + Ly->H);
 }
 
 // A whole decode layer in one call: kvo_attn_in, the attention through hook (the new tokens'
 // k/v appended and attended where the KV lives: kvoffload/attention/dense.py's prepared call),
 // kvo_attn_out. x [M, d] -> out [M, d] in the activation dtype, as FusedBlock's three steps
 // give (q handed over in fp32 from its rounded value, o rounded to the dtype): the same bits.
-// k / v go to the hook in its KV dtype (hook->kv_dtype; rounded here where the activations'
-// differs). ws: kvo_layer_ws(Ly, M) floats. 0, or the hook's error.
+// The KV dtype must be the activation dtype. ws: kvo_layer_ws(Ly, M) floats. 0, or the hook's
+// error.
 int kvo_layer_decode(const Layer *Ly, const void *x, int M, const void *cos, const void *sin, void *out, int f32,
                      float *ws, int threads, const kvo_attn_hook *hook) {
     const int64_t HD = (int64_t)Ly->H * Ly->D, nq = (int64_t)(Ly->H + 2 * Ly->H_kv) * Ly->D;
-    const int64_t nkv = 2 * (int64_t)Ly->H_kv * Ly->D;
     float *qkv = ws + M * halves_ws(Ly), *qf = qkv + M * nq, *of = qf + M * HD, *lse = of + M * HD, *o = lse + M * Ly->H;
-    float *kvb = o + M * HD;                     // [M, 2 H_kv D] in the KV dtype, where converted
+    const size_t es = f32 ? 4 : 2;
     kvo_attn_in(Ly, x, M, cos, sin, qkv, f32, ws, threads);
     for (int m = 0; m < M; m++)
         for (int64_t i = 0; i < HD; i++) qf[m * HD + i] = ld(qkv, m * nq + i, f32);
-    const char *k = (const char *)qkv + HD * (f32 ? 4 : 2);
-    int64_t rs = nq;                             // k / v row stride, elements
-    size_t kes = f32 ? 4 : 2;                    // bytes of a k / v element
-    if (hook->kv_dtype != (f32 ? KVO_DT_F32 : KVO_DT_BF16)) {
-        kv_to(k, nq, f32, M, nkv, hook->kv_dtype, kvb);
-        k = (const char *)kvb;
-        rs = nkv;
-        kes = hook->kv_dtype == KVO_DT_F32 ? 4 : 2;
-    }
-    int rc = hook->fn(hook->ctx, M, qf, HD, k, k + Ly->H_kv * Ly->D * kes, rs, of, lse);
+    const char *k = (const char *)qkv + HD * es;
+    int rc = hook->fn(hook->ctx, M, qf, HD, k, k + Ly->H_kv * Ly->D * es, nq, of, lse);
     if (rc) return rc;
     for (int64_t i = 0; i < M * HD; i++) st(o, i, of[i], f32);
     kvo_attn_out(Ly, o, x, M, out, f32, ws, threads);

@@ -17,17 +17,13 @@ typedef int (*kvo_paged_driver)(int H_kv, int G, int D, int bs, int n_app, const
         float *out, float *lse, int threads, int vgroup);
 
 /* q [M, H, D] fp32 (row stride q_rs floats); k / v: the M new tokens' [H_kv, D] in the KV dtype
- * (the hook's kv_dtype; row stride kv_rs elements), appended before attending; -> out [M, H, D],
- * lse [M, H] fp32, contiguous. 0, or the callee's error code. */
+ * (row stride kv_rs elements), appended before attending; -> out [M, H, D], lse [M, H] fp32,
+ * contiguous. 0, or the callee's error code. */
 typedef int (*kvo_attn_fn)(const void *ctx, int M, const float *q, int64_t q_rs, const void *k, const void *v,
                            int64_t kv_rs, float *out, float *lse);
-/* KV dtype codes (kvoffload/dtypes.py's DTYPES, in its order) */
-enum { KVO_DT_F32 = 0, KVO_DT_BF16 = 1, KVO_DT_F16 = 2 };
 typedef struct {
     kvo_attn_fn fn;
     const void *ctx;
-    int32_t kv_dtype;   /* the dtype of the k / v the hook takes (KVO_DT_*): decode.c's
-                           kvo_layer_decode rounds its activations' k / v to it where they differ */
 } kvo_attn_hook;
 
 /* A prepared paged-kernel call (kernels/paged.py's PreparedCall: _PagedCall, the same fields

@@ -365,7 +365,7 @@ class PreparedCall:
             if self.kern.dtype in QUANT or not self.R or self.n_app != self.R:
                 raise ValueError("a hook needs an append and a merge row per new token (full-precision KV)")
             self._ctx = self.struct()
-            self._hook = AttnHook.of(load("paged_attn"), "kvo_paged_hook", self._ctx, self, self.kern.dtype)
+            self._hook = AttnHook.of(load("paged_attn"), "kvo_paged_hook", self._ctx, self)
         return self._hook
 
     def struct(self) -> _PagedCall:
@@ -442,7 +442,7 @@ class PairedCall:
                               None if second is None else ctypes.addressof(self._structs[1]),
                               R, self.H, self.D, threads, _ptr(self._rf), _ptr(self._order),
                               _ptr(self.part_o), _ptr(self.part_lse))
-        self._hook = AttnHook.of(load("paged_attn"), "kvo_paged_pair_hook", self._ctx, self, first.kern.dtype)
+        self._hook = AttnHook.of(load("paged_attn"), "kvo_paged_pair_hook", self._ctx, self)
         return self._hook
 
 

@@ -79,7 +79,7 @@ static inline __m256i f2key256(__m256i u) {
 
 enum { SEL_STREAMING = 0, SEL_QUEST = 1, SEL_SPARF = 2, SEL_DOUBLE_SPARSITY = 3, SEL_SHADOWKV = 4,
        SEL_RETRIEVAL = 5 };
-enum { DT_F32 = KVO_DT_F32, DT_BF16 = KVO_DT_BF16, DT_F16 = KVO_DT_F16 };   /* kvo_hook.h's codes */
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 enum { ST_A0 = 0, ST_A1 = 1, ST_A2 = 2, ST_HDR = 3, ST_CAP = 4, ST_COLS = 6 };
 enum { INFO_NBLOCKS = 0, INFO_READ = 1, INFO_CHOSEN = 2, INFO_COLS = 3 };
 

@@ -334,12 +334,11 @@ class SparseStep:
         B = self._ready(starts)
         c = self.call
         c[:] = 0
-        name = str(kv_dtype).rpartition(".")[2]
-        c[_HOOK_WORDS] = (B, sel._starts_addr, _DT_NAMES[name], table, channels, _addr(base))
+        c[_HOOK_WORDS] = (B, sel._starts_addr, _DT_NAMES[str(kv_dtype).rpartition(".")[2]], table, channels, _addr(base))
         if self._hook is None:
             lib = self.sel.lib
             self._hook_ctx = _SparseHookCtx(self._plan, self._call)
-            self._hook = AttnHook.of(lib, "kvo_sparse_hook", self._hook_ctx, self, name)
+            self._hook = AttnHook.of(lib, "kvo_sparse_hook", self._hook_ctx, self)
         return self._hook
 
     def _check(self, rc: int) -> None:

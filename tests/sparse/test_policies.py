@@ -177,21 +177,19 @@ def test_one_call_sparse_step_equals_the_python_items(tiny_path, calibration, po
         slow.close()
 
 
-@pytest.mark.parametrize("kv_dtype", [None, "bfloat16"], ids=["kv-fp32", "kv-bf16"])
 @pytest.mark.parametrize("policy", list(POLICIES))
-def test_fused_layers_take_the_sparse_step_inside_their_native_call(tiny_path, calibration, policy, kv_dtype):
+def test_fused_layers_take_the_sparse_step_inside_their_native_call(tiny_path, calibration, policy):
     """With quantised weights (fused native layers) and the KV in memory, a sparse layer's
     one-call step runs inside the layer's own native call (the backend's native hook: selection,
     items, append, attention, merge): the same tokens, every logprob digit and the same sparse
     counters as the layer calling ``backend.decode``; SparF (an output correction) and the
-    policies that rebuild keys keep ``decode``. fp32 activations: KV in fp32 and in bf16 (the
-    fused layer rounds the new k/v to it)."""
+    policies that rebuild keys keep ``decode``."""
     from kvoffload.attention.dense import DenseBackend
     from kvoffload.config import SamplingParams
 
     ids = LLM(tiny_path, dtype="float32").encode(TEXT)
     prompts = [ids[:37], ids[:70], ids[:129]]
-    kw = dict(sparse_dense_layers="0", block_size=8, chunk_blocks=2, quantization="int8", kv_dtype=kv_dtype)
+    kw = dict(sparse_dense_layers="0", block_size=8, chunk_blocks=2, quantization="int8")
     fast = sparse_llm(tiny_path, policy, "1/4", calibration, **kw)
     slow = sparse_llm(tiny_path, policy, "1/4", calibration, **kw)
     slow.engine.kv.native_hook = False
