@@ -920,7 +920,9 @@ static inline __m256 w8_q4(const uint8_t *row, int e) {
 /* AVX2 (bs, D multiples of 8; the value group of 8 x NE): the AVX-512 body in 8 lanes. Scores 8
  * tokens a step, the channel sum in U chains (U = 2 while 2G accumulators fit the 16
  * registers: a lone chain per head waits on the FMA latency); the weighted values NE x 8
- * channels a pass (G x NE accumulators), the minima's share summed per group apart. */
+ * channels a pass (G x NE accumulators), the minima's share summed per group apart. Unlike
+ * the AVX-512 body it walks block by block (a slot's heads in address order) and prefetches
+ * QUANT_PREFETCH_SLOTS ahead; each head's arithmetic, and so its bits, as before. */
 #define QNE_FOR(G) ((G) <= 3 ? 4 : (G) <= 6 ? 2 : 1)
 #define DEFINE_QUANT_V(NAME, BITS)                                                                    \
 static inline __attribute__((always_inline)) void NAME##_item_v(const item_job *J, int H_kv, const int G, \
