@@ -586,7 +586,7 @@ static inline __attribute__((always_inline)) void NAME##_item_body(const item_jo
             J->lse[i] = -INFINITY;                                                                 \
             continue;                                                                              \
         }                                                                                          \
-        float l = hsum256(lsum[i]);                                                                  \
+        float l = hsum256(lsum[i]);                                                                 \
         const __m256 L = _mm256_set1_ps(l);                                                        \
         for (int v = 0; v < nv; v++) _mm256_storeu_ps(o + 8 * v, _mm256_div_ps(_mm256_loadu_ps(o + 8 * v), L)); \
         J->lse[i] = m[i] + logf(l);                                                                \
@@ -937,7 +937,7 @@ static inline __attribute__((always_inline)) void NAME##_item_v(const item_job *
     float mh[H_MAX], lh[H_MAX];            /* each head's running max and sum */                    \
     for (int i = 0; i < H_kv * G; i++) { mh[i] = -INFINITY; lh[i] = 0.f; }                          \
     memset(J->o, 0, sizeof(float) * H_kv * G * D);                                                  \
-    const size_t sb = quant_parts(H_kv, D, bs, ng, BITS).end;                                      \
+    const size_t sb = quant_parts(H_kv, D, bs, ng, BITS).end;                                       \
     for (int j = 0; j < J->nb; j++) {         /* block by block: a slot's heads in address order */ \
         for (int h = 0; h < H_kv; h++) {                                                            \
             if (j + QUANT_PREFETCH_SLOTS < J->nb)   /* a later slot: a head's share per head */     \
@@ -958,7 +958,7 @@ static inline __attribute__((always_inline)) void NAME##_item_v(const item_job *
                     _mm256_store_ps(QS[g] + d, _mm256_mul_ps(qv, ks));                              \
                     c = _mm256_fmadd_ps(qv, kmn, c);                                                \
                 }                                                                                   \
-                C0[g] = hsum256(c);                                                                   \
+                C0[g] = hsum256(c);                                                                 \
             }                                                                                       \
             float bm[G_MAX];                                                                        \
             for (int g = 0; g < G; g++) bm[g] = -INFINITY;                                          \
@@ -979,7 +979,7 @@ static inline __attribute__((always_inline)) void NAME##_item_v(const item_job *
                     __m256 sc = _mm256_mul_ps(_mm256_add_ps(a, _mm256_set1_ps(C0[g])), _mm256_set1_ps(scale)); \
                     sc = _mm256_blendv_ps(ninf, sc, keep);                                          \
                     _mm256_store_ps(P[g] + t0, sc);                                                 \
-                    float x = hmax256(sc);                                                            \
+                    float x = hmax256(sc);                                                          \
                     bm[g] = x > bm[g] ? x : bm[g];                                                  \
                 }                                                                                   \
             }                                                                                       \
@@ -992,7 +992,7 @@ static inline __attribute__((always_inline)) void NAME##_item_v(const item_job *
                     _mm256_store_ps(P[g] + t0, p);                                                  \
                     ls = _mm256_add_ps(ls, p);                                                      \
                 }                                                                                   \
-                l[g] += hsum256(ls);                                                                  \
+                l[g] += hsum256(ls);                                                                \
             }                                                                                       \
             for (int c = 0; c < ng; c++) {        /* value group c: its scales folded into p */     \
                 __m256 za[G_MAX];                                                                   \
@@ -1023,7 +1023,7 @@ static inline __attribute__((always_inline)) void NAME##_item_v(const item_job *
                     }                                                                               \
                 }                                                                                   \
                 float zs[G_MAX];                                                                    \
-                for (int g = 0; g < G; g++) zs[g] = hsum256(za[g]);                                   \
+                for (int g = 0; g < G; g++) zs[g] = hsum256(za[g]);                                 \
                 for (int e0 = c * vg / 8; e0 < (c + 1) * vg / 8; e0 += NE) {  /* NE x 8 channels */ \
                     __m256 ov[G_MAX][NE_MAX];                                                       \
                     for (int g = 0; g < G; g++)                                                     \
