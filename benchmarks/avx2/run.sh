@@ -2,7 +2,7 @@
 # Twelfth session: an AVX2-only CPU (AMD EPYC, no AVX-512). Regenerate with
 #   bash benchmarks/avx2/run.sh STEP        (on a shared machine: /work/notes/bin/kvo-bench bash ...)
 # STEP: kernels (attention alone, before / after, trees alternated), smollm2, qwen_8k, qwen_16k,
-# kvquant_ram (TAG=_s13: the thirteenth session's file), kvquant_batch. BASE: the tree before
+# kvquant_ram, kvquant_batch (TAG=_s13 on qwen_* / kvquant_ram: a suffix for the files). BASE: the tree before
 # the AVX2 kernels (a git worktree of 51ce22f).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -37,7 +37,7 @@ case "${1:?step}" in
     kvoffload bench -m qwen2.5-coder-0.5b -p 0 -n 32 -d "$DEPTH" -b 1 -r 2 -t "$T" \
       --config "quest:sparse_policy=quest,sparse_budget=1/16" \
       --config "shadowkv:sparse_policy=shadowkv,sparse_budget=1/16" \
-      --vs llama.cpp -o "$OUT/$1" ;;
+      --vs llama.cpp -o "$OUT/$1${TAG:-}" ;;
   kvquant_ram)   # issue #14: compressed KV in RAM at 8K against bf16 and fp32 KV
     kvoffload bench -m smollm2-135m -p 0 -n 16 -d 8176 -b 1 -r 3 -t "$T" \
       --config "bf16:kv_dtype=bfloat16" --config "bf16-blocks:kv_dtype=bfloat16,kv_host_budget=4GiB" \

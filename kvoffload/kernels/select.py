@@ -34,8 +34,11 @@ TILE = 128             # columns per tile of the tiled channel-major metadata (s
 INFO_COLS = 3          # per sequence: union blocks, blocks read (over heads), tokens chosen (over heads)
 INFO_NBLOCKS, INFO_READ, INFO_CHOSEN = 0, 1, 2       # their columns (select.c's INFO_* enum)
 # One thread below this much scoring work (multiply-adds over the batch, select.c's estimate):
-# an OpenMP fork/join costs more than it saves (measured on the 2-core dev box).
-PAR_MIN_WORK = 1 << 20
+# an OpenMP fork/join costs more than it saves. The scoring streams its metadata from memory
+# (in a decode the KV evicts it from cache), so a second core pays from a few hundred thousand:
+# 2 vs 1 thread at batch 1 (AVX2 EPYC, 28 layers' metadata in turn): Quest 2K 74K multiply-adds,
+# equal; ShadowKV 2K 147K, 0.91x; Quest 4K 147K, 0.80x; Quest 8K 295K, 0.72x (`selection.md`).
+PAR_MIN_WORK = 1 << 17
 # Workspace: one slot (logits, keys) per (sequence, KV head) in flight, at most this many bytes
 # in all (a bigger batch runs in waves).
 WS_MAX_BYTES = 64 << 20
