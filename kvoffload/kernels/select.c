@@ -1022,7 +1022,7 @@ static void prep_task(const call_ctx *X, task_t *T) {
     /* chunks of at most about 2^16 multiply-adds (a few microseconds), in whole tiles, of equal
      * size (give or take a tile): unequal ones left a thread idle at the end of a call */
     const int64_t per_col = (int64_t)G * (T->C > 0 ? T->C : 1);
-    const int64_t most = ((1 << 16) / per_col + TILE - 1) / TILE;            /* tiles a chunk */
+    const int64_t most = imax(1, ((1 << 16) / per_col + TILE - 1) / TILE);   /* tiles a chunk */
     const int64_t tiles = (T->col1 - T->col0 + TILE - 1) / TILE;
     const int64_t parts = (tiles + most - 1) / most;
     T->chunk = (parts > 0 ? (tiles + parts - 1) / parts : most) * TILE;
