@@ -19,7 +19,6 @@ median and its ratio to the first. A measurement, not a test: run it alone on th
 from __future__ import annotations
 
 import argparse
-import copy
 import ctypes
 import json
 import subprocess
@@ -51,16 +50,13 @@ def compile_variant(i: int, spec: str) -> tuple[str, ctypes.CDLL, int]:
 
 
 def time_variants(pol, variants, seqs, starts, a, H: int, D: int, g: torch.Generator) -> str:
-    """The C call of each variant over the same metadata, alternated step by step."""
-    pol.predict_batch(0, seqs, torch.randn(len(seqs), H, D), starts)          # loads the kernel
-    k0, kerns = pol._kernel, []
+    """The C call of each variant over the same metadata, alternated step by step (each variant's
+    kernel made by the policy from its build, as the tests do with ``native_lib``)."""
+    kerns = []
     for name, lib, pmw in variants:
-        kk = copy.copy(k0)
-        kk.cfg = ksel._Config.from_buffer_copy(k0.cfg)
-        kk._cfg = ctypes.addressof(kk.cfg)
-        kk.fn = lib.kvo_select
-        kk.fn.argtypes, kk.fn.restype = ksel._ARGTYPES, ctypes.c_int
-        kk.cfg.threads, kk.cfg.par_min_work = a.threads, pmw
+        pol.native_lib, pol._kernel = lib, None                  # a fresh NativeSelect over this build
+        kk = pol.native_kernel_for(torch.float32, torch.float32)
+        kk.threads, kk.cfg.par_min_work = a.threads, pmw
         kerns.append((name, kk))
     times: dict[str, list[float]] = {name: [] for name, _ in kerns}
     for step in range(a.steps):

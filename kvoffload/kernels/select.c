@@ -697,6 +697,13 @@ typedef struct {
     int64_t c0, c1;          /* the state's hdr[0], hdr[1] before the append */
 } seq_geom;
 
+/* Whether a sequence's selection scores anything: SparF always (its softmax spans every token);
+ * the others unless streaming or the budget takes every candidate or none (prep_task then
+ * leaves the task without chunks, and kvo_select counts no work for it). */
+static inline int scores_candidates(int pol, const seq_geom *g) {
+    return pol == SEL_SPARF || (pol != SEL_STREAMING && g->k > 0 && g->k < g->ncand);
+}
+
 static void geometry(const sel_config *cf, int64_t s, seq_geom *g) {
     const int64_t bs = cf->bs, unit = cf->unit, length = s + 1;
     g->s = s;
@@ -954,7 +961,6 @@ static void prep_task(const call_ctx *X, task_t *T) {
     T->C = 0;
     T->max_only = 1;
     T->tstride = tsD;
-    const int all = g->k >= g->ncand, none = g->k <= 0;
     if (pol == SEL_SPARF) {
         /* SparQ: per query head the r largest |q| channels, every token, temperature
          * sqrt(D * |q[r]|_1 / |q|_1) (applied as a per-g scale of the logits) */
@@ -977,7 +983,7 @@ static void prep_task(const call_ctx *X, task_t *T) {
         T->max_only = 0;
         T->col1 = g->length;                  /* the softmax is over every token */
         T->cand = g->lo * bs;
-    } else if (!none && !all && pol != SEL_STREAMING) {
+    } else if (scores_candidates(pol, g)) {
         if (pol == SEL_QUEST) {               /* upper bound sum_d max(q_d kmax_d, q_d kmin_d) */
             const float *kmin = (const float *)st[ST_A0] + (size_t)h * D * cap, *kmax = (const float *)st[ST_A1] + (size_t)h * D * cap;
             for (int gi = 0; gi < G; gi++)
@@ -1022,10 +1028,9 @@ static void prep_task(const call_ctx *X, task_t *T) {
     /* chunks of at most about 2^16 multiply-adds (a few microseconds), in whole tiles, of equal
      * size (give or take a tile): unequal ones left a thread idle at the end of a call */
     const int64_t per_col = (int64_t)G * (T->C > 0 ? T->C : 1);
-    const int64_t most = imax(1, ((1 << 16) / per_col + TILE - 1) / TILE);   /* tiles a chunk */
-    const int64_t tiles = (T->col1 - T->col0 + TILE - 1) / TILE;
-    const int64_t parts = (tiles + most - 1) / most;
-    T->chunk = (parts > 0 ? (tiles + parts - 1) / parts : most) * TILE;
+    const int64_t most = imax(1, ceildiv((1 << 16) / per_col, TILE));       /* tiles a chunk */
+    const int64_t tiles = ceildiv(T->col1 - T->col0, TILE), parts = ceildiv(tiles, most);
+    T->chunk = (parts > 0 ? ceildiv(tiles, parts) : most) * TILE;
     T->nchunks = T->col1 > T->col0 ? (T->col1 - T->col0 + T->chunk - 1) / T->chunk : 0;
 }
 
@@ -1232,11 +1237,10 @@ int kvo_select(const sel_config *cf, int B, const int64_t *starts,
                 if (g->c1 < 0 || g->c1 >= cf->unit || chunks > cap || g->hi * (cf->bs / cf->unit) > chunks) rc = -2;
             }
         }
-        /* multiply-adds of the scoring, over the group's query heads (none where the budget takes
-         * every candidate or none: prep_task scores nothing there, except SparF's softmax) */
-        const int scores = pol == SEL_SPARF || (pol != SEL_STREAMING && g->k > 0 && g->k < g->ncand);
-        work += !scores ? 0 : (int64_t)cf->H_kv * cf->G * (pol == SEL_SPARF ? g->length * cf->r
-                                                           : pol == SEL_DOUBLE_SPARSITY ? g->ncand * cf->r : g->ncand * cf->D);
+        /* multiply-adds of the scoring, over the group's query heads (none where nothing is scored) */
+        if (scores_candidates(pol, g))
+            work += (int64_t)cf->H_kv * cf->G * (pol == SEL_SPARF ? g->length * cf->r
+                                                 : pol == SEL_DOUBLE_SPARSITY ? g->ncand * cf->r : g->ncand * cf->D);
     }
     const int64_t T_pad = t_pad(cf, max_len);
     if (!rc && ws_stride < ws_floats(cf, T_pad)) rc = -3;
