@@ -15,8 +15,9 @@
 //         [N/32, K/4, 2] uint64, one (block of 32 rows, quad of inputs) as kvo_q5.h lays it out
 //         (unpacked to bf16 128 + q by byte interleaving, no table); scale [K/32, N] fp16.
 // Vector code for AVX-512F, or AVX2 + FMA: the int4 / int8 GEMVs have a variant for each (the
-// same math; int8's sums in another order under AVX2, so other bits than AVX-512's); q5 and the
-// bf16 dot products need AVX-512 (BW, BF16), and without them bf16 activations take the FMAs.
+// same math; int8's sums in another order under AVX2, so other bits than AVX-512's; q5's fp32
+// path the same bits on both, AVX2 also needing F16C); the bf16 dot products need AVX-512 (BW,
+// BF16), and without them bf16 activations take the FMAs.
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -535,6 +536,61 @@ static inline __attribute__((always_inline)) void q5_block(const Linear *L, cons
 
 #endif
 
+#if defined(KVO_Q5_AVX2)
+// One q5 block of 32 output channels under AVX2 + F16C: the AVX-512 version's fp32 path (FMAs
+// over the unpacked pairs, each row's sums in the same order: the same bits), 8 rows a vector.
+// 16 registers hold M·C row-vector sums, so the block goes in passes over C of its 4 vectors (4
+// for up to two rows, 2 for up to four, each pass then one half of every quad, 1 for more; later
+// passes read the block from L1 / L2), as int4_block does. No bf16 dot products here (xp unused).
+static inline __attribute__((always_inline)) void q5_block(const Linear *L, const float *x, const uint32_t *xp,
+                                                           const float *xsum, const int M, float *y, int64_t nb) {
+    (void)xp;
+    const int64_t K = L->K, N = L->N, G = K / 32;
+    const int C = M <= 2 ? 4 : M <= 4 ? 2 : 1, S = 4 / C;        // vectors a pass; pass p takes p, p + S, ..
+    const __m256i odd = _mm256_set1_epi32((int)0xffff0000u);
+    const uint8_t *c = (const uint8_t *)L->w + nb * K * 16;          // K/4 quads of 64 bytes
+    const uint64_t *hb = L->hbits + nb * (K / 2);                      // two words a quad
+    const uint16_t *sc = (const uint16_t *)L->scale + nb * 32;
+#pragma GCC unroll 4
+    for (int p = 0; p < S; p++)
+        for (int64_t g = 0; g < G; g++) {
+            __m256 gs[MAX_ROWS][4];
+            for (int m = 0; m < M; m++)
+                for (int j = 0; j < C; j++) gs[m][j] = _mm256_setzero_ps();
+            for (int64_t t = g * 8; t < g * 8 + 8; t++) {
+                if (!p) {
+                    _mm_prefetch((const char *)(c + t * 64 + PF_BYTES), _MM_HINT_T0);
+                    if (!(t & 3)) _mm_prefetch((const char *)(hb + 2 * t) + PF_BYTES / 4, _MM_HINT_T0);
+                }
+                __m256i q[2][2];                                       // [half][low / high nibbles]
+                if (C == 4 || p % 2 == 0) q5_half(c + t * 64, hb + 2 * t, 0, q[0]);
+                if (C == 4 || p % 2 == 1) q5_half(c + t * 64, hb + 2 * t, 1, q[1]);
+                for (int j = 0; j < C; j++) {
+                    const int v = p + j * S;
+                    for (int e = 0; e < 2; e++) {                      // inputs 4t + 2e, 4t + 2e + 1
+                        const __m256i w = q5_rows8(q[v % 2][e], v);
+                        const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+                        const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(w, odd));
+                        for (int m = 0; m < M; m++) {
+                            gs[m][j] = _mm256_fmadd_ps(we, _mm256_set1_ps(x[m * K + 4 * t + 2 * e]), gs[m][j]);
+                            gs[m][j] = _mm256_fmadd_ps(wo, _mm256_set1_ps(x[m * K + 4 * t + 2 * e + 1]), gs[m][j]);
+                        }
+                    }
+                }
+            }
+            for (int j = 0; j < C; j++) {
+                const int v = p + j * S;
+                __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + g * N + 8 * v)));
+                for (int m = 0; m < M; m++) {
+                    __m256 qs = _mm256_fnmadd_ps(_mm256_set1_ps(Q5_OFFSET), _mm256_set1_ps(xsum[m * G + g]), gs[m][j]);
+                    float *ym = y + m * N + nb * 32 + 8 * v;
+                    _mm256_storeu_ps(ym, g ? _mm256_fmadd_ps(s, qs, _mm256_loadu_ps(ym)) : _mm256_mul_ps(s, qs));
+                }
+            }
+        }
+}
+#endif
+
 #define FOR_M(M, CALL) switch (M) { \
     case 1: CALL(1); break; case 2: CALL(2); break; case 3: CALL(3); break; case 4: CALL(4); break; \
     case 5: CALL(5); break; case 6: CALL(6); break; case 7: CALL(7); break; default: CALL(8); break; }
@@ -553,7 +609,7 @@ static void gemv_rows(const Linear *L, const float *x, int M, float *y, int64_t 
                 for (int64_t k = g * 32; k < g * 32 + 32; k++) t += x[m * K + k];
                 xsum[m * G + g] = t;
             }
-#if defined(__AVX512BW__)
+#if defined(__AVX512BW__) || defined(KVO_Q5_AVX2)
     if (L->kind == 2) {
         const uint32_t *xp = NULL;
 #if defined(__AVX512BF16__)
@@ -668,10 +724,10 @@ static void rmsnorm(const float *x, const void *w, float eps, int d, int f32, fl
 int kvo_decode_max_rows(void) { return MAX_CALL_ROWS; }
 
 // Whether a projection / a layer's projections fit this kernel (int4 needs N a multiple of 64,
-// q5 of 32, both K of 32; q5 needs AVX512BW).
+// q5 of 32, both K of 32; q5 needs AVX512BW, or AVX2 + F16C).
 int kvo_linear_supported(const Linear *L) {
     if (L->kind == 0) return L->N % 64 == 0 && L->K % 32 == 0;
-#if defined(__AVX512BW__)
+#if defined(__AVX512BW__) || defined(KVO_Q5_AVX2)
     if (L->kind == 2) return L->N % 32 == 0 && L->K % 32 == 0 && L->hbits != NULL;
 #endif
     return L->kind == 1;

@@ -8,7 +8,11 @@
  * at input 4t + 2 + e % 2, where r(i) = 4·l + (e % 8) / 2, + 16 when e >= 8; bit i of the first
  * / second uint64 is the fifth bit of the low / high nibble's code. Then vpunpck{l,h}bw of the
  * nibbles with 0x43 (bf16 0x4300 = 128, its 7 mantissa bits the code) gives, per 32-bit lane j,
- * row j (+16) at an input pair: no table lookup, no widening. */
+ * row j (+16) at an input pair: no table lookup, no widening.
+ *
+ * Without AVX512BW (AVX2 + F16C: KVO_Q5_AVX2) a quad is taken in halves of 32 bytes (lanes 0-1
+ * and 2-3); the same byte interleaving per 128-bit lane gives the same bf16 pairs, 8 rows a
+ * vector (q5_half below), and the fifth bits become a byte mask by a shuffle and a compare. */
 #ifndef KVO_Q5_H
 #define KVO_Q5_H
 
@@ -37,6 +41,40 @@ static inline void q5_quad(const uint8_t *c, const uint64_t *h, __m512i w[4]) {
     w[1] = _mm512_unpackhi_epi8(lo, e);
     w[2] = _mm512_unpacklo_epi8(hi, e);
     w[3] = _mm512_unpackhi_epi8(hi, e);
+}
+
+#elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#include <immintrin.h>
+#include <stdint.h>
+
+#define KVO_Q5_AVX2 1
+#define Q5_OFFSET 144.0f
+
+// Byte i of the result: 16 where bit i of bits is set, else 0.
+static inline __m256i q5_bits16(uint32_t bits) {
+    const __m256i pick = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                          2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    __m256i v = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), pick), bit);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(v, bit), _mm256_set1_epi8(16));
+}
+
+// Half `half` (bytes 32·half ..) of one quad -> its codes as bytes, 0..31: lo[0] the low
+// nibbles' (inputs 4t, 4t+1), lo[1] the high nibbles' (4t+2, 4t+3).
+static inline void q5_half(const uint8_t *c, const uint64_t *h, int half, __m256i lo[2]) {
+    const __m256i b = _mm256_loadu_si256((const __m256i *)(c + 32 * half));
+    const __m256i l = _mm256_and_si256(b, _mm256_set1_epi8(15));
+    const __m256i u = _mm256_srli_epi16(_mm256_xor_si256(b, l), 4);   // the high nibbles, no carry across bytes
+    lo[0] = _mm256_or_si256(l, q5_bits16((uint32_t)(h[0] >> (32 * half))));
+    lo[1] = _mm256_or_si256(u, q5_bits16((uint32_t)(h[1] >> (32 * half))));
+}
+
+// Vector v (0..3) of a quad, rows 8v .. 8v+7 (half v % 2; the low (v < 2) or high bytes of each
+// lane), from q5_half's codes of its half: 32-bit lane j holds row 8v + j as bf16 (128 + q) pairs
+// at the inputs of `codes` (q5_half's lo[0] or lo[1]).
+static inline __m256i q5_rows8(__m256i codes, int v) {
+    const __m256i e = _mm256_set1_epi8(0x43);
+    return v < 2 ? _mm256_unpacklo_epi8(codes, e) : _mm256_unpackhi_epi8(codes, e);
 }
 
 #endif

@@ -349,7 +349,7 @@ int kvo_q5_pack(const int64_t *rows, int64_t N, int64_t K, uint8_t *codes, uint6
 // q5 rows n0..n1 (multiples of 32) -> dst [K, n1-n0] = W[n0:n1]^T, bf16 (out_f32 = 0) or fp32,
 // as the reference's (q - 16) * d rounded once to the dtype (the product is exact in fp32). For
 // one input pair a block gives 32 consecutive outputs of two rows of dst: vectorised with
-// the GEMV's own unpacking where AVX512BW is there, else element by element.
+// the GEMV's own unpacking where AVX512BW (or AVX2 + F16C) is there, else element by element.
 #if defined(__AVX512BW__)
 static inline void q5_store16(void *dst, int64_t at, __m512 w, int out_f32) {
     if (out_f32) {
@@ -359,6 +359,16 @@ static inline void q5_store16(void *dst, int64_t at, __m512 w, int out_f32) {
     __m512i u = _mm512_castps_si512(w);      // round to nearest even, as f32_to_bf16 (no NaN here)
     u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
     _mm256_storeu_si256((__m256i *)((uint16_t *)dst + at), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+}
+#elif defined(KVO_Q5_AVX2)
+static inline void q5_store8(void *dst, int64_t at, __m256 w, int out_f32) {
+    if (out_f32) {
+        _mm256_storeu_ps((float *)dst + at, w);
+        return;
+    }
+    __m256i u = _mm256_castps_si256(w);      // round to nearest even, as f32_to_bf16 (no NaN here)
+    u = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)))), 16);
+    _mm_storeu_si128((__m128i *)((uint16_t *)dst + at), _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1)));
 }
 #endif
 
@@ -385,6 +395,25 @@ int kvo_q5_dequant_t(const uint8_t *codes, const uint64_t *hbits, const uint16_t
                     q5_store16(dst, at, _mm512_fmadd_ps(we, s[i % 2], c[i % 2]), out_f32);
                     q5_store16(dst, at + width, _mm512_fmadd_ps(wo, s[i % 2], c[i % 2]), out_f32);
                 }
+            }
+#elif defined(KVO_Q5_AVX2)
+            const __m256i odd = _mm256_set1_epi32((int)0xffff0000u);
+            __m256 s[4], c[4];                   // d, and -Q5_OFFSET·d of rows 8v .. 8v+7
+            for (int v = 0; v < 4; v++) {
+                s[v] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + g * N + nb * 32 + v * 8)));
+                c[v] = _mm256_mul_ps(_mm256_set1_ps(-Q5_OFFSET), s[v]);
+            }
+            for (int64_t t = g * 8; t < g * 8 + 8; t++) {
+                __m256i q[2][2];
+                for (int half = 0; half < 2; half++) q5_half(codes + (nb * K4 + t) * 64, hbits + (nb * K4 + t) * 2, half, q[half]);
+                for (int v = 0; v < 4; v++)
+                    for (int e = 0; e < 2; e++) {
+                        __m256i w = q5_rows8(q[v % 2][e], v);
+                        __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)), wo = _mm256_castsi256_ps(_mm256_and_si256(w, odd));
+                        int64_t at = (4 * t + 2 * e) * width + nb * 32 - n0 + v * 8;
+                        q5_store8(dst, at, _mm256_fmadd_ps(we, s[v], c[v]), out_f32);
+                        q5_store8(dst, at + width, _mm256_fmadd_ps(wo, s[v], c[v]), out_f32);
+                    }
             }
 #else
             float s[32];

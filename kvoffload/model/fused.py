@@ -89,7 +89,8 @@ def fused_available() -> bool:
 
 
 def q5_native() -> bool:
-    """Whether the native GEMV reads q5 (:class:`~kvoffload.model.quant.Q5Linear`; AVX512BW)."""
+    """Whether the native GEMV reads q5 (:class:`~kvoffload.model.quant.Q5Linear`; AVX512BW, or AVX2 +
+    F16C)."""
     if _lib() is None:
         return False
     one = ctypes.c_uint64(0)
