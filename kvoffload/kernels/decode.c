@@ -39,6 +39,10 @@
 #define PF_BYTES 4096            // every stream: bytes ahead of the current line prefetched (this
                                  // Xeon's hardware prefetcher alone left the int4 / q5 / int8 GEMVs at
                                  // ~13 GB/s of its 26: 1.3-1.6x slower, benchmarks/README.md)
+#define PF_PAIR_HINT _MM_HINT_T1 // AVX2 one-row int8 (int8_row_pair): that stream prefetched into L2, not
+                                 // L1 (AMD EPYC, AVX2 only: Qwen's int8 head 7.3 -> 5.0 ms on 2 threads,
+                                 // int8 layers 1.4x; int4 / q5 / int8 at more rows no better or slower;
+                                 // benchmarks/avx2/README.md, fifteenth session)
 
 typedef struct {
     int kind;                 // 0 int4, 1 int8, 2 q5
@@ -332,8 +336,8 @@ static inline void int8_row_pair(const Linear *L, const float *x, float *y, int6
     for (int j = 0; j < 4; j++) a[j] = b[j] = _mm256_setzero_ps();
     for (int64_t k = 0; k < K32; k += 32) {
         if (!(k & 63)) {
-            _mm_prefetch((const char *)(r0 + k + PF_BYTES), _MM_HINT_T0);
-            _mm_prefetch((const char *)(r1 + k + PF_BYTES), _MM_HINT_T0);
+            _mm_prefetch((const char *)(r0 + k + PF_BYTES), PF_PAIR_HINT);
+            _mm_prefetch((const char *)(r1 + k + PF_BYTES), PF_PAIR_HINT);
         }
         for (int j = 0; j < 4; j++) {
             const __m256 xj = _mm256_loadu_ps(x + k + 8 * j);
