@@ -685,10 +685,14 @@ static inline qhead quant_head(const void *blk, int h, int H_kv, int D, int bs, 
  * was a demand miss, ~half the AVX2 body's time with the KV in DRAM: perf annotate). Tried 1, 2,
  * 4 slots ahead on the AVX2 EPYC; 4 best (int8 KV in DRAM, 2 threads: -8%). */
 #define QUANT_PREFETCH_SLOTS 4
+/* Into L2 (locality 2), not L1 (3): on the same EPYC, int8 / int4 KV alone 17-19 -> 12.5-13.7 ms
+ * at 8K (`bench attention --tiers host`, 2 threads, two alternations; benchmarks/avx2/README.md,
+ * fifteenth session), as for the one-row int8 GEMV's stream (decode.c's PF_PAIR_HINT). */
+#define QUANT_PREFETCH_LOCALITY 2
 /* share i of n of a slot of sb bytes at blk, line by line */
 static inline void prefetch_share(const void *blk, size_t sb, int i, int n) {
     const size_t a = sb * i / n, b = sb * (i + 1) / n;
-    for (size_t x = a; x < b; x += 64) __builtin_prefetch((const char *)blk + x, 0, 3);
+    for (size_t x = a; x < b; x += 64) __builtin_prefetch((const char *)blk + x, 0, QUANT_PREFETCH_LOCALITY);
 }
 
 #define DEFINE_QUANT(NAME, BITS)                                                                      \
