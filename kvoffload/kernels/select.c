@@ -311,6 +311,10 @@ static void topk_threshold(const uint32_t *key, int64_t n, int64_t k, uint32_t *
  * prefetchers follow poorly). 32 columns (128 bytes) measured best of 0 / 16 / 32 / 64 / 128 /
  * 256 with the metadata streaming from DRAM: Quest 8K -12%, Qwen's 16K -11% (`selection.md`). */
 #define CM_PF_COLS 32
+/* ... into L2 (T1), not L1 (T0): C call per layer, 2 threads, in-process A/B (selection_cost.py
+ * --variant): SmolLM2's geometry at 8K Quest 47.1 -> 37.4 us, ShadowKV 71.9 -> 59.8, Double
+ * Sparsity 136 -> 123; Qwen's at 16K unchanged (fifteenth session, ../../benchmarks/avx2/README.md). */
+#define CM_PF_HINT _MM_HINT_T1
 #define TILE_OFS(j, tstride) (((j) >> 7) * (tstride) + ((j) & (TILE - 1)))
 
 #ifdef __AVX512F__
@@ -383,7 +387,7 @@ static inline __attribute__((always_inline)) void cm_dot_group(const int GN, con
             for (int g = 0; g < GN; g++) {
                 const float *p = rows[g * C + c] + ofs;
                 for (int v = 0; v < (VT + 1) / 2; v++)         /* a line per 16 columns (never faults) */
-                    _mm_prefetch((const char *)(p + pf + 16 * v), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(p + pf + 16 * v), CM_PF_HINT);
                 const __m256 wv = _mm256_broadcast_ss(w + g * C + c);
                 for (int v = 0; v < VT; v++) acc[g][v] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(p + 8 * v), acc[g][v]);
             }
