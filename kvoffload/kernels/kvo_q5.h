@@ -1,7 +1,7 @@
 /* The q5 weight format (kvoffload/model/quant.py's Q5Linear), shared by decode.c (the GEMV)
  * and qweights.c (the prefill's dequantisation): 128 codes of one (block of 32 rows, quad of
  * inputs) -> four vectors of 32 bf16 weights, each 128 + q exactly (Q5_OFFSET - 16 = 128:
- * w = d·(q - 16) = d·((128 + q) - Q5_OFFSET)). Needs AVX512BW.
+ * w = d·(q - 16) = d·((128 + q) - Q5_OFFSET)). Needs AVX512BW, or AVX2 + F16C (below).
  *
  * Layout of a quad (64 bytes + two uint64): byte i = 16·l + e (l the 128-bit lane) holds in its
  * low nibble the low 4 bits of the code at input 4t + e % 2 of row r(i), in its high nibble that
@@ -22,11 +22,12 @@
 static inline int q5_row(int i) { return 4 * (i / 16) + (i % 8) / 2 + (i % 16 >= 8 ? 16 : 0); }
 static inline int q5_input(int i) { return i % 2; }
 
+#define Q5_OFFSET 144.0f      /* the bf16 weights are 128 + q = (q - 16) + 144 */
+
 #if defined(__AVX512BW__)
 #include <immintrin.h>
 #include <stdint.h>
 
-#define Q5_OFFSET 144.0f      /* the bf16 weights are 128 + q = (q - 16) + 144 */
 
 // One quad -> w[0] rows 0..15 at inputs (4t, 4t+1), w[1] rows 16..31 at them, w[2] / w[3] the
 // same at inputs (4t+2, 4t+3): 32-bit lane j of w[i] holds row j (+16) as bf16 (128 + q) pairs.
@@ -48,7 +49,6 @@ static inline void q5_quad(const uint8_t *c, const uint64_t *h, __m512i w[4]) {
 #include <stdint.h>
 
 #define KVO_Q5_AVX2 1
-#define Q5_OFFSET 144.0f
 
 // Byte i of the result: 16 where bit i of bits is set, else 0.
 static inline __m256i q5_bits16(uint32_t bits) {
@@ -59,19 +59,19 @@ static inline __m256i q5_bits16(uint32_t bits) {
     return _mm256_and_si256(_mm256_cmpeq_epi8(v, bit), _mm256_set1_epi8(16));
 }
 
-// Half `half` (bytes 32·half ..) of one quad -> its codes as bytes, 0..31: lo[0] the low
-// nibbles' (inputs 4t, 4t+1), lo[1] the high nibbles' (4t+2, 4t+3).
-static inline void q5_half(const uint8_t *c, const uint64_t *h, int half, __m256i lo[2]) {
+// Half `half` (bytes 32·half ..) of one quad -> its codes as bytes, 0..31: codes[0] the low
+// nibbles' (inputs 4t, 4t+1), codes[1] the high nibbles' (4t+2, 4t+3).
+static inline void q5_half(const uint8_t *c, const uint64_t *h, int half, __m256i codes[2]) {
     const __m256i b = _mm256_loadu_si256((const __m256i *)(c + 32 * half));
     const __m256i l = _mm256_and_si256(b, _mm256_set1_epi8(15));
     const __m256i u = _mm256_srli_epi16(_mm256_xor_si256(b, l), 4);   // the high nibbles, no carry across bytes
-    lo[0] = _mm256_or_si256(l, q5_bits16((uint32_t)(h[0] >> (32 * half))));
-    lo[1] = _mm256_or_si256(u, q5_bits16((uint32_t)(h[1] >> (32 * half))));
+    codes[0] = _mm256_or_si256(l, q5_bits16((uint32_t)(h[0] >> (32 * half))));
+    codes[1] = _mm256_or_si256(u, q5_bits16((uint32_t)(h[1] >> (32 * half))));
 }
 
 // Vector v (0..3) of a quad, rows 8v .. 8v+7 (half v % 2; the low (v < 2) or high bytes of each
 // lane), from q5_half's codes of its half: 32-bit lane j holds row 8v + j as bf16 (128 + q) pairs
-// at the inputs of `codes` (q5_half's lo[0] or lo[1]).
+// at the inputs of `codes` (q5_half's codes[0] or codes[1]).
 static inline __m256i q5_rows8(__m256i codes, int v) {
     const __m256i e = _mm256_set1_epi8(0x43);
     return v < 2 ? _mm256_unpacklo_epi8(codes, e) : _mm256_unpackhi_epi8(codes, e);
