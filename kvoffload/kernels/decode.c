@@ -551,7 +551,6 @@ static inline __attribute__((always_inline)) void q5_block(const Linear *L, cons
     (void)xp;
     const int64_t K = L->K, N = L->N, G = K / 32;
     const int C = M <= 2 ? 4 : M <= 4 ? 2 : 1, S = 4 / C;        // vectors a pass; pass p takes p, p + S, ..
-    const __m256i odd = _mm256_set1_epi32((int)0xffff0000u);
     const uint8_t *c = (const uint8_t *)L->w + nb * K * 16;          // K/4 quads of 64 bytes
     const uint64_t *hb = L->hbits + nb * (K / 2);                      // two words a quad
     const uint16_t *sc = (const uint16_t *)L->scale + nb * 32;
@@ -572,9 +571,8 @@ static inline __attribute__((always_inline)) void q5_block(const Linear *L, cons
                 for (int j = 0; j < C; j++) {
                     const int v = p + j * S;
                     for (int e = 0; e < 2; e++) {                      // inputs 4t + 2e, 4t + 2e + 1
-                        const __m256i w = q5_rows8(q[v % 2][e], v);
-                        const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-                        const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(w, odd));
+                        __m256 we, wo;
+                        q5_rows8(q[v % 2][e], v, &we, &wo);
                         for (int m = 0; m < M; m++) {
                             gs[m][j] = _mm256_fmadd_ps(we, _mm256_set1_ps(x[m * K + 4 * t + 2 * e]), gs[m][j]);
                             gs[m][j] = _mm256_fmadd_ps(wo, _mm256_set1_ps(x[m * K + 4 * t + 2 * e + 1]), gs[m][j]);

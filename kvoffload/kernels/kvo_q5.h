@@ -70,11 +70,13 @@ static inline void q5_half(const uint8_t *c, const uint64_t *h, int half, __m256
 }
 
 // Vector v (0..3) of a quad, rows 8v .. 8v+7 (half v % 2; the low (v < 2) or high bytes of each
-// lane), from q5_half's codes of its half: 32-bit lane j holds row 8v + j as bf16 (128 + q) pairs
-// at the inputs of `codes` (q5_half's codes[0] or codes[1]).
-static inline __m256i q5_rows8(__m256i codes, int v) {
+// lane), from q5_half's codes of its half (codes[0] or codes[1]: an input pair) -> lane j of *we /
+// *wo: row 8v + j at the pair's even / odd input as fp32 128 + q (the bf16 pair's low / high half).
+static inline void q5_rows8(__m256i codes, int v, __m256 *we, __m256 *wo) {
     const __m256i e = _mm256_set1_epi8(0x43);
-    return v < 2 ? _mm256_unpacklo_epi8(codes, e) : _mm256_unpackhi_epi8(codes, e);
+    const __m256i w = v < 2 ? _mm256_unpacklo_epi8(codes, e) : _mm256_unpackhi_epi8(codes, e);
+    *we = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+    *wo = _mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32((int)0xffff0000u)));
 }
 
 #endif

@@ -397,7 +397,6 @@ int kvo_q5_dequant_t(const uint8_t *codes, const uint64_t *hbits, const uint16_t
                 }
             }
 #elif defined(KVO_Q5_AVX2)
-            const __m256i odd = _mm256_set1_epi32((int)0xffff0000u);
             __m256 s[4], c[4];                   // d, and -Q5_OFFSET·d of rows 8v .. 8v+7
             for (int v = 0; v < 4; v++) {
                 s[v] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + g * N + nb * 32 + v * 8)));
@@ -408,8 +407,8 @@ int kvo_q5_dequant_t(const uint8_t *codes, const uint64_t *hbits, const uint16_t
                 for (int half = 0; half < 2; half++) q5_half(codes + (nb * K4 + t) * 64, hbits + (nb * K4 + t) * 2, half, q[half]);
                 for (int v = 0; v < 4; v++)
                     for (int e = 0; e < 2; e++) {
-                        __m256i w = q5_rows8(q[v % 2][e], v);
-                        __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)), wo = _mm256_castsi256_ps(_mm256_and_si256(w, odd));
+                        __m256 we, wo;
+                        q5_rows8(q[v % 2][e], v, &we, &wo);
                         int64_t at = (4 * t + 2 * e) * width + nb * 32 - n0 + v * 8;
                         q5_store8(dst, at, _mm256_fmadd_ps(we, s[v], c[v]), out_f32);
                         q5_store8(dst, at + width, _mm256_fmadd_ps(wo, s[v], c[v]), out_f32);
