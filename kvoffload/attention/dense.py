@@ -24,7 +24,7 @@ from kvoffload.attention.ops import attend_lse, own_attention, prefix_attention
 from kvoffload.config import ModelConfig
 from kvoffload.dtypes import name_of
 from kvoffload.errors import ConfigError, InputError
-from kvoffload.kernels.hook import AttnHook
+from kvoffload.kernels.hook import AttnHook, KVConvert
 from kvoffload.kernels.paged import Append, Items, Merge, PagedAttention, PreparedCall
 from kvoffload.kernels.select import NativeSelect, SparseStep
 from kvoffload.kv.layout import BlockLayout
@@ -122,6 +122,7 @@ class DenseBackend:
         self._step: SparseStep | None = None                   # a sparse layer's one native call
         self.one_call = True           # False: a native sparse layer goes through DecodeItems (tests compare)
         self.native_hook = True        # False: fused layers call decode() (tests compare)
+        self._converts: dict[torch.dtype, KVConvert] = {}      # activation dtype -> k/v conversion for hooks
         self._plans: dict[tuple, _DensePlan] = {}
         self._staged: dict[int, tuple[int, list]] = {}         # seq -> (start, per layer (k, v)) of its last verify
         self.decode_tokens = 0
@@ -244,10 +245,11 @@ class DenseBackend:
         which keeps what it reads alive while held) for a fused layer to run in the same native call as its
         projections: a dense layer's prepared call, or a sparse layer's one-call step (selection
         included), appending the new tokens' k/v where :meth:`decode` would. None where
-        :meth:`decode` must run (no kernel, k/v to be converted from ``dtype``, a sparse policy
-        without a native step or with an output correction). The same bits as :meth:`decode`."""
+        :meth:`decode` must run (no kernel, a sparse policy without a native step or with an output
+        correction). k/v of another ``dtype`` than the KV's are rounded to it in the hook
+        (:class:`KVConvert`). The same bits as :meth:`decode`."""
         self._count_pending()
-        if self.kernel is None or not self.native_hook or dtype != self.kv_dtype:
+        if self.kernel is None or not self.native_hook:
             return None
         pol = self.policy
         if pol is not None and pol.sparse(layer):
@@ -263,7 +265,12 @@ class DenseBackend:
             hook = self._plan(batch).calls[layer].hook()
         if layer == self.cfg.num_layers - 1:
             self.decode_tokens += len(batch.seq_ids)
-        return hook
+        return hook if dtype == self.kv_dtype else self._converter(dtype).wrap(hook, len(batch.seq_ids))
+
+    def _converter(self, dtype: torch.dtype) -> KVConvert:
+        """The conversion of new k/v from ``dtype`` into the KV dtype, for hooks (made once)."""
+        return self._converts.get(dtype) or self._converts.setdefault(
+            dtype, KVConvert(name_of(dtype), name_of(self.kv_dtype), self.cfg.num_kv_heads * self.cfg.head_dim))
 
     def _sparse_step(self, sel: NativeSelect, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                      batch: ForwardBatch) -> torch.Tensor:

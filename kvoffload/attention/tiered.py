@@ -27,7 +27,7 @@ from kvoffload.attention.ops import attend_lse, own_attention, prefix_attention
 from kvoffload.config import KVConfig, ModelConfig
 from kvoffload.dtypes import name_of
 from kvoffload.errors import ConfigError
-from kvoffload.kernels.hook import AttnHook
+from kvoffload.kernels.hook import AttnHook, KVConvert
 from kvoffload.kernels.paged import Append, Items, PairedCall, PreparedCall, merge_parts
 from kvoffload.kernels.select import INFO_NBLOCKS, INFO_READ, NativeSelect, SparseStep
 from kvoffload.kv.layout import BlockLayout
@@ -180,6 +180,7 @@ class TieredBackend:
         self._memory_tiers = [i for i, t in enumerate(tiers) if t.direct and t.fetch is None]
         self.one_call = True       # False: a native sparse layer goes through per-tier requests (tests compare)
         self.native_hook = True    # False: fused layers call decode() (tests compare)
+        self._converts: dict[torch.dtype, KVConvert] = {}    # activation dtype -> k/v conversion for hooks
         self._step: SparseStep | None = None
         # decode micro-batches call in from several threads: one at a time in here (their model
         # compute outside overlaps); tiers, placement and counters are not shared otherwise
@@ -328,8 +329,9 @@ class TieredBackend:
         this step becomes a block after the call (:meth:`native_done`). None (``decode`` runs)
         where a layer does more: a sparse policy; a chunk on a tier that is read or attended
         elsewhere (disk); another forward at the same time (decode micro-batches: the tiers'
-        placement is shared); k/v in another dtype than the tails'."""
-        if (self.kernel is None or self.block_kernel is None or not self.native_hook or dtype != self.kv_dtype
+        placement is shared). k/v of another dtype than the tails' are rounded to it in the
+        hook (:class:`KVConvert`), as :meth:`decode` does."""
+        if (self.kernel is None or self.block_kernel is None or not self.native_hook
                 or self.policy is not None or batch.concurrent):
             return None
         with self._lock:
@@ -344,7 +346,12 @@ class TieredBackend:
             self._count_tails()
             if layer == self.cfg.num_layers - 1:
                 self.decode_tokens += len(batch.seq_ids)
-        return hook
+        return hook if dtype == self.kv_dtype else self._converter(dtype).wrap(hook, len(batch.seq_ids))
+
+    def _converter(self, dtype: torch.dtype) -> KVConvert:
+        """The conversion of new k/v from ``dtype`` into the tails' dtype, for hooks (made once)."""
+        return self._converts.get(dtype) or self._converts.setdefault(
+            dtype, KVConvert(name_of(dtype), name_of(self.kv_dtype), self.cfg.num_kv_heads * self.cfg.head_dim))
 
     def native_done(self, layer: int, batch: ForwardBatch) -> None:
         """After a hooked layer's call: what :meth:`decode` does after its attention — each tail

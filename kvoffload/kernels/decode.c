@@ -835,8 +835,8 @@ int64_t kvo_layer_ws(const Layer *Ly, int M) {
 // k/v appended and attended where the KV lives: kvoffload/attention/dense.py's prepared call),
 // kvo_attn_out. x [M, d] -> out [M, d] in the activation dtype, as FusedBlock's three steps
 // give (q handed over in fp32 from its rounded value, o rounded to the dtype): the same bits.
-// The KV dtype must be the activation dtype. ws: kvo_layer_ws(Ly, M) floats. 0, or the hook's
-// error.
+// k/v reach the hook in the activation dtype (paged_attn.c's kvo_convert_hook rounds them to
+// another KV dtype). ws: kvo_layer_ws(Ly, M) floats. 0, or the hook's error.
 int kvo_layer_decode(const Layer *Ly, const void *x, int M, const void *cos, const void *sin, void *out, int f32,
                      float *ws, int threads, const kvo_attn_hook *hook) {
     const int64_t HD = (int64_t)Ly->H * Ly->D, nq = (int64_t)(Ly->H + 2 * Ly->H_kv) * Ly->D;

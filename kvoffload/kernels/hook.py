@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ctypes
 
+from kvoffload.kernels.build import load
+
 
 class AttnHook(ctypes.Structure):
     """kvo_hook.h's kvo_attn_hook: the function and its context."""
@@ -20,3 +22,32 @@ class AttnHook(ctypes.Structure):
         hook = cls(ctypes.cast(getattr(lib, fn), ctypes.c_void_p).value, ctypes.addressof(ctx))
         hook.owner = owner
         return hook
+
+
+class _Convert(ctypes.Structure):
+    """kvo_hook.h's kvo_convert (the same fields in the same order)."""
+    _fields_ = [("inner", AttnHook), ("cvt", ctypes.c_void_p), ("rows", ctypes.c_int32), ("n", ctypes.c_int32),
+                ("itemsize", ctypes.c_int32), ("buf", ctypes.c_void_p)]
+
+
+class KVConvert:
+    """Hooks whose new tokens' k/v arrive in the activation dtype and are appended in another KV
+    dtype (fp32 compute with bf16 / fp16 KV, where no bf16 arithmetic is native): paged_attn.c's
+    kvo_convert_hook rounds them as ``.to(kv_dtype)`` does in the backends' ``decode``, then
+    calls the backend's own hook, so the layer stays one native call with the same bits."""
+
+    def __init__(self, act: str, kv: str, n: int) -> None:
+        """act / kv: dtype names (kvoffload/dtypes.py); n: elements of a token's k (H_kv x D)."""
+        from kvoffload.dtypes import DTYPES
+
+        self.lib = load("paged_attn")
+        self.cvt = ctypes.cast(getattr(self.lib, f"kvo_cvt_{DTYPES[act].kernel}_{DTYPES[kv].kernel}"),
+                               ctypes.c_void_p).value
+        self.n, self.itemsize = n, DTYPES[kv].itemsize
+
+    def wrap(self, inner: AttnHook, rows: int) -> AttnHook:
+        """``inner`` behind the conversion of up to ``rows`` new tokens: a context and buffer of
+        its own (forwards of decode micro-batches may run at once), kept alive by the hook."""
+        buf = (ctypes.c_char * (2 * rows * self.n * self.itemsize))()
+        ctx = _Convert(inner, self.cvt, rows, self.n, self.itemsize, ctypes.addressof(buf))
+        return AttnHook.of(self.lib, "kvo_convert_hook", ctx, (inner, ctx, buf))

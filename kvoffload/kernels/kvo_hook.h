@@ -48,4 +48,18 @@ typedef struct {
     const int64_t *row_first, *order;
     const float *part_o, *part_lse;
 } kvo_paged_pair;
+
+/* M rows of n elements at src (row stride rs elements, the activation dtype) -> dst [M, n] (the
+ * KV dtype), rounded as torch's .to() rounds: paged_attn.c's kvo_cvt_<from>_<to>. */
+typedef void (*kvo_cvt_fn)(const void *src, int64_t rs, int M, int n, void *dst);
+
+/* A hook whose new tokens' k/v come in another dtype than the KV's (kernels/hook.py's
+ * KVConvert): paged_attn.c's kvo_convert_hook converts them with cvt into buf ([2, rows, n] of
+ * the KV dtype: k's rows, then v's), then calls inner. n = H_kv * D. */
+typedef struct {
+    kvo_attn_hook inner;
+    kvo_cvt_fn cvt;
+    int32_t rows, n, itemsize;
+    void *buf;
+} kvo_convert;
 #endif

@@ -40,6 +40,27 @@ static inline float f16_to_f32(uint16_t h) {
     return f;
 }
 
+/* round to nearest even, as torch's float -> half (c10::Half); NaN -> the quiet NaN 0x7e00 */
+static inline uint16_t f32_to_f16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
+    const uint32_t ax = x & 0x7fffffffu;
+    if (ax > 0x7f800000u) return sign | 0x7e00u;
+    if (ax >= 0x477ff000u) return sign | 0x7c00u;              /* >= 65520: rounds to infinity */
+    if (ax < 0x38800000u) {                         /* below 2^-14: a subnormal in units of 2^-24 */
+        const uint32_t e = ax >> 23;
+        if (e < 102) return sign;                   /* below 2^-25 (fp32 subnormals too): 0 */
+        const uint32_t m = (ax & 0x7fffffu) | 0x800000u, sh = 126 - e;         /* 14 .. 24 */
+        uint32_t h = m >> sh, rem = m & ((1u << sh) - 1u), half = 1u << (sh - 1);
+        if (rem > half || (rem == half && (h & 1u))) h++;
+        return sign | (uint16_t)h;
+    }
+    uint32_t h = (ax - 0x38000000u) >> 13, rem = ax & 0x1fffu; /* exponent rebiased 127 -> 15 */
+    if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) h++;    /* (a carry moves the exponent) */
+    return sign | (uint16_t)h;
+}
+
 static inline float f32_id(float x) { return x; }
 
 /* exp(x) for x <= 0 (scores minus their max), Cephes' expf polynomial: ~1 ulp, and unlike

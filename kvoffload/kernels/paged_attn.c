@@ -1235,6 +1235,38 @@ int kvo_paged_pair_hook(const void *ctx, int M, const float *q, int64_t q_rs, co
     return 0;
 }
 
+/* kvo_cvt_fn between the full-precision dtypes (kvoffload/dtypes.py's kernel suffixes): each
+ * element through fp32, rounded to the nearest even as torch rounds (fp32 and bf16 widen exactly). */
+static inline float cvt_ld_f32(const void *p, int64_t i) { return ((const float *)p)[i]; }
+static inline float cvt_ld_bf16(const void *p, int64_t i) { return bf16_to_f32(((const uint16_t *)p)[i]); }
+static inline float cvt_ld_f16(const void *p, int64_t i) { return f16_to_f32(((const uint16_t *)p)[i]); }
+static inline void cvt_st_f32(void *p, int64_t i, float x) { ((float *)p)[i] = x; }
+static inline void cvt_st_bf16(void *p, int64_t i, float x) { ((uint16_t *)p)[i] = f32_to_bf16(x); }
+static inline void cvt_st_f16(void *p, int64_t i, float x) { ((uint16_t *)p)[i] = f32_to_f16(x); }
+#define DEFINE_CVT(FROM, TO)                                                                          \
+void kvo_cvt_##FROM##_##TO(const void *src, int64_t rs, int M, int n, void *dst) {                   \
+    for (int m = 0; m < M; m++)                                                                      \
+        for (int i = 0; i < n; i++) cvt_st_##TO(dst, (int64_t)m * n + i, cvt_ld_##FROM(src, m * rs + i)); \
+}
+DEFINE_CVT(f32, bf16)
+DEFINE_CVT(f32, f16)
+DEFINE_CVT(bf16, f32)
+DEFINE_CVT(bf16, f16)
+DEFINE_CVT(f16, f32)
+DEFINE_CVT(f16, bf16)
+
+/* kvo_attn_fn over a kvo_convert (kvo_hook.h): the new tokens' k / v into the KV dtype, then the
+ * inner hook -- what the backends' decode() does with .to(kv_dtype) before appending. */
+int kvo_convert_hook(const void *ctx, int M, const float *q, int64_t q_rs, const void *k, const void *v,
+                     int64_t kv_rs, float *out, float *lse) {
+    const kvo_convert *c = (const kvo_convert *)ctx;
+    if (M > c->rows) return -5;
+    char *kb = (char *)c->buf, *vb = kb + (size_t)c->rows * c->n * c->itemsize;
+    c->cvt(k, kv_rs, M, c->n, kb);
+    c->cvt(v, kv_rs, M, c->n, vb);
+    return c->inner.fn(c->inner.ctx, M, q, q_rs, kb, vb, c->n, out, lse);
+}
+
 /* Memory read bandwidth probe for `kvoffload bench attention`: sums n floats with `threads`
  * threads (AVX-512 where available), so the peak is measured the way the kernel reads. */
 double kvo_read_sum(const float *p, int64_t n, int threads) {

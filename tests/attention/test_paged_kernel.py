@@ -356,3 +356,36 @@ def test_rejects_bad_arguments():
     big = kernel("float32", 1, 2, 16, 128)
     with pytest.raises(ValueError):                          # token masks need bs <= 64
         big(q, Items.build([0], [arena.addr[:1]], [4], [np.ones((1, 1), np.uint64)]), po, pl, 1)
+
+
+@pytest.mark.parametrize("src,dst", [(a, b) for a in DT for b in DT if a != b])
+def test_kv_conversions_round_as_torch_does(src, dst):
+    """paged_attn.c's kvo_cvt_<from>_<to> (what a hook does to new k/v of another dtype than the
+    KV's: kernels/hook.py's KVConvert) give torch's ``.to()`` bits: random values over many
+    magnitudes, exact ties, fp16 subnormals and the edge of fp16's range, infinities, zeros."""
+    import ctypes
+
+    from kvoffload.dtypes import DTYPES
+    from kvoffload.kernels.build import load
+
+    lib = load("paged_attn")
+    if lib is None:
+        pytest.skip("no native kernel (no compiler or KVOFFLOAD_NO_KERNELS=1)")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, generator=g, dtype=torch.float64) * torch.exp2(torch.randint(-30, 20, (4096,), generator=g))
+    # fp16's subnormal ties and range edge, bf16 / fp16 halfway points, signed zeros, infinities
+    edges = [0.0, -0.0, 2.0 ** -24, 2.0 ** -25, 3 * 2.0 ** -25, 1.5 * 2.0 ** -24, 2.0 ** -14, 2.0 ** -14 * (1 - 2 ** -11),
+             65504.0, 65519.0, 65520.0, 1e6, 1.0 + 2 ** -11, 1.0 + 3 * 2 ** -11, 1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8,
+             float("inf"), float("-inf"), 1e-40, -3e-39]
+    x = torch.cat([x, torch.tensor(edges, dtype=torch.float64), -torch.tensor(edges, dtype=torch.float64)])
+    x = x.to(DT[src]).reshape(-1, 8)                                        # [M, 8] of the source dtype
+    M, n = x.shape[0], 6                                                    # rows of 6 at a stride of 8
+    want = x[:, :n].to(DT[dst])
+    got = torch.empty(M, n, dtype=DT[dst])
+    fn = getattr(lib, f"kvo_cvt_{DTYPES[src].kernel}_{DTYPES[dst].kernel}")
+    fn.restype = None
+    fn(ctypes.c_void_p(x.data_ptr()), ctypes.c_int64(8), ctypes.c_int(M), ctypes.c_int(n), ctypes.c_void_p(got.data_ptr()))
+    bits = torch.int32 if dst == "float32" else torch.int16
+    diff = (got.view(bits) != want.view(bits)).sum()
+    print(f"{src} -> {dst}: {M * n} values, {int(diff)} differ in bits")
+    assert diff == 0

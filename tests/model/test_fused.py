@@ -172,13 +172,18 @@ def ragged_decode(model, be, prompts: list[torch.Tensor], steps: int, spy) -> to
     return torch.stack(logits)
 
 
+# (activation dtype, KV dtype): the same, and the KV in another dtype (the hook rounds k/v to it)
+HOOK_DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
+               (torch.float32, torch.float16), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.float16)]
+
+
 @pytest.mark.parametrize("method", NATIVE_FORMATS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_layer_in_one_call_with_the_backends_hook_equals_the_three_steps(tiny_hf, method, dtype):
+@pytest.mark.parametrize("dtype,kv_dtype", HOOK_DTYPES)
+def test_layer_in_one_call_with_the_backends_hook_equals_the_three_steps(tiny_hf, method, dtype, kv_dtype):
     """With the in-memory backend's native hook a fused decode layer is one native call (its
     attention inside); a ragged batch of 3 decoding across a block boundary gives the same
     logits, bit for bit, as the fused layer's two calls around ``backend.decode``, and the same
-    KV."""
+    KV -- also where the KV's dtype is not the activations' (k/v rounded in the hook)."""
     from kvoffload.attention.dense import DenseBackend
     from kvoffload.model import fused
 
@@ -198,21 +203,22 @@ def test_layer_in_one_call_with_the_backends_hook_equals_the_three_steps(tiny_hf
     prompts = [torch.randint(0, 256, (1, n), generator=g) for n in lens]
     outs, kvs = [], []
     for hook in (True, False):
-        be = DenseBackend(model.cfg, torch.device("cpu"), dtype, block_size=16)
+        be = DenseBackend(model.cfg, torch.device("cpu"), kv_dtype, dtype, block_size=16)
         be.native_hook = hook
         outs.append(ragged_decode(model, be, prompts, 5, spy))
         assert (calls[-1] is not None) == hook and be.decode_tokens == 15
         calls.clear()
         kvs.append([be.seqs[i].clone() for i in range(3)])
     diff = (outs[0].float() - outs[1].float()).abs()
-    print(f"{method} {dtype}: hook vs decode(): max {diff.max():.2e}")
+    print(f"{method} {dtype} (KV {kv_dtype}): hook vs decode(): max {diff.max():.2e}")
     assert torch.equal(outs[0], outs[1])
     assert all(torch.equal(a, b) for a, b in zip(*kvs))
 
 
 @pytest.mark.parametrize("stored", [None, "int8", "int4"])
 @pytest.mark.parametrize("tiers", ["host:none", "host:none,disk:none", "host:1KiB,disk:none"])
-def test_tiered_layer_in_one_call_equals_the_steps_through_python(tiny_hf, stored, tiers):
+@pytest.mark.parametrize("dtype,kv_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)])
+def test_tiered_layer_in_one_call_equals_the_steps_through_python(tiny_hf, stored, tiers, dtype, kv_dtype):
     """The tiered backend's hook (a dense layer whose chunks are all in RAM: the tails' call, the
     blocks' call by address, the merge, inside the fused layer's native call) gives the same
     logits, bit for bit, as its layer through Python (``decode``), and the same stored KV and
@@ -223,7 +229,6 @@ def test_tiered_layer_in_one_call_equals_the_steps_through_python(tiny_hf, store
     from kvoffload.config import KVConfig
     from kvoffload.model import fused
 
-    dtype = torch.bfloat16
     model = tiny_model(tiny_hf, "qwen2", "int8", dtype)
     fuse_layers(model, threads=2)
     calls = []
@@ -247,7 +252,7 @@ def test_tiered_layer_in_one_call_equals_the_steps_through_python(tiny_hf, store
     kvcfg = KVConfig(block_size=4, chunk_blocks=2, kv_tiers=tiers, disk_workers=0, kv_sink_tokens=0, kv_recent_tokens=0)
     outs, kvs, counters, hooked = [], [], [], []
     for hook in (True, False):
-        be = TieredBackend(model.cfg, kvcfg, torch.device("cpu"), dtype, dtype, 2, stored=stored)
+        be = TieredBackend(model.cfg, kvcfg, torch.device("cpu"), kv_dtype, dtype, 2, stored=stored)
         be.native_hook = hook
         try:
             outs.append(ragged_decode(model, be, prompts, 6, spy))

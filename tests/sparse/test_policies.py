@@ -178,18 +178,19 @@ def test_one_call_sparse_step_equals_the_python_items(tiny_path, calibration, po
 
 
 @pytest.mark.parametrize("policy", list(POLICIES))
-def test_fused_layers_take_the_sparse_step_inside_their_native_call(tiny_path, calibration, policy):
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
+def test_fused_layers_take_the_sparse_step_inside_their_native_call(tiny_path, calibration, policy, kv_dtype):
     """With quantised weights (fused native layers) and the KV in memory, a sparse layer's
     one-call step runs inside the layer's own native call (the backend's native hook: selection,
     items, append, attention, merge): the same tokens, every logprob digit and the same sparse
     counters as the layer calling ``backend.decode``; SparF (an output correction) and the
-    policies that rebuild keys keep ``decode``."""
+    policies that rebuild keys keep ``decode``. fp32 compute with bf16 KV: k/v rounded in the hook."""
     from kvoffload.attention.dense import DenseBackend
     from kvoffload.config import SamplingParams
 
     ids = LLM(tiny_path, dtype="float32").encode(TEXT)
     prompts = [ids[:37], ids[:70], ids[:129]]
-    kw = dict(sparse_dense_layers="0", block_size=8, chunk_blocks=2, quantization="int8")
+    kw = dict(sparse_dense_layers="0", block_size=8, chunk_blocks=2, quantization="int8", kv_dtype=kv_dtype)
     fast = sparse_llm(tiny_path, policy, "1/4", calibration, **kw)
     slow = sparse_llm(tiny_path, policy, "1/4", calibration, **kw)
     slow.engine.kv.native_hook = False
