@@ -683,8 +683,11 @@ static inline qhead quant_head(const void *blk, int h, int H_kv, int D, int bs, 
 /* Slots ahead that a compressed body asks the cache for: a slot's four parts per head are short
  * runs in different places, which the hardware prefetchers do not follow (each run's first line
  * was a demand miss, ~half the AVX2 body's time with the KV in DRAM: perf annotate). Tried 1, 2,
- * 4 slots ahead on the AVX2 EPYC; 4 best (int8 KV in DRAM, 2 threads: -8%). */
-#define QUANT_PREFETCH_SLOTS 4
+ * 4 slots ahead on the AVX2 EPYC; 4 best (int8 KV in DRAM, 2 threads: -8%) while prefetching into
+ * L1. Into L2 (below), 2 is best: SmolLM2's 30 layers at 8K, kernel alone, 3 alternations, int8
+ * 9.1-9.3 ms (2 ahead) / 10.0-11.0 (4) / 12.0-13.0 (8), int4 11.2-12.3 / 12.1-12.9 (sixteenth
+ * session); also prefetching an item's first slots at its start: no better. */
+#define QUANT_PREFETCH_SLOTS 2
 /* Into L2 (locality 2), not L1 (3): on the same EPYC, int8 / int4 KV alone 17-19 -> 12.5-13.7 ms
  * at 8K (`bench attention --tiers host`, 2 threads, two alternations; benchmarks/avx2/README.md,
  * fifteenth session), as for the one-row int8 GEMV's stream (decode.c's PF_PAIR_HINT). */

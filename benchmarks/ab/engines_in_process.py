@@ -1,0 +1,73 @@
+"""Decode ms a token of several engine settings in one process, alternated: each engine
+prefills the same filler text once, then the engines take turns decoding ``--steps`` tokens
+(order reversed every other round), ``--rounds`` times. Prints each round, then each engine's
+median and its speed against the first engine by the median of the rounds' ratios.
+
+    python benchmarks/ab/engines_in_process.py --depth 8000 \\
+        'bf16={"kv_dtype": "bfloat16"}' 'bf16-py={"kv_dtype": "bfloat16", "_no_hook": true}' \\
+        'int8={"kv_dtype": "int8"}'
+
+Settings are LLM keyword arguments as JSON; ``"_no_hook": true`` makes the fused layers call
+the backend's ``decode`` (the path through Python) instead of its native hook — the A/B of a
+hook against the steps it replaces, in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+
+def main() -> None:
+    from kvoffload.api import LLM
+    from kvoffload.bench.runner import FILLER
+    from kvoffload.config import SamplingParams
+    from kvoffload.engine.sequence import SeqStatus
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("engines", nargs="+", help="NAME=JSON settings")
+    p.add_argument("-m", "--model", default="smollm2-135m")
+    p.add_argument("--depth", type=int, default=8000)
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("-t", "--threads", type=int, default=2)
+    a = p.parse_args()
+    engines = []
+    for spec in a.engines:
+        name, settings = spec.split("=", 1)
+        settings = json.loads(settings)
+        no_hook = settings.pop("_no_hook", False)
+        llm = LLM(a.model, threads=a.threads, **settings)
+        eng = llm.engine
+        if no_hook:
+            eng.kv.native_hook = False
+        ids = llm.tokenizer.encode(FILLER * (a.depth // 40 + 2))[:a.depth]
+        sid = eng.add_request(ids, SamplingParams(max_tokens=a.steps * a.rounds + 16, ignore_eos=True))
+        t = time.perf_counter()
+        while eng.seqs[sid].status in (SeqStatus.WAITING, SeqStatus.PREFILLING):
+            eng.step()
+        print(f"{name}: prefill {time.perf_counter() - t:.1f} s", flush=True)
+        for _ in range(2):                                          # warm: plans made, kernels built
+            eng.step()
+        engines.append((name, eng, sid))
+    ms: dict[str, list[float]] = {name: [] for name, _, _ in engines}
+    for r in range(a.rounds):
+        for name, eng, sid in engines if r % 2 == 0 else engines[::-1]:
+            n0, t = len(eng.seqs[sid].output_ids), time.perf_counter()
+            while len(eng.seqs[sid].output_ids) - n0 < a.steps:
+                if not eng.has_unfinished():
+                    raise SystemExit(f"{name} finished early: lower --depth, --steps or --rounds")
+                eng.step()
+            ms[name].append((time.perf_counter() - t) / a.steps * 1e3)
+        print(r, {n: round(v[-1], 2) for n, v in ms.items()}, flush=True)
+    ref = engines[0][0]
+    for name, v in ms.items():
+        speed = statistics.median(x / y for x, y in zip(ms[ref], v))
+        print(f"{name:12s} median {statistics.median(v):.2f} ms  speed vs {ref}: {speed:.3f}x  "
+              f"{[round(x, 2) for x in v]}")
+
+
+if __name__ == "__main__":
+    main()
