@@ -38,6 +38,11 @@ case "${1:?step}" in
       --config "quest:sparse_policy=quest,sparse_budget=1/16" \
       --config "shadowkv:sparse_policy=shadowkv,sparse_budget=1/16" \
       --vs llama.cpp -o "$OUT/$1${TAG:-}" ;;
+  qwen_16k_bf16)   # Qwen at 16K with bf16 KV (a hooked layer since the sixteenth session) beside the default: ~40 minutes
+    kvoffload bench -m qwen2.5-coder-0.5b -p 0 -n 32 -d 16368 -b 1 -r 2 -t "$T" \
+      --config "dense-bf16:kv_dtype=bfloat16" \
+      --config "quest-bf16:sparse_policy=quest,sparse_budget=1/16,kv_dtype=bfloat16" \
+      --vs llama.cpp -o "$OUT/qwen_16k_bf16${TAG:-}" ;;
   kvquant_ram)   # issue #14: compressed KV in RAM at 8K against bf16 and fp32 KV
     kvoffload bench -m smollm2-135m -p 0 -n 16 -d 8176 -b 1 -r 3 -t "$T" \
       --config "bf16:kv_dtype=bfloat16" --config "bf16-blocks:kv_dtype=bfloat16,kv_host_budget=4GiB" \
