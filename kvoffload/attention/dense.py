@@ -122,7 +122,7 @@ class DenseBackend:
         self._step: SparseStep | None = None                   # a sparse layer's one native call
         self.one_call = True           # False: a native sparse layer goes through DecodeItems (tests compare)
         self.native_hook = True        # False: fused layers call decode() (tests compare)
-        self._converts: dict[torch.dtype, KVConvert] = {}      # activation dtype -> k/v conversion for hooks
+        self._convert = KVConvert(name_of(kv_dtype), cfg.num_kv_heads * cfg.head_dim)   # k/v of another dtype, for hooks
         self._plans: dict[tuple, _DensePlan] = {}
         self._staged: dict[int, tuple[int, list]] = {}         # seq -> (start, per layer (k, v)) of its last verify
         self.decode_tokens = 0
@@ -265,12 +265,7 @@ class DenseBackend:
             hook = self._plan(batch).calls[layer].hook()
         if layer == self.cfg.num_layers - 1:
             self.decode_tokens += len(batch.seq_ids)
-        return hook if dtype == self.kv_dtype else self._converter(dtype).wrap(hook, len(batch.seq_ids))
-
-    def _converter(self, dtype: torch.dtype) -> KVConvert:
-        """The conversion of new k/v from ``dtype`` into the KV dtype, for hooks (made once)."""
-        return self._converts.get(dtype) or self._converts.setdefault(
-            dtype, KVConvert(name_of(dtype), name_of(self.kv_dtype), self.cfg.num_kv_heads * self.cfg.head_dim))
+        return hook if dtype == self.kv_dtype else self._convert.wrap(hook, name_of(dtype), len(batch.seq_ids))
 
     def _sparse_step(self, sel: NativeSelect, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                      batch: ForwardBatch) -> torch.Tensor:

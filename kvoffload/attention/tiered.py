@@ -180,7 +180,7 @@ class TieredBackend:
         self._memory_tiers = [i for i, t in enumerate(tiers) if t.direct and t.fetch is None]
         self.one_call = True       # False: a native sparse layer goes through per-tier requests (tests compare)
         self.native_hook = True    # False: fused layers call decode() (tests compare)
-        self._converts: dict[torch.dtype, KVConvert] = {}    # activation dtype -> k/v conversion for hooks
+        self._convert = KVConvert(name_of(kv_dtype), cfg.num_kv_heads * cfg.head_dim)   # k/v of another dtype, for hooks
         self._step: SparseStep | None = None
         # decode micro-batches call in from several threads: one at a time in here (their model
         # compute outside overlaps); tiers, placement and counters are not shared otherwise
@@ -346,12 +346,7 @@ class TieredBackend:
             self._count_tails()
             if layer == self.cfg.num_layers - 1:
                 self.decode_tokens += len(batch.seq_ids)
-        return hook if dtype == self.kv_dtype else self._converter(dtype).wrap(hook, len(batch.seq_ids))
-
-    def _converter(self, dtype: torch.dtype) -> KVConvert:
-        """The conversion of new k/v from ``dtype`` into the tails' dtype, for hooks (made once)."""
-        return self._converts.get(dtype) or self._converts.setdefault(
-            dtype, KVConvert(name_of(dtype), name_of(self.kv_dtype), self.cfg.num_kv_heads * self.cfg.head_dim))
+        return hook if dtype == self.kv_dtype else self._convert.wrap(hook, name_of(dtype), len(batch.seq_ids))
 
     def native_done(self, layer: int, batch: ForwardBatch) -> None:
         """After a hooked layer's call: what :meth:`decode` does after its attention — each tail

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 
+from kvoffload.dtypes import DTYPES
 from kvoffload.kernels.build import load
 
 
@@ -36,18 +37,20 @@ class KVConvert:
     kvo_convert_hook rounds them as ``.to(kv_dtype)`` does in the backends' ``decode``, then
     calls the backend's own hook, so the layer stays one native call with the same bits."""
 
-    def __init__(self, act: str, kv: str, n: int) -> None:
-        """act / kv: dtype names (kvoffload/dtypes.py); n: elements of a token's k (H_kv x D)."""
-        from kvoffload.dtypes import DTYPES
+    def __init__(self, kv: str, n: int) -> None:
+        """kv: the KV dtype's name (kvoffload/dtypes.py); n: elements of a token's k (H_kv x D)."""
+        self.kv, self.n, self.itemsize = DTYPES[kv], n, DTYPES[kv].itemsize
+        self._cvt: dict[str, int] = {}                  # activation dtype -> its kvo_cvt_* function
 
-        self.lib = load("paged_attn")
-        self.cvt = ctypes.cast(getattr(self.lib, f"kvo_cvt_{DTYPES[act].kernel}_{DTYPES[kv].kernel}"),
-                               ctypes.c_void_p).value
-        self.n, self.itemsize = n, DTYPES[kv].itemsize
-
-    def wrap(self, inner: AttnHook, rows: int) -> AttnHook:
-        """``inner`` behind the conversion of up to ``rows`` new tokens: a context and buffer of
-        its own (forwards of decode micro-batches may run at once), kept alive by the hook."""
+    def wrap(self, inner: AttnHook, act: str, rows: int) -> AttnHook:
+        """``inner`` behind the conversion of up to ``rows`` new tokens of dtype ``act``: a
+        context and buffer of its own (decode micro-batches' forwards may run at once), kept
+        alive by the hook."""
+        lib = load("paged_attn")
+        cvt = self._cvt.get(act)
+        if cvt is None:
+            fn = getattr(lib, f"kvo_cvt_{DTYPES[act].kernel}_{self.kv.kernel}")
+            cvt = self._cvt[act] = ctypes.cast(fn, ctypes.c_void_p).value
         buf = (ctypes.c_char * (2 * rows * self.n * self.itemsize))()
-        ctx = _Convert(inner, self.cvt, rows, self.n, self.itemsize, ctypes.addressof(buf))
-        return AttnHook.of(self.lib, "kvo_convert_hook", ctx, (inner, ctx, buf))
+        ctx = _Convert(inner, cvt, rows, self.n, self.itemsize, ctypes.addressof(buf))
+        return AttnHook.of(lib, "kvo_convert_hook", ctx, (inner, ctx, buf))
