@@ -4,7 +4,8 @@
  *   - kvo_attn_hook: a decode layer's attention as decode.c's kvo_layer_decode calls it between
  *     its two halves, so that a dense decode layer is one call from Python (the in-memory
  *     backend's prepared call: kvo_paged_hook over a kvo_paged_call, kernels/paged.py; the tiered
- *     backend's layer over RAM: kvo_paged_pair_hook over a kvo_paged_pair). */
+ *     backend's layer over RAM: kvo_paged_pair_hook over a kvo_paged_pair; either behind
+ *     kvo_convert_hook over a kvo_convert where the KV dtype is not the activations'). */
 #ifndef KVO_HOOK_H
 #define KVO_HOOK_H
 #include <stdint.h>
