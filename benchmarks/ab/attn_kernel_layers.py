@@ -19,10 +19,9 @@ import numpy as np
 import torch
 
 from kvoffload import hugepages
+from kvoffload.dtypes import DTYPES, torch_dtype
 from kvoffload.kernels.paged import Items, PagedAttention
 from kvoffload.kv.layout import BlockLayout
-
-FULL = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
 def main() -> None:
@@ -35,14 +34,14 @@ def main() -> None:
     layers = []
     for _ in range(L):
         k, v = torch.randn(H_kv, ctx, D), torch.randn(H_kv, ctx, D)
-        if dtype in FULL:
-            k, v = k.to(FULL[dtype]), v.to(FULL[dtype])
+        if dtype in DTYPES:                                          # (int8 / int4: packed from fp32)
+            k, v = k.to(torch_dtype(dtype)), v.to(torch_dtype(dtype))
         packed = lay.pack(k, v)
         slots = hugepages.zeros(tuple(packed.shape), packed.dtype, torch.device("cpu"))
         slots.copy_(packed)
-        sb = slots[0].numel() * slots.element_size()
+        sb = lay.slot_bytes
         items, _ = Items.chunked([0], [slots.data_ptr() + np.arange(nb, dtype=np.int64) * sb], [ctx], bs,
-                                 chunk_blocks=16)
+                                 chunk_blocks=lay.chunk_blocks)
         layers.append((slots, items, np.empty((items.n, H_kv * G, D), np.float32),
                        np.empty((items.n, H_kv * G), np.float32)))
     q = np.random.default_rng(0).standard_normal((1, H_kv * G, D)).astype(np.float32)

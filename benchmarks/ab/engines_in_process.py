@@ -22,7 +22,8 @@ import time
 
 def main() -> None:
     from kvoffload.api import LLM
-    from kvoffload.bench.runner import FILLER
+    from kvoffload.bench.runner import prompts_for
+    from kvoffload.bench.workloads import BenchTest
     from kvoffload.config import SamplingParams
     from kvoffload.engine.sequence import SeqStatus
 
@@ -43,7 +44,7 @@ def main() -> None:
         eng = llm.engine
         if no_hook:
             eng.kv.native_hook = False
-        ids = llm.tokenizer.encode(FILLER * (a.depth // 40 + 2))[:a.depth]
+        ids = prompts_for(llm.tokenizer, BenchTest("tg", a.steps, a.depth), a.depth)[0]
         sid = eng.add_request(ids, SamplingParams(max_tokens=a.steps * a.rounds + 16, ignore_eos=True))
         t = time.perf_counter()
         while eng.seqs[sid].status in (SeqStatus.WAITING, SeqStatus.PREFILLING):
