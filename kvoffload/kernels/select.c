@@ -459,11 +459,30 @@ static void cm_dot(int G, int C, const float *w, const float *const *rows, int64
 #endif
 
 #ifdef CM_VT
+/* Query heads one cm_dot_group pass takes of the `left` still to score. AVX-512: up to 8 (GN x
+ * CM_VT within 28 of its 32 registers). AVX2: balanced passes of at most 4, each with CM_VT(GN) >=
+ * 2 register tiles, so a broadcast weight and a prefetched line feed two or more multiply-adds;
+ * one pass of G 7 or 8 has one tile (VT 1): every FMA then carries its own broadcast, load and
+ * prefetch. The passes re-read a register tile's rows from L1. In-process A/B
+ * (benchmarks/sparse/selection_cost.py --variant, 2 threads, 24 layers, the metadata from DRAM;
+ * seventeenth session): Qwen's geometry 2x7x64 at 16K, one pass of 7 -> 4 + 3: Quest 81.6 -> 64.6
+ * us a layer, ShadowKV 165 -> 119, Double Sparsity 323 -> 239; 4x8x128 at 8K, 8 -> 4 + 4: Quest
+ * 269 -> 235, ShadowKV 339 -> 234; 2x5x64, 5 -> 3 + 2: Quest 33.9 -> 32.2. (Passes of 3: the same
+ * as 4; of 2: slower for Double Sparsity.) */
+static inline int cm_group_size(int left) {
+#ifdef __AVX512F__
+    return left < 8 ? left : 8;
+#else
+    const int passes = (left + 3) / 4;
+    return (left + passes - 1) / passes;
+#endif
+}
+
 static void cm_dot(int G, int C, const float *w, const float *const *rows, int64_t tstride, int64_t j0, int64_t j1,
                    int64_t obase, const float *scale, float *out, int64_t os, int max_only) {
     out -= obase;                                  /* indexed by column */
-    for (int g0 = 0; g0 < G; g0 += 8) {
-        int gn = G - g0 < 8 ? G - g0 : 8;
+    for (int g0 = 0, gn; g0 < G; g0 += gn) {
+        gn = cm_group_size(G - g0);
         const float *wg = w + (size_t)g0 * C;
         const float *const *rg = rows + (size_t)g0 * C;
         const float *sg = scale ? scale + g0 : NULL;
