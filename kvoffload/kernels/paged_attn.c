@@ -464,6 +464,13 @@ static inline __m256 lane_mask8(unsigned lm) {
     return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)lm), bit), bit));
 }
 
+/* Query heads up to which score8 keeps both halves' sums in registers at once (2 G + 3 of the
+ * 16); above, it makes two passes over the channels, each half's sums in turn (the same sums in
+ * the same order, so the same bits). At G 7 one pass spilled an accumulator, a chain through the
+ * stack each channel pair. Kernel alone, Qwen's geometry (2 x 7 x 64, bf16 KV) at 16K, variants
+ * alternated in one process (seventeenth session): a dense layer 824 -> 755 us, a Quest 1/16
+ * layer 166 -> 166 us (its scattered blocks' loads dominate). */
+#define SCORE8_ONE_PASS_G 6
 /* Scores of 8 tokens (t0..t0+7 of a block) for G query heads, K channel-pair-major: lanes of lo
  * (tokens t0..t0+3) and hi (t0+4..t0+7) hold (token, parity) sums; the parities are added and
  * the even lanes gathered in token order. */
@@ -472,6 +479,18 @@ static inline __attribute__((always_inline)) void NAME(const KV_T *K, int t0, in
                                                        const float *qh, int G, __m256 *s) {        \
     __m256 lo[G_MAX], hi[G_MAX];                                                                   \
     for (int g = 0; g < G; g++) lo[g] = hi[g] = _mm256_setzero_ps();                               \
+    if (G > SCORE8_ONE_PASS_G) {         /* lo's sums, then hi's: G + 2 registers, not 2 G + 3 */  \
+        for (int dp = 0; dp < D / 2; dp++) {                                                       \
+            const __m256 k0 = LD8(K + (size_t)dp * bs * 2 + 2 * t0);                               \
+            for (int g = 0; g < G; g++)                                                            \
+                lo[g] = _mm256_fmadd_ps(_mm256_castpd_ps(_mm256_broadcast_sd((const double *)(qh + (size_t)g * D + 2 * dp))), k0, lo[g]); \
+        }                                                                                          \
+        for (int dp = 0; dp < D / 2; dp++) {                                                       \
+            const __m256 k1 = LD8(K + (size_t)dp * bs * 2 + 2 * t0 + 8);                           \
+            for (int g = 0; g < G; g++)                                                            \
+                hi[g] = _mm256_fmadd_ps(_mm256_castpd_ps(_mm256_broadcast_sd((const double *)(qh + (size_t)g * D + 2 * dp))), k1, hi[g]); \
+        }                                                                                          \
+    } else                                                                                         \
     for (int dp = 0; dp < D / 2; dp++) {                                                           \
         const KV_T *r = K + (size_t)dp * bs * 2 + 2 * t0;                                          \
         const __m256 k0 = LD8(r), k1 = LD8(r + 8);                                                 \

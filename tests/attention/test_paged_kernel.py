@@ -15,7 +15,7 @@ from kvoffload.kv.layout import BlockLayout
 
 DT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOL = {"float32": 2e-5, "bfloat16": 1e-4, "float16": 2e-5}        # vs an fp64 reference
-SHAPES = [(3, 3, 64, 16), (2, 7, 64, 16), (1, 5, 32, 32), (1, 2, 128, 16), (2, 2, 8, 4), (2, 2, 16, 4)]   # H_kv, G, D, bs
+SHAPES = [(3, 3, 64, 16), (2, 7, 64, 16), (1, 8, 128, 16), (1, 5, 32, 32), (1, 2, 128, 16), (2, 2, 8, 4), (2, 2, 16, 4)]   # H_kv, G, D, bs
 
 
 def kernel(dtype: str, H_kv: int, G: int, D: int, bs: int) -> PagedAttention:
@@ -114,7 +114,7 @@ def test_items_and_merge_match_reference(dtype, H_kv, G, D, bs):
 
 
 @pytest.mark.parametrize("dtype", list(DT))
-@pytest.mark.parametrize("H_kv,G,D,bs", [(3, 3, 64, 16), (2, 2, 16, 4), (1, 2, 32, 64)])
+@pytest.mark.parametrize("H_kv,G,D,bs", [(3, 3, 64, 16), (2, 7, 64, 16), (2, 2, 16, 4), (1, 2, 32, 64)])
 def test_token_masks(dtype, H_kv, G, D, bs):
     """Per (block, head) token masks; 0 = the head skips the block (its rows are not read:
     NaN there changes nothing), and a head that attends nothing gets o = 0, lse = -inf."""
