@@ -25,7 +25,6 @@ def main() -> None:
     from kvoffload.bench.runner import prompts_for
     from kvoffload.bench.workloads import BenchTest
     from kvoffload.config import SamplingParams
-    from kvoffload.engine.sequence import SeqStatus
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("engines", nargs="+", help="NAME=JSON settings")
@@ -47,8 +46,7 @@ def main() -> None:
         ids = prompts_for(llm.tokenizer, BenchTest("tg", a.steps, a.depth), a.depth)[0]
         sid = eng.add_request(ids, SamplingParams(max_tokens=a.steps * a.rounds + 16, ignore_eos=True))
         t = time.perf_counter()
-        while eng.seqs[sid].status in (SeqStatus.WAITING, SeqStatus.PREFILLING):
-            eng.step()
+        eng.step_until_prefilled((sid,))
         print(f"{name}: prefill {time.perf_counter() - t:.1f} s", flush=True)
         for _ in range(2):                                          # warm: plans made, kernels built
             eng.step()

@@ -20,7 +20,6 @@ def main() -> None:
     from kvoffload.api import LLM
     from kvoffload.bench.runner import FILLER
     from kvoffload.config import SamplingParams
-    from kvoffload.engine.sequence import SeqStatus
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("settings", help="engine settings as JSON, e.g. '{\"kv_dtype\": \"int8\"}'")
@@ -38,8 +37,7 @@ def main() -> None:
         base += base
     sids = [eng.add_request(base[i:i + a.depth], SamplingParams(max_tokens=a.steps + 8, ignore_eos=True))
             for i in range(a.batch)]
-    while any(eng.seqs[s].status in (SeqStatus.WAITING, SeqStatus.PREFILLING) for s in sids):
-        eng.step()
+    eng.step_until_prefilled(sids)
     for _ in range(2):                                             # warm: kernels built, plans made
         eng.step()
     before = sum(len(eng.seqs[s].output_ids) for s in sids)

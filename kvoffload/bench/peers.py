@@ -39,7 +39,6 @@ class Ours:
 
     def run(self, test: BenchTest, prompts: list[list[int]]) -> Sample:
         from kvoffload.config import SamplingParams
-        from kvoffload.engine.sequence import SeqStatus
 
         eng = self.llm.engine
         gen = 1 if test.kind == "pp" else test.n + 1
@@ -51,8 +50,7 @@ class Ours:
             return Sample(sum(s.prompt_len for s in seqs) / sum(s.times.prefill_s for s in seqs),
                           sum(s.times.first_token - s.times.arrival for s in seqs) / len(seqs))
         # tg: run until every prompt is in the cache (untimed), then time the decode steps
-        while any(eng.seqs[s].status in (SeqStatus.WAITING, SeqStatus.PREFILLING) for s in sids):
-            eng.step()
+        eng.step_until_prefilled(sids)
         before = sum(len(eng.seqs[s].output_ids) for s in sids)
         t0 = time.perf_counter()
         while eng.has_unfinished():

@@ -140,6 +140,12 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
+    def step_until_prefilled(self, seq_ids) -> None:
+        """Step until none of ``seq_ids`` waits or prefills: every prompt is in the cache (its
+        sequence decoding, or finished). What a decode measurement runs, untimed, before it times."""
+        while any(self.seqs[s].status in (SeqStatus.WAITING, SeqStatus.PREFILLING) for s in seq_ids):
+            self.step()
+
     def kv_chunks(self, tokens: int) -> int:
         """KV chunks (one tier's unit of placement) a sequence of ``tokens`` tokens takes at most."""
         kv = self.config.kv

@@ -204,3 +204,19 @@ def test_repetition_penalties_change_greedy_output(llm):
     for kw in ({"presence_penalty": 2.0}, {"frequency_penalty": 2.0}, {"repeat_penalty": 5.0}):
         pen = llm.generate("x", SamplingParams(max_tokens=24, ignore_eos=True, **kw))[0].token_ids
         assert pen != plain and len(set(pen)) > len(set(plain)), kw
+
+
+def test_step_until_prefilled_stops_with_every_prompt_cached(llm):
+    """It steps while a sequence waits or prefills (prompts over several chunks, more sequences than
+    a step prefills), then stops before decoding on: the decode measurements' untimed part."""
+    from kvoffload.engine.sequence import SeqStatus
+
+    eng = llm.engine
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    sids = [eng.add_request(llm.encode(p), params) for p in PROMPTS]
+    eng.step_until_prefilled(sids)
+    assert all(eng.seqs[s].status not in (SeqStatus.WAITING, SeqStatus.PREFILLING) for s in sids)
+    assert sum(len(eng.seqs[s].output_ids) for s in sids) < 5 * len(sids)       # decoding left to do
+    while eng.has_unfinished():
+        eng.step()
+    assert [eng.pop_finished(s).output_ids for s in sids] == [o.token_ids for o in llm.generate(PROMPTS, params)]
