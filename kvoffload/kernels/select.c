@@ -464,11 +464,12 @@ static void cm_dot(int G, int C, const float *w, const float *const *rows, int64
  * 2 register tiles, so a broadcast weight and a prefetched line feed two or more multiply-adds;
  * one pass of G 7 or 8 has one tile (VT 1): every FMA then carries its own broadcast, load and
  * prefetch. The passes re-read a register tile's rows from L1. In-process A/B
- * (benchmarks/sparse/selection_cost.py --variant, 2 threads, 24 layers, the metadata from DRAM;
+ * (benchmarks/sparse/selection_cost.py --variant, 2 threads, 24 layers' metadata in turn;
  * seventeenth session): Qwen's geometry 2x7x64 at 16K, one pass of 7 -> 4 + 3: Quest 81.6 -> 64.6
  * us a layer, ShadowKV 165 -> 119, Double Sparsity 323 -> 239; 4x8x128 at 8K, 8 -> 4 + 4: Quest
- * 269 -> 235, ShadowKV 339 -> 234; 2x5x64, 5 -> 3 + 2: Quest 33.9 -> 32.2. (Passes of 3: the same
- * as 4; of 2: slower for Double Sparsity.) */
+ * 269 -> 235, ShadowKV 339 -> 234; 2x6x64 at 8K, 6 (two tiles) -> 3 + 3: Quest 43.8 -> 39.7,
+ * ShadowKV 74.6 -> 68.6; 2x5x64, 5 -> 3 + 2: Quest 33.9 -> 32.2. (Passes of 3: the same as 4; of
+ * 2: slower for Double Sparsity.) */
 static inline int cm_group_size(int left) {
 #ifdef __AVX512F__
     return left < 8 ? left : 8;
