@@ -12,8 +12,8 @@ under a policy) and the median ratio to the first.
     python benchmarks/ab/attn_hook_variants.py --policy quest \\
         before=kvoffload/kernels/paged_attn.c,/tmp/select_before.c after=kvoffload/kernels/paged_attn.c,kvoffload/kernels/select.c
 
-A variant's sources are compiled with the flags the kernels' build uses and the headers in
-``kvoffload/kernels`` (a copy elsewhere needs no headers beside it).
+A variant's sources are compiled as the kernels' build compiles them
+(``kernels/build.py``'s ``compile_variant``: a copy elsewhere needs no headers beside it).
 """
 
 from __future__ import annotations
@@ -21,14 +21,11 @@ from __future__ import annotations
 import argparse
 import ctypes
 import statistics
-import subprocess
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-import kvoffload.kernels as kernels_pkg
 from kvoffload.attention.dense import DenseBackend
 from kvoffload.config import SparseConfig
 from kvoffload.dtypes import DTYPES, torch_dtype
@@ -36,16 +33,13 @@ from kvoffload.kernels import build
 from kvoffload.model.interface import ForwardBatch, Logits, Phase
 from kvoffload.sparse import make_policy
 
-HEADERS = str(Path(kernels_pkg.__file__).parent)
 # kvo_hook.h's kvo_attn_fn
 ATTN_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                            ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p)
 
 
 def compile_source(kernel: str, src: str, tag: str) -> ctypes.CDLL:
-    out = tempfile.NamedTemporaryFile(suffix=f"-{tag}.so", delete=False).name
-    subprocess.run(["gcc", *build.flags(kernel), "-I", HEADERS, "-o", out, src, "-lm"], check=True)
-    return ctypes.CDLL(out)
+    return build.compile_variant(kernel, src, tempfile.NamedTemporaryFile(suffix=f"-{tag}.so", delete=False).name)
 
 
 def main() -> None:

@@ -11,9 +11,9 @@ layer), then decode steps calling ``select_batch`` at each layer in turn, so tha
 streams from memory as in a real decode. Prints the median µs per (step, layer) call.
 
 With ``--variant NAME=SOURCE.c[:PAR_MIN_WORK]`` (repeated): each ``select.c`` is compiled with
-this tree's flags and the C call alone (``kvo_select``, no Python, no append) is timed for each,
-the variants alternated step by step in one process over the same metadata; prints each one's
-median and its ratio to the first. A measurement, not a test: run it alone on the machine.
+this tree's flags and headers (``build.compile_variant``) and the C call alone (``kvo_select``,
+no Python, no append) is timed for each, the variants alternated step by step in one process over
+the same metadata; prints each one's median and its ratio to the first. A measurement, not a test: run it alone on the machine.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import subprocess
 import tempfile
 import time
 
@@ -45,8 +44,7 @@ def compile_variant(i: int, spec: str) -> tuple[str, ctypes.CDLL, int]:
     name, rest = spec.split("=", 1)
     src, _, pmw = rest.partition(":")
     out = tempfile.NamedTemporaryFile(suffix=f"-{i}.so", delete=False).name
-    subprocess.run(["gcc", *build.flags("select"), "-o", out, src, "-lm"], check=True)
-    return name, ctypes.CDLL(out), int(pmw) if pmw else ksel.PAR_MIN_WORK
+    return name, build.compile_variant("select", src, out), int(pmw) if pmw else ksel.PAR_MIN_WORK
 
 
 def time_variants(pol, variants, seqs, starts, a, H: int, D: int, g: torch.Generator) -> str:

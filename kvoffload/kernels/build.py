@@ -59,11 +59,34 @@ def _cache_dir() -> Path:
     return Path(cache_root()) / "kernels"
 
 
-def _compile(name: str) -> Path:
-    src = SOURCES[name]
+def _cc() -> str:
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if cc is None:
         raise RuntimeError("no C compiler (gcc/cc) on PATH")
+    return cc
+
+
+def _build(name: str, src: Path | str, out: Path | str, extra: tuple[str, ...] = ()) -> None:
+    """Compile ``src`` as kernel ``name`` is compiled (its flags; the headers of this directory)
+    with ``extra`` flags after them, into ``out``. RuntimeError with the compiler's message."""
+    cc = _cc()
+    r = subprocess.run([cc, *flags(name), *extra, "-I", str(SOURCES[name].parent), "-o", str(out), str(src), "-lm"],
+                       check=False, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{cc} failed: {r.stderr.strip()[:500]}")
+
+
+def compile_variant(name: str, src: Path | str, out: Path | str, extra: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """Another source of kernel ``name`` (a variant for an A/B, or its own source with ``extra``
+    flags, e.g. without AVX-512) built as the cached build is, into ``out`` (not cached), loaded.
+    Its includes resolve beside ``src`` first, then in this directory."""
+    _build(name, src, out, extra)
+    return ctypes.CDLL(str(out))
+
+
+def _compile(name: str) -> Path:
+    src = SOURCES[name]
+    _cc()                             # no compiler: no kernels, even where a build is cached
     headers = b"".join(h.read_bytes() for h in sorted(src.parent.glob("*.h")))     # included by the sources
     cflags = flags(name)
     key = hashlib.sha256(src.read_bytes() + headers + " ".join(cflags).encode() + _cpu_flags().encode()).hexdigest()[:16]
@@ -74,9 +97,7 @@ def _compile(name: str) -> Path:
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        r = subprocess.run([cc, *cflags, "-o", tmp, str(src), "-lm"], check=False, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {r.stderr.strip()[:500]}")
+        _build(name, src, tmp)
         os.replace(tmp, out)          # atomic: concurrent builders never load a half-written file
     finally:
         if os.path.exists(tmp):

@@ -11,9 +11,7 @@ reference score of its head; everything else must be identical (union blocks, ma
 
 from __future__ import annotations
 
-import ctypes
 import json
-import subprocess
 
 import numpy as np
 import pytest
@@ -260,12 +258,10 @@ def test_model_dtype_queries(policy, calibrations):
 def portable_lib(tmp_path_factory):
     """select.c built without AVX-512: the portable C path."""
     out = tmp_path_factory.mktemp("portable") / "select_portable.so"
-    src = build.SOURCES["select"]
-    r = subprocess.run(["gcc", *build.flags("select"), "-mno-avx512f", "-o", str(out), str(src), "-lm"],
-                       check=False, capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot build the portable path: {r.stderr[:200]}")
-    return ctypes.CDLL(str(out))
+    try:
+        return build.compile_variant("select", build.SOURCES["select"], out, ("-mno-avx512f",))
+    except RuntimeError as e:
+        pytest.skip(f"cannot build the portable path: {str(e)[:200]}")
 
 
 @pytest.mark.parametrize("policy", list(POLICIES))
