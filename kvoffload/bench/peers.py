@@ -4,6 +4,11 @@ Each runner takes token-id prompts (the same ids for every engine: all of them r
 same GGUF and its vocabulary) and returns a :class:`Sample` (tokens/s, and for prefill tests
 the time to the first token) for one :class:`BenchTest`. A peer that
 cannot be loaded raises :class:`PeerUnavailable` with the reason, reported as "skipped".
+
+For a decode test, ``start`` prefills the prompts once (untimed) and returns a
+:class:`Decoding` whose every ``round`` decodes the test's n tokens a sequence more on the same
+context, timed: the rounds of several engines can then alternate seconds apart (``kvoffload
+bench --prefill-once``).
 """
 
 from __future__ import annotations
@@ -21,11 +26,21 @@ class PeerUnavailable(Exception):
     """The peer is not installed or cannot load the model; the message says why."""
 
 
+class Decoding(Protocol):
+    """Prompts prefilled once, decoded round by round."""
+
+    def round(self) -> Sample: ...      # the test's n tokens a sequence more, timed
+
+    def close(self) -> None: ...        # the sequences' state released
+
+
 class Runner(Protocol):
     name: str
     label: str          # how it runs batches, e.g. "sequential" for llama.cpp
 
     def run(self, test: BenchTest, prompts: list[list[int]]) -> Sample: ...
+
+    def start(self, test: BenchTest, prompts: list[list[int]], rounds: int) -> Decoding: ...
 
 
 class Ours:
@@ -59,6 +74,39 @@ class Ours:
         seqs = [eng.pop_finished(s) for s in sids]
         return Sample((sum(len(s.output_ids) for s in seqs) - before) / dt)
 
+    def start(self, test: BenchTest, prompts: list[list[int]], rounds: int) -> Decoding:
+        from kvoffload.config import SamplingParams
+
+        eng = self.llm.engine
+        sp = SamplingParams(max_tokens=test.n * rounds + 1, ignore_eos=True)
+        sids = [eng.add_request(p, sp) for p in prompts]
+        eng.step_until_prefilled(sids)
+        return _OursDecoding(eng, sids, test.n)
+
+
+class _OursDecoding:
+    def __init__(self, eng, sids: list[int], n: int) -> None:
+        self.eng, self.sids, self.n = eng, sids, n
+
+    def _made(self) -> list[int]:
+        return [len(self.eng.seqs[s].output_ids) for s in self.sids]
+
+    def round(self) -> Sample:
+        eng, before = self.eng, self._made()
+        t0 = time.perf_counter()
+        while min(m - b for m, b in zip(self._made(), before)) < self.n:
+            if not eng.has_unfinished():
+                raise RuntimeError("bench: a sequence finished before its rounds did")
+            eng.step()
+        dt = time.perf_counter() - t0
+        return Sample((sum(self._made()) - sum(before)) / dt)
+
+    def close(self) -> None:
+        while self.eng.has_unfinished():        # (nothing left after the last round)
+            self.eng.step()
+        for s in self.sids:
+            self.eng.pop_finished(s)
+
 
 class Transformers:
     label = "batched"
@@ -91,6 +139,30 @@ class Transformers:
             out = self.model(tok, past_key_values=out.past_key_values, use_cache=True)
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
         return Sample(len(prompts) * test.n / (time.perf_counter() - t1))
+
+    @torch.inference_mode()
+    def start(self, test: BenchTest, prompts: list[list[int]], rounds: int) -> Decoding:
+        from transformers import DynamicCache
+
+        out = self.model(torch.tensor(prompts), past_key_values=DynamicCache(), use_cache=True)
+        return _TransformersDecoding(self.model, out, test.n)
+
+
+class _TransformersDecoding:
+    def __init__(self, model, out, n: int) -> None:
+        self.model, self.past, self.n = model, out.past_key_values, n
+        self.tok = out.logits[:, -1].argmax(-1, keepdim=True)
+
+    @torch.inference_mode()
+    def round(self) -> Sample:
+        t0 = time.perf_counter()
+        for _ in range(self.n):
+            out = self.model(self.tok, past_key_values=self.past, use_cache=True)
+            self.past, self.tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        return Sample(len(self.tok) * self.n / (time.perf_counter() - t0))
+
+    def close(self) -> None:
+        self.past = None
 
 
 class LlamaCpp:
@@ -138,3 +210,25 @@ class LlamaCpp:
                 tok = self._argmax()
             timed, tokens = timed + time.perf_counter() - t1, tokens + test.n
         return Sample(tokens / timed, ttft / len(prompts) if test.kind == "pp" else None)
+
+    def start(self, test: BenchTest, prompts: list[list[int]], rounds: int) -> Decoding:
+        if len(prompts) != 1:
+            raise ValueError("llama.cpp decodes one sequence at a time: rounds on one prefill need batch 1")
+        self._clear()
+        self.llm.eval(prompts[0])
+        return _LlamaCppDecoding(self, self._argmax(), test.n)
+
+
+class _LlamaCppDecoding:
+    def __init__(self, peer: LlamaCpp, tok: int, n: int) -> None:
+        self.peer, self.tok, self.n = peer, tok, n
+
+    def round(self) -> Sample:
+        t0 = time.perf_counter()
+        for _ in range(self.n):
+            self.peer.llm.eval([self.tok])
+            self.tok = self.peer._argmax()
+        return Sample(self.n / (time.perf_counter() - t0))
+
+    def close(self) -> None:
+        self.peer._clear()

@@ -42,6 +42,7 @@ class Report:
     load_s: dict[str, float] = field(default_factory=dict)   # engine -> seconds to load the model
     cells: dict[tuple[str, str], Cell] = field(default_factory=dict)   # (test name, engine)
     tests: list[BenchTest] = field(default_factory=list)
+    prefill_once: bool = False          # decode tests: rounds on one prefill per engine (BenchConfig)
 
     def add(self, test: BenchTest, engine: str, sample: Sample) -> None:
         if test not in self.tests:
@@ -57,8 +58,11 @@ class Report:
         return [x / y for x, y in zip(xa, xb) if y > 0]
 
     def markdown(self) -> str:
-        lines = [f"Model `{self.model}`, {self.threads} threads, median (min–max) tokens/s of {self.reps} "
-                 f"interleaved repetitions after a warm-up; peak RSS of the process {self.peak_rss_mib:.0f} MiB.", ""]
+        how = (f"{self.reps} interleaved repetitions after a warm-up (decode tests: {self.reps} rounds of n tokens "
+               "on one prefill per engine, engines alternating; the context grows by n a round)"
+               if self.prefill_once else f"{self.reps} interleaved repetitions after a warm-up")
+        lines = [f"Model `{self.model}`, {self.threads} threads, median (min–max) tokens/s of {how}; peak RSS of "
+                 f"the process {self.peak_rss_mib:.0f} MiB.", ""]
         lines.append("| test | " + " | ".join(f"{e} ({self.labels[e]})" for e in self.engines) + " |")
         lines.append("|---|" + "---|" * len(self.engines))
         for t in self.tests:
@@ -97,7 +101,7 @@ class Report:
         return json.dumps({
             "model": self.model, "threads": self.threads, "reps": self.reps, "engines": self.engines,
             "labels": self.labels, "skipped": self.skipped, "rss_mib": self.rss_mib, "peak_rss_mib": self.peak_rss_mib,
-            "load_s": self.load_s,
+            "load_s": self.load_s, "prefill_once": self.prefill_once,
             "results": [{"test": asdict(c.test), "name": c.test.name, "engine": c.engine, "tok_s": c.samples,
                          "median": c.median, "ttft_s": c.ttft} for c in self.cells.values()],
         }, indent=1)

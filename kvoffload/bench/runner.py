@@ -22,6 +22,12 @@ PEERS = ("llama.cpp", "transformers")
 
 @dataclass(frozen=True)
 class BenchConfig:
+    """One ``kvoffload bench`` speed run. ``reps``: repetitions of every test on every engine,
+    engines interleaved. ``prefill_once``: a decode test prefills each engine once and each
+    repetition is a round of n more tokens on that context, the engines' rounds alternating
+    (order reversed every other round), so each pair of samples is taken seconds apart and a
+    repetition costs no prefill; the context grows by n a round."""
+
     model: str | None
     tests: tuple[BenchTest, ...]
     reps: int = 3
@@ -31,6 +37,7 @@ class BenchConfig:
     quantization: str = "auto"
     hf_dtype: str = "bfloat16"
     configs: tuple[tuple[str, dict], ...] = ()     # more kvoffload engines: (name, engine settings)
+    prefill_once: bool = False
 
 
 def _rss_mib() -> float:
@@ -84,8 +91,9 @@ def run(cfg: BenchConfig, progress: bool = True) -> Report:
     torch.set_num_threads(cfg.threads)
     path = resolve_model(cfg.model)
     mcfg = read_config(path)
-    report = Report(model=path, threads=cfg.threads, reps=cfg.reps, engines=[], labels={}, skipped={}, rss_mib={})
-    longest = max(t.context for t in cfg.tests)
+    report = Report(model=path, threads=cfg.threads, reps=cfg.reps, engines=[], labels={}, skipped={}, rss_mib={},
+                    prefill_once=cfg.prefill_once)
+    longest = max(t.context + _grows(cfg, t) for t in cfg.tests)
     engines = build_engines(cfg, path, min(mcfg.max_position, longest + 16), report)
     ours = engines[0]
     warm = BenchTest("tg", 4, 64, 1)
@@ -95,8 +103,11 @@ def run(cfg: BenchConfig, progress: bool = True) -> Report:
 
     bar = tqdm(total=len(cfg.tests) * cfg.reps * len(engines), desc="bench", disable=not progress, file=sys.stderr)
     for test in cfg.tests:
-        limit = mcfg.max_position - (test.n + 1 if test.kind == "tg" else 1)
+        limit = mcfg.max_position - (test.n + 1 + _grows(cfg, test) if test.kind == "tg" else 1)
         prompts = prompts_for(ours.llm.tokenizer, test, limit)
+        if cfg.prefill_once and test.kind == "tg":
+            _rounds(cfg, test, prompts, engines, report, bar)
+            continue
         for _ in range(cfg.reps):
             for e in engines:                                    # interleaved A/B/C
                 report.add(test, e.name, e.run(test, prompts))
@@ -104,3 +115,23 @@ def run(cfg: BenchConfig, progress: bool = True) -> Report:
     bar.close()
     report.peak_rss_mib = peak_rss_bytes() / 2**20
     return report
+
+
+def _grows(cfg: BenchConfig, test: BenchTest) -> int:
+    """Tokens a decode test's context grows by after its first repetition (--prefill-once)."""
+    return test.n * (cfg.reps - 1) if cfg.prefill_once and test.kind == "tg" else 0
+
+
+def _rounds(cfg: BenchConfig, test: BenchTest, prompts: list[list[int]], engines: list, report: Report, bar) -> None:
+    """A decode test as rounds on one prefill per engine (untimed), the engines alternating."""
+    decs = []
+    try:
+        for e in engines:
+            decs.append((e, e.start(test, prompts, cfg.reps)))
+        for r in range(cfg.reps):
+            for e, d in decs if r % 2 == 0 else decs[::-1]:
+                report.add(test, e.name, d.round())
+                bar.update()
+    finally:
+        for _, d in decs:
+            d.close()

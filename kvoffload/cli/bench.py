@@ -30,6 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-d", "--depth", default="0", help="decode tests: context already in the cache")
     p.add_argument("-b", "--batch", default="1", help="sequences run together (comma-separated)")
     p.add_argument("-r", "--reps", type=int, default=3, help="repetitions after the warm-up")
+    p.add_argument("--prefill-once", action="store_true",
+                   help="decode tests: prefill each engine once, then --reps rounds of -n tokens on that context, "
+                        "engines alternating (pairs of samples seconds apart, no prefill per repetition; the "
+                        "context grows by -n a round; llama.cpp needs -b 1)")
     p.add_argument("-t", "--threads", type=int, default=2)
     p.add_argument("--vs", default="", help="peers to run side by side: llama.cpp, transformers (comma-separated)")
     p.add_argument("--dtype", default="auto", help="kvoffload compute dtype")
@@ -109,12 +113,15 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown peer {bad[0]!r} for --vs (known: {', '.join(PEERS)})")
     if args.reps < 1:
         raise ConfigError("--reps must be >= 1")
+    if args.prefill_once and "llama.cpp" in vs and any(t.batch > 1 for t in tests if t.kind == "tg"):
+        raise ConfigError("--prefill-once with --vs llama.cpp needs -b 1 (its binding decodes one sequence at a time)")
     if args.output:
         parent = os.path.dirname(os.path.abspath(args.output))
         if not os.path.isdir(parent):
             raise ConfigError(f"--output: directory {parent} does not exist")
     report = run_bench(BenchConfig(args.model, tuple(tests), args.reps, args.threads, vs, args.dtype,
-                                   args.quantization, args.hf_dtype, parse_configs(args.config)))
+                                   args.quantization, args.hf_dtype, parse_configs(args.config),
+                                   args.prefill_once))
     md = report.markdown()
     print(md)
     if args.output:

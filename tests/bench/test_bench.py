@@ -131,3 +131,53 @@ def test_offload_bench_context_is_capped_like_the_pp_tg_tests(capsys):
     assert "capped at 8160" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="no room"):
         capped_context(100, 8192, 8192)
+
+
+def test_prefill_once_rounds_decode_the_same_tokens_as_one_generate(tiny_gguf):
+    """A decode test's rounds on one prefill: each round decodes n tokens a sequence more on the
+    same context, and together they are the tokens one generate of n x rounds gives."""
+    from kvoffload.bench.peers import Ours
+    from kvoffload.config import SamplingParams
+
+    _, path = tiny_gguf("qwen2")
+    ours = Ours("kvoffload", path, 1, dtype="float32")
+    prompts = [list(range(3, 12)), list(range(20, 29))]
+    test, rounds = BenchTest("tg", 3, 9, 2), 4
+    dec = ours.start(test, prompts, rounds)
+    eng, sids = dec.eng, list(dec.sids)
+    made = [len(eng.seqs[s].output_ids) for s in sids]
+    for _ in range(rounds):
+        assert dec.round().tok_s > 0
+        now = [len(eng.seqs[s].output_ids) for s in sids]
+        assert [b - a for a, b in zip(made, now)] == [test.n] * len(sids)
+        made = now
+    got = [list(eng.seqs[s].output_ids) for s in sids]
+    dec.close()
+    assert not eng.has_unfinished() and not eng.seqs
+    want = ours.llm.generate(prompts,
+                             SamplingParams(max_tokens=test.n * rounds + 1, ignore_eos=True))
+    assert got == [o.token_ids for o in want]
+
+
+def test_prefill_once_run_alternates_rounds_and_says_so(tiny_gguf):
+    from kvoffload.bench.runner import run
+
+    _, path = tiny_gguf("qwen2")
+    tests = (BenchTest("pp", 8), BenchTest("tg", 2, 8, 2))
+    report = run(BenchConfig(path, tests, reps=3, threads=1, dtype="float32",
+                             configs=(("fp32-kv", {"kv_dtype": "float32"}),), prefill_once=True), progress=False)
+    for t in tests:
+        for e in ("kvoffload", "fp32-kv"):
+            assert len(report.cells[(t.name, e)].samples) == 3
+    assert len(report.ratios(tests[1], "kvoffload", "fp32-kv")) == 3
+    md = report.markdown()
+    assert "3 rounds of n tokens on one prefill per engine" in md
+    assert json.loads(report.to_json())["prefill_once"] is True
+
+
+def test_prefill_once_with_llama_cpp_needs_batch_1():
+    from kvoffload.cli.main import main
+
+    assert main(["bench", "--prefill-once", "--vs", "llama.cpp", "-p", "0", "-n", "4", "-b", "2"]) == 2
+    with pytest.raises(ValueError, match="batch 1"):
+        LlamaCpp.start(object.__new__(LlamaCpp), BenchTest("tg", 2, 4, 2), [[1, 2], [3, 4]], 2)
