@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from kvoffload.dtypes import DTYPES, torch_dtype
 from kvoffload.kernels import reference as ref
 from kvoffload.kernels.paged import Append, Items, Merge, PagedAttention, merge_parts
 from kvoffload.kv.layout import BlockLayout
 
-DT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOL = {"float32": 2e-5, "bfloat16": 1e-4, "float16": 2e-5}        # vs an fp64 reference
 SHAPES = [(3, 3, 64, 16), (2, 7, 64, 16), (1, 8, 128, 16), (1, 5, 32, 32), (1, 2, 128, 16), (2, 2, 8, 4), (2, 2, 16, 4)]   # H_kv, G, D, bs
 
@@ -31,9 +31,9 @@ class Arena:
         g = torch.Generator().manual_seed(seed)
         self.H_kv, self.D, self.bs = H_kv, D, bs
         self.elems = 2 * H_kv * D * bs
-        data = torch.randn(n, self.elems, generator=g).to(DT[dtype])
+        data = torch.randn(n, self.elems, generator=g).to(torch_dtype(dtype))
         # room for `offset` extra elements in front: the same slots at another alignment
-        self.buf = torch.zeros(n * self.elems + offset, dtype=DT[dtype])
+        self.buf = torch.zeros(n * self.elems + offset, dtype=torch_dtype(dtype))
         self.slots = self.buf[offset:].view(n, self.elems)
         self.slots.copy_(data)
         self.addr = self.slots.data_ptr() + np.arange(n, dtype=np.int64) * self.elems * self.slots.element_size()
@@ -87,7 +87,7 @@ def ragged_items(arena: Arena, bs: int, L: int = 2) -> tuple[Items, np.ndarray]:
     return empty, row_first                              # the empty item is no row's part
 
 
-@pytest.mark.parametrize("dtype", list(DT))
+@pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("H_kv,G,D,bs", SHAPES)
 def test_items_and_merge_match_reference(dtype, H_kv, G, D, bs):
     kern = kernel(dtype, H_kv, G, D, bs)
@@ -113,7 +113,7 @@ def test_items_and_merge_match_reference(dtype, H_kv, G, D, bs):
     close("merged vs whole-sequence lse", lse, wl, TOL[dtype])
 
 
-@pytest.mark.parametrize("dtype", list(DT))
+@pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("H_kv,G,D,bs", [(3, 3, 64, 16), (2, 7, 64, 16), (2, 2, 16, 4), (1, 2, 32, 64)])
 def test_token_masks(dtype, H_kv, G, D, bs):
     """Per (block, head) token masks; 0 = the head skips the block (its rows are not read:
@@ -143,7 +143,7 @@ def test_token_masks(dtype, H_kv, G, D, bs):
     close("part_lse", pl, rl, TOL[dtype])
 
 
-@pytest.mark.parametrize("dtype", list(DT))
+@pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("H_kv,G,D,bs", [(2, 3, 64, 16), (2, 2, 8, 4)])
 def test_append_into_tail_then_attend(dtype, H_kv, G, D, bs):
     """The new token's k/v go into the tail slot (K channel-pair-major, V token-major) before
@@ -153,8 +153,8 @@ def test_append_into_tail_then_attend(dtype, H_kv, G, D, bs):
     arena = Arena(dtype, 4, H_kv, D, bs, seed=5)
     arena.slots[3] = float("nan")                            # the tail slot: garbage until written
     g = torch.Generator().manual_seed(7)
-    k_new = torch.randn(T, H_kv, D, generator=g).to(DT[dtype])
-    v_new = torch.randn(T, H_kv, D, generator=g).to(DT[dtype])
+    k_new = torch.randn(T, H_kv, D, generator=g).to(torch_dtype(dtype))
+    v_new = torch.randn(T, H_kv, D, generator=g).to(torch_dtype(dtype))
     slot = np.full(T, arena.addr[3], np.int64)
     q = torch.randn(1, H, D, generator=g).numpy()
     # the earlier tokens through an append-only call (no items) ...
@@ -188,7 +188,7 @@ def test_bf16_kv_with_fp32_queries_keeps_query_precision():
     assert err < 2e-4 and err < err_bf / 10, (err, err_bf)
 
 
-@pytest.mark.parametrize("dtype", list(DT))
+@pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("H_kv,G,D,bs", [(3, 3, 64, 16), (2, 7, 64, 16), (2, 2, 8, 4)])
 def test_item_partials_are_bit_identical_however_computed(dtype, H_kv, G, D, bs):
     """An item's partial depends only on its inputs: alone, among many other items, with 1 or 2
@@ -358,7 +358,7 @@ def test_rejects_bad_arguments():
         big(q, Items.build([0], [arena.addr[:1]], [4], [np.ones((1, 1), np.uint64)]), po, pl, 1)
 
 
-@pytest.mark.parametrize("src,dst", [(a, b) for a in DT for b in DT if a != b])
+@pytest.mark.parametrize("src,dst", [(a, b) for a in DTYPES for b in DTYPES if a != b])
 def test_kv_conversions_round_as_torch_does(src, dst):
     """paged_attn.c's kvo_cvt_<from>_<to> (what a hook does to new k/v of another dtype than the
     KV's: kernels/hook.py's KVConvert) give torch's ``.to()`` bits: random values over many
@@ -378,10 +378,10 @@ def test_kv_conversions_round_as_torch_does(src, dst):
              65504.0, 65519.0, 65520.0, 1e6, 1.0 + 2 ** -11, 1.0 + 3 * 2 ** -11, 1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8,
              float("inf"), float("-inf"), 1e-40, -3e-39]
     x = torch.cat([x, torch.tensor(edges, dtype=torch.float64), -torch.tensor(edges, dtype=torch.float64)])
-    x = x.to(DT[src]).reshape(-1, 8)                                        # [M, 8] of the source dtype
+    x = x.to(torch_dtype(src)).reshape(-1, 8)                                        # [M, 8] of the source dtype
     M, n = x.shape[0], 6                                                    # rows of 6 at a stride of 8
-    want = x[:, :n].to(DT[dst])
-    got = torch.empty(M, n, dtype=DT[dst])
+    want = x[:, :n].to(torch_dtype(dst))
+    got = torch.empty(M, n, dtype=torch_dtype(dst))
     fn = getattr(lib, f"kvo_cvt_{DTYPES[src].kernel}_{DTYPES[dst].kernel}")
     fn.restype = None
     fn(ctypes.c_void_p(x.data_ptr()), ctypes.c_int64(8), ctypes.c_int(M), ctypes.c_int(n), ctypes.c_void_p(got.data_ptr()))
