@@ -1,7 +1,8 @@
-"""Decode ms a token of several engine settings in one process, alternated: each engine
-prefills the same filler text once, then the engines take turns decoding ``--steps`` tokens
-(order reversed every other round), ``--rounds`` times. Prints each round, then each engine's
-median and its speed against the first engine by the median of the rounds' ratios.
+"""Decode ms a step of several engine settings in one process, alternated: each engine
+prefills the same filler text once (``--batch`` sequences of it, distinct), then the engines
+take turns decoding ``--steps`` tokens a sequence (order reversed every other round),
+``--rounds`` times. Prints each round, then each engine's median and its speed against the
+first engine by the median of the rounds' ratios. At batch 1 a step is a token.
 
     python benchmarks/ab/engines_in_process.py --depth 8000 \\
         'bf16={"kv_dtype": "bfloat16"}' 'bf16-py={"kv_dtype": "bfloat16", "_no_hook": true}' \\
@@ -30,6 +31,7 @@ def main() -> None:
     p.add_argument("engines", nargs="+", help="NAME=JSON settings")
     p.add_argument("-m", "--model", default="smollm2-135m")
     p.add_argument("--depth", type=int, default=8000)
+    p.add_argument("-b", "--batch", type=int, default=1, help="sequences decoded together")
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("-t", "--threads", type=int, default=2)
@@ -43,19 +45,20 @@ def main() -> None:
         eng = llm.engine
         if no_hook:
             eng.kv.native_hook = False
-        ids = prompts_for(llm.tokenizer, BenchTest("tg", a.steps, a.depth), a.depth)[0]
-        sid = eng.add_request(ids, SamplingParams(max_tokens=a.steps * a.rounds + 16, ignore_eos=True))
+        sp = SamplingParams(max_tokens=a.steps * a.rounds + 16, ignore_eos=True)
+        sids = tuple(eng.add_request(ids, sp)
+                     for ids in prompts_for(llm.tokenizer, BenchTest("tg", a.steps, a.depth, a.batch), a.depth))
         t = time.perf_counter()
-        eng.step_until_prefilled((sid,))
+        eng.step_until_prefilled(sids)
         print(f"{name}: prefill {time.perf_counter() - t:.1f} s", flush=True)
         for _ in range(2):                                          # warm: plans made, kernels built
             eng.step()
-        engines.append((name, eng, sid))
+        engines.append((name, eng, sids))
     ms: dict[str, list[float]] = {name: [] for name, _, _ in engines}
     for r in range(a.rounds):
-        for name, eng, sid in engines if r % 2 == 0 else engines[::-1]:
-            n0, t = len(eng.seqs[sid].output_ids), time.perf_counter()
-            while len(eng.seqs[sid].output_ids) - n0 < a.steps:
+        for name, eng, sids in engines if r % 2 == 0 else engines[::-1]:
+            n0, t = min(len(eng.seqs[s].output_ids) for s in sids), time.perf_counter()
+            while min(len(eng.seqs[s].output_ids) for s in sids) - n0 < a.steps:
                 if not eng.has_unfinished():
                     raise SystemExit(f"{name} finished early: lower --depth, --steps or --rounds")
                 eng.step()
@@ -64,7 +67,8 @@ def main() -> None:
     ref = engines[0][0]
     for name, v in ms.items():
         speed = statistics.median(x / y for x, y in zip(ms[ref], v))
-        print(f"{name:12s} median {statistics.median(v):.2f} ms  speed vs {ref}: {speed:.3f}x  "
+        print(f"{name:12s} median {statistics.median(v):.2f} ms a step ({a.batch * 1e3 / statistics.median(v):.1f} tok/s)  "
+              f"speed vs {ref}: {speed:.3f}x  "
               f"{[round(x, 2) for x in v]}")
 
 

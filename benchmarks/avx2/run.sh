@@ -2,7 +2,8 @@
 # Twelfth session: an AVX2-only CPU (AMD EPYC, no AVX-512). Regenerate with
 #   bash benchmarks/avx2/run.sh STEP        (on a shared machine: /work/notes/bin/kvo-bench bash ...)
 # STEP: kernels (attention alone, before / after, trees alternated), smollm2, qwen_8k, qwen_16k,
-# kvquant_ram, kvquant_batch (TAG=_s13 on qwen_* / kvquant_ram: a suffix for the files). BASE: the tree before
+# qwen_16k_bf16, qwen_16k_rounds, kvquant_ram, kvquant_ram_rounds, kvquant_batch (TAG=_s13 on qwen_* /
+# kvquant_ram*: a suffix for the files; *_rounds: one prefill per engine, --prefill-once). BASE: the tree before
 # the AVX2 kernels (a git worktree of 51ce22f).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -43,6 +44,15 @@ case "${1:?step}" in
       --config "dense-bf16:kv_dtype=bfloat16" \
       --config "quest-bf16:sparse_policy=quest,sparse_budget=1/16,kv_dtype=bfloat16" \
       --vs llama.cpp -o "$OUT/qwen_16k_bf16${TAG:-}" ;;
+  qwen_16k_rounds)   # the same engines, one prefill each, 8 alternating rounds of 32 tokens (--prefill-once): ~16 minutes
+    kvoffload bench -m qwen2.5-coder-0.5b -p 0 -n 32 -d 16368 -b 1 -r 8 -t "$T" --prefill-once \
+      --config "dense-bf16:kv_dtype=bfloat16" \
+      --config "quest-bf16:sparse_policy=quest,sparse_budget=1/16,kv_dtype=bfloat16" \
+      --vs llama.cpp -o "$OUT/qwen_16k_rounds${TAG:-}" ;;
+  kvquant_ram_rounds)   # issue #14 in RAM at 8K, one prefill each, 8 alternating rounds of 16 tokens: ~5 minutes
+    kvoffload bench -m smollm2-135m -p 0 -n 16 -d 8176 -b 1 -r 8 -t "$T" --prefill-once \
+      --config "bf16:kv_dtype=bfloat16" --config "bf16-blocks:kv_dtype=bfloat16,kv_host_budget=4GiB" \
+      --config "int8:kv_dtype=int8" --config "int4:kv_dtype=int4" -o "$OUT/kvquant_ram_8k_rounds${TAG:-}" ;;
   kvquant_ram)   # issue #14: compressed KV in RAM at 8K against bf16 and fp32 KV
     kvoffload bench -m smollm2-135m -p 0 -n 16 -d 8176 -b 1 -r 3 -t "$T" \
       --config "bf16:kv_dtype=bfloat16" --config "bf16-blocks:kv_dtype=bfloat16,kv_host_budget=4GiB" \
