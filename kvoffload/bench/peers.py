@@ -80,7 +80,11 @@ class Ours:
         eng = self.llm.engine
         sp = SamplingParams(max_tokens=test.n * rounds + 1, ignore_eos=True)
         sids = [eng.add_request(p, sp) for p in prompts]
-        eng.step_until_prefilled(sids)
+        try:
+            eng.step_until_prefilled(sids)
+        except BaseException:
+            eng.abort(sids)
+            raise
         return _OursDecoding(eng, sids, test.n)
 
 
@@ -102,10 +106,7 @@ class _OursDecoding:
         return Sample((sum(self._made()) - sum(before)) / dt)
 
     def close(self) -> None:
-        while self.eng.has_unfinished():        # (nothing left after the last round)
-            self.eng.step()
-        for s in self.sids:
-            self.eng.pop_finished(s)
+        self.eng.abort(self.sids)               # finished after the last round, or cut short: freed
 
 
 class Transformers:

@@ -127,7 +127,9 @@ def _rounds(cfg: BenchConfig, test: BenchTest, prompts: list[list[int]], engines
     decs = []
     try:
         for e in engines:
+            bar.set_postfix_str(f"{test.name}: prefilling {e.name}")
             decs.append((e, e.start(test, prompts, cfg.reps)))
+        bar.set_postfix_str("")
         for r in range(cfg.reps):
             for e, d in decs if r % 2 == 0 else decs[::-1]:
                 report.add(test, e.name, d.round())

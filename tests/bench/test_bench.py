@@ -157,6 +157,10 @@ def test_prefill_once_rounds_decode_the_same_tokens_as_one_generate(tiny_gguf):
     want = ours.llm.generate(prompts,
                              SamplingParams(max_tokens=test.n * rounds + 1, ignore_eos=True))
     assert got == [o.token_ids for o in want]
+    cut = ours.start(test, prompts, rounds)             # closed after one round of four: all freed
+    cut.round()
+    cut.close()
+    assert not eng.has_unfinished() and not eng.seqs
 
 
 def test_prefill_once_run_alternates_rounds_and_says_so(tiny_gguf):
