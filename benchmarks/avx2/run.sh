@@ -2,7 +2,7 @@
 # Twelfth session: an AVX2-only CPU (AMD EPYC, no AVX-512). Regenerate with
 #   bash benchmarks/avx2/run.sh STEP        (on a shared machine: /work/notes/bin/kvo-bench bash ...)
 # STEP: kernels (attention alone, before / after, trees alternated), smollm2, qwen_8k, qwen_16k,
-# qwen_16k_bf16, qwen_16k_rounds, kvquant_ram, kvquant_ram_rounds, kvquant_batch (TAG=_s13 on qwen_* /
+# qwen_16k_bf16, qwen_16k_rounds, kvquant_ram, kvquant_ram_rounds, kvquant_batch, kvquant_batch_rounds (TAG=_s13 on qwen_* /
 # kvquant_ram*: a suffix for the files; *_rounds: one prefill per engine, --prefill-once). BASE: the tree before
 # the AVX2 kernels (a git worktree of 51ce22f).
 set -euo pipefail
@@ -57,6 +57,10 @@ case "${1:?step}" in
     kvoffload bench -m smollm2-135m -p 0 -n 16 -d 8176 -b 1 -r 3 -t "$T" \
       --config "bf16:kv_dtype=bfloat16" --config "bf16-blocks:kv_dtype=bfloat16,kv_host_budget=4GiB" \
       --config "int8:kv_dtype=int8" --config "int4:kv_dtype=int4" -o "$OUT/kvquant_ram_8k${TAG:-}" ;;
+  kvquant_batch_rounds) # issue #14: batch 16 x 4K, one prefill per engine, 6 alternating rounds: ~22 minutes
+    kvoffload bench -m smollm2-135m -p 0 -n 8 -d 4088 -b 16 -r 6 -t "$T" --prefill-once \
+      --config "bf16:kv_dtype=bfloat16" --config "bf16-blocks:kv_dtype=bfloat16,kv_host_budget=8GiB" \
+      --config "int8:kv_dtype=int8" --config "int4:kv_dtype=int4" -o "$OUT/kvquant_batch16_4k_rounds${TAG:-}" ;;
   kvquant_batch) # issue #14: batch 16 x 4K, int4 against bf16: ~28 minutes on 2 AVX2 cores
     kvoffload bench -m smollm2-135m -p 0 -n 8 -d 4088 -b 16 -r 2 -t "$T" \
       --config "bf16-blocks:kv_dtype=bfloat16,kv_host_budget=8GiB" --config "int8:kv_dtype=int8" \
