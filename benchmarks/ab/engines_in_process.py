@@ -22,10 +22,9 @@ import time
 
 
 def main() -> None:
-    from kvoffload.api import LLM
+    from kvoffload.bench.peers import Ours
     from kvoffload.bench.runner import prompts_for
     from kvoffload.bench.workloads import BenchTest
-    from kvoffload.config import SamplingParams
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("engines", nargs="+", help="NAME=JSON settings")
@@ -36,34 +35,28 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("-t", "--threads", type=int, default=2)
     a = p.parse_args()
+    test = BenchTest("tg", a.steps, a.depth, a.batch)
     engines = []
     for spec in a.engines:
         name, settings = spec.split("=", 1)
         settings = json.loads(settings)
         no_hook = settings.pop("_no_hook", False)
-        llm = LLM(a.model, threads=a.threads, **settings)
-        eng = llm.engine
+        ours = Ours(name, a.model, a.threads, **settings)
         if no_hook:
-            eng.kv.native_hook = False
-        sp = SamplingParams(max_tokens=a.steps * a.rounds + 16, ignore_eos=True)
-        sids = tuple(eng.add_request(ids, sp)
-                     for ids in prompts_for(llm.tokenizer, BenchTest("tg", a.steps, a.depth, a.batch), a.depth))
+            ours.llm.engine.kv.native_hook = False
         t = time.perf_counter()
-        eng.step_until_prefilled(sids)
+        # kvoffload bench --prefill-once's rounds: the prompts cached once, then --steps tokens a round
+        dec = ours.start(test, prompts_for(ours.llm.tokenizer, test, a.depth), a.rounds + 1)
         print(f"{name}: prefill {time.perf_counter() - t:.1f} s", flush=True)
-        for _ in range(2):                                          # warm: plans made, kernels built
-            eng.step()
-        engines.append((name, eng, sids))
-    ms: dict[str, list[float]] = {name: [] for name, _, _ in engines}
+        dec.round()                                                 # warm: plans made, kernels built
+        engines.append((name, dec))
+    ms: dict[str, list[float]] = {name: [] for name, _ in engines}
     for r in range(a.rounds):
-        for name, eng, sids in engines if r % 2 == 0 else engines[::-1]:
-            n0, t = min(len(eng.seqs[s].output_ids) for s in sids), time.perf_counter()
-            while min(len(eng.seqs[s].output_ids) for s in sids) - n0 < a.steps:
-                if not eng.has_unfinished():
-                    raise SystemExit(f"{name} finished early: lower --depth, --steps or --rounds")
-                eng.step()
-            ms[name].append((time.perf_counter() - t) / a.steps * 1e3)
+        for name, dec in engines if r % 2 == 0 else engines[::-1]:
+            ms[name].append(a.batch * 1e3 / dec.round().tok_s)              # ms a step
         print(r, {n: round(v[-1], 2) for n, v in ms.items()}, flush=True)
+    for _, dec in engines:
+        dec.close()
     ref = engines[0][0]
     for name, v in ms.items():
         speed = statistics.median(x / y for x, y in zip(ms[ref], v))

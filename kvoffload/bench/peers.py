@@ -20,6 +20,7 @@ from typing import Protocol
 import torch
 
 from kvoffload.bench.workloads import BenchTest, Sample
+from kvoffload.engine.sequence import SeqStatus
 
 
 class PeerUnavailable(Exception):
@@ -32,6 +33,14 @@ class Decoding(Protocol):
     def round(self) -> Sample: ...      # the test's n tokens a sequence more, timed
 
     def close(self) -> None: ...        # the sequences' state released
+
+
+def _one_round(dec: Decoding) -> Sample:
+    """A decode test's one repetition: the round after an untimed prefill, then the state freed."""
+    try:
+        return dec.round()
+    finally:
+        dec.close()
 
 
 class Runner(Protocol):
@@ -55,24 +64,15 @@ class Ours:
     def run(self, test: BenchTest, prompts: list[list[int]]) -> Sample:
         from kvoffload.config import SamplingParams
 
+        if test.kind != "pp":              # tg: the prompts cached (untimed), then n decode steps timed
+            return _one_round(self.start(test, prompts, 1))
         eng = self.llm.engine
-        gen = 1 if test.kind == "pp" else test.n + 1
-        sids = [eng.add_request(p, SamplingParams(max_tokens=gen, ignore_eos=True)) for p in prompts]
-        if test.kind == "pp":
-            while eng.has_unfinished():
-                eng.step()
-            seqs = [eng.pop_finished(s) for s in sids]
-            return Sample(sum(s.prompt_len for s in seqs) / sum(s.times.prefill_s for s in seqs),
-                          sum(s.times.first_token - s.times.arrival for s in seqs) / len(seqs))
-        # tg: run until every prompt is in the cache (untimed), then time the decode steps
-        eng.step_until_prefilled(sids)
-        before = sum(len(eng.seqs[s].output_ids) for s in sids)
-        t0 = time.perf_counter()
+        sids = [eng.add_request(p, SamplingParams(max_tokens=1, ignore_eos=True)) for p in prompts]
         while eng.has_unfinished():
             eng.step()
-        dt = time.perf_counter() - t0
         seqs = [eng.pop_finished(s) for s in sids]
-        return Sample((sum(len(s.output_ids) for s in seqs) - before) / dt)
+        return Sample(sum(s.prompt_len for s in seqs) / sum(s.times.prefill_s for s in seqs),
+                      sum(s.times.first_token - s.times.arrival for s in seqs) / len(seqs))
 
     def start(self, test: BenchTest, prompts: list[list[int]], rounds: int) -> Decoding:
         from kvoffload.config import SamplingParams
@@ -95,12 +95,17 @@ class _OursDecoding:
     def _made(self) -> list[int]:
         return [len(self.eng.seqs[s].output_ids) for s in self.sids]
 
+    def _short(self, before: list[int]) -> bool:
+        """Some sequence has made fewer than n tokens since ``before`` and can make more (one that
+        decoded while others still prefilled reaches its max_tokens a little early)."""
+        seqs = self.eng.seqs
+        return any(len(seqs[s].output_ids) - b < self.n and seqs[s].status is not SeqStatus.FINISHED
+                   for s, b in zip(self.sids, before))
+
     def round(self) -> Sample:
         eng, before = self.eng, self._made()
         t0 = time.perf_counter()
-        while min(m - b for m, b in zip(self._made(), before)) < self.n:
-            if not eng.has_unfinished():
-                raise RuntimeError("bench: a sequence finished before its rounds did")
+        while self._short(before):
             eng.step()
         dt = time.perf_counter() - t0
         return Sample((sum(self._made()) - sum(before)) / dt)
@@ -128,18 +133,14 @@ class Transformers:
     def run(self, test: BenchTest, prompts: list[list[int]]) -> Sample:
         from transformers import DynamicCache
 
+        if test.kind != "pp":
+            return _one_round(self.start(test, prompts, 1))
         ids = torch.tensor(prompts)                       # equal lengths: no padding needed
         t0 = time.perf_counter()
         out = self.model(ids, past_key_values=DynamicCache(), use_cache=True)
         t1 = time.perf_counter()
-        tok = out.logits[:, -1].argmax(-1, keepdim=True)
-        if test.kind == "pp":
-            return Sample(ids.numel() / (t1 - t0), time.perf_counter() - t0)
-        t1 = time.perf_counter()
-        for _ in range(test.n):
-            out = self.model(tok, past_key_values=out.past_key_values, use_cache=True)
-            tok = out.logits[:, -1].argmax(-1, keepdim=True)
-        return Sample(len(prompts) * test.n / (time.perf_counter() - t1))
+        out.logits[:, -1].argmax(-1, keepdim=True)
+        return Sample(ids.numel() / (t1 - t0), time.perf_counter() - t0)
 
     @torch.inference_mode()
     def start(self, test: BenchTest, prompts: list[list[int]], rounds: int) -> Decoding:
@@ -196,20 +197,16 @@ class LlamaCpp:
 
     def run(self, test: BenchTest, prompts: list[list[int]]) -> Sample:
         timed, tokens, ttft = 0.0, 0, 0.0
-        for p in prompts:
+        for p in prompts:                  # one sequence after another
+            if test.kind != "pp":
+                timed, tokens = timed + test.n / _one_round(self.start(test, [p], 1)).tok_s, tokens + test.n
+                continue
             self._clear()
             t0 = time.perf_counter()
             self.llm.eval(p)
             t1 = time.perf_counter()
-            tok = self._argmax()
-            if test.kind == "pp":
-                timed, tokens, ttft = timed + t1 - t0, tokens + len(p), ttft + time.perf_counter() - t0
-                continue
-            t1 = time.perf_counter()
-            for _ in range(test.n):
-                self.llm.eval([tok])
-                tok = self._argmax()
-            timed, tokens = timed + time.perf_counter() - t1, tokens + test.n
+            self._argmax()
+            timed, tokens, ttft = timed + t1 - t0, tokens + len(p), ttft + time.perf_counter() - t0
         return Sample(tokens / timed, ttft / len(prompts) if test.kind == "pp" else None)
 
     def start(self, test: BenchTest, prompts: list[list[int]], rounds: int) -> Decoding:

@@ -58,9 +58,10 @@ class Report:
         return [x / y for x, y in zip(xa, xb) if y > 0]
 
     def markdown(self) -> str:
-        how = (f"{self.reps} interleaved repetitions after a warm-up (decode tests: {self.reps} rounds of n tokens "
-               "on one prefill per engine, engines alternating; the context grows by n a round)"
-               if self.prefill_once else f"{self.reps} interleaved repetitions after a warm-up")
+        how = f"{self.reps} interleaved repetitions after a warm-up"
+        if self.prefill_once:
+            how += (f" (decode tests: {self.reps} rounds of n tokens on one prefill per engine, engines alternating; "
+                    "the context grows by n a round)")
         lines = [f"Model `{self.model}`, {self.threads} threads, median (min–max) tokens/s of {how}; peak RSS of "
                  f"the process {self.peak_rss_mib:.0f} MiB.", ""]
         lines.append("| test | " + " | ".join(f"{e} ({self.labels[e]})" for e in self.engines) + " |")

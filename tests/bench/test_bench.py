@@ -185,3 +185,26 @@ def test_prefill_once_with_llama_cpp_needs_batch_1():
     assert main(["bench", "--prefill-once", "--vs", "llama.cpp", "-p", "0", "-n", "4", "-b", "2"]) == 2
     with pytest.raises(ValueError, match="batch 1"):
         LlamaCpp.start(object.__new__(LlamaCpp), BenchTest("tg", 2, 4, 2), [[1, 2], [3, 4]], 2)
+
+
+def test_rounds_when_sequences_start_decoding_at_different_steps(tiny_gguf):
+    """Under interleaved scheduling a sequence decodes while another still prefills, so it
+    reaches its max_tokens a round early: the last round ends when every sequence is done,
+    and all rounds together are still the tokens of one generate."""
+    from kvoffload.bench.peers import Ours
+    from kvoffload.config import SamplingParams
+
+    _, path = tiny_gguf("qwen2")
+    ours = Ours("kvoffload", path, 1, dtype="float32", scheduling="interleave", prefill_chunk=4)
+    prompts = [list(range(3, 15)), list(range(20, 32)), list(range(40, 52))]
+    test, rounds = BenchTest("tg", 3, 12, 3), 3
+    dec = ours.start(test, prompts, rounds)
+    eng, sids = dec.eng, list(dec.sids)
+    assert len({len(eng.seqs[s].output_ids) for s in sids}) > 1      # staggered: the case under test
+    for _ in range(rounds):
+        assert dec.round().tok_s > 0
+    assert all(eng.seqs[s].status.value == "finished" for s in sids)
+    got = [list(eng.seqs[s].output_ids) for s in sids]
+    dec.close()
+    want = ours.llm.generate(prompts, SamplingParams(max_tokens=test.n * rounds + 1, ignore_eos=True))
+    assert got == [o.token_ids for o in want]
