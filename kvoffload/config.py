@@ -229,15 +229,17 @@ class KVConfig:
     kv_sink_tokens, kv_recent_tokens: the first / last tokens of each sequence whose chunks are
         never demoted to a slower tier while others can be (attention sinks, recent window).
     disk_read_batch: bytes a disk worker reads per batch (two such buffers per worker: one is
-        read while the other is attended).
+        read while the other is attended; with native AIO a batch's reads are all in flight at
+        once, so this is also how much the disk is given to do while a batch computes).
     disk_write_backlog: blocks sent to a disk worker are kept in RAM until it acknowledges the
         write (so they can be replayed if it dies); past this many bytes the sender waits, which
         bounds the RAM a long prefill can take.
     disk_read_blocks: the disk workers read chosen blocks (sparse decode) in aligned groups of
         this many blocks (1: exactly the chosen blocks): fewer, larger reads for scattered
         choices, at the cost of reading blocks nobody chose (the read amplification reported).
-    disk_io_depth: reads in flight per disk worker (0: by request size, about 2 MiB in flight,
-        2 to 16 reads; `kvoffload bench disk` shows what a disk wants).
+    disk_io_depth: reads in flight per disk worker (0: with native AIO a batch's or a
+        read-ahead's reads all at once, up to 64; with reader threads by request size, about
+        2 MiB in flight, 2 to 16 reads; `kvoffload bench disk` shows what a disk wants).
     disk_reader: how the disk tier issues its reads: ``aio`` (Linux native AIO on the O_DIRECT
         shard file: one call queues a batch's reads, one waits for them, no reader threads to
         schedule beside the model's), ``threads`` (a pool of ``preadv`` threads, one per read in
@@ -247,7 +249,9 @@ class KVConfig:
         or a one-line error after the restart limit.
     disk_read_ahead: during decode each disk worker is told the next layer's blocks as soon as
         this layer's query is sent, and reads up to this many bytes of them ahead, so the read
-        overlaps the model's compute of that layer (0 = off; a buffer this size per worker).
+        overlaps the model's compute of that layer and, in a worker process, this layer's
+        attend (0 = off; two buffers this size per worker: the next layer's read-ahead goes to
+        one while this layer's attend reads the other).
     disk_block_cache: RAM for a cache of the disk blocks that sparse decode reads, kept for the
         next steps (consecutive tokens choose mostly the same blocks), split over the disk
         shards; least recently used blocks go first, but never one used within the current step.
@@ -299,13 +303,13 @@ class KVConfig:
     disk_workers: int = cli_field(2, "disk worker processes (one file shard each; 0 = read and attend the disk in this process)")
     kv_sink_tokens: int = cli_field(4, "first tokens of a sequence kept in the fastest tier")
     kv_recent_tokens: int = cli_field(256, "last tokens of a sequence kept in the fastest tier")
-    disk_read_batch: int = cli_field(1 << 20, "bytes per disk worker read batch", parse=parse_size)
+    disk_read_batch: int = cli_field(4 << 20, "bytes per disk worker read batch", parse=parse_size)
     disk_read_blocks: int = cli_field(1, "sparse reads from disk in aligned groups of this many blocks (1 = exact)")
     disk_io_depth: int = cli_field(0, "reads in flight per disk worker (0 = by request size)")
     disk_reader: str = cli_field("auto", "how the disk tier reads: aio (Linux native AIO), threads (a pool of pread threads), auto (aio where the kernel and file allow)", choices=("auto", "aio", "threads"))
     disk_worker_timeout: float = cli_field(60.0, "seconds a disk worker may take to answer before it counts as hung "
                                            "(it is then killed, restarted and the request replayed)")
-    disk_read_ahead: int = cli_field(4 << 20, "bytes of the next layer's blocks a disk worker reads ahead (0 = off)", parse=parse_size)
+    disk_read_ahead: int = cli_field(8 << 20, "bytes of the next layer's blocks a disk worker reads ahead (0 = off)", parse=parse_size)
     disk_write_backlog: int = cli_field(32 << 20, "bytes of unacknowledged block writes per disk worker before waiting", parse=parse_size)
     disk_block_cache: int = cli_field(0, "RAM for a cache of the disk blocks sparse decode reads, e.g. 8MiB "
                                       "(part of --kv-host-budget when that is set; 0 = none)", parse=parse_size)

@@ -64,7 +64,8 @@ def _one(cfg: OffloadBenchConfig, offloaded: bool, extra: dict) -> dict:
     out = {"decode_step_s": t.decode_forward / max(1, t.decode_steps), "decode_steps": t.decode_steps,
            "prefill_s": t.prefill_forward,
            "tok_s": cfg.batch * t.decode_steps / t.decode_forward if t.decode_forward else 0.0,
-           "kv_bytes_per_token": llm.model_config.kv_bytes_per_token(2)}
+           # as stored: the KV dtype's bytes (fp32 unless --kv-dtype says otherwise), scales included
+           "kv_bytes_per_token": llm.engine.kv.layout.token_bytes(1) * llm.model_config.num_layers}
     stats = llm.engine.kv.stats()
     if stats.tiers:
         steps = max(1, t.decode_steps)

@@ -389,3 +389,16 @@ def test_kv_conversions_round_as_torch_does(src, dst):
     diff = (got.view(bits) != want.view(bits)).sum()
     print(f"{src} -> {dst}: {M * n} values, {int(diff)} differ in bits")
     assert diff == 0
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_read_bandwidth_probe_reads_every_float(threads):
+    """``kvo_read_sum`` (what `bench attention` / `bench offload` time as the memory peak)
+    visits every float of the buffer once: its sum is the buffer's (whole 4096-float pages)."""
+    from kvoffload.kernels.paged import read_bandwidth_probe
+
+    probe = read_bandwidth_probe()
+    if probe is None:
+        pytest.skip("no native kernels")
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 8, 64 * 4096).astype(np.float32))
+    assert probe(x.data_ptr(), x.numel(), threads) == pytest.approx(float(x.double().sum()), rel=1e-6)

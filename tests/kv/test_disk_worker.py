@@ -84,6 +84,85 @@ def test_reads_do_not_change_partials(tmp_path, io, reader):
         s.shard.close()
 
 
+@pytest.mark.parametrize("reader", ["aio", "threads"])
+def test_read_ahead_given_while_an_attend_is_begun(tmp_path, reader):
+    """A worker process starts the next layer's read-ahead between an attend's ``begin`` and
+    its ``finish`` (the request and the hint arrive together): that read must not land in the
+    buffer the begun attend reads its read-ahead blocks from. Each layer's partials stay those
+    of a plain read, bit for bit, and the next layer still finds its blocks read ahead."""
+    if reader == "aio":
+        aio_or_skip()
+    ref = server(tmp_path, "ref", WorkerIO(batch_bytes=1 << 30, reader="threads"))
+    got = server(tmp_path, "got", WorkerIO(batch_bytes=1 << 16, ahead_bytes=1 << 20, reader=reader))
+    rng = np.random.default_rng(4)
+    reqs = [request(rng, layer) for layer in range(6)]
+    try:
+        got.prefetch(reqs[0])
+        for i, r in enumerate(reqs):
+            got.begin(r)
+            if i + 1 < len(reqs):
+                got.prefetch(reqs[i + 1])                   # reads the next layer's blocks now
+            a, b = ref.attend(r), got.finish()
+            assert np.array_equal(a.o, b.o) and np.array_equal(a.lse, b.lse)
+            assert b.ahead == len(r.slots)                  # every block of it was read ahead
+    finally:
+        for s in (ref, got):
+            s.shard.close()
+
+
+def test_worker_loop_handles_a_hint_that_came_with_the_request(tmp_path):
+    """The worker process's loop: an attend whose next layer's hint came with it, or is already
+    in the pipe, starts that read-ahead before it computes; a write that follows the hint is
+    still applied after the attend and before the next one (in the order sent), dropping the
+    read-ahead it overwrites. Every reply equals an in-process server's that saw the same
+    operations."""
+    import multiprocessing as mp
+    from dataclasses import asdict
+
+    from kvoffload.kv.tiers.disk_worker import _serve
+
+    ref = server(tmp_path, "ref", WorkerIO(batch_bytes=1 << 30, reader="threads"))
+    rng = np.random.default_rng(5)
+    r0, r1, r2 = (request(rng, layer) for layer in range(3))
+    data = rng.standard_normal(WRITTEN * LAYOUT.slot_elems).astype(np.float32)
+    blocks = WriteBlocks(np.arange(WRITTEN, dtype=np.int64), ((data.view(np.uint32) >> 16).astype(np.uint16)).tobytes())
+    over = np.unique(r1.slots)[:2]                                  # rewritten between the hint and r1
+    fresh = rng.standard_normal(len(over) * LAYOUT.slot_elems).astype(np.float32)
+    rewrite = WriteBlocks(over, ((fresh.view(np.uint32) >> 16).astype(np.uint16)).tobytes())
+    ctx = mp.get_context("spawn")
+    ours, theirs = ctx.Pipe()
+    io = WorkerIO(batch_bytes=1 << 16, ahead_bytes=1 << 20)
+    proc = ctx.Process(target=_serve, args=(theirs, str(tmp_path / "w.kv"), asdict(LAYOUT), GROUP, 1, asdict(io), True))
+    proc.start()
+    try:
+        assert ours.recv()[0] == "ok"
+        ours.send(("write", blocks))
+        ref.write(blocks)
+        assert ours.recv()[0] == "ok"
+        for msg in [("prefetch", r0), ("attend", (r0, None)), ("prefetch", r1), ("write", rewrite),
+                    ("attend", (r1, r2)), ("attend", (r2, None))]:
+            ours.send(msg)                                          # all queued before the worker reads them
+        want = [ref.attend(r0)]
+        ref.write(rewrite)
+        want += [ref.attend(r1), ref.attend(r2)]
+        got = []
+        for op in ("attend", "write", "attend", "attend"):
+            status, payload = ours.recv()
+            assert status == "ok", payload
+            if op == "attend":
+                got.append(payload)
+        for a, b in zip(want, got):
+            assert np.array_equal(a.o, b.o) and np.array_equal(a.lse, b.lse)
+        assert got[0].ahead == len(r0.slots) and got[2].ahead == len(r2.slots)
+        ours.send(("close", None))
+        assert ours.recv()[0] == "ok"
+    finally:
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
+        ref.shard.close()
+
+
 def aio_or_skip() -> None:
     try:
         AioReader().close()

@@ -250,7 +250,6 @@ class LocalWorker:
         except DiskIOError as e:
             raise WorkerError(str(e)) from None
         self.request: tuple[str, object] | None = None
-        self.hint: AttendRequest | None = None     # a prefetch given while a request was in flight
 
     def write(self, w: WriteBlocks) -> None:
         self.server.write(w)
@@ -259,24 +258,20 @@ class LocalWorker:
         if self.request is not None:
             raise RuntimeError("a disk request is already in flight")
         if op == "attend":
-            self.server.begin(payload)
+            req, ahead = payload
+            self.server.begin(req)
+            if ahead is not None:
+                self.server.prefetch(ahead)
         self.request = (op, payload)
 
     def prefetch(self, req: AttendRequest) -> None:
-        if self.request is None:
-            self.server.prefetch(req)
-        else:                                       # the attend in flight may use the read-ahead buffer
-            self.hint = req
+        self.server.prefetch(req)                   # (into the read-ahead buffer an attend in flight does not read)
 
     def collect(self):
         if self.request is None:
             return None
         (op, payload), self.request = self.request, None
-        out = self.server.finish() if op == "attend" else self.server.read(payload)
-        if self.hint is not None:
-            self.server.prefetch(self.hint)
-            self.hint = None
-        return out
+        return self.server.finish() if op == "attend" else self.server.read(payload)
 
     def sync(self) -> None:
         pass                                        # writes are made when sent
@@ -414,6 +409,7 @@ class DiskTier(PooledChunks):
         lay, kv = ctx.layout, ctx.kv
         self.directory = make_offload_dir(kv.offload_dir, spec.budget)
         self.workers: list[ProcessWorker] = []
+        self._unsent: dict[int, AttendRequest] = {}        # worker -> its part of the submitted request, not sent yet
         self._finalizer = weakref.finalize(self, _cleanup, self.workers, self.directory)
         # the disks bound these workers: their kernels share the cores (OpenMP teams that
         # outnumber the cores stall each other at every barrier)
@@ -487,17 +483,30 @@ class DiskTier(PooledChunks):
         return split_request(req, self.ctx.layout.chunk_blocks, len(self.workers))
 
     def submit(self, req: AttendRequest) -> None:
+        """The request goes out with the next layer's hint when :meth:`prefetch` follows before
+        :meth:`collect` (the backend gives it right after): one message a worker instead of two
+        (waking a worker process is the cost on a host with few cores: ~0.1-0.4 ms a message
+        here), and the worker starts that read-ahead before it computes this attend."""
         split = self._per_shard(req)
         self.flush()
-        for w, _, sub in split:
-            self.workers[w].submit("attend", sub)
         self._split = (req, split)
+        self._unsent = {w: sub for w, _, sub in split}
+
+    def _send_unsent(self) -> None:
+        for w, sub in self._unsent.items():
+            self.workers[w].submit("attend", (sub, None))
+        self._unsent = {}
 
     def prefetch(self, req: AttendRequest) -> None:
         for w, _, sub in self._per_shard(req):
-            self.workers[w].prefetch(sub)
+            if w in self._unsent:
+                self.workers[w].submit("attend", (self._unsent.pop(w), sub))
+            else:
+                self.workers[w].prefetch(sub)
+        self._send_unsent()
 
     def collect(self) -> AttendResult:
+        self._send_unsent()
         req, split = self._split
         self._split = None
         B, L, H, D = req.q.shape

@@ -28,6 +28,7 @@ import numpy as np
 
 from kvoffload.errors import KvoffloadError
 from kvoffload.kernels import reference
+from kvoffload.kernels.aio import CAPACITY as AIO_CAPACITY
 from kvoffload.kernels.aio import AioError, AioReader
 from kvoffload.kernels.paged import Items, PagedAttention
 from kvoffload.kv.layout import PAGE, BlockLayout
@@ -415,8 +416,11 @@ class DiskWorkerServer:
         self.batch_slots = max(layout.chunk_blocks, io.batch_bytes // layout.disk_stride)
         self.bufs = [aligned_buffer(self.batch_slots * layout.disk_stride) for _ in range(2)]
         self.ahead_slots = max(self.batch_slots, io.ahead_bytes // layout.disk_stride) if io.ahead_bytes else 0
-        self.ahead_buf = aligned_buffer(self.ahead_slots * layout.disk_stride) if self.ahead_slots else None
-        self.ahead: tuple[np.ndarray, Reads] | None = None          # slots being read ahead
+        # two read-ahead buffers: the next request's blocks are read into one while the attend
+        # begun reads the other (a worker process starts that read-ahead before it computes)
+        self.ahead_bufs = [aligned_buffer(self.ahead_slots * layout.disk_stride) for _ in range(2)] if self.ahead_slots else []
+        self.ahead: tuple[np.ndarray, Reads, int] | None = None    # slots being read ahead, reads, buffer
+        self._held = -1                                            # the read-ahead buffer the begun attend reads
         self.wbuf = aligned_buffer(self.batch_slots * layout.disk_stride)
         cache_slots = io.cache_bytes // layout.disk_stride
         self.cache = BlockCache(cache_slots, layout.disk_stride) if cache_slots else None
@@ -455,9 +459,16 @@ class DiskWorkerServer:
         return buf if have >= slots else aligned_buffer(max(slots, 2 * have) * st)
 
     def _read_async(self, slots: np.ndarray, buf) -> Reads:
-        """Issue the batch's reads (coalesced runs), as many in flight as suit their size."""
+        """Issue the batch's reads (coalesced runs). Through native AIO the whole batch goes in
+        flight (up to the handle's capacity; ``io_depth`` caps it when set): AIO starts queued
+        reads only while some group is waited for, and a read-ahead or the next batch is not
+        waited for while the worker attends or idles — the time it is meant to use. A thread
+        pool runs by itself: as many threads as suit the reads' size."""
         plan = self.shard.read_plan(slots, self.io_bytes)
-        depth = self.opts.depth(plan[:, 1].mean() if len(plan) else 0.0)
+        if self.shard.aio is not None:
+            depth = self.opts.io_depth or min(len(plan), AIO_CAPACITY)
+        else:
+            depth = self.opts.depth(plan[:, 1].mean() if len(plan) else 0.0)
         return self.shard.read_async(plan, buf, depth)
 
     def _read_units(self, slots: np.ndarray) -> np.ndarray:
@@ -517,7 +528,8 @@ class DiskWorkerServer:
         read, parts, cache_src = 0, [], -1
         if ahead is not None:
             read += ahead[1].wait()                                 # raises the reader's DiskIOError
-            parts.append((ahead[0], np.arange(len(ahead[0]), dtype=np.int64), self.ahead_buf))
+            parts.append((ahead[0], np.arange(len(ahead[0]), dtype=np.int64), self.ahead_bufs[ahead[2]]))
+            self._held = ahead[2]
         if self.cache is not None:
             self.cache.start(req.layer)
             want = np.unique(req.slots)
@@ -536,6 +548,13 @@ class DiskWorkerServer:
         """The result of the attend :meth:`begin` started."""
         req, read, res, cache_src, batches, pending = self._started
         self._started = None
+        try:
+            return self._finish(req, read, res, cache_src, batches, pending)
+        finally:
+            self._held = -1
+
+    def _finish(self, req: AttendRequest, read: int, res: _Resident, cache_src: int, batches: list[_Batch],
+                pending: Reads | None) -> AttendResult:
         q = np.ascontiguousarray(req.q, dtype=np.float32)          # [B, L, H, D]
         B, L, H, D = q.shape
         N = req.num_items
@@ -621,12 +640,14 @@ class DiskWorkerServer:
     def prefetch(self, req: AttendRequest) -> None:
         """Start reading the blocks of the next request (the next layer's, known or guessed
         before its query is), up to the read-ahead buffer: the reads overlap the model's
-        compute of that layer."""
+        compute of that layer (and, given between :meth:`begin` and :meth:`finish`, this one's
+        attend: it goes to the buffer that attend does not read)."""
         if not self.ahead_slots:
             return
         self._drop_ahead()
         slots = self._read_units(req.slots)[:self.ahead_slots]
-        self.ahead = (slots, self._read_async(slots, self.ahead_buf)) if len(slots) else None
+        k = 1 if self._held == 0 else 0
+        self.ahead = (slots, self._read_async(slots, self.ahead_bufs[k]), k) if len(slots) else None
 
     def close(self) -> None:
         """Finish the reads in flight, stop the reader threads and close the file."""
@@ -648,9 +669,10 @@ def _serve(conn, path: str, layout: dict, group: int, threads: int, io: dict, na
         conn.send(("err", str(e)))
         return
     conn.send(("ok", os.getpid()))
+    later: list = []                      # messages received early (see attend), handled next, in order
     while True:
         try:
-            op, payload = conn.recv()
+            op, payload = later.pop(0) if later else conn.recv()
         except (EOFError, OSError):
             return
         if op == "close":
@@ -660,11 +682,33 @@ def _serve(conn, path: str, layout: dict, group: int, threads: int, io: dict, na
         try:
             if op == "prefetch":                                  # a hint: no reply
                 server.prefetch(payload)
-                continue
-            handler = {"write": server.write, "read": server.read, "attend": server.attend}[op]
-            conn.send(("ok", handler(payload)))
+            elif op == "attend":                                  # (request, the next one's hint or None)
+                req, ahead = payload
+                server.begin(req)
+                # the next layer's read-ahead starts now, so the disk reads it while this attend
+                # computes: sent with the request, or (a hint of its own) already waiting
+                if ahead is not None:
+                    server.prefetch(ahead)
+                for msg in _waiting(conn):
+                    if msg[0] != "prefetch":
+                        later.append(msg)                         # (handled after this attend, in order)
+                        break
+                    server.prefetch(msg[1])
+                conn.send(("ok", server.finish()))
+            else:
+                conn.send(("ok", {"write": server.write, "read": server.read}[op](payload)))
         except DiskIOError as e:
             conn.send(("err", str(e)))
+
+
+def _waiting(conn: Connection):
+    """The messages already received, without blocking (a closed pipe: none; the next
+    ``recv`` notices)."""
+    try:
+        while conn.poll(0):
+            yield conn.recv()
+    except (EOFError, OSError):
+        return
 
 
 def main() -> None:
