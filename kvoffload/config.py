@@ -250,8 +250,9 @@ class KVConfig:
     disk_read_ahead: during decode each disk worker is told the next layer's blocks as soon as
         this layer's query is sent, and reads up to this many bytes of them ahead, so the read
         overlaps the model's compute of that layer and, in a worker process, this layer's
-        attend (0 = off; two buffers this size per worker: the next layer's read-ahead goes to
-        one while this layer's attend reads the other).
+        attend (0 = off; two buffers of up to this size per worker, grown to what the layers
+        need: the next layer's read-ahead goes to one while this layer's attend reads the other).
+        It gains most when it holds a worker's share of a whole layer.
     disk_block_cache: RAM for a cache of the disk blocks that sparse decode reads, kept for the
         next steps (consecutive tokens choose mostly the same blocks), split over the disk
         shards; least recently used blocks go first, but never one used within the current step.
@@ -309,7 +310,7 @@ class KVConfig:
     disk_reader: str = cli_field("auto", "how the disk tier reads: aio (Linux native AIO), threads (a pool of pread threads), auto (aio where the kernel and file allow)", choices=("auto", "aio", "threads"))
     disk_worker_timeout: float = cli_field(60.0, "seconds a disk worker may take to answer before it counts as hung "
                                            "(it is then killed, restarted and the request replayed)")
-    disk_read_ahead: int = cli_field(8 << 20, "bytes of the next layer's blocks a disk worker reads ahead (0 = off)", parse=parse_size)
+    disk_read_ahead: int = cli_field(8 << 20, "bytes of the next layer's blocks a disk worker reads ahead, at most (0 = off)", parse=parse_size)
     disk_write_backlog: int = cli_field(32 << 20, "bytes of unacknowledged block writes per disk worker before waiting", parse=parse_size)
     disk_block_cache: int = cli_field(0, "RAM for a cache of the disk blocks sparse decode reads, e.g. 8MiB "
                                       "(part of --kv-host-budget when that is set; 0 = none)", parse=parse_size)

@@ -417,8 +417,9 @@ class DiskWorkerServer:
         self.bufs = [aligned_buffer(self.batch_slots * layout.disk_stride) for _ in range(2)]
         self.ahead_slots = max(self.batch_slots, io.ahead_bytes // layout.disk_stride) if io.ahead_bytes else 0
         # two read-ahead buffers: the next request's blocks are read into one while the attend
-        # begun reads the other (a worker process starts that read-ahead before it computes)
-        self.ahead_bufs = [aligned_buffer(self.ahead_slots * layout.disk_stride) for _ in range(2)] if self.ahead_slots else []
+        # begun reads the other (a worker process starts that read-ahead before it computes);
+        # each grown to what a hint needs, up to ahead_slots
+        self.ahead_bufs: list[mmap.mmap | None] = [None, None]
         self.ahead: tuple[np.ndarray, Reads, int] | None = None    # slots being read ahead, reads, buffer
         self._held = -1                                            # the read-ahead buffer the begun attend reads
         self.wbuf = aligned_buffer(self.batch_slots * layout.disk_stride)
@@ -646,8 +647,14 @@ class DiskWorkerServer:
             return
         self._drop_ahead()
         slots = self._read_units(req.slots)[:self.ahead_slots]
+        if not len(slots):
+            return
         k = 1 if self._held == 0 else 0
-        self.ahead = (slots, self._read_async(slots, self.ahead_bufs[k]), k) if len(slots) else None
+        buf, st = self.ahead_bufs[k], self.layout.disk_stride
+        have = 0 if buf is None else len(buf) // st
+        if have < len(slots):
+            buf = self.ahead_bufs[k] = aligned_buffer(min(self.ahead_slots, max(len(slots), 2 * have)) * st)
+        self.ahead = (slots, self._read_async(slots, buf), k)
 
     def close(self) -> None:
         """Finish the reads in flight, stop the reader threads and close the file."""
