@@ -110,6 +110,33 @@ def test_read_ahead_given_while_an_attend_is_begun(tmp_path, reader):
             s.shard.close()
 
 
+@pytest.mark.parametrize("reader", ["aio", "threads"])
+def test_a_hint_that_fails_to_read_raises_nothing(tmp_path, reader):
+    """A hint has no reply: a read-ahead that fails (here past the file's end) is dropped by the
+    next hint without an error, the request that needs those blocks reports it, and the server
+    goes on giving a plain read's partials."""
+    if reader == "aio":
+        aio_or_skip()
+    ref = server(tmp_path, "ref", WorkerIO(batch_bytes=1 << 30, reader="threads"))
+    got = server(tmp_path, "got", WorkerIO(batch_bytes=1 << 16, ahead_bytes=1 << 20, reader=reader))
+    rng = np.random.default_rng(6)
+    good = request(rng, 0)
+    bad = replace(good, slots=good.slots + WRITTEN + 100)
+    try:
+        got.prefetch(bad)
+        got.prefetch(good)                                  # drops the failed read-ahead quietly
+        a, b = ref.attend(good), got.attend(good)
+        assert np.array_equal(a.o, b.o) and np.array_equal(a.lse, b.lse) and b.ahead == len(good.slots)
+        got.prefetch(bad)
+        with pytest.raises(DiskIOError, match="short read"):
+            got.attend(bad)
+        b = got.attend(good)
+        assert np.array_equal(a.o, b.o) and np.array_equal(a.lse, b.lse)
+    finally:
+        for s in (ref, got):
+            s.shard.close()
+
+
 def test_worker_loop_handles_a_hint_that_came_with_the_request(tmp_path):
     """The worker process's loop: an attend whose next layer's hint came with it, or is already
     in the pipe, starts that read-ahead before it computes; a write that follows the hint is

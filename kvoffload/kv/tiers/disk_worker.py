@@ -642,10 +642,14 @@ class DiskWorkerServer:
         """Start reading the blocks of the next request (the next layer's, known or guessed
         before its query is), up to the read-ahead buffer: the reads overlap the model's
         compute of that layer (and, given between :meth:`begin` and :meth:`finish`, this one's
-        attend: it goes to the buffer that attend does not read)."""
+        attend: it goes to the buffer that attend does not read). A hint: a read it cannot
+        start is left to the request that needs those blocks (which reports the error)."""
         if not self.ahead_slots:
             return
-        self._drop_ahead()
+        try:
+            self._drop_ahead()
+        except DiskIOError:
+            pass
         slots = self._read_units(req.slots)[:self.ahead_slots]
         if not len(slots):
             return
@@ -654,7 +658,10 @@ class DiskWorkerServer:
         have = 0 if buf is None else len(buf) // st
         if have < len(slots):
             buf = self.ahead_bufs[k] = aligned_buffer(min(self.ahead_slots, max(len(slots), 2 * have)) * st)
-        self.ahead = (slots, self._read_async(slots, buf), k)
+        try:
+            self.ahead = (slots, self._read_async(slots, buf), k)
+        except DiskIOError:
+            pass
 
     def close(self) -> None:
         """Finish the reads in flight, stop the reader threads and close the file."""
@@ -663,9 +670,9 @@ class DiskWorkerServer:
 
     def _drop_ahead(self) -> None:
         """Forget the read-ahead (its reads finish first: they write into its buffer)."""
-        if self.ahead is not None:
-            self.ahead[1].wait()
-            self.ahead = None
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None:
+            ahead[1].wait()
 
 
 def _serve(conn, path: str, layout: dict, group: int, threads: int, io: dict, native: bool) -> None:
