@@ -306,7 +306,8 @@ class KVConfig:
     kv_recent_tokens: int = cli_field(256, "last tokens of a sequence kept in the fastest tier")
     disk_read_batch: int = cli_field(4 << 20, "bytes per disk worker read batch", parse=parse_size)
     disk_read_blocks: int = cli_field(1, "sparse reads from disk in aligned groups of this many blocks (1 = exact)")
-    disk_io_depth: int = cli_field(0, "reads in flight per disk worker (0 = by request size)")
+    disk_io_depth: int = cli_field(0, "reads in flight per disk worker (0 = a batch's reads at once with native AIO, "
+                                   "by request size with reader threads)")
     disk_reader: str = cli_field("auto", "how the disk tier reads: aio (Linux native AIO), threads (a pool of pread threads), auto (aio where the kernel and file allow)", choices=("auto", "aio", "threads"))
     disk_worker_timeout: float = cli_field(60.0, "seconds a disk worker may take to answer before it counts as hung "
                                            "(it is then killed, restarted and the request replayed)")
