@@ -46,13 +46,15 @@ def request(rng: np.random.Generator, layer: int) -> AttendRequest:
                          np.concatenate(masks))
 
 
+def random_blocks(rng: np.random.Generator, slots: np.ndarray) -> WriteBlocks:
+    """Random bf16 KV for ``slots``."""
+    data = rng.standard_normal(len(slots) * LAYOUT.slot_elems).astype(np.float32)
+    return WriteBlocks(np.asarray(slots, np.int64), (data.view(np.uint32) >> 16).astype(np.uint16).tobytes())
+
+
 def server(tmp_path, name: str, io: WorkerIO) -> DiskWorkerServer:
     s = DiskWorkerServer(str(tmp_path / f"{name}.kv"), LAYOUT, GROUP, 1, io)
-    rng = np.random.default_rng(0)
-    n = WRITTEN
-    data = rng.standard_normal(n * LAYOUT.slot_elems).astype(np.float32)
-    bf16 = (data.view(np.uint32) >> 16).astype(np.uint16)
-    s.write(WriteBlocks(np.arange(n, dtype=np.int64), bf16.tobytes()))
+    s.write(random_blocks(np.random.default_rng(0), np.arange(WRITTEN)))
     return s
 
 
@@ -151,11 +153,8 @@ def test_worker_loop_handles_a_hint_that_came_with_the_request(tmp_path):
     ref = server(tmp_path, "ref", WorkerIO(batch_bytes=1 << 30, reader="threads"))
     rng = np.random.default_rng(5)
     r0, r1, r2 = (request(rng, layer) for layer in range(3))
-    data = rng.standard_normal(WRITTEN * LAYOUT.slot_elems).astype(np.float32)
-    blocks = WriteBlocks(np.arange(WRITTEN, dtype=np.int64), ((data.view(np.uint32) >> 16).astype(np.uint16)).tobytes())
-    over = np.unique(r1.slots)[:2]                                  # rewritten between the hint and r1
-    fresh = rng.standard_normal(len(over) * LAYOUT.slot_elems).astype(np.float32)
-    rewrite = WriteBlocks(over, ((fresh.view(np.uint32) >> 16).astype(np.uint16)).tobytes())
+    blocks = random_blocks(rng, np.arange(WRITTEN))
+    rewrite = random_blocks(rng, np.unique(r1.slots)[:2])          # rewritten between the hint and r1
     ctx = mp.get_context("spawn")
     ours, theirs = ctx.Pipe()
     io = WorkerIO(batch_bytes=1 << 16, ahead_bytes=1 << 20)
@@ -284,11 +283,9 @@ def test_block_cache_does_not_change_partials(tmp_path, io, native):
     read_ref = read_got = cached = 0
     for i, r in enumerate(reqs):
         if i == len(reqs) // 2:                                    # rewrite blocks the cache holds
-            slots = np.unique(r.slots)[:5]
-            data = rng.standard_normal(len(slots) * LAYOUT.slot_elems).astype(np.float32)
-            bf16 = (data.view(np.uint32) >> 16).astype(np.uint16).tobytes()
+            rewrite = random_blocks(rng, np.unique(r.slots)[:5])
             for s in (ref, got):
-                s.write(WriteBlocks(slots, bf16))
+                s.write(rewrite)
         if io.ahead_bytes and i % 2 == 0:
             got.prefetch(reqs[(i + 1) % len(reqs)])
         a, b = ref.attend(r), got.attend(r)

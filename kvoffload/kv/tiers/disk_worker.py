@@ -49,9 +49,11 @@ class WorkerIO:
     """How a disk worker reads (from KVConfig's ``disk_*`` fields).
 
     batch_bytes: bytes per read batch (two buffers: one is read while the other is attended).
-    ahead_bytes: the read-ahead buffer for the next request's blocks (0 = no read-ahead).
+    ahead_bytes: the most a read-ahead buffer holds of the next request's blocks (two
+        buffers, grown as hints need; 0 = no read-ahead).
     read_blocks: chosen blocks are read in aligned groups of this many slots (1 = exactly).
-    io_depth: reads in flight (0 = by request size: about ``IO_INFLIGHT`` bytes, 2 to 16).
+    io_depth: reads in flight (0 = through AIO a batch's reads at once, up to the handle's
+        capacity; through threads by request size: about ``IO_INFLIGHT`` bytes, 2 to 16).
     io_bytes: the longest single read (longer runs of slots are cut).
     reader: ``aio`` (Linux native AIO: one call queues a batch's reads, one waits; no reader
         threads), ``threads`` (a pool of ``preadv`` threads as deep as the reads in flight), or
@@ -69,7 +71,7 @@ class WorkerIO:
     cache_bytes: int = 0
 
     def depth(self, mean_bytes: float) -> int:
-        """Reads in flight for requests of this mean size."""
+        """Reads in flight for requests of this mean size (the thread-pool reader)."""
         if self.io_depth:
             return self.io_depth
         return int(min(IO_DEPTH_MAX, max(IO_DEPTH_MIN, IO_INFLIGHT // max(1.0, mean_bytes))))
@@ -421,13 +423,12 @@ class DiskWorkerServer:
         # each grown to what a hint needs, up to ahead_slots
         self.ahead_bufs: list[mmap.mmap | None] = [None, None]
         self.ahead: tuple[np.ndarray, Reads, int] | None = None    # slots being read ahead, reads, buffer
-        self._held = -1                                            # the read-ahead buffer the begun attend reads
         self.wbuf = aligned_buffer(self.batch_slots * layout.disk_stride)
         cache_slots = io.cache_bytes // layout.disk_stride
         self.cache = BlockCache(cache_slots, layout.disk_stride) if cache_slots else None
         self.kernel = PagedAttention.for_layout(layout, group) if native else None
         self.read_blocks, self.io_bytes = io.read_blocks, io.io_bytes
-        self._started = None                                          # an attend begun, not finished
+        self._started = None              # an attend begun, not finished (its state; last: its read-ahead buffer or -1)
         self._staging: mmap.mmap | None = None                       # fetch()'s reads
         self._read_buf: mmap.mmap | None = None                      # read()'s
 
@@ -452,12 +453,14 @@ class DiskWorkerServer:
         raw = np.frombuffer(buf, dtype=np.uint8, count=len(uniq) * st).reshape(len(uniq), st)[:, :sb]
         return raw[inv].tobytes()
 
-    def _holding(self, buf: mmap.mmap | None, slots: int) -> mmap.mmap:
-        """``buf`` if it holds ``slots`` slots at the stride, else a new one grown by doubling
-        (a buffer kept between calls: reads into it fault no fresh pages)."""
+    def _holding(self, buf: mmap.mmap | None, slots: int, most: int | None = None) -> mmap.mmap:
+        """``buf`` if it holds ``slots`` slots at the stride, else a new one grown by doubling,
+        to at most ``most`` slots when given (a buffer kept between calls: reads into it fault
+        no fresh pages)."""
         st = self.layout.disk_stride
         have = 0 if buf is None else len(buf) // st
-        return buf if have >= slots else aligned_buffer(max(slots, 2 * have) * st)
+        grown = max(slots, 2 * have)
+        return buf if have >= slots else aligned_buffer((grown if most is None else min(most, grown)) * st)
 
     def _read_async(self, slots: np.ndarray, buf) -> Reads:
         """Issue the batch's reads (coalesced runs). Through native AIO the whole batch goes in
@@ -530,7 +533,6 @@ class DiskWorkerServer:
         if ahead is not None:
             read += ahead[1].wait()                                 # raises the reader's DiskIOError
             parts.append((ahead[0], np.arange(len(ahead[0]), dtype=np.int64), self.ahead_bufs[ahead[2]]))
-            self._held = ahead[2]
         if self.cache is not None:
             self.cache.start(req.layer)
             want = np.unique(req.slots)
@@ -543,19 +545,12 @@ class DiskWorkerServer:
         res = _Resident.of(parts, self.layout.disk_stride)
         batches = self._batches(req, res.slots)
         pending = self._read_async(batches[0].slots, self.bufs[0]) if batches else None
-        self._started = (req, read, res, cache_src, batches, pending)
+        self._started = (req, read, res, cache_src, batches, pending, -1 if ahead is None else ahead[2])
 
     def finish(self) -> AttendResult:
         """The result of the attend :meth:`begin` started."""
-        req, read, res, cache_src, batches, pending = self._started
+        req, read, res, cache_src, batches, pending, _ = self._started
         self._started = None
-        try:
-            return self._finish(req, read, res, cache_src, batches, pending)
-        finally:
-            self._held = -1
-
-    def _finish(self, req: AttendRequest, read: int, res: _Resident, cache_src: int, batches: list[_Batch],
-                pending: Reads | None) -> AttendResult:
         q = np.ascontiguousarray(req.q, dtype=np.float32)          # [B, L, H, D]
         B, L, H, D = q.shape
         N = req.num_items
@@ -646,22 +641,15 @@ class DiskWorkerServer:
         start is left to the request that needs those blocks (which reports the error)."""
         if not self.ahead_slots:
             return
-        try:
+        with contextlib.suppress(DiskIOError):
             self._drop_ahead()
-        except DiskIOError:
-            pass
         slots = self._read_units(req.slots)[:self.ahead_slots]
         if not len(slots):
             return
-        k = 1 if self._held == 0 else 0
-        buf, st = self.ahead_bufs[k], self.layout.disk_stride
-        have = 0 if buf is None else len(buf) // st
-        if have < len(slots):
-            buf = self.ahead_bufs[k] = aligned_buffer(min(self.ahead_slots, max(len(slots), 2 * have)) * st)
-        try:
+        k = 1 if self._started is not None and self._started[-1] == 0 else 0   # not the begun attend's
+        buf = self.ahead_bufs[k] = self._holding(self.ahead_bufs[k], len(slots), self.ahead_slots)
+        with contextlib.suppress(DiskIOError):
             self.ahead = (slots, self._read_async(slots, buf), k)
-        except DiskIOError:
-            pass
 
     def close(self) -> None:
         """Finish the reads in flight, stop the reader threads and close the file."""
