@@ -229,23 +229,24 @@ class PagedAttention:
     append (its blocks are written whole)."""
 
     def __init__(self, dtype: str, H_kv: int, G: int, D: int, block_size: int, scale: float | None = None,
-                 group: int = 0) -> None:
+                 group: int = 0, lib: ctypes.CDLL | None = None) -> None:
         if not self.available(dtype, G, D, block_size, H_kv):
             raise RuntimeError(f"native paged attention unavailable for {dtype} H_kv={H_kv} G={G} D={D} bs={block_size}")
         self.dtype, self.H_kv, self.G, self.D, self.bs = dtype, H_kv, G, D, block_size
         self.group = group or D
         self.H = H_kv * G
         self.scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-        self.fn = getattr(load("paged_attn"), f"kvo_paged_attn_{_SUFFIX[dtype]}")
+        # lib: another build of paged_attn.c (build.compile_variant: e.g. another ISA's path, in tests)
+        self.fn = getattr(lib or load("paged_attn"), f"kvo_paged_attn_{_SUFFIX[dtype]}")
         self.fn.argtypes, self.fn.restype = _ATTN_ARGTYPES, ctypes.c_int
 
     @classmethod
-    def for_layout(cls, layout, G: int) -> PagedAttention | None:
+    def for_layout(cls, layout, G: int, lib: ctypes.CDLL | None = None) -> PagedAttention | None:
         """The kernel for a kv/layout.py BlockLayout's blocks, or None where unavailable."""
         lay = layout
         if not cls.available(lay.dtype, G, lay.head_dim, lay.block_size, lay.num_kv_heads):
             return None
-        return cls(lay.dtype, lay.num_kv_heads, G, lay.head_dim, lay.block_size, group=lay.group)
+        return cls(lay.dtype, lay.num_kv_heads, G, lay.head_dim, lay.block_size, group=lay.group, lib=lib)
 
     def driver(self) -> int:
         """The address of this dtype's kernel driver with untyped k/v (``kvo_paged_attn_v_*``):

@@ -781,7 +781,9 @@ static void NAME##_item_generic(const item_job *J, int H_kv, int G, int D, int b
 #define DEFINE_QUANT_FAST(NAME, UNFIT)                                                                \
 static inline __attribute__((always_inline)) void NAME##_item_g(const item_job *J, int H_kv, const int G, \
                                                                   int D, int bs, float scale) {      \
-    if (D == 64) NAME##_item_v(J, H_kv, G, 64, bs, scale);                                          \
+    if (D == 64 && bs == 16) NAME##_item_v(J, H_kv, G, 64, 16, scale);   /* the shipped models' */   \
+    else if (D == 128 && bs == 16) NAME##_item_v(J, H_kv, G, 128, 16, scale);                       \
+    else if (D == 64) NAME##_item_v(J, H_kv, G, 64, bs, scale);                                     \
     else if (D == 128) NAME##_item_v(J, H_kv, G, 128, bs, scale);                                   \
     else NAME##_item_v(J, H_kv, G, D, bs, scale);                                                   \
 }                                                                                                   \
@@ -801,36 +803,95 @@ static void NAME##_item_fast(const item_job *J, int H_kv, int G, int D, int bs, 
 }
 
 #ifdef __AVX512F__
-/* 16 codes (elements e .. e+15 of a row) -> fp32 lanes */
+/* 16 codes (elements e .. e+15 of a row) -> fp32 lanes holding QOFF_x + QMUL_x * code: the bodies
+ * fold 1 / QMUL into the scales and take the offset off in the sums' constants (scores: sum (q s
+ * / QMUL) f + sum q (m - QOFF / QMUL s); values likewise), so a code costs what the chosen widening
+ * costs and nothing more. int8: widened to int32 and converted (QOFF 0, QMUL 1). */
+#define QOFF_q8 0.f
+#define QMUL_q8 1.f
 static inline __m512 w16_q8(const uint8_t *row, int e) {
     return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + e))));
 }
+#if defined(__AVX512VBMI__)
+/* int4 with VBMI: the byte of tokens (2k, 2k+1) zero-extended to qword k; a bit-granular shuffle
+ * (VPMULTISHIFTQB) puts token 2k's nibble (bits 0-3) and token 2k+1's (bits 4-7) in bits 19-22 of
+ * their dwords, and one logic op keeps those bits and sets the rest to 256.0f's (0x43800000): the
+ * float 256 + 16 c exactly. Three operations instead of the seven of the widening below. */
+#define QOFF_q4 256.f
+#define QMUL_q4 16.f
+static inline __m512 w16_q4(const uint8_t *row, int e) {
+    const __m512i b = _mm512_cvtepu8_epi64(_mm_loadl_epi64((const __m128i *)(row + e / 2)));
+    const __m512i x = _mm512_multishift_epi64_epi8(_mm512_set1_epi64(0x00010000003D0000LL), b);  /* byte 2 <- bits 61.., byte 6 <- bits 1.. */
+    return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(x, _mm512_set1_epi32(0x00780000), _mm512_set1_epi32(0x43800000),
+                                                         0xEA));                  /* (x & bits 19-22) | 256.0f */
+}
+#else
+#define QOFF_q4 0.f
+#define QMUL_q4 1.f
 static inline __m512 w16_q4(const uint8_t *row, int e) {
     __m128i b = _mm_loadl_epi64((const __m128i *)(row + e / 2)), m = _mm_set1_epi8(15);
     __m128i lo = _mm_and_si128(b, m), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
     return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)));
 }
-/* AVX-512 (bs, D and the value group multiples of 16): 16 tokens' scores per step with the G
- * heads' accumulators in registers; the softmax 16 tokens a vector; a block's weighted values
- * accumulated in registers (G x D/16 vectors; the minima's share p * min summed per group
- * apart) and added to o once per block. G and D are compile-time constants where they can be
+#endif
+/* V channels per pass (vectors of 16): G x NE accumulators within ~24 registers */
+#define QNE512_FOR(G) ((G) <= 3 ? 4 : (G) <= 6 ? 2 : 1)
+/* One pass of a block's weighted V rows over NE x 16 channels from vector e0 (within one value
+ * group): o = o * alpha + sum_t (p_t s_t) c_t + sum_t p_t min_t, G x NE accumulators in
+ * registers, o read and written once. */
+#define DEFINE_QUANT_VPASS(NAME, BITS)                                                                \
+static inline __attribute__((always_inline)) void NAME##_vpass(const uint8_t *VC, const int G,       \
+        const int D, int n, const uint64_t *tm, uint64_t mk, const int NE, int e0, float *o,         \
+        const float *alpha, const float *zs, const float PS[][BS_MAX]) {                            \
+    __m512 ov[G_MAX][4];                                                                            \
+    for (int g = 0; g < G; g++) {                                                                   \
+        const __m512 a = _mm512_set1_ps(alpha[g]);                                                  \
+        for (int k = 0; k < NE; k++)                                                                \
+            ov[g][k] = _mm512_mul_ps(_mm512_loadu_ps(o + (size_t)g * D + (e0 + k) * 16), a);        \
+    }                                                                                               \
+    for (int t = 0; t < n; t++) {                                                                   \
+        if (tm && !((mk >> t) & 1)) continue;                                                       \
+        const uint8_t *vr = VC + (size_t)t * D * BITS / 8;                                          \
+        for (int k = 0; k < NE; k++) {                                                              \
+            const __m512 x = w16_##NAME(vr, (e0 + k) * 16);                                         \
+            for (int g = 0; g < G; g++) ov[g][k] = _mm512_fmadd_ps(_mm512_set1_ps(PS[g][t]), x, ov[g][k]); \
+        }                                                                                           \
+    }                                                                                               \
+    for (int g = 0; g < G; g++)                                                                     \
+        for (int k = 0; k < NE; k++)                                                                \
+            _mm512_storeu_ps(o + (size_t)g * D + (e0 + k) * 16, _mm512_add_ps(ov[g][k], _mm512_set1_ps(zs[g]))); \
+}
+/* AVX-512 (bs, D and the value group multiples of 16), block by block (a slot's heads in address
+ * order, QUANT_PREFETCH_SLOTS slots prefetched ahead, as the AVX2 body): per head, the scores of
+ * 16 tokens a step with U chains per query head (one chain waits on the FMA latency); the
+ * online softmax as the bf16 body's (the running sum a vector; o rescaled by alpha as the V
+ * pass reads it, not in a loop of its own); the weighted values NE x 16 channels a pass, the
+ * minima's share summed per group apart. G and D are compile-time constants where they can be
  * (_item_fast's switch), so the loops unroll and the accumulators stay in registers. */
 #define DEFINE_QUANT_V(NAME, BITS)                                                                    \
+DEFINE_QUANT_VPASS(NAME, BITS)                                                                      \
 static inline __attribute__((always_inline)) void NAME##_item_v(const item_job *J, int H_kv, const int G, \
                                                                   const int D, int bs, float scale) { \
+    enum { U = 2 };                                                                                 \
     float P[G_MAX][BS_MAX] __attribute__((aligned(64))), QS[G_MAX][D_MAX] __attribute__((aligned(64))); \
     float PS[G_MAX][BS_MAX] __attribute__((aligned(64)));   /* p x the token's value scale */      \
-    float C0[G_MAX];                                                                                \
+    float C0[G_MAX], alpha[G_MAX];                                                                  \
     const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30); \
     const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));                                   \
-    const int vg = J->vg, ng = D / vg, nd = D / 16;                                                 \
+    const int vg = J->vg, ng = D / vg, per = vg / 16;                                               \
     const __m512 ninf = _mm512_set1_ps(-INFINITY);                                                  \
-    for (int h = 0; h < H_kv; h++) {                                                                \
-        const float *q = J->q + (size_t)h * G * D;                                                  \
-        float m[G_MAX], l[G_MAX], *o = J->o + (size_t)h * G * D;                                    \
-        for (int g = 0; g < G; g++) { m[g] = -INFINITY; l[g] = 0.f; }                               \
-        memset(o, 0, sizeof(float) * G * D);                                                        \
-        for (int j = 0; j < J->nb; j++) {                                                           \
+    float mh[H_MAX];                          /* each head's running max ... */                     \
+    __m512 lh[H_MAX];                         /* ... and sum of weights, per lane */                \
+    for (int i = 0; i < H_kv * G; i++) { mh[i] = -INFINITY; lh[i] = _mm512_setzero_ps(); }          \
+    memset(J->o, 0, sizeof(float) * H_kv * G * D);                                                  \
+    const size_t sb = quant_parts(H_kv, D, bs, ng, BITS).end;                                       \
+    for (int j = 0; j < J->nb; j++) {                                                               \
+        for (int h = 0; h < H_kv; h++) {                                                            \
+            if (j + QUANT_PREFETCH_SLOTS < J->nb)   /* a later slot: a head's share per head */     \
+                prefetch_share((const void *)J->blk[j + QUANT_PREFETCH_SLOTS], sb, h, H_kv);        \
+            const float *q = J->q + (size_t)h * G * D;                                              \
+            float *m = mh + h * G, *o = J->o + (size_t)h * G * D;                                   \
+            __m512 *ls = lh + h * G;                                                                \
             int n = j == J->nb - 1 ? J->n_last : bs;                                                \
             const uint64_t *tm = J->tm ? J->tm + (size_t)j * H_kv + h : NULL;                       \
             uint64_t mk = live_tokens(tm, n);                                                       \
@@ -842,44 +903,51 @@ static inline __attribute__((always_inline)) void NAME##_item_v(const item_job *
                 __m512 c = _mm512_setzero_ps();                                                     \
                 for (int d = 0; d < D; d += 16) {                                                   \
                     __m512 ks = ld_f16(KM + d), kmn = ld_f16(KM + D + d), qv = _mm512_loadu_ps(q + g * D + d); \
-                    _mm512_store_ps(QS[g] + d, _mm512_mul_ps(qv, ks));                              \
+                    const __m512 qs = _mm512_mul_ps(qv, ks);                                        \
+                    _mm512_store_ps(QS[g] + d, QMUL_##NAME != 1.f ? _mm512_mul_ps(qs, _mm512_set1_ps(1.f / QMUL_##NAME)) : qs); \
                     c = _mm512_fmadd_ps(qv, kmn, c);                                                \
+                    if (QOFF_##NAME != 0.f)               /* the codes' offset */                   \
+                        c = _mm512_fnmadd_ps(qs, _mm512_set1_ps(QOFF_##NAME / QMUL_##NAME), c);     \
                 }                                                                                   \
                 C0[g] = _mm512_reduce_add_ps(c);                                                    \
             }                                                                                       \
-            float bm[G_MAX];                                                                        \
-            for (int g = 0; g < G; g++) bm[g] = -INFINITY;                                          \
+            __m512 bmx[G_MAX];                                                                      \
+            for (int g = 0; g < G; g++) bmx[g] = ninf;                                              \
             for (int t0 = 0; t0 < n; t0 += 16) {  /* scores of 16 tokens, dead ones -inf */         \
-                __m512 acc[G_MAX];                                                                  \
-                for (int g = 0; g < G; g++) acc[g] = _mm512_setzero_ps();                           \
-                for (int d = 0; d < D; d++) {                                                       \
-                    __m512 k = w16_##NAME(KC + (size_t)d * bs * BITS / 8, t0);                      \
-                    for (int g = 0; g < G; g++) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(QS[g][d]), k, acc[g]); \
-                }                                                                                   \
+                __m512 acc[G_MAX][U];                                                               \
+                for (int g = 0; g < G; g++) acc[g][0] = acc[g][1] = _mm512_setzero_ps();           \
+                for (int d = 0; d < D; d += U)                                                      \
+                    for (int i = 0; i < U; i++) {                                                   \
+                        const __m512 k = w16_##NAME(KC + (size_t)(d + i) * bs * BITS / 8, t0);      \
+                        for (int g = 0; g < G; g++)                                                 \
+                            acc[g][i] = _mm512_fmadd_ps(_mm512_set1_ps(QS[g][d + i]), k, acc[g][i]); \
+                    }                                                                               \
                 __mmask16 live = tm ? (__mmask16)(mk >> t0)     /* masks: bs <= 64 */             \
                                     : (__mmask16)(n - t0 >= 16 ? 0xFFFF : (1u << (n - t0)) - 1);     \
+                if (n - t0 < 16) live &= (__mmask16)((1u << (n - t0)) - 1u);                         \
                 for (int g = 0; g < G; g++) {                                                       \
-                    __m512 sc = _mm512_mul_ps(_mm512_add_ps(acc[g], _mm512_set1_ps(C0[g])), _mm512_set1_ps(scale)); \
-                    sc = _mm512_mask_blend_ps(live, ninf, sc);                                      \
+                    __m512 sc = _mm512_add_ps(_mm512_add_ps(acc[g][0], acc[g][1]), _mm512_set1_ps(C0[g])); \
+                    sc = _mm512_mask_blend_ps(live, ninf, _mm512_mul_ps(sc, _mm512_set1_ps(scale))); \
                     _mm512_store_ps(P[g] + t0, sc);                                                 \
-                    float x = _mm512_reduce_max_ps(sc);                                             \
-                    bm[g] = x > bm[g] ? x : bm[g];                                                  \
+                    bmx[g] = _mm512_max_ps(bmx[g], sc);                                             \
                 }                                                                                   \
             }                                                                                       \
-            float zsum[G_MAX][D_MAX / 16];        /* sum of p * min per value group */             \
-            __m512 ov[G_MAX][D_MAX / 16];                                                           \
             for (int g = 0; g < G; g++) {         /* the online softmax, 16 weights a vector */    \
-                rescale_to(bm[g], m + g, l + g, o + (size_t)g * D, D);                              \
-                __m512 mv = _mm512_set1_ps(m[g]), ls = _mm512_setzero_ps();                         \
+                alpha[g] = 1.f;                                                                     \
+                if (_mm512_cmp_ps_mask(bmx[g], _mm512_set1_ps(m[g]), _CMP_GT_OQ)) {                 \
+                    const float bm = _mm512_reduce_max_ps(bmx[g]);   /* a new running max */       \
+                    alpha[g] = m[g] == -INFINITY ? 0.f : exp_nonpos(m[g] - bm);                     \
+                    m[g] = bm;                                                                      \
+                    ls[g] = _mm512_mul_ps(ls[g], _mm512_set1_ps(alpha[g]));                         \
+                }                                                                                   \
+                const __m512 mv = _mm512_set1_ps(m[g]);                                             \
                 for (int t0 = 0; t0 < n; t0 += 16) {                                                \
                     __m512 sc = _mm512_load_ps(P[g] + t0);                                          \
-                    __mmask16 live = _mm512_cmp_ps_mask(sc, ninf, _CMP_NEQ_OQ);                     \
-                    __m512 p = _mm512_maskz_mov_ps(live, exp512_nonpos(_mm512_sub_ps(sc, mv)));     \
+                    __mmask16 fin = _mm512_cmp_ps_mask(sc, ninf, _CMP_NEQ_OQ);                      \
+                    __m512 p = _mm512_maskz_mov_ps(fin, exp512_nonpos(_mm512_sub_ps(sc, mv)));      \
                     _mm512_store_ps(P[g] + t0, p);                                                  \
-                    ls = _mm512_add_ps(ls, p);                                                      \
+                    ls[g] = _mm512_add_ps(ls[g], p);                                                \
                 }                                                                                   \
-                l[g] += _mm512_reduce_add_ps(ls);                                                   \
-                for (int e = 0; e < nd; e++) ov[g][e] = _mm512_setzero_ps();                        \
             }                                                                                       \
             for (int c = 0; c < ng; c++) {        /* value group c: its scales folded into p */     \
                 __m512 za[G_MAX];                                                                   \
@@ -903,31 +971,39 @@ static inline __attribute__((always_inline)) void NAME##_item_v(const item_job *
                     }                                                                               \
                     vs = _mm512_maskz_mov_ps(in, vs);                                               \
                     vz = _mm512_maskz_mov_ps(in, vz);                                               \
+                    if (QOFF_##NAME != 0.f)               /* the codes' offset and scale */         \
+                        vz = _mm512_fnmadd_ps(vs, _mm512_set1_ps(QOFF_##NAME / QMUL_##NAME), vz);   \
+                    if (QMUL_##NAME != 1.f) vs = _mm512_mul_ps(vs, _mm512_set1_ps(1.f / QMUL_##NAME)); \
                     for (int g = 0; g < G; g++) {                                                   \
                         __m512 p = _mm512_load_ps(P[g] + t0);                                       \
                         _mm512_store_ps(PS[g] + t0, _mm512_mul_ps(p, vs));                          \
                         za[g] = _mm512_fmadd_ps(p, vz, za[g]);                                      \
                     }                                                                               \
                 }                                                                                   \
-                for (int g = 0; g < G; g++) zsum[g][c] = _mm512_reduce_add_ps(za[g]);               \
-                for (int t = 0; t < n; t++) {     /* weighted V rows, accumulated in registers */   \
-                    if (tm && !((mk >> t) & 1)) continue;                                           \
-                    const uint8_t *vr = VC + (size_t)t * D * BITS / 8;                              \
-                    for (int e = c * vg / 16; e < (c + 1) * vg / 16; e++) {                         \
-                        __m512 x = w16_##NAME(vr, e * 16);                                          \
-                        for (int g = 0; g < G; g++)                                                 \
-                            ov[g][e] = _mm512_fmadd_ps(_mm512_set1_ps(PS[g][t]), x, ov[g][e]);      \
+                float zs[G_MAX];                                                                    \
+                for (int g = 0; g < G; g++) zs[g] = _mm512_reduce_add_ps(za[g]);                    \
+                const int NE = QNE512_FOR(G);                                                       \
+                for (int e0 = c * per; e0 < (c + 1) * per; )   /* NE x 16 channels a pass */        \
+                    if (NE == 4 && (c + 1) * per - e0 >= 4) {                                       \
+                        NAME##_vpass(VC, G, D, n, tm, mk, 4, e0, o, alpha, zs, PS); e0 += 4;        \
+                    } else if (NE >= 2 && (c + 1) * per - e0 >= 2) {                                \
+                        NAME##_vpass(VC, G, D, n, tm, mk, 2, e0, o, alpha, zs, PS); e0 += 2;        \
+                    } else {                                                                        \
+                        NAME##_vpass(VC, G, D, n, tm, mk, 1, e0, o, alpha, zs, PS); e0 += 1;        \
                     }                                                                               \
-                }                                                                                   \
             }                                                                                       \
-            for (int g = 0; g < G; g++)                                                             \
-                for (int e = 0; e < nd; e++) {                                                      \
-                    float *og = o + (size_t)g * D + e * 16;                                         \
-                    __m512 z = _mm512_set1_ps(zsum[g][e * 16 / vg]);                                \
-                    _mm512_storeu_ps(og, _mm512_add_ps(_mm512_loadu_ps(og), _mm512_add_ps(ov[g][e], z))); \
-                }                                                                                   \
         }                                                                                           \
-        for (int g = 0; g < G; g++) finish_head(o + (size_t)g * D, m[g], l[g], D, J->lse + h * G + g); \
+    }                                                                                               \
+    for (int i = 0; i < H_kv * G; i++) {                                                            \
+        float *o = J->o + (size_t)i * D;                                                            \
+        if (mh[i] == -INFINITY) {                                                                   \
+            memset(o, 0, sizeof(float) * D);                                                        \
+            J->lse[i] = -INFINITY;                                                                  \
+            continue;                                                                               \
+        }                                                                                           \
+        const float l = _mm512_reduce_add_ps(lh[i]);                                                \
+        for (int d = 0; d < D; d++) o[d] /= l;                                                      \
+        J->lse[i] = mh[i] + logf(l);                                                                \
     }                                                                                               \
 }                                                                                                   \
 DEFINE_QUANT_FAST(NAME, bs % 16 || D % 16 || J->vg % 16)
