@@ -29,6 +29,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("-t", "--threads", type=int, default=2)
     p.add_argument("--top", type=int, default=15)
+    p.add_argument("--sort", default="tottime", help="pstats order: tottime (own time) or cumtime (with callees)")
     a = p.parse_args()
     llm = LLM(a.model, threads=a.threads, **json.loads(a.settings))
     eng = llm.engine
@@ -51,7 +52,7 @@ def main() -> None:
     tokens = sum(len(eng.seqs[s].output_ids) for s in sids) - before
     print(f"{a.settings} depth {a.depth} batch {a.batch}: {tokens} tokens, {dt / tokens * 1e3:.1f} ms a token "
           f"(profiled)")
-    pstats.Stats(prof).sort_stats("tottime").print_stats(a.top)
+    pstats.Stats(prof).sort_stats(a.sort).print_stats(a.top)
 
 
 if __name__ == "__main__":
