@@ -514,7 +514,7 @@ class TieredBackend:
         guess: the next layer attends what its own selection chooses; blocks the guess missed
         are read then)."""
         nxt = layer + 1
-        if not any(t.prefetches for t in self.tiers):
+        if not any(t.prefetches and t.used for t in self.tiers):    # (no chunk where a hint is used)
             return
         wrap = nxt == self.cfg.num_layers
         if wrap:

@@ -994,17 +994,8 @@ static inline __attribute__((always_inline)) void NAME##_item_v(const item_job *
             }                                                                                       \
         }                                                                                           \
     }                                                                                               \
-    for (int i = 0; i < H_kv * G; i++) {                                                            \
-        float *o = J->o + (size_t)i * D;                                                            \
-        if (mh[i] == -INFINITY) {                                                                   \
-            memset(o, 0, sizeof(float) * D);                                                        \
-            J->lse[i] = -INFINITY;                                                                  \
-            continue;                                                                               \
-        }                                                                                           \
-        const float l = _mm512_reduce_add_ps(lh[i]);                                                \
-        for (int d = 0; d < D; d++) o[d] /= l;                                                      \
-        J->lse[i] = mh[i] + logf(l);                                                                \
-    }                                                                                               \
+    for (int i = 0; i < H_kv * G; i++)                                                              \
+        finish_head(J->o + (size_t)i * D, mh[i], _mm512_reduce_add_ps(lh[i]), D, J->lse + i);       \
 }                                                                                                   \
 DEFINE_QUANT_FAST(NAME, bs % 16 || D % 16 || J->vg % 16)
 #elif defined(__AVX2__) && defined(__FMA__)
