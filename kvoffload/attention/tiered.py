@@ -73,14 +73,12 @@ class _StepState:
         self.seq_ids = seq_ids
         self.cols = np.zeros(len(seq_ids), np.int64)
         self.last = np.ones(len(seq_ids), np.int64)
-        self.tail_tokens = len(seq_ids)          # last.sum(): the tokens the tails hold, new ones included
         self.batch: ForwardBatch | None = None
 
     def update(self, batch: ForwardBatch, bs: int) -> None:
         if self.batch is not batch:
             self.cols[:] = np.asarray(batch.starts, np.int64) % bs
             self.last[:] = self.cols + 1
-            self.tail_tokens = int(self.last.sum())
             self.batch = batch
 
 
@@ -480,7 +478,7 @@ class TieredBackend:
 
     def _count_tails(self) -> None:
         """A dense step's tails read (each sequence's tokens in its tail block, the new one included)."""
-        self.tail_counters.read += self._step_state.tail_tokens * self.tail_layout.token_bytes(1)
+        self.tail_counters.read += int(self._step_state.last.sum()) * self.tail_layout.token_bytes(1)
 
     def _decode_items(self, layer: int, q_rows: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                       batch: ForwardBatch, chosen: list[Selection] | None, rebuilt: list | None = None,

@@ -442,7 +442,7 @@ class DiskWorkerServer:
     def write(self, w: WriteBlocks) -> None:
         slots = np.asarray(w.slots, dtype=np.int64)
         data = memoryview(w.data)
-        if self.ahead is not None and np.isin(slots, self.ahead[0]).any():
+        if self.ahead is not None and find_sorted(self.ahead[0], slots)[0].any():
             self._drop_ahead()                       # the read-ahead holds what is being overwritten
         if self.cache is not None:
             self.cache.drop(slots)
