@@ -171,17 +171,19 @@ class TieredBackend:
         self.policy = policy                 # sparse decode: which blocks each step reads
         self.sparse_stats = SparseCounters()
         # A sparse layer in native code when this process attends every tier's blocks by address
-        # (memory tiers, a disk shard read here: Tier.direct) and the blocks have the tails' format;
-        # at most one tier has blocks to read first (its "read tier").
+        # (memory tiers, a disk shard read here: Tier.direct) and a kernel attends the blocks (of
+        # the tails' format, or compressed: then the blocks' kernel beside the tails'); at most
+        # one tier has blocks to read first (its "read tier").
         reads = [i for i, t in enumerate(tiers) if t.direct and t.fetch is not None]
-        self._direct = (self.kernel is not None and lay.dtype == tail.dtype and all(t.direct for t in tiers)
-                        and len(reads) <= 1)
+        self._direct = (self.kernel is not None and (lay.dtype == tail.dtype or self.block_kernel is not None)
+                        and all(t.direct for t in tiers) and len(reads) <= 1)
         self._read_tier = reads[0] if reads else None
         self._memory_tiers = [i for i, t in enumerate(tiers) if t.direct and t.fetch is None]
         self.one_call = True       # False: a native sparse layer goes through per-tier requests (tests compare)
         self.native_hook = True    # False: fused layers call decode() (tests compare)
         self._convert = KVConvert(name_of(kv_dtype), cfg.num_kv_heads * cfg.head_dim)   # k/v of another dtype, for hooks
         self._step: SparseStep | None = None
+        self._hooked: tuple[int, list] | None = None     # (layer, its block tables) of a hooked sparse step
         # decode micro-batches call in from several threads: one at a time in here (their model
         # compute outside overlaps); tiers, placement and counters are not shared otherwise
         self._lock = threading.Lock()
@@ -331,28 +333,57 @@ class TieredBackend:
         elsewhere (disk); another forward at the same time (decode micro-batches: the tiers'
         placement is shared). k/v of another dtype than the tails' are rounded to it in the
         hook (:class:`KVConvert`), as :meth:`decode` does."""
-        if (self.kernel is None or self.block_kernel is None or not self.native_hook
-                or self.policy is not None or batch.concurrent):
+        pol = self.policy
+        if (self.kernel is None or self.block_kernel is None or not self.native_hook or batch.concurrent
+                or (pol is not None and pol.cfg.sparse_prefetch)):
             return None
         with self._lock:
-            plan = self._plan(layer, batch)
-            hook = plan.hook(self)
-            if hook is None:
-                return None
-            if not self.kvcfg.kv_serial:
-                self._prefetch_next(layer, batch, None)                          # (a dense next layer's chunks)
-            for t, read, n in plan.reads:
-                self.tiers[t].counters.attended(read, n)
-            self._count_tails()
+            if pol is not None and pol.sparse(layer):
+                hook = self._sparse_hook(layer, batch, dtype)
+                if hook is None:
+                    return None
+            else:
+                plan = self._plan(layer, batch)
+                hook = plan.hook(self)
+                if hook is None:
+                    return None
+                if not self.kvcfg.kv_serial:
+                    self._prefetch_next(layer, batch, None)                      # (a dense next layer's chunks)
+                for t, read, n in plan.reads:
+                    self.tiers[t].counters.attended(read, n)
+                self._count_tails()
             if layer == self.cfg.num_layers - 1:
                 self.decode_tokens += len(batch.seq_ids)
         return hook if dtype == self.kv_dtype else self._convert.wrap(hook, name_of(dtype), len(batch.seq_ids))
 
+    def _sparse_hook(self, layer: int, batch: ForwardBatch, dtype: torch.dtype) -> AttnHook | None:
+        """A sparse layer's direct step (:meth:`_sparse_direct`) as a native hook, where it has
+        nothing to read between its two calls: every block in a memory tier. Its counts are
+        taken in :meth:`native_done`."""
+        pol, rt = self.policy, self._read_tier
+        if not (self._direct and self.one_call) or pol.rebuilds_keys or (rt is not None and self.tiers[rt].used):
+            return None
+        sel = pol.native_kernel_for(dtype, self.kv_dtype)
+        if sel is None:
+            return None
+        step = self._step = SparseStep.reuse(self._step, sel, self.kernel, self.layout, self.threads,
+                                             self.block_kernel)
+        seq_ids, starts = batch.seq_ids, batch.starts
+        tables = [self.store.locations(sid, layer) for sid in seq_ids]
+        locs = np.array([t[1].ctypes.data for t in tables], np.int64)
+        hook = step.hook(starts, pol.native_table(layer, seq_ids, starts), pol.native_aux(layer), None,
+                         self.kv_dtype, locs, self._tail_addrs(batch)[layer])
+        self._hooked = None if hook is None else (layer, tables)
+        return hook
+
     def native_done(self, layer: int, batch: ForwardBatch) -> None:
-        """After a hooked layer's call: what :meth:`decode` does after its attention — each tail
-        that the new token filled becomes a block (placed, compressed if the blocks are), the
-        queued writes go out."""
+        """After a hooked layer's call: what :meth:`decode` does after its attention — a sparse
+        layer's counts; each tail that the new token filled becomes a block (placed, compressed
+        if the blocks are), the queued writes go out."""
         with self._lock:
+            if self._hooked is not None and self._hooked[0] == layer:
+                self._count_sparse(self._step, self._hooked[1], batch.starts, np.zeros(0, np.int64))
+                self._hooked = None
             self._tails_filled(layer, batch)
 
     def _tails_filled(self, layer: int, batch: ForwardBatch) -> None:
@@ -395,27 +426,34 @@ class TieredBackend:
         then append + attend + merge (:meth:`SparseStep.attend`). The items, the kernel and the
         merge order are those of the per-tier requests and of the in-memory backend: the same
         bits. q ``[B, H, D]`` (the model's dtype) -> ``[B, H, D]`` fp32."""
-        pol, lay, H_kv = self.policy, self.layout, self.cfg.num_kv_heads
-        step = self._step = SparseStep.reuse(self._step, sel, self.kernel, lay, self.threads)
+        pol = self.policy
+        step = self._step = SparseStep.reuse(self._step, sel, self.kernel, self.layout, self.threads,
+                                             self.block_kernel)
         seq_ids, starts = batch.seq_ids, batch.starts
         B, H, D = q.shape
         tables = [self.store.locations(sid, layer) for sid in seq_ids]
         locs = np.array([t[1].ctypes.data for t in tables], np.int64)
         rt = self._read_tier
         out, lse = torch.empty(B, H, D), torch.empty(B, H)
-        info, alpha, vmean = step.plan(starts, q, k_new, v_new, pol.native_table(layer, seq_ids, starts),
-                                       pol.native_aux(layer), locs, self._tail_addrs(batch)[layer],
-                                       None if rt is None else self.tiers[rt].resident, q.float(), out, lse)
+        _, alpha, vmean = step.plan(starts, q, k_new, v_new, pol.native_table(layer, seq_ids, starts),
+                                    pol.native_aux(layer), locs, self._tail_addrs(batch)[layer],
+                                    None if rt is None else self.tiers[rt].resident, q.float(), out, lse)
         refs, slots = step.refs
         if len(refs):
             self.tiers[rt].fetch(layer, slots, step.ptrs, refs)
         if not self.kvcfg.kv_serial:
             self._prefetch_next(layer, batch, None)               # (a dense next layer: its chunks are known)
         step.attend()
+        self._count_sparse(step, tables, starts, refs)
+        return out if alpha is None else mean_mix(out, alpha, vmean)
+
+    def _count_sparse(self, step: SparseStep, tables: list, starts: tuple[int, ...], refs: np.ndarray) -> None:
+        """A direct sparse layer's counters, from the step's last call: the tiers', the tails'
+        and the policy's."""
+        info, H_kv = step.info(len(starts)), self.cfg.num_kv_heads
         self._count_direct(step, tables, info, refs)
         self.tail_counters.read += sum(s % self.bs + 1 for s in starts) * self.tail_layout.token_bytes(1)
-        self.sparse_stats.add_native(starts, info, H_kv, self.bs, lay.token_bytes(1) // H_kv)
-        return out if alpha is None else mean_mix(out, alpha, vmean)
+        self.sparse_stats.add_native(starts, info, H_kv, self.bs, self.layout.token_bytes(1) // H_kv)
 
     def _count_direct(self, step: SparseStep, tables: list, info: np.ndarray, refs: np.ndarray) -> None:
         """The memory tiers' counters for a direct sparse layer (the read tier counts its own

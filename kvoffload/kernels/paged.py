@@ -502,6 +502,13 @@ def merge_parts(row_first, order, part_o, part_lse, out, lse, threads: int = 1) 
     fn(R, H, D, _ptr(rf), None if order is None else _ptr(order), po, pl, o_ptr, l_ptr, threads)
 
 
+def merge_address() -> int:
+    """The address of ``kvo_merge_parts`` (:func:`merge_parts`' function): what ``select.c``'s
+    sparse step calls to merge parts attended by two drivers (compressed blocks, full-precision
+    tails)."""
+    return ctypes.cast(load("paged_attn").kvo_merge_parts, ctypes.c_void_p).value
+
+
 def full_mask_row(bs: int, H_kv: int) -> np.ndarray:
     """``[1, H_kv]`` uint64: every token of a block, for every head."""
     return np.full((1, H_kv), (1 << bs) - 1, np.uint64)

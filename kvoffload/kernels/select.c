@@ -1342,6 +1342,10 @@ int kvo_select(const sel_config *cf, int B, const int64_t *starts,
  * the partials and their merge order, hence the bits, are the Python path's) -- then append +
  * attend + merge by the paged kernel's driver for the KV dtype (paged_attn.c's
  * kvo_paged_attn_v_*, passed in as a function pointer: the two sources are built apart).
+ * Compressed blocks (int8 / int4) have another format than the full-precision tails: then
+ * attn_blocks attends the block items, attn appends to and attends the tails (placed after
+ * all block items), and merge (paged_attn.c's kvo_merge_parts) merges each sequence's parts in
+ * the same order -- its blocks' items, then its tail -- as the per-tier requests' merge does.
  * ------------------------------------------------------------------------------------------- */
 /* What stays between calls (select.py: _StepPlan, the same fields in the same order). The
  * buffers hold cap_b sequences of up to NB full blocks each. */
@@ -1358,7 +1362,15 @@ typedef struct {
     float *part_o, *part_lse;            /* [cap_b * (NB + 1), H, D], [.., H] */
     int64_t *dref, *dslot;               /* [items' blocks]: the read tier's item blocks (index into
                                           * ptrs) and their slots */
+    void *attn_blocks;                   /* a kvo_paged_driver for blocks of another format than the
+                                          * tails' (NULL: attn attends both) */
+    void *merge;                         /* with attn_blocks: paged_attn.c's kvo_merge_parts */
+    int64_t *order;                      /* with attn_blocks: [items] the merge order */
+    int32_t vgroup_blocks, pad2_;        /* attn_blocks' value group */
 } step_plan;
+
+typedef void (*merge_fn)(int R, int H, int D, const int64_t *row_first, const int64_t *order,
+                         const float *part_o, const float *part_lse, float *out, float *lse, int threads);
 
 /* One call's arguments (select.py: STEP_CALL): int64 words, addresses as integers.
  * Where the blocks are, one of two ways:
@@ -1368,25 +1380,42 @@ typedef struct {
  *   in-process tiers): loc >= 0 is the block's address; loc < 0 is slot -loc-1 of the read
  *   tier (a disk shard read by this process), whose address is SC_RESIDENT[slot] when it is
  *   held in RAM (0 or slot >= SC_NRES: not held: its ptr is left 0 for the caller to read and
- *   fill, kvo_sparse_attend). SC_TAILS: [B] the tail blocks' addresses. */
+ *   fill, kvo_sparse_attend). SC_TAILS: [B] the tail blocks' addresses. SC_BITEMS (out): the
+ *   items before the tails' (with attn_blocks; else all of them). */
 enum { SC_B, SC_STARTS, SC_Q, SC_Q_DT, SC_Q_SB, SC_Q_SH, SC_K, SC_V, SC_KV_DT, SC_K_SB, SC_K_SH, SC_V_SB,
        SC_V_SH, SC_TABLE, SC_CHANNELS, SC_ALPHA, SC_VMEAN, SC_BASE, SC_QF, SC_QF_RS, SC_OUT, SC_LSE,
-       SC_ITEMS, SC_LOCS, SC_TAILS, SC_RESIDENT, SC_NRES, SC_NREF, SC_WORDS };
+       SC_ITEMS, SC_LOCS, SC_TAILS, SC_RESIDENT, SC_NRES, SC_NREF, SC_BITEMS, SC_WORDS };
 
 int kvo_sparse_step_words(void) { return SC_WORDS; }
 
+/* item N: row b's tail block (at addr, its token s), appended to (column s % bs) and attended
+ * whole; its blocks' entry M */
+static inline void put_tail(const step_plan *P, int b, int64_t N, int64_t M, int64_t s, int64_t addr,
+                            int H_kv, uint64_t full) {
+    const int bs = P->cf->bs;
+    P->row[N] = b;
+    P->last[N] = s % bs + 1;
+    P->first[N] = M;
+    P->ptrs[M] = P->app_slot[b] = addr;
+    P->app_col[b] = s % bs;
+    for (int h = 0; h < H_kv; h++) P->masks[(size_t)M * H_kv + h] = full;
+}
+
 /* The selection and the items of a step; no attention yet. c[SC_ITEMS] receives the number of
  * items; with SC_LOCS, c[SC_NREF] the number of item blocks of the read tier (their indices into
- * ptrs in dref, their slots in dslot; those not held have ptr 0). 0, or kvo_select's error (-6: k / v heads not
- * contiguous). */
+ * ptrs in dref, their slots in dslot; those not held have ptr 0). With attn_blocks (SC_LOCS
+ * only) the tails' items follow all block items, and row_first / order give the merge. 0, or
+ * kvo_select's error (-6: k / v heads not contiguous). */
 int kvo_sparse_plan(const step_plan *P, int64_t *c) {
     const sel_config *cf = P->cf;
+    const int split = P->attn_blocks != NULL;
     const int B = (int)c[SC_B], H_kv = cf->H_kv, bs = cf->bs;
     const int64_t *starts = (const int64_t *)c[SC_STARTS], *base = (const int64_t *)c[SC_BASE];
     const int64_t *const *locs = (const int64_t *const *)c[SC_LOCS];
     const int64_t *tails = (const int64_t *)c[SC_TAILS], *resident = (const int64_t *)c[SC_RESIDENT];
     const int64_t nres = resident ? c[SC_NRES] : 0;
-    if (B < 1 || B > P->cap_b || !P->attn || (!locs && !base) || (locs && !tails)) return -1;
+    if (B < 1 || B > P->cap_b || !P->attn || (!locs && !base) || (locs && !tails) ||
+        (split && (!locs || !P->merge))) return -1;
     if (c[SC_K_SH] != cf->D || c[SC_V_SH] != cf->D) return -6;
     /* (kvo_select refuses a sequence of more than NB full blocks: the item buffers hold them all) */
     int rc = kvo_select(cf, B, starts, (const void *)c[SC_Q], (int)c[SC_Q_DT], c[SC_Q_SB], c[SC_Q_SH],
@@ -1427,18 +1456,25 @@ int kvo_sparse_plan(const step_plan *P, int64_t *c) {
             memcpy(P->masks + (size_t)M * H_kv, um + (size_t)i * H_kv, sizeof(uint64_t) * (size_t)H_kv);
             M++;
         }
-        P->row[N] = b;                                                         /* the tail block */
-        P->last[N] = s % bs + 1;
-        P->first[N++] = M;
-        P->ptrs[M] = P->app_slot[b] = loc ? tails[b] : base[b] + (s / bs) * sb;
-        P->app_col[b] = s % bs;
-        for (int h = 0; h < H_kv; h++) P->masks[(size_t)M * H_kv + h] = full;
-        M++;
+        if (!split) put_tail(P, b, N++, M++, s, loc ? tails[b] : base[b] + (s / bs) * sb, H_kv, full);
+    }
+    const int64_t NBI = N;                                     /* the block items (split: the tails follow) */
+    if (split) {
+        for (int b = 0; b < B; b++)
+            put_tail(P, b, N++, M++, starts[b], tails[b], H_kv, full);
+        P->row_first[B] = NBI;
+        for (int64_t b = 0, k = 0; b < B; b++) {                  /* row b: its block items, then its tail */
+            const int64_t a = P->row_first[b], e = P->row_first[b + 1];
+            P->row_first[b] = k;
+            for (int64_t i = a; i < e; i++) P->order[k++] = i;
+            P->order[k++] = NBI + b;
+        }
     }
     P->first[N] = M;
     P->row_first[B] = N;
     c[SC_ITEMS] = N;
     c[SC_NREF] = R;
+    c[SC_BITEMS] = NBI;
     return 0;
 }
 
@@ -1450,6 +1486,23 @@ int kvo_sparse_attend(const step_plan *P, int64_t *c) {
     const int64_t N = c[SC_ITEMS];
     for (int64_t j = 0; j < c[SC_NREF]; j++)
         if (!P->ptrs[P->dref[j]]) return -7;
+    if (P->attn_blocks) {                 /* the tails (appended), then the blocks, then the merge */
+        const int64_t NBI = c[SC_BITEMS], H = (int64_t)H_kv * P->G, D = cf->D;
+        int rc = ((kvo_paged_driver)P->attn)(H_kv, P->G, cf->D, bs, B, (const void *)c[SC_K], c[SC_K_SB],
+                                   (const void *)c[SC_V], c[SC_V_SB], P->app_slot, P->app_col, (int)(N - NBI),
+                                   (const float *)c[SC_QF], c[SC_QF_RS], P->row + NBI, P->first + NBI,
+                                   P->last + NBI, P->ptrs, P->masks, P->scale, P->part_o + NBI * H * D,
+                                   P->part_lse + NBI * H, 0, NULL, NULL, NULL, NULL, P->threads, P->vgroup);
+        if (!rc)
+            rc = ((kvo_paged_driver)P->attn_blocks)(H_kv, P->G, cf->D, bs, 0, NULL, 0, NULL, 0, NULL, NULL,
+                                   (int)NBI, (const float *)c[SC_QF], c[SC_QF_RS], P->row, P->first, P->last,
+                                   P->ptrs, P->masks, P->scale, P->part_o, P->part_lse, 0, NULL, NULL, NULL,
+                                   NULL, P->threads, P->vgroup_blocks);
+        if (rc) return rc;
+        ((merge_fn)P->merge)(B, (int)H, (int)D, P->row_first, P->order, P->part_o, P->part_lse,
+                             (float *)c[SC_OUT], (float *)c[SC_LSE], B * H >= 64 ? P->threads : 1);
+        return 0;
+    }
     return ((kvo_paged_driver)P->attn)(H_kv, P->G, cf->D, bs, B, (const void *)c[SC_K], c[SC_K_SB],
                                    (const void *)c[SC_V], c[SC_V_SB], P->app_slot, P->app_col, (int)N,
                                    (const float *)c[SC_QF], c[SC_QF_RS], P->row, P->first, P->last, P->ptrs,

@@ -24,6 +24,7 @@ import numpy as np
 from kvoffload.dtypes import DTYPES
 from kvoffload.kernels.build import load
 from kvoffload.kernels.hook import AttnHook
+from kvoffload.kernels.paged import merge_address
 
 __all__ = ["INFO_CHOSEN", "INFO_COLS", "INFO_NBLOCKS", "INFO_READ", "POLICY_IDS", "ST_COLS", "TILE", "NativeSelect",
            "SelectOut", "SparseStep"]
@@ -215,13 +216,14 @@ class _StepPlan(ctypes.Structure):
                 ("pad_", ctypes.c_int32), ("slot_bytes", _L), ("cap_b", _L), ("NB", _L),
                 ("sel_out", _P), ("row", _P), ("first", _P), ("last", _P), ("ptrs", _P), ("row_first", _P),
                 ("app_slot", _P), ("app_col", _P), ("masks", _P), ("part_o", _P), ("part_lse", _P), ("dref", _P),
-                ("dslot", _P)]
+                ("dslot", _P), ("attn_blocks", _P), ("merge", _P), ("order", _P), ("vgroup_blocks", ctypes.c_int32),
+                ("pad2_", ctypes.c_int32)]
 
 
 # select.c's step-call words (its SC_* enum, in order): one int64 array filled per call
 STEP_CALL = ("B", "starts", "q", "q_dt", "q_sb", "q_sh", "k", "v", "kv_dt", "k_sb", "k_sh", "v_sb", "v_sh",
              "table", "channels", "alpha", "vmean", "base", "qf", "qf_rs", "out", "lse", "items",
-             "locs", "tails", "resident", "nres", "nref")
+             "locs", "tails", "resident", "nres", "nref", "bitems")
 _SC = {name: i for i, name in enumerate(STEP_CALL)}
 _STEP_ERRORS = {-6: "k / v heads not contiguous", -7: "a block of the read tier was not filled in"}
 
@@ -252,7 +254,7 @@ class SparseStep:
     :meth:`attend` runs the attention once the caller has read them and filled them in."""
 
     def __init__(self, sel: NativeSelect, driver: int, G: int, chunk_blocks: int, threads: int, scale: float,
-                 slot_bytes: int, vgroup: int) -> None:
+                 slot_bytes: int, vgroup: int, blocks: tuple[int, int] | None = None) -> None:
         lib = sel.lib
         if lib.kvo_sparse_step_words() != len(STEP_CALL):
             raise RuntimeError(f"select.c takes {lib.kvo_sparse_step_words()} step words, select.py {len(STEP_CALL)}")
@@ -262,6 +264,9 @@ class SparseStep:
         self.sel, self.G = sel, G
         self.struct = _StepPlan(cf=sel._cfg, attn=driver, G=G, chunk_blocks=chunk_blocks, threads=max(1, threads),
                                vgroup=vgroup, scale=scale, slot_bytes=slot_bytes)
+        if blocks is not None:                  # blocks of another format than the tails' (compressed KV)
+            self.struct.attn_blocks, self.struct.vgroup_blocks = blocks
+            self.struct.merge = merge_address()
         self._plan = ctypes.addressof(self.struct)
         self.call = np.zeros(len(STEP_CALL), np.int64)
         self._call = _addr(self.call)
@@ -269,13 +274,19 @@ class SparseStep:
         self.cap_b = self.NB = 0
 
     @classmethod
-    def reuse(cls, step: SparseStep | None, sel: NativeSelect, kernel, layout, threads: int) -> SparseStep:
+    def reuse(cls, step: SparseStep | None, sel: NativeSelect, kernel, layout, threads: int,
+              block_kernel=None) -> SparseStep:
         """``step`` when it runs ``sel``; else a new step of ``sel`` over ``kernel`` (a
-        :class:`~kvoffload.kernels.paged.PagedAttention` of ``layout``'s full-precision blocks)."""
+        :class:`~kvoffload.kernels.paged.PagedAttention` of the full-precision tails, and of
+        ``layout``'s blocks unless ``block_kernel``, of another dtype, attends those: compressed
+        KV, only with :meth:`plan`)."""
         if step is not None and step.sel is sel:
             return step
+        blocks = None
+        if block_kernel is not None and block_kernel.dtype != kernel.dtype:
+            blocks = (block_kernel.driver(), block_kernel.group)
         return cls(sel, kernel.driver(), kernel.G, layout.chunk_blocks, threads, kernel.scale, layout.slot_bytes,
-                   kernel.group)
+                   kernel.group, blocks)
 
     def _grow(self, B: int, NB: int) -> None:
         """Buffers for ``B`` sequences of up to ``NB`` full blocks (doubling)."""
@@ -291,7 +302,7 @@ class SparseStep:
             "app_slot": np.empty(cap_b, np.int64), "app_col": np.empty(cap_b, np.int64),
             "masks": np.empty(n * H_kv, np.uint64), "part_o": np.empty(n * H * D, np.float32),
             "part_lse": np.empty(n * H, np.float32), "dref": np.empty(n, np.int64),
-            "dslot": np.empty(n, np.int64)}
+            "dslot": np.empty(n, np.int64), "order": np.empty(n, np.int64)}
         for name, buf in self._bufs.items():
             setattr(self.struct, name, _addr(buf))
         self.struct.cap_b, self.struct.NB = cap_b, NB
@@ -321,23 +332,29 @@ class SparseStep:
         res, nres = (0, 0) if resident is None or not len(resident) else (_addr(resident), len(resident))
         self.call[:] = (B, sel._starts_addr, q.data_ptr(), _dtype_id(q), qs[0], qs[1], k.data_ptr(), v.data_ptr(),
                         _dtype_id(k), ks[0], ks[1], vs[0], vs[1], table, channels, a_ptr or 0, v_ptr or 0,
-                        base, qf.data_ptr(), fs[0], out.data_ptr(), lse.data_ptr(), 0, locs, tails, res, nres, 0)
+                        base, qf.data_ptr(), fs[0], out.data_ptr(), lse.data_ptr(), 0, locs, tails, res, nres, 0, 0)
         self._keep = (q, k, v, qf)                  # alive until attend()
         return B, alpha, vmean
 
-    def hook(self, starts: tuple[int, ...], table: int, channels: int, base: np.ndarray, kv_dtype) -> AttnHook | None:
+    def hook(self, starts: tuple[int, ...], table: int, channels: int, base: np.ndarray | None, kv_dtype,
+             locs: np.ndarray | None = None, tails: np.ndarray | None = None) -> AttnHook | None:
         """A ``kvo_attn_hook`` (kernels/kvo_hook.h; select.c's kvo_sparse_hook)
         running this step inside a fused decode layer's native call, which passes q (fp32: the
         selection's and the attention's query), the new tokens' k / v (``kv_dtype``), out and
-        lse; the rest as :meth:`__call__` takes it. None for a policy with an output correction
-        (SparF: :meth:`__call__` only). After the call, :meth:`info` holds its counts."""
+        lse; the rest as :meth:`__call__` takes it (``base``), or as :meth:`plan` does (``locs``
+        and ``tails``, every block held in RAM: no read tier). None for a policy with an output
+        correction (SparF: :meth:`__call__` only). After the call, :meth:`info` holds its counts."""
         sel = self.sel
         if sel.sparf:
             return None
         B = self._ready(starts)
         c = self.call
         c[:] = 0
-        c[_HOOK_WORDS] = (B, sel._starts_addr, _DT_NAMES[str(kv_dtype).rpartition(".")[2]], table, channels, _addr(base))
+        c[_HOOK_WORDS] = (B, sel._starts_addr, _DT_NAMES[str(kv_dtype).rpartition(".")[2]], table, channels,
+                          0 if base is None else _addr(base))
+        if locs is not None:
+            c[_SC["locs"]], c[_SC["tails"]] = _addr(locs), _addr(tails)
+            self._keep = (locs, tails)              # alive until the hooked call is done
         if self._hook is None:
             lib = self.sel.lib
             self._hook_ctx = _SparseHookCtx(self._plan, self._call)

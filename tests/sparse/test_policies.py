@@ -178,6 +178,58 @@ def test_one_call_sparse_step_equals_the_python_items(tiny_path, calibration, po
 
 
 @pytest.mark.parametrize("policy", list(POLICIES))
+@pytest.mark.parametrize("kv_dtype,where", [("int8", "disk"), ("int4", "host"), ("float32", "host")])
+def test_tiered_direct_sparse_step_equals_the_requests(tiny_path, calibration, policy, kv_dtype, where):
+    """The tiered backend's direct sparse step gives the bits of the per-tier requests. With
+    compressed blocks (int8 / int4) and full-precision tails it attends the blocks with the
+    compressed kernel and the tails (appended to) with theirs, then merges each sequence's parts
+    in the requests' order (select.c's attn_blocks). With every block in RAM it runs inside the
+    fused layer's native call (``native_decode``: no Python between the projections and the
+    attention), the bits of the same step called from Python. Over host RAM alone and with a
+    disk shard and block cache read in this process; a ragged batch across block and chunk
+    boundaries, SparF's correction included."""
+    from kvoffload.config import SamplingParams
+
+    ids = LLM(tiny_path, dtype="float32").encode(TEXT)
+    prompts = [ids[:37], ids[:70], ids[:129]]
+    geometry = dict(sparse_dense_layers="0", block_size=8, chunk_blocks=2, kv_dtype=kv_dtype,
+                    quantization="int8")                    # (int8 weights: fused native decode layers)
+    if where == "disk":
+        geometry |= dict(kv_host_budget="12KiB", disk_block_cache="4KiB", disk_workers=0, kv_recent_tokens=16,
+                         kv_sink_tokens=0)
+    else:
+        geometry |= dict(kv_tiers="host:1GiB")             # (the tiered store, every block in RAM)
+    fast, unhooked, slow = (sparse_llm(tiny_path, policy, "1/4", calibration, **geometry) for _ in range(3))
+    unhooked.engine.kv.native_hook = False
+    slow.engine.kv.one_call = False
+    hooked = []
+    spy = fast.engine.kv._sparse_hook
+    fast.engine.kv._sparse_hook = lambda *a: hooked.append(spy(*a)) or hooked[-1]
+    params = SamplingParams(max_tokens=28, ignore_eos=True, logprobs=5)
+    try:
+        a, u, b = (llm.generate(prompts, params) for llm in (fast, unhooked, slow))
+        one_call = not POLICIES[policy].rebuilds_keys
+        assert (fast.engine.kv._step is not None) == one_call and slow.engine.kv._step is None
+        if one_call and kv_dtype != "float32":
+            assert fast.engine.kv._step.struct.attn_blocks                     # (the two-kernel step ran)
+        # in a fused layer where nothing is read between the calls, and the policy has no correction
+        assert any(h is not None for h in hooked) == (one_call and where == "host" and policy != "sparf")
+        same_run(fast, slow, a, b)
+        same_run(unhooked, slow, u, b)
+        ta, tu, tb = (llm.engine.kv.stats().tiers for llm in (fast, unhooked, slow))
+        for name in ("host",) + (("disk",) if where == "disk" else ()):
+            print(name, ta[name], tb[name])
+            assert (ta[name].blocks, ta[name].read) == (tb[name].blocks, tb[name].read) and ta[name].read > 0
+            assert (tu[name].blocks, tu[name].read) == (tb[name].blocks, tb[name].read)
+        assert fast.engine.kv.stats().sparse == slow.engine.kv.stats().sparse
+        if where == "disk":
+            assert ta["disk"].cached > 0
+    finally:
+        for llm in (fast, unhooked, slow):
+            llm.close()
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
 @pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
 def test_fused_layers_take_the_sparse_step_inside_their_native_call(tiny_path, calibration, policy, kv_dtype):
     """With quantised weights (fused native layers) and the KV in memory, a sparse layer's
