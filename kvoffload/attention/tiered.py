@@ -170,14 +170,9 @@ class TieredBackend:
         self.decode_tokens = 0
         self.policy = policy                 # sparse decode: which blocks each step reads
         self.sparse_stats = SparseCounters()
-        # A sparse layer in native code when this process attends every tier's blocks by address
-        # (memory tiers, a disk shard read here: Tier.direct) and a kernel attends the blocks (of
-        # the tails' format, or compressed: then the blocks' kernel beside the tails'); at most
-        # one tier has blocks to read first (its "read tier").
-        reads = [i for i, t in enumerate(tiers) if t.direct and t.fetch is not None]
-        self._direct = (self.kernel is not None and (lay.dtype == tail.dtype or self.block_kernel is not None)
-                        and all(t.direct for t in tiers) and len(reads) <= 1)
-        self._read_tier = reads[0] if reads else None
+        # A sparse layer in native code (:meth:`_direct_tiers`) when a kernel attends the blocks
+        # (of the tails' format, or compressed: then the blocks' kernel beside the tails')
+        self._direct = self.kernel is not None and (lay.dtype == tail.dtype or self.block_kernel is not None)
         self._memory_tiers = [i for i, t in enumerate(tiers) if t.direct and t.fetch is None]
         self.one_call = True       # False: a native sparse layer goes through per-tier requests (tests compare)
         self.native_hook = True    # False: fused layers call decode() (tests compare)
@@ -360,8 +355,8 @@ class TieredBackend:
         """A sparse layer's direct step (:meth:`_sparse_direct`) as a native hook, where it has
         nothing to read between its two calls: every block in a memory tier. Its counts are
         taken in :meth:`native_done`."""
-        pol, rt = self.policy, self._read_tier
-        if not (self._direct and self.one_call) or pol.rebuilds_keys or (rt is not None and self.tiers[rt].used):
+        pol = self.policy
+        if not (self._direct and self.one_call) or pol.rebuilds_keys or self._direct_tiers() != (True, None):
             return None
         sel = pol.native_kernel_for(dtype, self.kv_dtype)
         if sel is None:
@@ -399,7 +394,8 @@ class TieredBackend:
         sel = chosen = rebuilt = None
         if self.policy is not None and self.policy.sparse(layer):
             pol = self.policy
-            if self._direct and self.one_call and not pol.rebuilds_keys and not pol.cfg.sparse_prefetch:
+            if (self._direct and self.one_call and not pol.rebuilds_keys and not pol.cfg.sparse_prefetch
+                    and self._direct_tiers()[0]):
                 sel = pol.native_kernel(q[:, :, 0], k_new, v_new)
             if sel is None:
                 chosen = pol.select_batch(layer, batch.seq_ids, q[:, :, 0], batch.starts, k_new, v_new)
@@ -418,6 +414,15 @@ class TieredBackend:
             self.decode_tokens += len(batch.seq_ids)
         return o.unsqueeze(1).to(q.dtype)
 
+    def _direct_tiers(self) -> tuple[bool, int | None]:
+        """(whether this process attends every tier that holds a chunk now by address -- memory
+        tiers, a disk shard read here: Tier.direct -- with at most one of them a *read tier*,
+        whose blocks are read first; that tier or None). A tier that holds nothing does not
+        count: with a host budget the KV fits, the disk workers idle and the step stays direct."""
+        held = [i for i, t in enumerate(self.tiers) if t.used]
+        reads = [i for i in held if self.tiers[i].direct and self.tiers[i].fetch is not None]
+        return all(self.tiers[i].direct for i in held) and len(reads) <= 1, (reads[0] if reads else None)
+
     def _sparse_direct(self, sel: NativeSelect, layer: int, q: torch.Tensor, k_new: torch.Tensor,
                        v_new: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """A sparse decode layer over in-process tiers, in native code but for the reads: the
@@ -433,7 +438,7 @@ class TieredBackend:
         B, H, D = q.shape
         tables = [self.store.locations(sid, layer) for sid in seq_ids]
         locs = np.array([t[1].ctypes.data for t in tables], np.int64)
-        rt = self._read_tier
+        rt = self._direct_tiers()[1]
         out, lse = torch.empty(B, H, D), torch.empty(B, H)
         _, alpha, vmean = step.plan(starts, q, k_new, v_new, pol.native_table(layer, seq_ids, starts),
                                     pol.native_aux(layer), locs, self._tail_addrs(batch)[layer],

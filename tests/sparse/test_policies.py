@@ -178,16 +178,18 @@ def test_one_call_sparse_step_equals_the_python_items(tiny_path, calibration, po
 
 
 @pytest.mark.parametrize("policy", list(POLICIES))
-@pytest.mark.parametrize("kv_dtype,where", [("int8", "disk"), ("int4", "host"), ("float32", "host")])
+@pytest.mark.parametrize("kv_dtype,where", [("int8", "disk"), ("int4", "host"), ("float32", "host"),
+                                             ("int8", "budget")])
 def test_tiered_direct_sparse_step_equals_the_requests(tiny_path, calibration, policy, kv_dtype, where):
     """The tiered backend's direct sparse step gives the bits of the per-tier requests. With
     compressed blocks (int8 / int4) and full-precision tails it attends the blocks with the
     compressed kernel and the tails (appended to) with theirs, then merges each sequence's parts
     in the requests' order (select.c's attn_blocks). With every block in RAM it runs inside the
     fused layer's native call (``native_decode``: no Python between the projections and the
-    attention), the bits of the same step called from Python. Over host RAM alone and with a
-    disk shard and block cache read in this process; a ragged batch across block and chunk
-    boundaries, SparF's correction included."""
+    attention), the bits of the same step called from Python. Over host RAM alone, with a disk
+    shard and block cache read in this process, and with a host budget that holds every block
+    beside two disk workers that hold none (the step stays direct); a ragged batch across block
+    and chunk boundaries, SparF's correction included."""
     from kvoffload.config import SamplingParams
 
     ids = LLM(tiny_path, dtype="float32").encode(TEXT)
@@ -197,8 +199,10 @@ def test_tiered_direct_sparse_step_equals_the_requests(tiny_path, calibration, p
     if where == "disk":
         geometry |= dict(kv_host_budget="12KiB", disk_block_cache="4KiB", disk_workers=0, kv_recent_tokens=16,
                          kv_sink_tokens=0)
-    else:
+    elif where == "host":
         geometry |= dict(kv_tiers="host:1GiB")             # (the tiered store, every block in RAM)
+    else:
+        geometry |= dict(kv_host_budget="1GiB", disk_workers=2)
     fast, unhooked, slow = (sparse_llm(tiny_path, policy, "1/4", calibration, **geometry) for _ in range(3))
     unhooked.engine.kv.native_hook = False
     slow.engine.kv.one_call = False
@@ -213,10 +217,11 @@ def test_tiered_direct_sparse_step_equals_the_requests(tiny_path, calibration, p
         if one_call and kv_dtype != "float32":
             assert fast.engine.kv._step.struct.attn_blocks                     # (the two-kernel step ran)
         # in a fused layer where nothing is read between the calls, and the policy has no correction
-        assert any(h is not None for h in hooked) == (one_call and where == "host" and policy != "sparf")
+        assert any(h is not None for h in hooked) == (one_call and where != "disk" and policy != "sparf")
         same_run(fast, slow, a, b)
         same_run(unhooked, slow, u, b)
         ta, tu, tb = (llm.engine.kv.stats().tiers for llm in (fast, unhooked, slow))
+        assert ("disk" in ta) == (where != "host") and (where != "budget" or ta["disk"].blocks == 0)
         for name in ("host",) + (("disk",) if where == "disk" else ()):
             print(name, ta[name], tb[name])
             assert (ta[name].blocks, ta[name].read) == (tb[name].blocks, tb[name].read) and ta[name].read > 0
