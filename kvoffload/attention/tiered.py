@@ -323,10 +323,11 @@ class TieredBackend:
         (kernels/kvo_hook.h) that the fused layer runs inside its own call: what :meth:`decode`
         runs through :meth:`_decode_dense` (append to the tails, the tails' and the blocks'
         calls, the merge), the same bits, without the trip through Python; a tail that fills
-        this step becomes a block after the call (:meth:`native_done`). None (``decode`` runs)
-        where a layer does more: a sparse policy; a chunk on a tier that is read or attended
-        elsewhere (disk); another forward at the same time (decode micro-batches: the tiers'
-        placement is shared). k/v of another dtype than the tails' are rounded to it in the
+        this step becomes a block after the call (:meth:`native_done`). A sparse layer's direct
+        step likewise (:meth:`_sparse_hook`). None (``decode`` runs) where a layer does more: a
+        chunk on a tier that is read or attended elsewhere (disk); a sparse layer with no direct
+        step, or an output correction (SparF), or a guessed read-ahead; another forward at the
+        same time (decode micro-batches: the tiers' placement is shared). k/v of another dtype than the tails' are rounded to it in the
         hook (:class:`KVConvert`), as :meth:`decode` does."""
         pol = self.policy
         if (self.kernel is None or self.block_kernel is None or not self.native_hook or batch.concurrent

@@ -1500,7 +1500,8 @@ int kvo_sparse_attend(const step_plan *P, int64_t *c) {
                                    NULL, P->threads, P->vgroup_blocks);
         if (rc) return rc;
         ((merge_fn)P->merge)(B, (int)H, (int)D, P->row_first, P->order, P->part_o, P->part_lse,
-                             (float *)c[SC_OUT], (float *)c[SC_LSE], B * H >= 64 ? P->threads : 1);
+                             (float *)c[SC_OUT], (float *)c[SC_LSE],
+                             B * H >= 64 ? P->threads : 1);      /* (a few rows: no threads to fork) */
         return 0;
     }
     return ((kvo_paged_driver)P->attn)(H_kv, P->G, cf->D, bs, B, (const void *)c[SC_K], c[SC_K_SB],

@@ -179,14 +179,15 @@ def test_one_call_sparse_step_equals_the_python_items(tiny_path, calibration, po
 
 @pytest.mark.parametrize("policy", list(POLICIES))
 @pytest.mark.parametrize("kv_dtype,where", [("int8", "disk"), ("int4", "host"), ("float32", "host"),
-                                             ("int8", "budget")])
+                                             ("bfloat16", "host"), ("int8", "budget")])
 def test_tiered_direct_sparse_step_equals_the_requests(tiny_path, calibration, policy, kv_dtype, where):
     """The tiered backend's direct sparse step gives the bits of the per-tier requests. With
     compressed blocks (int8 / int4) and full-precision tails it attends the blocks with the
     compressed kernel and the tails (appended to) with theirs, then merges each sequence's parts
     in the requests' order (select.c's attn_blocks). With every block in RAM it runs inside the
     fused layer's native call (``native_decode``: no Python between the projections and the
-    attention), the bits of the same step called from Python. Over host RAM alone, with a disk
+    attention; bf16 KV under fp32 activations: the new k / v rounded in the hook), the bits of
+    the same step called from Python. Over host RAM alone, with a disk
     shard and block cache read in this process, and with a host budget that holds every block
     beside two disk workers that hold none (the step stays direct); a ragged batch across block
     and chunk boundaries, SparF's correction included."""
@@ -214,8 +215,8 @@ def test_tiered_direct_sparse_step_equals_the_requests(tiny_path, calibration, p
         a, u, b = (llm.generate(prompts, params) for llm in (fast, unhooked, slow))
         one_call = not POLICIES[policy].rebuilds_keys
         assert (fast.engine.kv._step is not None) == one_call and slow.engine.kv._step is None
-        if one_call and kv_dtype != "float32":
-            assert fast.engine.kv._step.struct.attn_blocks                     # (the two-kernel step ran)
+        if one_call:                                    # the two-kernel step ran for compressed blocks only
+            assert bool(fast.engine.kv._step.struct.attn_blocks) == (kv_dtype in ("int8", "int4"))
         # in a fused layer where nothing is read between the calls, and the policy has no correction
         assert any(h is not None for h in hooked) == (one_call and where != "disk" and policy != "sparf")
         same_run(fast, slow, a, b)
