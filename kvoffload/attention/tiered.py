@@ -360,7 +360,7 @@ class TieredBackend:
         if not (self._direct and self.one_call) or pol.rebuilds_keys or self._direct_tiers() != (True, None):
             return None
         sel = pol.native_kernel_for(dtype, self.kv_dtype)
-        if sel is None:
+        if sel is None or sel.sparf:                         # (SparF: an output correction after the call)
             return None
         step = self._step = SparseStep.reuse(self._step, sel, self.kernel, self.layout, self.threads,
                                              self.block_kernel)
