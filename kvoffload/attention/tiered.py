@@ -170,15 +170,14 @@ class TieredBackend:
         self.decode_tokens = 0
         self.policy = policy                 # sparse decode: which blocks each step reads
         self.sparse_stats = SparseCounters()
-        # A sparse layer in native code (:meth:`_direct_tiers`) when a kernel attends the blocks
-        # (of the tails' format, or compressed: then the blocks' kernel beside the tails')
-        self._direct = self.kernel is not None and (lay.dtype == tail.dtype or self.block_kernel is not None)
+        # A sparse layer in native code (:meth:`_direct_tiers`) when kernels attend the tails and
+        # the blocks (the same one, or for compressed blocks their own beside the tails')
+        self._direct = self.kernel is not None and self.block_kernel is not None
         self._memory_tiers = [i for i, t in enumerate(tiers) if t.direct and t.fetch is None]
         self.one_call = True       # False: a native sparse layer goes through per-tier requests (tests compare)
         self.native_hook = True    # False: fused layers call decode() (tests compare)
         self._convert = KVConvert(name_of(kv_dtype), cfg.num_kv_heads * cfg.head_dim)   # k/v of another dtype, for hooks
         self._step: SparseStep | None = None
-        self._hooked: tuple[int, list] | None = None     # (layer, its block tables) of a hooked sparse step
         # decode micro-batches call in from several threads: one at a time in here (their model
         # compute outside overlaps); tiers, placement and counters are not shared otherwise
         self._lock = threading.Lock()
@@ -327,8 +326,9 @@ class TieredBackend:
         step likewise (:meth:`_sparse_hook`). None (``decode`` runs) where a layer does more: a
         chunk on a tier that is read or attended elsewhere (disk); a sparse layer with no direct
         step, or an output correction (SparF), or a guessed read-ahead; another forward at the
-        same time (decode micro-batches: the tiers' placement is shared). k/v of another dtype than the tails' are rounded to it in the
-        hook (:class:`KVConvert`), as :meth:`decode` does."""
+        same time (decode micro-batches: the tiers' placement is shared). k/v of another dtype
+        than the tails' are rounded to it in the hook (:class:`KVConvert`), as :meth:`decode`
+        does."""
         pol = self.policy
         if (self.kernel is None or self.block_kernel is None or not self.native_hook or batch.concurrent
                 or (pol is not None and pol.cfg.sparse_prefetch)):
@@ -362,24 +362,20 @@ class TieredBackend:
         sel = pol.native_kernel_for(dtype, self.kv_dtype)
         if sel is None or sel.sparf:                         # (SparF: an output correction after the call)
             return None
-        step = self._step = SparseStep.reuse(self._step, sel, self.kernel, self.layout, self.threads,
-                                             self.block_kernel)
+        step, _, locs = self._step_over(sel, layer, batch)
         seq_ids, starts = batch.seq_ids, batch.starts
-        tables = [self.store.locations(sid, layer) for sid in seq_ids]
-        locs = np.array([t[1].ctypes.data for t in tables], np.int64)
-        hook = step.hook(starts, pol.native_table(layer, seq_ids, starts), pol.native_aux(layer), None,
+        return step.hook(starts, pol.native_table(layer, seq_ids, starts), pol.native_aux(layer), None,
                          self.kv_dtype, locs, self._tail_addrs(batch)[layer])
-        self._hooked = None if hook is None else (layer, tables)
-        return hook
 
     def native_done(self, layer: int, batch: ForwardBatch) -> None:
         """After a hooked layer's call: what :meth:`decode` does after its attention — a sparse
-        layer's counts; each tail that the new token filled becomes a block (placed, compressed
-        if the blocks are), the queued writes go out."""
+        layer's counts (its hook was :meth:`_sparse_hook`'s; its block tables as then: nothing
+        has moved since); each tail that the new token filled becomes a block (placed,
+        compressed if the blocks are), the queued writes go out."""
         with self._lock:
-            if self._hooked is not None and self._hooked[0] == layer:
-                self._count_sparse(self._step, self._hooked[1], batch.starts, np.zeros(0, np.int64))
-                self._hooked = None
+            if self.policy is not None and self.policy.sparse(layer):
+                tables = [self.store.locations(sid, layer) for sid in batch.seq_ids]
+                self._count_sparse(self._step, tables, batch.starts, np.zeros(0, np.int64))
             self._tails_filled(layer, batch)
 
     def _tails_filled(self, layer: int, batch: ForwardBatch) -> None:
@@ -392,18 +388,18 @@ class TieredBackend:
                 batch: ForwardBatch) -> torch.Tensor:
         kvd = self.kv_dtype
         k_new, v_new = k[:, :, 0].to(kvd), v[:, :, 0].to(kvd)                   # [B, H_kv, D]
-        sel = chosen = rebuilt = None
+        sel = chosen = rebuilt = read_tier = None
         if self.policy is not None and self.policy.sparse(layer):
             pol = self.policy
-            if (self._direct and self.one_call and not pol.rebuilds_keys and not pol.cfg.sparse_prefetch
-                    and self._direct_tiers()[0]):
-                sel = pol.native_kernel(q[:, :, 0], k_new, v_new)
+            if self._direct and self.one_call and not pol.rebuilds_keys and not pol.cfg.sparse_prefetch:
+                direct, read_tier = self._direct_tiers()
+                sel = pol.native_kernel(q[:, :, 0], k_new, v_new) if direct else None
             if sel is None:
                 chosen = pol.select_batch(layer, batch.seq_ids, q[:, :, 0], batch.starts, k_new, v_new)
                 if pol.rebuilds_keys:
                     chosen, rebuilt = pol.split_rebuilt(layer, batch.seq_ids, batch.starts, chosen)
         if sel is not None:
-            o = self._sparse_direct(sel, layer, q[:, :, 0], k_new, v_new, batch)
+            o = self._sparse_direct(sel, layer, q[:, :, 0], k_new, v_new, batch, read_tier)
         else:
             q_rows = q[:, :, 0].float()                                          # [B, H, D]
             if chosen is None and self.kernel is not None:
@@ -424,22 +420,27 @@ class TieredBackend:
         reads = [i for i in held if self.tiers[i].direct and self.tiers[i].fetch is not None]
         return all(self.tiers[i].direct for i in held) and len(reads) <= 1, (reads[0] if reads else None)
 
+    def _step_over(self, sel: NativeSelect, layer: int, batch: ForwardBatch) -> tuple[SparseStep, list, np.ndarray]:
+        """The direct step running ``sel`` (made once), the batch's block tables at ``layer``
+        (:meth:`BlockStore.locations`) and the addresses of their location arrays ``[B]``."""
+        step = self._step = SparseStep.reuse(self._step, sel, self.kernel, self.layout, self.threads,
+                                             self.block_kernel)
+        tables = [self.store.locations(sid, layer) for sid in batch.seq_ids]
+        return step, tables, np.array([t[1].ctypes.data for t in tables], np.int64)
+
     def _sparse_direct(self, sel: NativeSelect, layer: int, q: torch.Tensor, k_new: torch.Tensor,
-                       v_new: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+                       v_new: torch.Tensor, batch: ForwardBatch, rt: int | None) -> torch.Tensor:
         """A sparse decode layer over in-process tiers, in native code but for the reads: the
         selection and the items with every block's address (kernels/select.py's
         :meth:`SparseStep.plan`), the read tier's blocks not in RAM read (:meth:`Tier.fetch`),
         then append + attend + merge (:meth:`SparseStep.attend`). The items, the kernel and the
         merge order are those of the per-tier requests and of the in-memory backend: the same
-        bits. q ``[B, H, D]`` (the model's dtype) -> ``[B, H, D]`` fp32."""
+        bits. q ``[B, H, D]`` (the model's dtype) -> ``[B, H, D]`` fp32; rt: the read tier
+        (:meth:`_direct_tiers`)."""
         pol = self.policy
-        step = self._step = SparseStep.reuse(self._step, sel, self.kernel, self.layout, self.threads,
-                                             self.block_kernel)
+        step, tables, locs = self._step_over(sel, layer, batch)
         seq_ids, starts = batch.seq_ids, batch.starts
         B, H, D = q.shape
-        tables = [self.store.locations(sid, layer) for sid in seq_ids]
-        locs = np.array([t[1].ctypes.data for t in tables], np.int64)
-        rt = self._direct_tiers()[1]
         out, lse = torch.empty(B, H, D), torch.empty(B, H)
         _, alpha, vmean = step.plan(starts, q, k_new, v_new, pol.native_table(layer, seq_ids, starts),
                                     pol.native_aux(layer), locs, self._tail_addrs(batch)[layer],

@@ -924,7 +924,6 @@ static inline __attribute__((always_inline)) void NAME##_item_v(const item_job *
                     }                                                                               \
                 __mmask16 live = tm ? (__mmask16)(mk >> t0)     /* masks: bs <= 64 */             \
                                     : (__mmask16)(n - t0 >= 16 ? 0xFFFF : (1u << (n - t0)) - 1);     \
-                if (n - t0 < 16) live &= (__mmask16)((1u << (n - t0)) - 1u);                         \
                 for (int g = 0; g < G; g++) {                                                       \
                     __m512 sc = _mm512_add_ps(_mm512_add_ps(acc[g][0], acc[g][1]), _mm512_set1_ps(C0[g])); \
                     sc = _mm512_mask_blend_ps(live, ninf, _mm512_mul_ps(sc, _mm512_set1_ps(scale))); \

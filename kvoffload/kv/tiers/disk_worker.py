@@ -510,7 +510,7 @@ class DiskWorkerServer:
         for i in range(req.num_items):
             a, b = first[i], first[i + 1]
             u = self._read_units(slots[a:b][miss[a:b]])
-            need.append(u[~find_sorted(hits, u)[0]] if len(hits) and self.read_blocks > 1 else u)
+            need.append(u[~find_sorted(hits, u)[0]] if len(hits) else u)     # (whole groups may hold hits)
         need_first = np.zeros(len(need) + 1, np.int64)
         np.cumsum([len(u) for u in need], out=need_first[1:])
         return self._pack(need_first, np.concatenate(need) if need else np.zeros(0, np.int64))
